@@ -1,0 +1,48 @@
+"""Single-file safetensors checkpoints with JSON metadata in the header (no pickle).
+
+safetensors refuses tensors that share storage (tied weights); those are written once and the
+other names recorded under the header key "qla.aliases" ({alias: stored name}).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_ALIASES = "qla.aliases"
+
+
+def write_checkpoint(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, object]) -> None:
+    """Writes `tensors` and JSON-serializable `metadata` (one header entry per key)."""
+    stored: Dict[str, torch.Tensor] = {}
+    aliases: Dict[str, str] = {}
+    seen: Dict[Tuple[int, int, int, torch.dtype, Tuple[int, ...], Tuple[int, ...]], str] = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype,
+               tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        stored[name] = tensor.contiguous().cpu().clone()
+    header = {key: json.dumps(value) for key, value in metadata.items()}
+    header[_ALIASES] = json.dumps(aliases)
+    save_file(stored, path, metadata=header)
+
+
+def read_checkpoint(path: str, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """(tensors with aliases restored, metadata) of a file written by write_checkpoint."""
+    with safe_open(path, framework="pt", device=device) as handle:
+        header = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if _ALIASES not in header:
+        raise ValueError(f"{path} is not a qla_kernels checkpoint (no {_ALIASES!r} header entry)")
+    metadata = {key: json.loads(value) for key, value in header.items() if key != _ALIASES}
+    for alias, name in json.loads(header[_ALIASES]).items():
+        tensors[alias] = tensors[name]
+    return tensors, metadata

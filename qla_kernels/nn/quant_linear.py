@@ -1,0 +1,151 @@
+"""QuantLinear: the drop-in replacement for nn.Linear and Hugging Face's Conv1D."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..formats.weights import QuantizedWeight
+from ..ops.checks import FLOAT_DTYPES
+from ..quant.config import QuantConfig
+from ..quant.weight import quantize_weight
+
+# Buffers whose fp32 precision is part of the format: model.half() must not round them.
+_FP32_BUFFERS = ("weight_scale", "input_scale")
+
+
+def conv1d_class():
+    """transformers' Conv1D (GPT-2 style, weight stored [in, out]), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out_features, in_features] weight of an nn.Linear or HF Conv1D."""
+    conv1d = conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.t()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise ValueError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored quantized and whose forward runs the qla ops.
+
+    Holds only buffers (plus the optional fp bias): `weight` (packed codes), `weight_scale`, and per
+    format `weight_group_scale` / `weight_zero` (formats/weights.py documents each layout). Inputs
+    of any leading shape [..., in_features] in fp16/bf16/fp32; output in the input's dtype.
+    Activations are quantized per token on the fly unless `set_static_activation` fixed a
+    per-tensor scale (and zero point). The backend (`qk.use_backend`) decides how it runs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: Optional[QuantConfig] = None, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, QuantConfig):
+            raise ValueError(f"config must be a QuantConfig (W8A8, W4A8, W4A16, W4A4), got {config!r}")
+        config.check_in_features(in_features)
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        self.weight_format = config.weight_format
+        group = config.group_size or in_features
+        packed = in_features if self.weight_format == "int8" else in_features // 2
+        empty = lambda shape, dt: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        self.register_buffer("weight", empty((out_features, packed), torch.int8 if self.weight_format == "int8" else torch.uint8))
+        if self.weight_format == "uint4_asym_groups":
+            self.register_buffer("weight_scale", empty((out_features, in_features // group), torch.float32))
+            self.register_buffer("weight_zero", empty((out_features, in_features // group), torch.uint8))
+        else:
+            self.register_buffer("weight_scale", empty((out_features,), torch.float32))
+            self.register_buffer("weight_zero", None)
+        groups = self.weight_format == "int4_int8_groups"
+        self.register_buffer("weight_group_scale", empty((out_features, in_features // group), torch.int8) if groups else None)
+        self.register_buffer("weight_colsum", None)
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_zero_point", None)
+        if bias:
+            self.bias = nn.Parameter(empty((out_features,), dtype or torch.float32), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantConfig) -> "QuantLinear":
+        """Quantizes an nn.Linear or transformers Conv1D (its [in, out] weight is transposed)."""
+        weight = linear_weight(module)
+        out_features, in_features = weight.shape
+        bias = getattr(module, "bias", None)
+        layer = cls(in_features, out_features, bias is not None, config, device=weight.device,
+                    dtype=bias.dtype if bias is not None else None)
+        layer.load_quantized_weight(quantize_weight(weight, config))
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def load_quantized_weight(self, qweight: QuantizedWeight) -> None:
+        if qweight.format != self.weight_format or qweight.in_features != self.in_features:
+            raise ValueError(f"quantized weight ({qweight.format}, in_features={qweight.in_features}) does not "
+                             f"match this layer ({self.weight_format}, in_features={self.in_features})")
+        qweight.check()
+        self.weight.copy_(qweight.data)
+        self.weight_scale.copy_(qweight.scale)
+        if self.weight_group_scale is not None:
+            self.weight_group_scale.copy_(qweight.group_scale)
+        if self.weight_zero is not None:
+            self.weight_zero.copy_(qweight.zero)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight, self.weight_format, self.weight_scale, self.weight_group_scale,
+                               self.weight_zero, self.config.group_size, self.weight_colsum)
+
+    def set_static_activation(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
+        """Fixes a calibrated per-tensor activation scale (and signed-domain integer zero point)."""
+        if self.config.act_bits is None:
+            raise ValueError(f"{type(self.config).__name__} has no activation quantization to make static")
+        device = self.weight.device
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(1)
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"scale must be a positive finite number, got {scale.tolist()}")
+        self.input_scale = scale
+        if zero_point is None:
+            self.input_zero_point = None
+            self.weight_colsum = None
+            return
+        zero = torch.as_tensor(zero_point, device=device).reshape(1)
+        lo, hi = ops.reference.qrange(self.config.act_bits)
+        if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
+            raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")
+        self.input_zero_point = zero.to(torch.int8)
+        self.weight_colsum = self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} input features, expected in_features={self.in_features}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = ops.quantized_linear(
+            rows, self.quantized_weight(), self.config.act_bits,
+            static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias,
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device)
+        return self
+
+    def extra_repr(self) -> str:
+        activation = "static" if self.input_scale is not None else "dynamic per-token"
+        act = "" if self.config.act_bits is None else f", activations={activation}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, config={self.config}, weight_format={self.weight_format}{act}")

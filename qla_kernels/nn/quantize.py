@@ -1,0 +1,71 @@
+"""`quantize_(model, config, filter_fn)`: swap linears for QuantLinear in place (torchao's convention).
+
+Each config type has a registered handler that converts one module; adding a scheme is one config
+and one handler.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Type
+
+from torch import nn
+
+from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
+from .quant_linear import QuantLinear, conv1d_class
+
+_HANDLERS: Dict[Type[QuantConfig], Callable[[nn.Module, QuantConfig], nn.Module]] = {}
+
+
+def register_quantize_handler(config_type: Type[QuantConfig]):
+    """Decorator: `handler(module, config) -> replacement module` for one config type."""
+
+    def register(handler):
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return register
+
+
+def _quant_linear_handler(module: nn.Module, config: QuantConfig) -> nn.Module:
+    return QuantLinear.from_float(module, config)
+
+
+for _config_type in (W8A8, W4A8, W4A16, W4A4):
+    register_quantize_handler(_config_type)(_quant_linear_handler)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (found by type, whatever its attribute name)."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> nn.Module:
+    """Replaces, in place, every linear (nn.Linear, HF Conv1D) for which `filter_fn(module, fqn)` is
+    true (default: all) by its quantized counterpart for `config`. Returns `model`.
+
+    A linear whose in_features the config cannot use (K not a multiple of group_size, odd K for
+    int4) raises ValueError naming the module: exclude it with filter_fn.
+    """
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise ValueError(f"config must be one of {[c.__name__ for c in _HANDLERS]}, got {config!r}")
+    if is_linear(model):
+        raise ValueError("model is itself a linear layer: use QuantLinear.from_float(model, config)")
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if is_linear(module) and (filter_fn is None or filter_fn(module, name))
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            replacement = handler(module, config)
+        except ValueError as error:
+            raise ValueError(f"cannot quantize {name!r}: {error}") from error
+        setattr(parent, child, replacement)
+    return model

@@ -1,0 +1,60 @@
+"""save_quantized / load_quantized: a quantized model as one safetensors file.
+
+The header records, per QuantLinear, its config and shape, so `load_quantized` can rebuild the
+modules on an unquantized skeleton of the same architecture before loading the tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.checkpoint import read_checkpoint, write_checkpoint
+from ..quant.config import QuantConfig
+from .quant_linear import QuantLinear
+from .quantize import is_linear
+
+FORMAT_VERSION = 1
+_OPTIONAL_BUFFERS = ("input_scale", "input_zero_point", "weight_colsum")
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Writes every parameter and buffer of `model` plus the layout of its QuantLinears."""
+    layers = {
+        name: {"config": module.config.to_dict(), "in_features": module.in_features,
+               "out_features": module.out_features, "bias": module.bias is not None}
+        for name, module in model.named_modules() if isinstance(module, QuantLinear)
+    }
+    metadata = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers}
+    write_checkpoint(path, model.state_dict(), metadata)
+
+
+def load_quantized(model: nn.Module, path: str) -> nn.Module:
+    """Turns `model` (the fp architecture, any weights) into the saved quantized model, in place.
+
+    Its linears named in the file become QuantLinears; then every tensor is loaded strictly, so a
+    skeleton of another architecture is an error, not a partial load.
+    """
+    tensors, metadata = read_checkpoint(path)
+    version = metadata.get("qla_kernels.format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported qla_kernels checkpoint version {version!r} (expected {FORMAT_VERSION})")
+    for name, layout in metadata["qla_kernels.quant_linears"].items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the model has no module {name!r} to quantize") from None
+        if not (is_linear(module) or isinstance(module, QuantLinear)):
+            raise ValueError(f"{path}: module {name!r} is a {type(module).__name__}, not a linear layer")
+        device = next(iter(module.buffers() if isinstance(module, QuantLinear) else module.parameters())).device
+        bias = tensors.get(f"{name}.bias")
+        layer = QuantLinear(layout["in_features"], layout["out_features"], layout["bias"],
+                            QuantConfig.from_dict(layout["config"]), device=device,
+                            dtype=None if bias is None else bias.dtype)
+        for buffer in _OPTIONAL_BUFFERS:
+            if f"{name}.{buffer}" in tensors:
+                setattr(layer, buffer, torch.empty_like(tensors[f"{name}.{buffer}"], device=device))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    model.load_state_dict(tensors, strict=True)
+    return model

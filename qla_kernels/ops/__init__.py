@@ -1,0 +1,112 @@
+"""qla ops behind one dispatch point: validate on the host, then run the selected backend.
+
+- `quantize_activation`: [LayerNorm | RMSNorm] → int8 per token (dynamic) or per tensor (static,
+  optional zero point) → optional T = norm(x)·A for the low-rank segment.
+- `fused_linear`: the multi-segment fused linear of DESIGN.md.
+- `quantized_linear`: quantize_activation + fused_linear for a plain linear layer, or its
+  differentiable fake-quantized twin under the `simulate` backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..formats.weights import QuantizedWeight
+from . import cuda, library, reference, simulate
+from .checks import check_fused_linear, check_quantize_activation
+from .dispatch import BACKENDS, BackendInfo, backends, requested_backend, resolve_backend, use_backend
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    bits: int = 8,
+    *,
+    static_scale: Optional[torch.Tensor] = None,
+    zero_point: Optional[torch.Tensor] = None,
+    norm_kind: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-5,
+    down_proj: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantizes activations x [M, K] for the integer GEMM.
+
+    Returns (q int8 [M, K], scale fp32 [M], t [M, r]); t has r = 0 columns without `down_proj`
+    [K, r]. `static_scale` / `zero_point` are per-tensor ([1], fp32 / int8, signed domain). At
+    bits <= 7 with a zero point, q holds q − z; at 8 bits pass the zero point on to fused_linear.
+    Under the `simulate` backend this integer op runs on `reference`.
+    """
+    check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+    backend = resolve_backend(x.device)
+    if backend == "cuda" and cuda.supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj):
+        q, scale = torch.ops.qla.quantize_per_token_cuda(x, bits)
+        return q, scale, x.new_empty((x.shape[0], 0))
+    return torch.ops.qla.quantize_activation(
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj
+    )
+
+
+def fused_linear(
+    a: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    weight: QuantizedWeight,
+    *,
+    a_zero_point: Optional[torch.Tensor] = None,
+    lowrank_t: Optional[torch.Tensor] = None,
+    lowrank_u: Optional[torch.Tensor] = None,
+    fullrank_x: Optional[torch.Tensor] = None,
+    fullrank_w: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.float16,
+    requant_bits: int = 0,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual.
+
+    `a` is int8 [M, K] with `a_scale` fp32 [M] or [1] for the integer formats, or fp16/bf16/fp32
+    [M, K] with `a_scale` None for "uint4_asym_groups" (W4A16). Low-rank T [M, r] / U [N, r] and
+    full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
+    "gelu_tanh", "relu" or "swiglu" (gate/up interleaved in columns, output N/2 wide).
+    Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
+    """
+    args = (
+        a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale,
+        weight.zero, weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
+        bias, activation, residual, out_dtype, requant_bits,
+    )
+    check_fused_linear(*args)
+    resolve_backend(a.device)  # validates the backend for this device; no fast path yet
+    out, out_scale = torch.ops.qla.fused_linear(*args)
+    return (out, out_scale) if requant_bits else out
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    act_bits: Optional[int],
+    *,
+    static_scale: Optional[torch.Tensor] = None,
+    zero_point: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    dequantized_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A quantized nn.Linear on 2-D x [M, K]: activation quantization (act_bits None: W4A16,
+    none) then the fused GEMM with bias, output in x.dtype. Differentiable under `simulate`
+    (`dequantized_weight` lets a caller cache the frozen fp32 weight there)."""
+    if resolve_backend(x.device) == "simulate":
+        check_quantize_activation(x, act_bits or 8, static_scale, zero_point, "none", None, None, 1.0, None)
+        return simulate.quantized_linear(x, weight, act_bits, static_scale, zero_point, bias, x.dtype, dequantized_weight)
+    if act_bits is None:
+        return fused_linear(x, None, weight, bias=bias, out_dtype=x.dtype)
+    q, scale, _ = quantize_activation(x, act_bits, static_scale=static_scale, zero_point=zero_point)
+    gemm_zero_point = zero_point if (zero_point is not None and act_bits == 8) else None
+    return fused_linear(q, scale, weight, a_zero_point=gemm_zero_point, bias=bias, out_dtype=x.dtype)
+
+
+__all__ = [
+    "BACKENDS", "BackendInfo", "backends", "requested_backend", "resolve_backend", "use_backend",
+    "quantize_activation", "fused_linear", "quantized_linear", "library", "reference", "simulate",
+]

@@ -1,0 +1,139 @@
+"""Host-side validation shared by every backend: each problem is a ValueError naming the argument.
+
+Values are never inspected (that would cost a host sync on the GPU): NaN/Inf propagate.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..formats.weights import INTEGER_FORMATS, check_weight, weight_in_features
+from ..quant.primitives import qrange
+from .reference import ACTIVATIONS, NORM_KINDS, output_features
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(
+    name: str,
+    tensor: Optional[torch.Tensor],
+    *,
+    device: torch.device,
+    dtypes: Sequence[torch.dtype],
+    shape: Optional[Sequence[Optional[int]]] = None,
+    contiguous: bool = True,
+) -> None:
+    """dtype, device, shape (None entries match anything) and contiguity of one argument."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the input's device)")
+    if shape is not None:
+        if tensor.dim() != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
+            expected = tuple("*" if s is None else s for s in shape)
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def check_scale_rows(name: str, tensor: Optional[torch.Tensor], rows: int) -> None:
+    """Per-token ([M]) or per-tensor ([1]) parameters."""
+    if tensor is not None and tensor.shape not in ((rows,), (1,)):
+        raise ValueError(f"{name} must have shape ({rows},) or (1,), got {tuple(tensor.shape)}")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bits(name: str, bits) -> None:
+    try:
+        qrange(bits)
+    except ValueError:
+        raise ValueError(f"{name} must be an int in [2, 8], got {bits!r}") from None
+
+
+def check_pair(first: str, a, second: str, b) -> None:
+    if (a is None) != (b is None):
+        raise ValueError(f"{first} and {second} must be given together")
+
+
+def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+    check_tensor("x", x, device=x.device, dtypes=FLOAT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, features], got shape {tuple(x.shape)}")
+    rows, features = x.shape
+    check_bits("bits", bits)
+    check_tensor("static_scale", static_scale, device=x.device, dtypes=(torch.float32,), shape=(1,))
+    check_tensor("zero_point", zero_point, device=x.device, dtypes=(torch.int8,), shape=(1,))
+    if zero_point is not None and static_scale is None:
+        raise ValueError("zero_point requires static_scale (asymmetric activations are calibrated, static)")
+    check_choice("norm_kind", norm_kind, NORM_KINDS)
+    for name, param in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        check_tensor(name, param, device=x.device, dtypes=FLOAT_DTYPES, shape=(features,))
+        if param is not None and norm_kind == "none":
+            raise ValueError(f"{name} was given but norm_kind is 'none'")
+    if norm_bias is not None and norm_kind == "rmsnorm":
+        raise ValueError("norm_bias must be None for norm_kind='rmsnorm'")
+    if not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+        raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
+    check_tensor("down_proj", down_proj, device=x.device, dtypes=FLOAT_DTYPES, shape=(features, None))
+
+
+def check_fused_linear(
+    a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
+    group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
+    residual, out_dtype, requant_bits,
+):
+    if not isinstance(a, torch.Tensor) or a.dim() != 2:
+        raise ValueError(f"a must be a 2-D tensor [tokens, in_features], got {getattr(a, 'shape', type(a))}")
+    device = a.device
+    check_choice("weight_format", weight_format, ("int8", "int4", "int4_int8_groups", "uint4_asym_groups"))
+    integer = weight_format in INTEGER_FORMATS
+    check_tensor("a", a, device=device, dtypes=(torch.int8,) if integer else FLOAT_DTYPES)
+    for name, tensor in (("weight", weight), ("weight_scale", weight_scale),
+                         ("weight_group_scale", weight_group_scale), ("weight_zero", weight_zero)):
+        check_tensor(name, tensor, device=device, dtypes=(tensor.dtype,) if tensor is not None else ())
+    check_weight(weight_format, weight, weight_scale, weight_group_scale, weight_zero, group_size)
+    rows = a.shape[0]
+    out_features = weight.shape[0]
+    in_features = weight_in_features(weight_format, weight)
+    if a.shape[1] != in_features:
+        raise ValueError(f"a has {a.shape[1]} features but the weight expects in_features={in_features}")
+    if integer:
+        if a_scale is None:
+            raise ValueError("a_scale is required for int8 activations")
+        check_tensor("a_scale", a_scale, device=device, dtypes=(torch.float32,))
+        check_scale_rows("a_scale", a_scale, rows)
+    elif a_scale is not None or a_zero_point is not None:
+        raise ValueError("a_scale and a_zero_point must be None for floating-point activations (W4A16)")
+    check_tensor("a_zero_point", a_zero_point, device=device, dtypes=(torch.int8,))
+    check_scale_rows("a_zero_point", a_zero_point, rows)
+    if a_zero_point is not None and weight_colsum is None:
+        raise ValueError("weight_colsum is required with a_zero_point (the −z·colsum(W_q) epilogue term)")
+    check_tensor("weight_colsum", weight_colsum, device=device, dtypes=(torch.int32,), shape=(out_features,))
+
+    check_pair("lowrank_t", lowrank_t, "lowrank_u", lowrank_u)
+    check_tensor("lowrank_t", lowrank_t, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
+    rank = None if lowrank_t is None else lowrank_t.shape[1]
+    check_tensor("lowrank_u", lowrank_u, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, rank))
+    check_pair("fullrank_x", fullrank_x, "fullrank_w", fullrank_w)
+    check_tensor("fullrank_x", fullrank_x, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
+    extra_k = None if fullrank_x is None else fullrank_x.shape[1]
+    check_tensor("fullrank_w", fullrank_w, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, extra_k))
+    check_tensor("bias", bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
+    check_choice("activation", activation, ACTIVATIONS)
+    if activation == "swiglu" and out_features % 2:
+        raise ValueError(f"activation='swiglu' needs an even out_features (interleaved gate/up), got {out_features}")
+    check_tensor("residual", residual, device=device, dtypes=FLOAT_DTYPES,
+                 shape=(rows, output_features(out_features, activation)))
+    check_choice("out_dtype", out_dtype, FLOAT_DTYPES)
+    if requant_bits != 0:
+        check_bits("requant_bits", requant_bits)

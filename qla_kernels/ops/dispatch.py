@@ -1,0 +1,110 @@
+"""Backend selection: one switch, read at every op call.
+
+Backends:
+- "reference": integer-exact PyTorch (ops/reference.py), the oracle; default on CPU.
+- "simulate": differentiable fake quantization in floating point, numerically the deployed model
+  (ops/simulate.py); what calibration and adapter training run against.
+- "cuda": the `qla_kernels._C` kernels; ops it does not implement yet run on "reference".
+
+The default ("auto") picks per call by the input's device: the fastest available backend on CUDA
+tensors, "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
+or the QLA_BACKEND environment variable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "simulate", "cuda")
+_AUTO = "auto"
+_state = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: Optional[str]  # why it is unavailable, or None
+
+    def __str__(self) -> str:
+        return f"{self.name}: " + ("available" if self.available else f"unavailable ({self.reason})")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_status():
+    """(module or None, reason it is missing)."""
+    try:
+        from .. import _C  # noqa: F401  (built by setup.py when nvcc was found)
+    except ImportError as error:
+        info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
+        if info_path.exists():
+            reason = json.loads(info_path.read_text()).get("reason")
+            if reason:
+                return None, f"qla_kernels._C was not built: {reason}"
+        return None, f"qla_kernels._C could not be imported: {error}"
+    return _C, None
+
+
+def backends() -> Dict[str, BackendInfo]:
+    """Every backend with whether it can run here and, if not, why."""
+    _, missing = _cuda_extension_status()
+    if missing is None and not torch.cuda.is_available():
+        missing = "qla_kernels._C is built, but torch sees no CUDA device"
+    return {
+        "reference": BackendInfo("reference", True, None),
+        "simulate": BackendInfo("simulate", True, None),
+        "cuda": BackendInfo("cuda", missing is None, missing),
+    }
+
+
+def _validated(name: str) -> str:
+    if name != _AUTO and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {list(BACKENDS)} or 'auto'")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend set by use_backend / QLA_BACKEND, possibly 'auto'."""
+    name = getattr(_state, "backend", None)
+    if name is None:
+        name = _validated(os.environ.get("QLA_BACKEND", _AUTO).strip().lower())
+    return name
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The concrete backend an op on `device` runs on."""
+    name = requested_backend()
+    if name == _AUTO:
+        if device.type == "cuda" and backends()["cuda"].available:
+            return "cuda"
+        return "reference"
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on `name` ("reference", "simulate", "cuda" or "auto").
+
+    An unknown name is a ValueError; a known backend that cannot run here is a RuntimeError
+    carrying `backends()`'s reason.
+    """
+    _validated(name)
+    if name != _AUTO and not backends()[name].available:
+        raise RuntimeError(str(backends()[name]))
+    previous = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous

@@ -1,0 +1,82 @@
+"""torch.library custom ops (namespace `qla`), each with its fake (shape-only) twin beside it.
+
+The reference ops run on any device. Custom ops keep the ops opaque to torch.compile (no graph
+breaks inside a block) and give them a schema that `torch.library.opcheck` verifies.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+@torch.library.custom_op("qla::quantize_activation", mutates_args=())
+def quantize_activation(
+    x: Tensor,
+    bits: int,
+    static_scale: Optional[Tensor],
+    zero_point: Optional[Tensor],
+    norm_kind: str,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    norm_eps: float,
+    down_proj: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return reference.quantize_activation(
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj
+    )
+
+
+@quantize_activation.register_fake
+def _(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+    rows = x.shape[0]
+    rank = 0 if down_proj is None else down_proj.shape[1]
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty((rows,), dtype=torch.float32),
+        x.new_empty((rows, rank)),
+    )
+
+
+@torch.library.custom_op("qla::fused_linear", mutates_args=())
+def fused_linear(
+    a: Tensor,
+    a_scale: Optional[Tensor],
+    a_zero_point: Optional[Tensor],
+    weight: Tensor,
+    weight_format: str,
+    weight_scale: Tensor,
+    weight_group_scale: Optional[Tensor],
+    weight_zero: Optional[Tensor],
+    group_size: int,
+    weight_colsum: Optional[Tensor],
+    lowrank_t: Optional[Tensor],
+    lowrank_u: Optional[Tensor],
+    fullrank_x: Optional[Tensor],
+    fullrank_w: Optional[Tensor],
+    bias: Optional[Tensor],
+    activation: str,
+    residual: Optional[Tensor],
+    out_dtype: torch.dtype,
+    requant_bits: int,
+) -> Tuple[Tensor, Tensor]:
+    return reference.fused_linear(
+        a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
+        weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
+        bias, activation, residual, out_dtype, requant_bits,
+    )
+
+
+@fused_linear.register_fake
+def _(a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
+      weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
+      bias, activation, residual, out_dtype, requant_bits):
+    rows = a.shape[0]
+    cols = reference.output_features(weight.shape[0], activation)
+    if requant_bits:
+        return a.new_empty((rows, cols), dtype=torch.int8), a.new_empty((rows,), dtype=torch.float32)
+    return a.new_empty((rows, cols), dtype=out_dtype), a.new_empty((0,), dtype=torch.float32)

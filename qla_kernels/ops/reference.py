@@ -1,0 +1,188 @@
+"""The specification: every qla op in plain PyTorch, integer-exact where the kernels are integer.
+
+These functions define semantics; the Triton and CUDA kernels are tested against them, and the
+`simulate` backend reuses their floating-point parts. They assume arguments already validated by
+`qla_kernels.ops.checks` (the public entry points in `qla_kernels.ops` do that).
+
+The multi-segment fused linear (DESIGN.md):
+
+    Y = act( dequant(A_q · W_qᵀ) − z·colsum(W_q) term + T·Uᵀ + X_c·W_cᵀ + bias ) + residual
+
+Integer segment: the int32 accumulator is computed exactly (fp64 holds every partial sum of
+int8 × int8 products exactly for K < 2^39), converted to fp32 and scaled `acc * s_x[m] * s_w[n]`
+in that order. Everything after it is fp32, then cast to `out_dtype` or re-quantized per token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.weights import dequantize_weight, integer_weight
+from ..quant.primitives import absmax_scale, qrange, quantize_with_scale
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "swiglu")
+NORM_KINDS = ("none", "layernorm", "rmsnorm")
+
+
+def normalize(
+    x: torch.Tensor,
+    norm_kind: str,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm / RMSNorm over the last dimension in fp32 (the pre-kernel keeps it in registers)."""
+    x = x.float()
+    if norm_kind == "none":
+        return x
+    if norm_kind == "layernorm":
+        mean = x.mean(dim=-1, keepdim=True)
+        centered = x - mean
+        y = centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
+    else:
+        y = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def down_projection(normed: torch.Tensor, down_proj: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """T = norm(x) · A: inputs rounded to A's dtype (tensor-core operands), fp32 accumulation."""
+    return (normed.to(down_proj.dtype).float() @ down_proj.float()).to(out_dtype)
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    bits: int,
+    static_scale: Optional[torch.Tensor],
+    zero_point: Optional[torch.Tensor],
+    norm_kind: str,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    norm_eps: float,
+    down_proj: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation pre-op: [norm] → int8 per token (dynamic) or per tensor (static) → [T = norm(x)·A].
+
+    Returns (q int8 [M, K], scale fp32 [M], t [M, r] in x.dtype, r = 0 without down_proj).
+    With a zero point (static only): at bits <= 7 q holds q − z (exact in int8, the GEMM needs no
+    zero term); at 8 bits q holds the raw code and the GEMM subtracts z·colsum(W_q).
+    """
+    normed = normalize(x, norm_kind, norm_weight, norm_bias, norm_eps)
+    rows = x.shape[0]
+    if static_scale is None:
+        scale = absmax_scale(normed.abs().amax(dim=-1), bits)
+    else:
+        scale = static_scale.float().reshape(()).expand(rows).clone()
+    q = quantize_with_scale(normed, scale, bits, zero_point)
+    if zero_point is not None and bits <= 7:
+        q = (q.to(torch.int16) - zero_point.to(torch.int16)).to(torch.int8)
+    if down_proj is None:
+        t = x.new_empty((rows, 0))
+    else:
+        t = down_projection(normed, down_proj, x.dtype)
+    return q, scale, t
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return y
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "relu":
+        return F.relu(y)
+    # SwiGLU on interleaved columns: column 2j is the gate, 2j+1 the up projection.
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
+
+
+def epilogue(
+    y: torch.Tensor,
+    lowrank_t: Optional[torch.Tensor],
+    lowrank_u: Optional[torch.Tensor],
+    fullrank_x: Optional[torch.Tensor],
+    fullrank_w: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    activation: str,
+    residual: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Everything after the main segment's dequantization, in fp32. Differentiable (simulate uses it)."""
+    if lowrank_t is not None:
+        y = y + lowrank_t.float() @ lowrank_u.float().t()
+    if fullrank_x is not None:
+        y = y + fullrank_x.float() @ fullrank_w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    y = apply_activation(y, activation)
+    if residual is not None:
+        y = y + residual.float()
+    return y
+
+
+def quantize_output(y: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric re-quantization of an fp32 epilogue result for the next layer."""
+    scale = absmax_scale(y.abs().amax(dim=-1), bits)
+    return quantize_with_scale(y, scale, bits), scale
+
+
+def main_segment(
+    a: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    a_zero_point: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    weight_format: str,
+    weight_scale: torch.Tensor,
+    weight_group_scale: Optional[torch.Tensor],
+    weight_zero: Optional[torch.Tensor],
+    group_size: int,
+    weight_colsum: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The dequantized main GEMM in fp32 [M, N]."""
+    if weight_format == "uint4_asym_groups":
+        w = dequantize_weight(weight_format, weight, weight_scale, None, weight_zero, group_size)
+        return a.float() @ w.to(a.dtype).float().t()
+    acc = a.double() @ integer_weight(weight_format, weight, weight_group_scale, group_size).double().t()
+    if a_zero_point is not None:
+        acc = acc - a_zero_point.double().reshape(-1, 1) * weight_colsum.double()[None, :]
+    return acc.float() * a_scale.float().reshape(-1, 1) * weight_scale[None, :]
+
+
+def fused_linear(
+    a: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    a_zero_point: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    weight_format: str,
+    weight_scale: torch.Tensor,
+    weight_group_scale: Optional[torch.Tensor],
+    weight_zero: Optional[torch.Tensor],
+    group_size: int,
+    weight_colsum: Optional[torch.Tensor],
+    lowrank_t: Optional[torch.Tensor],
+    lowrank_u: Optional[torch.Tensor],
+    fullrank_x: Optional[torch.Tensor],
+    fullrank_w: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    activation: str,
+    residual: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    requant_bits: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The multi-segment fused linear. Returns (y [M, N'] in out_dtype, empty) or, with requant_bits,
+    (q int8 [M, N'], scale fp32 [M]); N' = N/2 for SwiGLU, else N."""
+    y = main_segment(a, a_scale, a_zero_point, weight, weight_format, weight_scale,
+                     weight_group_scale, weight_zero, group_size, weight_colsum)
+    y = epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual)
+    if requant_bits:
+        return quantize_output(y, requant_bits)
+    return y.to(out_dtype), y.new_empty((0,))
+
+
+def output_features(weight_out_features: int, activation: str) -> int:
+    return weight_out_features // 2 if activation == "swiglu" else weight_out_features

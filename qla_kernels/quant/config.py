@@ -1,0 +1,122 @@
+"""Quantization configs: small frozen dataclasses validated at construction.
+
+Each config fixes the weight format a QuantLinear stores and how its input is quantized:
+
+| config                 | weights                                          | activations              |
+|------------------------|--------------------------------------------------|--------------------------|
+| W8A8()                 | int8, symmetric per output channel               | int8 per token (dynamic) |
+| W4A4()                 | 4-bit values in int8, symmetric per channel      | 4-bit values in int8     |
+| W4A8(group_size=None)  | int4 packed, symmetric per channel               | int8 per token           |
+| W4A8(group_size=G)     | int4 packed with integer group scales (QServe)   | int8 per token           |
+| W4A16(group_size=G)    | uint4 packed, asymmetric scale + zero per group  | fp16/bf16 unquantized    |
+
+`group_size=None` means one group per output channel (per-channel quantization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+
+def _check_group_size(config_name: str, group_size) -> None:
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"{config_name}.group_size must be an int or None, got {group_size!r}")
+    if group_size < 16 or group_size % 16:
+        raise ValueError(
+            f"{config_name}.group_size must be a positive multiple of 16 (the kernels' K tile), "
+            f"got {group_size}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Base of the quantization configs; use one of the concrete subclasses."""
+
+    weight_bits: ClassVar[int]
+    act_bits: ClassVar[Optional[int]]  # None: activations stay in floating point
+    weight_format: ClassVar[str]
+
+    @property
+    def group_size(self) -> Optional[int]:
+        return None
+
+    def check_in_features(self, in_features: int, where: str = "in_features") -> None:
+        """Raises ValueError when a linear with `in_features` inputs cannot use this config."""
+        group = self.group_size
+        if group is not None and in_features % group:
+            raise ValueError(
+                f"{where}={in_features} is not a multiple of {type(self).__name__}.group_size={group}"
+            )
+        if self.weight_format != "int8" and in_features % 2:
+            raise ValueError(f"{where}={in_features} must be even to pack two int4 weights per byte")
+
+    def to_dict(self) -> dict:
+        return {"name": type(self).__name__, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict) -> "QuantConfig":
+        data = dict(data)
+        name = data.pop("name", None)
+        configs = {cls.__name__: cls for cls in (W8A8, W4A4, W4A8, W4A16)}
+        if name not in configs:
+            raise ValueError(f"unknown quantization config name {name!r}; expected one of {sorted(configs)}")
+        return configs[name](**data)
+
+    def __str__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8(QuantConfig):
+    """int8 weights per output channel, int8 activations per token, int32 accumulation."""
+
+    weight_bits: ClassVar[int] = 8
+    act_bits: ClassVar[Optional[int]] = 8
+    weight_format: ClassVar[str] = "int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class W4A4(QuantConfig):
+    """4-bit weights and activations, both stored in int8 so int8 tensor cores run them exactly."""
+
+    weight_bits: ClassVar[int] = 4
+    act_bits: ClassVar[Optional[int]] = 4
+    weight_format: ClassVar[str] = "int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class W4A8(QuantConfig):
+    """int4 weights (packed) with int8 per-token activations.
+
+    group_size=None: one fp32 scale per output channel. group_size=G: QServe-style two levels,
+    an fp32 scale per channel and an int8 scale per group of G inputs, so the kernel rebuilds int8
+    weights with an integer multiply and keeps a single int32 accumulator over the whole K loop.
+    """
+
+    group_size: Optional[int] = None
+    weight_bits: ClassVar[int] = 4
+    act_bits: ClassVar[Optional[int]] = 8
+
+    def __post_init__(self):
+        _check_group_size("W4A8", self.group_size)
+
+    @property
+    def weight_format(self) -> str:
+        return "int4" if self.group_size is None else "int4_int8_groups"
+
+
+@dataclasses.dataclass(frozen=True)
+class W4A16(QuantConfig):
+    """Weight-only int4: unsigned 4-bit codes with an fp32 scale and an integer zero per group."""
+
+    group_size: Optional[int] = 128
+    weight_bits: ClassVar[int] = 4
+    act_bits: ClassVar[Optional[int]] = None
+    weight_format: ClassVar[str] = "uint4_asym_groups"
+
+    def __post_init__(self):
+        _check_group_size("W4A16", self.group_size)
