@@ -36,7 +36,7 @@ def check_tensor(
         raise ValueError(f"{name} is on {tensor.device}, expected {device} (the input's device)")
     if shape is not None:
         if tensor.dim() != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
-            expected = tuple("*" if s is None else s for s in shape)
+            expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
     if contiguous and not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first)")

@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qla-installed
+
+.PHONY: install demo test gpu-check clean
+
+$(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qla demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# On a GPU machine whose python3 already has torch/triton/timm/transformers (the lent H100):
+# builds _C there and runs every test, GPU-marked ones included.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info qla_kernels/_C*.so qla_kernels/_build_info.json

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Property tests: no deadline (the first call compiles/warms up); CI keeps them small, the GPU
+# machine widens them with HYPOTHESIS_PROFILE=wide.
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.register_profile("wide", deadline=None, max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(requires_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's measure of quantized-vs-fp quality)."""
+    reference, approximation = reference.double(), approximation.double()
+    noise = (reference - approximation).square().mean()
+    return float(10 * torch.log10(reference.square().mean() / noise.clamp_min(1e-30)))
