@@ -26,6 +26,6 @@ def _seed():
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (torchao's measure of quantized-vs-fp quality)."""
-    reference, approximation = reference.double(), approximation.double()
+    reference, approximation = reference.detach().double(), approximation.detach().double()
     noise = (reference - approximation).square().mean()
     return float(10 * torch.log10(reference.square().mean() / noise.clamp_min(1e-30)))

