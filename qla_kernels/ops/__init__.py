@@ -63,6 +63,9 @@ def fused_linear(
     residual: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.float16,
     requant_bits: int = 0,
+    gather_rows: Optional[torch.Tensor] = None,
+    scatter_rows: Optional[torch.Tensor] = None,
+    out_rows: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual.
 
@@ -71,11 +74,18 @@ def fused_linear(
     full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
     "gelu_tanh", "relu" or "swiglu" (gate/up interleaved in columns, output N/2 wide).
     Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
+
+    Row maps (int32): GEMM row m reads A row `gather_rows[m]` (−1: zero padding) and writes
+    output row `scatter_rows[m]` (−1: dropped) of `out_rows`; T, X_c and the residual are indexed
+    by destination row. Maps must be injective on their valid entries (not checked: that would
+    need a host sync); output rows no GEMM row maps to are left unwritten by the kernels.
     """
+    if out_rows is None:
+        out_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
     args = (
         a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale,
         weight.zero, weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-        bias, activation, residual, out_dtype, requant_bits,
+        bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
     )
     check_fused_linear(*args)
     resolve_backend(a.device)  # validates the backend for this device; no fast path yet

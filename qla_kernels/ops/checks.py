@@ -90,7 +90,7 @@ def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm
 def check_fused_linear(
     a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
     group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
-    residual, out_dtype, requant_bits,
+    residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
 ):
     if not isinstance(a, torch.Tensor) or a.dim() != 2:
         raise ValueError(f"a must be a 2-D tensor [tokens, in_features], got {getattr(a, 'shape', type(a))}")
@@ -102,7 +102,15 @@ def check_fused_linear(
                          ("weight_group_scale", weight_group_scale), ("weight_zero", weight_zero)):
         check_tensor(name, tensor, device=device, dtypes=(tensor.dtype,) if tensor is not None else ())
     check_weight(weight_format, weight, weight_scale, weight_group_scale, weight_zero, group_size)
-    rows = a.shape[0]
+    a_rows = a.shape[0]
+    check_tensor("gather_rows", gather_rows, device=device, dtypes=(torch.int32,), shape=(None,))
+    gemm_rows = a_rows if gather_rows is None else gather_rows.shape[0]
+    check_tensor("scatter_rows", scatter_rows, device=device, dtypes=(torch.int32,), shape=(gemm_rows,))
+    if isinstance(out_rows, bool) or not isinstance(out_rows, int) or out_rows < 0:
+        raise ValueError(f"out_rows must be a non-negative int, got {out_rows!r}")
+    if scatter_rows is None and out_rows != gemm_rows:
+        raise ValueError(f"out_rows={out_rows} must equal the GEMM's {gemm_rows} rows without scatter_rows")
+    rows = out_rows
     out_features = weight.shape[0]
     in_features = weight_in_features(weight_format, weight)
     if a.shape[1] != in_features:
@@ -111,11 +119,11 @@ def check_fused_linear(
         if a_scale is None:
             raise ValueError("a_scale is required for int8 activations")
         check_tensor("a_scale", a_scale, device=device, dtypes=(torch.float32,))
-        check_scale_rows("a_scale", a_scale, rows)
+        check_scale_rows("a_scale", a_scale, a_rows)
     elif a_scale is not None or a_zero_point is not None:
         raise ValueError("a_scale and a_zero_point must be None for floating-point activations (W4A16)")
     check_tensor("a_zero_point", a_zero_point, device=device, dtypes=(torch.int8,))
-    check_scale_rows("a_zero_point", a_zero_point, rows)
+    check_scale_rows("a_zero_point", a_zero_point, a_rows)
     if a_zero_point is not None and weight_colsum is None:
         raise ValueError("weight_colsum is required with a_zero_point (the −z·colsum(W_q) epilogue term)")
     check_tensor("weight_colsum", weight_colsum, device=device, dtypes=(torch.int32,), shape=(out_features,))
@@ -124,10 +132,14 @@ def check_fused_linear(
     check_tensor("lowrank_t", lowrank_t, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
     rank = None if lowrank_t is None else lowrank_t.shape[1]
     check_tensor("lowrank_u", lowrank_u, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, rank))
+    if lowrank_t is not None and lowrank_t.dtype != lowrank_u.dtype:
+        raise ValueError(f"lowrank_t ({lowrank_t.dtype}) and lowrank_u ({lowrank_u.dtype}) must share a dtype")
     check_pair("fullrank_x", fullrank_x, "fullrank_w", fullrank_w)
     check_tensor("fullrank_x", fullrank_x, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
     extra_k = None if fullrank_x is None else fullrank_x.shape[1]
     check_tensor("fullrank_w", fullrank_w, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, extra_k))
+    if fullrank_x is not None and fullrank_x.dtype != fullrank_w.dtype:
+        raise ValueError(f"fullrank_x ({fullrank_x.dtype}) and fullrank_w ({fullrank_w.dtype}) must share a dtype")
     check_tensor("bias", bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
     check_choice("activation", activation, ACTIVATIONS)
     if activation == "swiglu" and out_features % 2:

@@ -31,8 +31,8 @@ def quantize_activation(
     )
 
 
-@quantize_activation.register_fake
-def _(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+def quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+    """Shapes of quantize_activation's outputs (shared by every backend's op)."""
     rows = x.shape[0]
     rank = 0 if down_proj is None else down_proj.shape[1]
     return (
@@ -40,6 +40,9 @@ def _(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm
         x.new_empty((rows,), dtype=torch.float32),
         x.new_empty((rows, rank)),
     )
+
+
+quantize_activation.register_fake(quantize_activation_fake)
 
 
 @torch.library.custom_op("qla::fused_linear", mutates_args=())
@@ -63,20 +66,26 @@ def fused_linear(
     residual: Optional[Tensor],
     out_dtype: torch.dtype,
     requant_bits: int,
+    gather_rows: Optional[Tensor],
+    scatter_rows: Optional[Tensor],
+    out_rows: int,
 ) -> Tuple[Tensor, Tensor]:
     return reference.fused_linear(
         a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
         weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-        bias, activation, residual, out_dtype, requant_bits,
+        bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
     )
 
 
-@fused_linear.register_fake
-def _(a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
-      weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-      bias, activation, residual, out_dtype, requant_bits):
-    rows = a.shape[0]
+def fused_linear_fake(a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
+                      weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
+                      bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows):
+    """Shapes of fused_linear's outputs (shared by every backend's op)."""
+    rows = out_rows
     cols = reference.output_features(weight.shape[0], activation)
     if requant_bits:
         return a.new_empty((rows, cols), dtype=torch.int8), a.new_empty((rows,), dtype=torch.float32)
     return a.new_empty((rows, cols), dtype=out_dtype), a.new_empty((0,), dtype=torch.float32)
+
+
+fused_linear.register_fake(fused_linear_fake)

@@ -153,6 +153,28 @@ def main_segment(
     return acc.float() * a_scale.float().reshape(-1, 1) * weight_scale[None, :]
 
 
+def gather_activation_rows(
+    a: torch.Tensor, a_scale: Optional[torch.Tensor], a_zero_point: Optional[torch.Tensor], gather_rows: torch.Tensor
+):
+    """Rows of A (and its per-row scale / zero point) in GEMM order; index −1 is a zero padding row."""
+    valid = gather_rows >= 0
+    index = gather_rows.clamp_min(0).long()
+    a = torch.where(valid[:, None], a[index], torch.zeros((), dtype=a.dtype))
+    if a_scale is not None and a_scale.numel() > 1:
+        a_scale = torch.where(valid, a_scale[index], torch.zeros((), dtype=a_scale.dtype))
+    if a_zero_point is not None and a_zero_point.numel() > 1:
+        a_zero_point = torch.where(valid, a_zero_point[index], torch.zeros((), dtype=a_zero_point.dtype))
+    return a, a_scale, a_zero_point
+
+
+def scatter_rows_to(values: torch.Tensor, scatter_rows: torch.Tensor, out_rows: int) -> torch.Tensor:
+    """out[scatter_rows[m]] = values[m]; rows mapped to −1 are dropped, unmapped rows stay zero."""
+    valid = scatter_rows >= 0
+    out = values.new_zeros((out_rows, *values.shape[1:]))
+    out[scatter_rows[valid].long()] = values[valid]
+    return out
+
+
 def fused_linear(
     a: torch.Tensor,
     a_scale: Optional[torch.Tensor],
@@ -173,15 +195,35 @@ def fused_linear(
     residual: Optional[torch.Tensor],
     out_dtype: torch.dtype,
     requant_bits: int,
+    gather_rows: Optional[torch.Tensor],
+    scatter_rows: Optional[torch.Tensor],
+    out_rows: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The multi-segment fused linear. Returns (y [M, N'] in out_dtype, empty) or, with requant_bits,
-    (q int8 [M, N'], scale fp32 [M]); N' = N/2 for SwiGLU, else N."""
+    """The multi-segment fused linear. Returns (y [out_rows, N'] in out_dtype, empty) or, with
+    requant_bits, (q int8 [out_rows, N'], scale fp32 [out_rows]); N' = N/2 for SwiGLU, else N.
+
+    Row maps (Swin's window order): GEMM row m reads A row gather_rows[m] (−1: zero padding) and
+    writes output row scatter_rows[m] (−1: dropped); T, X_c and the residual are indexed by that
+    destination row. Without maps, GEMM row m is A row m and output row m.
+    """
+    if gather_rows is not None:
+        a, a_scale, a_zero_point = gather_activation_rows(a, a_scale, a_zero_point, gather_rows)
+    if scatter_rows is not None:
+        destination = scatter_rows.clamp_min(0).long()
+        pick = lambda rows: None if rows is None else rows[destination]  # noqa: E731
+        lowrank_t, fullrank_x, residual = pick(lowrank_t), pick(fullrank_x), pick(residual)
     y = main_segment(a, a_scale, a_zero_point, weight, weight_format, weight_scale,
                      weight_group_scale, weight_zero, group_size, weight_colsum)
     y = epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual)
     if requant_bits:
-        return quantize_output(y, requant_bits)
-    return y.to(out_dtype), y.new_empty((0,))
+        q, scale = quantize_output(y, requant_bits)
+        if scatter_rows is not None:
+            q, scale = scatter_rows_to(q, scatter_rows, out_rows), scatter_rows_to(scale, scatter_rows, out_rows)
+        return q, scale
+    y = y.to(out_dtype)
+    if scatter_rows is not None:
+        y = scatter_rows_to(y, scatter_rows, out_rows)
+    return y, y.new_empty((0,), dtype=torch.float32)
 
 
 def output_features(weight_out_features: int, activation: str) -> int:

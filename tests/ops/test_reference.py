@@ -181,9 +181,10 @@ def test_opcheck_fused_linear(fmt):
     a, a_scale = (torch.randn(4, 32, dtype=torch.float16), None) if fmt == "uint4_asym_groups" else random_int8(4, 32)
     args = (a, a_scale, None, weight.data, weight.format, weight.scale, weight.group_scale, weight.zero,
             weight.k_group, None, torch.randn(4, 16, dtype=torch.float16), torch.randn(16, 16, dtype=torch.float16),
-            None, None, torch.randn(16), "swiglu", torch.randn(4, 8, dtype=torch.float16), torch.float16, 0)
+            None, None, torch.randn(16), "swiglu", torch.randn(4, 8, dtype=torch.float16), torch.float16, 0,
+            None, None, 4)
     torch.library.opcheck(torch.ops.qla.fused_linear.default, args)
-    requant = args[:-1] + (8,)
+    requant = args[:18] + (8,) + args[19:]
     torch.library.opcheck(torch.ops.qla.fused_linear.default, requant)
 
 
@@ -224,3 +225,42 @@ def test_fused_linear_property(m, n_half, k_groups, fmt, rank, fullrank, use_bia
         expected = expected + residual.double()
     assert y.shape == (m, n_out)
     torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_row_maps_equal_explicit_gather_and_scatter():
+    """Swin-style: 6 tokens in spatial order, GEMM rows in a window order with 2 padding rows."""
+    weight = random_weight("int8", 16, 32)
+    a, a_scale = random_int8(6, 32)
+    gather = torch.tensor([3, 0, -1, 5, 1, 4, -1, 2], dtype=torch.int32)
+    scatter = torch.tensor([3, 0, -1, 5, 1, 4, -1, 2], dtype=torch.int32)
+    t, u = torch.randn(6, 16), torch.randn(16, 16)
+    residual = torch.randn(6, 16)
+    y = ops.fused_linear(a, a_scale, weight, lowrank_t=t, lowrank_u=u, residual=residual, gather_rows=gather,
+                         scatter_rows=scatter, out_rows=6, out_dtype=torch.float32)
+    expected = ops.fused_linear(a, a_scale, weight, lowrank_t=t, lowrank_u=u, residual=residual,
+                                out_dtype=torch.float32)
+    assert torch.equal(y, expected)
+    q, scale = ops.fused_linear(a, a_scale, weight, gather_rows=gather, scatter_rows=scatter, out_rows=6,
+                                requant_bits=8)
+    q_expected, scale_expected = ops.fused_linear(a, a_scale, weight, requant_bits=8)
+    assert torch.equal(q, q_expected) and torch.equal(scale, scale_expected)
+
+
+def test_gather_padding_rows_are_zero():
+    weight = random_weight("int4", 8, 32)
+    a, a_scale = random_int8(2, 32)
+    y = ops.fused_linear(a, a_scale, weight, gather_rows=torch.tensor([1, -1, 0], dtype=torch.int32),
+                         out_dtype=torch.float32)
+    assert y.shape == (3, 8) and torch.equal(y[1], torch.zeros(8))
+    assert torch.equal(y[0], ops.fused_linear(a[1:], a_scale[1:], weight, out_dtype=torch.float32)[0])
+
+
+def test_row_map_arguments_are_checked():
+    weight = random_weight("int8", 8, 32)
+    a, a_scale = random_int8(4, 32)
+    with pytest.raises(ValueError, match="gather_rows must have dtype"):
+        ops.fused_linear(a, a_scale, weight, gather_rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"scatter_rows must have shape \(4,\)"):
+        ops.fused_linear(a, a_scale, weight, scatter_rows=torch.tensor([0, 1], dtype=torch.int32), out_rows=2)
+    with pytest.raises(ValueError, match="out_rows=3 must equal"):
+        ops.fused_linear(a, a_scale, weight, out_rows=3)
