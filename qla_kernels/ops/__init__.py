@@ -15,6 +15,7 @@ import torch
 
 from ..formats.weights import QuantizedWeight
 from . import cuda, library, reference, simulate
+from . import triton as triton_backend
 from .checks import check_fused_linear, check_quantize_activation
 from .dispatch import BACKENDS, BackendInfo, backends, requested_backend, resolve_backend, use_backend
 
@@ -43,9 +44,10 @@ def quantize_activation(
     if backend == "cuda" and cuda.supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj):
         q, scale = torch.ops.qla.quantize_per_token_cuda(x, bits)
         return q, scale, x.new_empty((x.shape[0], 0))
-    return torch.ops.qla.quantize_activation(
-        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj
-    )
+    args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
+    if backend in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
+        return torch.ops.qla.quantize_activation_triton(*args)
+    return torch.ops.qla.quantize_activation(*args)
 
 
 def fused_linear(
@@ -78,7 +80,7 @@ def fused_linear(
     Row maps (int32): GEMM row m reads A row `gather_rows[m]` (−1: zero padding) and writes
     output row `scatter_rows[m]` (−1: dropped) of `out_rows`; T, X_c and the residual are indexed
     by destination row. Maps must be injective on their valid entries (not checked: that would
-    need a host sync); output rows no GEMM row maps to are left unwritten by the kernels.
+    need a host sync); output rows no GEMM row maps to are zero.
     """
     if out_rows is None:
         out_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
@@ -88,8 +90,10 @@ def fused_linear(
         bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
     )
     check_fused_linear(*args)
-    resolve_backend(a.device)  # validates the backend for this device; no fast path yet
-    out, out_scale = torch.ops.qla.fused_linear(*args)
+    if resolve_backend(a.device) in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:
+        out, out_scale = torch.ops.qla.fused_linear_triton(*args)
+    else:
+        out, out_scale = torch.ops.qla.fused_linear(*args)
     return (out, out_scale) if requant_bits else out
 
 

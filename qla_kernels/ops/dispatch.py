@@ -4,10 +4,12 @@ Backends:
 - "reference": integer-exact PyTorch (ops/reference.py), the oracle; default on CPU.
 - "simulate": differentiable fake quantization in floating point, numerically the deployed model
   (ops/simulate.py); what calibration and adapter training run against.
-- "cuda": the `qla_kernels._C` kernels; ops it does not implement yet run on "reference".
+- "triton": the Triton kernels (ops/triton/); on CPU tensors only under TRITON_INTERPRET=1.
+- "cuda": the `qla_kernels._C` kernels, then Triton for the ops `_C` does not implement.
+An op a selected backend does not implement (a format, a rank) runs on "reference".
 
-The default ("auto") picks per call by the input's device: the fastest available backend on CUDA
-tensors, "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
+The default ("auto") picks per call by the input's device: "cuda" (or "triton" without `_C`) on
+CUDA tensors, "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
 or the QLA_BACKEND environment variable.
 """
 
@@ -24,7 +26,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "simulate", "cuda")
+BACKENDS = ("reference", "simulate", "triton", "cuda")
 _AUTO = "auto"
 _state = threading.local()
 
@@ -59,9 +61,13 @@ def backends() -> Dict[str, BackendInfo]:
     _, missing = _cuda_extension_status()
     if missing is None and not torch.cuda.is_available():
         missing = "qla_kernels._C is built, but torch sees no CUDA device"
+    from .triton import status as triton_status
+
+    triton_missing = triton_status()
     return {
         "reference": BackendInfo("reference", True, None),
         "simulate": BackendInfo("simulate", True, None),
+        "triton": BackendInfo("triton", triton_missing is None, triton_missing),
         "cuda": BackendInfo("cuda", missing is None, missing),
     }
 
@@ -84,11 +90,14 @@ def resolve_backend(device: torch.device) -> str:
     """The concrete backend an op on `device` runs on."""
     name = requested_backend()
     if name == _AUTO:
-        if device.type == "cuda" and backends()["cuda"].available:
-            return "cuda"
-        return "reference"
+        if device.type != "cuda":
+            return "reference"
+        available = backends()
+        return next((b for b in ("cuda", "triton") if available[b].available), "reference")
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}")
     return name
 
 

@@ -168,7 +168,7 @@ def gather_activation_rows(
 
 
 def scatter_rows_to(values: torch.Tensor, scatter_rows: torch.Tensor, out_rows: int) -> torch.Tensor:
-    """out[scatter_rows[m]] = values[m]; rows mapped to −1 are dropped, unmapped rows stay zero."""
+    """out[scatter_rows[m]] = values[m]; rows mapped to −1 are dropped, unmapped rows are zero."""
     valid = scatter_rows >= 0
     out = values.new_zeros((out_rows, *values.shape[1:]))
     out[scatter_rows[valid].long()] = values[valid]
@@ -203,8 +203,9 @@ def fused_linear(
     requant_bits, (q int8 [out_rows, N'], scale fp32 [out_rows]); N' = N/2 for SwiGLU, else N.
 
     Row maps (Swin's window order): GEMM row m reads A row gather_rows[m] (−1: zero padding) and
-    writes output row scatter_rows[m] (−1: dropped); T, X_c and the residual are indexed by that
-    destination row. Without maps, GEMM row m is A row m and output row m.
+    writes output row scatter_rows[m] (−1: dropped; output rows nothing maps to are zero, and
+    re-quantize as zero rows); T, X_c and the residual are indexed by that destination row.
+    Without maps, GEMM row m is A row m and output row m.
     """
     if gather_rows is not None:
         a, a_scale, a_zero_point = gather_activation_rows(a, a_scale, a_zero_point, gather_rows)
@@ -215,15 +216,11 @@ def fused_linear(
     y = main_segment(a, a_scale, a_zero_point, weight, weight_format, weight_scale,
                      weight_group_scale, weight_zero, group_size, weight_colsum)
     y = epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual)
-    if requant_bits:
-        q, scale = quantize_output(y, requant_bits)
-        if scatter_rows is not None:
-            q, scale = scatter_rows_to(q, scatter_rows, out_rows), scatter_rows_to(scale, scatter_rows, out_rows)
-        return q, scale
-    y = y.to(out_dtype)
     if scatter_rows is not None:
         y = scatter_rows_to(y, scatter_rows, out_rows)
-    return y, y.new_empty((0,), dtype=torch.float32)
+    if requant_bits:
+        return quantize_output(y, requant_bits)
+    return y.to(out_dtype), y.new_empty((0,), dtype=torch.float32)
 
 
 def output_features(weight_out_features: int, activation: str) -> int:

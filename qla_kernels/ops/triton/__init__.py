@@ -1,0 +1,70 @@
+"""The Triton backend: fused int8-activation GEMM and the activation pre-kernel as custom ops.
+
+Available when triton imports and either a CUDA device is present or TRITON_INTERPRET=1 (the CPU
+interpreter CI uses). Importing this package registers `qla::fused_linear_triton` and
+`qla::quantize_activation_triton` when triton is importable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..library import fused_linear_fake, quantize_activation_fake
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:  # pragma: no cover - triton ships with CUDA builds of torch
+    _IMPORT_ERROR: Optional[str] = f"triton is not installed ({error})"
+else:
+    _IMPORT_ERROR = None
+
+
+def status() -> Optional[str]:
+    """None when the Triton backend can run here, else why not."""
+    if _IMPORT_ERROR:
+        return _IMPORT_ERROR
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
+    return None
+
+
+if _IMPORT_ERROR is None:
+    from . import launch
+    from .launch import TRITON_WEIGHT_FORMATS, supports_quantize_activation
+
+    @torch.library.custom_op("qla::fused_linear_triton", mutates_args=())
+    def fused_linear(
+        a: Tensor, a_scale: Optional[Tensor], a_zero_point: Optional[Tensor], weight: Tensor, weight_format: str,
+        weight_scale: Tensor, weight_group_scale: Optional[Tensor], weight_zero: Optional[Tensor], group_size: int,
+        weight_colsum: Optional[Tensor], lowrank_t: Optional[Tensor], lowrank_u: Optional[Tensor],
+        fullrank_x: Optional[Tensor], fullrank_w: Optional[Tensor], bias: Optional[Tensor], activation: str,
+        residual: Optional[Tensor], out_dtype: torch.dtype, requant_bits: int, gather_rows: Optional[Tensor],
+        scatter_rows: Optional[Tensor], out_rows: int,
+    ) -> Tuple[Tensor, Tensor]:
+        return launch.fused_linear(
+            a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
+            group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
+            residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
+        )
+
+    fused_linear.register_fake(fused_linear_fake)
+
+    @torch.library.custom_op("qla::quantize_activation_triton", mutates_args=())
+    def quantize_activation(
+        x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return launch.quantize_activation(
+            x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj
+        )
+
+    quantize_activation.register_fake(quantize_activation_fake)
+else:  # pragma: no cover
+    TRITON_WEIGHT_FORMATS = ()
+
+    def supports_quantize_activation(down_proj) -> bool:
+        return False

@@ -1,0 +1,214 @@
+"""Triton multi-segment fused linear for int8 activations (W8A8, W4A4, W4A8).
+
+    Y = act( (A·Wᵀ − z·colsum(W)) · s_x · s_w + T·Uᵀ + X_c·W_cᵀ + bias ) + residual
+
+One program computes a BLOCK_M × BLOCK_N tile: the integer main loop accumulates in int32 (int4
+weights are unpacked in registers; QServe group scales multiply them back to int8 so the same
+int32 accumulator serves the whole K loop), then the epilogue runs once on the tile: dequant,
+the low-rank and full-rank fp segments as extra tensor-core dots into the fp32 accumulator,
+bias, activation, residual, and the store (or, for re-quantization, an fp32 store plus an atomic
+per-row absmax that `requantize_rows_kernel` turns into int8).
+
+Arguments follow the tutorial order: pointers, sizes, strides, then constexpr meta-parameters.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Weight formats (constexpr codes).
+FORMAT_INT8, FORMAT_INT4, FORMAT_INT4_GROUPS = 0, 1, 2
+# Activations (constexpr codes), in reference.ACTIVATIONS order.
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def round_half_even(x):
+    """rint for |x| < 2**22: adding 1.5·2**23 leaves no fraction bits, so the fp32 add rounds to
+    nearest even; subtracting it back is exact. (libdevice.rint has no interpreter version.)"""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def clamp_codes(q, low, high):
+    """clamp to [low, high] with NaN -> 0 (checked first: GPU min/max return the non-NaN operand)."""
+    clamped = tl.minimum(tl.maximum(q, low), high)
+    return tl.where(q != q, 0.0, clamped)
+
+
+@triton.jit
+def abs_bits(x):
+    """|x| as int32 bits: ordered like the floats for non-negative values, NaN above +inf, so an
+    integer max propagates NaN (float max reductions may drop it)."""
+    return tl.abs(x).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _unpack_int4_tile(packed):
+    """uint8 [BN, BK/2] (low nibble = even k) -> int8 [BK, BN] sign-extended."""
+    nibbles = packed.to(tl.int8, bitcast=True)
+    low = (nibbles << 4) >> 4
+    high = nibbles >> 4
+    block_n: tl.constexpr = packed.shape[0]
+    block_k: tl.constexpr = 2 * packed.shape[1]
+    return tl.trans(tl.reshape(tl.join(low, high), (block_n, block_k)))
+
+
+@triton.jit
+def fused_linear_kernel(
+    a_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_group_ptr, w_colsum_ptr,
+    t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,
+    gather_ptr, scatter_ptr,
+    M, N, K, R, KC, GROUP_K,
+    stride_am, stride_wn, stride_gn, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
+    WEIGHT_FORMAT: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
+    ZERO_PER_ROW: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_FULLRANK: tl.constexpr,
+    LOWRANK_IEEE: tl.constexpr, FULLRANK_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, REQUANT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if GATHER:
+        a_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=-1)
+    else:
+        a_rows = offs_m
+    a_valid = mask_m & (a_rows >= 0)
+    a_rows = tl.where(a_valid, a_rows, 0)
+
+    # ---------------------------------------------------------------- integer main loop
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                    mask=a_valid[:, None] & mask_k[None, :], other=0)
+        if WEIGHT_FORMAT == 0:
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=mask_n[None, :] & mask_k[:, None], other=0)
+        else:
+            offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :],
+                             mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
+            w = _unpack_int4_tile(packed)
+            if WEIGHT_FORMAT == 2:
+                # |q4 · g| <= 7 · 17 = 119: the product is an exact int8.
+                if GROUP_SCALE_PER_TILE:
+                    g = tl.load(w_group_ptr + offs_n * stride_gn + k0 // GROUP_K, mask=mask_n, other=0)
+                    w = (w.to(tl.int16) * g.to(tl.int16)[None, :]).to(tl.int8)
+                else:
+                    g = tl.load(w_group_ptr + offs_n[None, :] * stride_gn + offs_k[:, None] // GROUP_K,
+                                mask=mask_n[None, :] & mask_k[:, None], other=0)
+                    w = (w.to(tl.int16) * g.to(tl.int16)).to(tl.int8)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    # ---------------------------------------------------------------- epilogue
+    if HAS_ZERO:
+        colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
+        if ZERO_PER_ROW:
+            zero = tl.load(a_zero_ptr + a_rows, mask=a_valid, other=0).to(tl.int32)
+            acc = acc - zero[:, None] * colsum[None, :]
+        else:
+            acc = acc - tl.load(a_zero_ptr).to(tl.int32) * colsum[None, :]
+    if A_SCALE_PER_ROW:
+        s_x = tl.load(a_scale_ptr + a_rows, mask=a_valid, other=0.0)
+    else:
+        s_x = tl.where(a_valid, tl.load(a_scale_ptr), 0.0)
+    s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * s_x[:, None] * s_w[None, :]
+
+    if SCATTER:
+        rows = tl.load(scatter_ptr + offs_m, mask=mask_m, other=-1)
+    else:
+        rows = offs_m
+    row_valid = mask_m & (rows >= 0)
+    rows = tl.where(row_valid, rows, 0)
+
+    if HAS_LOWRANK:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
+                        mask=row_valid[:, None] & (offs_r[None, :] < R), other=0.0)
+            u = tl.load(u_ptr + offs_n[None, :] * stride_un + offs_r[:, None],
+                        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
+            if LOWRANK_IEEE:
+                y = tl.dot(t, u, y, input_precision="ieee")
+            else:
+                y = tl.dot(t, u, y)
+    if HAS_FULLRANK:
+        for c0 in range(0, KC, BLOCK_R):
+            offs_c = c0 + tl.arange(0, BLOCK_R)
+            xc = tl.load(xc_ptr + rows[:, None] * stride_xm + offs_c[None, :],
+                         mask=row_valid[:, None] & (offs_c[None, :] < KC), other=0.0)
+            wc = tl.load(wc_ptr + offs_n[None, :] * stride_wcn + offs_c[:, None],
+                         mask=mask_n[None, :] & (offs_c[:, None] < KC), other=0.0)
+            if FULLRANK_IEEE:
+                y = tl.dot(xc, wc, y, input_precision="ieee")
+            else:
+                y = tl.dot(xc, wc, y)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    if ACTIVATION == 1:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    elif ACTIVATION == 3:
+        y = tl.maximum(y, 0.0)
+
+    if ACTIVATION == 4:
+        gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+        y = gate * tl.sigmoid(gate) * up
+        offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        n_out = N // 2
+    else:
+        offs_out = offs_n
+        n_out = N
+    mask_out = row_valid[:, None] & (offs_out[None, :] < n_out)
+    if HAS_RESIDUAL:
+        y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_out[None, :], mask=mask_out,
+                        other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_out[None, :]
+    if REQUANT:
+        tl.store(out_ptrs, y, mask=mask_out)
+        tile_absmax = tl.max(tl.where(mask_out, abs_bits(y), 0), axis=1)
+        tl.atomic_max(row_absmax_ptr + rows, tile_absmax, mask=row_valid)
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def requantize_rows_kernel(
+    y_ptr, row_absmax_ptr, q_ptr, scale_ptr,
+    M, N,
+    stride_ym, stride_qm,
+    QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per-token int8 from an fp32 matrix whose row absmax (as int bits) is already known."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    absmax = tl.load(row_absmax_ptr + offs_m, mask=mask_m, other=0).to(tl.float32, bitcast=True)
+    clamped = tl.where((absmax > 1e-8) | (absmax != absmax), absmax, 1e-8)
+    scale = tl.math.div_rn(clamped, QMAX * 1.0)
+    tl.store(scale_ptr + offs_m, scale, mask=mask_m)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = mask_m[:, None] & (offs_n[None, :] < N)
+        y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
+        q = clamp_codes(round_half_even(tl.math.div_rn(y, scale[:, None])), -QMAX - 1.0, QMAX * 1.0)
+        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_n[None, :], q.to(tl.int8), mask=mask)

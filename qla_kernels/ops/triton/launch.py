@@ -1,0 +1,144 @@
+"""Host wrappers: allocate outputs, pick a configuration, launch. Arguments arrive validated by
+`qla_kernels.ops.checks` (the custom ops are reached only through `qla_kernels.ops`)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ...formats.weights import weight_in_features
+from ...quant.primitives import qrange
+from ..reference import ACTIVATIONS, NORM_KINDS, output_features
+from .fused_linear import fused_linear_kernel, requantize_rows_kernel
+from .quantize import quantize_activation_kernel
+from .tuning import Autotuner, gemm_candidates, interpreting, m_bucket
+
+_WEIGHT_FORMAT_CODES = {"int8": 0, "int4": 1, "int4_int8_groups": 2}
+TRITON_WEIGHT_FORMATS = tuple(_WEIGHT_FORMAT_CODES)
+MAX_PREOP_RANK = 128
+_gemm_tuner = Autotuner("qla fused_linear")
+
+
+def _block_r(width: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(max(width, 1))))
+
+
+def _largest_power_of_two_dividing(value: int) -> int:
+    return value & -value
+
+
+def fused_linear(
+    a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
+    group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
+    residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    device = a.device
+    gemm_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
+    n = weight.shape[0]
+    k = weight_in_features(weight_format, weight)
+    n_out = output_features(n, activation)
+    make = torch.zeros if scatter_rows is not None else torch.empty
+    out = make((out_rows, n_out), dtype=torch.float32 if requant_bits else out_dtype, device=device)
+    row_absmax = torch.zeros((out_rows,), dtype=torch.int32, device=device) if requant_bits else out
+    if gemm_rows and n:
+        dummy = a
+        lowrank_rank = 0 if lowrank_t is None else lowrank_t.shape[1]
+        fullrank_k = 0 if fullrank_x is None else fullrank_x.shape[1]
+        block_r = _block_r(max(lowrank_rank, fullrank_k))
+        flags = dict(
+            WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[weight_format],
+            A_SCALE_PER_ROW=a_scale.numel() == a.shape[0],
+            HAS_ZERO=a_zero_point is not None,
+            ZERO_PER_ROW=a_zero_point is not None and a_zero_point.numel() == a.shape[0],
+            HAS_LOWRANK=lowrank_t is not None,
+            HAS_FULLRANK=fullrank_x is not None,
+            LOWRANK_IEEE=lowrank_t is not None and lowrank_t.dtype == torch.float32,
+            FULLRANK_IEEE=fullrank_x is not None and fullrank_x.dtype == torch.float32,
+            HAS_BIAS=bias is not None,
+            ACTIVATION=ACTIVATIONS.index(activation),
+            HAS_RESIDUAL=residual is not None,
+            REQUANT=bool(requant_bits),
+            GATHER=gather_rows is not None,
+            SCATTER=scatter_rows is not None,
+            BLOCK_R=block_r,
+        )
+
+        def launch(config):
+            block_k = config.block_k
+            if weight_format == "int4_int8_groups":
+                block_k = min(block_k, max(32, _largest_power_of_two_dividing(group_size)))
+            options = config.launch_options()
+            options["BLOCK_K"] = block_k
+            if requant_bits:
+                row_absmax.zero_()
+            grid = (triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n),)
+            fused_linear_kernel[grid](
+                a, a_scale, a_zero_point if a_zero_point is not None else dummy, weight, weight_scale,
+                weight_group_scale if weight_group_scale is not None else dummy,
+                weight_colsum if weight_colsum is not None else dummy,
+                lowrank_t if lowrank_t is not None else dummy, lowrank_u if lowrank_u is not None else dummy,
+                fullrank_x if fullrank_x is not None else dummy, fullrank_w if fullrank_w is not None else dummy,
+                bias if bias is not None else dummy, residual if residual is not None else dummy,
+                out, row_absmax,
+                gather_rows if gather_rows is not None else dummy, scatter_rows if scatter_rows is not None else dummy,
+                gemm_rows, n, k, lowrank_rank, fullrank_k, group_size,
+                a.stride(0), weight.stride(0),
+                weight_group_scale.stride(0) if weight_group_scale is not None else 0,
+                lowrank_t.stride(0) if lowrank_t is not None else 0,
+                lowrank_u.stride(0) if lowrank_u is not None else 0,
+                fullrank_x.stride(0) if fullrank_x is not None else 0,
+                fullrank_w.stride(0) if fullrank_w is not None else 0,
+                residual.stride(0) if residual is not None else 0,
+                out.stride(0),
+                GROUP_SCALE_PER_TILE=weight_format == "int4_int8_groups" and group_size % block_k == 0,
+                **flags, **options,
+            )
+
+        key = (device.index, m_bucket(gemm_rows), n, k, tuple(sorted(flags.items())))
+        launch(_gemm_tuner.select(key, gemm_candidates(device), launch))
+    if not requant_bits:
+        return out, out.new_empty((0,), dtype=torch.float32)
+    q = torch.empty((out_rows, n_out), dtype=torch.int8, device=device)
+    scale = torch.empty((out_rows,), dtype=torch.float32, device=device)
+    if out_rows and n_out:
+        block_m, block_n = 16, min(256, triton.next_power_of_2(n_out))
+        requantize_rows_kernel[(triton.cdiv(out_rows, block_m),)](
+            out, row_absmax, q, scale, out_rows, n_out, out.stride(0), q.stride(0),
+            QMAX=qrange(requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )
+    return q, scale
+
+
+def quantize_activation(
+    x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, k = x.shape
+    rank = 0 if down_proj is None else down_proj.shape[1]
+    q = torch.empty((rows, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device)
+    if rows and k:
+        qmin, qmax = qrange(bits)
+        block_m = 16
+        block_k = min(64 if interpreting() else 256, triton.next_power_of_2(k))
+        dummy = x
+        quantize_activation_kernel[(triton.cdiv(rows, block_m),)](
+            x, q, scale, static_scale if static_scale is not None else dummy,
+            zero_point if zero_point is not None else dummy,
+            norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+            down_proj if down_proj is not None else dummy, t,
+            rows, k, rank, float(norm_eps),
+            x.stride(0), q.stride(0), down_proj.stride(0) if down_proj is not None else 0, t.stride(0),
+            QMIN=qmin, QMAX=qmax, NORM=NORM_KINDS.index(norm_kind), HAS_NORM_WEIGHT=norm_weight is not None,
+            HAS_NORM_BIAS=norm_bias is not None, STATIC=static_scale is not None, HAS_ZERO=zero_point is not None,
+            CENTER=zero_point is not None and bits <= 7, HAS_T=down_proj is not None,
+            T_IEEE=down_proj is not None and down_proj.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))), num_warps=4,
+        )
+    return q, scale, t
+
+
+def supports_quantize_activation(down_proj: Optional[torch.Tensor]) -> bool:
+    return down_proj is None or down_proj.shape[1] <= MAX_PREOP_RANK

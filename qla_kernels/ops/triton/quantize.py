@@ -1,0 +1,116 @@
+"""Triton activation pre-kernel: [LayerNorm | RMSNorm] → int8 per token → [T = norm(x)·A].
+
+One program owns BLOCK_M rows and walks K in BLOCK_K chunks: statistics (norm), then absmax
+(dynamic scales), then quantize-and-project, so registers never hold a whole row and any K works.
+The later passes re-read x from L2. T = norm(x)·A accumulates as one tensor-core dot per chunk
+into a [BLOCK_M, BLOCK_R] fp32 tile (A: [K, R], R <= BLOCK_R) and is written into a column range
+of a caller's buffer (stride_tm), so several corrections can share one T.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .fused_linear import abs_bits, clamp_codes, round_half_even
+
+NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+
+
+@triton.jit
+def _normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
+                HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    if NORM == 1:
+        x = (x - mean[:, None]) * rstd[:, None]
+    elif NORM == 2:
+        x = x * rstd[:, None]
+    if HAS_NORM_WEIGHT:
+        x = x * tl.load(w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM_BIAS:
+        x = x + tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    return x
+
+
+@triton.jit
+def quantize_activation_kernel(
+    x_ptr, q_ptr, scale_ptr, static_scale_ptr, zero_ptr, norm_w_ptr, norm_b_ptr, down_ptr, t_ptr,
+    M, K, R, eps,
+    stride_xm, stride_qm, stride_dk, stride_tm,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, CENTER: tl.constexpr,
+    HAS_T: tl.constexpr, T_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM == 1:
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            total += tl.sum(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
+        mean = total / K
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            centered = tl.where(mask, x - mean[:, None], 0.0)
+            squares += tl.sum(centered * centered, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    elif NORM == 2:
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+
+    if STATIC:
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(static_scale_ptr)
+    else:
+        absmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            mask = mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+            absmax = tl.maximum(absmax, tl.max(tl.where(mask, abs_bits(v), 0), axis=1))
+        absmax_f = absmax.to(tl.float32, bitcast=True)
+        clamped = tl.where((absmax_f > 1e-8) | (absmax_f != absmax_f), absmax_f, 1e-8)
+        scale = tl.math.div_rn(clamped, QMAX * 1.0)
+    tl.store(scale_ptr + offs_m, scale, mask=mask_m)
+
+    zero = 0.0
+    if HAS_ZERO:
+        zero = tl.load(zero_ptr).to(tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+        codes = round_half_even(tl.math.div_rn(v, scale[:, None]))
+        if HAS_ZERO:
+            codes = codes + zero
+        codes = clamp_codes(codes, QMIN * 1.0, QMAX * 1.0)
+        if CENTER:
+            codes = codes - zero
+        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes.to(tl.int8), mask=mask)
+        if HAS_T:
+            down = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :],
+                           mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+            v = tl.where(mask, v, 0.0).to(down.dtype)
+            if T_IEEE:
+                t = tl.dot(v, down, t, input_precision="ieee")
+            else:
+                t = tl.dot(v, down, t)
+    if HAS_T:
+        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t.to(t_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & (offs_r[None, :] < R))
