@@ -4,6 +4,11 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch is read when a
+# kernel is defined, so it must be set before qla_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Property tests: no deadline (the first call compiles/warms up); CI keeps them small, the GPU
 # machine widens them with HYPOTHESIS_PROFILE=wide.
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
