@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # All GPU checks in one command, for a machine with a CUDA GPU and a python3 that has torch,
-# triton, timm, transformers, pybind11, pytest and hypothesis (the lent H100 has them).
+# triton, timm, transformers, pybind11, pytest, hypothesis and matplotlib (the lent H100 has them).
+#
+#   scripts/gpu_check.sh [tests|bench|all]     (default: all)
+#
+# tests: builds _C, runs the GPU-marked tests (real shapes, bf16, the CUDA kernel) and then the
+#        whole suite on the GPU (the Triton tests run compiled kernels there, not the interpreter).
+# bench: benchmarks/bench_gemm.py -> benchmarks/results/ (JSON + PNG), copied to $OUT too.
 # Logs go to ${OUT:-gpu_check_out}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+what=${1:-all}
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tee "$out/install.log"
-nvidia-smi | tee "$out/nvidia-smi.txt"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 python3 -c "import qla_kernels as qk; [print(b) for b in qk.backends().values()]" | tee "$out/backends.txt"
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest_gpu.log"
-python3 -m pytest -q -x tests 2>&1 | tee "$out/pytest_all.log"
+if [[ $what == tests || $what == all ]]; then
+    QLA_AUTOTUNE=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest_gpu.log"
+    QLA_AUTOTUNE=0 HYPOTHESIS_PROFILE=wide python3 -m pytest -q tests 2>&1 | tee "$out/pytest_all.log"
+fi
+if [[ $what == bench || $what == all ]]; then
+    python3 benchmarks/bench_gemm.py 2>&1 | tee "$out/bench_gemm.log"
+    cp benchmarks/results/gemm_*.json benchmarks/results/gemm_*.png "$out/" 2>/dev/null || true
+fi

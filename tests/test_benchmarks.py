@@ -1,0 +1,51 @@
+"""The GPU benchmarks' bookkeeping runs on CPU (interpreter kernels, timing stubbed), so a GPU
+session spends its minutes measuring, not debugging the script."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import qla_kernels as qk
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
+def test_bench_gemm_rows_and_plot(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _load("bench_gemm")
+    calls = []
+
+    def fake_bench(fn):
+        fn()
+        calls.append(1)
+        return 1.0 + 0.01 * len(calls)
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(bench, "RANK", 16)
+    monkeypatch.setattr(bench, "L2_FLUSH_BYTES", 1)
+    ceilings = {"fp16_tflops": 1.0, "int8_tops": 2.0, "copy_gbps": 3.0}
+    device = torch.device("cpu")
+    rows = [bench.bench_shape("tiny", "fc", 40, 48, 128, tuple(bench.CONFIGS), ceilings, device),
+            bench.bench_shape("tiny", "decode", 8, 48, 128, bench.SMALL_M_CONFIGS, ceilings, device)]
+    first = rows[0]
+    for name in bench.CONFIGS:
+        for variant in ("bare", "+bias", "+lowrank", "+residual", "full"):
+            assert first[f"{name}_{variant}_ms"] > 0
+        assert first[f"{name}_rel_error_vs_fp16"] < 0.5
+        assert first[f"{name}_bound"] in ("compute", "memory")
+    assert first["W8A8_rel_error_vs_fp16"] < 0.05
+    assert "int_mm_eager_full_ms" in first and "int_mm_eager_full_ms" not in rows[1]
+    json.dumps(rows)
+    bench.plot(rows, tmp_path / "plot.png", "cpu")
+    assert (tmp_path / "plot.png").stat().st_size > 0
