@@ -31,16 +31,27 @@ def quantize_activation(
     norm_bias: Optional[torch.Tensor] = None,
     norm_eps: float = 1e-5,
     down_proj: Optional[torch.Tensor] = None,
+    t_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantizes activations x [M, K] for the integer GEMM.
 
     Returns (q int8 [M, K], scale fp32 [M], t [M, r]); t has r = 0 columns without `down_proj`
     [K, r]. `static_scale` / `zero_point` are per-tensor ([1], fp32 / int8, signed domain). At
     bits <= 7 with a zero point, q holds q − z; at 8 bits pass the zero point on to fused_linear.
+    `t_out` [M, r] (rows may be strided, e.g. `shared_t[:, 16:48]`) receives T in place, so several
+    corrections can fill one low-rank T buffer; it is returned as t.
     Under the `simulate` backend this integer op runs on `reference`.
     """
-    check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+    check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+                              t_out)
     backend = resolve_backend(x.device)
+    if t_out is not None:
+        args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj, t_out)
+        if backend in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
+            q, scale = torch.ops.qla.quantize_activation_into_triton(*args)
+        else:
+            q, scale = torch.ops.qla.quantize_activation_into(*args)
+        return q, scale, t_out
     if backend == "cuda" and cuda.supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj):
         q, scale = torch.ops.qla.quantize_per_token_cuda(x, bits)
         return q, scale, x.new_empty((x.shape[0], 0))

@@ -65,7 +65,8 @@ def check_pair(first: str, a, second: str, b) -> None:
         raise ValueError(f"{first} and {second} must be given together")
 
 
-def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+                              t_out=None):
     check_tensor("x", x, device=x.device, dtypes=FLOAT_DTYPES)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, features], got shape {tuple(x.shape)}")
@@ -85,6 +86,13 @@ def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm
     if not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
         raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
     check_tensor("down_proj", down_proj, device=x.device, dtypes=FLOAT_DTYPES, shape=(features, None))
+    if t_out is not None:
+        if down_proj is None:
+            raise ValueError("t_out needs down_proj (T = norm(x)·down_proj is what it receives)")
+        check_tensor("t_out", t_out, device=x.device, dtypes=(x.dtype,), shape=(rows, down_proj.shape[1]),
+                     contiguous=False)
+        if down_proj.shape[1] and t_out.stride(1) != 1:
+            raise ValueError("t_out's columns must be contiguous (a column slice of a row-major buffer)")
 
 
 def check_fused_linear(

@@ -45,6 +45,37 @@ def quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_
 quantize_activation.register_fake(quantize_activation_fake)
 
 
+@torch.library.custom_op("qla::quantize_activation_into", mutates_args=("t_out",))
+def quantize_activation_into(
+    x: Tensor,
+    bits: int,
+    static_scale: Optional[Tensor],
+    zero_point: Optional[Tensor],
+    norm_kind: str,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    norm_eps: float,
+    down_proj: Tensor,
+    t_out: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """quantize_activation writing T into `t_out` (a column range of a T buffer shared by corrections)."""
+    q, scale, t = reference.quantize_activation(
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj
+    )
+    t_out.copy_(t)
+    return q, scale
+
+
+def quantize_activation_into_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                                  down_proj, t_out):
+    q, scale, _ = quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
+                                           norm_eps, None)
+    return q, scale
+
+
+quantize_activation_into.register_fake(quantize_activation_into_fake)
+
+
 @torch.library.custom_op("qla::fused_linear", mutates_args=())
 def fused_linear(
     a: Tensor,

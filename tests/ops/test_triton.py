@@ -138,6 +138,9 @@ def test_opcheck_triton_ops():
     x = torch.randn(5, 32, device=DEVICE)
     torch.library.opcheck(torch.ops.qla.quantize_activation_triton.default,
                           (x, 8, None, None, "rmsnorm", torch.ones(32, device=DEVICE), None, 1e-6, torch.randn(32, 16, device=DEVICE)))
+    for op in (torch.ops.qla.quantize_activation_into_triton, torch.ops.qla.quantize_activation_into):
+        torch.library.opcheck(op.default, (x, 8, None, None, "none", None, None, 1e-6, torch.randn(32, 16, device=DEVICE),
+                                           torch.empty(5, 16, device=DEVICE)))
 
 
 # ---------------------------------------------------------------- activation pre-kernel
@@ -274,3 +277,22 @@ def test_real_shapes_on_gpu(m, n, k, fmt, dtype):
     with qk.use_backend("triton"):
         y = ops.fused_linear(a[:256], torch.ones(1, device=DEVICE), unit, out_dtype=torch.float32)
     assert torch.equal(y, (a[:256].double() @ unit.integer().double().t()).float())
+
+
+def test_t_written_into_a_column_range_of_a_shared_buffer():
+    """Two corrections fill one T buffer (columns 0:8 and 8:24) without copies."""
+    x = torch.randn(21, 64, device=DEVICE)
+    down_a, down_b = torch.randn(64, 8, device=DEVICE), torch.randn(64, 16, device=DEVICE)
+    results = []
+    for backend in ("reference", "triton"):
+        shared = torch.full((21, 24), float("nan"), device=DEVICE)
+        with qk.use_backend(backend):
+            q, scale, t = ops.quantize_activation(x, 8, norm_kind="rmsnorm", down_proj=down_a, t_out=shared[:, :8])
+            ops.quantize_activation(x, 8, down_proj=down_b, t_out=shared[:, 8:])
+        assert t.data_ptr() == shared.data_ptr() and not bool(shared.isnan().any())
+        results.append(shared)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="t_out needs down_proj"):
+        ops.quantize_activation(x, 8, t_out=results[0][:, :8])
+    with pytest.raises(ValueError, match=r"t_out must have shape \(21, 8\)"):
+        ops.quantize_activation(x, 8, down_proj=down_a, t_out=results[0])

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..library import fused_linear_fake, quantize_activation_fake
+from ..library import fused_linear_fake, quantize_activation_fake, quantize_activation_into_fake
 
 try:
     import triton  # noqa: F401
@@ -63,6 +63,18 @@ if _IMPORT_ERROR is None:
         )
 
     quantize_activation.register_fake(quantize_activation_fake)
+
+    @torch.library.custom_op("qla::quantize_activation_into_triton", mutates_args=("t_out",))
+    def quantize_activation_into(
+        x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Tensor, t_out: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        q, scale, _ = launch.quantize_activation(
+            x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out
+        )
+        return q, scale
+
+    quantize_activation_into.register_fake(quantize_activation_into_fake)
 else:  # pragma: no cover
     TRITON_WEIGHT_FORMATS = ()
 

@@ -112,13 +112,14 @@ def fused_linear(
 
 
 def quantize_activation(
-    x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+    x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out=None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`t_out`, when given, receives T in place (it may be a column slice of a wider buffer)."""
     rows, k = x.shape
     rank = 0 if down_proj is None else down_proj.shape[1]
     q = torch.empty((rows, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device)
+    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
     if rows and k:
         qmin, qmax = qrange(bits)
         block_m = 16
