@@ -7,6 +7,7 @@ Used by `qla demo` and the real-weight tests.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import torch
@@ -46,6 +47,15 @@ SENTENCES: Tuple[str, ...] = (
     "The patient recovered quickly after the surgery.",
     "A small boat is sailing across the calm lake.",
 )
+
+
+CALIBRATION_FILE = Path(__file__).resolve().parent / "data" / "calibration_sentences.txt"
+
+
+def calibration_sentences() -> List[str]:
+    """120 English sentences for calibration and training; evaluation uses SENTENCES, which they
+    do not repeat."""
+    return [line.strip() for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
 
 
 def load_minilm(dtype: torch.dtype = torch.float32):

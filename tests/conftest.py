@@ -34,3 +34,20 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     reference, approximation = reference.detach().double(), approximation.detach().double()
     noise = (reference - approximation).square().mean()
     return float(10 * torch.log10(reference.square().mean() / noise.clamp_min(1e-30)))
+
+
+@pytest.fixture(scope="session")
+def digits_vit():
+    """A 4-block ViT trained on scikit-learn's digits (tests/digits.py), built once per session."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("timm")
+    from .digits import digits_vit as build
+
+    return build()
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference ‖ model) over the batch."""
+    p = torch.log_softmax(reference_logits.double(), dim=-1)
+    q = torch.log_softmax(logits.double(), dim=-1)
+    return float((p.exp() * (p - q)).sum(dim=-1).mean())

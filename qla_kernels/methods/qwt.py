@@ -1,0 +1,355 @@
+"""QwT (Quantization without Tears): a closed-form linear compensation per block.
+
+For each block, in forward order, on the quantized model with every earlier compensation already
+attached (so each block also corrects what earlier ones left):
+
+    X = the block's input on the quantized stream (tokens × d, plus a ones column for the bias)
+    Y = fp_block(X) − quantized_block(X)
+    [W; b] = argmin ||X·[W; b] − Y||² + λ·mean(diag XᵀX)·||W||²,  solved by Cholesky in fp64
+
+XᵀX and XᵀY are accumulated in fp64 while streaming over the batches, never holding all tokens.
+Padding tokens (attention_mask == 0) are excluded. A deterministic ~20% of the tokens is held out:
+the compensation is kept only if its R² on those tokens is positive (the paper's R² > 0 rule; on
+the fitting tokens R² is never negative, so a same-data gate would never fire).
+
+Post-norm blocks (BERT, RoBERTa: the block's output *is* a LayerNorm's output) are fitted on that
+LayerNorm's input, the pre-LN residual sum, and the compensation is added there — a documented
+deviation from the paper, which adds it after the block: adding before the norm keeps the
+correction inside the normalized statistics, as the fused post-norm pre-kernel will compute it.
+
+Calibration runs the quantized model under the `simulate` backend (numerically the deployed model).
+The compensation is exact fp32 here; `QwTCompensation.truncated(energy)` gives the low-rank
+factors (T = x·V_r, U = U_r·S_r) that the fused kernels' low-rank segment will run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..models.blocks import find_blocks, is_norm
+from ..ops.dispatch import use_backend
+from .batches import materialize, run_model, token_mask
+
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_HOLDOUT = 0.2
+
+
+class QwTCompensation(nn.Module):
+    """c(x) = x·Wᵀ + b, or its rank-r form (x·V)·Uᵀ + b when built by `truncated`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, down: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.register_buffer("weight", weight)  # [d_out, d_in], or U [d_out, r] with `down`
+        self.register_buffer("bias", bias)
+        self.register_buffer("down", down)  # V [d_in, r]
+
+    @property
+    def rank(self) -> Optional[int]:
+        return None if self.down is None else self.down.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        if self.down is not None:
+            y = y @ self.down
+        return torch.nn.functional.linear(y, self.weight, self.bias).to(x.dtype)
+
+    def truncated(self, energy: float) -> Tuple["QwTCompensation", float]:
+        """Rank-r version keeping `energy` of the squared singular values; returns it and the
+        fraction actually kept."""
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if self.down is not None:
+            raise ValueError("this compensation is already low-rank")
+        u, s, vh = torch.linalg.svd(self.weight.double(), full_matrices=False)
+        cumulative = torch.cumsum(s.square(), 0) / s.square().sum().clamp_min(1e-300)
+        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+        rank = min(rank, s.numel())
+        kept = float(cumulative[rank - 1])
+        return QwTCompensation((u[:, :rank] * s[:rank]).float(), self.bias.clone(), vh[:rank].t().float().contiguous()), kept
+
+    def extra_repr(self) -> str:
+        shape = f"d_in={self.weight.shape[1] if self.down is None else self.down.shape[0]}, d_out={self.weight.shape[0]}"
+        return shape + ("" if self.down is None else f", rank={self.rank}")
+
+
+@dataclasses.dataclass
+class BlockReport:
+    name: str
+    post_norm: bool  # fitted and added before the block's output LayerNorm
+    fit_tokens: int
+    heldout_tokens: int
+    r2_fit: float  # of the least-squares fit before the gate, pooled over output channels
+    r2_heldout: float  # the same fit on the held-out tokens (what the gate judges, per channel)
+    condition_number: float  # of the regularized XᵀX (largest over the ridges tried)
+    ridge: float  # median ridge over kept channels (relative to mean diag XᵀX)
+    kept_fraction: float  # output channels whose held-out R² was positive
+    enabled: bool
+    reason: str = ""
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    raise ValueError("cannot find the block's input tensor (first positional argument or hidden_states=)")
+
+
+def _replace_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> Tuple[tuple, dict]:
+    if args and isinstance(args[0], torch.Tensor):
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _first(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _with_first(output, value):
+    if isinstance(output, torch.Tensor):
+        return value
+    return type(output)((value, *output[1:])) if isinstance(output, tuple) else [value, *output[1:]]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_block_input(model: nn.Module, block: nn.Module, batch) -> Tuple[tuple, dict]:
+    """Runs `model` on `batch` until `block` is called; returns the block's (args, kwargs)."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["call"] = (args, kwargs)
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run_model(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in captured:
+        raise ValueError(f"the block {type(block).__name__} was not called by the model's forward")
+    return captured["call"]
+
+
+def _output_norm(block: nn.Module, args: tuple, kwargs: dict) -> Tuple[torch.Tensor, Optional[nn.Module], Optional[torch.Tensor]]:
+    """Runs the block; returns (output, the norm whose output *is* the block output or None, that norm's input)."""
+    seen: List[Tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # holds the tensors, so no id is reused
+    handles = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+               for m in block.modules() if is_norm(m)]
+    try:
+        output = _first(block(*args, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for norm, norm_input, norm_output in seen:
+        if norm_output is output:
+            return output, norm, norm_input
+    return output, None, None
+
+
+def attach(block: nn.Module, compensation: QwTCompensation, output_norm: Optional[nn.Module] = None) -> None:
+    """Registers `compensation` as `block.qwt` and hooks it in: added to the block output (pre-norm
+    blocks) or to `output_norm`'s input (post-norm blocks)."""
+    block.qwt = compensation
+    if output_norm is None:
+        def add_after(module, args, kwargs, output):
+            return _with_first(output, _first(output) + module.qwt(_hidden(args, kwargs)))
+
+        block._qwt_handles = [block.register_forward_hook(add_after, with_kwargs=True)]
+        return
+    pending = []
+
+    def remember(module, args, kwargs):
+        pending.append(_hidden(args, kwargs))
+
+    def add_before_norm(module, args):
+        return (args[0] + compensation(pending.pop()), *args[1:])
+
+    block._qwt_handles = [block.register_forward_pre_hook(remember, with_kwargs=True),
+                          output_norm.register_forward_pre_hook(add_before_norm)]
+
+
+def detach(block: nn.Module) -> None:
+    for handle in getattr(block, "_qwt_handles", []):
+        handle.remove()
+    block._qwt_handles = []
+    if hasattr(block, "qwt"):
+        del block.qwt
+
+
+class _NormalEquations:
+    """Streaming fp64 sums over tokens: XᵀX, XᵀY, per-output Σy² and Σy, and the token count."""
+
+    def __init__(self, d_in: int, d_out: int):
+        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float64)
+        self.xty = torch.zeros(d_in, d_out, dtype=torch.float64)
+        self.y_sq = torch.zeros(d_out, dtype=torch.float64)
+        self.y_sum = torch.zeros(d_out, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.xtx += x.t() @ x
+        self.xty += x.t() @ y
+        self.y_sq += y.square().sum(dim=0)
+        self.y_sum += y.sum(dim=0)
+        self.count += x.shape[0]
+
+    def sse(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-output sum of squared errors of the predictions X·w."""
+        return self.y_sq - 2 * (w * self.xty).sum(dim=0) + (w * (self.xtx @ w)).sum(dim=0)
+
+    def sst(self) -> torch.Tensor:
+        return self.y_sq - self.y_sum.square() / max(self.count, 1)
+
+    def r2(self, w: torch.Tensor) -> float:
+        """Coefficient of determination of X·w pooled over outputs (nan without tokens or variance)."""
+        sst = self.sst().sum()
+        if self.count == 0 or sst <= 0:
+            return float("nan")
+        return float(1 - self.sse(w).sum() / sst)
+
+
+class _Accumulator:
+    """Normal equations of the fitting tokens and of the held-out tokens (for the R² gate)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        self.fit = _NormalEquations(d_in + 1, d_out)
+        self.heldout = _NormalEquations(d_in + 1, d_out)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, heldout: torch.Tensor) -> None:
+        x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        y = y.double()
+        self.fit.add(x[~heldout], y[~heldout])
+        self.heldout.add(x[heldout], y[heldout])
+
+    def _solve(self, ridge: float) -> Tuple[torch.Tensor, float]:
+        xtx = self.fit.xtx
+        scale = torch.diagonal(xtx).mean().clamp_min(1e-12)
+        system = xtx + ridge * scale * torch.eye(xtx.shape[0], dtype=torch.float64)
+        eigenvalues = torch.linalg.eigvalsh(system)
+        condition = float(eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300))
+        return torch.cholesky_solve(self.fit.xty, torch.linalg.cholesky(system)), condition
+
+    def solve(self, ridges: Sequence[float]) -> "_Solution":
+        """Each output channel is its own regression: it takes the ridge with the lowest held-out
+        error. The block is kept if its pooled held-out R² is positive (the paper's rule), and
+        within it the channels whose own held-out R² is positive. Without held-out tokens: the
+        first ridge and the fit R²."""
+        gate = self.heldout if self.heldout.count else self.fit
+        candidates = [self._solve(ridge) for ridge in (ridges if self.heldout.count else ridges[:1])]
+        errors = torch.stack([gate.sse(w) for w, _ in candidates])
+        best = errors.argmin(dim=0)
+        w = torch.stack([w for w, _ in candidates])[best, :, torch.arange(best.numel())].t()
+        sst = gate.sst()
+        # The paper's gate on the whole block (pooled R² > 0), then per output channel.
+        keep = (sst > 0) & (errors.min(dim=0).values < sst) & (gate.r2(w) > 0)
+        chosen = torch.tensor([ridges[i] for i in best.tolist()], dtype=torch.float64)[keep]
+        return _Solution(
+            weight=w * keep, kept_fraction=float(keep.double().mean()), r2_fit=self.fit.r2(w),
+            r2_heldout=self.heldout.r2(w), condition_number=max(c for _, c in candidates),
+            ridge=float(chosen.median()) if chosen.numel() else float("nan"),
+        )
+
+
+@dataclasses.dataclass
+class _Solution:
+    weight: torch.Tensor  # [d_in + 1, d_out], bias as the last row
+    kept_fraction: float
+    r2_fit: float
+    r2_heldout: float
+    condition_number: float
+    ridge: float
+
+
+def _heldout_mask(count: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(count, generator=generator) < fraction
+
+
+@torch.no_grad()
+def calibrate(
+    model_fp: nn.Module,
+    model_q: nn.Module,
+    batches: Iterable[Any],
+    *,
+    ridge: Union[float, str] = "auto",
+    holdout: float = DEFAULT_HOLDOUT,
+    seed: int = 0,
+    progress: bool = True,
+) -> List[BlockReport]:
+    """Fits and attaches a QwT compensation to every block of `model_q` (in place).
+
+    `model_fp` is the unquantized model with the same architecture; blocks are paired by position
+    (found by structure, `qla_kernels.models.blocks.find_blocks`). `batches` are calibration inputs
+    (tensors, dicts, or (input, label) tuples); they are passed over once per block. Returns one
+    report per block (tokens, R² on fitting and held-out tokens, condition number, kept or not).
+    """
+    if ridge == "auto":
+        ridges = RIDGE_GRID
+    elif isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge >= 0:
+        ridges = (float(ridge),)
+    else:
+        raise ValueError(f"ridge must be 'auto' or a float >= 0, got {ridge!r}")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    batches = materialize(batches)
+    blocks_fp, blocks_q = find_blocks(model_fp), find_blocks(model_q)
+    if [type(b) for _, b in blocks_fp] != [type(b) for _, b in blocks_q]:
+        raise ValueError("model_fp and model_q do not have the same blocks")
+    was_training = model_fp.training, model_q.training
+    model_fp.eval(), model_q.eval()
+    generator = torch.Generator().manual_seed(seed)
+    reports = []
+    bar = tqdm(total=len(blocks_q) * len(batches), desc="QwT", unit="batch", disable=not progress)
+    try:
+        with use_backend("simulate"):
+            for (name, block_q), (_, block_fp) in zip(blocks_q, blocks_fp):
+                bar.set_postfix_str(name)
+                accumulator, output_norm = None, None
+                skip_reason = ""
+                for batch in batches:
+                    args, kwargs = _capture_block_input(model_q, block_q, batch)
+                    x = _hidden(args, kwargs)
+                    y_q, norm_q, norm_q_input = _output_norm(block_q, args, kwargs)
+                    y_fp, norm_fp, norm_fp_input = _output_norm(block_fp, args, kwargs)
+                    if norm_q is not None and norm_fp is not None:
+                        output_norm, y_q, y_fp = norm_q, norm_q_input, norm_fp_input
+                    bar.update()
+                    if y_q.shape[:-1] != x.shape[:-1]:
+                        skip_reason = f"block changes the token layout {tuple(x.shape)} -> {tuple(y_q.shape)}"
+                        continue
+                    x_tokens, y_tokens = x.reshape(-1, x.shape[-1]), (y_fp - y_q).reshape(-1, y_q.shape[-1])
+                    mask = token_mask(batch)
+                    if mask is not None and mask.shape == x.shape[:-1]:
+                        x_tokens, y_tokens = x_tokens[mask.reshape(-1)], y_tokens[mask.reshape(-1)]
+                    if accumulator is None:
+                        accumulator = _Accumulator(x_tokens.shape[1], y_tokens.shape[1])
+                    accumulator.add(x_tokens.cpu(), y_tokens.cpu(), _heldout_mask(x_tokens.shape[0], holdout, generator))
+                if accumulator is None:
+                    nan = float("nan")
+                    reports.append(BlockReport(name, False, 0, 0, nan, nan, nan, nan, 0.0, False, skip_reason))
+                    continue
+                solution = accumulator.solve(ridges)
+                enabled = solution.kept_fraction > 0
+                reports.append(BlockReport(
+                    name, output_norm is not None, accumulator.fit.count, accumulator.heldout.count,
+                    solution.r2_fit, solution.r2_heldout, solution.condition_number, solution.ridge,
+                    solution.kept_fraction, enabled, "" if enabled else "no output channel has a positive held-out R²",
+                ))
+                if enabled:
+                    w = solution.weight
+                    compensation = QwTCompensation(w[:-1].t().float().contiguous().to(x.device), w[-1].float().to(x.device))
+                    attach(block_q, compensation, output_norm)
+    finally:
+        bar.close()
+        model_fp.train(was_training[0]), model_q.train(was_training[1])
+    return reports

@@ -1,0 +1,51 @@
+"""Finding a model's blocks and norms by structure, not by architecture name.
+
+A *block* is a child of a container (nn.ModuleList / nn.Sequential) holding at least two modules
+of one class, each containing a linear layer — timm ViT/DeiT `blocks`, Swin `layers.i.blocks`,
+BERT/RoBERTa `encoder.layer`, GPT-2 `transformer.h`, LLaMA `model.layers`. When such containers
+nest (Swin's stages hold block lists), the innermost ones are the blocks.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from torch import nn
+
+from ..nn.quant_linear import QuantLinear
+from ..nn.quantize import is_linear
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or RMSNorm, torch's or a library's own class (HF LlamaRMSNorm, T5LayerNorm, ...)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return any(is_linear(m) or isinstance(m, QuantLinear) for m in module.modules())
+
+
+def _is_block_list(container: nn.Module) -> bool:
+    if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+        return False
+    children = list(container.children())
+    return len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_holds_linear(c) for c in children)
+
+
+def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(qualified name, block) for every block, in definition order (the forward order of the
+    architectures above). Raises ValueError naming what is missing when none is found."""
+    lists = [(name, module) for name, module in model.named_modules() if _is_block_list(module)]
+    innermost = [
+        (name, module) for name, module in lists
+        if not any(other is not module and any(sub is other for sub in module.modules()) for _, other in lists)
+    ]
+    if not innermost:
+        raise ValueError(
+            f"{type(model).__name__}: no repeated blocks found (expected an nn.ModuleList or nn.Sequential "
+            "of at least two modules of one class, each containing a linear layer)"
+        )
+    return [(f"{name}.{index}" if name else str(index), child)
+            for name, module in innermost for index, child in enumerate(module.children())]
