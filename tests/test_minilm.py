@@ -5,7 +5,6 @@ import io
 import time
 
 import pytest
-import torch
 
 import qla_kernels as qk
 

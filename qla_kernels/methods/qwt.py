@@ -24,7 +24,6 @@ factors (T = x·V_r, U = U_r·S_r) that the fused kernels' low-rank segment will
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -33,49 +32,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.blocks import find_blocks, is_norm
+from ..nn.compensation import QwTCompensation, attach, block_input, compensated_blocks, primary_output
 from ..ops.dispatch import use_backend
 from .batches import materialize, run_model, token_mask
 
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_HOLDOUT = 0.2
-
-
-class QwTCompensation(nn.Module):
-    """c(x) = x·Wᵀ + b, or its rank-r form (x·V)·Uᵀ + b when built by `truncated`."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, down: Optional[torch.Tensor] = None):
-        super().__init__()
-        self.register_buffer("weight", weight)  # [d_out, d_in], or U [d_out, r] with `down`
-        self.register_buffer("bias", bias)
-        self.register_buffer("down", down)  # V [d_in, r]
-
-    @property
-    def rank(self) -> Optional[int]:
-        return None if self.down is None else self.down.shape[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        if self.down is not None:
-            y = y @ self.down
-        return torch.nn.functional.linear(y, self.weight, self.bias).to(x.dtype)
-
-    def truncated(self, energy: float) -> Tuple["QwTCompensation", float]:
-        """Rank-r version keeping `energy` of the squared singular values; returns it and the
-        fraction actually kept."""
-        if not 0 < energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
-        if self.down is not None:
-            raise ValueError("this compensation is already low-rank")
-        u, s, vh = torch.linalg.svd(self.weight.double(), full_matrices=False)
-        cumulative = torch.cumsum(s.square(), 0) / s.square().sum().clamp_min(1e-300)
-        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64)).item()) + 1
-        rank = min(rank, s.numel())
-        kept = float(cumulative[rank - 1])
-        return QwTCompensation((u[:, :rank] * s[:rank]).float(), self.bias.clone(), vh[:rank].t().float().contiguous()), kept
-
-    def extra_repr(self) -> str:
-        shape = f"d_in={self.weight.shape[1] if self.down is None else self.down.shape[0]}, d_out={self.weight.shape[0]}"
-        return shape + ("" if self.down is None else f", rank={self.rank}")
 
 
 @dataclasses.dataclass
@@ -91,30 +53,6 @@ class BlockReport:
     kept_fraction: float  # output channels whose held-out R² was positive
     enabled: bool
     reason: str = ""
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"]
-    raise ValueError("cannot find the block's input tensor (first positional argument or hidden_states=)")
-
-
-def _replace_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> Tuple[tuple, dict]:
-    if args and isinstance(args[0], torch.Tensor):
-        return (value, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": value}
-
-
-def _first(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def _with_first(output, value):
-    if isinstance(output, torch.Tensor):
-        return value
-    return type(output)((value, *output[1:])) if isinstance(output, tuple) else [value, *output[1:]]
 
 
 class _Stop(Exception):
@@ -147,7 +85,7 @@ def _output_norm(block: nn.Module, args: tuple, kwargs: dict) -> Tuple[torch.Ten
     handles = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
                for m in block.modules() if is_norm(m)]
     try:
-        output = _first(block(*args, **kwargs))
+        output = primary_output(block(*args, **kwargs))
     finally:
         for handle in handles:
             handle.remove()
@@ -155,36 +93,6 @@ def _output_norm(block: nn.Module, args: tuple, kwargs: dict) -> Tuple[torch.Ten
         if norm_output is output:
             return output, norm, norm_input
     return output, None, None
-
-
-def attach(block: nn.Module, compensation: QwTCompensation, output_norm: Optional[nn.Module] = None) -> None:
-    """Registers `compensation` as `block.qwt` and hooks it in: added to the block output (pre-norm
-    blocks) or to `output_norm`'s input (post-norm blocks)."""
-    block.qwt = compensation
-    if output_norm is None:
-        def add_after(module, args, kwargs, output):
-            return _with_first(output, _first(output) + module.qwt(_hidden(args, kwargs)))
-
-        block._qwt_handles = [block.register_forward_hook(add_after, with_kwargs=True)]
-        return
-    pending = []
-
-    def remember(module, args, kwargs):
-        pending.append(_hidden(args, kwargs))
-
-    def add_before_norm(module, args):
-        return (args[0] + compensation(pending.pop()), *args[1:])
-
-    block._qwt_handles = [block.register_forward_pre_hook(remember, with_kwargs=True),
-                          output_norm.register_forward_pre_hook(add_before_norm)]
-
-
-def detach(block: nn.Module) -> None:
-    for handle in getattr(block, "_qwt_handles", []):
-        handle.remove()
-    block._qwt_handles = []
-    if hasattr(block, "qwt"):
-        del block.qwt
 
 
 class _NormalEquations:
@@ -318,7 +226,7 @@ def calibrate(
                 skip_reason = ""
                 for batch in batches:
                     args, kwargs = _capture_block_input(model_q, block_q, batch)
-                    x = _hidden(args, kwargs)
+                    x = block_input(args, kwargs)
                     y_q, norm_q, norm_q_input = _output_norm(block_q, args, kwargs)
                     y_fp, norm_fp, norm_fp_input = _output_norm(block_fp, args, kwargs)
                     if norm_q is not None and norm_fp is not None:
@@ -347,9 +255,33 @@ def calibrate(
                 ))
                 if enabled:
                     w = solution.weight
-                    compensation = QwTCompensation(w[:-1].t().float().contiguous().to(x.device), w[-1].float().to(x.device))
-                    attach(block_q, compensation, output_norm)
+                    norm_name = next((n for n, m in block_q.named_modules() if m is output_norm), "")
+                    attach(block_q, QwTCompensation(w[:-1].t().float().contiguous().to(x.device),
+                                                    w[-1].float().to(x.device), output_norm=norm_name))
     finally:
         bar.close()
         model_fp.train(was_training[0]), model_q.train(was_training[1])
+    return reports
+
+
+@dataclasses.dataclass
+class TruncationReport:
+    name: str
+    rank: int
+    full_rank: int
+    energy_kept: float
+
+
+def truncate(model_q: nn.Module, energy: float = 0.99) -> List[TruncationReport]:
+    """Replaces every block's QwT compensation by its truncated SVD keeping `energy` of the squared
+    singular values: the form the fused kernels' low-rank segment runs (T = x·V_r, U = U_r·S_r).
+    Returns the rank chosen per block; measure the accuracy it keeps on your data."""
+    reports = []
+    for name, block in list(compensated_blocks(model_q)):
+        full_rank = min(block.qwt.weight.shape)
+        low_rank, kept = block.qwt.truncated(energy)
+        attach(block, low_rank)
+        reports.append(TruncationReport(name, low_rank.rank, full_rank, kept))
+    if not reports:
+        raise ValueError("the model has no QwT compensation to truncate (run qwt.calibrate first)")
     return reports

@@ -11,6 +11,7 @@ from .. import ops
 from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES
 from ..quant.config import QuantConfig
+from ..quant.primitives import qrange
 from ..quant.weight import quantize_weight
 
 # Buffers whose fp32 precision is part of the format: model.half() must not round them.
@@ -117,7 +118,7 @@ class QuantLinear(nn.Module):
             self.weight_colsum = None
             return
         zero = torch.as_tensor(zero_point, device=device).reshape(1)
-        lo, hi = ops.reference.qrange(self.config.act_bits)
+        lo, hi = qrange(self.config.act_bits)
         if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
             raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")
         self.input_zero_point = zero.to(torch.int8)

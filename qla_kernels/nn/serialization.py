@@ -1,7 +1,8 @@
 """save_quantized / load_quantized: a quantized model as one safetensors file.
 
-The header records, per QuantLinear, its config and shape, so `load_quantized` can rebuild the
-modules on an unquantized skeleton of the same architecture before loading the tensors.
+The header records, per QuantLinear, its config and shape, and per block with a QwT
+compensation, its shape and where it is added, so `load_quantized` can rebuild the modules on an
+unquantized skeleton of the same architecture before loading the tensors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..formats.checkpoint import read_checkpoint, write_checkpoint
 from ..quant.config import QuantConfig
+from .compensation import QwTCompensation, attach, compensated_blocks
 from .quant_linear import QuantLinear
 from .quantize import is_linear
 
@@ -25,7 +27,13 @@ def save_quantized(model: nn.Module, path: str) -> None:
                "out_features": module.out_features, "bias": module.bias is not None}
         for name, module in model.named_modules() if isinstance(module, QuantLinear)
     }
-    metadata = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers}
+    compensations = {
+        name: {"output_norm": block.qwt.output_norm, "weight": list(block.qwt.weight.shape),
+               "down": None if block.qwt.down is None else list(block.qwt.down.shape)}
+        for name, block in compensated_blocks(model)
+    }
+    metadata = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers,
+                "qla_kernels.qwt": compensations}
     write_checkpoint(path, model.state_dict(), metadata)
 
 
@@ -56,5 +64,11 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
             if f"{name}.{buffer}" in tensors:
                 setattr(layer, buffer, torch.empty_like(tensors[f"{name}.{buffer}"], device=device))
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for name, layout in metadata.get("qla_kernels.qwt", {}).items():
+        block = model.get_submodule(name)
+        device = next(iter(block.buffers()), torch.empty(0)).device
+        empty = lambda shape: None if shape is None else torch.empty(shape, device=device)  # noqa: E731
+        attach(block, QwTCompensation(empty(layout["weight"]), empty(layout["weight"][:1]), empty(layout["down"]),
+                                      layout["output_norm"]))
     model.load_state_dict(tensors, strict=True)
     return model

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.weights import dequantize_weight, integer_weight
-from ..quant.primitives import absmax_scale, qrange, quantize_with_scale
+from ..quant.primitives import absmax_scale, quantize_with_scale
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "swiglu")
 NORM_KINDS = ("none", "layernorm", "rmsnorm")

@@ -186,3 +186,23 @@ def test_random_models_end_to_end(name):
         after = model_output(run_model(quantized, test))
     assert len(reports) == len(find_blocks(model)) and any(r.enabled for r in reports)
     assert (after - reference).norm() < 0.97 * (before - reference).norm()
+
+
+def test_truncation_to_low_rank_keeps_most_of_the_gain(digits_vit):
+    """The low-rank form the fused kernels run. Rank chosen by energy; the KL gain is mostly kept."""
+    fp = digits_vit.model
+    model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
+    ptq.calibrate(model, digits_vit.calibration_batches(), method="minmax", progress=False)
+    with torch.no_grad():
+        fp_logits, ptq_logits = fp(digits_vit.test_x), model(digits_vit.test_x)
+    qwt.calibrate(fp, model, digits_vit.calibration_batches(), progress=False)
+    with torch.no_grad():
+        full_logits = model(digits_vit.test_x)
+    reports = qwt.truncate(model, energy=0.9)
+    assert all(r.rank < r.full_rank and r.energy_kept >= 0.9 for r in reports)
+    with torch.no_grad():
+        low_rank_logits = model(digits_vit.test_x)
+    kl_ptq, kl_full, kl_low = (kl_divergence(fp_logits, logits) for logits in (ptq_logits, full_logits, low_rank_logits))
+    assert kl_low < kl_ptq - 0.5 * (kl_ptq - kl_full)
+    with pytest.raises(ValueError, match="no QwT compensation"):
+        qwt.truncate(qk.quantize_(copy.deepcopy(fp), qk.W8A8()))

@@ -83,3 +83,40 @@ def test_foreign_file_is_rejected(tmp_path):
     save_file({"0.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(ValueError, match="not a qla_kernels checkpoint"):
         qk.load_quantized(_model(), path)
+
+
+def test_qwt_compensations_round_trip(tmp_path):
+    """A quantized model with QwT compensations (pre-norm ViT: after the block; post-norm BERT:
+    before the output LayerNorm; one truncated to low rank) saves and loads bit-exactly."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.methods import qwt
+    from qla_kernels.nn.compensation import attach, compensated_blocks
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    quantized = qk.quantize_(copy.deepcopy(vit), qk.W4A8())
+    qwt.calibrate(vit, quantized, [torch.randn(8, 3, 32, 32) for _ in range(4)], progress=False)
+    name, block = next(compensated_blocks(quantized))
+    attach(block, block.qwt.truncated(0.9)[0])
+    path = str(tmp_path / "vit.safetensors")
+    qk.save_quantized(quantized, path)
+    skeleton = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    loaded = qk.load_quantized(skeleton, path)
+    assert [n for n, _ in compensated_blocks(loaded)] == [n for n, _ in compensated_blocks(quantized)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantized(x))
+
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    bert = transformers.AutoModel.from_config(config).eval()
+    bert_q = qk.quantize_(copy.deepcopy(bert), qk.W4A8())
+    batches = [{"input_ids": torch.randint(0, 100, (8, 16))} for _ in range(4)]
+    qwt.calibrate(bert, bert_q, batches, progress=False)
+    assert all(block.qwt.output_norm == "output.LayerNorm" for _, block in compensated_blocks(bert_q))
+    path = str(tmp_path / "bert.safetensors")
+    qk.save_quantized(bert_q, path)
+    loaded = qk.load_quantized(transformers.AutoModel.from_config(config).eval(), path)
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, bert_q(ids).last_hidden_state)

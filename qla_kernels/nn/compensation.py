@@ -1,0 +1,114 @@
+"""QwT compensation modules: c(x) = x·Wᵀ + b attached to a block without replacing it.
+
+The compensation is registered as the block's submodule `qwt` (so it is in the state dict and
+moves with `.to()`), and forward hooks add it to the block output, or for post-norm blocks to
+the input of the block's output norm. Hooks instead of a wrapper keep every module path and
+attribute the host library reads (HF decoders look up per-layer attributes) unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class QwTCompensation(nn.Module):
+    """c(x) = x·Wᵀ + b, or its rank-r form (x·V)·Uᵀ + b when built by `truncated`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, down: Optional[torch.Tensor] = None,
+                 output_norm: str = ""):
+        super().__init__()
+        self.output_norm = output_norm  # name in the block of the norm it feeds ("" : added after the block)
+        self.register_buffer("weight", weight)  # [d_out, d_in], or U [d_out, r] with `down`
+        self.register_buffer("bias", bias)
+        self.register_buffer("down", down)  # V [d_in, r]
+
+    @property
+    def rank(self) -> Optional[int]:
+        return None if self.down is None else self.down.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        if self.down is not None:
+            y = y @ self.down
+        return torch.nn.functional.linear(y, self.weight, self.bias).to(x.dtype)
+
+    def truncated(self, energy: float) -> Tuple["QwTCompensation", float]:
+        """Rank-r version keeping `energy` of the squared singular values; returns it and the
+        fraction actually kept."""
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if self.down is not None:
+            raise ValueError("this compensation is already low-rank")
+        u, s, vh = torch.linalg.svd(self.weight.double(), full_matrices=False)
+        cumulative = torch.cumsum(s.square(), 0) / s.square().sum().clamp_min(1e-300)
+        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+        rank = min(rank, s.numel())
+        kept = float(cumulative[rank - 1])
+        low_rank = QwTCompensation((u[:, :rank] * s[:rank]).float(), self.bias.clone(), vh[:rank].t().float().contiguous(),
+                                   self.output_norm)
+        return low_rank, kept
+
+    def extra_repr(self) -> str:
+        shape = f"d_in={self.weight.shape[1] if self.down is None else self.down.shape[0]}, d_out={self.weight.shape[0]}"
+        where = f", before={self.output_norm}" if self.output_norm else ""
+        return shape + ("" if self.down is None else f", rank={self.rank}") + where
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    raise ValueError("cannot find the block's input tensor (first positional argument or hidden_states=)")
+
+
+def primary_output(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def with_primary_output(output, value):
+    if isinstance(output, torch.Tensor):
+        return value
+    return type(output)((value, *output[1:])) if isinstance(output, tuple) else [value, *output[1:]]
+
+
+def attach(block: nn.Module, compensation: QwTCompensation) -> None:
+    """Registers `compensation` as `block.qwt` and hooks it in: added to the block output, or to
+    the input of the block's norm named `compensation.output_norm` (post-norm blocks)."""
+    detach(block)
+    block.qwt = compensation
+    if not compensation.output_norm:
+        def add_after(module, args, kwargs, output):
+            return with_primary_output(output, primary_output(output) + module.qwt(block_input(args, kwargs)))
+
+        block._qwt_handles = [block.register_forward_hook(add_after, with_kwargs=True)]
+        return
+    pending = []
+
+    def remember(module, args, kwargs):
+        pending.append(block_input(args, kwargs))
+
+    def add_before_norm(module, args):
+        return (args[0] + block.qwt(pending.pop()), *args[1:])
+
+    output_norm = block.get_submodule(compensation.output_norm)
+    block._qwt_handles = [block.register_forward_pre_hook(remember, with_kwargs=True),
+                          output_norm.register_forward_pre_hook(add_before_norm)]
+
+
+def detach(block: nn.Module) -> None:
+    for handle in getattr(block, "_qwt_handles", []):
+        handle.remove()
+    block._qwt_handles = []
+    if hasattr(block, "qwt"):
+        del block.qwt
+
+
+def compensated_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(name, block) of every block carrying a QwT compensation."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "qwt", None), QwTCompensation):
+            yield name, module
