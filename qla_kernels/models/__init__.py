@@ -1,4 +1,7 @@
-"""Per-architecture facts (norm/attention/MLP locations, token layout) for timm and HF models.
+"""Per-architecture facts for timm and HF models, read off the module structure (never copied
+model code): `find_blocks` locates the repeated blocks, `describe` traces one forward pass to
+name each block's norms, attention and MLP linears, norm kind and position, MLP kind and token
+layout. The fused block modules and the calibration methods build on them."""
 
-Used by the fused block modules and the calibration methods; none are described yet.
-"""
+from .blocks import find_blocks, is_norm
+from .facts import ArchitectureFacts, BlockFacts, describe

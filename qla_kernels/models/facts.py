@@ -1,0 +1,149 @@
+"""Architecture facts, read off a model by running it once: where each block's norms, attention and
+MLP linears are, the norm kind and position, the MLP kind and the token layout. Nothing is looked
+up by architecture name and no model code is copied, so a new timm or HF model with the same
+block structure is described too. DESIGN.md "Block templates" is what the facts feed.
+
+The trace records, inside the first block, every norm and linear call in order and which tensor
+each one read (by identity): the linears reading the first norm's output are the attention
+inputs (qkv, or q/k/v), the next linear is the attention output projection, the linears reading
+the second norm's output are the MLP inputs (fc1, or gate and up for SwiGLU) and the last linear
+is the MLP output. A block whose output *is* a norm's output is post-norm (BERT, RoBERTa).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..nn.quant_linear import QuantLinear
+from ..nn.quantize import is_linear
+from .blocks import find_blocks, is_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFacts:
+    norm_kind: str  # "layernorm" | "rmsnorm"
+    norm_position: str  # "pre" | "post"
+    mlp_kind: str  # "gelu_mlp" | "swiglu"
+    attention_norm: str  # names relative to the block
+    attention_inputs: Tuple[str, ...]
+    attention_output: str
+    mlp_norm: str
+    mlp_inputs: Tuple[str, ...]
+    mlp_output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureFacts:
+    blocks: Tuple[str, ...]
+    block: BlockFacts
+    token_layout: str  # "sequence" (B, N, C) | "grid" (B, H, W, C: Swin windows)
+    prefix_tokens: int  # class / distillation / register tokens before the patch grid (timm)
+    grid: Optional[Tuple[int, int]]  # patch grid of the first block's input, when spatial
+
+
+def _norm_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.RMSNorm) or "RMS" in type(module).__name__:
+        return "rmsnorm"
+    return "layernorm"
+
+
+def _is_any_linear(module: nn.Module) -> bool:
+    return is_linear(module) or isinstance(module, QuantLinear)
+
+
+def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
+    """Runs the model; returns the block's (calls in order as (name, module, input, output), output)."""
+    from ..methods.batches import run_model  # methods depend on models, not the reverse, at import time
+
+    names = {module: name for name, module in block.named_modules()}
+    calls: List[Tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+    state: Dict[str, Any] = {}
+
+    def record(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and "output" not in state:
+            calls.append((names[module], module, inputs[0], output))
+
+    def block_done(module, args, output):
+        state.setdefault("output", output if isinstance(output, torch.Tensor) else output[0])
+        state.setdefault("input", args[0] if args else None)
+
+    handles = [m.register_forward_hook(record) for m in block.modules() if is_norm(m) or _is_any_linear(m)]
+    handles.append(block.register_forward_hook(block_done))
+    try:
+        with torch.no_grad():
+            run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "output" not in state:
+        raise ValueError(f"block {type(block).__name__} was not called by the model's forward")
+    return calls, state["output"], state["input"]
+
+
+def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
+    """Facts of `model` from one forward pass on `batch`. Raises ValueError naming what is missing
+    when the model does not fit the block templates."""
+    blocks = find_blocks(model)
+    block_name, block = blocks[0]
+    calls, output, block_input = _trace_block(model, block, batch)
+    where = f"block {block_name!r} ({type(block).__name__})"
+    linear_calls = [index for index, call in enumerate(calls) if _is_any_linear(call[1])]
+    norm_calls = [index for index, call in enumerate(calls) if is_norm(call[1])]
+    if len(linear_calls) < 4:
+        raise ValueError(f"{where}: expected attention and MLP linears (at least 4), found {len(linear_calls)}")
+    post_norm = any(calls[index][3] is output for index in norm_calls)
+
+    def readers_after(start: int, tensor: Optional[torch.Tensor]) -> List[int]:
+        """Linear calls after `start` reading `tensor`; if none does (the input was reshaped on
+        the way, as in Swin's window partition), those reading what the first later linear reads."""
+        later = [index for index in linear_calls if index > start]
+        direct = [index for index in later if calls[index][2] is tensor]
+        if direct or not later:
+            return direct
+        return [index for index in later if calls[index][2] is calls[later[0]][2]]
+
+    if post_norm:
+        attention_norm = ""
+        attention_inputs = readers_after(-1, block_input)
+    else:
+        if not norm_calls:
+            raise ValueError(f"{where}: no LayerNorm/RMSNorm inside the block and its output is not a norm's")
+        attention_norm = calls[norm_calls[0]][0]
+        attention_inputs = readers_after(norm_calls[0], calls[norm_calls[0]][3])
+    if not attention_inputs:
+        raise ValueError(f"{where}: no linear reads the attention input")
+    after = [index for index in linear_calls if index > attention_inputs[-1]]
+    if not after:
+        raise ValueError(f"{where}: no attention output projection after {calls[attention_inputs[-1]][0]!r}")
+    attention_output = after[0]
+    mlp_norms = [index for index in norm_calls if index > attention_output]
+    if not mlp_norms:
+        raise ValueError(f"{where}: no norm between the attention output {calls[attention_output][0]!r} and the MLP")
+    mlp_inputs = readers_after(mlp_norms[0], calls[mlp_norms[0]][3])
+    if not mlp_inputs or mlp_inputs[-1] == linear_calls[-1]:
+        raise ValueError(f"{where}: no MLP input and output linears after the norm {calls[mlp_norms[0]][0]!r}")
+    names = lambda indices: tuple(calls[index][0] for index in indices)  # noqa: E731
+    block_facts = BlockFacts(
+        norm_kind=_norm_kind(calls[norm_calls[0]][1]),
+        norm_position="post" if post_norm else "pre",
+        mlp_kind="swiglu" if len(mlp_inputs) == 2 else "gelu_mlp",
+        attention_norm=attention_norm,
+        attention_inputs=names(attention_inputs),
+        attention_output=calls[attention_output][0],
+        mlp_norm=calls[mlp_norms[0]][0],
+        mlp_inputs=names(mlp_inputs),
+        mlp_output=calls[linear_calls[-1]][0],
+    )
+    spatial = block_input is not None and block_input.dim() == 4
+    grid = tuple(block_input.shape[1:3]) if spatial else getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return ArchitectureFacts(
+        blocks=tuple(name for name, _ in blocks),
+        block=block_facts,
+        token_layout="grid" if spatial else "sequence",
+        prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+        grid=tuple(grid) if grid is not None else None,
+    )

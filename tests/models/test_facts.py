@@ -1,0 +1,66 @@
+import pytest
+import torch
+from torch import nn
+
+import qla_kernels as qk
+from qla_kernels.models.blocks import find_blocks
+from qla_kernels.models.facts import describe
+
+from ..nn.test_quantize_models import MODELS
+
+EXPECTED = {
+    # name: (blocks, norm kind, position, mlp, attention inputs, attention output, mlp inputs, mlp output, layout, prefix)
+    "vit_tiny": (12, "layernorm", "pre", "gelu_mlp", ("attn.qkv",), "attn.proj", ("mlp.fc1",), "mlp.fc2", "sequence", 1),
+    "deit_tiny": (12, "layernorm", "pre", "gelu_mlp", ("attn.qkv",), "attn.proj", ("mlp.fc1",), "mlp.fc2", "sequence", 1),
+    "swin_tiny": (12, "layernorm", "pre", "gelu_mlp", ("attn.qkv",), "attn.proj", ("mlp.fc1",), "mlp.fc2", "grid", 0),
+    "bert": (2, "layernorm", "post", "gelu_mlp", ("attention.self.query", "attention.self.key", "attention.self.value"),
+             "attention.output.dense", ("intermediate.dense",), "output.dense", "sequence", 0),
+    "gpt2": (2, "layernorm", "pre", "gelu_mlp", ("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",), "mlp.c_proj", "sequence", 0),
+    "llama": (2, "rmsnorm", "pre", "swiglu", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "sequence", 0),
+}
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_facts_read_off_the_structure(name, quantized):
+    model, inputs = MODELS[name]()
+    if quantized:
+        qk.quantize_(model, qk.W8A8())
+    facts = describe(model, inputs)
+    blocks, norm, position, mlp, attn_in, attn_out, mlp_in, mlp_out, layout, prefix = EXPECTED[name]
+    block = facts.block
+    assert len(facts.blocks) == blocks
+    assert (block.norm_kind, block.norm_position, block.mlp_kind) == (norm, position, mlp)
+    assert (block.attention_inputs, block.attention_output) == (attn_in, attn_out)
+    assert (block.mlp_inputs, block.mlp_output) == (mlp_in, mlp_out)
+    assert (facts.token_layout, facts.prefix_tokens) == (layout, prefix)
+
+
+def test_token_layout_of_vision_models():
+    timm = pytest.importorskip("timm")
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
+    facts = describe(distilled, torch.randn(1, 3, 224, 224))
+    assert facts.prefix_tokens == 2 and facts.grid == (14, 14)
+    registers = timm.create_model("vit_small_patch16_224", pretrained=False, reg_tokens=4, img_size=(64, 96)).eval()
+    facts = describe(registers, torch.randn(1, 3, 64, 96))
+    assert facts.prefix_tokens == 5 and facts.grid == (4, 6)
+    swin, inputs = MODELS["swin_tiny"]()
+    assert describe(swin, inputs).grid == (56, 56)
+
+
+class _MLPBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_unknown_architectures_name_what_is_missing():
+    with pytest.raises(ValueError, match="no repeated blocks found"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv1d(4, 4, 1)))
+    model = nn.Sequential(nn.Sequential(_MLPBlock(), _MLPBlock()))
+    with pytest.raises(ValueError, match=r"expected attention and MLP linears \(at least 4\), found 2"):
+        describe(model, torch.randn(2, 8))
