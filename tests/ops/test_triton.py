@@ -20,6 +20,8 @@ import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.ops import reference
 
+from qla_kernels.quant import quantize_weight
+
 from .helpers import INTEGER_FORMATS, random_int8, random_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,11 +205,27 @@ def test_quant_linear_runs_triton_and_matches_reference():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_w4a16_falls_back_to_reference():
+@pytest.mark.parametrize("group, k", [(16, 80), (32, 96), (64, 128), (None, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 7, 70])
+def test_w4a16_dequant_in_the_loop(group, k, dtype, m):
+    """fp activations × uint4 (groups narrower and wider than BLOCK_K, per channel): each weight
+    tile is (q − z)·s rounded once to the activation dtype, as in the reference; only the fp32
+    summation order differs."""
+    weight = _to(quantize_weight(torch.randn(48, k) * 0.05, qk.W4A16(group_size=group)))
+    a = torch.randn(m, k, device=DEVICE).to(dtype)
+    kwargs = dict(bias=torch.randn(48, device=DEVICE), lowrank_t=torch.randn(m, 16, device=DEVICE, dtype=dtype),
+                  lowrank_u=torch.randn(48, 16, device=DEVICE, dtype=dtype), residual=torch.randn(m, 48, device=DEVICE),
+                  activation="gelu", out_dtype=torch.float32)
+    expected, actual = _both(lambda: ops.fused_linear(a, None, weight, **kwargs))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_w4a16_quant_linear_runs_triton():
     layer = qk.QuantLinear.from_float(torch.nn.Linear(64, 48), qk.W4A16(group_size=32)).to(DEVICE)
     x = torch.randn(5, 64, device=DEVICE)
     expected, actual = _both(lambda: layer(x))
-    assert torch.equal(actual, expected)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -230,7 +248,8 @@ def test_bad_input_is_rejected_before_launch(bad, match):
 
 @given(
     m=st.integers(1, 70), n_half=st.integers(1, 40), k_groups=st.integers(1, 3),
-    fmt=st.sampled_from(INTEGER_FORMATS), group=st.sampled_from([16, 32, 64]), rank=st.sampled_from([0, 5, 16, 40]),
+    fmt=st.sampled_from(INTEGER_FORMATS + ("uint4_asym_groups",)), group=st.sampled_from([16, 32, 64]),
+    rank=st.sampled_from([0, 5, 16, 40]),
     fullrank=st.booleans(), zero=st.booleans(), activation=st.sampled_from(reference.ACTIVATIONS),
     use_residual=st.booleans(), seed=st.integers(0, 10_000),
 )
@@ -239,10 +258,15 @@ def test_fused_linear_property(m, n_half, k_groups, fmt, group, rank, fullrank, 
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(DEVICE)  # noqa: E731
     weight = random_weight(fmt, n, k, group=group, seed=seed)
+    floating = fmt == "uint4_asym_groups"
+    zero = zero and not floating
     if zero:
         weight = dataclasses.replace(weight, colsum=weight.integer().sum(dim=1, dtype=torch.int32))
     weight = _to(weight)
-    a, a_scale = (t.to(DEVICE) for t in random_int8(m, k, seed=seed))
+    if floating:
+        a, a_scale = rand(m, k).half(), None
+    else:
+        a, a_scale = (t.to(DEVICE) for t in random_int8(m, k, seed=seed))
     n_out = n // 2 if activation == "swiglu" else n
     kwargs = dict(
         a_zero_point=torch.tensor([seed % 200 - 100], dtype=torch.int8, device=DEVICE) if zero else None,
@@ -259,6 +283,19 @@ def test_fused_linear_property(m, n_half, k_groups, fmt, group, rank, fullrank, 
 
 REAL_SHAPES = [(12608, 2304, 768), (12608, 768, 768), (12608, 3072, 768), (12608, 768, 3072),
                (4096, 768, 768), (2048, 14336, 4096), (16, 4096, 4096), (1, 4096, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 200, 2048])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4a16_llama_shapes_on_gpu(m, n, k, dtype):
+    weight = _to(quantize_weight(torch.randn(n, k) * 0.02, qk.W4A16(group_size=128)))
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    t, u = torch.randn(m, 16, device=DEVICE, dtype=dtype), (torch.randn(n, 16, device=DEVICE) * 0.05).to(dtype)
+    kwargs = dict(lowrank_t=t, lowrank_u=u, residual=torch.randn(m, n, device=DEVICE, dtype=dtype), out_dtype=dtype)
+    expected, actual = _both(lambda: ops.fused_linear(a, None, weight, **kwargs))
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
 
 
 @pytest.mark.gpu

@@ -35,6 +35,7 @@ EPILOGUES = (
     ("w8a8_swiglu_zero_point", 0, 4, False, True, True, True),
     ("w4a8_requant", 1, 1, True, False, False, True),
     ("w4a8_groups_full_epilogue", 2, 0, False, True, False, True),
+    ("w4a16_full_epilogue", 3, 0, False, True, False, True),
 )
 
 
@@ -99,9 +100,11 @@ def compile_all() -> List[Dict[str, object]]:
             for name, fmt, activation, requant, lowrank, zero, per_tile in EPILOGUES:
                 pointers = dict(GEMM_POINTERS, w_ptr="*i8" if fmt == 0 else "*u8",
                                 out_ptr="*fp32" if requant else "*fp16")
+                if fmt == 3:  # fp16 activations; the zero points ride in the group pointer
+                    pointers.update(a_ptr="*fp16", w_group_ptr="*u8")
                 constexprs = dict(
                     WEIGHT_FORMAT=fmt, A_SCALE_PER_ROW=True, HAS_ZERO=zero, ZERO_PER_ROW=False,
-                    HAS_LOWRANK=lowrank, HAS_FULLRANK=False, LOWRANK_IEEE=False, FULLRANK_IEEE=False,
+                    HAS_LOWRANK=lowrank, HAS_FULLRANK=False, MAIN_IEEE=False, LOWRANK_IEEE=False, FULLRANK_IEEE=False,
                     HAS_BIAS=True, ACTIVATION=activation, HAS_RESIDUAL=True, REQUANT=requant, GATHER=False,
                     SCATTER=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                     BLOCK_R=32, GROUP_M=config.group_m, GROUP_SCALE_PER_TILE=per_tile,

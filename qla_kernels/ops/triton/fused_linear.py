@@ -1,10 +1,12 @@
-"""Triton multi-segment fused linear for int8 activations (W8A8, W4A4, W4A8).
+"""Triton multi-segment fused linear: int8 activations (W8A8, W4A4, W4A8) and W4A16.
 
     Y = act( (A·Wᵀ − z·colsum(W)) · s_x · s_w + T·Uᵀ + X_c·W_cᵀ + bias ) + residual
 
 One program computes a BLOCK_M × BLOCK_N tile: the integer main loop accumulates in int32 (int4
 weights are unpacked in registers; QServe group scales multiply them back to int8 so the same
-int32 accumulator serves the whole K loop), then the epilogue runs once on the tile: dequant,
+int32 accumulator serves the whole K loop). For W4A16 the activations stay fp16/bf16 and each
+uint4 tile is dequantized in the loop, (q − z)·s rounded once to the activation dtype, into an
+fp32 accumulator. Then the epilogue runs once on the tile: dequant,
 the low-rank and full-rank fp segments as extra tensor-core dots into the fp32 accumulator,
 bias, activation, residual, and the store (or, for re-quantization, an fp32 store plus an atomic
 per-row absmax that `requantize_rows_kernel` turns into int8).
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 # Weight formats (constexpr codes).
-FORMAT_INT8, FORMAT_INT4, FORMAT_INT4_GROUPS = 0, 1, 2
+FORMAT_INT8, FORMAT_INT4, FORMAT_INT4_GROUPS, FORMAT_UINT4_ASYM = 0, 1, 2, 3
 # Activations (constexpr codes), in reference.ACTIVATIONS order.
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4
 
@@ -56,6 +58,15 @@ def _unpack_int4_tile(packed):
 
 
 @triton.jit
+def _unpack_uint4_tile(packed):
+    """uint8 [BN, BK/2] (low nibble = even k) -> int32 [BK, BN] codes in 0..15."""
+    block_n: tl.constexpr = packed.shape[0]
+    block_k: tl.constexpr = 2 * packed.shape[1]
+    codes = packed.to(tl.int32)
+    return tl.trans(tl.reshape(tl.join(codes & 0xF, codes >> 4), (block_n, block_k)))
+
+
+@triton.jit
 def fused_linear_kernel(
     a_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_group_ptr, w_colsum_ptr,
     t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,
@@ -64,7 +75,7 @@ def fused_linear_kernel(
     stride_am, stride_wn, stride_gn, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
     WEIGHT_FORMAT: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_PER_ROW: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_FULLRANK: tl.constexpr,
-    LOWRANK_IEEE: tl.constexpr, FULLRANK_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    MAIN_IEEE: tl.constexpr, LOWRANK_IEEE: tl.constexpr, FULLRANK_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, REQUANT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr,
@@ -90,46 +101,74 @@ def fused_linear_kernel(
     a_valid = mask_m & (a_rows >= 0)
     a_rows = tl.where(a_valid, a_rows, 0)
 
-    # ---------------------------------------------------------------- integer main loop
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
-                    mask=a_valid[:, None] & mask_k[None, :], other=0)
-        if WEIGHT_FORMAT == 0:
-            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                        mask=mask_n[None, :] & mask_k[:, None], other=0)
-        else:
+    if WEIGHT_FORMAT == 3:
+        # ------------------------------------------------------------ W4A16: dequant in the loop
+        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        groups = K // GROUP_K
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                        mask=a_valid[:, None] & mask_k[None, :], other=0.0)
             offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :],
                              mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
-            w = _unpack_int4_tile(packed)
-            if WEIGHT_FORMAT == 2:
-                # |q4 · g| <= 7 · 17 = 119: the product is an exact int8.
-                if GROUP_SCALE_PER_TILE:
-                    g = tl.load(w_group_ptr + offs_n * stride_gn + k0 // GROUP_K, mask=mask_n, other=0)
-                    w = (w.to(tl.int16) * g.to(tl.int16)[None, :]).to(tl.int8)
-                else:
-                    g = tl.load(w_group_ptr + offs_n[None, :] * stride_gn + offs_k[:, None] // GROUP_K,
-                                mask=mask_n[None, :] & mask_k[:, None], other=0)
-                    w = (w.to(tl.int16) * g.to(tl.int16)).to(tl.int8)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-
-    # ---------------------------------------------------------------- epilogue
-    if HAS_ZERO:
-        colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
-        if ZERO_PER_ROW:
-            zero = tl.load(a_zero_ptr + a_rows, mask=a_valid, other=0).to(tl.int32)
-            acc = acc - zero[:, None] * colsum[None, :]
-        else:
-            acc = acc - tl.load(a_zero_ptr).to(tl.int32) * colsum[None, :]
-    if A_SCALE_PER_ROW:
-        s_x = tl.load(a_scale_ptr + a_rows, mask=a_valid, other=0.0)
+            codes = _unpack_uint4_tile(packed).to(tl.float32)
+            if GROUP_SCALE_PER_TILE:
+                group = offs_n * groups + k0 // GROUP_K
+                zero = tl.load(w_group_ptr + group, mask=mask_n, other=0).to(tl.float32)[None, :]
+                scale = tl.load(w_scale_ptr + group, mask=mask_n, other=0.0)[None, :]
+            else:
+                group = offs_n[None, :] * groups + offs_k[:, None] // GROUP_K
+                mask = mask_n[None, :] & mask_k[:, None]
+                zero = tl.load(w_group_ptr + group, mask=mask, other=0).to(tl.float32)
+                scale = tl.load(w_scale_ptr + group, mask=mask, other=0.0)
+            w = ((codes - zero) * scale).to(a.dtype)
+            if MAIN_IEEE:
+                y = tl.dot(a, w, y, input_precision="ieee")
+            else:
+                y = tl.dot(a, w, y)
     else:
-        s_x = tl.where(a_valid, tl.load(a_scale_ptr), 0.0)
-    s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * s_x[:, None] * s_w[None, :]
+        # ------------------------------------------------------------ integer main loop
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                        mask=a_valid[:, None] & mask_k[None, :], other=0)
+            if WEIGHT_FORMAT == 0:
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                            mask=mask_n[None, :] & mask_k[:, None], other=0)
+            else:
+                offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :],
+                                 mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
+                w = _unpack_int4_tile(packed)
+                if WEIGHT_FORMAT == 2:
+                    # |q4 · g| <= 7 · 17 = 119: the product is an exact int8.
+                    if GROUP_SCALE_PER_TILE:
+                        g = tl.load(w_group_ptr + offs_n * stride_gn + k0 // GROUP_K, mask=mask_n, other=0)
+                        w = (w.to(tl.int16) * g.to(tl.int16)[None, :]).to(tl.int8)
+                    else:
+                        g = tl.load(w_group_ptr + offs_n[None, :] * stride_gn + offs_k[:, None] // GROUP_K,
+                                    mask=mask_n[None, :] & mask_k[:, None], other=0)
+                        w = (w.to(tl.int16) * g.to(tl.int16)).to(tl.int8)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+        # ------------------------------------------------------------ dequant epilogue
+        if HAS_ZERO:
+            colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
+            if ZERO_PER_ROW:
+                zero = tl.load(a_zero_ptr + a_rows, mask=a_valid, other=0).to(tl.int32)
+                acc = acc - zero[:, None] * colsum[None, :]
+            else:
+                acc = acc - tl.load(a_zero_ptr).to(tl.int32) * colsum[None, :]
+        if A_SCALE_PER_ROW:
+            s_x = tl.load(a_scale_ptr + a_rows, mask=a_valid, other=0.0)
+        else:
+            s_x = tl.where(a_valid, tl.load(a_scale_ptr), 0.0)
+        s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        y = acc.to(tl.float32) * s_x[:, None] * s_w[None, :]
 
     if SCATTER:
         rows = tl.load(scatter_ptr + offs_m, mask=mask_m, other=-1)

@@ -15,7 +15,8 @@ from .fused_linear import fused_linear_kernel, requantize_rows_kernel
 from .quantize import quantize_activation_kernel
 from .tuning import Autotuner, gemm_candidates, interpreting, m_bucket
 
-_WEIGHT_FORMAT_CODES = {"int8": 0, "int4": 1, "int4_int8_groups": 2}
+_WEIGHT_FORMAT_CODES = {"int8": 0, "int4": 1, "int4_int8_groups": 2, "uint4_asym_groups": 3}
+_GROUPED_FORMATS = ("int4_int8_groups", "uint4_asym_groups")
 TRITON_WEIGHT_FORMATS = tuple(_WEIGHT_FORMAT_CODES)
 MAX_PREOP_RANK = 128
 _gemm_tuner = Autotuner("qla fused_linear")
@@ -49,11 +50,12 @@ def fused_linear(
         block_r = _block_r(max(lowrank_rank, fullrank_k))
         flags = dict(
             WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[weight_format],
-            A_SCALE_PER_ROW=a_scale.numel() == a.shape[0],
+            A_SCALE_PER_ROW=a_scale is not None and a_scale.numel() == a.shape[0],
             HAS_ZERO=a_zero_point is not None,
             ZERO_PER_ROW=a_zero_point is not None and a_zero_point.numel() == a.shape[0],
             HAS_LOWRANK=lowrank_t is not None,
             HAS_FULLRANK=fullrank_x is not None,
+            MAIN_IEEE=a.dtype == torch.float32,
             LOWRANK_IEEE=lowrank_t is not None and lowrank_t.dtype == torch.float32,
             FULLRANK_IEEE=fullrank_x is not None and fullrank_x.dtype == torch.float32,
             HAS_BIAS=bias is not None,
@@ -67,16 +69,19 @@ def fused_linear(
 
         def launch(config):
             block_k = config.block_k
-            if weight_format == "int4_int8_groups":
-                block_k = min(block_k, max(32, _largest_power_of_two_dividing(group_size)))
+            if weight_format in _GROUPED_FORMATS:
+                # int8 dots need K >= 32 per step, fp16 dots 16; narrower groups use per-element scales.
+                smallest = 32 if weight_format == "int4_int8_groups" else 16
+                block_k = min(block_k, max(smallest, _largest_power_of_two_dividing(group_size)))
             options = config.launch_options()
             options["BLOCK_K"] = block_k
             if requant_bits:
                 row_absmax.zero_()
             grid = (triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n),)
             fused_linear_kernel[grid](
-                a, a_scale, a_zero_point if a_zero_point is not None else dummy, weight, weight_scale,
-                weight_group_scale if weight_group_scale is not None else dummy,
+                a, a_scale if a_scale is not None else dummy, a_zero_point if a_zero_point is not None else dummy,
+                weight, weight_scale,
+                weight_group_scale if weight_group_scale is not None else weight_zero if weight_zero is not None else dummy,
                 weight_colsum if weight_colsum is not None else dummy,
                 lowrank_t if lowrank_t is not None else dummy, lowrank_u if lowrank_u is not None else dummy,
                 fullrank_x if fullrank_x is not None else dummy, fullrank_w if fullrank_w is not None else dummy,
@@ -92,7 +97,7 @@ def fused_linear(
                 fullrank_w.stride(0) if fullrank_w is not None else 0,
                 residual.stride(0) if residual is not None else 0,
                 out.stride(0),
-                GROUP_SCALE_PER_TILE=weight_format == "int4_int8_groups" and group_size % block_k == 0,
+                GROUP_SCALE_PER_TILE=weight_format in _GROUPED_FORMATS and group_size % block_k == 0,
                 **flags, **options,
             )
 
