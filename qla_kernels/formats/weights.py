@@ -141,6 +141,12 @@ class QuantizedWeight:
         """K extent of one scale group (in_features when per channel)."""
         return self.group_size or self.in_features
 
+    def to(self, device) -> "QuantizedWeight":
+        """The same weight with every buffer on `device`."""
+        return dataclasses.replace(self, **{field.name: getattr(self, field.name).to(device)
+                                            for field in dataclasses.fields(self)
+                                            if isinstance(getattr(self, field.name), torch.Tensor)})
+
     def check(self) -> None:
         check_weight(self.format, self.data, self.scale, self.group_scale, self.zero, self.k_group)
 

@@ -28,9 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not qk.backends()["triton"].available, reason=str(qk.backends()["triton"]))
 
 
-def _to(weight, device=DEVICE):
-    return dataclasses.replace(weight, **{f.name: getattr(weight, f.name).to(device)
-                                          for f in dataclasses.fields(weight) if isinstance(getattr(weight, f.name), torch.Tensor)})
+def _to(weight):
+    return weight.to(DEVICE)
 
 
 def _both(fn):

@@ -1,0 +1,80 @@
+"""GPTQ for whole models: W4A16 weights chosen against calibration inputs (quant/gptq.py).
+
+Every linear's input Hessian is collected from the fp model in one pass over the batches (not
+layer by layer on the partially quantized model as the GPTQ paper does: one pass keeps
+calibration linear in model depth; the per-layer objective is the same), then each linear is
+replaced by a QuantLinear holding its GPTQ weights. Hessians are K×K fp64 per layer: for large
+models run it on a subset of layers at a time with `filter_fn`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..nn.quant_linear import QuantLinear, linear_weight
+from ..nn.quantize import is_linear
+from ..quant.config import W4A16
+from ..quant.gptq import gptq_quantize, hessian
+from .batches import materialize, run_model
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    config: W4A16,
+    batches: Iterable[Any],
+    *,
+    act_order: bool = False,
+    damping: float = 0.01,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Replaces (in place) each selected linear by a GPTQ-quantized W4A16 QuantLinear; returns `model`."""
+    if not isinstance(config, W4A16):
+        raise ValueError(f"GPTQ here targets W4A16, got {config!r}")
+    targets = {name: m for name, m in model.named_modules()
+               if is_linear(m) and (filter_fn is None or filter_fn(m, name))}
+    if not targets:
+        raise ValueError("no linear layer selected for GPTQ")
+    for name, module in targets.items():
+        try:
+            config.check_in_features(linear_weight(module).shape[1])
+        except ValueError as error:
+            raise ValueError(f"cannot quantize {name!r}: {error}") from error
+    hessians: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, int] = {}
+
+    def collect(name):
+        def hook(module, inputs):
+            hessians[name] = hessians.get(name, 0) + hessian(inputs[0]).cpu()
+            counts[name] = counts.get(name, 0) + 1
+        return hook
+
+    handles = [module.register_forward_pre_hook(collect(name)) for name, module in targets.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(materialize(batches), desc="GPTQ inputs", unit="batch", disable=not progress):
+            run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for name, module in tqdm(targets.items(), desc="GPTQ layers", unit="layer", disable=not progress):
+        if name not in hessians:
+            raise ValueError(f"{name!r} was never called on the calibration batches")
+        weight = linear_weight(module)
+        qweight = gptq_quantize(weight, hessians[name] / counts[name], config, act_order=act_order, damping=damping)
+        bias = getattr(module, "bias", None)
+        layer = QuantLinear(weight.shape[1], weight.shape[0], bias is not None, config, device=weight.device,
+                            dtype=bias.dtype if bias is not None else None)
+        layer.load_quantized_weight(qweight.to(weight.device))
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
