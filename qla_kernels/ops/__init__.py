@@ -61,6 +61,26 @@ def quantize_activation(
     return torch.ops.qla.quantize_activation(*args)
 
 
+def normalize_activation(
+    x: torch.Tensor,
+    norm_kind: str,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-5,
+    *,
+    down_proj: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The W4A16 decode pre-op: LayerNorm / RMSNorm of x [M, K] in fp32, returned in x.dtype,
+    and T = norm(x)·down_proj [M, r] (LoRA down) from the same read of x (r = 0 without it)."""
+    check_quantize_activation(x, 8, None, None, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+    if norm_kind == "none":
+        raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm there is nothing to do)")
+    args = (x, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
+    if resolve_backend(x.device) in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
+        return torch.ops.qla.normalize_activation_triton(*args)
+    return torch.ops.qla.normalize_activation(*args)
+
+
 def fused_linear(
     a: torch.Tensor,
     a_scale: Optional[torch.Tensor],
@@ -133,5 +153,5 @@ def quantized_linear(
 
 __all__ = [
     "BACKENDS", "BackendInfo", "backends", "requested_backend", "resolve_backend", "use_backend",
-    "quantize_activation", "fused_linear", "quantized_linear", "library", "reference", "simulate",
+    "quantize_activation", "normalize_activation", "fused_linear", "quantized_linear", "library", "reference", "simulate",
 ]

@@ -120,3 +120,25 @@ def fused_linear_fake(a, a_scale, a_zero_point, weight, weight_format, weight_sc
 
 
 fused_linear.register_fake(fused_linear_fake)
+
+
+@torch.library.custom_op("qla::normalize_activation", mutates_args=())
+def normalize_activation(
+    x: Tensor,
+    norm_kind: str,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    norm_eps: float,
+    down_proj: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    normed = reference.normalize(x, norm_kind, norm_weight, norm_bias, norm_eps)
+    t = x.new_empty((x.shape[0], 0)) if down_proj is None else reference.down_projection(normed, down_proj, x.dtype)
+    return normed.to(x.dtype), t
+
+
+def normalize_activation_fake(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+    rank = 0 if down_proj is None else down_proj.shape[1]
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], rank))
+
+
+normalize_activation.register_fake(normalize_activation_fake)

@@ -139,6 +139,9 @@ def test_opcheck_triton_ops():
     x = torch.randn(5, 32, device=DEVICE)
     torch.library.opcheck(torch.ops.qla.quantize_activation_triton.default,
                           (x, 8, None, None, "rmsnorm", torch.ones(32, device=DEVICE), None, 1e-6, torch.randn(32, 16, device=DEVICE)))
+    for op in (torch.ops.qla.normalize_activation_triton, torch.ops.qla.normalize_activation):
+        torch.library.opcheck(op.default, (x, "layernorm", torch.ones(32, device=DEVICE), None, 1e-6,
+                                           torch.randn(32, 16, device=DEVICE)))
     for op in (torch.ops.qla.quantize_activation_into_triton, torch.ops.qla.quantize_activation_into):
         torch.library.opcheck(op.default, (x, 8, None, None, "none", None, None, 1e-6, torch.randn(32, 16, device=DEVICE),
                                            torch.empty(5, 16, device=DEVICE)))
@@ -332,3 +335,26 @@ def test_t_written_into_a_column_range_of_a_shared_buffer():
         ops.quantize_activation(x, 8, t_out=results[0][:, :8])
     with pytest.raises(ValueError, match=r"t_out must have shape \(21, 8\)"):
         ops.quantize_activation(x, 8, down_proj=down_a, t_out=results[0])
+
+
+@pytest.mark.parametrize("norm_kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [0, 16])
+def test_decode_pre_kernel(norm_kind, dtype, rank):
+    """W4A16 decode: norm → activation in x.dtype and T = norm(x)·A from one read of x."""
+    x = (torch.randn(3, 200, device=DEVICE) * 2 + 1).to(dtype)
+    weight = torch.randn(200, device=DEVICE)
+    bias = torch.randn(200, device=DEVICE) if norm_kind == "layernorm" else None
+    down = torch.randn(200, rank, device=DEVICE).to(dtype) if rank else None
+    expected, actual = _both(lambda: ops.normalize_activation(x, norm_kind, weight, bias, 1e-6, down_proj=down))
+    assert actual[0].dtype == dtype and actual[1].shape == (3, rank)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(actual[0], expected[0], rtol=tolerance, atol=tolerance)
+    if dtype == torch.float32:
+        reference = (torch.nn.functional.layer_norm(x, (200,), weight, bias, 1e-6) if norm_kind == "layernorm"
+                     else torch.nn.functional.rms_norm(x, (200,), weight, 1e-6))
+        torch.testing.assert_close(expected[0], reference, rtol=1e-5, atol=1e-5)
+    if rank:
+        torch.testing.assert_close(actual[1].float(), expected[1].float(), rtol=5e-3, atol=5e-3 * float(expected[1].abs().max()))
+    with pytest.raises(ValueError, match="norm_kind must be 'layernorm' or 'rmsnorm'"):
+        ops.normalize_activation(x, "none")

@@ -32,3 +32,5 @@ def test_every_configuration_compiles_for_hopper_and_ampere(tmp_path):
             assert not row["wgmma"], row
     assert any(row["kernel"] == "quantize_activation" for row in rows)
     assert any(row["kernel"] == "requantize_rows" for row in rows)
+    assert any(row["kernel"] == "normalize_activation" for row in rows)
+    assert any(row.get("epilogue") == "w4a16_full_epilogue" for row in rows)

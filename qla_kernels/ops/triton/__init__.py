@@ -13,7 +13,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..library import fused_linear_fake, quantize_activation_fake, quantize_activation_into_fake
+from ..library import (
+    fused_linear_fake,
+    normalize_activation_fake,
+    quantize_activation_fake,
+    quantize_activation_into_fake,
+)
 
 try:
     import triton  # noqa: F401
@@ -75,6 +80,15 @@ if _IMPORT_ERROR is None:
         return q, scale
 
     quantize_activation_into.register_fake(quantize_activation_into_fake)
+
+    @torch.library.custom_op("qla::normalize_activation_triton", mutates_args=())
+    def normalize_activation(
+        x: Tensor, norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
+        down_proj: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor]:
+        return launch.normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+
+    normalize_activation.register_fake(normalize_activation_fake)
 else:  # pragma: no cover
     TRITON_WEIGHT_FORMATS = ()
 

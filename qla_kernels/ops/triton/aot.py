@@ -3,7 +3,7 @@
     python -m qla_kernels.ops.triton.aot [--json FILE]
 
 Compiles the fused GEMM (each sm_90 / sm_80 configuration × representative epilogues and weight
-formats), the requantization kernel and the activation pre-kernel with
+formats), the requantization kernel and the activation pre-kernel (quantizing and decode) with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, then runs ptxas -v on each
 PTX for register and spill counts. It reports whether sm_90 code uses wgmma. Must run without
 TRITON_INTERPRET (the interpreter replaces kernels by Python functions), so tests call it in a
@@ -116,15 +116,16 @@ def compile_all() -> List[Dict[str, object]]:
         rows.append({"kernel": "requantize_rows", "arch": capability, **_compile(
             requantize_rows_kernel, {"y_ptr": "*fp32", "row_absmax_ptr": "*i32", "q_ptr": "*i8", "scale_ptr": "*fp32"},
             {}, dict(QMAX=127, BLOCK_M=16, BLOCK_N=256), capability, 4, 1)})
-        for norm, has_t in ((0, False), (1, True), (2, True)):
-            pointers = {"x_ptr": "*fp16", "q_ptr": "*i8", "scale_ptr": "*fp32", "static_scale_ptr": "*fp32",
-                        "zero_ptr": "*i8", "norm_w_ptr": "*fp16", "norm_b_ptr": "*fp16", "down_ptr": "*fp16",
-                        "t_ptr": "*fp16"}
+        for norm, has_t, float_output in ((0, False, False), (1, True, False), (2, True, False), (2, True, True)):
+            pointers = {"x_ptr": "*fp16", "q_ptr": "*fp16" if float_output else "*i8", "scale_ptr": "*fp32",
+                        "static_scale_ptr": "*fp32", "zero_ptr": "*i8", "norm_w_ptr": "*fp16", "norm_b_ptr": "*fp16",
+                        "down_ptr": "*fp16", "t_ptr": "*fp16"}
             constexprs = dict(QMIN=-128, QMAX=127, NORM=norm, HAS_NORM_WEIGHT=norm > 0, HAS_NORM_BIAS=norm == 1,
                               STATIC=False, HAS_ZERO=False, CENTER=False, HAS_T=has_t, T_IEEE=False,
-                              BLOCK_M=16, BLOCK_K=256, BLOCK_R=32)
-            rows.append({"kernel": "quantize_activation", "norm": norm, "arch": capability, **_compile(
-                quantize_activation_kernel, pointers, {"eps": "fp32"}, constexprs, capability, 4, 1)})
+                              FLOAT_OUTPUT=float_output, BLOCK_M=16, BLOCK_K=256, BLOCK_R=32)
+            rows.append({"kernel": "normalize_activation" if float_output else "quantize_activation", "norm": norm,
+                         "arch": capability, **_compile(quantize_activation_kernel, pointers, {"eps": "fp32"},
+                                                        constexprs, capability, 4, 1)})
     return rows
 
 

@@ -1,5 +1,8 @@
 """Triton activation pre-kernel: [LayerNorm | RMSNorm] → int8 per token → [T = norm(x)·A].
 
+With FLOAT_OUTPUT it is the W4A16 decode pre-kernel instead: the normalized activations are
+written in the output dtype (no quantization), with T from the same read of x.
+
 One program owns BLOCK_M rows and walks K in BLOCK_K chunks: statistics (norm), then absmax
 (dynamic scales), then quantize-and-project, so registers never hold a whole row and any K works.
 The later passes re-read x from L2. T = norm(x)·A accumulates as one tensor-core dot per chunk
@@ -38,7 +41,7 @@ def quantize_activation_kernel(
     stride_xm, stride_qm, stride_dk, stride_tm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, CENTER: tl.constexpr,
-    HAS_T: tl.constexpr, T_IEEE: tl.constexpr,
+    HAS_T: tl.constexpr, T_IEEE: tl.constexpr, FLOAT_OUTPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,7 +72,9 @@ def quantize_activation_kernel(
             squares += tl.sum(x * x, axis=1)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
 
-    if STATIC:
+    if FLOAT_OUTPUT:
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    elif STATIC:
         scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(static_scale_ptr)
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -83,7 +88,8 @@ def quantize_activation_kernel(
         absmax_f = absmax.to(tl.float32, bitcast=True)
         clamped = tl.where((absmax_f > 1e-8) | (absmax_f != absmax_f), absmax_f, 1e-8)
         scale = tl.math.div_rn(clamped, QMAX * 1.0)
-    tl.store(scale_ptr + offs_m, scale, mask=mask_m)
+    if not FLOAT_OUTPUT:
+        tl.store(scale_ptr + offs_m, scale, mask=mask_m)
 
     zero = 0.0
     if HAS_ZERO:
@@ -96,13 +102,16 @@ def quantize_activation_kernel(
         mask = mask_m[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
-        codes = round_half_even(tl.math.div_rn(v, scale[:, None]))
-        if HAS_ZERO:
-            codes = codes + zero
-        codes = clamp_codes(codes, QMIN * 1.0, QMAX * 1.0)
-        if CENTER:
-            codes = codes - zero
-        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes.to(tl.int8), mask=mask)
+        if FLOAT_OUTPUT:
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
+        else:
+            codes = round_half_even(tl.math.div_rn(v, scale[:, None]))
+            if HAS_ZERO:
+                codes = codes + zero
+            codes = clamp_codes(codes, QMIN * 1.0, QMAX * 1.0)
+            if CENTER:
+                codes = codes - zero
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes.to(tl.int8), mask=mask)
         if HAS_T:
             down = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :],
                            mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
