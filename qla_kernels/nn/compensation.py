@@ -47,7 +47,8 @@ class QwTCompensation(nn.Module):
         rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64)).item()) + 1
         rank = min(rank, s.numel())
         kept = float(cumulative[rank - 1])
-        low_rank = QwTCompensation((u[:, :rank] * s[:rank]).float(), self.bias.clone(), vh[:rank].t().float().contiguous(),
+        low_rank = QwTCompensation((u[:, :rank] * s[:rank]).float().contiguous(), self.bias.clone(),
+                                   vh[:rank].t().float().contiguous(),
                                    self.output_norm)
         return low_rank, kept
 
@@ -112,3 +113,49 @@ def compensated_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(getattr(module, "qwt", None), QwTCompensation):
             yield name, module
+
+
+class LoweredCompensation(nn.Module):
+    """A block's QwT compensation running inside the fused GEMM of the block's last linear.
+
+    The block's pre-hook hands over the block input x; the linear's GEMM then adds (x·V)·Uᵀ in its
+    low-rank segment (a truncated compensation) or x·Wᵀ in its fp16 full-rank segment (full
+    rank), and b is folded into the linear's bias. x itself is never quantized: its outlier
+    channels would flatten every other channel (DESIGN.md).
+    """
+
+    def __init__(self, compensation: QwTCompensation):
+        super().__init__()
+        self.register_buffer("up", compensation.weight.detach().clone(), persistent=False)
+        self.register_buffer("down", None if compensation.down is None else compensation.down.detach().clone(),
+                             persistent=False)
+        self._pending: list = []
+
+    def prepare(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        self._pending.append(rows if self.down is None else (rows.float() @ self.down).to(rows.dtype))
+
+    def segments(self, dtype: torch.dtype) -> dict:
+        """The keyword segments for this call's GEMM (consumes what `prepare` stored)."""
+        if not self._pending:
+            raise RuntimeError("the lowered QwT compensation got no block input: was the linear called outside its block?")
+        value = self._pending.pop(0).contiguous()
+        if self.down is None:
+            return dict(fullrank_x=value.to(dtype), fullrank_w=self.up.to(dtype))
+        return dict(lowrank_t=value.to(dtype), lowrank_u=self.up.to(dtype))
+
+
+def lower_into_linear(block: nn.Module, linear: nn.Module) -> None:
+    """Moves `block.qwt` into `linear` (a QuantLinear whose output reaches the block output, or its
+    output norm's input, by plain addition): bias folded, segments added by the GEMM."""
+    compensation = block.qwt
+    lowered = LoweredCompensation(compensation)
+    bias = compensation.bias.detach()
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.clone().to(linear.weight_scale.device), requires_grad=False)
+    else:
+        linear.bias.data.add_(bias.to(linear.bias.dtype))
+    detach(block)
+    linear.lowered_qwt = lowered
+    block._qwt_handles = [block.register_forward_pre_hook(
+        lambda module, args, kwargs: lowered.prepare(block_input(args, kwargs)), with_kwargs=True)]

@@ -132,9 +132,11 @@ class QuantLinear(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
         rows = x.reshape(-1, self.in_features).contiguous()
+        lowered = getattr(self, "lowered_qwt", None)  # set by nn.compensation.lower_into_linear
+        segments = lowered.segments(x.dtype) if lowered is not None else {}
         y = ops.quantized_linear(
             rows, self.quantized_weight(), self.config.act_bits,
-            static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias,
+            static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias, **segments,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -136,19 +136,23 @@ def quantized_linear(
     static_scale: Optional[torch.Tensor] = None,
     zero_point: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
-    dequantized_weight: Optional[torch.Tensor] = None,
+    lowrank_t: Optional[torch.Tensor] = None,
+    lowrank_u: Optional[torch.Tensor] = None,
+    fullrank_x: Optional[torch.Tensor] = None,
+    fullrank_w: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A quantized nn.Linear on 2-D x [M, K]: activation quantization (act_bits None: W4A16,
-    none) then the fused GEMM with bias, output in x.dtype. Differentiable under `simulate`
-    (`dequantized_weight` lets a caller cache the frozen fp32 weight there)."""
+    none) then the fused GEMM with bias and optional low-rank / full-rank segments, output in
+    x.dtype. Differentiable under `simulate`."""
+    segments = dict(lowrank_t=lowrank_t, lowrank_u=lowrank_u, fullrank_x=fullrank_x, fullrank_w=fullrank_w)
     if resolve_backend(x.device) == "simulate":
         check_quantize_activation(x, act_bits or 8, static_scale, zero_point, "none", None, None, 1.0, None)
-        return simulate.quantized_linear(x, weight, act_bits, static_scale, zero_point, bias, x.dtype, dequantized_weight)
+        return simulate.quantized_linear(x, weight, act_bits, static_scale, zero_point, bias, x.dtype, **segments)
     if act_bits is None:
-        return fused_linear(x, None, weight, bias=bias, out_dtype=x.dtype)
+        return fused_linear(x, None, weight, bias=bias, out_dtype=x.dtype, **segments)
     q, scale, _ = quantize_activation(x, act_bits, static_scale=static_scale, zero_point=zero_point)
     gemm_zero_point = zero_point if (zero_point is not None and act_bits == 8) else None
-    return fused_linear(q, scale, weight, a_zero_point=gemm_zero_point, bias=bias, out_dtype=x.dtype)
+    return fused_linear(q, scale, weight, a_zero_point=gemm_zero_point, bias=bias, out_dtype=x.dtype, **segments)
 
 
 __all__ = [

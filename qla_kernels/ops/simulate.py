@@ -50,15 +50,15 @@ def quantized_linear(
     zero_point: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     out_dtype: torch.dtype,
-    dequantized_weight: Optional[torch.Tensor] = None,
+    lowrank_t: Optional[torch.Tensor] = None,
+    lowrank_u: Optional[torch.Tensor] = None,
+    fullrank_x: Optional[torch.Tensor] = None,
+    fullrank_w: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fake-quantized twin of quantize_activation → fused_linear for a plain linear layer.
-
-    `dequantized_weight` (fp32 [N, K]) may be passed to skip re-dequantizing a frozen weight.
-    """
-    w = weight.dequantize() if dequantized_weight is None else dequantized_weight
+    """Fake-quantized twin of quantize_activation → fused_linear for a linear layer."""
+    w = weight.dequantize()
     if act_bits is None:  # W4A16: the kernel multiplies activation-dtype operands
         y = x.float() @ w.to(x.dtype).float().t()
     else:
         y = fake_quantize_activation(x.float(), act_bits, static_scale, zero_point) @ w.t()
-    return reference.epilogue(y, None, None, None, None, bias, "none", None).to(out_dtype)
+    return reference.epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, "none", None).to(out_dtype)

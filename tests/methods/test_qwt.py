@@ -206,3 +206,67 @@ def test_truncation_to_low_rank_keeps_most_of_the_gain(digits_vit):
     assert kl_low < kl_ptq - 0.5 * (kl_ptq - kl_full)
     with pytest.raises(ValueError, match="no QwT compensation"):
         qwt.truncate(qk.quantize_(copy.deepcopy(fp), qk.W8A8()))
+
+
+def _small_vit(**kwargs):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, **kwargs).eval()
+
+
+@pytest.mark.parametrize("energy", [None, 0.95])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lowered_into_the_fused_gemm_equals_the_hook_form(energy, backend):
+    """fused == unfused per block: the compensation moved into fc2's low-rank (truncated) or
+    full-rank segment gives the block output the hook-based compensation gave."""
+    if not qk.backends()[backend].available:
+        pytest.skip(str(qk.backends()[backend]))
+    fp = _small_vit()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W4A8())
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    qwt.calibrate(fp, model, batches, progress=False)
+    if energy is not None:
+        qwt.truncate(model, energy)
+    blocks = [block for _, block in find_blocks(model)]
+    x = torch.randn(1, 17, 192)  # one image's tokens: the interpreter runs the Triton kernels on CPU
+    with torch.no_grad(), qk.use_backend(backend):
+        unfused = [block(x) for block in blocks]
+    lowered = qwt.lower(model, batches[0])
+    assert lowered == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    assert all(not hasattr(block, "qwt") and hasattr(block.mlp.fc2, "lowered_qwt") for block in blocks)
+    with torch.no_grad(), qk.use_backend(backend):
+        fused = [block(x) for block in blocks]
+    for a, b in zip(unfused, fused):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_lowering_refuses_a_layer_scale_and_restores():
+    fp = _small_vit(init_values=0.5)  # LayerScale multiplies fc2's output before the residual add
+    model = qk.quantize_(copy.deepcopy(fp), qk.W4A8())
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    qwt.calibrate(fp, model, batches, progress=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ValueError, match="changes the block's output"):
+        qwt.lower(model, batches[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_lowering_in_language_models(name):
+    """Post-norm BERT (added before the output LayerNorm), GPT-2 Conv1D, LLaMA SwiGLU down_proj."""
+    from ..nn.test_quantize_models import MODELS
+
+    model, inputs = MODELS[name]()
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 100, (8, 16), generator=generator)} for _ in range(6)]
+    quantized = qk.quantize_(copy.deepcopy(model), qk.W4A8())
+    qwt.calibrate(model, quantized, batches, progress=False)
+    with torch.no_grad():
+        before = model_output(run_model(quantized, inputs))
+    assert len(qwt.lower(quantized, batches[0])) == 2
+    with torch.no_grad():
+        after = model_output(run_model(quantized, inputs))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
