@@ -49,3 +49,20 @@ def test_bench_gemm_rows_and_plot(monkeypatch, tmp_path):
     json.dumps(rows)
     bench.plot(rows, tmp_path / "plot.png", "cpu")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
+def test_bench_w4a16_rows_and_plot(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _load("bench_w4a16")
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "SHAPES", [("tiny", 48, 256)])
+    monkeypatch.setattr(bench, "L2_FLUSH_BYTES", 1)
+    rows = bench.bench_shape("tiny", 48, 256, (1, 3), 1000.0, torch.device("cpu"))
+    assert [row["M"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row["ours_rel_error"] < 1e-2 and row["ours_bare_ms"] > 0 and "lora_overhead" in row
+        assert "tinygemm_ms" in row or row["tinygemm_unavailable"]
+    json.dumps(rows)
+    bench.plot(rows, tmp_path / "w4a16.png", "cpu")
+    assert (tmp_path / "w4a16.png").stat().st_size > 0
