@@ -21,6 +21,16 @@ NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
 
 @triton.jit
+def _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K: tl.constexpr):
+    """Rows offs_m, columns k0..k0+BLOCK_K of x in fp32 (0 outside), with the column and tile masks."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask = mask_m[:, None] & mask_k[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, offs_k, mask_k, mask
+
+
+@triton.jit
 def _normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
                 HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
     if NORM == 1:
@@ -51,24 +61,19 @@ def quantize_activation_kernel(
     if NORM == 1:
         total = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs_k[None, :] < K)
-            total += tl.sum(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
+            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+            total += tl.sum(x, axis=1)
         mean = total / K
         squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs_k[None, :] < K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
             centered = tl.where(mask, x - mean[:, None], 0.0)
             squares += tl.sum(centered * centered, axis=1)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
     elif NORM == 2:
         squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs_k[None, :] < K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
             squares += tl.sum(x * x, axis=1)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
 
@@ -79,10 +84,7 @@ def quantize_activation_kernel(
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            mask = mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
             v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
             absmax = tl.maximum(absmax, tl.max(tl.where(mask, abs_bits(v), 0), axis=1))
         absmax_f = absmax.to(tl.float32, bitcast=True)
@@ -97,10 +99,7 @@ def quantize_activation_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        mask = mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
         v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
         if FLOAT_OUTPUT:
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
