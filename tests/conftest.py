@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 # Property tests: no deadline (the first call compiles/warms up); CI keeps them small, the GPU
 # machine widens them with HYPOTHESIS_PROFILE=wide.
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
-settings.register_profile("wide", deadline=None, max_examples=300)
+settings.register_profile("wide", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

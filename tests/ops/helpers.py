@@ -1,5 +1,7 @@
 """Builders for op tests: random quantized weights per format and an independent fp64 oracle."""
 
+import functools
+
 import torch
 
 import qla_kernels as qk
@@ -15,6 +17,7 @@ CONFIG_FOR_FORMAT = {
 INTEGER_FORMATS = ("int8", "int4", "int4_int8_groups")
 
 
+@functools.lru_cache(maxsize=64)  # real-shape GPU tests reuse 14336×4096 weights across dtypes; callers never mutate
 def random_weight(fmt: str, n: int, k: int, group: int = 16, seed: int = 0) -> QuantizedWeight:
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=generator) * 0.05
