@@ -1,0 +1,36 @@
+"""The ops are custom ops with fake twins, so torch.compile traces quantized layers and blocks
+without graph breaks (fullgraph=True). aot_eager checks tracing and fake-tensor shapes without
+spending CI minutes on code generation."""
+
+import copy
+
+import pytest
+import torch
+
+import qla_kernels as qk
+from qla_kernels.methods import qwt
+
+
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A16(group_size=32)], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "simulate"])
+def test_quant_linear_compiles_without_graph_breaks(config, backend):
+    layer = qk.QuantLinear.from_float(torch.nn.Linear(64, 32), config)
+    x = torch.randn(2, 5, 64)
+    with qk.use_backend(backend):
+        expected = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_block_with_qwt_compiles_without_graph_breaks():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [torch.randn(8, 3, 32, 32) for _ in range(4)], progress=False)
+    block = model.blocks[0]
+    x = torch.randn(2, 17, 192)
+    with torch.no_grad():
+        expected = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
