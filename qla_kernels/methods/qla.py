@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..models.blocks import find_blocks
 from ..models.facts import describe
 from ..nn.adapters import DWSepAdapter, LoRAAdapter
-from ..nn.compensation import block_input, primary_output, with_primary_output
+from ..nn.compensation import block_input, link, primary_output, with_primary_output
 from ..ops.dispatch import use_backend
 from .batches import materialize, model_output, run_model, token_mask
 
@@ -57,49 +57,73 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     if callable(getattr(model_q, "can_generate", None)) and model_q.can_generate():
         raise ValueError("causal language models need a causal depthwise conv with a conv-state cache beside the KV "
                          "cache; that adapter is not implemented yet")
-    shared = {"mask": None}
-    model_q._qla_handles = [model_q.register_forward_pre_hook(
-        lambda module, args, kwargs: shared.__setitem__("mask", kwargs.get("attention_mask")), with_kwargs=True)]
-    names = []
+    blocks = find_blocks(model_q)
+    link(model_q, "_qla_blocks", [block for _, block in blocks])
+    model_q._qla_handles = [model_q.register_forward_pre_hook(_store_mask, with_kwargs=True)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for name, block in find_blocks(model_q):
-            _add_block_adapters(model_q, block, facts, shared, rank)
-            names.append(name)
-    return names
+        for _, block in blocks:
+            _add_block_adapters(model_q, block, facts, rank)
+    return [name for name, _ in blocks]
 
 
-def _add_block_adapters(model_q: nn.Module, block: nn.Module, facts, shared: dict, rank: int) -> None:
+def _add_block_adapters(model_q: nn.Module, block: nn.Module, facts, rank: int) -> None:
     dim = _width(block.get_submodule(facts.block.mlp_norm))
     device = next(block.buffers()).device
     block.qla_attention = DWSepAdapter(dim, rank, facts.grid, facts.prefix_tokens).to(device)
     block.qla_ffn = LoRAAdapter(dim, rank).to(device)
-    _hook(model_q, block, facts, shared)
+    _hook(model_q, block, facts)
 
 
-def _hook(model_q: nn.Module, block: nn.Module, facts, shared: dict) -> None:
-    inputs = {}
+def _store_mask(model, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for block in model._qla_blocks:
+        block._qla_inputs["mask"] = mask
+
+
+def _store_block_input(block, args, kwargs):
+    block._qla_inputs["attention"] = block_input(args, kwargs)
+
+
+def _store_attention_input(norm, args, output):
+    norm._qla_block._qla_inputs["attention"] = output
+
+
+def _store_ffn_input(norm, args, output):
+    norm._qla_block._qla_inputs["ffn"] = output
+
+
+def _add_attention(linear, args, output):
+    block = linear._qla_block
+    out = primary_output(output)
+    adapter = block.qla_attention(block._qla_inputs.pop("attention"), block._qla_inputs.get("mask"))
+    return with_primary_output(output, out + adapter.to(out.dtype))
+
+
+def _add_ffn(linear, args, output):
+    block = linear._qla_block
+    out = primary_output(output)
+    return with_primary_output(output, out + block.qla_ffn(block._qla_inputs.pop("ffn")).to(out.dtype))
+
+
+def _hook(model_q: nn.Module, block: nn.Module, facts) -> None:
+    """Hooks keep their state on modules (nn.compensation.link), so deep copies stay independent."""
+    block._qla_inputs = {}
+    handles = model_q._qla_handles
     if facts.block.norm_position == "post":
-        model_q._qla_handles.append(block.register_forward_pre_hook(
-            lambda module, args, kwargs: inputs.__setitem__("attention", block_input(args, kwargs)), with_kwargs=True))
+        handles.append(block.register_forward_pre_hook(_store_block_input, with_kwargs=True))
     else:
-        model_q._qla_handles.append(block.get_submodule(facts.block.attention_norm).register_forward_hook(
-            lambda module, args, output: inputs.__setitem__("attention", output)))
-    model_q._qla_handles.append(block.get_submodule(facts.block.mlp_norm).register_forward_hook(
-        lambda module, args, output: inputs.__setitem__("ffn", output)))
-
-    def add_attention(module, args, output):
-        mask = shared["mask"]
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        out = primary_output(output)
-        return with_primary_output(output, out + block.qla_attention(inputs.pop("attention"), mask).to(out.dtype))
-
-    def add_ffn(module, args, output):
-        out = primary_output(output)
-        return with_primary_output(output, out + block.qla_ffn(inputs.pop("ffn")).to(out.dtype))
-
-    model_q._qla_handles.append(block.get_submodule(facts.block.attention_output).register_forward_hook(add_attention))
-    model_q._qla_handles.append(block.get_submodule(facts.block.mlp_output).register_forward_hook(add_ffn))
+        norm = block.get_submodule(facts.block.attention_norm)
+        link(norm, "_qla_block", block)
+        handles.append(norm.register_forward_hook(_store_attention_input))
+    mlp_norm = block.get_submodule(facts.block.mlp_norm)
+    link(mlp_norm, "_qla_block", block)
+    handles.append(mlp_norm.register_forward_hook(_store_ffn_input))
+    for name, hook in ((facts.block.attention_output, _add_attention), (facts.block.mlp_output, _add_ffn)):
+        linear = block.get_submodule(name)
+        link(linear, "_qla_block", block)
+        handles.append(linear.register_forward_hook(hook))
 
 
 @dataclasses.dataclass

@@ -76,28 +76,43 @@ def with_primary_output(output, value):
     return type(output)((value, *output[1:])) if isinstance(output, tuple) else [value, *output[1:]]
 
 
+def link(module: nn.Module, name: str, target) -> None:
+    """A plain reference from `module` to another module (not registered as a child). Hooks find
+    their state through such links and module attributes, never through closures, so
+    `copy.deepcopy` of a model gives hooks that act on the copy."""
+    object.__setattr__(module, name, target)
+
+
+def _add_after(block, args, kwargs, output):
+    return with_primary_output(output, primary_output(output) + block.qwt(block_input(args, kwargs)))
+
+
+def _remember_input(block, args, kwargs):
+    block._qwt_pending.append(block_input(args, kwargs))
+
+
+def _add_before_norm(norm, args):
+    block = norm._qwt_block
+    return (args[0] + block.qwt(block._qwt_pending.pop()), *args[1:])
+
+
+def _prepare_lowered(block, args, kwargs):
+    block._qwt_lowered.prepare(block_input(args, kwargs))
+
+
 def attach(block: nn.Module, compensation: QwTCompensation) -> None:
     """Registers `compensation` as `block.qwt` and hooks it in: added to the block output, or to
     the input of the block's norm named `compensation.output_norm` (post-norm blocks)."""
     detach(block)
     block.qwt = compensation
     if not compensation.output_norm:
-        def add_after(module, args, kwargs, output):
-            return with_primary_output(output, primary_output(output) + module.qwt(block_input(args, kwargs)))
-
-        block._qwt_handles = [block.register_forward_hook(add_after, with_kwargs=True)]
+        block._qwt_handles = [block.register_forward_hook(_add_after, with_kwargs=True)]
         return
-    pending = []
-
-    def remember(module, args, kwargs):
-        pending.append(block_input(args, kwargs))
-
-    def add_before_norm(module, args):
-        return (args[0] + block.qwt(pending.pop()), *args[1:])
-
     output_norm = block.get_submodule(compensation.output_norm)
-    block._qwt_handles = [block.register_forward_pre_hook(remember, with_kwargs=True),
-                          output_norm.register_forward_pre_hook(add_before_norm)]
+    block._qwt_pending = []
+    link(output_norm, "_qwt_block", block)
+    block._qwt_handles = [block.register_forward_pre_hook(_remember_input, with_kwargs=True),
+                          output_norm.register_forward_pre_hook(_add_before_norm)]
 
 
 def detach(block: nn.Module) -> None:
@@ -157,5 +172,5 @@ def lower_into_linear(block: nn.Module, linear: nn.Module) -> None:
         linear.bias.data.add_(bias.to(linear.bias.dtype))
     detach(block)
     linear.lowered_qwt = lowered
-    block._qwt_handles = [block.register_forward_pre_hook(
-        lambda module, args, kwargs: lowered.prepare(block_input(args, kwargs)), with_kwargs=True)]
+    link(block, "_qwt_lowered", lowered)
+    block._qwt_handles = [block.register_forward_pre_hook(_prepare_lowered, with_kwargs=True)]

@@ -85,3 +85,15 @@ def test_bad_arguments():
     gpt2, gpt2_inputs = MODELS["gpt2"]()
     with pytest.raises(ValueError, match="causal"):
         qla.add_adapters(gpt2, example=gpt2_inputs)
+
+
+def test_deep_copies_are_independent():
+    model, inputs = MODELS["bert"]()
+    qk.quantize_(model, qk.W8A8())
+    qla.add_adapters(model, rank=4, example=inputs)
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state
+        twin = copy.deepcopy(model)
+        torch.nn.init.normal_(twin.encoder.layer[0].qla_ffn.up.weight)
+        assert torch.equal(model(**inputs).last_hidden_state, before)
+        assert not torch.equal(twin(**inputs).last_hidden_state, before)

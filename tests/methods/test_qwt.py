@@ -270,3 +270,22 @@ def test_lowering_in_language_models(name):
     with torch.no_grad():
         after = model_output(run_model(quantized, inputs))
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+def test_deep_copies_are_independent():
+    """Hooks keep their state on modules, so a deep copy's compensation acts on the copy alone
+    (post-norm BERT: the hook on the output LayerNorm reads its own block's compensation)."""
+    from ..nn.test_quantize_models import MODELS
+
+    model, inputs = MODELS["bert"]()
+    quantized = qk.quantize_(copy.deepcopy(model), qk.W8A8())
+    generator = torch.Generator().manual_seed(1)
+    qwt.calibrate(model, quantized, [{"input_ids": torch.randint(0, 100, (8, 16), generator=generator)}
+                                     for _ in range(4)], progress=False)
+    with torch.no_grad():
+        before = quantized(**inputs).last_hidden_state
+        twin = copy.deepcopy(quantized)
+        for _, block in find_blocks(twin):
+            block.qwt.bias.add_(10.0)
+        assert torch.equal(quantized(**inputs).last_hidden_state, before)
+        assert not torch.equal(twin(**inputs).last_hidden_state, before)
