@@ -11,6 +11,7 @@ backend (straight-through rounding), so the adapters fit the error the kernels m
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Iterable, List, Optional
 
 import torch
@@ -51,6 +52,8 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     initialization. Returns the adapted block names."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if getattr(model_q, "_qla_handles", None):
+        raise ValueError("model_q already has QLA adapters")
     facts = describe(model_q, example if example is not None else _example_batch(model_q))
     if facts.token_layout == "grid":
         raise ValueError("windowed (Swin-style) blocks are not supported yet: their attention output is in window order")
@@ -69,7 +72,7 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
 
 def _add_block_adapters(model_q: nn.Module, block: nn.Module, facts, rank: int) -> None:
     dim = _width(block.get_submodule(facts.block.mlp_norm))
-    device = next(block.buffers()).device
+    device = next(itertools.chain(block.buffers(), block.parameters())).device
     block.qla_attention = DWSepAdapter(dim, rank, facts.grid, facts.prefix_tokens).to(device)
     block.qla_ffn = LoRAAdapter(dim, rank).to(device)
     _hook(model_q, block, facts)

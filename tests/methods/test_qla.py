@@ -80,6 +80,9 @@ def test_bad_arguments():
         qla.add_adapters(model, rank=0, example=inputs)
     with pytest.raises(ValueError, match="no QLA adapters"):
         qla.train(model, copy.deepcopy(model), [inputs])
+    qla.add_adapters(model, rank=2, example=inputs)
+    with pytest.raises(ValueError, match="already has QLA adapters"):
+        qla.add_adapters(model, rank=2, example=inputs)
     swin, swin_inputs = MODELS["swin_tiny"]()
     with pytest.raises(ValueError, match="windowed"):
         qla.add_adapters(swin, example=swin_inputs)
