@@ -19,24 +19,19 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops.simulate import fake_quantize
+from ..ops.simulate import fake_quantize_activation
 from ..quant.log2 import log2_quantize
-from ..quant.primitives import absmax_scale, qrange
+from ..quant.primitives import qrange
 
 LABEL = "paper preset (RepQ-ViT setting: quantized attention matmuls, log2 softmax; simulation only)"
-
-
-def _per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    rows = x.float().reshape(-1, x.shape[-1])
-    scale = absmax_scale(rows.detach().abs().amax(dim=-1), bits)
-    return fake_quantize(rows, scale, bits).reshape(x.shape).to(x.dtype)
 
 
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, bits: int = 4):
     """scaled_dot_product_attention with q, k, v fake-quantized per token and log2-quantized
     probabilities (fp32 math; dropout is not applied: the preset is for evaluation)."""
-    q, k, v = (_per_token(t, bits).float() for t in (query, key, value))
+    q, k, v = (fake_quantize_activation(t.float().reshape(-1, t.shape[-1]), bits, None, None).reshape(t.shape)
+               for t in (query, key, value))
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         repeat = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)

@@ -56,8 +56,19 @@ def _cuda_extension_status():
     return _C, None
 
 
+def interpreting() -> bool:
+    """Triton kernels run in Triton's CPU interpreter (read when kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def backends() -> Dict[str, BackendInfo]:
     """Every backend with whether it can run here and, if not, why."""
+    return dict(_backend_table())
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_table() -> Dict[str, BackendInfo]:
+    """Computed once: resolve_backend asks on every op call, and availability does not change."""
     _, missing = _cuda_extension_status()
     if missing is None and not torch.cuda.is_available():
         missing = "qla_kernels._C is built, but torch sees no CUDA device"
@@ -92,11 +103,11 @@ def resolve_backend(device: torch.device) -> str:
     if name == _AUTO:
         if device.type != "cuda":
             return "reference"
-        available = backends()
+        available = _backend_table()
         return next((b for b in ("cuda", "triton") if available[b].available), "reference")
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}")
     return name
 

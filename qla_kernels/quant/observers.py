@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .primitives import asymmetric_scale_zero, qrange
+from .primitives import asymmetric_scale_zero, dequantize, qrange, quantize_with_scale
 
 PERCENTILES = (0.999, 0.9999, 0.99999)
 CLIP_RATIOS = tuple(0.3 + 0.02 * i for i in range(36)) + (1.0,)
@@ -44,8 +44,8 @@ class ActivationObserver:
 
 
 def _fake_quantize(x: torch.Tensor, scale: float, zero: int, bits: int) -> torch.Tensor:
-    lo, hi = qrange(bits)
-    return (torch.clamp(torch.round(x / scale) + zero, lo, hi) - zero) * scale
+    scale_t, zero_t = torch.tensor(scale), torch.tensor(zero, dtype=torch.int8)
+    return dequantize(quantize_with_scale(x, scale_t, bits, zero_t), scale_t, zero_t)
 
 
 def _candidate(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> Tuple[float, int]:

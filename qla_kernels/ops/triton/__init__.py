@@ -7,12 +7,12 @@ interpreter CI uses). Importing this package registers `qla::fused_linear_triton
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ..dispatch import interpreting
 from ..library import (
     fused_linear_fake,
     normalize_activation_fake,
@@ -32,7 +32,7 @@ def status() -> Optional[str]:
     """None when the Triton backend can run here, else why not."""
     if _IMPORT_ERROR:
         return _IMPORT_ERROR
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not interpreting():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
     return None
 

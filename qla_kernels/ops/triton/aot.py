@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
+from ..dispatch import interpreting
 from .quantize import quantize_activation_kernel
 from .tuning import SM80_GEMM_CONFIGS, SM90_GEMM_CONFIGS
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the per-kernel report here")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
     rows = compile_all()

@@ -18,6 +18,8 @@ from typing import Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
 
+from ..dispatch import interpreting
+
 
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
@@ -52,10 +54,6 @@ SM80_GEMM_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
     (16, 64, 128, 8, 4, 4),
 ))
 INTERPRETER_GEMM_CONFIG = GemmConfig(16, 32, 32, 2, 4, 1)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gemm_candidates(device: torch.device) -> Sequence[GemmConfig]:
