@@ -69,12 +69,5 @@ def quantize(
             raise ValueError(f"{name!r} was never called on the calibration batches")
         weight = linear_weight(module)
         qweight = gptq_quantize(weight, hessians[name] / counts[name], config, act_order=act_order, damping=damping)
-        bias = getattr(module, "bias", None)
-        layer = QuantLinear(weight.shape[1], weight.shape[0], bias is not None, config, device=weight.device,
-                            dtype=bias.dtype if bias is not None else None)
-        layer.load_quantized_weight(qweight.to(weight.device))
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, QuantLinear.from_float(module, config, qweight=qweight))
     return model

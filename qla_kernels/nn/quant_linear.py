@@ -76,14 +76,20 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: QuantConfig) -> "QuantLinear":
-        """Quantizes an nn.Linear or transformers Conv1D (its [in, out] weight is transposed)."""
+    def from_float(cls, module: nn.Module, config: QuantConfig,
+                   qweight: Optional[QuantizedWeight] = None) -> "QuantLinear":
+        """Quantizes an nn.Linear or transformers Conv1D (its [in, out] weight is transposed).
+
+        `qweight` supplies weights already quantized for `config` by another method (GPTQ, clipped
+        rounding); by default the weight is rounded to nearest. The bias is copied either way."""
         weight = linear_weight(module)
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
         layer = cls(in_features, out_features, bias is not None, config, device=weight.device,
                     dtype=bias.dtype if bias is not None else None)
-        layer.load_quantized_weight(quantize_weight(weight, config))
+        if qweight is not None and qweight.data.shape[0] != out_features:
+            raise ValueError(f"qweight has {qweight.data.shape[0]} output channels, the module {out_features}")
+        layer.load_quantized_weight(quantize_weight(weight, config) if qweight is None else qweight.to(weight.device))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer

@@ -61,11 +61,9 @@ def quantize_(
         if is_linear(module) and (filter_fn is None or filter_fn(module, name))
     ]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         try:
             replacement = handler(module, config)
         except ValueError as error:
             raise ValueError(f"cannot quantize {name!r}: {error}") from error
-        setattr(parent, child, replacement)
+        model.set_submodule(name, replacement)
     return model

@@ -48,7 +48,6 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported qla_kernels checkpoint version {version!r} (expected {FORMAT_VERSION})")
     for name, layout in metadata["qla_kernels.quant_linears"].items():
-        parent_name, _, child = name.rpartition(".")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -63,7 +62,7 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         for buffer in _OPTIONAL_BUFFERS:
             if f"{name}.{buffer}" in tensors:
                 setattr(layer, buffer, torch.empty_like(tensors[f"{name}.{buffer}"], device=device))
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
     for name, layout in metadata.get("qla_kernels.qwt", {}).items():
         block = model.get_submodule(name)
         device = next(iter(block.buffers()), torch.empty(0)).device

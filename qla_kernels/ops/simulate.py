@@ -18,6 +18,24 @@ from ..quant.primitives import absmax_scale, qrange
 from . import reference
 
 
+class _RoundStraightThrough(torch.autograd.Function):
+    """rint forward, identity backward. Unlike `x + (rint(x) - x).detach()` the forward value is
+    exactly the integer, so a clamp right after it sees codes on the range boundary as inside."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """rint(x) with a straight-through (identity) gradient."""
+    return _RoundStraightThrough.apply(x)
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, bits: int, zero_point: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -25,7 +43,7 @@ def fake_quantize(
     lo, hi = qrange(bits)
     scale = scale.reshape(-1, 1) if scale.dim() else scale
     scaled = x / scale
-    codes = scaled + (torch.round(scaled) - scaled).detach()
+    codes = round_ste(scaled)
     if zero_point is not None:
         zero = zero_point.float().reshape(())
         return (codes + zero).clamp(lo, hi).sub(zero) * scale

@@ -12,4 +12,4 @@ from .primitives import (
     quantize_symmetric,
     quantize_with_scale,
 )
-from .weight import quantize_weight
+from .weight import WEIGHT_CLIPS, clip_weight, quantize_weight

@@ -1,4 +1,5 @@
-"""Round-to-nearest weight quantization into each config's storage format (formats/weights.py)."""
+"""Weight quantization into each config's storage format (formats/weights.py): round-to-nearest,
+optionally after a per-channel clipping search."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from ..formats.int4 import pack_int4
 from ..formats.weights import QuantizedWeight
 from .config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 from .primitives import quantize_asymmetric, quantize_progressive_int4, quantize_symmetric
+
+WEIGHT_CLIPS = ("none", "mse", "percentile")
+WEIGHT_CLIP_RATIOS = tuple(0.5 + 0.025 * i for i in range(20)) + (1.0,)
+WEIGHT_PERCENTILES = (0.99, 0.995, 0.999, 0.9999, 1.0)
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
@@ -32,3 +37,40 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> QuantizedWeigh
         return QuantizedWeight(pack_int4(codes, signed=False), "uint4_asym_groups", scale, zero=zero,
                                group_size=config.group_size)
     raise ValueError(f"unsupported quantization config {config!r}")
+
+
+def clip_weight(weight: torch.Tensor, config: QuantConfig, method: str = "mse") -> torch.Tensor:
+    """The weight clipped per output channel to the range that quantizes it best for `config`.
+
+    Candidates per channel: ranges scaled by WEIGHT_CLIP_RATIOS ("mse") or cut at the
+    WEIGHT_PERCENTILES quantiles of |w| ("percentile"); each channel keeps the candidate whose
+    round-to-nearest quantization in the config's own format has the least squared error, so group
+    and two-level formats are judged by what they store. Symmetric formats clip to ±range;
+    W4A16's asymmetric groups scale [min, max] towards 0. "none" returns the weight unchanged.
+    """
+    if method not in WEIGHT_CLIPS:
+        raise ValueError(f"weight clip method must be one of {WEIGHT_CLIPS}, got {method!r}")
+    weight = weight.detach().float()
+    if method == "none":
+        return weight
+    if isinstance(config, W4A16):
+        low, high = weight.amin(dim=1, keepdim=True).clamp_max(0), weight.amax(dim=1, keepdim=True).clamp_min(0)
+    else:
+        high = weight.abs().amax(dim=1, keepdim=True)
+        low = -high
+    if method == "mse":
+        fractions = [torch.full_like(high, ratio) for ratio in WEIGHT_CLIP_RATIOS]
+    else:
+        absmax = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        fractions = [(torch.quantile(weight.abs(), p, dim=1, keepdim=True) / absmax).clamp(max=1.0)
+                     for p in WEIGHT_PERCENTILES]
+    best, best_error = weight, None
+    for fraction in fractions:
+        clipped = torch.minimum(torch.maximum(weight, low * fraction), high * fraction)
+        error = (quantize_weight(clipped, config).dequantize() - weight).square().sum(dim=1, keepdim=True)
+        if best_error is None:
+            best, best_error = clipped, error
+        else:
+            better = error < best_error
+            best, best_error = torch.where(better, clipped, best), torch.minimum(error, best_error)
+    return best

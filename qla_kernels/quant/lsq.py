@@ -1,0 +1,135 @@
+"""LSQ+ activation quantization: a learnable per-tensor step size and zero point, trained with
+straight-through rounding gradients (LSQ, Esser et al. 2020; LSQ+, Bhalgat et al. 2020).
+
+The forward is exactly the kernels' static activation quantizer (DESIGN.md "Numerics"):
+`q = clamp(rint(x / s) + z, lo, hi)`, `x̂ = s · (q − z)`, with the zero point rounded to an
+integer on the fly. LSQ+'s offset β is this `−s·z` kept on the integer grid, so the learned
+(s, z) export to the fused kernels unchanged: codes during training equal the codes the
+kernel computes (tested). Gradients (STE through rint; "inside" is LSQ's lo < x/s + z < hi on the
+value before rounding):
+
+    ∂x̂/∂x = 1 inside the range, 0 where clamped
+    ∂x̂/∂s = (q − z) − x/s inside, (q − z) where clamped      (LSQ)
+    ∂x̂/∂z = 0 inside, −s where clamped                       (LSQ+ offset, in code units)
+
+each step-size/zero gradient multiplied by LSQ's g = 1 / sqrt(numel · qmax).
+
+`lsq_linear` fuses the quantizer with the linear that consumes it and saves only the layer input
+for backward (codes and x̂ are recomputed), so activation-only QAT keeps what fp32 training of the
+same layer keeps: the one input tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .primitives import SCALE_EPS, dequantize, qrange, quantize_with_scale
+
+
+def _step(scale: torch.Tensor) -> torch.Tensor:
+    """The step size in use: a step trained to ≤ 0 acts as the smallest scale, never a NaN."""
+    return scale.detach().float().clamp_min(SCALE_EPS)
+
+
+def _integer_zero(zero: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
+    if zero is None:
+        return None
+    lo, hi = qrange(bits)
+    return torch.round(zero.detach().float()).clamp(lo, hi)
+
+
+class _LSQLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, zero, bits):
+        zero_int = _integer_zero(zero, bits)
+        step = _step(scale)
+        x_hat = dequantize(quantize_with_scale(x, step, bits, zero_int), step, zero_int).to(x.dtype)
+        ctx.save_for_backward(x, weight, scale, zero)
+        ctx.bits, ctx.has_bias = bits, bias is not None
+        return F.linear(x_hat, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, scale, zero = ctx.saved_tensors
+        bits = ctx.bits
+        lo, hi = qrange(bits)
+        zero_int = _integer_zero(zero, bits)
+        step = _step(scale)
+        scaled = x.float() / step
+        shift = 0.0 if zero_int is None else zero_int
+        inside = (scaled + shift > lo) & (scaled + shift < hi)  # LSQ's mask: on x/s before rounding
+        codes = (torch.round(scaled) + shift).clamp(lo, hi) - shift
+        grad_x = grad_w = grad_b = grad_scale = grad_zero = None
+        grad_x_hat = grad_y @ weight.to(grad_y.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_x_hat * inside).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            x_hat = (codes * step).to(x.dtype)
+            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
+        g = 1.0 / math.sqrt(x.numel() * hi)
+        if ctx.needs_input_grad[3]:
+            grad_scale = ((grad_x_hat.float() * (codes - scaled * inside)).sum() * g).reshape(scale.shape)
+        if zero is not None and ctx.needs_input_grad[4]:
+            grad_zero = ((grad_x_hat.float() * (~inside)).sum() * (-step * g)).reshape(zero.shape)
+        return grad_x, grad_w, grad_b, grad_scale, grad_zero, None
+
+
+def lsq_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    bits: int,
+) -> torch.Tensor:
+    """F.linear(LSQ+ fake-quantized x, weight, bias); differentiable in x, weight, bias, scale and zero."""
+    qrange(bits)
+    return _LSQLinear.apply(x, weight, bias, scale, zero, bits)
+
+
+class LSQPlusQuantizer(nn.Module):
+    """The learnable (step size, zero point) of one activation tensor at `bits` bits.
+
+    `zero` is None when symmetric. Initialise from calibration statistics with `initialize`
+    (e.g. the scale and zero point of quant/observers.static_scale)."""
+
+    def __init__(self, bits: int, symmetric: bool = False):
+        super().__init__()
+        qrange(bits)
+        self.bits = bits
+        self.scale = nn.Parameter(torch.ones(()))
+        self.zero = None if symmetric else nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def initialize(self, scale: float, zero: int = 0) -> None:
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        lo, hi = qrange(self.bits)
+        if self.zero is None and zero != 0:
+            raise ValueError("a symmetric quantizer has no zero point")
+        if not lo <= zero <= hi:
+            raise ValueError(f"zero must be in [{lo}, {hi}], got {zero}")
+        self.scale.fill_(scale)
+        if self.zero is not None:
+            self.zero.fill_(zero)
+
+    def integer_zero(self) -> Optional[torch.Tensor]:
+        """The zero point the forward uses (and the kernels receive), as int8; None when symmetric."""
+        zero = _integer_zero(self.zero, self.bits)
+        return None if zero is None else zero.to(torch.int8)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes q of x (int8), as the kernels' quantize_activation computes them."""
+        return quantize_with_scale(x, _step(self.scale), self.bits, _integer_zero(self.zero, self.bits))
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.zero is None else "asymmetric"
+        return f"bits={self.bits}, {kind}"
