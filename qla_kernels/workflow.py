@@ -16,13 +16,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .methods import ptq, qwt
+from .methods import gplq, ptq, qwt
 from .methods.batches import model_output, run_model, token_mask
 from .nn import quantize_
 from .quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 
 CONFIG_NAMES = ("w8a8", "w4a8", "w4a16", "w4a4")
-METHODS = ("ptq", "qwt")
+METHODS = ("ptq", "qwt", "gplq")
 
 
 @dataclasses.dataclass
@@ -91,11 +91,19 @@ def load_batches(path: str, loaded: LoadedModel, batches: int, batch_size: int) 
 def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: List[Any],
                    static_activations: bool = False, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """A quantized copy of `fp`: RTN weights, optionally calibrated static activation scales
-    ("ptq"), plus QwT compensation ("qwt"). Returns the model and what calibration reported."""
+    ("ptq"), plus QwT compensation ("qwt"); or GPLQ ("gplq": learned static activation scales,
+    clipped weights, QwT). Returns the model and what calibration reported."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    model = quantize_(copy.deepcopy(fp), config)
     report: Dict[str, Any] = {"config": str(config), "method": method}
+    if method == "gplq":
+        student, stage1 = gplq.activation_qat(fp, config, batches, progress=progress)
+        model, stage2 = gplq.weight_ptq(student, fp, config, batches, progress=progress)
+        report.update(static_scales=stage1.quantized_layers, gplq_steps=stage1.steps,
+                      gplq_loss_first=stage1.losses[0], gplq_loss_last=stage1.losses[-1],
+                      qwt_blocks_kept=sum(b.enabled for b in stage2.qwt), qwt_blocks=len(stage2.qwt))
+        return model, report
+    model = quantize_(copy.deepcopy(fp), config)
     if static_activations and config.act_bits:
         report["static_scales"] = len(ptq.calibrate(model, batches, progress=progress))
     if method == "qwt":

@@ -66,3 +66,23 @@ def test_bench_w4a16_rows_and_plot(monkeypatch, tmp_path):
     json.dumps(rows)
     bench.plot(rows, tmp_path / "w4a16.png", "cpu")
     assert (tmp_path / "w4a16.png").stat().st_size > 0
+
+
+def test_bench_gplq_memory_accounting():
+    """GPLQ stage 1 keeps what fp32 training keeps: its autograd graph saves as much as fp32
+    training's (the fused LSQ+ linear saves only its input) and its optimizer holds the same state;
+    the teacher's weights are the one extra. Frozen weights need no gradients or Adam state."""
+    timm = pytest.importorskip("timm")
+    bench = _load("bench_gplq")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    labels = [torch.randint(0, 1000, (4,)) for _ in range(2)]
+    result = bench.run(model, batches, labels)
+    fp32, stage1, frozen = result["fp32_training"], result["gplq_stage1"], result["gplq_stage1_frozen_weights"]
+    assert 0 < stage1["saved_activation_bytes"] <= 1.1 * fp32["saved_activation_bytes"]
+    assert stage1["optimizer_bytes"] <= fp32["optimizer_bytes"]
+    assert stage1["peak_bytes"] <= fp32["peak_bytes"] + bench.model_bytes(model)
+    assert frozen["peak_bytes"] < fp32["peak_bytes"] and frozen["optimizer_bytes"] < 0.01 * fp32["optimizer_bytes"]
+    assert result["stage1_steps"] == 2 and result["gplq_stage2"]["seconds"] > 0
+    json.dumps(result)

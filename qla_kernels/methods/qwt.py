@@ -8,9 +8,10 @@ attached (so each block also corrects what earlier ones left):
     [W; b] = argmin ||X·[W; b] − Y||² + λ·mean(diag XᵀX)·||W||²,  solved by Cholesky in fp64
 
 XᵀX and XᵀY are accumulated in fp64 while streaming over the batches, never holding all tokens.
-Padding tokens (attention_mask == 0) are excluded. A deterministic ~20% of the tokens is held out:
-the compensation is kept only if its R² on those tokens is positive (the paper's R² > 0 rule; on
-the fitting tokens R² is never negative, so a same-data gate would never fire).
+Padding tokens (attention_mask == 0) are excluded. A deterministic ~20% of the samples (all tokens
+of an image or sentence together) is held out: the compensation is kept only if its R² on those
+tokens is positive (the paper's R² > 0 rule; on the fitting tokens R² is never negative, so a
+same-data gate would never fire, and tokens of a sample the fit has seen are nearly the same data).
 
 Post-norm blocks (BERT, RoBERTa: the block's output *is* a LayerNorm's output) are fitted on that
 LayerNorm's input, the pre-LN residual sum, and the compensation is added there — a documented
@@ -181,8 +182,11 @@ class _Solution:
     ridge: float
 
 
-def _heldout_mask(count: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(count, generator=generator) < fraction
+def _heldout_mask(shape: torch.Size, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Held-out tokens, chosen whole samples at a time: tokens of one image or sentence are
+    correlated, so holding out single tokens would judge the fit on near-copies of its data."""
+    samples = torch.rand(shape[0], generator=generator) < fraction
+    return samples.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
 
 
 @torch.no_grad()
@@ -238,12 +242,14 @@ def calibrate(
                         skip_reason = f"block changes the token layout {tuple(x.shape)} -> {tuple(y_q.shape)}"
                         continue
                     x_tokens, y_tokens = x.reshape(-1, x.shape[-1]), (y_fp - y_q).reshape(-1, y_q.shape[-1])
+                    heldout = _heldout_mask(x.shape[:-1], holdout, generator).reshape(-1)
                     mask = token_mask(batch)
                     if mask is not None and mask.shape == x.shape[:-1]:
-                        x_tokens, y_tokens = x_tokens[mask.reshape(-1)], y_tokens[mask.reshape(-1)]
+                        real = mask.reshape(-1).cpu()
+                        x_tokens, y_tokens, heldout = x_tokens[mask.reshape(-1)], y_tokens[mask.reshape(-1)], heldout[real]
                     if accumulator is None:
                         accumulator = _Accumulator(x_tokens.shape[1], y_tokens.shape[1])
-                    accumulator.add(x_tokens.cpu(), y_tokens.cpu(), _heldout_mask(x_tokens.shape[0], holdout, generator))
+                    accumulator.add(x_tokens.cpu(), y_tokens.cpu(), heldout)
                 if accumulator is None:
                     nan = float("nan")
                     reports.append(BlockReport(name, False, 0, 0, nan, nan, nan, nan, 0.0, False, skip_reason))

@@ -120,6 +120,10 @@ class LSQPlusQuantizer(nn.Module):
         if self.zero is not None:
             self.zero.fill_(zero)
 
+    def step_size(self) -> torch.Tensor:
+        """The step size the forward uses (and the kernels receive), fp32."""
+        return _step(self.scale)
+
     def integer_zero(self) -> Optional[torch.Tensor]:
         """The zero point the forward uses (and the kernels receive), as int8; None when symmetric."""
         zero = _integer_zero(self.zero, self.bits)
@@ -128,7 +132,7 @@ class LSQPlusQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes q of x (int8), as the kernels' quantize_activation computes them."""
-        return quantize_with_scale(x, _step(self.scale), self.bits, _integer_zero(self.zero, self.bits))
+        return quantize_with_scale(x, self.step_size(), self.bits, _integer_zero(self.zero, self.bits))
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.zero is None else "asymmetric"

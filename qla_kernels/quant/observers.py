@@ -84,8 +84,9 @@ def static_scale(
                 candidates.append(_candidate(-top, top, bits, True))
             else:
                 candidates.append(_candidate(torch.quantile(values, 1 - p), torch.quantile(values, p), bits, False))
-        reference = x @ weight.float().t()
-        errors = [float((_fake_quantize(x, s, z, bits) @ weight.float().t() - reference).square().sum()) for s, z in candidates]
+        weight = weight.detach().float()
+        reference = x @ weight.t()
+        errors = [float((_fake_quantize(x, s, z, bits) @ weight.t() - reference).square().sum()) for s, z in candidates]
     else:
         candidates = [_candidate(observer.minimum * a, observer.maximum * a, bits, symmetric) for a in CLIP_RATIOS]
         errors = [float((_fake_quantize(x, s, z, bits) - x).square().sum()) for s, z in candidates]

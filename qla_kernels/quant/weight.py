@@ -11,7 +11,7 @@ from .config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 from .primitives import quantize_asymmetric, quantize_progressive_int4, quantize_symmetric
 
 WEIGHT_CLIPS = ("none", "mse", "percentile")
-WEIGHT_CLIP_RATIOS = tuple(0.5 + 0.025 * i for i in range(20)) + (1.0,)
+WEIGHT_CLIP_RATIOS = tuple(1.0 - 0.01 * i for i in range(11)) + tuple(0.875 - 0.025 * i for i in range(16))  # finer near 1 (8 bits)
 WEIGHT_PERCENTILES = (0.99, 0.995, 0.999, 0.9999, 1.0)
 
 
