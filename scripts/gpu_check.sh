@@ -6,7 +6,8 @@
 #
 # tests: builds _C, runs the GPU-marked tests (real shapes, bf16, the CUDA kernel) and then the
 #        whole suite on the GPU (the Triton tests run compiled kernels there, not the interpreter).
-# bench: benchmarks/bench_gemm.py, bench_w4a16.py and bench_qwt.py -> benchmarks/results/ (JSON + PNG), copied to $OUT too.
+# bench: benchmarks/bench_gemm.py, bench_w4a16.py, bench_qwt.py and bench_gplq.py -> benchmarks/results/ (JSON + PNG),
+#        copied to $OUT too.
 # Logs go to ${OUT:-gpu_check_out}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +26,7 @@ if [[ $what == bench || $what == all ]]; then
     python3 benchmarks/bench_gemm.py 2>&1 | tee "$out/bench_gemm.log"
     python3 benchmarks/bench_w4a16.py 2>&1 | tee "$out/bench_w4a16.log"
     python3 benchmarks/bench_qwt.py 2>&1 | tee "$out/bench_qwt.log"
-    cp benchmarks/results/gemm_*.json benchmarks/results/gemm_*.png benchmarks/results/qwt_*.json benchmarks/results/w4a16_* "$out/" 2>/dev/null || true
+    python3 benchmarks/bench_gplq.py 2>&1 | tee "$out/bench_gplq.log"
+    cp benchmarks/results/gemm_*.json benchmarks/results/gemm_*.png benchmarks/results/qwt_*.json benchmarks/results/w4a16_* \
+        benchmarks/results/gplq_*.json "$out/" 2>/dev/null || true
 fi

@@ -64,7 +64,7 @@ def test_stage1_is_close_to_fp_and_its_loss_decreases(digits_vit, digits_gplq, c
 
 def test_digits_w4a4_gplq_beats_ptq_qwt(digits_vit, digits_gplq, capsys):
     """Measured KL to fp on held-out digits: PTQ+QwT 0.0163 (same percentile/asymmetric activation
-    init; 0.0272 with min-max), GPLQ 0.0122; plain PTQ 0.0125. Stated margin: 10% below PTQ+QwT."""
+    init; 0.030 with min-max), GPLQ 0.0122; plain PTQ 0.0125. Stated margin: 10% below PTQ+QwT."""
     fp = digits_vit.model
     calibration = digits_vit.calibration_batches()
     with torch.no_grad():
