@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from ..models.blocks import find_blocks
 from ..nn.compensation import primary_output
 from ..nn.lsq_linear import LSQLinear
 from ..nn.quant_linear import QuantLinear, linear_weight
-from ..nn.quantize import is_linear
+from ..nn.quantize import select_linears
 from ..quant.config import QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
 from ..quant.weight import WEIGHT_CLIPS, clip_weight, quantize_weight
@@ -78,10 +78,6 @@ class _Moments:
         k = min(k, eigenvalues.numel())
         return PrincipalSubspace(mean.float().to(device), eigenvectors[:, :k].float().contiguous().to(device),
                                  float(cumulative[k - 1]))
-
-
-def _selected_linears(model: nn.Module, filter_fn) -> Dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if is_linear(m) and (filter_fn is None or filter_fn(m, name))}
 
 
 def _block_features(blocks: List[nn.Module], sink: List[torch.Tensor]) -> list:
@@ -168,14 +164,7 @@ def activation_qat(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     batches = materialize(batches)
     start = time.perf_counter()
-    targets = _selected_linears(model_fp, filter_fn)
-    if not targets:
-        raise ValueError("no linear layer selected for quantization")
-    for name, module in targets.items():
-        try:
-            config.check_in_features(linear_weight(module).shape[1])
-        except ValueError as error:
-            raise ValueError(f"cannot quantize {name!r}: {error}") from error
+    targets = select_linears(model_fp, config, filter_fn)
     teacher_was_training = model_fp.training
     model_fp.eval()
     try:

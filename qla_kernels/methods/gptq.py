@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..nn.quant_linear import QuantLinear, linear_weight
-from ..nn.quantize import is_linear
+from ..nn.quantize import select_linears
 from ..quant.config import W4A16
 from ..quant.gptq import gptq_quantize, hessian
 from .batches import materialize, run_model
@@ -36,15 +36,7 @@ def quantize(
     """Replaces (in place) each selected linear by a GPTQ-quantized W4A16 QuantLinear; returns `model`."""
     if not isinstance(config, W4A16):
         raise ValueError(f"GPTQ here targets W4A16, got {config!r}")
-    targets = {name: m for name, m in model.named_modules()
-               if is_linear(m) and (filter_fn is None or filter_fn(m, name))}
-    if not targets:
-        raise ValueError("no linear layer selected for GPTQ")
-    for name, module in targets.items():
-        try:
-            config.check_in_features(linear_weight(module).shape[1])
-        except ValueError as error:
-            raise ValueError(f"cannot quantize {name!r}: {error}") from error
+    targets = select_linears(model, config, filter_fn)
     hessians: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Type
 from torch import nn
 
 from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
-from .quant_linear import QuantLinear, conv1d_class
+from .quant_linear import QuantLinear, conv1d_class, linear_weight
 
 _HANDLERS: Dict[Type[QuantConfig], Callable[[nn.Module, QuantConfig], nn.Module]] = {}
 
@@ -38,6 +38,22 @@ def is_linear(module: nn.Module) -> bool:
     """nn.Linear or transformers' Conv1D (found by type, whatever its attribute name)."""
     conv1d = conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def select_linears(
+    model: nn.Module, config: QuantConfig, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
+) -> Dict[str, nn.Module]:
+    """The linears (by qualified name) that `filter_fn` selects (default: all), each checked to be
+    usable by `config`: a ValueError names the first that is not, or says that none was selected."""
+    targets = {name: m for name, m in model.named_modules() if is_linear(m) and (filter_fn is None or filter_fn(m, name))}
+    if not targets:
+        raise ValueError("no linear layer selected for quantization")
+    for name, module in targets.items():
+        try:
+            config.check_in_features(linear_weight(module).shape[1])
+        except ValueError as error:
+            raise ValueError(f"cannot quantize {name!r}: {error}") from error
+    return targets
 
 
 def quantize_(
