@@ -20,22 +20,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.blocks import find_blocks
-from ..models.facts import describe
+from ..models.facts import describe, example_input
 from ..nn.adapters import DWSepAdapter, LoRAAdapter
 from ..nn.compensation import block_input, link, primary_output, with_primary_output
 from ..ops.dispatch import use_backend
 from .batches import materialize, model_output, run_model, token_mask
 
 ADAPTER_NAMES = ("qla_attention", "qla_ffn")
-
-
-def _example_batch(model: nn.Module):
-    config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if config and "input_size" in config:
-        return torch.randn(1, *config["input_size"])
-    if hasattr(model, "config") and hasattr(model.config, "vocab_size"):
-        return {"input_ids": torch.ones(1, 8, dtype=torch.long)}
-    raise ValueError("cannot build an example input for this model: pass example=")
 
 
 def _width(module: nn.Module) -> int:
@@ -54,7 +45,7 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     if getattr(model_q, "_qla_handles", None):
         raise ValueError("model_q already has QLA adapters")
-    facts = describe(model_q, example if example is not None else _example_batch(model_q))
+    facts = describe(model_q, example if example is not None else example_input(model_q))
     if facts.token_layout == "grid":
         raise ValueError("windowed (Swin-style) blocks are not supported yet: their attention output is in window order")
     if callable(getattr(model_q, "can_generate", None)) and model_q.can_generate():

@@ -4,4 +4,5 @@ name each block's norms, attention and MLP linears, norm kind and position, MLP 
 layout. The fused block modules and the calibration methods build on them."""
 
 from .blocks import find_blocks, is_norm
-from .facts import ArchitectureFacts, BlockFacts, describe
+from .facts import ArchitectureFacts, BlockFacts, describe, example_input
+from .fusion import FusionReport, fuse_blocks, template_for

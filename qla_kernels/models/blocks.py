@@ -12,6 +12,7 @@ from typing import List, Tuple
 
 from torch import nn
 
+from ..nn.fused_block import FusedPackedQKVBlock
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
 
@@ -27,11 +28,18 @@ def _holds_linear(module: nn.Module) -> bool:
     return any(is_linear(m) or isinstance(m, QuantLinear) for m in module.modules())
 
 
+def _architecture_class(module: nn.Module) -> type:
+    """The module's class as the model defined it (a fused block's class is a subclass of it)."""
+    cls = type(module)
+    return cls.__mro__[2] if issubclass(cls, FusedPackedQKVBlock) else cls
+
+
 def _is_block_list(container: nn.Module) -> bool:
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         return False
     children = list(container.children())
-    return len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_holds_linear(c) for c in children)
+    return (len(children) >= 2 and len({_architecture_class(c) for c in children}) == 1
+            and all(_holds_linear(c) for c in children))
 
 
 def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -13,11 +13,13 @@ is the MLP output. A block whose output *is* a norm's output is post-norm (BERT,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..nn.adapters import DWSepAdapter, LoRAAdapter
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
 from .blocks import find_blocks, is_norm
@@ -43,6 +45,18 @@ class ArchitectureFacts:
     token_layout: str  # "sequence" (B, N, C) | "grid" (B, H, W, C: Swin windows)
     prefix_tokens: int  # class / distillation / register tokens before the patch grid (timm)
     grid: Optional[Tuple[int, int]]  # patch grid of the first block's input, when spatial
+
+
+def example_input(model: nn.Module):
+    """One small input batch built from the model's own config (timm `pretrained_cfg` input size,
+    HF `config.vocab_size`); a ValueError asks for an explicit example otherwise."""
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if config and "input_size" in config:
+        return torch.randn(1, *config["input_size"], device=device)
+    if hasattr(model, "config") and hasattr(model.config, "vocab_size"):
+        return {"input_ids": torch.ones(1, 8, dtype=torch.long, device=device)}
+    raise ValueError("cannot build an example input for this model: pass example=")
 
 
 def _norm_kind(module: nn.Module) -> str:
@@ -71,7 +85,10 @@ def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
         state.setdefault("output", output if isinstance(output, torch.Tensor) else output[0])
         state.setdefault("input", args[0] if args else None)
 
-    handles = [m.register_forward_hook(record) for m in block.modules() if is_norm(m) or _is_any_linear(m)]
+    adapters = [m for m in block.modules() if isinstance(m, (LoRAAdapter, DWSepAdapter))]
+    inside_adapters = {sub for adapter in adapters for sub in adapter.modules()}  # corrections, not the block's own
+    handles = [m.register_forward_hook(record) for m in block.modules()
+               if (is_norm(m) or _is_any_linear(m)) and m not in inside_adapters]
     handles.append(block.register_forward_hook(block_done))
     try:
         with torch.no_grad():

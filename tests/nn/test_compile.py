@@ -34,3 +34,20 @@ def test_quantized_block_with_qwt_compiles_without_graph_breaks():
         expected = block(x)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
+def test_fused_block_compiles_without_graph_breaks(config):
+    """The whole fused chain (pre-kernels, GEMMs with GELU + requantization, SDPA) in one graph."""
+    timm = pytest.importorskip("timm")
+    from qla_kernels.models import fuse_blocks
+
+    torch.manual_seed(0)
+    model = qk.quantize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                           depth=2).eval(), config)
+    assert fuse_blocks(model, torch.randn(2, 3, 32, 32)).fused
+    block, x = model.blocks[0], torch.randn(2, 17, 192)
+    with torch.no_grad():
+        expected = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,174 @@
+"""Fused transformer blocks: a quantized block's forward as a chain of pre-kernels and fused GEMMs
+(DESIGN.md "Block templates"), with no dequantize → requantize round trips.
+
+Pre-norm template, attention with one packed qkv projection (timm ViT / DeiT):
+
+    pre1 : x → norm1 → int8 (per token, or the qkv layer's static scale)       quantize_activation
+    qkv  : GEMM + bias → [B, N, 3, H, d]                                       fused_linear
+    core : q_norm / k_norm → scaled_dot_product_attention (activation dtype) → attention norm
+    aq   : attention output → int8                                              quantize_activation
+    proj : GEMM + bias + residual x                                → x1         fused_linear
+    pre2 : x1 → norm2 → int8                                                    quantize_activation
+    fc1  : GEMM + bias + GELU → re-quantized int8 per token for fc2             fused_linear
+    fc2  : GEMM + bias + [T_qwt]·U_qwtᵀ + residual x1              → output     fused_linear
+
+Fusion is a change of the block's class, not of its module tree: `fuse_block` swaps the class for
+a subclass whose forward runs the chain above on the block's own QuantLinears and norms, so every
+name, the state dict, checkpoints and hooks on the block stay as they were. The block falls back
+to its original forward (which runs the same QuantLinears one by one) whenever the chain would
+not be the same computation: under the `simulate` backend (calibration and training need the
+differentiable module tree), in training mode, with an attention mask, or when a module the chain
+bypasses carries hooks (QLA adapters, observers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import fused_linear, quantize_activation
+from ..ops.dispatch import resolve_backend
+from .quant_linear import QuantLinear
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedQKVTemplate:
+    """Where a pre-norm block with packed-qkv attention keeps its parts (names relative to the block)."""
+
+    norm1: str
+    attention: str  # the module holding num_heads, head_dim, q_norm, k_norm and (optionally) norm
+    qkv: str
+    proj: str
+    norm2: str
+    fc1: str
+    fc2: str
+    activation: str  # one of ACTIVATIONS, applied in fc1's epilogue
+
+    def bypassed(self) -> Tuple[str, ...]:
+        """The modules the fused chain does not call (their hooks would not fire)."""
+        mlp = self.fc1.rpartition(".")[0]
+        return (self.norm1, self.attention, self.qkv, self.proj, self.norm2, mlp, self.fc1, self.fc2)
+
+
+def _norm_kind(norm: nn.Module) -> str:
+    return "rmsnorm" if isinstance(norm, nn.RMSNorm) or "RMS" in type(norm).__name__ else "layernorm"
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "eps", None)
+    return float(eps if eps is not None else torch.finfo(torch.float32).eps)
+
+
+def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None):
+    """(codes, scales, zero point for the GEMM) of x for `layer`, with `norm` applied first."""
+    kwargs = {}
+    if norm is not None:
+        kwargs = dict(norm_kind=_norm_kind(norm), norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None),
+                      norm_eps=_norm_eps(norm))
+    bits = layer.config.act_bits
+    q, scale, _ = quantize_activation(x, bits, static_scale=layer.input_scale,
+                                          zero_point=layer.input_zero_point, **kwargs)
+    gemm_zero_point = layer.input_zero_point if (layer.input_zero_point is not None and bits == 8) else None
+    return q, scale, gemm_zero_point
+
+
+class FusedPackedQKVBlock(nn.Module):
+    """Mixin placed before a block's own class by `fuse_block`; see the module docstring."""
+
+    _qla_template: PackedQKVTemplate
+
+    def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        if self.training or args or any(v is not None and v is not False for v in kwargs.values()):
+            return False
+        if x.dim() != 3 or resolve_backend(x.device) == "simulate":
+            return False
+        for name in self._qla_template.bypassed():
+            module = self.get_submodule(name)
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not self._fused_chain_applies(x, args, kwargs):
+            return super().forward(x, *args, **kwargs)
+        t = self._qla_template
+        part = self.get_submodule
+        qkv, proj, fc1, fc2 = part(t.qkv), part(t.proj), part(t.fc1), part(t.fc2)
+        attention = part(t.attention)
+        batch, tokens, width = x.shape
+        rows = x.reshape(batch * tokens, width).contiguous()
+
+        q, scale, zero = _quantize_input(rows, qkv, part(t.norm1))
+        packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype)
+        heads, head_dim = attention.num_heads, attention.head_dim
+        query, key, value = packed.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        query, key = attention.q_norm(query), attention.k_norm(key)
+        context = F.scaled_dot_product_attention(query, key, value)
+        context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
+        context = getattr(attention, "norm", nn.Identity())(context).contiguous()
+
+        q, scale, zero = _quantize_input(context, proj)
+        x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
+                              out_dtype=x.dtype)
+
+        q, scale, zero = _quantize_input(x1, fc1, part(t.norm2))
+        if fc2.input_scale is None:  # dynamic per-token scales for fc2: re-quantize in fc1's epilogue
+            hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero,
+                                                      bias=fc1.bias, activation=t.activation, out_dtype=x.dtype,
+                                                      requant_bits=fc2.config.act_bits)
+            hidden_zero = None
+        else:
+            hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
+                                      activation=t.activation, out_dtype=x.dtype)
+            hidden_q, hidden_scale, hidden_zero = _quantize_input(hidden, fc2)
+        lowered = getattr(fc2, "lowered_qwt", None)
+        segments = lowered.segments(x.dtype) if lowered is not None else {}
+        out = fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
+                               residual=x1, out_dtype=x.dtype, **segments)
+        return out.reshape(batch, tokens, width)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(block_class: type) -> type:
+    return type(f"Fused{block_class.__name__}", (FusedPackedQKVBlock, block_class), {"__module__": __name__})
+
+
+def fuse_block(block: nn.Module, template: PackedQKVTemplate) -> nn.Module:
+    """Makes `block` run the fused chain (in place; returns it). Raises ValueError naming what does
+    not fit the template: every linear must be an activation-quantized QuantLinear, the attention
+    module must expose num_heads/head_dim, only the last linear may carry a lowered QwT."""
+    if isinstance(block, FusedPackedQKVBlock):
+        raise ValueError(f"{type(block).__name__} is already fused")
+    if template.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
+    for name in (template.qkv, template.proj, template.fc1, template.fc2):
+        layer = block.get_submodule(name)
+        if not isinstance(layer, QuantLinear) or layer.config.act_bits is None:
+            raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")
+        if name != template.fc2 and getattr(layer, "lowered_qwt", None) is not None:
+            raise ValueError(f"{name!r} carries a lowered QwT compensation; only the block's last linear may")
+    attention = block.get_submodule(template.attention)
+    heads, head_dim = getattr(attention, "num_heads", None), getattr(attention, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        raise ValueError(f"{template.attention!r} ({type(attention).__name__}) has no int num_heads / head_dim")
+    if block.get_submodule(template.qkv).out_features != 3 * heads * head_dim:
+        raise ValueError(f"{template.qkv!r} does not produce packed q, k, v for {heads} heads of {head_dim}")
+    block.__class__ = _fused_class(type(block))
+    block._qla_template = template
+    return block
+
+
+def unfuse_block(block: nn.Module) -> nn.Module:
+    """Restores the block's original class (in place; returns it)."""
+    if not isinstance(block, FusedPackedQKVBlock):
+        raise ValueError(f"{type(block).__name__} is not a fused block")
+    block.__class__ = block.__class__.__mro__[2]
+    del block._qla_template
+    return block

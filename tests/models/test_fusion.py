@@ -1,0 +1,165 @@
+"""Fused blocks (nn/fused_block.py) found by models/fusion.py: the fused chain really runs, equals
+the block's module-by-module forward, falls back where it must, and leaves names, checkpoints and
+block discovery unchanged."""
+
+import copy
+
+import pytest
+import torch
+
+import qla_kernels as qk
+from qla_kernels.methods import ptq, qla, qwt
+from qla_kernels.models import find_blocks, fuse_blocks
+from qla_kernels.nn import fused_block
+from qla_kernels.nn.fused_block import FusedPackedQKVBlock, unfuse_block
+
+timm = pytest.importorskip("timm")
+
+
+def _vit(name="vit_tiny_patch16_224", depth=2, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=depth, **kwargs).eval()
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    """Activations of the fused_linear calls the fused chain makes."""
+    calls = []
+    original = fused_block.fused_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("activation", "none"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_block, "fused_linear", counting)
+    return calls
+
+
+def _relative_error(reference, value):
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_fused_model_equals_the_module_by_module_model(name, config, static, chain_calls):
+    """Same integer ops in the same order (measured: bit-exact for W8A8, ~1e-7 relative for int4
+    weights, whose dequantization the GEMM orders differently)."""
+    fp = _vit(name)
+    model = qk.quantize_(copy.deepcopy(fp), config)
+    x = torch.randn(3, 3, 32, 32)
+    if static:
+        ptq.calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], symmetric=False, progress=False)
+    with torch.no_grad():
+        expected = model(x)
+    report = fuse_blocks(model, x)
+    assert report.fused == ["blocks.0", "blocks.1"] and not report.skipped
+    assert all(isinstance(b, FusedPackedQKVBlock) for b in model.blocks)
+    chain_calls.clear()
+    with torch.no_grad():
+        fused = model(x)
+    assert chain_calls == ["none", "none", "gelu", "none"] * 2  # qkv, proj, fc1 + GELU, fc2 per block
+    assert _relative_error(expected, fused) < 1e-5
+
+
+@pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
+def test_fused_block_on_triton_equals_reference():
+    model = qk.quantize_(_vit(), qk.W4A8())
+    x = torch.randn(2, 3, 32, 32)
+    fuse_blocks(model, x)
+    block, tokens = model.blocks[0], torch.randn(2, 17, 192)
+    with torch.no_grad():
+        reference = block(tokens)
+        with qk.use_backend("triton"):
+            triton = block(tokens)
+    assert _relative_error(reference, triton) < 1e-4
+
+
+def test_lowered_qwt_runs_in_the_last_gemm_of_the_fused_block(chain_calls):
+    fp = _vit()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    qwt.calibrate(fp, model, batches, progress=False)
+    qwt.truncate(model, energy=0.9)
+    x = torch.randn(2, 3, 32, 32)
+    assert qwt.lower(model, x)
+    with torch.no_grad():
+        expected = model(x)
+    assert fuse_blocks(model, x).fused == ["blocks.0", "blocks.1"]
+    with torch.no_grad():
+        fused = model(x)
+    assert _relative_error(expected, fused) < 1e-5
+
+
+def test_blocks_that_do_not_fit_keep_their_quantlinears():
+    """LayerScale on a residual branch, QLA adapters (not fused yet), the simulate
+    backend: each is reported, and the model's output is unchanged."""
+    x = torch.randn(2, 3, 32, 32)
+    layer_scale = qk.quantize_(_vit(init_values=0.1), qk.W8A8())
+    report = fuse_blocks(layer_scale, x)
+    assert not report.fused and "ls1" in report.skipped["blocks.0"]
+    adapted = qk.quantize_(_vit(), qk.W8A8())
+    qla.add_adapters(adapted, rank=4, example=x)
+    report = fuse_blocks(adapted, x)
+    assert not report.fused and "qla_attention" in report.skipped["blocks.1"]
+    plain = qk.quantize_(_vit(), qk.W8A8())
+    report = fuse_blocks(plain, x, backend="simulate")
+    assert not report.fused and "simulate" in report.skipped["blocks.0"]
+    assert not any(isinstance(b, FusedPackedQKVBlock) for m in (layer_scale, adapted, plain) for b in m.blocks)
+
+
+@pytest.mark.parametrize("kind", ["swin", "bert", "gpt2", "llama"])
+def test_other_architectures_are_reported_not_fused(kind):
+    transformers = pytest.importorskip("transformers")
+    if kind == "swin":
+        torch.manual_seed(0)
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
+                                  embed_dim=48).eval()
+        example = torch.randn(1, 3, 224, 224)
+    else:
+        configs = {
+            "bert": transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=128, vocab_size=100),
+            "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64),
+            "llama": transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+        }
+        model = transformers.AutoModel.from_config(configs[kind]).eval()
+        example = {"input_ids": torch.randint(0, 100, (2, 12))}
+    model = qk.quantize_(model, qk.W8A8())
+    with torch.no_grad():
+        expected = qk.methods.batches.model_output(qk.methods.batches.run_model(model, example))
+    report = fuse_blocks(model, example)
+    assert not report.fused and len(report.skipped) == len(find_blocks(model))
+    with torch.no_grad():
+        output = qk.methods.batches.model_output(qk.methods.batches.run_model(model, example))
+    assert torch.equal(expected, output)
+
+
+def test_fused_model_keeps_names_checkpoints_and_falls_back_when_training(tmp_path, chain_calls):
+    fp = _vit()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    fuse_blocks(model, x)
+    assert list(model.state_dict()) == keys and [n for n, _ in find_blocks(model)] == ["blocks.0", "blocks.1"]
+    path = tmp_path / "fused.safetensors"
+    qk.save_quantized(model, str(path))
+    restored = qk.load_quantized(copy.deepcopy(fp), str(path))
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x)) and torch.equal(copied(x), model(x))
+    chain_calls.clear()
+    model.train()
+    with torch.no_grad(), qk.use_backend("reference"):
+        model(x)
+    model.eval()
+    with torch.no_grad(), qk.use_backend("simulate"):
+        model(x)
+    assert not chain_calls  # training mode and simulate ran the QuantLinears one by one
+    unfuse_block(model.blocks[0])
+    assert type(model.blocks[0]).__name__ == "Block"
+    with pytest.raises(ValueError, match="not a fused block"):
+        unfuse_block(model.blocks[0])
+    with pytest.raises(ValueError, match="already fused"):
+        fused_block.fuse_block(model.blocks[1], model.blocks[1]._qla_template)
