@@ -1,8 +1,9 @@
 """The `qla` console entry point.
 
     qla demo        quantize the real MiniLM model (W8A8, W4A16) and compare it with fp
-    qla quantize    quantize a timm model or local HF model (PTQ or QwT) into one .safetensors file
+    qla quantize    quantize a timm model or local HF model (PTQ, QwT or GPLQ) into one .safetensors file
     qla eval        compare a quantized file with its fp model on an image folder or text file
+    qla bench       end-to-end latency vs fp16 on this device (CPU: tiny models, labelled)
     qla backends    which backends can run here, and why not
 
 Models and data come from local paths only (no hub access).
@@ -108,6 +109,18 @@ def run_eval(args, out=None) -> dict:
     return metrics
 
 
+def run_bench(args, out=None) -> dict:
+    from . import benchmark
+
+    out = out or sys.stdout
+    report = benchmark.run(quick=args.quick, llama_layers=args.llama_layers)
+    print(benchmark.table(report), file=out)
+    if args.out:
+        path = benchmark.write(report, args.out)
+        print(f"wrote {path} and {path.with_suffix('.png')}", file=out)
+    return report
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="qla", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +143,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     evaluate.add_argument("--quantized", required=True, help="a file written by qla quantize")
     evaluate.add_argument("--data", required=True, help="image folder or text file")
     evaluate.add_argument("--batches", type=int, default=16)
+    bench = commands.add_parser("bench", help="end-to-end latency of quantized models vs fp16 on this device")
+    bench.add_argument("--quick", action="store_true", help="ViT-B/16 and DeiT-T at batch 1 and 64, no BERT")
+    bench.add_argument("--llama-layers", type=int, default=2, help="8B-shaped decoder layers to decode with")
+    bench.add_argument("--out", help="directory for the JSON report and plot (default: print only)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo()
@@ -140,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_quantize(args)
     elif args.command == "eval":
         run_eval(args)
+    elif args.command == "bench":
+        run_bench(args)
     return 0
 
 

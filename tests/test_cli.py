@@ -57,3 +57,22 @@ def test_bad_cli_arguments(tmp_path):
     with pytest.raises(ValueError, match="must be an image folder"):
         main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w8a8", "--calib", str(tmp_path / "missing"),
               "--out", "y"])
+
+
+def test_bench_on_cpu_is_labelled_and_complete(tmp_path, capsys):
+    """`qla bench` without a GPU: tiny models on the reference backend, every variant and the
+    decoder timed, the report says it measures plumbing, JSON and plot written."""
+    pytest.importorskip("timm")
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "plumbing only" in printed and "| vit_b16 | 1 | w8a8_qla_qwt |" in printed
+    report = json.loads(next(tmp_path.glob("e2e_cpu_*.json")).read_text())
+    variants = {(r["model"], r["variant"]) for r in report["rows"]}
+    assert {v for _, v in variants} == {"fp16_eager", "w8a8", "w8a8_qwt", "w8a8_qla_qwt", "w4a8", "w4a8_qla"}
+    assert {m for m, _ in variants} == {"vit_b16", "deit_t"}
+    for row in report["rows"]:
+        assert row["ms"] > 0 and row["speedup_vs_fp16_eager"] > 0
+        assert ("correction_overhead" in row) == ("qwt" in row["variant"] or "qla" in row["variant"])
+    assert {r["variant"] for r in report["decode"]} == {"fp32_eager", "w4a16"}
+    assert next(tmp_path.glob("e2e_cpu_*.png")).stat().st_size > 0

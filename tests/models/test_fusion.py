@@ -163,3 +163,28 @@ def test_fused_model_keeps_names_checkpoints_and_falls_back_when_training(tmp_pa
         unfuse_block(model.blocks[0])
     with pytest.raises(ValueError, match="already fused"):
         fused_block.fuse_block(model.blocks[1], model.blocks[1]._qla_template)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_of_a_fused_vit_equals_eager():
+    """Autotuning happens in the warm-up calls, so capture records the chosen kernels; replay of the
+    whole converted fp16 ViT on the CUDA backend equals its eager forward."""
+    from qla_kernels.benchmark import cuda_graph
+
+    fp = _vit("vit_small_patch16_224", depth=4).cuda()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8()).half()
+    x = torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.float16)
+    assert fuse_blocks(model, x).fused
+    static_input = x.clone()
+    outputs = {}
+
+    def forward():
+        outputs["y"] = model(static_input)
+
+    with torch.no_grad():
+        expected = model(x)
+        replay = cuda_graph(forward)
+        static_input.copy_(x)
+        replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(outputs["y"], expected, rtol=1e-3, atol=1e-3)
