@@ -144,33 +144,37 @@ def _cast(batch: Any, dtype: torch.dtype) -> Any:
     return batch
 
 
-def time_model(name: str, batch_size: int, fp: nn.Module, example: Any, calibration: List[Any], setup: Setup,
+def time_model(name: str, fp: nn.Module, examples: Dict[int, Any], calibration: List[Any], setup: Setup,
                variants=VARIANTS) -> List[Dict[str, Any]]:
-    """One row per variant (and per CUDA-graph replay of ours) for one model and batch size."""
+    """One row per variant (and per CUDA-graph replay of ours) and batch size (the keys of
+    `examples`); each variant is prepared once, on the smallest example."""
     rows = []
     for variant in variants:
-        model = prepare(variant, fp, example, calibration, setup)
-        inputs = _cast(example, setup.dtype)
+        model = prepare(variant, fp, examples[min(examples)], calibration, setup)
+        for batch_size, example in examples.items():
+            inputs = _cast(example, setup.dtype)
 
-        def run(model=model, inputs=inputs):
-            return run_model(model, inputs)
+            def run(model=model, inputs=inputs):
+                return run_model(model, inputs)
 
-        with torch.no_grad():
-            row = {"model": name, "batch": batch_size, "variant": variant, "ms": setup.timer(run),
-                   "peak_bytes": peak_forward_bytes(model, run, setup.device)}
-            rows.append(row)
-            if setup.device.type == "cuda" and not variant.startswith("fp16"):
-                rows.append({**row, "variant": f"{variant}_graph", "ms": setup.timer(cuda_graph(run))})
+            with torch.no_grad():
+                row = {"model": name, "batch": batch_size, "variant": variant, "ms": setup.timer(run),
+                       "peak_bytes": peak_forward_bytes(model, run, setup.device)}
+                rows.append(row)
+                if setup.device.type == "cuda" and not variant.startswith("fp16"):
+                    rows.append({**row, "variant": f"{variant}_graph", "ms": setup.timer(cuda_graph(run))})
         del model
-    baseline = {r["variant"]: r["ms"] for r in rows}
+    baseline = {(r["batch"], r["variant"]): r["ms"] for r in rows}
     for row in rows:
-        row["items_per_s"] = batch_size / row["ms"] * 1e3
-        row["speedup_vs_fp16_eager"] = baseline["fp16_eager"] / row["ms"]
-        if "fp16_compile" in baseline:
-            row["speedup_vs_fp16_compile"] = baseline["fp16_compile"] / row["ms"]
+        batch = row["batch"]
+        row["items_per_s"] = batch / row["ms"] * 1e3
+        row["speedup_vs_fp16_eager"] = baseline[batch, "fp16_eager"] / row["ms"]
+        if (batch, "fp16_compile") in baseline:
+            row["speedup_vs_fp16_compile"] = baseline[batch, "fp16_compile"] / row["ms"]
         uncorrected = row["variant"].replace("_qla", "").replace("_qwt", "")
-        if uncorrected != row["variant"] and uncorrected in baseline:
-            row["correction_overhead"] = row["ms"] / baseline[uncorrected] - 1
+        if uncorrected != row["variant"] and (batch, uncorrected) in baseline:
+            row["correction_overhead"] = row["ms"] / baseline[batch, uncorrected] - 1
+    rows.sort(key=lambda r: r["batch"])
     return rows
 
 
@@ -198,9 +202,8 @@ def run_vision_and_text(setup: Setup, models=tuple(VISION_MODELS), batches=VISIO
         fp = vision_model(key, setup)
         size = (3, *_image_size(fp))
         calibration = [torch.randn(8, *size, generator=generator).to(setup.device) for _ in range(2)]
-        for batch in batches:
-            example = torch.randn(batch, *size, generator=generator).to(setup.device)
-            rows += time_model(key, batch, fp, example, calibration, setup, variants)
+        examples = {batch: torch.randn(batch, *size, generator=generator).to(setup.device) for batch in batches}
+        rows += time_model(key, fp, examples, calibration, setup, variants)
         del fp
     if bert:
         fp = bert_model(setup)
@@ -210,7 +213,7 @@ def run_vision_and_text(setup: Setup, models=tuple(VISION_MODELS), batches=VISIO
         def text(count):
             return {"input_ids": torch.randint(0, vocab, (count, length), generator=generator).to(setup.device),
                     "attention_mask": torch.ones(count, length, dtype=torch.long, device=setup.device)}
-        rows += time_model("bert_base", batch, fp, text(batch), [text(8) for _ in range(2)], setup, variants)
+        rows += time_model("bert_base", fp, {batch: text(batch)}, [text(8) for _ in range(2)], setup, variants)
     return rows
 
 

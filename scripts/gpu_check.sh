@@ -2,12 +2,14 @@
 # All GPU checks in one command, for a machine with a CUDA GPU and a python3 that has torch,
 # triton, timm, transformers, pybind11, pytest, hypothesis and matplotlib (the lent H100 has them).
 #
-#   scripts/gpu_check.sh [tests|bench|all]     (default: all)
+#   scripts/gpu_check.sh [tests|bench|e2e|all]     (default: all)
 #
 # tests: builds _C, runs the GPU-marked tests (real shapes, bf16, the CUDA kernel) and then the
 #        whole suite on the GPU (the Triton tests run compiled kernels there, not the interpreter).
 # bench: benchmarks/bench_gemm.py, bench_w4a16.py, bench_qwt.py and bench_gplq.py -> benchmarks/results/ (JSON + PNG),
 #        copied to $OUT too.
+# e2e:   benchmarks/bench_e2e.py (whole models vs fp16 eager/compiled, decode) -> benchmarks/results/, $OUT.
+# Each of tests, bench and e2e is meant to fit one 10-minute device call; `all` runs the three.
 # Logs go to ${OUT:-gpu_check_out}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +31,8 @@ if [[ $what == bench || $what == all ]]; then
     python3 benchmarks/bench_gplq.py 2>&1 | tee "$out/bench_gplq.log"
     cp benchmarks/results/gemm_*.json benchmarks/results/gemm_*.png benchmarks/results/qwt_*.json benchmarks/results/w4a16_* \
         benchmarks/results/gplq_*.json "$out/" 2>/dev/null || true
+fi
+if [[ $what == e2e || $what == all ]]; then
+    python3 benchmarks/bench_e2e.py 2>&1 | tee "$out/bench_e2e.log"
+    cp benchmarks/results/e2e_* "$out/" 2>/dev/null || true
 fi
