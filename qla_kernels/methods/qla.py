@@ -21,7 +21,14 @@ from tqdm import tqdm
 
 from ..models.blocks import find_blocks
 from ..models.facts import describe, example_input
-from ..nn.adapters import DWSepAdapter, LoRAAdapter
+from ..nn.adapters import (
+    DWSepAdapter,
+    LoRAAdapter,
+    LoweredAdapter,
+    prepare_attention_adapter,
+    prepare_attention_adapter_from_input,
+    prepare_ffn_adapter,
+)
 from ..nn.compensation import block_input, link, primary_output, with_primary_output
 from ..ops.dispatch import use_backend
 from .batches import materialize, model_output, run_model, token_mask
@@ -143,6 +150,8 @@ def train(
     progress: bool = True,
 ) -> TrainReport:
     """Trains the adapters of `model_q` (after `add_adapters`) against `teacher` with AdamW."""
+    if getattr(model_q, "_qla_lowered", False):
+        raise ValueError("the adapters were fused onto the GEMMs (qla.fuse): train before fusing")
     torch.manual_seed(seed)
     batches = materialize(batches)
     parameters = [p for name, p in model_q.named_parameters() if any(a in name for a in ADAPTER_NAMES)]
@@ -203,3 +212,47 @@ def _hybrid_loss(output: torch.Tensor, target: torch.Tensor, batch: Any, tempera
                       log_target=True, reduction="batchmean") * 0.5 * temperature ** 2
         return kd + (F.cross_entropy(output, labels) if labels is not None else 0.0)
     return F.mse_loss(output, target)
+
+
+@torch.no_grad()
+def fuse(model_q: nn.Module, example: Optional[Any] = None) -> List[str]:
+    """Lowers the trained adapters onto the quantized GEMMs (in place; a runtime conversion, like
+    `qwt.lower`: save before it). Per block, with the gate and the up bias folded:
+
+    - attention branch: T_dw = down(GELU(DW(h))) computed from the attention input, added by the
+      output projection's low-rank segment with U = gate·up (bias gate·b_up joins its bias);
+    - FFN branch: T_lora = norm2(x1)·A added by the MLP output linear's low-rank segment with
+      U = up, joined with a lowered QwT compensation's columns when there is one.
+
+    In a fused block (`models.fuse_blocks`, call it after this) T_lora comes out of the norm2
+    pre-kernel's read of x1. Returns the blocks lowered."""
+    if not getattr(model_q, "_qla_handles", None):
+        raise ValueError("model_q has no QLA adapters: call add_adapters (and train) first")
+    if getattr(model_q, "_qla_lowered", False):
+        raise ValueError("the adapters are already fused")
+    facts = describe(model_q, example if example is not None else example_input(model_q))
+    for handle in model_q._qla_handles:
+        handle.remove()
+    model_q._qla_handles = [model_q.register_forward_pre_hook(_store_mask, with_kwargs=True)]
+    names = {id(block): name for name, block in find_blocks(model_q)}
+    for block in model_q._qla_blocks:
+        proj, fc2 = block.get_submodule(facts.block.attention_output), block.get_submodule(facts.block.mlp_output)
+        attention, ffn = block.qla_attention, block.qla_ffn
+        gate = attention.gate.detach().float()
+        proj.lowered_adapter = LoweredAdapter(gate * attention.up.weight.float())
+        folded_bias = (gate * attention.up.bias.float()).to(proj.weight_scale.device)
+        if proj.bias is None:
+            proj.bias = nn.Parameter(folded_bias, requires_grad=False)
+        else:
+            proj.bias.data.add_(folded_bias.to(proj.bias.dtype))
+        fc2.lowered_adapter = LoweredAdapter(ffn.up.weight.float())
+        link(block, "_qla_attention_linear", proj)
+        link(block, "_qla_ffn_linear", fc2)
+        handles = model_q._qla_handles
+        if facts.block.norm_position == "post":
+            handles.append(block.register_forward_pre_hook(prepare_attention_adapter_from_input, with_kwargs=True))
+        else:
+            handles.append(block.get_submodule(facts.block.attention_norm).register_forward_hook(prepare_attention_adapter))
+        handles.append(block.get_submodule(facts.block.mlp_norm).register_forward_hook(prepare_ffn_adapter))
+    model_q._qla_lowered = True
+    return [names[id(block)] for block in model_q._qla_blocks]

@@ -5,7 +5,8 @@ The architecture facts name each block's norms and linears; the template adds wh
 chain assumes: pre-norm, one packed qkv linear whose parent module holds `num_heads`/`head_dim`,
 a GELU (or ReLU) MLP, and nothing else on the residual branches (no LayerScale, no gate). Every
 candidate is then checked on a real block input: the fused chain must reproduce the block's own
-forward (the same QuantLinears run one by one). A block that fails either test keeps its
+forward (the same QuantLinears run one by one). QLA adapters join the chain once lowered
+(`methods.qla.fuse`): their down paths feed the low-rank segments of proj and fc2. A block that fails either test keeps its
 QuantLinears and the report says why.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..nn.adapters import DWSepAdapter, LoRAAdapter
 from ..nn.fused_block import PackedQKVTemplate, fuse_block, unfuse_block
 from ..ops.dispatch import use_backend
 from .blocks import find_blocks
@@ -78,9 +80,15 @@ def template_for(block: nn.Module, facts: BlockFacts) -> PackedQKVTemplate:
     linears = {block.get_submodule(name) for name in (fc1, fc2)}
     activation = _activation(block.get_submodule(mlp), linears)
     roots = {name.partition(".")[0] for name in (facts.attention_norm, attention, facts.mlp_norm, mlp)}
+    lowered = getattr(block.get_submodule(proj), "lowered_adapter", None) is not None
     for name, child in block.named_children():
-        if name not in roots and not _is_passive(child):
-            raise ValueError(f"{name!r} ({type(child).__name__}) acts on a residual branch the fused chain skips")
+        if name in roots or _is_passive(child):
+            continue
+        if isinstance(child, (DWSepAdapter, LoRAAdapter)):
+            if lowered:
+                continue
+            raise ValueError(f"{name!r}: QLA adapters run in the fused chain once lowered (methods.qla.fuse)")
+        raise ValueError(f"{name!r} ({type(child).__name__}) acts on a residual branch the fused chain skips")
     return PackedQKVTemplate(facts.attention_norm, attention, qkv, proj, facts.mlp_norm, fc1, fc2, activation)
 
 
@@ -105,12 +113,35 @@ def _relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
     return float((value - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
+@torch.no_grad()
+def _fuse_checked(block: nn.Module, facts: BlockFacts, x: Optional[torch.Tensor]) -> str:
+    """Fuses `block` if it fits and reproduces its own forward on `x`; else says why not."""
+    try:
+        template = template_for(block, facts)
+    except ValueError as reason:
+        return str(reason)
+    if x is None or x.dim() != 3:
+        return "the example does not reach this block with [batch, tokens, width] input"
+    expected = block(x)
+    try:
+        fuse_block(block, template)
+    except ValueError as reason:
+        return str(reason)
+    if not block._fused_chain_applies(x, (), {}):
+        unfuse_block(block)
+        return "a module the fused chain bypasses carries hooks (observers), or the backend is 'simulate'"
+    error = _relative_error(expected, block(x))
+    if error > MATCH_TOLERANCE:
+        unfuse_block(block)
+        return f"the fused chain differs from the block's forward (relative error {error:.3g})"
+    return ""
+
+
 def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = "auto") -> FusionReport:
     """Turns every block of a quantized `model` that fits a fused template into a fused block (in
     place). `example` is one input batch (built from the model's config when omitted); each block
     is checked on its input from that batch under `backend`. Call after quantization and after
-    QwT lowering (`methods.qwt.lower`); QLA adapters are not fused yet (their blocks still run,
-    module by module)."""
+    QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`)."""
     example = example if example is not None else example_input(model)
     facts = describe(model, example)
     named = find_blocks(model)
@@ -121,26 +152,11 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
         with use_backend(backend):
             inputs = _block_inputs(model, [block for _, block in named], example)
             for index, (name, block) in enumerate(named):
-                try:
-                    template = template_for(block, facts.block)
-                    if index not in inputs or inputs[index].dim() != 3:
-                        raise ValueError("the example does not reach this block with [batch, tokens, width] input")
-                    x = inputs[index]
-                    with torch.no_grad():
-                        expected = block(x)
-                        fuse_block(block, template)
-                        if not block._fused_chain_applies(x, (), {}):
-                            unfuse_block(block)
-                            raise ValueError("a module the fused chain bypasses carries hooks (QLA adapters, "
-                                             "observers), or the backend is 'simulate'")
-                        error = _relative_error(expected, block(x))
-                    if error > MATCH_TOLERANCE:
-                        unfuse_block(block)
-                        raise ValueError(f"the fused chain differs from the block's forward (relative error {error:.3g})")
-                except ValueError as reason:
-                    report.skipped[name] = str(reason)
-                    continue
-                report.fused.append(name)
+                reason = _fuse_checked(block, facts.block, inputs.get(index))
+                if reason:
+                    report.skipped[name] = reason
+                else:
+                    report.fused.append(name)
     finally:
         model.train(was_training)
     return report

@@ -1,7 +1,7 @@
 """QLA adapters: a LoRA on the FFN branch and a depthwise-separable adapter on the attention branch.
 
 Both start as exact no-ops (their last projection is zero) and are attached to a block by hooks
-(`attach_adapters`), so the host model's modules and attributes stay as they are:
+(`methods.qla.add_adapters`), so the host model's modules and attributes stay as they are:
 
 - FFN branch: LoRA(h) = up(down(h)) on the MLP's normalized input h, added to the MLP output
   linear's output (in parallel with the MLP).
@@ -47,6 +47,11 @@ class DWSepAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.gate * self.up(self.down_path(h, token_mask))
+
+    def down_path(self, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """T = down(GELU(DW(h))) [batch, tokens, rank]: what the fused form hands to the GEMM whose
+        low-rank segment holds gate·up (`methods.qla.fuse`)."""
         batch, tokens, dim = h.shape
         prefix, body = h[:, : self.prefix_tokens], h[:, self.prefix_tokens:]
         if self.grid is not None:
@@ -61,4 +66,54 @@ class DWSepAdapter(nn.Module):
                 body = body * token_mask[:, self.prefix_tokens:, None].to(body.dtype)
             body = self.depthwise(body.transpose(1, 2)).transpose(1, 2)
         mixed = torch.cat([prefix, body], dim=1)
-        return self.gate * self.up(self.down(F.gelu(mixed)))
+        return self.down(F.gelu(mixed))
+
+
+class LoweredAdapter(nn.Module):
+    """An adapter's up-projection U [out_features, rank] running in a QuantLinear's low-rank segment.
+
+    The adapter's down path runs where its input is (a hook on the norm the adapter reads, or the
+    fused block's chain) and hands T [tokens, rank] over with `prepare`; the QuantLinear's GEMM then
+    adds T·Uᵀ. Gates and up biases are folded at lowering (methods.qla.fuse)."""
+
+    def __init__(self, up: torch.Tensor):
+        super().__init__()
+        self.register_buffer("up", up.detach().float().contiguous(), persistent=False)
+        self._pending: list = []
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def prepare(self, t: torch.Tensor) -> None:
+        self._pending.append(t.reshape(-1, self.rank))
+
+    def segments(self, dtype: torch.dtype) -> dict:
+        """The low-rank segment for this call's GEMM (consumes what `prepare` stored)."""
+        if not self._pending:
+            raise RuntimeError("the lowered adapter got no input: was the linear called outside its block?")
+        return dict(lowrank_t=self._pending.pop(0).to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
+
+
+# Hooks of lowered adapters (methods.qla.fuse), module-level so that a fused block can recognise
+# them: its chain computes the same T itself and passes it to the GEMMs directly.
+
+def prepare_attention_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook on the attention's norm: T_dw = down(GELU(DW(norm1(x)))) for the output projection."""
+    block = norm._qla_block
+    block._qla_attention_linear.lowered_adapter.prepare(block.qla_attention.down_path(output, block._qla_inputs.get("mask")))
+
+
+def prepare_attention_adapter_from_input(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Block pre-hook for post-norm blocks, whose attention adapter reads the block input x."""
+    x = args[0] if args else kwargs["hidden_states"]
+    block._qla_attention_linear.lowered_adapter.prepare(block.qla_attention.down_path(x, block._qla_inputs.get("mask")))
+
+
+def prepare_ffn_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook on the MLP's norm: T_lora = norm2(x1)·A for the MLP output linear."""
+    block = norm._qla_block
+    block._qla_ffn_linear.lowered_adapter.prepare(block.qla_ffn.down(output))
+
+
+LOWERED_ADAPTER_HOOKS = (prepare_attention_adapter, prepare_ffn_adapter)

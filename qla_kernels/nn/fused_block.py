@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import fused_linear, quantize_activation
+from ..ops import reference
 from ..ops.dispatch import resolve_backend
+from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter
 from .quant_linear import QuantLinear
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
@@ -66,23 +68,30 @@ def _norm_eps(norm: nn.Module) -> float:
     return float(eps if eps is not None else torch.finfo(torch.float32).eps)
 
 
-def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None):
-    """(codes, scales, zero point for the GEMM) of x for `layer`, with `norm` applied first."""
+def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None,
+                    down_proj: Optional[torch.Tensor] = None):
+    """(codes, scales, zero point for the GEMM, T) of x for `layer`, with `norm` applied first and
+    T = norm(x)·down_proj from the same read (no columns without `down_proj`)."""
     kwargs = {}
     if norm is not None:
         kwargs = dict(norm_kind=_norm_kind(norm), norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None),
                       norm_eps=_norm_eps(norm))
     bits = layer.config.act_bits
-    q, scale, _ = quantize_activation(x, bits, static_scale=layer.input_scale,
-                                          zero_point=layer.input_zero_point, **kwargs)
+    q, scale, t = quantize_activation(x, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point,
+                                      down_proj=down_proj, **kwargs)
     gemm_zero_point = layer.input_zero_point if (layer.input_zero_point is not None and bits == 8) else None
-    return q, scale, gemm_zero_point
+    return q, scale, gemm_zero_point, t
 
 
 class FusedPackedQKVBlock(nn.Module):
     """Mixin placed before a block's own class by `fuse_block`; see the module docstring."""
 
     _qla_template: PackedQKVTemplate
+
+    @staticmethod
+    def _adapter_up(layer: QuantLinear) -> Optional[torch.Tensor]:
+        adapter = getattr(layer, "lowered_adapter", None)
+        return None if adapter is None else adapter.up
 
     def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if self.training or args or any(v is not None and v is not False for v in kwargs.values()):
@@ -91,7 +100,7 @@ class FusedPackedQKVBlock(nn.Module):
             return False
         for name in self._qla_template.bypassed():
             module = self.get_submodule(name)
-            if module._forward_hooks or module._forward_pre_hooks:
+            if module._forward_pre_hooks or any(h not in LOWERED_ADAPTER_HOOKS for h in module._forward_hooks.values()):
                 return False
         return True
 
@@ -105,7 +114,8 @@ class FusedPackedQKVBlock(nn.Module):
         batch, tokens, width = x.shape
         rows = x.reshape(batch * tokens, width).contiguous()
 
-        q, scale, zero = _quantize_input(rows, qkv, part(t.norm1))
+        norm1 = part(t.norm1)
+        q, scale, zero, _ = _quantize_input(rows, qkv, norm1)
         packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype)
         heads, head_dim = attention.num_heads, attention.head_dim
         query, key, value = packed.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -114,11 +124,18 @@ class FusedPackedQKVBlock(nn.Module):
         context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
         context = getattr(attention, "norm", nn.Identity())(context).contiguous()
 
-        q, scale, zero = _quantize_input(context, proj)
+        adapter_t = None
+        if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
+            normed = reference.normalize(rows, _norm_kind(norm1), norm1.weight, getattr(norm1, "bias", None),
+                                         _norm_eps(norm1)).to(x.dtype).reshape(batch, tokens, width)
+            adapter_t = self.qla_attention.down_path(normed).reshape(batch * tokens, -1)
+        q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
-                              out_dtype=x.dtype)
+                          out_dtype=x.dtype, **proj.lowered_segments(x.dtype, adapter_t, self._adapter_up(proj)))
 
-        q, scale, zero = _quantize_input(x1, fc1, part(t.norm2))
+        lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
+        down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
+        q, scale, zero, lora_t = _quantize_input(x1, fc1, part(t.norm2), down)
         if fc2.input_scale is None:  # dynamic per-token scales for fc2: re-quantize in fc1's epilogue
             hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero,
                                                       bias=fc1.bias, activation=t.activation, out_dtype=x.dtype,
@@ -127,9 +144,8 @@ class FusedPackedQKVBlock(nn.Module):
         else:
             hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
                                       activation=t.activation, out_dtype=x.dtype)
-            hidden_q, hidden_scale, hidden_zero = _quantize_input(hidden, fc2)
-        lowered = getattr(fc2, "lowered_qwt", None)
-        segments = lowered.segments(x.dtype) if lowered is not None else {}
+            hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
+        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, self._adapter_up(fc2))
         out = fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
                                residual=x1, out_dtype=x.dtype, **segments)
         return out.reshape(batch, tokens, width)
@@ -154,6 +170,14 @@ def fuse_block(block: nn.Module, template: PackedQKVTemplate) -> nn.Module:
             raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")
         if name != template.fc2 and getattr(layer, "lowered_qwt", None) is not None:
             raise ValueError(f"{name!r} carries a lowered QwT compensation; only the block's last linear may")
+        if name in (template.qkv, template.fc1) and getattr(layer, "lowered_adapter", None) is not None:
+            raise ValueError(f"{name!r} carries a lowered adapter; the chain runs them on proj and fc2 only")
+    lowered = {name: getattr(block.get_submodule(name), "lowered_adapter", None) is not None
+               for name in (template.proj, template.fc2)}
+    if lowered[template.proj] and not isinstance(getattr(block, "qla_attention", None), DWSepAdapter):
+        raise ValueError(f"{template.proj!r} carries a lowered adapter but the block has no qla_attention adapter")
+    if lowered[template.fc2] and not isinstance(getattr(block, "qla_ffn", None), LoRAAdapter):
+        raise ValueError(f"{template.fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
     attention = block.get_submodule(template.attention)
     heads, head_dim = getattr(attention, "num_heads", None), getattr(attention, "head_dim", None)
     if not isinstance(heads, int) or not isinstance(head_dim, int):

@@ -138,13 +138,37 @@ class QuantLinear(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
         rows = x.reshape(-1, self.in_features).contiguous()
-        lowered = getattr(self, "lowered_qwt", None)  # set by nn.compensation.lower_into_linear
-        segments = lowered.segments(x.dtype) if lowered is not None else {}
+        segments = self.lowered_segments(x.dtype)
         y = ops.quantized_linear(
             rows, self.quantized_weight(), self.config.act_bits,
             static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias, **segments,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
+                         lowrank_u: Optional[torch.Tensor] = None) -> dict:
+        """The GEMM segments of corrections lowered into this layer for this call: a QwT
+        compensation (`lowered_qwt`, nn.compensation.lower_into_linear) and an adapter
+        (`lowered_adapter`, methods.qla.fuse). Low-rank parts share one segment, T and U
+        concatenated along the rank; `lowrank_t`/`lowrank_u` are put first (a caller that computed
+        the adapter's T itself passes it here instead of letting the adapter's hook prepare it)."""
+        segments, ts, us = {}, [], []
+        if lowrank_t is not None:
+            ts.append(lowrank_t.to(dtype))
+            us.append(lowrank_u.to(dtype))
+        elif getattr(self, "lowered_adapter", None) is not None:
+            adapter = self.lowered_adapter.segments(dtype)
+            ts.append(adapter["lowrank_t"])
+            us.append(adapter["lowrank_u"])
+        if getattr(self, "lowered_qwt", None) is not None:
+            segments = self.lowered_qwt.segments(dtype)
+            if "lowrank_t" in segments:
+                ts.append(segments.pop("lowrank_t"))
+                us.append(segments.pop("lowrank_u"))
+        if ts:
+            segments["lowrank_t"] = ts[0] if len(ts) == 1 else torch.cat(ts, dim=1).contiguous()
+            segments["lowrank_u"] = us[0] if len(us) == 1 else torch.cat(us, dim=1).contiguous()
+        return segments
 
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
