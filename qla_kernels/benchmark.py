@@ -6,8 +6,8 @@ Vision (timm ViT-B/16, DeiT-S, DeiT-T, Swin-T at 224², random weights) and BERT
     w8a8, w4a8                      quantize_ → fuse_blocks (fused chain wherever a template fits)
     w8a8_qwt                        + QwT (calibrated on random inputs, truncated to 99% energy,
                                       lowered into each block's last GEMM)
-    w8a8_qla_qwt, w4a8_qla          + QLA adapters (rank 8). QLA export onto the kernels is not
-                                      built yet, so adapted blocks run module by module: labelled
+    w8a8_qla_qwt, w4a8_qla          + QLA adapters (rank 8) lowered onto the GEMMs (methods.qla.fuse)
+    w8a8_qla_qwt_modules            the same adapters run as separate PyTorch ops (unfused baseline)
 Ours run eagerly and, on CUDA, replayed from a CUDA graph (`_graph` rows). A LLaMA-style decoder
 (8B-shaped layers, a few of them) decodes with its KV cache at batch 1 and 16: fp16 vs W4A16.
 
@@ -41,7 +41,8 @@ from .quant.config import W4A8, W4A16, W8A8
 VISION_MODELS = {"vit_b16": "vit_base_patch16_224", "deit_s": "deit_small_patch16_224",
                  "deit_t": "deit_tiny_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}
 VISION_BATCHES = (1, 8, 64)
-VARIANTS = ("fp16_eager", "fp16_compile", "w8a8", "w8a8_qwt", "w8a8_qla_qwt", "w4a8", "w4a8_qla")
+VARIANTS = ("fp16_eager", "fp16_compile", "w8a8", "w8a8_qwt", "w8a8_qla_qwt", "w8a8_qla_qwt_modules", "w4a8",
+            "w4a8_qla")
 # Tiny stand-ins for CPU runs: the same architectures, a few layers, small images.
 TINY_VISION = {
     "vit_b16": dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4),
@@ -132,6 +133,8 @@ def prepare(variant: str, fp: nn.Module, example: Any, calibration: List[Any], s
         qla.add_adapters(model, rank=8, example=example)
     model = model.to(setup.dtype)
     example = _cast(example, setup.dtype)
+    if "qla" in variant and not variant.endswith("_modules"):
+        qla.fuse(model, example)
     if "qwt" in variant:
         qwt.lower(model, example)
     fuse_blocks(model, example)
@@ -171,7 +174,7 @@ def time_model(name: str, fp: nn.Module, examples: Dict[int, Any], calibration: 
         row["speedup_vs_fp16_eager"] = baseline[batch, "fp16_eager"] / row["ms"]
         if (batch, "fp16_compile") in baseline:
             row["speedup_vs_fp16_compile"] = baseline[batch, "fp16_compile"] / row["ms"]
-        uncorrected = row["variant"].replace("_qla", "").replace("_qwt", "")
+        uncorrected = row["variant"].replace("_qla", "").replace("_qwt", "").replace("_modules", "")
         if uncorrected != row["variant"] and (batch, uncorrected) in baseline:
             row["correction_overhead"] = row["ms"] / baseline[batch, uncorrected] - 1
     rows.sort(key=lambda r: r["batch"])

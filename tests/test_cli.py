@@ -69,7 +69,8 @@ def test_bench_on_cpu_is_labelled_and_complete(tmp_path, capsys):
     assert "plumbing only" in printed and "| vit_b16 | 1 | w8a8_qla_qwt |" in printed
     report = json.loads(next(tmp_path.glob("e2e_cpu_*.json")).read_text())
     variants = {(r["model"], r["variant"]) for r in report["rows"]}
-    assert {v for _, v in variants} == {"fp16_eager", "w8a8", "w8a8_qwt", "w8a8_qla_qwt", "w4a8", "w4a8_qla"}
+    assert {v for _, v in variants} == {"fp16_eager", "w8a8", "w8a8_qwt", "w8a8_qla_qwt", "w8a8_qla_qwt_modules",
+                                        "w4a8", "w4a8_qla"}
     assert {m for m, _ in variants} == {"vit_b16", "deit_t"}
     for row in report["rows"]:
         assert row["ms"] > 0 and row["speedup_vs_fp16_eager"] > 0
