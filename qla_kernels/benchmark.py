@@ -134,7 +134,7 @@ def prepare(variant: str, fp: nn.Module, example: Any, calibration: List[Any], s
     model = model.to(setup.dtype)
     example = _cast(example, setup.dtype)
     if "qla" in variant and not variant.endswith("_modules"):
-        qla.fuse(model, example)
+        qla.fuse(model)
     if "qwt" in variant:
         qwt.lower(model, example)
     fuse_blocks(model, example)

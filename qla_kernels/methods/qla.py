@@ -11,7 +11,6 @@ backend (straight-through rounding), so the adapters fit the error the kernels m
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any, Iterable, List, Optional
 
 import torch
@@ -22,25 +21,20 @@ from tqdm import tqdm
 from ..models.blocks import find_blocks
 from ..models.facts import describe, example_input
 from ..nn.adapters import (
-    DWSepAdapter,
-    LoRAAdapter,
+    AdapterPlacement,
     LoweredAdapter,
+    adapter_width,
+    attach_adapters,
     prepare_attention_adapter,
     prepare_attention_adapter_from_input,
     prepare_ffn_adapter,
+    store_adapter_mask,
 )
-from ..nn.compensation import block_input, link, primary_output, with_primary_output
+from ..nn.compensation import link, primary_output
 from ..ops.dispatch import use_backend
 from .batches import materialize, model_output, run_model, token_mask
 
 ADAPTER_NAMES = ("qla_attention", "qla_ffn")
-
-
-def _width(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0]
-    return module.normalized_shape[-1]
 
 
 def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = None, seed: int = 0) -> List[str]:
@@ -58,73 +52,15 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     if callable(getattr(model_q, "can_generate", None)) and model_q.can_generate():
         raise ValueError("causal language models need a causal depthwise conv with a conv-state cache beside the KV "
                          "cache; that adapter is not implemented yet")
-    blocks = find_blocks(model_q)
-    link(model_q, "_qla_blocks", [block for _, block in blocks])
-    model_q._qla_handles = [model_q.register_forward_pre_hook(_store_mask, with_kwargs=True)]
+    names = [name for name, _ in find_blocks(model_q)]
+    placement = AdapterPlacement(
+        facts.block.norm_position, facts.block.attention_norm, facts.block.mlp_norm, facts.block.attention_output,
+        facts.block.mlp_output, rank, adapter_width(model_q.get_submodule(names[0]).get_submodule(facts.block.mlp_norm)),
+        facts.grid, facts.prefix_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _, block in blocks:
-            _add_block_adapters(model_q, block, facts, rank)
-    return [name for name, _ in blocks]
-
-
-def _add_block_adapters(model_q: nn.Module, block: nn.Module, facts, rank: int) -> None:
-    dim = _width(block.get_submodule(facts.block.mlp_norm))
-    device = next(itertools.chain(block.buffers(), block.parameters())).device
-    block.qla_attention = DWSepAdapter(dim, rank, facts.grid, facts.prefix_tokens).to(device)
-    block.qla_ffn = LoRAAdapter(dim, rank).to(device)
-    _hook(model_q, block, facts)
-
-
-def _store_mask(model, args, kwargs):
-    mask = kwargs.get("attention_mask")
-    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    for block in model._qla_blocks:
-        block._qla_inputs["mask"] = mask
-
-
-def _store_block_input(block, args, kwargs):
-    block._qla_inputs["attention"] = block_input(args, kwargs)
-
-
-def _store_attention_input(norm, args, output):
-    norm._qla_block._qla_inputs["attention"] = output
-
-
-def _store_ffn_input(norm, args, output):
-    norm._qla_block._qla_inputs["ffn"] = output
-
-
-def _add_attention(linear, args, output):
-    block = linear._qla_block
-    out = primary_output(output)
-    adapter = block.qla_attention(block._qla_inputs.pop("attention"), block._qla_inputs.get("mask"))
-    return with_primary_output(output, out + adapter.to(out.dtype))
-
-
-def _add_ffn(linear, args, output):
-    block = linear._qla_block
-    out = primary_output(output)
-    return with_primary_output(output, out + block.qla_ffn(block._qla_inputs.pop("ffn")).to(out.dtype))
-
-
-def _hook(model_q: nn.Module, block: nn.Module, facts) -> None:
-    """Hooks keep their state on modules (nn.compensation.link), so deep copies stay independent."""
-    block._qla_inputs = {}
-    handles = model_q._qla_handles
-    if facts.block.norm_position == "post":
-        handles.append(block.register_forward_pre_hook(_store_block_input, with_kwargs=True))
-    else:
-        norm = block.get_submodule(facts.block.attention_norm)
-        link(norm, "_qla_block", block)
-        handles.append(norm.register_forward_hook(_store_attention_input))
-    mlp_norm = block.get_submodule(facts.block.mlp_norm)
-    link(mlp_norm, "_qla_block", block)
-    handles.append(mlp_norm.register_forward_hook(_store_ffn_input))
-    for name, hook in ((facts.block.attention_output, _add_attention), (facts.block.mlp_output, _add_ffn)):
-        linear = block.get_submodule(name)
-        link(linear, "_qla_block", block)
-        handles.append(linear.register_forward_hook(hook))
+        attach_adapters(model_q, names, placement)
+    return names
 
 
 @dataclasses.dataclass
@@ -215,7 +151,7 @@ def _hybrid_loss(output: torch.Tensor, target: torch.Tensor, batch: Any, tempera
 
 
 @torch.no_grad()
-def fuse(model_q: nn.Module, example: Optional[Any] = None) -> List[str]:
+def fuse(model_q: nn.Module) -> List[str]:
     """Lowers the trained adapters onto the quantized GEMMs (in place; a runtime conversion, like
     `qwt.lower`: save before it). Per block, with the gate and the up bias folded:
 
@@ -226,17 +162,17 @@ def fuse(model_q: nn.Module, example: Optional[Any] = None) -> List[str]:
 
     In a fused block (`models.fuse_blocks`, call it after this) T_lora comes out of the norm2
     pre-kernel's read of x1. Returns the blocks lowered."""
-    if not getattr(model_q, "_qla_handles", None):
+    placement = getattr(model_q, "_qla_placement", None)
+    if placement is None:
         raise ValueError("model_q has no QLA adapters: call add_adapters (and train) first")
     if getattr(model_q, "_qla_lowered", False):
         raise ValueError("the adapters are already fused")
-    facts = describe(model_q, example if example is not None else example_input(model_q))
     for handle in model_q._qla_handles:
         handle.remove()
-    model_q._qla_handles = [model_q.register_forward_pre_hook(_store_mask, with_kwargs=True)]
-    names = {id(block): name for name, block in find_blocks(model_q)}
+    model_q._qla_handles = [model_q.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]
+    handles = model_q._qla_handles
     for block in model_q._qla_blocks:
-        proj, fc2 = block.get_submodule(facts.block.attention_output), block.get_submodule(facts.block.mlp_output)
+        proj, fc2 = block.get_submodule(placement.attention_output), block.get_submodule(placement.mlp_output)
         attention, ffn = block.qla_attention, block.qla_ffn
         gate = attention.gate.detach().float()
         proj.lowered_adapter = LoweredAdapter(gate * attention.up.weight.float())
@@ -248,11 +184,10 @@ def fuse(model_q: nn.Module, example: Optional[Any] = None) -> List[str]:
         fc2.lowered_adapter = LoweredAdapter(ffn.up.weight.float())
         link(block, "_qla_attention_linear", proj)
         link(block, "_qla_ffn_linear", fc2)
-        handles = model_q._qla_handles
-        if facts.block.norm_position == "post":
+        if placement.norm_position == "post":
             handles.append(block.register_forward_pre_hook(prepare_attention_adapter_from_input, with_kwargs=True))
         else:
-            handles.append(block.get_submodule(facts.block.attention_norm).register_forward_hook(prepare_attention_adapter))
-        handles.append(block.get_submodule(facts.block.mlp_norm).register_forward_hook(prepare_ffn_adapter))
+            handles.append(block.get_submodule(placement.attention_norm).register_forward_hook(prepare_attention_adapter))
+        handles.append(block.get_submodule(placement.mlp_norm).register_forward_hook(prepare_ffn_adapter))
     model_q._qla_lowered = True
-    return [names[id(block)] for block in model_q._qla_blocks]
+    return list(model_q._qla_block_names)

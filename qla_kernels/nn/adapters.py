@@ -14,11 +14,15 @@ Both start as exact no-ops (their last projection is zero) and are attached to a
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+import itertools
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .compensation import block_input, link, primary_output, with_primary_output
 
 
 class LoRAAdapter(nn.Module):
@@ -117,3 +121,95 @@ def prepare_ffn_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> N
 
 
 LOWERED_ADAPTER_HOOKS = (prepare_attention_adapter, prepare_ffn_adapter)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPlacement:
+    """Where a block's adapters read and write (names relative to the block) and their shape; the
+    same for every block of a model. Stored in checkpoints, so loading needs no example input."""
+
+    norm_position: str  # "pre" | "post"
+    attention_norm: str  # "" for post-norm blocks (the attention adapter reads the block input)
+    mlp_norm: str
+    attention_output: str
+    mlp_output: str
+    rank: int
+    dim: int
+    grid: Optional[Tuple[int, int]]  # patch grid for vision tokens, None for 1-D sequences
+    prefix_tokens: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AdapterPlacement":
+        grid = values.get("grid")
+        return cls(**{**values, "grid": None if grid is None else tuple(grid)})
+
+
+def adapter_width(norm: nn.Module) -> int:
+    """The feature width a norm normalizes (LayerNorm, RMSNorm and library variants)."""
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0]
+    return norm.normalized_shape[-1]
+
+
+def store_adapter_mask(model, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for block in model._qla_blocks:
+        block._qla_inputs["mask"] = mask
+
+
+def _store_block_input(block, args, kwargs):
+    block._qla_inputs["attention"] = block_input(args, kwargs)
+
+
+def _store_attention_input(norm, args, output):
+    norm._qla_block._qla_inputs["attention"] = output
+
+
+def _store_ffn_input(norm, args, output):
+    norm._qla_block._qla_inputs["ffn"] = output
+
+
+def _add_attention(linear, args, output):
+    block = linear._qla_block
+    out = primary_output(output)
+    adapter = block.qla_attention(block._qla_inputs.pop("attention"), block._qla_inputs.get("mask"))
+    return with_primary_output(output, out + adapter.to(out.dtype))
+
+
+def _add_ffn(linear, args, output):
+    block = linear._qla_block
+    out = primary_output(output)
+    return with_primary_output(output, out + block.qla_ffn(block._qla_inputs.pop("ffn")).to(out.dtype))
+
+
+def attach_adapters(model: nn.Module, block_names: List[str], placement: AdapterPlacement) -> None:
+    """Gives each named block fresh adapters (`qla_attention`, `qla_ffn`, exact no-ops) and hooks
+    them in as `placement` says. Hooks keep their state on modules (compensation.link), so deep
+    copies of the model stay independent."""
+    blocks = [model.get_submodule(name) for name in block_names]
+    link(model, "_qla_blocks", blocks)
+    model._qla_block_names, model._qla_placement = list(block_names), placement
+    handles = model._qla_handles = [model.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]
+    for block in blocks:
+        device = next(itertools.chain(block.buffers(), block.parameters())).device
+        block.qla_attention = DWSepAdapter(placement.dim, placement.rank, placement.grid, placement.prefix_tokens).to(device)
+        block.qla_ffn = LoRAAdapter(placement.dim, placement.rank).to(device)
+        block._qla_inputs = {}
+        if placement.norm_position == "post":
+            handles.append(block.register_forward_pre_hook(_store_block_input, with_kwargs=True))
+        else:
+            norm = block.get_submodule(placement.attention_norm)
+            link(norm, "_qla_block", block)
+            handles.append(norm.register_forward_hook(_store_attention_input))
+        mlp_norm = block.get_submodule(placement.mlp_norm)
+        link(mlp_norm, "_qla_block", block)
+        handles.append(mlp_norm.register_forward_hook(_store_ffn_input))
+        for name, hook in ((placement.attention_output, _add_attention), (placement.mlp_output, _add_ffn)):
+            linear = block.get_submodule(name)
+            link(linear, "_qla_block", block)
+            handles.append(linear.register_forward_hook(hook))

@@ -1,8 +1,9 @@
 """save_quantized / load_quantized: a quantized model as one safetensors file.
 
-The header records, per QuantLinear, its config and shape, and per block with a QwT
-compensation, its shape and where it is added, so `load_quantized` can rebuild the modules on an
-unquantized skeleton of the same architecture before loading the tensors.
+The header records, per QuantLinear, its config and shape, per block with a QwT compensation, its
+shape and where it is added, and for QLA adapters their placement and blocks, so `load_quantized`
+can rebuild the modules on an unquantized skeleton of the same architecture before loading the
+tensors. Lowering (qwt.lower, qla.fuse) and block fusion are runtime conversions: save before them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..formats.checkpoint import read_checkpoint, write_checkpoint
 from ..quant.config import QuantConfig
+from .adapters import AdapterPlacement, attach_adapters
 from .compensation import QwTCompensation, attach, compensated_blocks
 from .quant_linear import QuantLinear
 from .quantize import is_linear
@@ -21,7 +23,14 @@ _OPTIONAL_BUFFERS = ("input_scale", "input_zero_point", "weight_colsum")
 
 
 def save_quantized(model: nn.Module, path: str) -> None:
-    """Writes every parameter and buffer of `model` plus the layout of its QuantLinears."""
+    """Writes every parameter and buffer of `model` plus the layout of its QuantLinears, QwT
+    compensations and QLA adapters. A model with lowered corrections is refused (their folded
+    biases would be saved without the segments that go with them)."""
+    lowered = [name for name, m in model.named_modules()
+               if getattr(m, "lowered_qwt", None) is not None or getattr(m, "lowered_adapter", None) is not None]
+    if lowered:
+        raise ValueError(f"{lowered[0]!r} carries a lowered correction (qwt.lower / qla.fuse are runtime "
+                         "conversions): save before lowering, lower after loading")
     layers = {
         name: {"config": module.config.to_dict(), "in_features": module.in_features,
                "out_features": module.out_features, "bias": module.bias is not None}
@@ -34,6 +43,9 @@ def save_quantized(model: nn.Module, path: str) -> None:
     }
     metadata = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers,
                 "qla_kernels.qwt": compensations}
+    placement = getattr(model, "_qla_placement", None)
+    if placement is not None:
+        metadata["qla_kernels.qla"] = {"blocks": model._qla_block_names, "placement": placement.to_dict()}
     write_checkpoint(path, model.state_dict(), metadata)
 
 
@@ -69,5 +81,8 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         empty = lambda shape: None if shape is None else torch.empty(shape, device=device)  # noqa: E731
         attach(block, QwTCompensation(empty(layout["weight"]), empty(layout["weight"][:1]), empty(layout["down"]),
                                       layout["output_norm"]))
+    adapters = metadata.get("qla_kernels.qla")
+    if adapters is not None:
+        attach_adapters(model, adapters["blocks"], AdapterPlacement.from_dict(adapters["placement"]))
     model.load_state_dict(tensors, strict=True)
     return model

@@ -108,7 +108,7 @@ def test_fused_block_runs_lowered_qla_and_qwt_in_its_gemms(backend, chain_calls)
         for name, p in model.named_parameters():
             if "qla_" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    qla.fuse(model, x)
+    qla.fuse(model)
     qwt.lower(model, x)
     with torch.no_grad():
         expected = model(x)
