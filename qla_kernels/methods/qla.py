@@ -82,14 +82,22 @@ def train(
     temperature: float = 2.0,
     feature_weight: float = 1e-3,
     train_head: bool = False,
+    mixup: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> TrainReport:
-    """Trains the adapters of `model_q` (after `add_adapters`) against `teacher` with AdamW."""
+    """Trains the adapters of `model_q` (after `add_adapters`) against `teacher` with AdamW.
+
+    `mixup` adds, per batch of float inputs (images), a batch of convex mixes of its samples
+    (one random partner and weight per sample), distilled without labels: the teacher is queried
+    between the calibration images, where a model fitted to its outputs on the images themselves
+    generalises worst. Token-id inputs are not mixed."""
     if getattr(model_q, "_qla_lowered", False):
         raise ValueError("the adapters were fused onto the GEMMs (qla.fuse): train before fusing")
     torch.manual_seed(seed)
     batches = materialize(batches)
+    if mixup:
+        batches = batches + [mixed for mixed in map(_mixed_inputs, batches) if mixed is not None]
     parameters = [p for name, p in model_q.named_parameters() if any(a in name for a in ADAPTER_NAMES)]
     if not parameters:
         raise ValueError("model_q has no QLA adapters: call add_adapters first")
@@ -138,6 +146,16 @@ def train(
         for p in parameters:
             p.requires_grad_(False)
     return TrainReport(len(losses), losses[0], losses[-1], sum(p.numel() for p in parameters))
+
+
+def _mixed_inputs(batch: Any) -> Optional[torch.Tensor]:
+    """λ·x + (1 − λ)·x[perm] per sample for a batch of float inputs (labels dropped), else None."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape[0] < 2:
+        return None
+    partner = torch.randperm(x.shape[0], device=x.device)
+    weight = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
+    return weight * x + (1 - weight) * x[partner]
 
 
 def _hybrid_loss(output: torch.Tensor, target: torch.Tensor, batch: Any, temperature: float) -> torch.Tensor:

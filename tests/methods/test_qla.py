@@ -178,3 +178,36 @@ def test_adapters_round_trip_through_the_checkpoint(name, tmp_path):
     qla.fuse(restored)
     with pytest.raises(ValueError, match="save before lowering"):
         qk.save_quantized(restored, path)
+
+
+def test_digits_w4a4_ordering_ptq_qwt_qla(digits_vit, capsys):
+    """Held-out KL to fp at W4A4 (static min-max): PTQ > PTQ+QwT > PTQ+QwT+QLA for every adapter
+    seed. QLA: rank 8, two epochs over the training images plus their mixup, KD at T=4.
+    Measured: PTQ 0.0495, QwT 0.0304, QLA over seeds 0/1/2: 0.0238, 0.0281, 0.0221; the issue's target
+    of closing half of PTQ's gap (KL <= 0.0248) is met by some seeds only, so it is reported."""
+    fp = digits_vit.model
+    with torch.no_grad():
+        fp_logits = fp(digits_vit.test_x)
+
+    def kl(model):
+        with torch.no_grad(), qk.use_backend("simulate"):
+            return kl_divergence(fp_logits, model(digits_vit.test_x))
+
+    model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
+    ptq.calibrate(model, digits_vit.calibration_batches(), method="minmax", progress=False)
+    kl_ptq = kl(model)
+    qwt.calibrate(fp, model, digits_vit.calibration_batches(), progress=False)
+    kl_qwt = kl(model)
+    batches = [digits_vit.train_x[i:i + 64] for i in range(0, 1400, 64)]
+    kl_qla = []
+    for seed in (0, 1, 2):
+        adapted = copy.deepcopy(model)
+        qla.add_adapters(adapted, rank=8, example=digits_vit.test_x[:2], seed=seed)
+        qla.train(adapted, fp, batches, epochs=2, temperature=4.0, mixup=True, seed=seed, progress=False)
+        kl_qla.append(kl(adapted))
+    assert kl_qwt < 0.75 * kl_ptq
+    assert max(kl_qla) < kl_qwt and sum(kl_qla) / 3 < 0.92 * kl_qwt
+    with capsys.disabled():
+        closed = [(kl_ptq - k) / kl_ptq for k in kl_qla]
+        print(f"\ndigits ViT W4A4 KL: PTQ {kl_ptq:.4f}, +QwT {kl_qwt:.4f}, +QLA {[round(k, 4) for k in kl_qla]} "
+              f"(closes {[f'{c:.0%}' for c in closed]} of PTQ's KL)")
