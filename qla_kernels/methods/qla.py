@@ -49,14 +49,12 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     facts = describe(model_q, example if example is not None else example_input(model_q))
     if facts.token_layout == "grid":
         raise ValueError("windowed (Swin-style) blocks are not supported yet: their attention output is in window order")
-    if callable(getattr(model_q, "can_generate", None)) and model_q.can_generate():
-        raise ValueError("causal language models need a causal depthwise conv with a conv-state cache beside the KV "
-                         "cache; that adapter is not implemented yet")
+    causal = callable(getattr(model_q, "can_generate", None)) and model_q.can_generate()
     names = [name for name, _ in find_blocks(model_q)]
     placement = AdapterPlacement(
         facts.block.norm_position, facts.block.attention_norm, facts.block.mlp_norm, facts.block.attention_output,
         facts.block.mlp_output, rank, adapter_width(model_q.get_submodule(names[0]).get_submodule(facts.block.mlp_norm)),
-        facts.grid, facts.prefix_tokens)
+        None if causal else facts.grid, facts.prefix_tokens, causal)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         attach_adapters(model_q, names, placement)

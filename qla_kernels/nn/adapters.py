@@ -37,27 +37,40 @@ class LoRAAdapter(nn.Module):
 
 
 class DWSepAdapter(nn.Module):
-    """`grid` (H, W) with `prefix_tokens` leading tokens for vision tokens, or None for 1-D sequences."""
+    """`grid` (H, W) with `prefix_tokens` leading tokens for vision tokens, or None for 1-D sequences.
 
-    def __init__(self, dim: int, rank: int, grid: Optional[Tuple[int, int]], prefix_tokens: int = 0):
+    `causal` (decoders): the 1-D conv sees the current and the two previous tokens only. Decoding
+    with a KV cache feeds one token at a time, so the two previous (masked) inputs are carried
+    between calls as a conv state: cached generation equals uncached generation."""
+
+    CONV_STATE = 2  # kernel 3: the two previous tokens
+
+    def __init__(self, dim: int, rank: int, grid: Optional[Tuple[int, int]], prefix_tokens: int = 0,
+                 causal: bool = False):
         super().__init__()
-        self.grid, self.prefix_tokens = grid, prefix_tokens
+        if causal and grid is not None:
+            raise ValueError("a causal depthwise conv is 1-D: grid must be None")
+        self.grid, self.prefix_tokens, self.causal = grid, prefix_tokens, causal
         conv = nn.Conv2d if grid is not None else nn.Conv1d
-        self.depthwise = conv(dim, dim, 3, padding=1, groups=dim)
+        self.depthwise = conv(dim, dim, 3, padding=0 if causal else 1, groups=dim)
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
         self.gate = nn.Parameter(torch.ones(()))
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.gate * self.up(self.down_path(h, token_mask))
+    def forward(self, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                conv_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.gate * self.up(self.down_path(h, token_mask, conv_state)[0])
 
-    def down_path(self, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """T = down(GELU(DW(h))) [batch, tokens, rank]: what the fused form hands to the GEMM whose
-        low-rank segment holds gate·up (`methods.qla.fuse`)."""
+    def down_path(self, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                  conv_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(T, next conv state): T = down(GELU(DW(h))) [batch, tokens, rank] is what the fused form
+        hands to the GEMM whose low-rank segment holds gate·up (`methods.qla.fuse`); the state
+        ([batch, dim, 2], causal only, else None) continues the sequence in the next call."""
         batch, tokens, dim = h.shape
         prefix, body = h[:, : self.prefix_tokens], h[:, self.prefix_tokens:]
+        next_state = None
         if self.grid is not None:
             height, width = self.grid
             if body.shape[1] != height * width:
@@ -66,11 +79,17 @@ class DWSepAdapter(nn.Module):
             spatial = body.transpose(1, 2).reshape(batch, dim, height, width)
             body = self.depthwise(spatial).reshape(batch, dim, tokens - self.prefix_tokens).transpose(1, 2)
         else:
-            if token_mask is not None:
-                body = body * token_mask[:, self.prefix_tokens:, None].to(body.dtype)
-            body = self.depthwise(body.transpose(1, 2)).transpose(1, 2)
+            if token_mask is not None:  # the mask covers the cached tokens too: its last columns are these
+                body = body * token_mask[:, token_mask.shape[1] - body.shape[1]:, None].to(body.dtype)
+            channels = body.transpose(1, 2)
+            if self.causal:
+                if conv_state is None:
+                    conv_state = channels.new_zeros(batch, dim, self.CONV_STATE)
+                channels = torch.cat([conv_state.to(channels.dtype), channels], dim=2)
+                next_state = channels[:, :, -self.CONV_STATE:]
+            body = self.depthwise(channels).transpose(1, 2)
         mixed = torch.cat([prefix, body], dim=1)
-        return self.down(F.gelu(mixed))
+        return self.down(F.gelu(mixed)), next_state
 
 
 class LoweredAdapter(nn.Module):
@@ -105,13 +124,12 @@ class LoweredAdapter(nn.Module):
 def prepare_attention_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
     """Forward hook on the attention's norm: T_dw = down(GELU(DW(norm1(x)))) for the output projection."""
     block = norm._qla_block
-    block._qla_attention_linear.lowered_adapter.prepare(block.qla_attention.down_path(output, block._qla_inputs.get("mask")))
+    block._qla_attention_linear.lowered_adapter.prepare(attention_adapter_down_path(block, output))
 
 
 def prepare_attention_adapter_from_input(block: nn.Module, args: tuple, kwargs: dict) -> None:
     """Block pre-hook for post-norm blocks, whose attention adapter reads the block input x."""
-    x = args[0] if args else kwargs["hidden_states"]
-    block._qla_attention_linear.lowered_adapter.prepare(block.qla_attention.down_path(x, block._qla_inputs.get("mask")))
+    block._qla_attention_linear.lowered_adapter.prepare(attention_adapter_down_path(block, block_input(args, kwargs)))
 
 
 def prepare_ffn_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -137,6 +155,7 @@ class AdapterPlacement:
     dim: int
     grid: Optional[Tuple[int, int]]  # patch grid for vision tokens, None for 1-D sequences
     prefix_tokens: int
+    causal: bool = False  # decoders: causal conv with a conv state beside the KV cache
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,11 +174,34 @@ def adapter_width(norm: nn.Module) -> int:
     return norm.normalized_shape[-1]
 
 
+def _continues_cached_sequence(kwargs: dict) -> bool:
+    """Whether this call extends a sequence held in a non-empty KV cache (HF Cache or legacy tuple)."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return False
+    if hasattr(cache, "get_seq_length"):
+        return cache.get_seq_length() > 0
+    return len(cache) > 0
+
+
 def store_adapter_mask(model, args, kwargs):
+    """Model pre-hook: the padding mask, and whether causal adapters continue their conv state."""
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    continuing = _continues_cached_sequence(kwargs)
     for block in model._qla_blocks:
         block._qla_inputs["mask"] = mask
+        if not continuing:
+            block._qla_inputs.pop("conv_state", None)
+
+
+def attention_adapter_down_path(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """T of the block's attention adapter on h, carrying a causal adapter's conv state along."""
+    inputs = block._qla_inputs
+    t, state = block.qla_attention.down_path(h, inputs.get("mask"), inputs.get("conv_state"))
+    if state is not None:
+        inputs["conv_state"] = state
+    return t
 
 
 def _store_block_input(block, args, kwargs):
@@ -177,7 +219,8 @@ def _store_ffn_input(norm, args, output):
 def _add_attention(linear, args, output):
     block = linear._qla_block
     out = primary_output(output)
-    adapter = block.qla_attention(block._qla_inputs.pop("attention"), block._qla_inputs.get("mask"))
+    adapter = block.qla_attention.gate * block.qla_attention.up(attention_adapter_down_path(
+        block, block._qla_inputs.pop("attention")))
     return with_primary_output(output, out + adapter.to(out.dtype))
 
 
@@ -197,7 +240,8 @@ def attach_adapters(model: nn.Module, block_names: List[str], placement: Adapter
     handles = model._qla_handles = [model.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]
     for block in blocks:
         device = next(itertools.chain(block.buffers(), block.parameters())).device
-        block.qla_attention = DWSepAdapter(placement.dim, placement.rank, placement.grid, placement.prefix_tokens).to(device)
+        block.qla_attention = DWSepAdapter(placement.dim, placement.rank, placement.grid, placement.prefix_tokens,
+                                           placement.causal).to(device)
         block.qla_ffn = LoRAAdapter(placement.dim, placement.rank).to(device)
         block._qla_inputs = {}
         if placement.norm_position == "post":

@@ -128,7 +128,7 @@ class FusedPackedQKVBlock(nn.Module):
         if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
             normed = reference.normalize(rows, _norm_kind(norm1), norm1.weight, getattr(norm1, "bias", None),
                                          _norm_eps(norm1)).to(x.dtype).reshape(batch, tokens, width)
-            adapter_t = self.qla_attention.down_path(normed).reshape(batch * tokens, -1)
+            adapter_t = self.qla_attention.down_path(normed)[0].reshape(batch * tokens, -1)
         q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
                           out_dtype=x.dtype, **proj.lowered_segments(x.dtype, adapter_t, self._adapter_up(proj)))

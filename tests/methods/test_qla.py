@@ -8,6 +8,7 @@ import torch
 import qla_kernels as qk
 from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.methods.batches import model_output, run_model
+from qla_kernels.nn.adapters import DWSepAdapter
 
 from ..conftest import kl_divergence
 from ..nn.test_quantize_models import MODELS
@@ -86,9 +87,10 @@ def test_bad_arguments():
     swin, swin_inputs = MODELS["swin_tiny"]()
     with pytest.raises(ValueError, match="windowed"):
         qla.add_adapters(swin, example=swin_inputs)
-    gpt2, gpt2_inputs = MODELS["gpt2"]()
-    with pytest.raises(ValueError, match="causal"):
-        qla.add_adapters(gpt2, example=gpt2_inputs)
+    with pytest.raises(ValueError, match="no QLA adapters"):
+        qla.fuse(MODELS["bert"]()[0])
+    with pytest.raises(ValueError, match="causal depthwise conv is 1-D"):
+        DWSepAdapter(16, 2, grid=(2, 2), causal=True)
 
 
 def test_deep_copies_are_independent():
@@ -211,3 +213,36 @@ def test_digits_w4a4_ordering_ptq_qwt_qla(digits_vit, capsys):
         closed = [(kl_ptq - k) / kl_ptq for k in kl_qla]
         print(f"\ndigits ViT W4A4 KL: PTQ {kl_ptq:.4f}, +QwT {kl_qwt:.4f}, +QLA {[round(k, 4) for k in kl_qla]} "
               f"(closes {[f'{c:.0%}' for c in closed]} of PTQ's KL)")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("lowered", [False, True], ids=["modules", "lowered"])
+def test_causal_adapters_generate_the_same_with_and_without_the_kv_cache(name, lowered):
+    """Decoders get a causal depthwise conv whose two previous inputs ride beside the KV cache:
+    greedy decoding of 20 tokens with the cache equals decoding that recomputes every prefix, and
+    the adapted logits of a prefix do not depend on the tokens after it."""
+    model, inputs = MODELS[name]()
+    quantized = qk.quantize_(model, qk.W8A8())
+    with torch.no_grad():
+        before = model_output(run_model(quantized, inputs))
+    qla.add_adapters(quantized, rank=4, example=inputs)
+    assert quantized._qla_placement.causal and quantized.get_submodule(quantized._qla_block_names[0]).qla_attention.causal
+    with torch.no_grad():
+        assert torch.equal(model_output(run_model(quantized, inputs)), before)  # still an exact no-op
+    _randomize_adapters(quantized)
+    if lowered:
+        qla.fuse(quantized)
+    prompt = inputs["input_ids"][:, :5]
+    with torch.no_grad():
+        full = model_output(run_model(quantized, {"input_ids": inputs["input_ids"]}))
+        prefix = model_output(run_model(quantized, {"input_ids": prompt}))
+        torch.testing.assert_close(full[:, :5], prefix, rtol=1e-4, atol=1e-4)
+        step = quantized(input_ids=prompt, use_cache=True)
+        for position in range(5, inputs["input_ids"].shape[1]):  # token by token through the cache
+            step = quantized(input_ids=inputs["input_ids"][:, position:position + 1], past_key_values=step.past_key_values,
+                             use_cache=True)
+            torch.testing.assert_close(step.logits[:, -1], full[:, position], rtol=1e-4, atol=1e-4)
+        settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+        cached = quantized.generate(prompt, use_cache=True, **settings)
+        uncached = quantized.generate(prompt, use_cache=False, **settings)
+    assert cached.shape == (2, 25) and torch.equal(cached, uncached)
