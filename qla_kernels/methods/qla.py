@@ -23,7 +23,6 @@ from ..models.facts import describe, example_input
 from ..nn.adapters import (
     AdapterPlacement,
     LoweredAdapter,
-    adapter_width,
     attach_adapters,
     prepare_attention_adapter,
     prepare_attention_adapter_from_input,
@@ -47,14 +46,15 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     if getattr(model_q, "_qla_handles", None):
         raise ValueError("model_q already has QLA adapters")
     facts = describe(model_q, example if example is not None else example_input(model_q))
-    if facts.token_layout == "grid":
-        raise ValueError("windowed (Swin-style) blocks are not supported yet: their attention output is in window order")
     causal = callable(getattr(model_q, "can_generate", None)) and model_q.can_generate()
+    spatial = facts.token_layout == "grid"
+    if spatial and facts.block.norm_position != "pre":
+        raise ValueError("spatial (Swin-style) blocks are expected to be pre-norm")
     names = [name for name, _ in find_blocks(model_q)]
     placement = AdapterPlacement(
-        facts.block.norm_position, facts.block.attention_norm, facts.block.mlp_norm, facts.block.attention_output,
-        facts.block.mlp_output, rank, adapter_width(model_q.get_submodule(names[0]).get_submodule(facts.block.mlp_norm)),
-        None if causal else facts.grid, facts.prefix_tokens, causal)
+        facts.block.norm_position, facts.block.attention_norm, facts.block.mlp_norm, facts.block.attention_inputs[0],
+        facts.block.attention_output, facts.block.mlp_output, rank, None if causal or spatial else facts.grid,
+        0 if spatial else facts.prefix_tokens, causal, spatial)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         attach_adapters(model_q, names, placement)

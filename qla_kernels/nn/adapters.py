@@ -46,12 +46,12 @@ class DWSepAdapter(nn.Module):
     CONV_STATE = 2  # kernel 3: the two previous tokens
 
     def __init__(self, dim: int, rank: int, grid: Optional[Tuple[int, int]], prefix_tokens: int = 0,
-                 causal: bool = False):
+                 causal: bool = False, spatial: bool = False):
         super().__init__()
-        if causal and grid is not None:
+        if causal and (grid is not None or spatial):
             raise ValueError("a causal depthwise conv is 1-D: grid must be None")
-        self.grid, self.prefix_tokens, self.causal = grid, prefix_tokens, causal
-        conv = nn.Conv2d if grid is not None else nn.Conv1d
+        self.grid, self.prefix_tokens, self.causal, self.spatial = grid, prefix_tokens, causal, spatial
+        conv = nn.Conv2d if grid is not None or spatial else nn.Conv1d
         self.depthwise = conv(dim, dim, 3, padding=0 if causal else 1, groups=dim)
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
@@ -67,7 +67,13 @@ class DWSepAdapter(nn.Module):
                   conv_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(T, next conv state): T = down(GELU(DW(h))) [batch, tokens, rank] is what the fused form
         hands to the GEMM whose low-rank segment holds gate·up (`methods.qla.fuse`); the state
-        ([batch, dim, 2], causal only, else None) continues the sequence in the next call."""
+        ([batch, dim, 2], causal only, else None) continues the sequence in the next call.
+        Spatial adapters (Swin) read h as [batch, height, width, dim] and keep that layout."""
+        if self.spatial:
+            if h.dim() != 4:
+                raise ValueError(f"a spatial DWSepAdapter expects [batch, height, width, dim] input, got {tuple(h.shape)}")
+            mixed = self.depthwise(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self.down(F.gelu(mixed)), None
         batch, tokens, dim = h.shape
         prefix, body = h[:, : self.prefix_tokens], h[:, self.prefix_tokens:]
         next_state = None
@@ -124,7 +130,8 @@ class LoweredAdapter(nn.Module):
 def prepare_attention_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
     """Forward hook on the attention's norm: T_dw = down(GELU(DW(norm1(x)))) for the output projection."""
     block = norm._qla_block
-    block._qla_attention_linear.lowered_adapter.prepare(attention_adapter_down_path(block, output))
+    if not _probing(block):
+        block._qla_attention_linear.lowered_adapter.prepare(attention_adapter_down_path(block, output))
 
 
 def prepare_attention_adapter_from_input(block: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -135,7 +142,8 @@ def prepare_attention_adapter_from_input(block: nn.Module, args: tuple, kwargs: 
 def prepare_ffn_adapter(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
     """Forward hook on the MLP's norm: T_lora = norm2(x1)·A for the MLP output linear."""
     block = norm._qla_block
-    block._qla_ffn_linear.lowered_adapter.prepare(block.qla_ffn.down(output))
+    if not _probing(block):
+        block._qla_ffn_linear.lowered_adapter.prepare(block.qla_ffn.down(output))
 
 
 LOWERED_ADAPTER_HOOKS = (prepare_attention_adapter, prepare_ffn_adapter)
@@ -149,13 +157,14 @@ class AdapterPlacement:
     norm_position: str  # "pre" | "post"
     attention_norm: str  # "" for post-norm blocks (the attention adapter reads the block input)
     mlp_norm: str
+    attention_input: str  # the (first) linear reading the attention input: window order is read off it
     attention_output: str
     mlp_output: str
     rank: int
-    dim: int
     grid: Optional[Tuple[int, int]]  # patch grid for vision tokens, None for 1-D sequences
     prefix_tokens: int
     causal: bool = False  # decoders: causal conv with a conv state beside the KV cache
+    spatial: bool = False  # block input [batch, height, width, dim] with windowed attention (Swin)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -196,12 +205,75 @@ def store_adapter_mask(model, args, kwargs):
 
 
 def attention_adapter_down_path(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """T of the block's attention adapter on h, carrying a causal adapter's conv state along."""
+    """T of the block's attention adapter on h, carrying a causal adapter's conv state along, and in
+    the attention's row order (Swin: spatial rows gathered into shifted-window order)."""
     inputs = block._qla_inputs
     t, state = block.qla_attention.down_path(h, inputs.get("mask"), inputs.get("conv_state"))
     if state is not None:
         inputs["conv_state"] = state
-    return t
+    return _to_window_order(block, t) if block.qla_attention.spatial else t
+
+
+def _window_rows(block: nn.Module, height: int, width: int, dim: int) -> torch.Tensor:
+    """For one image of height × width: the spatial row each row of the attention input comes from
+    (−1: window padding). Read off the block by running it once on a probe whose rows are all
+    different and matching the attention input linear's rows to the norm's output rows, so no
+    window partition code is copied. Cached per (height, width); checked batch-major on 2 images."""
+    maps = block.__dict__.setdefault("_qla_window_maps", {})
+    if (height, width) in maps:
+        return maps[height, width]
+    placement = block._qla_placement
+    captured = {}
+    norm = block.get_submodule(placement.attention_norm)
+    linear = block.get_submodule(placement.attention_input)
+    handles = [norm.register_forward_hook(lambda m, a, out: captured.setdefault("spatial", out.detach())),
+               linear.register_forward_pre_hook(lambda m, a: captured.setdefault("windows", a[0].detach()))]
+    reference = getattr(norm, "weight", None)
+    reference = reference if isinstance(reference, torch.Tensor) else next(block.parameters())
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, height, width, dim, generator=generator).to(reference.device, reference.dtype)
+    block._qla_inputs["probing"] = True
+    try:
+        with torch.no_grad():
+            block(probe)
+    finally:
+        block._qla_inputs.pop("probing")
+        for handle in handles:
+            handle.remove()
+    spatial = captured["spatial"].reshape(-1, dim).float().cpu()
+    windows = captured["windows"].reshape(-1, dim).float().cpu()
+    # Exact keys: an integer hash of each row's bits (a float dot product may round differently
+    # for the same row at another position of the matrix).
+    multipliers = torch.randint(1, 2**31, (dim,), generator=generator, dtype=torch.int64)
+    spatial_keys, order = torch.sort((spatial.view(torch.int32).long() * multipliers).sum(dim=1))
+    window_keys = (windows.view(torch.int32).long() * multipliers).sum(dim=1)
+    position = torch.searchsorted(spatial_keys, window_keys).clamp(max=len(order) - 1)
+    index = order[position]
+    found = (spatial[index] == windows).all(dim=1)
+    index = torch.where(found, index, torch.full_like(index, -1))
+    per_image = height * width
+    first, second = index.chunk(2)
+    if (index[found].sort().values != torch.arange(2 * per_image)).any() or not torch.equal(
+            torch.where(first >= 0, first + per_image, first), second):
+        raise ValueError(f"{type(block).__name__}: the attention input is not a batch-major permutation of the "
+                         "norm output (with padding rows); its window order cannot be read off")
+    maps[height, width] = first
+    return first
+
+
+def _to_window_order(block: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """[batch, height, width, k] spatial values → [batch · window rows, k] in the attention's row order."""
+    batch, height, width, k = values.shape
+    rows = _window_rows(block, height, width, block.qla_attention.depthwise.in_channels).to(values.device)
+    offsets = torch.arange(batch, device=values.device)[:, None] * (height * width)
+    index = torch.where(rows >= 0, rows[None] + offsets, -1).reshape(-1)
+    flat = values.reshape(-1, k)
+    return torch.where((index >= 0)[:, None], flat[index.clamp(min=0)], torch.zeros((), dtype=values.dtype,
+                                                                                    device=values.device))
+
+
+def _probing(block: nn.Module) -> bool:
+    return block._qla_inputs.get("probing", False)
 
 
 def _store_block_input(block, args, kwargs):
@@ -209,23 +281,29 @@ def _store_block_input(block, args, kwargs):
 
 
 def _store_attention_input(norm, args, output):
-    norm._qla_block._qla_inputs["attention"] = output
+    if not _probing(norm._qla_block):
+        norm._qla_block._qla_inputs["attention"] = output
 
 
 def _store_ffn_input(norm, args, output):
-    norm._qla_block._qla_inputs["ffn"] = output
+    if not _probing(norm._qla_block):
+        norm._qla_block._qla_inputs["ffn"] = output
 
 
 def _add_attention(linear, args, output):
     block = linear._qla_block
+    if _probing(block):
+        return None
     out = primary_output(output)
     adapter = block.qla_attention.gate * block.qla_attention.up(attention_adapter_down_path(
         block, block._qla_inputs.pop("attention")))
-    return with_primary_output(output, out + adapter.to(out.dtype))
+    return with_primary_output(output, out + adapter.reshape(out.shape).to(out.dtype))
 
 
 def _add_ffn(linear, args, output):
     block = linear._qla_block
+    if _probing(block):
+        return None
     out = primary_output(output)
     return with_primary_output(output, out + block.qla_ffn(block._qla_inputs.pop("ffn")).to(out.dtype))
 
@@ -240,10 +318,12 @@ def attach_adapters(model: nn.Module, block_names: List[str], placement: Adapter
     handles = model._qla_handles = [model.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]
     for block in blocks:
         device = next(itertools.chain(block.buffers(), block.parameters())).device
-        block.qla_attention = DWSepAdapter(placement.dim, placement.rank, placement.grid, placement.prefix_tokens,
-                                           placement.causal).to(device)
-        block.qla_ffn = LoRAAdapter(placement.dim, placement.rank).to(device)
+        dim = adapter_width(block.get_submodule(placement.mlp_norm))
+        block.qla_attention = DWSepAdapter(dim, placement.rank, placement.grid, placement.prefix_tokens,
+                                           placement.causal, placement.spatial).to(device)
+        block.qla_ffn = LoRAAdapter(dim, placement.rank).to(device)
         block._qla_inputs = {}
+        link(block, "_qla_placement", placement)
         if placement.norm_position == "post":
             handles.append(block.register_forward_pre_hook(_store_block_input, with_kwargs=True))
         else:

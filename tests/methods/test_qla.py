@@ -84,9 +84,6 @@ def test_bad_arguments():
     qla.add_adapters(model, rank=2, example=inputs)
     with pytest.raises(ValueError, match="already has QLA adapters"):
         qla.add_adapters(model, rank=2, example=inputs)
-    swin, swin_inputs = MODELS["swin_tiny"]()
-    with pytest.raises(ValueError, match="windowed"):
-        qla.add_adapters(swin, example=swin_inputs)
     with pytest.raises(ValueError, match="no QLA adapters"):
         qla.fuse(MODELS["bert"]()[0])
     with pytest.raises(ValueError, match="causal depthwise conv is 1-D"):
@@ -246,3 +243,36 @@ def test_causal_adapters_generate_the_same_with_and_without_the_kv_cache(name, l
         cached = quantized.generate(prompt, use_cache=True, **settings)
         uncached = quantized.generate(prompt, use_cache=False, **settings)
     assert cached.shape == (2, 25) and torch.equal(cached, uncached)
+
+
+def test_swin_adapters_live_in_spatial_order_and_meet_attention_in_window_order():
+    """Swin: the DW-separable adapter convolves the block's [B, H, W, C] feature map; its output is
+    gathered into the shifted-window row order (read off the block, padding rows zero) before it
+    joins the projection. Reference: the same adapter added after timm's window reverse (a hook on
+    its drop_path1, in this test only), for shifted and unshifted blocks and padded windows."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fp = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(72, 40), window_size=4,
+                           depths=(2, 2), num_heads=(2, 4), embed_dim=32).eval()
+    x = torch.randn(2, 3, 72, 40)
+    adapted = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    reference = copy.deepcopy(adapted)
+    qla.add_adapters(adapted, rank=4, example=x)
+    _randomize_adapters(adapted)
+    handles = []
+    for name in adapted._qla_block_names:
+        block, adapter = reference.get_submodule(name), adapted.get_submodule(name).qla_attention
+        handles.append(block.norm1.register_forward_hook(lambda m, a, out, block=block: setattr(block, "_h", out)))
+        handles.append(block.drop_path1.register_forward_hook(
+            lambda m, a, out, block=block, adapter=adapter: out + adapter(block._h)))
+        lora = adapted.get_submodule(name).qla_ffn
+        handles.append(block.norm2.register_forward_hook(lambda m, a, out, block=block: setattr(block, "_h2", out)))
+        handles.append(block.drop_path2.register_forward_hook(
+            lambda m, a, out, block=block, lora=lora: out + lora(block._h2)))
+    with torch.no_grad():
+        expected, got = reference(x), adapted(x)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+    assert (adapted.get_submodule("layers.0.blocks.1")._qla_window_maps[18, 10] < 0).any()  # padded windows
+    qla.fuse(adapted)
+    with torch.no_grad():
+        assert float((adapted(x) - expected).norm() / expected.norm()) < 1e-5
