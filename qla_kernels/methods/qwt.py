@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from ..models.blocks import find_blocks, is_norm
 from ..models.facts import describe
-from ..nn.compensation import QwTCompensation, attach, block_input, compensated_blocks, lower_into_linear, primary_output
+from ..nn.compensation import ConvQwTCompensation, QwTCompensation, attach, block_input, compensated_blocks, lower_into_linear, primary_output
+from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 from .batches import materialize, run_model, token_mask
@@ -172,6 +173,60 @@ class _Accumulator:
         )
 
 
+class _ConvAccumulator:
+    """Normal equations of a CNN block's group-wise 1×1 compensation: per group of input channels
+    (64 channels where the widths allow, as in the QwT paper), one regression of that group's
+    output channels on its input channels, sampled at the block's stride."""
+
+    GROUP_CHANNELS = 64
+
+    def __init__(self, d_in: int, d_out: int, stride: int):
+        groups = d_in // self.GROUP_CHANNELS
+        self.groups = groups if groups > 1 and d_in % self.GROUP_CHANNELS == 0 and d_out % groups == 0 else 1
+        self.stride = stride
+        self.parts = [_Accumulator(d_in // self.groups, d_out // self.groups) for _ in range(self.groups)]
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, heldout: torch.Tensor) -> None:
+        """x [tokens, d_in], y [tokens, d_out] (already strided, channels last)."""
+        for part, xs, ys in zip(self.parts, x.chunk(self.groups, dim=1), y.chunk(self.groups, dim=1)):
+            part.add(xs, ys, heldout)
+
+    @property
+    def fit(self) -> _NormalEquations:
+        return self.parts[0].fit
+
+    @property
+    def heldout(self) -> _NormalEquations:
+        return self.parts[0].heldout
+
+    def solve(self, ridges: Sequence[float]) -> "_Solution":
+        """Each group solved as `_Accumulator.solve`; the report pools the groups (means)."""
+        solutions = [part.solve(ridges) for part in self.parts]
+        mean = lambda values: float(torch.tensor(values, dtype=torch.float64).nanmean())  # noqa: E731
+        return _Solution(
+            weight=torch.cat([s.weight for s in solutions], dim=1),  # [d_in / groups + 1, d_out]
+            kept_fraction=mean([s.kept_fraction for s in solutions]), r2_fit=mean([s.r2_fit for s in solutions]),
+            r2_heldout=mean([s.r2_heldout for s in solutions]),
+            condition_number=max(s.condition_number for s in solutions), ridge=mean([s.ridge for s in solutions]),
+        )
+
+    def compensation(self, solution: "_Solution", device) -> ConvQwTCompensation:
+        w = solution.weight
+        return ConvQwTCompensation(w[:-1].t().float().contiguous().to(device), w[-1].float().to(device),
+                                   self.groups, self.stride)
+
+
+def _conv_tokens(x: torch.Tensor, y: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """(input tokens at the output's positions, output tokens, stride) of an NCHW block, or None
+    when the output grid is not the input grid sampled at one stride."""
+    stride = max(1, round(x.shape[2] / y.shape[2]))
+    sampled = x[:, :, ::stride, ::stride]
+    if sampled.shape[2:] != y.shape[2:]:
+        return None
+    channels_last = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+    return channels_last(sampled), channels_last(y), stride
+
+
 @dataclasses.dataclass
 class _Solution:
     weight: torch.Tensor  # [d_in + 1, d_out], bias as the last row
@@ -230,6 +285,9 @@ def calibrate(
                 bar.set_postfix_str(name)
                 accumulator, output_norm = None, None
                 skip_reason = ""
+                # Swin's blocks also take 4-D input, channels last; CNN blocks are the convolution-only ones.
+                convolutional = not any(isinstance(m, (nn.Linear, QuantLinear)) for m in block_q.modules()) and any(
+                    isinstance(m, (nn.Conv2d, QuantConv2d)) for m in block_q.modules())
                 for batch in batches:
                     args, kwargs = _capture_block_input(model_q, block_q, batch)
                     x = block_input(args, kwargs)
@@ -238,6 +296,17 @@ def calibrate(
                     if norm_q is not None and norm_fp is not None:
                         output_norm, y_q, y_fp = norm_q, norm_q_input, norm_fp_input
                     bar.update()
+                    if convolutional and x.dim() == 4 and y_q.dim() == 4:  # CNN block, NCHW: group-wise 1×1
+                        tokens = _conv_tokens(x, y_fp - y_q)
+                        if tokens is None:
+                            skip_reason = f"output grid {tuple(y_q.shape[2:])} is not the input grid at one stride"
+                            continue
+                        x_tokens, y_tokens, stride = tokens
+                        heldout = _heldout_mask(torch.Size((y_q.shape[0], *y_q.shape[2:])), holdout, generator).reshape(-1)
+                        if accumulator is None:
+                            accumulator = _ConvAccumulator(x_tokens.shape[1], y_tokens.shape[1], stride)
+                        accumulator.add(x_tokens.cpu(), y_tokens.cpu(), heldout)
+                        continue
                     if y_q.shape[:-1] != x.shape[:-1]:
                         skip_reason = f"block changes the token layout {tuple(x.shape)} -> {tuple(y_q.shape)}"
                         continue
@@ -261,7 +330,9 @@ def calibrate(
                     solution.r2_fit, solution.r2_heldout, solution.condition_number, solution.ridge,
                     solution.kept_fraction, enabled, "" if enabled else "no output channel has a positive held-out R²",
                 ))
-                if enabled:
+                if enabled and isinstance(accumulator, _ConvAccumulator):
+                    attach(block_q, accumulator.compensation(solution, x.device))
+                elif enabled:
                     w = solution.weight
                     norm_name = next((n for n, m in block_q.named_modules() if m is output_norm), "")
                     attach(block_q, QwTCompensation(w[:-1].t().float().contiguous().to(x.device),

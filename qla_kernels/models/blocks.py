@@ -1,8 +1,9 @@
 """Finding a model's blocks and norms by structure, not by architecture name.
 
 A *block* is a child of a container (nn.ModuleList / nn.Sequential) holding at least two modules
-of one class, each containing a linear layer — timm ViT/DeiT `blocks`, Swin `layers.i.blocks`,
-BERT/RoBERTa `encoder.layer`, GPT-2 `transformer.h`, LLaMA `model.layers`. When such containers
+of one class, each containing a linear layer or a convolution — timm ViT/DeiT `blocks`, Swin
+`layers.i.blocks`, BERT/RoBERTa `encoder.layer`, GPT-2 `transformer.h`, LLaMA `model.layers`,
+ResNet `layerN`. When such containers
 nest (Swin's stages hold block lists), the innermost ones are the blocks.
 """
 
@@ -13,6 +14,7 @@ from typing import List, Tuple
 from torch import nn
 
 from ..nn.fused_block import FusedPackedQKVBlock
+from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
 
@@ -25,7 +27,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def _holds_linear(module: nn.Module) -> bool:
-    return any(is_linear(m) or isinstance(m, QuantLinear) for m in module.modules())
+    """A linear or a convolution (CNN blocks: ResNet's BasicBlock / Bottleneck)."""
+    return any(is_linear(m) or isinstance(m, (QuantLinear, nn.Conv2d, QuantConv2d)) for m in module.modules())
 
 
 def _architecture_class(module: nn.Module) -> type:

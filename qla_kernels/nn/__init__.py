@@ -1,5 +1,6 @@
-"""Modules: QuantLinear and the in-place model conversion."""
+"""Modules: QuantLinear, the in-place model conversion, and QuantConv2d (simulation only)."""
 
+from .quant_conv import QuantConv2d, quantize_convs_
 from .quant_linear import QuantLinear
 from .quantize import is_linear, quantize_, register_quantize_handler
 from .serialization import load_quantized, save_quantized

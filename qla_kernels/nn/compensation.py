@@ -58,6 +58,27 @@ class QwTCompensation(nn.Module):
         return shape + ("" if self.down is None else f", rank={self.rank}") + where
 
 
+class ConvQwTCompensation(QwTCompensation):
+    """QwT for CNN blocks (the paper's ResNet form): c(x) = group-wise 1×1 conv of the block input
+    with the block's stride, `groups` groups of input channels (64 channels each where the widths
+    allow), so each output channel regresses on its group of input channels."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, groups: int, stride: int):
+        super().__init__(weight, bias)
+        self.groups, self.stride = groups, stride  # weight [d_out, d_in / groups]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight[:, :, None, None].to(x.dtype)
+        return torch.nn.functional.conv2d(x, weight, self.bias.to(x.dtype), self.stride, groups=self.groups)
+
+    def truncated(self, energy: float):
+        raise ValueError("a group-wise convolutional compensation has no low-rank form")
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.weight.shape[1] * self.groups}, d_out={self.weight.shape[0]}, groups={self.groups}, "
+                f"stride={self.stride}")
+
+
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]

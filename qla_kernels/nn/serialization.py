@@ -14,7 +14,8 @@ from torch import nn
 from ..formats.checkpoint import read_checkpoint, write_checkpoint
 from ..quant.config import QuantConfig
 from .adapters import AdapterPlacement, attach_adapters
-from .compensation import QwTCompensation, attach, compensated_blocks
+from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensated_blocks
+from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear
 from .quantize import is_linear
 
@@ -31,6 +32,9 @@ def save_quantized(model: nn.Module, path: str) -> None:
     if lowered:
         raise ValueError(f"{lowered[0]!r} carries a lowered correction (qwt.lower / qla.fuse are runtime "
                          "conversions): save before lowering, lower after loading")
+    simulated = [name for name, m in model.named_modules() if isinstance(m, (QuantConv2d, ConvQwTCompensation))]
+    if simulated:
+        raise ValueError(f"{simulated[0]!r} is simulation only (no convolution kernels yet): nothing to deploy or save")
     layers = {
         name: {"config": module.config.to_dict(), "in_features": module.in_features,
                "out_features": module.out_features, "bias": module.bias is not None}
