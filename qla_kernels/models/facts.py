@@ -69,10 +69,20 @@ def _is_any_linear(module: nn.Module) -> bool:
     return is_linear(module) or isinstance(module, QuantLinear)
 
 
-def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
-    """Runs the model; returns the block's (calls in order as (name, module, input, output), output)."""
+def run_hooked(model: nn.Module, batch: Any, handles: list) -> None:
+    """One no-grad forward of `model` on `batch`, then the hook `handles` are removed."""
     from ..methods.batches import run_model  # methods depend on models, not the reverse, at import time
 
+    try:
+        with torch.no_grad():
+            run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
+    """Runs the model; returns the block's (calls in order as (name, module, input, output), output)."""
     names = {module: name for name, module in block.named_modules()}
     calls: List[Tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
     state: Dict[str, Any] = {}
@@ -90,12 +100,7 @@ def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
     handles = [m.register_forward_hook(record) for m in block.modules()
                if (is_norm(m) or _is_any_linear(m)) and m not in inside_adapters]
     handles.append(block.register_forward_hook(block_done))
-    try:
-        with torch.no_grad():
-            run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batch, handles)
     if "output" not in state:
         raise ValueError(f"block {type(block).__name__} was not called by the model's forward")
     return calls, state["output"], state["input"]

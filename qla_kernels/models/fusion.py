@@ -22,7 +22,7 @@ from ..nn.adapters import DWSepAdapter, LoRAAdapter
 from ..nn.fused_block import PackedQKVTemplate, fuse_block, unfuse_block
 from ..ops.dispatch import use_backend
 from .blocks import find_blocks
-from .facts import BlockFacts, describe, example_input
+from .facts import BlockFacts, describe, example_input, run_hooked
 
 # Relative error of the fused chain against the block's module-by-module forward above which the
 # template is judged not to fit: per-token requantization of the same values can flip roundings
@@ -93,18 +93,11 @@ def template_for(block: nn.Module, facts: BlockFacts) -> PackedQKVTemplate:
 
 
 def _block_inputs(model: nn.Module, blocks: List[nn.Module], batch: Any) -> Dict[int, torch.Tensor]:
-    from ..methods.batches import run_model  # methods depend on models, not the reverse, at import time
-
     inputs: Dict[int, torch.Tensor] = {}
     handles = [block.register_forward_pre_hook(
         lambda module, args, index=index: inputs.setdefault(index, args[0].detach().clone()))
         for index, block in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batch, handles)
     return inputs
 
 
