@@ -168,17 +168,22 @@ class LoweredCompensation(nn.Module):
         self._pending: list = []
 
     def prepare(self, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1])
-        self._pending.append(rows if self.down is None else (rows.float() @ self.down).to(rows.dtype))
+        self._pending.append(x.reshape(-1, x.shape[-1]))
 
-    def segments(self, dtype: torch.dtype) -> dict:
-        """The keyword segments for this call's GEMM (consumes what `prepare` stored)."""
+    def _take(self) -> torch.Tensor:
         if not self._pending:
             raise RuntimeError("the lowered QwT compensation got no block input: was the linear called outside its block?")
-        value = self._pending.pop(0).contiguous()
+        return self._pending.pop(0)
+
+    def segments(self, dtype: torch.dtype, t: Optional[torch.Tensor] = None) -> dict:
+        """The keyword segments for this call's GEMM (consumes what `prepare` stored). `t`: T = x·V
+        already computed by the caller (a fused block's first pre-kernel); else computed here."""
+        rows = self._take()
         if self.down is None:
-            return dict(fullrank_x=value.to(dtype), fullrank_w=self.up.to(dtype))
-        return dict(lowrank_t=value.to(dtype), lowrank_u=self.up.to(dtype))
+            return dict(fullrank_x=rows.to(dtype).contiguous(), fullrank_w=self.up.to(dtype))
+        if t is None:
+            t = (rows.float() @ self.down).to(rows.dtype)
+        return dict(lowrank_t=t.to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
 
 
 def lower_into_linear(block: nn.Module, linear: nn.Module) -> None:

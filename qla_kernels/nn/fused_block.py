@@ -33,6 +33,7 @@ from torch import nn
 
 from ..ops import fused_linear, quantize_activation
 from ..ops import reference
+from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter
 from .quant_linear import QuantLinear
@@ -69,16 +70,18 @@ def _norm_eps(norm: nn.Module) -> float:
 
 
 def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None,
-                    down_proj: Optional[torch.Tensor] = None):
+                    down_proj: Optional[torch.Tensor] = None, down_from_input: bool = False):
     """(codes, scales, zero point for the GEMM, T) of x for `layer`, with `norm` applied first and
-    T = norm(x)·down_proj from the same read (no columns without `down_proj`)."""
+    T = norm(x)·down_proj (x·down_proj with `down_from_input`) from the same read (no columns
+    without `down_proj`)."""
     kwargs = {}
     if norm is not None:
         kwargs = dict(norm_kind=_norm_kind(norm), norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None),
                       norm_eps=_norm_eps(norm))
     bits = layer.config.act_bits
     q, scale, t = quantize_activation(x, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point,
-                                      down_proj=down_proj, **kwargs)
+                                      down_proj=down_proj, down_from_input=down_from_input and down_proj is not None,
+                                      **kwargs)
     gemm_zero_point = layer.input_zero_point if (layer.input_zero_point is not None and bits == 8) else None
     return q, scale, gemm_zero_point, t
 
@@ -115,7 +118,11 @@ class FusedPackedQKVBlock(nn.Module):
         rows = x.reshape(batch * tokens, width).contiguous()
 
         norm1 = part(t.norm1)
-        q, scale, zero, _ = _quantize_input(rows, qkv, norm1)
+        qwt = getattr(fc2, "lowered_qwt", None)  # QwT's T = x·V_r from pre1's read of x (ranks the pre-kernel takes)
+        qwt_down = qwt.down.to(x.dtype) if qwt is not None and qwt.down is not None else None
+        if qwt_down is not None and not supports_quantize_activation(qwt_down):
+            qwt_down = None
+        q, scale, zero, qwt_t = _quantize_input(rows, qkv, norm1, qwt_down, down_from_input=True)
         packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype)
         heads, head_dim = attention.num_heads, attention.head_dim
         query, key, value = packed.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -145,7 +152,8 @@ class FusedPackedQKVBlock(nn.Module):
             hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
                                       activation=t.activation, out_dtype=x.dtype)
             hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
-        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, self._adapter_up(fc2))
+        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, self._adapter_up(fc2),
+                                        qwt_t if qwt_down is not None else None)
         out = fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
                                residual=x1, out_dtype=x.dtype, **segments)
         return out.reshape(batch, tokens, width)

@@ -146,12 +146,13 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
-                         lowrank_u: Optional[torch.Tensor] = None) -> dict:
+                         lowrank_u: Optional[torch.Tensor] = None, qwt_t: Optional[torch.Tensor] = None) -> dict:
         """The GEMM segments of corrections lowered into this layer for this call: a QwT
         compensation (`lowered_qwt`, nn.compensation.lower_into_linear) and an adapter
         (`lowered_adapter`, methods.qla.fuse). Low-rank parts share one segment, T and U
         concatenated along the rank; `lowrank_t`/`lowrank_u` are put first (a caller that computed
-        the adapter's T itself passes it here instead of letting the adapter's hook prepare it)."""
+        the adapter's T itself passes it here instead of letting the adapter's hook prepare it), and
+        `qwt_t` is QwT's T = x·V when the caller computed it (a fused block's first pre-kernel)."""
         segments, ts, us = {}, [], []
         if lowrank_t is not None:
             ts.append(lowrank_t.to(dtype))
@@ -161,7 +162,7 @@ class QuantLinear(nn.Module):
             ts.append(adapter["lowrank_t"])
             us.append(adapter["lowrank_u"])
         if getattr(self, "lowered_qwt", None) is not None:
-            segments = self.lowered_qwt.segments(dtype)
+            segments = self.lowered_qwt.segments(dtype, qwt_t)
             if "lowrank_t" in segments:
                 ts.append(segments.pop("lowrank_t"))
                 us.append(segments.pop("lowrank_u"))

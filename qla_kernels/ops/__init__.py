@@ -32,6 +32,7 @@ def quantize_activation(
     norm_eps: float = 1e-5,
     down_proj: Optional[torch.Tensor] = None,
     t_out: Optional[torch.Tensor] = None,
+    down_from_input: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantizes activations x [M, K] for the integer GEMM.
 
@@ -39,14 +40,18 @@ def quantize_activation(
     [K, r]. `static_scale` / `zero_point` are per-tensor ([1], fp32 / int8, signed domain). At
     bits <= 7 with a zero point, q holds q − z; at 8 bits pass the zero point on to fused_linear.
     `t_out` [M, r] (rows may be strided, e.g. `shared_t[:, 16:48]`) receives T in place, so several
-    corrections can fill one low-rank T buffer; it is returned as t.
+    corrections can fill one low-rank T buffer; it is returned as t. `down_from_input`: T = x·A
+    from the raw input instead of norm(x)·A (QwT's T = x·V_r from the same read of x).
     Under the `simulate` backend this integer op runs on `reference`.
     """
+    if not isinstance(down_from_input, bool):
+        raise ValueError(f"down_from_input must be a bool, got {down_from_input!r}")
     check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
                               t_out)
     backend = resolve_backend(x.device)
     if t_out is not None:
-        args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj, t_out)
+        args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj, t_out,
+                down_from_input)
         if backend in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
             q, scale = torch.ops.qla.quantize_activation_into_triton(*args)
         else:
@@ -55,7 +60,8 @@ def quantize_activation(
     if backend == "cuda" and cuda.supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj):
         q, scale = torch.ops.qla.quantize_per_token_cuda(x, bits)
         return q, scale, x.new_empty((x.shape[0], 0))
-    args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
+    args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
+            down_from_input)
     if backend in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
         return torch.ops.qla.quantize_activation_triton(*args)
     return torch.ops.qla.quantize_activation(*args)

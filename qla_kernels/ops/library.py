@@ -25,13 +25,15 @@ def quantize_activation(
     norm_bias: Optional[Tensor],
     norm_eps: float,
     down_proj: Optional[Tensor],
+    down_from_input: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return reference.quantize_activation(
-        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, down_from_input
     )
 
 
-def quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj):
+def quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+                             down_from_input=False):
     """Shapes of quantize_activation's outputs (shared by every backend's op)."""
     rows = x.shape[0]
     rank = 0 if down_proj is None else down_proj.shape[1]
@@ -57,17 +59,18 @@ def quantize_activation_into(
     norm_eps: float,
     down_proj: Tensor,
     t_out: Tensor,
+    down_from_input: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """quantize_activation writing T into `t_out` (a column range of a T buffer shared by corrections)."""
     q, scale, t = reference.quantize_activation(
-        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, down_from_input
     )
     t_out.copy_(t)
     return q, scale
 
 
 def quantize_activation_into_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                  down_proj, t_out):
+                                  down_proj, t_out, down_from_input=False):
     q, scale, _ = quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
                                            norm_eps, None)
     return q, scale

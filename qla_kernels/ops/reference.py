@@ -66,8 +66,10 @@ def quantize_activation(
     norm_bias: Optional[torch.Tensor],
     norm_eps: float,
     down_proj: Optional[torch.Tensor],
+    down_from_input: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activation pre-op: [norm] → int8 per token (dynamic) or per tensor (static) → [T = norm(x)·A].
+    """Activation pre-op: [norm] → int8 per token (dynamic) or per tensor (static) → [T = norm(x)·A],
+    or with `down_from_input` T = x·A from the un-normalized input (QwT's T = x·V_r).
 
     Returns (q int8 [M, K], scale fp32 [M], t [M, r] in x.dtype, r = 0 without down_proj).
     With a zero point (static only): at bits <= 7 q holds q − z (exact in int8, the GEMM needs no
@@ -85,7 +87,7 @@ def quantize_activation(
     if down_proj is None:
         t = x.new_empty((rows, 0))
     else:
-        t = down_projection(normed, down_proj, x.dtype)
+        t = down_projection(x.float() if down_from_input else normed, down_proj, x.dtype)
     return q, scale, t
 
 

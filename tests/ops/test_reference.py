@@ -171,6 +171,7 @@ def test_opcheck_quantize_activation():
     x = torch.randn(5, 32, dtype=torch.float16)
     args = (x, 8, None, None, "layernorm", torch.ones(32), torch.zeros(32), 1e-5, torch.randn(32, 16, dtype=torch.float16))
     torch.library.opcheck(torch.ops.qla.quantize_activation.default, args)
+    torch.library.opcheck(torch.ops.qla.quantize_activation.default, (*args, True))  # T from the raw input
     torch.library.opcheck(torch.ops.qla.quantize_activation.default,
                           (x, 4, torch.tensor([0.1]), torch.tensor([1], dtype=torch.int8), "none", None, None, 1e-5, None))
 

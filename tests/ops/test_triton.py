@@ -197,6 +197,25 @@ def test_norm_quantize_and_down_projection(norm_kind, rank):
         torch.testing.assert_close(actual[2].float(), expected[2].float(), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("norm_kind", ["layernorm", "none"])
+def test_down_projection_of_the_raw_input(norm_kind):
+    """QwT's T = x·V_r from the pre-kernel's read of x: the raw input, not the normalized one;
+    the codes are those without T."""
+    k, rank = 96, 12
+    x = (torch.randn(29, k) * 3 + 1).to(DEVICE)
+    down = (torch.randn(k, rank, device=DEVICE) * 0.1).half()
+    norm = dict(norm_kind=norm_kind, norm_weight=torch.randn(k, device=DEVICE)) if norm_kind != "none" else {}
+    expected, actual = _both(lambda: ops.quantize_activation(x, 8, down_proj=down, down_from_input=True, **norm))
+    plain, _ = _both(lambda: ops.quantize_activation(x, 8, **norm))
+    raw = (x.half().float() @ down.float()).half()
+    for q, _, t in (expected, actual):
+        assert int((q.int() - plain[0].int()).abs().max()) <= 1
+        torch.testing.assert_close(t.float(), raw.float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(actual[2].float(), expected[2].float(), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="down_from_input must be a bool"):
+        ops.quantize_activation(x, 8, down_proj=down, down_from_input=1)
+
+
 # ---------------------------------------------------------------- dispatch and validation
 
 

@@ -62,9 +62,11 @@ if _IMPORT_ERROR is None:
     def quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
+        down_from_input: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return launch.quantize_activation(
-            x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj
+            x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+            down_from_input=down_from_input,
         )
 
     quantize_activation.register_fake(quantize_activation_fake)
@@ -73,9 +75,11 @@ if _IMPORT_ERROR is None:
     def quantize_activation_into(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Tensor, t_out: Tensor,
+        down_from_input: bool = False,
     ) -> Tuple[Tensor, Tensor]:
         q, scale, _ = launch.quantize_activation(
-            x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out
+            x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out,
+            down_from_input=down_from_input,
         )
         return q, scale
 

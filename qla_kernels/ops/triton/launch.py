@@ -118,10 +118,11 @@ def fused_linear(
 
 def quantize_activation(
     x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out=None,
-    float_output=False,
+    float_output=False, down_from_input=False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`t_out`, when given, receives T in place (it may be a column slice of a wider buffer).
-    `float_output`: return the normalized activations in x.dtype instead of int8 codes (bits unused)."""
+    `float_output`: return the normalized activations in x.dtype instead of int8 codes (bits unused).
+    `down_from_input`: T = x·A from the raw input instead of norm(x)·A."""
     rows, k = x.shape
     rank = 0 if down_proj is None else down_proj.shape[1]
     q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
@@ -142,7 +143,8 @@ def quantize_activation(
             QMIN=qmin, QMAX=qmax, NORM=NORM_KINDS.index(norm_kind), HAS_NORM_WEIGHT=norm_weight is not None,
             HAS_NORM_BIAS=norm_bias is not None, STATIC=static_scale is not None, HAS_ZERO=zero_point is not None,
             CENTER=zero_point is not None and bits <= 7, HAS_T=down_proj is not None,
-            T_IEEE=down_proj is not None and down_proj.dtype == torch.float32, FLOAT_OUTPUT=float_output,
+            T_IEEE=down_proj is not None and down_proj.dtype == torch.float32, T_FROM_INPUT=down_from_input,
+            FLOAT_OUTPUT=float_output,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))), num_warps=4,
         )
     return q, scale, t

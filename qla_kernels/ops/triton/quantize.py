@@ -1,4 +1,4 @@
-"""Triton activation pre-kernel: [LayerNorm | RMSNorm] → int8 per token → [T = norm(x)·A].
+"""Triton activation pre-kernel: [LayerNorm | RMSNorm] → int8 per token → [T = norm(x)·A or x·A].
 
 With FLOAT_OUTPUT it is the W4A16 decode pre-kernel instead: the normalized activations are
 written in the output dtype (no quantization), with T from the same read of x.
@@ -51,7 +51,7 @@ def quantize_activation_kernel(
     stride_xm, stride_qm, stride_dk, stride_tm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, CENTER: tl.constexpr,
-    HAS_T: tl.constexpr, T_IEEE: tl.constexpr, FLOAT_OUTPUT: tl.constexpr,
+    HAS_T: tl.constexpr, T_IEEE: tl.constexpr, T_FROM_INPUT: tl.constexpr, FLOAT_OUTPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,7 +114,10 @@ def quantize_activation_kernel(
         if HAS_T:
             down = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :],
                            mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-            v = tl.where(mask, v, 0.0).to(down.dtype)
+            if T_FROM_INPUT:  # QwT's T = x·V_r: the raw input, read once with the norm's pass
+                v = tl.where(mask, x, 0.0).to(down.dtype)
+            else:
+                v = tl.where(mask, v, 0.0).to(down.dtype)
             if T_IEEE:
                 t = tl.dot(v, down, t, input_precision="ieee")
             else:
