@@ -109,6 +109,7 @@ class LoweredAdapter(nn.Module):
         super().__init__()
         self.register_buffer("up", up.detach().float().contiguous(), persistent=False)
         self._pending: list = []
+        self.suspended = False  # while a block is probed for its window order: no adapter, no T expected
 
     @property
     def rank(self) -> int:
@@ -119,6 +120,8 @@ class LoweredAdapter(nn.Module):
 
     def segments(self, dtype: torch.dtype) -> dict:
         """The low-rank segment for this call's GEMM (consumes what `prepare` stored)."""
+        if self.suspended:
+            return {}
         if not self._pending:
             raise RuntimeError("the lowered adapter got no input: was the linear called outside its block?")
         return dict(lowrank_t=self._pending.pop(0).to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
@@ -232,12 +235,19 @@ def _window_rows(block: nn.Module, height: int, width: int, dim: int) -> torch.T
     reference = reference if isinstance(reference, torch.Tensor) else next(block.parameters())
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(2, height, width, dim, generator=generator).to(reference.device, reference.dtype)
+    lowered = [linear.lowered_adapter for linear in (getattr(block, "_qla_attention_linear", None),
+                                                     getattr(block, "_qla_ffn_linear", None))
+               if getattr(linear, "lowered_adapter", None) is not None]
     block._qla_inputs["probing"] = True
+    for adapter in lowered:
+        adapter.suspended = True
     try:
         with torch.no_grad():
             block(probe)
     finally:
         block._qla_inputs.pop("probing")
+        for adapter in lowered:
+            adapter.suspended = False
         for handle in handles:
             handle.remove()
     spatial = captured["spatial"].reshape(-1, dim).float().cpu()

@@ -159,8 +159,9 @@ class QuantLinear(nn.Module):
             us.append(lowrank_u.to(dtype))
         elif getattr(self, "lowered_adapter", None) is not None:
             adapter = self.lowered_adapter.segments(dtype)
-            ts.append(adapter["lowrank_t"])
-            us.append(adapter["lowrank_u"])
+            if adapter:  # empty while the adapter is suspended
+                ts.append(adapter["lowrank_t"])
+                us.append(adapter["lowrank_u"])
         if getattr(self, "lowered_qwt", None) is not None:
             segments = self.lowered_qwt.segments(dtype, qwt_t)
             if "lowrank_t" in segments:
