@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.adapters import DWSepAdapter, LoRAAdapter
+from ..nn.fused_block import norm_kind_of
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
 from .blocks import find_blocks, is_norm
@@ -57,12 +58,6 @@ def example_input(model: nn.Module):
     if hasattr(model, "config") and hasattr(model.config, "vocab_size"):
         return {"input_ids": torch.ones(1, 8, dtype=torch.long, device=device)}
     raise ValueError("cannot build an example input for this model: pass example=")
-
-
-def _norm_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.RMSNorm) or "RMS" in type(module).__name__:
-        return "rmsnorm"
-    return "layernorm"
 
 
 def _is_any_linear(module: nn.Module) -> bool:
@@ -150,7 +145,7 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
         raise ValueError(f"{where}: no MLP input and output linears after the norm {calls[mlp_norms[0]][0]!r}")
     names = lambda indices: tuple(calls[index][0] for index in indices)  # noqa: E731
     block_facts = BlockFacts(
-        norm_kind=_norm_kind(calls[norm_calls[0]][1]),
+        norm_kind=norm_kind_of(calls[norm_calls[0]][1]),
         norm_position="post" if post_norm else "pre",
         mlp_kind="swiglu" if len(mlp_inputs) == 2 else "gelu_mlp",
         attention_norm=attention_norm,

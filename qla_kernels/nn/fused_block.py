@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import fused_linear, quantize_activation
-from ..ops import reference
+from ..ops import fused_linear, gemm_zero_point, quantize_activation, reference
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter
@@ -60,7 +59,8 @@ class PackedQKVTemplate:
         return (self.norm1, self.attention, self.qkv, self.proj, self.norm2, mlp, self.fc1, self.fc2)
 
 
-def _norm_kind(norm: nn.Module) -> str:
+def norm_kind_of(norm: nn.Module) -> str:
+    """"rmsnorm" for torch's RMSNorm and library RMS norms (HF LlamaRMSNorm, ...), else "layernorm"."""
     return "rmsnorm" if isinstance(norm, nn.RMSNorm) or "RMS" in type(norm).__name__ else "layernorm"
 
 
@@ -76,14 +76,13 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
     without `down_proj`)."""
     kwargs = {}
     if norm is not None:
-        kwargs = dict(norm_kind=_norm_kind(norm), norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None),
+        kwargs = dict(norm_kind=norm_kind_of(norm), norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None),
                       norm_eps=_norm_eps(norm))
     bits = layer.config.act_bits
     q, scale, t = quantize_activation(x, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point,
                                       down_proj=down_proj, down_from_input=down_from_input and down_proj is not None,
                                       **kwargs)
-    gemm_zero_point = layer.input_zero_point if (layer.input_zero_point is not None and bits == 8) else None
-    return q, scale, gemm_zero_point, t
+    return q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
 class FusedPackedQKVBlock(nn.Module):
@@ -133,7 +132,7 @@ class FusedPackedQKVBlock(nn.Module):
 
         adapter_t = None
         if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
-            normed = reference.normalize(rows, _norm_kind(norm1), norm1.weight, getattr(norm1, "bias", None),
+            normed = reference.normalize(rows, norm_kind_of(norm1), norm1.weight, getattr(norm1, "bias", None),
                                          _norm_eps(norm1)).to(x.dtype).reshape(batch, tokens, width)
             adapter_t = self.qla_attention.down_path(normed)[0].reshape(batch * tokens, -1)
         q, scale, zero, _ = _quantize_input(context, proj)
@@ -145,17 +144,17 @@ class FusedPackedQKVBlock(nn.Module):
         q, scale, zero, lora_t = _quantize_input(x1, fc1, part(t.norm2), down)
         if fc2.input_scale is None:  # dynamic per-token scales for fc2: re-quantize in fc1's epilogue
             hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero,
-                                                      bias=fc1.bias, activation=t.activation, out_dtype=x.dtype,
-                                                      requant_bits=fc2.config.act_bits)
+                                                  bias=fc1.bias, activation=t.activation, out_dtype=x.dtype,
+                                                  requant_bits=fc2.config.act_bits)
             hidden_zero = None
         else:
             hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
-                                      activation=t.activation, out_dtype=x.dtype)
+                                  activation=t.activation, out_dtype=x.dtype)
             hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, self._adapter_up(fc2),
                                         qwt_t if qwt_down is not None else None)
         out = fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
-                               residual=x1, out_dtype=x.dtype, **segments)
+                           residual=x1, out_dtype=x.dtype, **segments)
         return out.reshape(batch, tokens, width)
 
 

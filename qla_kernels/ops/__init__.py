@@ -157,11 +157,17 @@ def quantized_linear(
     if act_bits is None:
         return fused_linear(x, None, weight, bias=bias, out_dtype=x.dtype, **segments)
     q, scale, _ = quantize_activation(x, act_bits, static_scale=static_scale, zero_point=zero_point)
-    gemm_zero_point = zero_point if (zero_point is not None and act_bits == 8) else None
-    return fused_linear(q, scale, weight, a_zero_point=gemm_zero_point, bias=bias, out_dtype=x.dtype, **segments)
+    return fused_linear(q, scale, weight, a_zero_point=gemm_zero_point(zero_point, act_bits), bias=bias,
+                        out_dtype=x.dtype, **segments)
+
+
+def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
+    """The zero point fused_linear takes after quantize_activation: at <= 7 bits the codes already
+    hold q − z (None), at 8 bits the GEMM subtracts z·colsum(W_q)."""
+    return zero_point if (zero_point is not None and bits == 8) else None
 
 
 __all__ = [
     "BACKENDS", "BackendInfo", "backends", "requested_backend", "resolve_backend", "use_backend",
-    "quantize_activation", "normalize_activation", "fused_linear", "quantized_linear", "library", "reference", "simulate",
+    "quantize_activation", "normalize_activation", "fused_linear", "quantized_linear", "gemm_zero_point", "library", "reference", "simulate",
 ]
