@@ -6,7 +6,9 @@ Per shape (N = out, K = in features, group 128) and M it times, in one process, 
 enough weight copies that no weight stays in the 50 MB L2:
 - `cublas_bf16` and `cublas_fp16`: torch.matmul with the fp weight;
 - `tinygemm`: torch._weight_int4pack_mm (when this torch build provides it; else the reason);
-- ours `bare`: the Triton W4A16 fused GEMM (dequant in the K loop) alone;
+- ours `bare`: the W4A16 fused GEMM alone as the default dispatch runs it: the CUDA decode kernel
+  (csrc/w4a16_decode.cu) for M <= 16 when `_C` is built, the Triton kernel (dequant in the K loop)
+  otherwise; `triton` is the Triton kernel at every M, for comparison;
 - ours `lora`: the decode pre-kernel (RMSNorm -> activation + T = x·A, r=16) + the GEMM with the
   LoRA up-projection in its epilogue, i.e. what a LoRA-corrected layer costs end to end.
 Reports ms (do_bench median), achieved GB/s of the int4 weights + scales, the fraction of the
@@ -79,6 +81,7 @@ def bench_shape(layer, n, k, ms, bandwidth, device) -> list:
     lora_a = (torch.randn(k, RANK, device=device, generator=gen) * 0.02).half()
     lora_b = (torch.randn(n, RANK, device=device, generator=gen) * 0.02).half()
     norm_weight = torch.ones(k, device=device, dtype=torch.float16)
+    decode_kernel = qk.backends()["cuda"].available
     rows = []
     for m in ms:
         x16 = torch.randn(m, k, device=device, dtype=torch.float16)
@@ -98,16 +101,18 @@ def bench_shape(layer, n, k, ms, bandwidth, device) -> list:
         else:
             row["tinygemm_unavailable"] = tiny_reason
         with qk.use_backend("triton"):
-            row["ours_bare_ms"] = bench(lambda: ops.fused_linear(x16, None, pick(quantized), out_dtype=torch.float16))
+            row["triton_bare_ms"] = bench(lambda: ops.fused_linear(x16, None, pick(quantized), out_dtype=torch.float16))
+        row["ours_kernel"] = "cuda" if decode_kernel and m <= ops.cuda.DECODE_MAX_ROWS else "triton"
+        row["ours_bare_ms"] = bench(lambda: ops.fused_linear(x16, None, pick(quantized), out_dtype=torch.float16))
 
-            def with_lora():
-                normed, t = ops.normalize_activation(x16, "rmsnorm", norm_weight, None, 1e-6, down_proj=lora_a)
-                return ops.fused_linear(normed, None, pick(quantized), lowrank_t=t, lowrank_u=lora_b,
-                                        out_dtype=torch.float16)
+        def with_lora():
+            normed, t = ops.normalize_activation(x16, "rmsnorm", norm_weight, None, 1e-6, down_proj=lora_a)
+            return ops.fused_linear(normed, None, pick(quantized), lowrank_t=t, lowrank_u=lora_b,
+                                    out_dtype=torch.float16)
 
-            row["ours_lora_ms"] = bench(with_lora)
-            expected = x16.float() @ qweight.to(device).dequantize().half().float().t()
-            got = ops.fused_linear(x16, None, quantized[0], out_dtype=torch.float16).float()
+        row["ours_lora_ms"] = bench(with_lora)
+        expected = x16.float() @ qweight.to(device).dequantize().half().float().t()
+        got = ops.fused_linear(x16, None, quantized[0], out_dtype=torch.float16).float()
         row["ours_rel_error"] = float((got - expected).norm() / expected.norm())
         row["ours_weight_gbps"] = weight_bytes / row["ours_bare_ms"] / 1e6
         row["ours_bandwidth_fraction"] = row["ours_weight_gbps"] / bandwidth
@@ -116,7 +121,7 @@ def bench_shape(layer, n, k, ms, bandwidth, device) -> list:
             row["speedup_vs_tinygemm"] = row["tinygemm_ms"] / row["ours_bare_ms"]
         row["lora_overhead"] = row["ours_lora_ms"] / row["ours_bare_ms"] - 1
         rows.append(row)
-        print(f"{layer:>8} M={m:<5} bf16 {row['cublas_bf16_ms']:.4f}ms  ours {row['ours_bare_ms']:.4f}ms "
+        print(f"{layer:>8} M={m:<5} bf16 {row['cublas_bf16_ms']:.4f}ms  ours ({row['ours_kernel']}) {row['ours_bare_ms']:.4f}ms "
               f"x{row['speedup_vs_bf16']:.2f} ({100 * row['ours_bandwidth_fraction']:.0f}% of copy bw)  "
               f"tinygemm {row.get('tinygemm_ms', float('nan')):.4f}ms  +LoRA {100 * row['lora_overhead']:.1f}%", flush=True)
     return rows
@@ -133,7 +138,9 @@ def plot(rows, path, device_name):
     for ax, layer in zip(axes[0], layers):
         mine = [r for r in rows if r["layer"] == layer]
         ms = [r["M"] for r in mine]
-        ax.plot(ms, [r["speedup_vs_bf16"] for r in mine], marker="o", label="ours W4A16")
+        ax.plot(ms, [r["speedup_vs_bf16"] for r in mine], marker="o", label="ours W4A16 (CUDA at M<=16, Triton above)")
+        ax.plot(ms, [r["cublas_bf16_ms"] / r["triton_bare_ms"] for r in mine], marker=".", linestyle=":",
+                label="ours, Triton at every M")
         ax.plot(ms, [r["cublas_bf16_ms"] / r["ours_lora_ms"] for r in mine], marker="s", label="ours + LoRA r=16 + pre-kernel")
         if all("tinygemm_ms" in r for r in mine):
             ax.plot(ms, [r["cublas_bf16_ms"] / r["tinygemm_ms"] for r in mine], marker="^", label="tinygemm")

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "dtype.cuh"
 #include "quantize_per_token.h"
 
 namespace qla {
@@ -19,10 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr float kScaleEps = 1e-8f;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // fmaxf drops NaN; torch.amax keeps it. This keeps it.
 __device__ __forceinline__ float nan_propagating_max(float a, float b) {

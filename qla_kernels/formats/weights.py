@@ -17,6 +17,10 @@ q4 * g (|q4| <= 7, 1 <= g <= 17, so |q4 * g| <= 119 fits int8), one int32 accumu
 whole K loop and the only fp32 rescale is per channel, after it.
 
 "uint4_asym_groups" (W4A16) dequantizes to (q - z) * s in the activation dtype inside the K loop.
+Both of its kernels read this stored layout, so a model holds one copy of its weights: the Triton
+kernel tile by tile, and the CUDA decode kernel (csrc/w4a16_decode.cu) 32 consecutive k of a row per
+16-byte load, feeding the mma's k slots in the order the nibbles come out of each word (a sum over k
+may pair its terms in any order, so no repacking is needed for the tensor cores).
 """
 
 from __future__ import annotations

@@ -127,7 +127,13 @@ def fused_linear(
         bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
     )
     check_fused_linear(*args)
-    if resolve_backend(a.device) in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:
+    backend = resolve_backend(a.device)
+    if backend == "cuda" and cuda.supports_fused_linear(
+            a, a_zero_point, weight.data, weight.format, weight.k_group, lowrank_t, lowrank_u, fullrank_x, bias,
+            activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows):
+        return torch.ops.qla.w4a16_decode_cuda(a, weight.data, weight.scale, weight.zero, weight.k_group, lowrank_t,
+                                               lowrank_u, bias, residual)
+    if backend in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:
         out, out_scale = torch.ops.qla.fused_linear_triton(*args)
     else:
         out, out_scale = torch.ops.qla.fused_linear(*args)

@@ -6,7 +6,8 @@ over (device, dtype, contiguity) and allocates the outputs, so `_C` never sees a
 
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,3 +50,82 @@ def supports_quantize_activation(x: Tensor, static_scale, zero_point, norm_kind:
     """The CUDA kernel covers dynamic symmetric quantization without norm or down-projection."""
     return (x.device.type == "cuda" and static_scale is None and zero_point is None
             and norm_kind == "none" and down_proj is None)
+
+
+# The W4A16 decode kernel (csrc/w4a16_decode.cu): its limits and the split-K plan.
+DECODE_MAX_ROWS = 16
+_DECODE_CHUNK_K = 128  # K per 16-byte weight load of one lane
+_DECODE_BLOCK_N = 64  # output columns per thread block
+_DECODE_MAX_STAGED_VALUES = 16384  # csrc/w4a16_decode.h kDecodeMaxStagedValues
+# Blocks per SM the split plan aims for: decode is bandwidth-bound, and a few resident blocks of
+# 4 warps, each with one chunk of loads ahead, keep enough bytes in flight to cover DRAM latency.
+_DECODE_BLOCKS_PER_SM = 4
+
+
+def decode_split_plan(rows: int, out_features: int, in_features: int, sm_count: int) -> Tuple[int, int]:
+    """(splits, chunks_per_split) for the decode kernel: K's 128-wide chunks are cut into `splits`
+    non-empty ranges so that about `_DECODE_BLOCKS_PER_SM` blocks run per SM, each range short
+    enough for its activation slice to fit the shared-memory budget."""
+    chunks = in_features // _DECODE_CHUNK_K
+    staged_rows = 8 if rows <= 8 else 16
+    max_chunks_per_split = _DECODE_MAX_STAGED_VALUES // (staged_rows * _DECODE_CHUNK_K)
+    column_blocks = -(-out_features // _DECODE_BLOCK_N)
+    wanted_splits = max(1, -(-_DECODE_BLOCKS_PER_SM * sm_count // column_blocks))
+    chunks_per_split = min(max(1, -(-chunks // wanted_splits)), max_chunks_per_split)
+    return -(-chunks // chunks_per_split), chunks_per_split
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format: str, group_size: int,
+                          lowrank_t, lowrank_u, fullrank_x, bias, activation: str, residual, out_dtype,
+                          requant_bits: int, gather_rows, scatter_rows) -> bool:
+    """The decode kernel covers W4A16 with M <= 16 and K a multiple of 128, fp16/bf16 operands in
+    the activation dtype, and bias / low-rank / residual epilogues; everything else goes to Triton."""
+    same_dtype = all(t is None or t.dtype == a.dtype for t in (lowrank_t, lowrank_u, bias, residual))
+    return (a.device.type == "cuda" and weight_format == "uint4_asym_groups" and a.dtype in (torch.float16, torch.bfloat16)
+            and 1 <= a.shape[0] <= DECODE_MAX_ROWS and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0
+            and same_dtype and out_dtype == a.dtype and a_zero_point is None and fullrank_x is None
+            and activation == "none" and not requant_bits and gather_rows is None and scatter_rows is None)
+
+
+def _aligned(tensor: Tensor) -> Tensor:
+    """The kernel reads 16-byte vectors; a view starting mid-vector is copied to fresh storage."""
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
+
+
+def _pointer(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+@torch.library.custom_op("qla::w4a16_decode_cuda", mutates_args=())
+def w4a16_decode(a: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: Tensor, group_size: int,
+                 lowrank_t: Optional[Tensor], lowrank_u: Optional[Tensor], bias: Optional[Tensor],
+                 residual: Optional[Tensor]) -> Tensor:
+    """The W4A16 fused linear for M <= 16 on the CUDA decode kernel, output in a's dtype. Operands
+    are those of ops.fused_linear, already validated there (see supports_fused_linear)."""
+    rows, in_features = a.shape
+    out_features = weight.shape[0]
+    a, weight = _aligned(a), _aligned(weight)
+    out = a.new_empty((rows, out_features))
+    splits, chunks_per_split = decode_split_plan(rows, out_features, in_features, _sm_count(a.device.index))
+    workspace = (a.new_empty((splits, rows, out_features), dtype=torch.float32) if splits > 1 else None)
+    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
+    if rank == 0:
+        lowrank_t = lowrank_u = None
+    with torch.cuda.device(a.device):
+        _extension().w4a16_decode(
+            a.data_ptr(), _DTYPE_CODES[a.dtype], weight.data_ptr(), weight_scale.data_ptr(), weight_zero.data_ptr(),
+            _pointer(lowrank_t), _pointer(lowrank_u), _pointer(bias), _pointer(residual), out.data_ptr(),
+            _pointer(workspace), rows, out_features, in_features, group_size, rank, splits, chunks_per_split,
+            torch.cuda.current_stream(a.device).cuda_stream,
+        )
+    return out
+
+
+@w4a16_decode.register_fake
+def _(a, weight, weight_scale, weight_zero, group_size, lowrank_t, lowrank_u, bias, residual):
+    return a.new_empty((a.shape[0], weight.shape[0]))

@@ -5,7 +5,8 @@ Backends:
 - "simulate": differentiable fake quantization in floating point, numerically the deployed model
   (ops/simulate.py); what calibration and adapter training run against.
 - "triton": the Triton kernels (ops/triton/); on CPU tensors only under TRITON_INTERPRET=1.
-- "cuda": the `qla_kernels._C` kernels, then Triton for the ops `_C` does not implement.
+- "cuda": the `qla_kernels._C` kernels (per-token quantization; the W4A16 GEMM at M <= 16, where
+  decode is bandwidth-bound), then Triton for the ops and shapes `_C` does not implement.
 An op a selected backend does not implement (a format, a rank) runs on "reference".
 
 The default ("auto") picks per call by the input's device: "cuda" (or "triton" without `_C`) on
