@@ -10,16 +10,17 @@ wide margin while any indexing or formula error fails by orders of magnitude.
 """
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.ops import reference
-
+from qla_kernels.ops.triton import launch
 from qla_kernels.quant import quantize_weight
 
 from .helpers import INTEGER_FORMATS, random_int8, random_weight
@@ -377,3 +378,51 @@ def test_decode_pre_kernel(norm_kind, dtype, rank):
         torch.testing.assert_close(actual[1].float(), expected[1].float(), rtol=5e-3, atol=5e-3 * float(expected[1].abs().max()))
     with pytest.raises(ValueError, match="norm_kind must be 'layernorm' or 'rmsnorm'"):
         ops.normalize_activation(x, "none")
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n_half=st.integers(1, 40), steps=st.integers(8, 24), group=st.sampled_from([16, 32, 64]),
+       rank=st.sampled_from([0, 16]), activation=st.sampled_from(reference.ACTIVATIONS), requant=st.booleans(),
+       row_maps=st.booleans(), seed=st.integers(0, 10_000))
+def test_w4a16_split_k_matches_reference(m, n_half, steps, group, rank, activation, requant, row_maps, seed):
+    """Small-M W4A16 splits K across programs (partial sums, then a fixed-order reduction that
+    runs the whole epilogue); forced here by pretending the device has many SMs."""
+    with mock.patch.object(launch, "_sm_count", lambda device: 256):
+        _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row_maps, seed)
+
+
+def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row_maps, seed):
+    n, block_k = 2 * n_half, launch.gemm_candidates(torch.device(DEVICE))[0].block_k
+    k = max(group, block_k) * steps
+    if DEVICE == "cpu":  # the interpreter's one 16×32 tile configuration does split
+        tiles = -(-m // 16) * -(-n // 32)
+        assert launch.split_k_plan(tiles, k, min(block_k, group), group, torch.device(DEVICE))[0] > 1
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=generator).to(DEVICE)  # noqa: E731
+    weight = _to(random_weight("uint4_asym_groups", n, k, group=group, seed=seed))
+    n_out = n // 2 if activation == "swiglu" else n
+    maps = {}
+    if row_maps:
+        maps = dict(gather_rows=torch.randperm(m, generator=generator).int().to(DEVICE),
+                    scatter_rows=torch.randperm(m, generator=generator).int().to(DEVICE))
+    kwargs = dict(lowrank_t=rand(m, rank).half() if rank else None, lowrank_u=(rand(n, rank) * 0.1).half() if rank else None,
+                  bias=rand(n), activation=activation, residual=rand(m, n_out), out_dtype=torch.float32,
+                  requant_bits=8 if requant else 0, **maps)
+    a = rand(m, k).half()
+    expected, actual = _both(lambda: ops.fused_linear(a, None, weight, **kwargs))
+    if requant:  # one code may flip where the fp32 sum order moves a value across a rounding edge
+        assert (actual[0].int() - expected[0].int()).abs().max() <= 1
+        torch.testing.assert_close(actual[1], expected[1], rtol=1e-4, atol=0)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_split_k_plan_keeps_every_split_nonempty_and_block_aligned():
+    device = torch.device("cpu")
+    assert launch.split_k_plan(4, 4096, 128, 128, device) == (1, 4096)  # no SMs known: no split
+    with mock.patch.object(launch, "_sm_count", lambda device: 132):
+        for tiles, k, block_k in ((64, 4096, 128), (1, 4096, 128), (8, 14336, 128), (300, 4096, 128), (4, 640, 64)):
+            splits, per_split = launch.split_k_plan(tiles, k, block_k, 128, device)
+            assert per_split % block_k == 0 and (splits - 1) * per_split < k <= splits * per_split
+            assert splits == 1 or per_split >= launch._SPLIT_K_MIN_STEPS * block_k
+            assert splits == 1 or tiles * (splits - 1) < launch._SPLIT_K_TILES_PER_SM * 132

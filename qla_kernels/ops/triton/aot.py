@@ -30,13 +30,16 @@ from ..dispatch import interpreting
 from .quantize import quantize_activation_kernel
 from .tuning import SM80_GEMM_CONFIGS, SM90_GEMM_CONFIGS
 
-# (name, weight format code, activation code, requant, lowrank, zero point, group scale per tile)
+# (name, weight format code, activation code, requant, lowrank, zero point, group scale per tile,
+#  split-K phase)
 EPILOGUES = (
-    ("w8a8_every_epilogue_piece", 0, 1, False, True, False, True),
-    ("w8a8_swiglu_zero_point", 0, 4, False, True, True, True),
-    ("w4a8_requant", 1, 1, True, False, False, True),
-    ("w4a8_groups_full_epilogue", 2, 0, False, True, False, True),
-    ("w4a16_full_epilogue", 3, 0, False, True, False, True),
+    ("w8a8_every_epilogue_piece", 0, 1, False, True, False, True, 0),
+    ("w8a8_swiglu_zero_point", 0, 4, False, True, True, True, 0),
+    ("w4a8_requant", 1, 1, True, False, False, True, 0),
+    ("w4a8_groups_full_epilogue", 2, 0, False, True, False, True, 0),
+    ("w4a16_full_epilogue", 3, 0, False, True, False, True, 0),
+    ("w4a16_split_k_partial_sums", 3, 0, False, True, False, True, 1),
+    ("w4a16_split_k_reduce_full_epilogue", 3, 0, False, True, False, True, 2),
 )
 
 
@@ -76,7 +79,7 @@ def _compile(kernel, pointer_types: Dict[str, str], scalars: Dict[str, str], con
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = scalars.get(name, "i32")
-            if name.startswith("stride_") or name in ("K", "KC", "GROUP_K"):
+            if name.startswith("stride_") or name in ("K", "KC", "GROUP_K", "K_PER_SPLIT"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
@@ -90,7 +93,7 @@ GEMM_POINTERS = {
     "a_ptr": "*i8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i8", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
     "w_group_ptr": "*i8", "w_colsum_ptr": "*i32", "t_ptr": "*fp16", "u_ptr": "*fp16", "xc_ptr": "*fp16",
     "wc_ptr": "*fp16", "bias_ptr": "*fp16", "residual_ptr": "*fp16", "out_ptr": "*fp16",
-    "row_absmax_ptr": "*i32", "gather_ptr": "*i32", "scatter_ptr": "*i32",
+    "row_absmax_ptr": "*i32", "gather_ptr": "*i32", "scatter_ptr": "*i32", "partial_ptr": "*fp32",
 }
 
 
@@ -98,7 +101,7 @@ def compile_all() -> List[Dict[str, object]]:
     rows = []
     for capability, configs in ((90, SM90_GEMM_CONFIGS), (80, SM80_GEMM_CONFIGS)):
         for config in configs:
-            for name, fmt, activation, requant, lowrank, zero, per_tile in EPILOGUES:
+            for name, fmt, activation, requant, lowrank, zero, per_tile, split_phase in EPILOGUES:
                 pointers = dict(GEMM_POINTERS, w_ptr="*i8" if fmt == 0 else "*u8",
                                 out_ptr="*fp32" if requant else "*fp16")
                 if fmt == 3:  # fp16 activations; the zero points ride in the group pointer
@@ -109,6 +112,7 @@ def compile_all() -> List[Dict[str, object]]:
                     HAS_BIAS=True, ACTIVATION=activation, HAS_RESIDUAL=True, REQUANT=requant, GATHER=False,
                     SCATTER=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                     BLOCK_R=32, GROUP_M=config.group_m, GROUP_SCALE_PER_TILE=per_tile,
+                    SPLIT_PHASE=split_phase, K_SPLITS=4 if split_phase else 1,
                 )
                 result = _compile(fused_linear_kernel, pointers, {}, constexprs, capability,
                                   config.num_warps, config.num_stages)

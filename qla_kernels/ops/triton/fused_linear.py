@@ -6,7 +6,9 @@ One program computes a BLOCK_M × BLOCK_N tile: the integer main loop accumulate
 weights are unpacked in registers; QServe group scales multiply them back to int8 so the same
 int32 accumulator serves the whole K loop). For W4A16 the activations stay fp16/bf16 and each
 uint4 tile is dequantized in the loop, (q − z)·s rounded once to the activation dtype, into an
-fp32 accumulator. Then the epilogue runs once on the tile: dequant,
+fp32 accumulator; when there are too few tiles to fill the GPU (small M), a first launch
+(SPLIT_PHASE 1) splits K across programs and stores fp32 partial sums, and a second (SPLIT_PHASE
+2) adds them in a fixed order and runs the epilogue. Then the epilogue runs once on the tile: dequant,
 the low-rank and full-rank fp segments as extra tensor-core dots into the fp32 accumulator,
 bias, activation, residual, and the store (or, for re-quantization, an fp32 store plus an atomic
 per-row absmax that `requantize_rows_kernel` turns into int8).
@@ -70,15 +72,16 @@ def _unpack_uint4_tile(packed):
 def fused_linear_kernel(
     a_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_group_ptr, w_colsum_ptr,
     t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,
-    gather_ptr, scatter_ptr,
-    M, N, K, R, KC, GROUP_K,
+    gather_ptr, scatter_ptr, partial_ptr,
+    M, N, K, R, KC, GROUP_K, K_PER_SPLIT,
     stride_am, stride_wn, stride_gn, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
     WEIGHT_FORMAT: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_PER_ROW: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_FULLRANK: tl.constexpr,
     MAIN_IEEE: tl.constexpr, LOWRANK_IEEE: tl.constexpr, FULLRANK_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, REQUANT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr,
+    GROUP_M: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr, SPLIT_PHASE: tl.constexpr = 0,
+    K_SPLITS: tl.constexpr = 1,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -105,7 +108,16 @@ def fused_linear_kernel(
         # ------------------------------------------------------------ W4A16: dequant in the loop
         y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         groups = K // GROUP_K
-        for k0 in range(0, K, BLOCK_K):
+        # Split-K (SPLIT_PHASE 1 then 2): program_id(1) covers K_PER_SPLIT of K.
+        k_begin = tl.program_id(1) * K_PER_SPLIT if SPLIT_PHASE == 1 else 0
+        k_end = min(K, k_begin + K_PER_SPLIT) if SPLIT_PHASE == 1 else K
+        if SPLIT_PHASE == 2:
+            k_end = 0  # the partial sums replace the main loop
+            partial_mask = mask_m[:, None] & mask_n[None, :]
+            for split in range(K_SPLITS):  # a fixed order: deterministic
+                y += tl.load(partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], mask=partial_mask,
+                             other=0.0)
+        for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
@@ -128,6 +140,10 @@ def fused_linear_kernel(
                 y = tl.dot(a, w, y, input_precision="ieee")
             else:
                 y = tl.dot(a, w, y)
+        if SPLIT_PHASE == 1:
+            tl.store(partial_ptr + (tl.program_id(1) * M + offs_m[:, None]) * N + offs_n[None, :], y,
+                     mask=mask_m[:, None] & mask_n[None, :])
+            return
     else:
         # ------------------------------------------------------------ integer main loop
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)

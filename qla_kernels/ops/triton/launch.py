@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -28,6 +29,28 @@ def _block_r(width: int) -> int:
 
 def _largest_power_of_two_dividing(value: int) -> int:
     return value & -value
+
+
+# Split K when fewer tiles than this many per SM exist (W4A16 at small M), keeping >= 4 K steps each.
+_SPLIT_K_TILES_PER_SM = 2
+_SPLIT_K_MIN_STEPS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def split_k_plan(tiles: int, k: int, block_k: int, group_size: int, device: torch.device) -> Tuple[int, int]:
+    """(splits, K per split) for the W4A16 GEMM: enough programs for `_SPLIT_K_TILES_PER_SM` per SM.
+    K per split is a multiple of BLOCK_K (so group scales stay per tile) and every split is non-empty."""
+    steps = triton.cdiv(k, block_k)
+    wanted = triton.cdiv(_SPLIT_K_TILES_PER_SM * _sm_count(device), tiles)
+    splits = max(1, min(wanted, steps // _SPLIT_K_MIN_STEPS))
+    if splits == 1:
+        return 1, k
+    k_per_split = triton.cdiv(steps, splits) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
 
 
 def fused_linear(
@@ -77,7 +100,15 @@ def fused_linear(
             options["BLOCK_K"] = block_k
             if requant_bits:
                 row_absmax.zero_()
-            grid = (triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n),)
+            tiles = triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n)
+            splits, k_per_split = (split_k_plan(tiles, k, block_k, group_size, device)
+                                   if weight_format == "uint4_asym_groups" else (1, k))
+            partial = a.new_empty((splits, gemm_rows, n), dtype=torch.float32) if splits > 1 else dummy
+            phases = ((1, (tiles, splits)), (2, (tiles,))) if splits > 1 else ((0, (tiles,)),)
+            for phase, grid in phases:
+                launch_phase(options, phase, grid, splits, k_per_split, partial, block_k)
+
+        def launch_phase(options, phase, grid, splits, k_per_split, partial, block_k):
             fused_linear_kernel[grid](
                 a, a_scale if a_scale is not None else dummy, a_zero_point if a_zero_point is not None else dummy,
                 weight, weight_scale,
@@ -88,7 +119,8 @@ def fused_linear(
                 bias if bias is not None else dummy, residual if residual is not None else dummy,
                 out, row_absmax,
                 gather_rows if gather_rows is not None else dummy, scatter_rows if scatter_rows is not None else dummy,
-                gemm_rows, n, k, lowrank_rank, fullrank_k, group_size,
+                partial,
+                gemm_rows, n, k, lowrank_rank, fullrank_k, group_size, k_per_split,
                 a.stride(0), weight.stride(0),
                 weight_group_scale.stride(0) if weight_group_scale is not None else 0,
                 lowrank_t.stride(0) if lowrank_t is not None else 0,
@@ -98,7 +130,7 @@ def fused_linear(
                 residual.stride(0) if residual is not None else 0,
                 out.stride(0),
                 GROUP_SCALE_PER_TILE=weight_format in _GROUPED_FORMATS and group_size % block_k == 0,
-                **flags, **options,
+                SPLIT_PHASE=phase, K_SPLITS=splits, **flags, **options,
             )
 
         key = (device.index, m_bucket(gemm_rows), n, k, tuple(sorted(flags.items())))
