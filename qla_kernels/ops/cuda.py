@@ -75,9 +75,19 @@ def decode_split_plan(rows: int, out_features: int, in_features: int, sm_count: 
     return -(-chunks // chunks_per_split), chunks_per_split
 
 
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_bf16_mma(device_index: int) -> bool:
+    """`_C` is built for sm_80 and newer (bf16 mma.sync needs sm_80)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format: str, group_size: int,
@@ -86,8 +96,8 @@ def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format
     """The decode kernel covers W4A16 with M <= 16 and K a multiple of 128, fp16/bf16 operands in
     the activation dtype, and bias / low-rank / residual epilogues; everything else goes to Triton."""
     same_dtype = all(t is None or t.dtype == a.dtype for t in (lowrank_t, lowrank_u, bias, residual))
-    return (a.device.type == "cuda" and weight_format == "uint4_asym_groups" and a.dtype in (torch.float16, torch.bfloat16)
-            and 1 <= a.shape[0] <= DECODE_MAX_ROWS and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0
+    return (a.device.type == "cuda" and _has_bf16_mma(_index(a.device)) and weight_format == "uint4_asym_groups"
+            and a.dtype in (torch.float16, torch.bfloat16) and 1 <= a.shape[0] <= DECODE_MAX_ROWS and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0
             and same_dtype and out_dtype == a.dtype and a_zero_point is None and fullrank_x is None
             and activation == "none" and not requant_bits and gather_rows is None and scatter_rows is None)
 
@@ -111,7 +121,7 @@ def w4a16_decode(a: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: T
     out_features = weight.shape[0]
     a, weight = _aligned(a), _aligned(weight)
     out = a.new_empty((rows, out_features))
-    splits, chunks_per_split = decode_split_plan(rows, out_features, in_features, _sm_count(a.device.index))
+    splits, chunks_per_split = decode_split_plan(rows, out_features, in_features, _sm_count(_index(a.device)))
     workspace = (a.new_empty((splits, rows, out_features), dtype=torch.float32) if splits > 1 else None)
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
     if rank == 0:
