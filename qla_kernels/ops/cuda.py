@@ -85,7 +85,7 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_bf16_mma(device_index: int) -> bool:
+def _built_for(device_index: int) -> bool:
     """`_C` is built for sm_80 and newer (bf16 mma.sync needs sm_80)."""
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
@@ -96,9 +96,9 @@ def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format
     """The decode kernel covers W4A16 with M <= 16 and K a multiple of 128, fp16/bf16 operands in
     the activation dtype, and bias / low-rank / residual epilogues; everything else goes to Triton."""
     same_dtype = all(t is None or t.dtype == a.dtype for t in (lowrank_t, lowrank_u, bias, residual))
-    return (a.device.type == "cuda" and _has_bf16_mma(_index(a.device)) and weight_format == "uint4_asym_groups"
-            and a.dtype in (torch.float16, torch.bfloat16) and 1 <= a.shape[0] <= DECODE_MAX_ROWS and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0
-            and same_dtype and out_dtype == a.dtype and a_zero_point is None and fullrank_x is None
+    return (a.device.type == "cuda" and _built_for(_index(a.device)) and weight_format == "uint4_asym_groups"
+            and a.dtype in (torch.float16, torch.bfloat16) and 1 <= a.shape[0] <= DECODE_MAX_ROWS
+            and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0 and same_dtype and out_dtype == a.dtype and a_zero_point is None and fullrank_x is None
             and activation == "none" and not requant_bits and gather_rows is None and scatter_rows is None)
 
 
