@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .compensation import block_input, link, primary_output, with_primary_output
 
 
@@ -82,6 +83,11 @@ class DWSepAdapter(nn.Module):
             if body.shape[1] != height * width:
                 raise ValueError(f"DWSepAdapter expects {height}x{width} patch tokens after {self.prefix_tokens} "
                                  f"prefix tokens, got {body.shape[1]}")
+            if not (torch.is_grad_enabled() and (h.requires_grad or self.down.weight.requires_grad)):
+                # Inference: the whole path as one kernel (ops.dwsep_down has no autograd formula).
+                t = ops.dwsep_down(h, height, width, self.prefix_tokens, self.depthwise.weight, self.depthwise.bias,
+                                   self.down.weight, self.down.bias)
+                return t.reshape(batch, tokens, -1), None
             spatial = body.transpose(1, 2).reshape(batch, dim, height, width)
             body = self.depthwise(spatial).reshape(batch, dim, tokens - self.prefix_tokens).transpose(1, 2)
         else:

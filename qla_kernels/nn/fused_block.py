@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import fused_linear, gemm_zero_point, quantize_activation, reference
+from ..ops import fused_linear, gemm_zero_point, normalize_activation, quantize_activation
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter
@@ -132,9 +132,9 @@ class FusedPackedQKVBlock(nn.Module):
 
         adapter_t = None
         if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
-            normed = reference.normalize(rows, norm_kind_of(norm1), norm1.weight, getattr(norm1, "bias", None),
-                                         _norm_eps(norm1)).to(x.dtype).reshape(batch, tokens, width)
-            adapter_t = self.qla_attention.down_path(normed)[0].reshape(batch * tokens, -1)
+            normed, _ = normalize_activation(rows, norm_kind_of(norm1), norm1.weight, getattr(norm1, "bias", None),
+                                             _norm_eps(norm1))
+            adapter_t = self.qla_attention.down_path(normed.reshape(batch, tokens, width))[0].reshape(batch * tokens, -1)
         q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
                           out_dtype=x.dtype, **proj.lowered_segments(x.dtype, adapter_t, self._adapter_up(proj)))

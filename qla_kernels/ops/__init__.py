@@ -16,7 +16,7 @@ import torch
 from ..formats.weights import QuantizedWeight
 from . import cuda, library, reference, simulate
 from . import triton as triton_backend
-from .checks import check_fused_linear, check_quantize_activation
+from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation
 from .dispatch import BACKENDS, BackendInfo, backends, requested_backend, resolve_backend, use_backend
 
 
@@ -85,6 +85,29 @@ def normalize_activation(
     if resolve_backend(x.device) in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
         return torch.ops.qla.normalize_activation_triton(*args)
     return torch.ops.qla.normalize_activation(*args)
+
+
+def dwsep_down(
+    h: torch.Tensor,
+    height: int,
+    width: int,
+    prefix_tokens: int,
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    down_weight: torch.Tensor,
+    down_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """QLA's DW-separable down path T = down(GELU(DW3×3(h))) on vision tokens h [B, P + H·W, D]:
+    the P prefix (class / distillation / register) tokens bypass the conv. dw_weight is [D, 9] or
+    the conv's own [D, 1, 3, 3]; down_weight [r, D] (nn.Linear layout). Returns [B·(P + H·W), r]
+    in h.dtype, the T of the proj GEMM's low-rank segment."""
+    if isinstance(dw_weight, torch.Tensor) and dw_weight.dim() == 4 and dw_weight.shape[1:] == (1, 3, 3):
+        dw_weight = dw_weight.reshape(dw_weight.shape[0], 9)
+    check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
+    args = (h, height, width, prefix_tokens, dw_weight.contiguous(), dw_bias, down_weight, down_bias)
+    if resolve_backend(h.device) in ("cuda", "triton") and triton_backend.supports_dwsep_down(down_weight):
+        return torch.ops.qla.dwsep_down_triton(*args)
+    return torch.ops.qla.dwsep_down(*args)
 
 
 def fused_linear(
@@ -175,5 +198,6 @@ def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[t
 
 __all__ = [
     "BACKENDS", "BackendInfo", "backends", "requested_backend", "resolve_backend", "use_backend",
-    "quantize_activation", "normalize_activation", "fused_linear", "quantized_linear", "gemm_zero_point", "library", "reference", "simulate",
+    "quantize_activation", "normalize_activation", "dwsep_down", "fused_linear", "quantized_linear",
+    "gemm_zero_point", "library", "reference", "simulate",
 ]

@@ -157,3 +157,22 @@ def check_fused_linear(
     check_choice("out_dtype", out_dtype, FLOAT_DTYPES)
     if requant_bits != 0:
         check_bits("requant_bits", requant_bits)
+
+
+def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias):
+    if not isinstance(h, torch.Tensor) or h.dim() != 3:
+        raise ValueError(f"h must be a 3-D tensor [batch, tokens, dim], got {getattr(h, 'shape', type(h))}")
+    check_tensor("h", h, device=h.device, dtypes=FLOAT_DTYPES)
+    batch, tokens, dim = h.shape
+    for name, value in (("height", height), ("width", width), ("prefix_tokens", prefix_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "prefix_tokens" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'prefix_tokens' else 'positive'} int, "
+                             f"got {value!r}")
+    if tokens != prefix_tokens + height * width:
+        raise ValueError(f"h has {tokens} tokens, expected prefix_tokens + height·width = "
+                         f"{prefix_tokens} + {height}·{width}")
+    check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 9))
+    check_tensor("dw_bias", dw_bias, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim,))
+    check_tensor("down_weight", down_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(None, dim))
+    rank = down_weight.shape[0]
+    check_tensor("down_bias", down_bias, device=h.device, dtypes=FLOAT_DTYPES, shape=(rank,))

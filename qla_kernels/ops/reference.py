@@ -56,6 +56,32 @@ def down_projection(normed: torch.Tensor, down_proj: torch.Tensor, out_dtype: to
     return (normed.to(down_proj.dtype).float() @ down_proj.float()).to(out_dtype)
 
 
+def dwsep_down(
+    h: torch.Tensor,
+    height: int,
+    width: int,
+    prefix_tokens: int,
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    down_weight: torch.Tensor,
+    down_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """QLA's DW-separable down path on vision tokens, in fp32: h [B, P + H·W, D] (P prefix tokens
+    that bypass the conv) → depthwise 3×3 (zero padding, weight [D, 9] row-major taps) + bias on
+    the H×W grid → GELU (erf) → ·down_weightᵀ [D → r] + bias. Returns T [B·(P + H·W), r] in h.dtype."""
+    batch, tokens, dim = h.shape
+    x = h.float()
+    prefix, body = x[:, :prefix_tokens], x[:, prefix_tokens:]
+    grid = body.transpose(1, 2).reshape(batch, dim, height, width)
+    bias = None if dw_bias is None else dw_bias.float()
+    body = F.conv2d(grid, dw_weight.float().reshape(dim, 1, 3, 3), bias, padding=1, groups=dim)
+    mixed = F.gelu(torch.cat([prefix, body.reshape(batch, dim, height * width).transpose(1, 2)], dim=1))
+    t = mixed @ down_weight.float().t()
+    if down_bias is not None:
+        t = t + down_bias.float()
+    return t.reshape(batch * tokens, -1).to(h.dtype)
+
+
 def quantize_activation(
     x: torch.Tensor,
     bits: int,

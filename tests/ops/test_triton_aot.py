@@ -34,3 +34,5 @@ def test_every_configuration_compiles_for_hopper_and_ampere(tmp_path):
     assert any(row["kernel"] == "requantize_rows" for row in rows)
     assert any(row["kernel"] == "normalize_activation" for row in rows)
     assert any(row.get("epilogue") == "w4a16_full_epilogue" for row in rows)
+    assert {row["epilogue"] for row in gemms} >= {"w4a16_split_k_partial_sums", "w4a16_split_k_reduce_full_epilogue"}
+    assert {row["arch"] for row in rows if row["kernel"] == "dwsep_down"} == {80, 90}

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..dispatch import interpreting
 from ..library import (
+    dwsep_down_fake,
     fused_linear_fake,
     normalize_activation_fake,
     quantize_activation_fake,
@@ -39,7 +40,7 @@ def status() -> Optional[str]:
 
 if _IMPORT_ERROR is None:
     from . import launch
-    from .launch import TRITON_WEIGHT_FORMATS, supports_quantize_activation
+    from .launch import TRITON_WEIGHT_FORMATS, supports_dwsep_down, supports_quantize_activation
 
     @torch.library.custom_op("qla::fused_linear_triton", mutates_args=())
     def fused_linear(
@@ -93,8 +94,18 @@ if _IMPORT_ERROR is None:
         return launch.normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
 
     normalize_activation.register_fake(normalize_activation_fake)
+
+    @torch.library.custom_op("qla::dwsep_down_triton", mutates_args=())
+    def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,
+                   dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
+        return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
+
+    dwsep_down.register_fake(dwsep_down_fake)
 else:  # pragma: no cover
     TRITON_WEIGHT_FORMATS = ()
 
     def supports_quantize_activation(down_proj) -> bool:
+        return False
+
+    def supports_dwsep_down(down_weight) -> bool:
         return False

@@ -3,7 +3,8 @@
     python -m qla_kernels.ops.triton.aot [--json FILE]
 
 Compiles the fused GEMM (each sm_90 / sm_80 configuration × representative epilogues and weight
-formats), the requantization kernel and the activation pre-kernel (quantizing and decode) with
+formats), the requantization kernel, the activation pre-kernel (quantizing and decode) and QLA's
+DW-separable down path with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, then runs ptxas -v on each
 PTX for register and spill counts. It reports whether sm_90 code uses wgmma. Must run without
 TRITON_INTERPRET (the interpreter replaces kernels by Python functions), so tests call it in a
@@ -25,7 +26,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
+from .launch import DWSEP_TILE
 from ..dispatch import interpreting
 from .quantize import quantize_activation_kernel
 from .tuning import SM80_GEMM_CONFIGS, SM90_GEMM_CONFIGS
@@ -135,6 +138,14 @@ def compile_all() -> List[Dict[str, object]]:
                          "t_from_input": t_from_input,
                          "arch": capability, **_compile(quantize_activation_kernel, pointers, {"eps": "fp32"},
                                                         constexprs, capability, 4, 1)})
+        for dtype in ("fp16", "bf16"):
+            pointers = {"h_ptr": f"*{dtype}", "dw_ptr": "*fp32", "dw_bias_ptr": "*fp32", "down_ptr": f"*{dtype}",
+                        "down_bias_ptr": "*fp32", "t_ptr": f"*{dtype}"}
+            block_t, block_c, warps = DWSEP_TILE
+            constexprs = dict(HAS_DW_BIAS=True, HAS_DOWN_BIAS=True, IEEE=False, BLOCK_T=block_t, BLOCK_C=block_c,
+                              BLOCK_R=64)
+            rows.append({"kernel": "dwsep_down", "dtype": dtype, "arch": capability,
+                         **_compile(dwsep_down_kernel, pointers, {}, constexprs, capability, warps, 1)})
     return rows
 
 

@@ -12,6 +12,7 @@ import triton
 from ...formats.weights import weight_in_features
 from ...quant.primitives import qrange
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features
+from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
 from .quantize import quantize_activation_kernel
 from .tuning import Autotuner, gemm_candidates, interpreting, m_bucket
@@ -190,3 +191,30 @@ def normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_pr
 
 def supports_quantize_activation(down_proj: Optional[torch.Tensor]) -> bool:
     return down_proj is None or down_proj.shape[1] <= MAX_PREOP_RANK
+
+
+# (BLOCK_T, BLOCK_C, num_warps): 64 tokens make the down dot wgmma-eligible on sm_90; wider channel
+# slices spill with the nine neighbour tiles live (ptxas -v, checked by the AOT test).
+DWSEP_TILE = (64, 32, 8)
+DWSEP_INTERPRETER_TILE = (16, 32, 4)
+
+
+def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias) -> torch.Tensor:
+    batch, tokens, dim = h.shape
+    rank = down_weight.shape[0]
+    t = torch.empty((batch * tokens, rank), dtype=h.dtype, device=h.device)
+    if t.numel():
+        down = down_weight.t().to(h.dtype).contiguous()  # [D, r]
+        block_t, block_c, warps = DWSEP_INTERPRETER_TILE if interpreting() else DWSEP_TILE
+        dwsep_down_kernel[(triton.cdiv(tokens, block_t), batch)](
+            h, dw_weight, dw_bias if dw_bias is not None else h, down, down_bias if down_bias is not None else h, t,
+            tokens, dim, rank, height, width, prefix_tokens,
+            h.stride(0), h.stride(1), down.stride(0), t.stride(0),
+            HAS_DW_BIAS=dw_bias is not None, HAS_DOWN_BIAS=down_bias is not None, IEEE=h.dtype == torch.float32,
+            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps,
+        )
+    return t
+
+
+def supports_dwsep_down(down_weight: torch.Tensor) -> bool:
+    return down_weight.shape[0] <= MAX_PREOP_RANK
