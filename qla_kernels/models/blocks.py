@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from ..nn.fused_block import FusedPackedQKVBlock
+from ..nn.fused_block import FUSED_BLOCK_TYPES
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
@@ -34,7 +34,7 @@ def _holds_linear(module: nn.Module) -> bool:
 def _architecture_class(module: nn.Module) -> type:
     """The module's class as the model defined it (a fused block's class is a subclass of it)."""
     cls = type(module)
-    return cls.__mro__[2] if issubclass(cls, FusedPackedQKVBlock) else cls
+    return cls.__mro__[2] if issubclass(cls, FUSED_BLOCK_TYPES) else cls
 
 
 def _is_block_list(container: nn.Module) -> bool:

@@ -37,6 +37,7 @@ class BlockFacts:
     mlp_norm: str
     mlp_inputs: Tuple[str, ...]
     mlp_output: str
+    output_norm: str = ""  # post-norm: the norm after the MLP's residual add, whose output is the block's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,8 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
     norm_calls = [index for index, call in enumerate(calls) if is_norm(call[1])]
     if len(linear_calls) < 4:
         raise ValueError(f"{where}: expected attention and MLP linears (at least 4), found {len(linear_calls)}")
-    post_norm = any(calls[index][3] is output for index in norm_calls)
+    output_norms = [index for index in norm_calls if calls[index][3] is output]
+    post_norm = bool(output_norms)
 
     def readers_after(start: int, tensor: Optional[torch.Tensor]) -> List[int]:
         """Linear calls after `start` reading `tensor`; if none does (the input was reshaped on
@@ -154,6 +156,7 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
         mlp_norm=calls[mlp_norms[0]][0],
         mlp_inputs=names(mlp_inputs),
         mlp_output=calls[linear_calls[-1]][0],
+        output_norm=calls[output_norms[-1]][0] if post_norm else "",
     )
     spatial = block_input is not None and block_input.dim() == 4
     grid = tuple(block_input.shape[1:3]) if spatial else getattr(getattr(model, "patch_embed", None), "grid_size", None)

@@ -2,8 +2,10 @@
 structure and confirmed numerically.
 
 The architecture facts name each block's norms and linears; the template adds what the fused
-chain assumes: pre-norm, one packed qkv linear whose parent module holds `num_heads`/`head_dim`,
-a GELU (or ReLU) MLP, and nothing else on the residual branches (no LayerScale, no gate). Every
+chain assumes. Pre-norm (timm ViT/DeiT): one packed qkv linear whose parent module holds
+`num_heads`/`head_dim`, a GELU (or ReLU) MLP, and nothing else on the residual branches (no
+LayerScale, no gate). Post-norm (BERT/RoBERTa): query/key/value in one attention module, a
+LayerNorm after each residual add, a one-activation MLP. Every
 candidate is then checked on a real block input: the fused chain must reproduce the block's own
 forward (the same QuantLinears run one by one). QLA adapters join the chain once lowered
 (`methods.qla.fuse`): their down paths feed the low-rank segments of proj and fc2. A block that fails either test keeps its
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from ..nn.adapters import DWSepAdapter, LoRAAdapter
-from ..nn.fused_block import PackedQKVTemplate, fuse_block, unfuse_block
+from ..nn.fused_block import PackedQKVTemplate, PostNormTemplate, fuse_block, unfuse_block
 from ..ops.dispatch import use_backend
 from .blocks import find_blocks
 from .facts import BlockFacts, describe, example_input, run_hooked
@@ -38,18 +40,30 @@ class FusionReport:
     skipped: Dict[str, str]  # block name → why it keeps its QuantLinears
 
 
+# Activation modules of model libraries by class name (Hugging Face transformers.activations), as
+# fused_linear names them; the numerical check at fusion confirms each choice.
+_LIBRARY_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                        "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "ReLUActivation": "relu"}
+
+
+def _activation_name(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    return _LIBRARY_ACTIVATIONS.get(type(module).__name__)
+
+
 def _activation(mlp: nn.Module, linears: set) -> str:
     """The MLP's single activation, as fused_linear names it; ValueError for anything else inside."""
     found = []
     for name, child in mlp.named_children():
         if child in linears or isinstance(child, _PASSIVE):
             continue
-        if isinstance(child, nn.GELU):
-            found.append("gelu" if child.approximate == "none" else "gelu_tanh")
-        elif isinstance(child, nn.ReLU):
-            found.append("relu")
-        else:
+        activation = _activation_name(child)
+        if activation is None:
             raise ValueError(f"the MLP has a {type(child).__name__} ({name!r}) the fused chain would skip")
+        found.append(activation)
     if len(found) != 1:
         raise ValueError(f"the MLP needs exactly one GELU/ReLU activation, found {len(found)}")
     return found[0]
@@ -59,10 +73,49 @@ def _is_passive(module: nn.Module) -> bool:
     return isinstance(module, _PASSIVE) or "DropPath" in type(module).__name__
 
 
-def template_for(block: nn.Module, facts: BlockFacts) -> PackedQKVTemplate:
-    """The packed-qkv pre-norm template of `block`, or ValueError saying what does not fit."""
-    if facts.norm_position != "pre":
-        raise ValueError("post-norm blocks (BERT/RoBERTa) have no fused template yet")
+def _post_norm_template(block: nn.Module, facts: BlockFacts) -> PostNormTemplate:
+    """BERT / RoBERTa: separate query/key/value sharing an attention module, each residual sum
+    normalized by a LayerNorm, a one-activation MLP split over two modules."""
+    if len(facts.attention_inputs) != 3:
+        raise ValueError(f"post-norm attention needs query, key and value linears, found {facts.attention_inputs}")
+    query, key, value = facts.attention_inputs
+    attention = query.rpartition(".")[0]
+    if not attention or {key.rpartition(".")[0], value.rpartition(".")[0]} != {attention}:
+        raise ValueError(f"query/key/value {facts.attention_inputs} do not share an attention module")
+    if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1 or facts.norm_kind != "layernorm":
+        raise ValueError(f"post-norm blocks with a {facts.mlp_kind} MLP / {facts.norm_kind} have no fused template")
+    fc1 = facts.mlp_inputs[0]
+    fc1_parent = block.get_submodule(fc1.rpartition(".")[0])
+    activation = _activation(fc1_parent, {block.get_submodule(fc1)})
+    chain = {block.get_submodule(name) for name in (*facts.attention_inputs, facts.attention_output, facts.mlp_norm,
+                                                     fc1, facts.mlp_output, facts.output_norm)}
+    for name, child in block.named_modules():
+        if child in chain or next(child.children(), None) is not None:
+            continue
+        if next(child.parameters(recurse=False), None) is not None:
+            raise ValueError(f"{name!r} ({type(child).__name__}) has weights the fused chain would skip")
+    layers = [block.get_submodule(name) for name in facts.attention_inputs]
+    shared = all(_same_input_quantization(layers[0], other) for other in layers[1:])
+    return PostNormTemplate(attention, query, key, value, facts.attention_output, facts.mlp_norm, fc1,
+                            facts.mlp_output, facts.output_norm, activation, shared)
+
+
+def _same_input_quantization(first: nn.Module, second: nn.Module) -> bool:
+    """Two QuantLinears reading the same tensor quantize it identically (dynamic, or equal static
+    scale and zero point at equal bits): then one pre-kernel serves both."""
+    if getattr(first, "config", None) is None or getattr(second, "config", None) is None:
+        return False
+    if first.config.act_bits != second.config.act_bits:
+        return False
+    pairs = ((first.input_scale, second.input_scale), (first.input_zero_point, second.input_zero_point))
+    return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
+
+
+def template_for(block: nn.Module, facts: BlockFacts):
+    """The fused template of `block` (PackedQKVTemplate for pre-norm packed-qkv blocks,
+    PostNormTemplate for BERT-style ones), or ValueError saying what does not fit."""
+    if facts.norm_position == "post":
+        return _post_norm_template(block, facts)
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs have no fused template yet")
     if len(facts.attention_inputs) != 1:
@@ -77,6 +130,8 @@ def template_for(block: nn.Module, facts: BlockFacts) -> PackedQKVTemplate:
         raise ValueError(f"fc1 {fc1!r} and fc2 {fc2!r} do not share an MLP module")
     if getattr(block.get_submodule(attention), "gate", None) is not None:
         raise ValueError("gated attention has no fused template yet")
+    if getattr(block.get_submodule(attention), "is_causal", False):
+        raise ValueError("causal attention (decoders: KV cache, causal mask) has no fused template yet")
     linears = {block.get_submodule(name) for name in (fc1, fc2)}
     activation = _activation(block.get_submodule(mlp), linears)
     roots = {name.partition(".")[0] for name in (facts.attention_norm, attention, facts.mlp_norm, mlp)}
@@ -123,7 +178,14 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, x: Optional[torch.Tensor]
     if not block._fused_chain_applies(x, (), {}):
         unfuse_block(block)
         return "a module the fused chain bypasses carries hooks (observers), or the backend is 'simulate'"
-    error = _relative_error(expected, block(x))
+    if isinstance(expected, tuple):  # older transformers layers return (hidden_states,)
+        if len(expected) != 1:
+            unfuse_block(block)
+            return f"the block returns {len(expected)} outputs; the fused chain returns the hidden states only"
+        block._qla_returns_tuple = True
+        expected = expected[0]
+    fused = block(x)
+    error = _relative_error(expected, fused[0] if isinstance(fused, tuple) else fused)
     if error > MATCH_TOLERANCE:
         unfuse_block(block)
         return f"the fused chain differs from the block's forward (relative error {error:.3g})"

@@ -58,6 +58,40 @@ class PackedQKVTemplate:
         mlp = self.fc1.rpartition(".")[0]
         return (self.norm1, self.attention, self.qkv, self.proj, self.norm2, mlp, self.fc1, self.fc2)
 
+    def linears(self) -> Tuple[str, ...]:
+        return (self.qkv, self.proj, self.fc1, self.fc2)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostNormTemplate:
+    """Where a post-norm block (BERT / RoBERTa) keeps its parts (names relative to the block)."""
+
+    attention: str  # the module holding the head count and size (and optionally `scaling`)
+    query: str
+    key: str
+    value: str
+    proj: str
+    norm1: str  # after the attention residual add; its output is x1, the MLP input and residual
+    fc1: str
+    fc2: str
+    norm2: str  # after the MLP residual add; its output is the block's
+    activation: str
+    shared_qkv_input: bool  # query/key/value quantize their input the same way: one pre-kernel serves all
+
+    def bypassed(self) -> Tuple[str, ...]:
+        return (self.attention, self.query, self.key, self.value, self.proj, self.norm1, self.fc1, self.fc2,
+                self.norm2)
+
+    def linears(self) -> Tuple[str, ...]:
+        return (self.query, self.key, self.value, self.proj, self.fc1, self.fc2)
+
+
+def attention_heads(attention: nn.Module) -> Tuple[Optional[int], Optional[int]]:
+    """(head count, head size) from timm's or Hugging Face's attribute names."""
+    heads = getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
+    size = getattr(attention, "head_dim", None) or getattr(attention, "attention_head_size", None)
+    return heads, size
+
 
 def norm_kind_of(norm: nn.Module) -> str:
     """"rmsnorm" for torch's RMSNorm and library RMS norms (HF LlamaRMSNorm, ...), else "layernorm"."""
@@ -85,6 +119,38 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
     return q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
+def _mlp(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fc1: QuantLinear, fc2: QuantLinear,
+         activation: str, residual: torch.Tensor, fc2_segments: dict) -> torch.Tensor:
+    """fc1 (+ bias + activation) on quantized input, then fc2 + bias + low-rank segments + residual.
+    With dynamic scales for fc2, fc1's epilogue re-quantizes per token: no fp round trip."""
+    dtype = residual.dtype
+    if fc2.input_scale is None:
+        hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
+                                              activation=activation, out_dtype=dtype, requant_bits=fc2.config.act_bits)
+        hidden_zero = None
+    else:
+        hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
+                              activation=activation, out_dtype=dtype)
+        hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
+    return fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
+                        residual=residual, out_dtype=dtype, **fc2_segments)
+
+
+def _hooks_allow_bypass(block: nn.Module, names: Tuple[str, ...]) -> bool:
+    """No module the chain skips (each named one and its parents inside the block) has a hook,
+    other than lowered adapters' (the chain computes their T itself)."""
+    for name in {prefix for name in names for prefix in _prefixes(name)}:
+        module = block.get_submodule(name)
+        if module._forward_pre_hooks or any(h not in LOWERED_ADAPTER_HOOKS for h in module._forward_hooks.values()):
+            return False
+    return True
+
+
+def _prefixes(name: str) -> Tuple[str, ...]:
+    parts = name.split(".")
+    return tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+
 class FusedPackedQKVBlock(nn.Module):
     """Mixin placed before a block's own class by `fuse_block`; see the module docstring."""
 
@@ -100,11 +166,7 @@ class FusedPackedQKVBlock(nn.Module):
             return False
         if x.dim() != 3 or resolve_backend(x.device) == "simulate":
             return False
-        for name in self._qla_template.bypassed():
-            module = self.get_submodule(name)
-            if module._forward_pre_hooks or any(h not in LOWERED_ADAPTER_HOOKS for h in module._forward_hooks.values()):
-                return False
-        return True
+        return _hooks_allow_bypass(self, self._qla_template.bypassed())
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if not self._fused_chain_applies(x, args, kwargs):
@@ -125,7 +187,8 @@ class FusedPackedQKVBlock(nn.Module):
         packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype)
         heads, head_dim = attention.num_heads, attention.head_dim
         query, key, value = packed.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        query, key = attention.q_norm(query), attention.k_norm(key)
+        query = getattr(attention, "q_norm", nn.Identity())(query)
+        key = getattr(attention, "k_norm", nn.Identity())(key)
         context = F.scaled_dot_product_attention(query, key, value)
         context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
         context = getattr(attention, "norm", nn.Identity())(context).contiguous()
@@ -142,64 +205,147 @@ class FusedPackedQKVBlock(nn.Module):
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
         q, scale, zero, lora_t = _quantize_input(x1, fc1, part(t.norm2), down)
-        if fc2.input_scale is None:  # dynamic per-token scales for fc2: re-quantize in fc1's epilogue
-            hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero,
-                                                  bias=fc1.bias, activation=t.activation, out_dtype=x.dtype,
-                                                  requant_bits=fc2.config.act_bits)
-            hidden_zero = None
-        else:
-            hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
-                                  activation=t.activation, out_dtype=x.dtype)
-            hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, self._adapter_up(fc2),
                                         qwt_t if qwt_down is not None else None)
-        out = fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
-                           residual=x1, out_dtype=x.dtype, **segments)
+        out = _mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments)
         return out.reshape(batch, tokens, width)
 
 
+class FusedPostNormBlock(nn.Module):
+    """Mixin placed before a post-norm block's own class by `fuse_block`:
+
+    pre1 : x → int8 (one pre-kernel when query/key/value quantize alike)     quantize_activation
+    q/k/v: three GEMMs + bias                                                fused_linear
+    core : scaled_dot_product_attention with the block's attention mask
+    proj : GEMM + bias + residual x                              → s1        fused_linear
+    norm1: s1 → x1 (the MLP input and its residual)                          normalize_activation
+    fc1  : int8 x1 → GEMM + bias + GELU → re-quantized int8                  quantize_activation, fused_linear
+    fc2  : GEMM + bias + residual x1                             → s2        fused_linear
+    norm2: s2 → block output                                                 normalize_activation
+
+    The block's return structure (a tensor, or a 1-tuple in older transformers) is recorded at
+    fusion. Any argument besides the hidden states and the attention mask (a KV cache, encoder
+    states, head masks, attention outputs requested) runs the block's own forward."""
+
+    _qla_template: PostNormTemplate
+    _qla_returns_tuple: bool = False
+
+    @staticmethod
+    def _attention_mask(args: tuple, kwargs: dict):
+        """(whether the call is only hidden states + mask, the mask)."""
+        kwargs = dict(kwargs)
+        mask = kwargs.pop("attention_mask", None)
+        if args:
+            mask, args = (args[0] if mask is None else mask), args[1:]
+        plain = all(a is None or a is False for a in args) and all(v is None or v is False for v in kwargs.values())
+        usable = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+        return plain and usable, mask
+
+    def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        if self.training or x.dim() != 3 or resolve_backend(x.device) == "simulate":
+            return False
+        return self._attention_mask(args, kwargs)[0] and _hooks_allow_bypass(self, self._qla_template.bypassed())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not self._fused_chain_applies(x, args, kwargs):
+            return super().forward(x, *args, **kwargs)
+        _, mask = self._attention_mask(args, kwargs)
+        t = self._qla_template
+        part = self.get_submodule
+        batch, tokens, width = x.shape
+        rows = x.reshape(batch * tokens, width).contiguous()
+        attention = part(t.attention)
+        heads, head_dim = attention_heads(attention)
+        projected, quantized = [], None
+        for name in (t.query, t.key, t.value):
+            layer = part(name)
+            if quantized is None or not t.shared_qkv_input:
+                quantized = _quantize_input(rows, layer)[:3]
+            q, scale, zero = quantized
+            out = fused_linear(q, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
+                               out_dtype=x.dtype)
+            projected.append(out.reshape(batch, tokens, heads, head_dim).transpose(1, 2))
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(x.dtype)
+        context = F.scaled_dot_product_attention(*projected, attn_mask=mask, scale=getattr(attention, "scaling", None))
+        context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim).contiguous()
+        proj = part(t.proj)
+        q, scale, zero, _ = _quantize_input(context, proj)
+        s1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
+                          out_dtype=x.dtype)
+        x1 = _layer_norm(s1, part(t.norm1))
+        fc1 = part(t.fc1)
+        q, scale, zero, _ = _quantize_input(x1, fc1)
+        fc2 = part(t.fc2)
+        out = _layer_norm(_mlp(q, scale, zero, fc1, fc2, t.activation, x1, {}), part(t.norm2))
+        out = out.reshape(batch, tokens, width)
+        return (out,) if self._qla_returns_tuple else out
+
+
+def _layer_norm(rows: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    return normalize_activation(rows, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None),
+                                _norm_eps(norm))[0]
+
+
+_FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock}
+FUSED_BLOCK_TYPES = tuple(_FUSED_MIXINS.values())
+
+
 @functools.lru_cache(maxsize=None)
-def _fused_class(block_class: type) -> type:
-    return type(f"Fused{block_class.__name__}", (FusedPackedQKVBlock, block_class), {"__module__": __name__})
+def _fused_class(block_class: type, mixin: type) -> type:
+    return type(f"Fused{block_class.__name__}", (mixin, block_class), {"__module__": __name__})
 
 
-def fuse_block(block: nn.Module, template: PackedQKVTemplate) -> nn.Module:
-    """Makes `block` run the fused chain (in place; returns it). Raises ValueError naming what does
-    not fit the template: every linear must be an activation-quantized QuantLinear, the attention
-    module must expose num_heads/head_dim, only the last linear may carry a lowered QwT."""
-    if isinstance(block, FusedPackedQKVBlock):
+def fuse_block(block: nn.Module, template) -> nn.Module:
+    """Makes `block` run the fused chain of `template` (a PackedQKVTemplate or PostNormTemplate; in
+    place; returns it). Raises ValueError naming what does not fit: every linear must be an
+    activation-quantized QuantLinear, the attention module must expose its head count and size,
+    only the last linear may carry a lowered QwT, and lowered corrections need the pre-norm chain."""
+    if isinstance(block, FUSED_BLOCK_TYPES):
         raise ValueError(f"{type(block).__name__} is already fused")
     if template.activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
-    for name in (template.qkv, template.proj, template.fc1, template.fc2):
+    post_norm = isinstance(template, PostNormTemplate)
+    for name in template.linears():
         layer = block.get_submodule(name)
         if not isinstance(layer, QuantLinear) or layer.config.act_bits is None:
             raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")
+        corrected = (getattr(layer, "lowered_qwt", None) is not None
+                     or getattr(layer, "lowered_adapter", None) is not None)
+        if post_norm and corrected:
+            raise ValueError(f"{name!r} carries a lowered QwT / QLA correction; the post-norm chain does not run "
+                             "corrections yet")
         if name != template.fc2 and getattr(layer, "lowered_qwt", None) is not None:
             raise ValueError(f"{name!r} carries a lowered QwT compensation; only the block's last linear may")
-        if name in (template.qkv, template.fc1) and getattr(layer, "lowered_adapter", None) is not None:
+        if not post_norm and name in (template.qkv, template.fc1) and getattr(layer, "lowered_adapter", None) is not None:
             raise ValueError(f"{name!r} carries a lowered adapter; the chain runs them on proj and fc2 only")
-    lowered = {name: getattr(block.get_submodule(name), "lowered_adapter", None) is not None
-               for name in (template.proj, template.fc2)}
-    if lowered[template.proj] and not isinstance(getattr(block, "qla_attention", None), DWSepAdapter):
-        raise ValueError(f"{template.proj!r} carries a lowered adapter but the block has no qla_attention adapter")
-    if lowered[template.fc2] and not isinstance(getattr(block, "qla_ffn", None), LoRAAdapter):
-        raise ValueError(f"{template.fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
+    if not post_norm:
+        lowered = {name: getattr(block.get_submodule(name), "lowered_adapter", None) is not None
+                   for name in (template.proj, template.fc2)}
+        if lowered[template.proj] and not isinstance(getattr(block, "qla_attention", None), DWSepAdapter):
+            raise ValueError(f"{template.proj!r} carries a lowered adapter but the block has no qla_attention adapter")
+        if lowered[template.fc2] and not isinstance(getattr(block, "qla_ffn", None), LoRAAdapter):
+            raise ValueError(f"{template.fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
     attention = block.get_submodule(template.attention)
-    heads, head_dim = getattr(attention, "num_heads", None), getattr(attention, "head_dim", None)
+    heads, head_dim = attention_heads(attention)
     if not isinstance(heads, int) or not isinstance(head_dim, int):
-        raise ValueError(f"{template.attention!r} ({type(attention).__name__}) has no int num_heads / head_dim")
-    if block.get_submodule(template.qkv).out_features != 3 * heads * head_dim:
-        raise ValueError(f"{template.qkv!r} does not produce packed q, k, v for {heads} heads of {head_dim}")
-    block.__class__ = _fused_class(type(block))
+        raise ValueError(f"{template.attention!r} ({type(attention).__name__}) has no int head count / head size")
+    projections = (template.query, template.key, template.value) if post_norm else (template.qkv,)
+    width = heads * head_dim * (1 if post_norm else 3)
+    for name in projections:
+        if block.get_submodule(name).out_features != width:
+            raise ValueError(f"{name!r} does not produce {'' if post_norm else 'packed q, k, v for '}{heads} heads "
+                             f"of {head_dim}")
+    block.__class__ = _fused_class(type(block), _FUSED_MIXINS[type(template)])
     block._qla_template = template
     return block
 
 
 def unfuse_block(block: nn.Module) -> nn.Module:
     """Restores the block's original class (in place; returns it)."""
-    if not isinstance(block, FusedPackedQKVBlock):
+    if not isinstance(block, FUSED_BLOCK_TYPES):
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = block.__class__.__mro__[2]
     del block._qla_template
+    block.__dict__.pop("_qla_returns_tuple", None)
     return block

@@ -11,7 +11,7 @@ import qla_kernels as qk
 from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.models import find_blocks, fuse_blocks
 from qla_kernels.nn import fused_block
-from qla_kernels.nn.fused_block import FusedPackedQKVBlock, unfuse_block
+from qla_kernels.nn.fused_block import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
 timm = pytest.importorskip("timm")
 
@@ -137,7 +137,84 @@ def test_blocks_that_do_not_fit_keep_their_quantlinears():
     assert not any(isinstance(b, FusedPackedQKVBlock) for m in (layer_scale, adapted, plain) for b in m.blocks)
 
 
-@pytest.mark.parametrize("kind", ["swin", "bert", "gpt2", "llama"])
+def _encoder(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config_class = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[kind]
+    config = config_class(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          vocab_size=100, **({"hidden_act": "gelu_new"} if kind == "roberta" else {}))
+    model = transformers.AutoModel.from_config(config).eval()
+    ids = torch.randint(3, 100, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0  # padding: the chain must take the model's attention mask
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, config, static, chain_calls):
+    """BERT / RoBERTa: three q/k/v GEMMs from one pre-kernel, SDPA with the padding mask, proj +
+    residual, LayerNorm, fc1 + GELU (erf, or tanh for RoBERTa's gelu_new) re-quantized, fc2 +
+    residual, LayerNorm."""
+    from qla_kernels.methods.batches import model_output, run_model
+
+    fp, batch = _encoder(kind)
+    model = qk.quantize_(copy.deepcopy(fp), config)
+    if static:
+        ptq.calibrate(model, [batch], symmetric=False, progress=False)
+    with torch.no_grad():
+        expected = model_output(run_model(model, batch))
+    report = fuse_blocks(model, batch)
+    assert report.fused == ["encoder.layer.0", "encoder.layer.1"] and not report.skipped
+    assert all(isinstance(layer, FusedPostNormBlock) for layer in model.encoder.layer)
+    # One pre-kernel serves q/k/v when they quantize alike: always with dynamic scales; static ones
+    # are chosen per layer (percentile candidates judged by each layer's output) and may differ.
+    attention = model.encoder.layer[0].attention.self
+    alike = not static or all(
+        torch.equal(attention.query.input_scale, other.input_scale)
+        and torch.equal(attention.query.input_zero_point, other.input_zero_point)
+        for other in (attention.key, attention.value))
+    assert model.encoder.layer[0]._qla_template.shared_qkv_input == alike
+    chain_calls.clear()
+    with torch.no_grad():
+        fused = model_output(run_model(model, batch))
+    activation = "gelu" if kind == "bert" else "gelu_tanh"
+    assert chain_calls == ["none", "none", "none", "none", activation, "none"] * 2
+    assert _relative_error(expected, fused) < 1e-5
+
+
+@pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
+def test_post_norm_block_on_triton_equals_reference():
+    fp, batch = _encoder("bert")
+    model = qk.quantize_(fp, qk.W8A8())
+    assert fuse_blocks(model, batch).fused
+    x, mask = torch.randn(2, 12, 64), torch.ones(2, 1, 12, 12, dtype=torch.bool)
+    mask[1, :, :, 9:] = False
+    layer = model.encoder.layer[0]
+    with torch.no_grad():
+        reference = layer(x, mask)
+        with qk.use_backend("triton"):
+            triton = layer(x, mask)
+    reference, triton = (out[0] if isinstance(out, tuple) else out for out in (reference, triton))
+    assert _relative_error(reference, triton) < 1e-4
+
+
+def test_post_norm_block_falls_back_for_what_the_chain_does_not_run():
+    fp, batch = _encoder("bert")
+    model = qk.quantize_(fp, qk.W8A8())
+    assert fuse_blocks(model, batch).fused
+    layer = model.encoder.layer[0]
+    x = torch.randn(2, 12, 64)
+    assert layer._fused_chain_applies(x, (None,), {"past_key_values": None})
+    assert not layer._fused_chain_applies(x, (None, torch.randn(2, 5, 64)), {})  # encoder states
+    assert not layer._fused_chain_applies(x, (torch.zeros(2, 12),), {})  # a mask form SDPA is not given
+    assert not layer._fused_chain_applies(x, (), {"output_attentions": True})
+    layer.train()
+    assert not layer._fused_chain_applies(x, (), {})
+
+
+@pytest.mark.parametrize("kind", ["swin", "gpt2", "llama"])
 def test_other_architectures_are_reported_not_fused(kind):
     transformers = pytest.importorskip("transformers")
     if kind == "swin":
@@ -147,8 +224,6 @@ def test_other_architectures_are_reported_not_fused(kind):
         example = torch.randn(1, 3, 224, 224)
     else:
         configs = {
-            "bert": transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=128, vocab_size=100),
             "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64),
             "llama": transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                               num_key_value_heads=2, intermediate_size=128, vocab_size=100),

@@ -51,3 +51,21 @@ def test_fused_block_compiles_without_graph_breaks(config):
         expected = block(x)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_post_norm_block_compiles_without_graph_breaks():
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.models import fuse_blocks
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    model = qk.quantize_(transformers.AutoModel.from_config(config).eval(), qk.W8A8())
+    assert fuse_blocks(model, {"input_ids": torch.randint(0, 100, (2, 8))}).fused
+    layer, x = model.encoder.layer[0], torch.randn(2, 8, 64)
+    mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    mask[0, :, :, 6:] = False
+    with torch.no_grad():
+        expected = layer(x, mask)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, mask), expected, rtol=1e-5, atol=1e-5)
