@@ -89,9 +89,16 @@ def _post_norm_template(block: nn.Module, facts: BlockFacts) -> PostNormTemplate
     activation = _activation(fc1_parent, {block.get_submodule(fc1)})
     chain = {block.get_submodule(name) for name in (*facts.attention_inputs, facts.attention_output, facts.mlp_norm,
                                                      fc1, facts.mlp_output, facts.output_norm)}
+    lowered = getattr(block.get_submodule(facts.attention_output), "lowered_adapter", None) is not None
+    adapters = {sub for child in block.children() if isinstance(child, (DWSepAdapter, LoRAAdapter))
+                for sub in child.modules()}
     for name, child in block.named_modules():
         if child in chain or next(child.children(), None) is not None:
             continue
+        if child in adapters:
+            if lowered:
+                continue
+            raise ValueError(f"{name!r}: QLA adapters run in the fused chain once lowered (methods.qla.fuse)")
         if next(child.parameters(recurse=False), None) is not None:
             raise ValueError(f"{name!r} ({type(child).__name__}) has weights the fused chain would skip")
     layers = [block.get_submodule(name) for name in facts.attention_inputs]

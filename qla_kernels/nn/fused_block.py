@@ -136,6 +136,11 @@ def _mlp(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fc1
                         residual=residual, out_dtype=dtype, **fc2_segments)
 
 
+def _adapter_up(layer: QuantLinear) -> Optional[torch.Tensor]:
+    adapter = getattr(layer, "lowered_adapter", None)
+    return None if adapter is None else adapter.up
+
+
 def _hooks_allow_bypass(block: nn.Module, names: Tuple[str, ...]) -> bool:
     """No module the chain skips (each named one and its parents inside the block) has a hook,
     other than lowered adapters' (the chain computes their T itself)."""
@@ -155,11 +160,6 @@ class FusedPackedQKVBlock(nn.Module):
     """Mixin placed before a block's own class by `fuse_block`; see the module docstring."""
 
     _qla_template: PackedQKVTemplate
-
-    @staticmethod
-    def _adapter_up(layer: QuantLinear) -> Optional[torch.Tensor]:
-        adapter = getattr(layer, "lowered_adapter", None)
-        return None if adapter is None else adapter.up
 
     def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if self.training or args or any(v is not None and v is not False for v in kwargs.values()):
@@ -200,12 +200,12 @@ class FusedPackedQKVBlock(nn.Module):
             adapter_t = self.qla_attention.down_path(normed.reshape(batch, tokens, width))[0].reshape(batch * tokens, -1)
         q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
-                          out_dtype=x.dtype, **proj.lowered_segments(x.dtype, adapter_t, self._adapter_up(proj)))
+                          out_dtype=x.dtype, **proj.lowered_segments(x.dtype, adapter_t, _adapter_up(proj)))
 
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
         q, scale, zero, lora_t = _quantize_input(x1, fc1, part(t.norm2), down)
-        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, self._adapter_up(fc2),
+        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2),
                                         qwt_t if qwt_down is not None else None)
         out = _mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments)
         return out.reshape(batch, tokens, width)
@@ -217,11 +217,14 @@ class FusedPostNormBlock(nn.Module):
     pre1 : x → int8 (one pre-kernel when query/key/value quantize alike)     quantize_activation
     q/k/v: three GEMMs + bias                                                fused_linear
     core : scaled_dot_product_attention with the block's attention mask
-    proj : GEMM + bias + residual x                              → s1        fused_linear
+    proj : GEMM + bias + [T_dw]·U_dwᵀ + residual x               → s1        fused_linear
     norm1: s1 → x1 (the MLP input and its residual)                          normalize_activation
-    fc1  : int8 x1 → GEMM + bias + GELU → re-quantized int8                  quantize_activation, fused_linear
-    fc2  : GEMM + bias + residual x1                             → s2        fused_linear
+    fc1  : int8 x1 (+ T_lora = x1·A) → GEMM + bias + GELU → re-quantized     quantize_activation, fused_linear
+    fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1 → s2   fused_linear
     norm2: s2 → block output                                                 normalize_activation
+
+    QLA's DW-separable adapter reads the block input x (a 1-D conv over tokens, padding masked): its
+    block pre-hook computes T_dw, as QwT's hands over x for T_qwt = x·V_r (fitted on the pre-LN sum).
 
     The block's return structure (a tensor, or a 1-tuple in older transformers) is recorded at
     fusion. Any argument besides the hidden states and the attention mask (a KV cache, encoder
@@ -271,13 +274,16 @@ class FusedPostNormBlock(nn.Module):
         context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim).contiguous()
         proj = part(t.proj)
         q, scale, zero, _ = _quantize_input(context, proj)
+        # A lowered DW-separable adapter reads the block input x: its block pre-hook has prepared T.
         s1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
-                          out_dtype=x.dtype)
+                          out_dtype=x.dtype, **proj.lowered_segments(x.dtype))
         x1 = _layer_norm(s1, part(t.norm1))
-        fc1 = part(t.fc1)
-        q, scale, zero, _ = _quantize_input(x1, fc1)
-        fc2 = part(t.fc2)
-        out = _layer_norm(_mlp(q, scale, zero, fc1, fc2, t.activation, x1, {}), part(t.norm2))
+        fc1, fc2 = part(t.fc1), part(t.fc2)
+        lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA on x1: T from fc1's pre-kernel
+        down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
+        q, scale, zero, lora_t = _quantize_input(x1, fc1, down_proj=down)
+        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
+        out = _layer_norm(_mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments), part(t.norm2))
         out = out.reshape(batch, tokens, width)
         return (out,) if self._qla_returns_tuple else out
 
@@ -310,22 +316,16 @@ def fuse_block(block: nn.Module, template) -> nn.Module:
         layer = block.get_submodule(name)
         if not isinstance(layer, QuantLinear) or layer.config.act_bits is None:
             raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")
-        corrected = (getattr(layer, "lowered_qwt", None) is not None
-                     or getattr(layer, "lowered_adapter", None) is not None)
-        if post_norm and corrected:
-            raise ValueError(f"{name!r} carries a lowered QwT / QLA correction; the post-norm chain does not run "
-                             "corrections yet")
         if name != template.fc2 and getattr(layer, "lowered_qwt", None) is not None:
             raise ValueError(f"{name!r} carries a lowered QwT compensation; only the block's last linear may")
-        if not post_norm and name in (template.qkv, template.fc1) and getattr(layer, "lowered_adapter", None) is not None:
+        if name not in (template.proj, template.fc2) and getattr(layer, "lowered_adapter", None) is not None:
             raise ValueError(f"{name!r} carries a lowered adapter; the chain runs them on proj and fc2 only")
-    if not post_norm:
-        lowered = {name: getattr(block.get_submodule(name), "lowered_adapter", None) is not None
-                   for name in (template.proj, template.fc2)}
-        if lowered[template.proj] and not isinstance(getattr(block, "qla_attention", None), DWSepAdapter):
-            raise ValueError(f"{template.proj!r} carries a lowered adapter but the block has no qla_attention adapter")
-        if lowered[template.fc2] and not isinstance(getattr(block, "qla_ffn", None), LoRAAdapter):
-            raise ValueError(f"{template.fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
+    lowered = {name: getattr(block.get_submodule(name), "lowered_adapter", None) is not None
+               for name in (template.proj, template.fc2)}
+    if lowered[template.proj] and not isinstance(getattr(block, "qla_attention", None), DWSepAdapter):
+        raise ValueError(f"{template.proj!r} carries a lowered adapter but the block has no qla_attention adapter")
+    if lowered[template.fc2] and not isinstance(getattr(block, "qla_ffn", None), LoRAAdapter):
+        raise ValueError(f"{template.fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
     attention = block.get_submodule(template.attention)
     heads, head_dim = attention_heads(attention)
     if not isinstance(heads, int) or not isinstance(head_dim, int):

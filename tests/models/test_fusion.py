@@ -184,6 +184,36 @@ def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, conf
     assert _relative_error(expected, fused) < 1e-5
 
 
+def test_post_norm_block_runs_lowered_qla_and_qwt_in_its_gemms(chain_calls):
+    """BERT + QwT + QLA: the DW-separable adapter's T (a masked 1-D conv over the block input,
+    prepared by its block pre-hook) joins proj's low-rank segment; the LoRA's T comes out of fc1's
+    pre-kernel on x1 and joins QwT's columns in fc2's low-rank segment."""
+    from qla_kernels.methods.batches import model_output, run_model
+
+    fp, batch = _encoder("bert")
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [batch, batch], progress=False)
+    qwt.truncate(model, energy=0.9)
+    qla.add_adapters(model, rank=4, example=batch)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "qla_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    qla.fuse(model)
+    qwt.lower(model, batch)
+    layer = model.encoder.layer[0]
+    assert layer.attention.output.dense.lowered_adapter is not None and layer.output.dense.lowered_qwt is not None
+    with torch.no_grad():
+        expected = model_output(run_model(model, batch))
+    assert fuse_blocks(model, batch).fused == ["encoder.layer.0", "encoder.layer.1"]
+    chain_calls.clear()
+    with torch.no_grad():
+        fused = model_output(run_model(model, batch))
+    assert chain_calls == ["none", "none", "none", "none", "gelu", "none"] * 2
+    assert _relative_error(expected, fused) < 1e-4
+
+
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
 def test_post_norm_block_on_triton_equals_reference():
     fp, batch = _encoder("bert")
