@@ -33,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.blocks import find_blocks, is_norm
-from ..models.facts import describe
+from ..models.facts import describe, without_kv_cache
+from ..nn.adapters import adapter_state_restorer
 from ..nn.compensation import ConvQwTCompensation, QwTCompensation, attach, block_input, compensated_blocks, lower_into_linear, primary_output
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
@@ -80,7 +81,7 @@ def _capture_block_input(model: nn.Module, block: nn.Module, batch) -> Tuple[tup
         handle.remove()
     if "call" not in captured:
         raise ValueError(f"the block {type(block).__name__} was not called by the model's forward")
-    return captured["call"]
+    return without_kv_cache(*captured["call"])
 
 
 def _output_norm(block: nn.Module, args: tuple, kwargs: dict) -> Tuple[torch.Tensor, Optional[nn.Module], Optional[torch.Tensor]]:
@@ -392,10 +393,13 @@ def lower(model_q: nn.Module, batch: Any) -> List[str]:
                 if not isinstance(linear, QuantLinear):
                     raise ValueError(f"{name}.{facts.block.mlp_output} is a {type(linear).__name__}, not a QuantLinear")
                 args, kwargs = _capture_block_input(model_q, block, batch)
+                restore_adapters = adapter_state_restorer(block)
                 before = primary_output(block(*args, **kwargs)).float()
+                restore_adapters()
                 compensation, bias = block.qwt, None if linear.bias is None else linear.bias.detach().clone()
                 lower_into_linear(block, linear)
                 after = primary_output(block(*args, **kwargs)).float()
+                restore_adapters()
                 if float((after - before).abs().max()) > LOWERING_TOLERANCE * float(before.abs().max()):
                     del linear.lowered_qwt
                     if bias is None:

@@ -77,6 +77,16 @@ def run_hooked(model: nn.Module, batch: Any, handles: list) -> None:
             handle.remove()
 
 
+def without_kv_cache(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """A block call's arguments with any Hugging Face KV cache replaced by None, so that running
+    the block again (to check a conversion) neither reads nor extends the cache of the run that
+    produced them."""
+    def drop(value):
+        return None if hasattr(value, "get_seq_length") else value
+
+    return tuple(drop(a) for a in args), {key: drop(value) for key, value in kwargs.items()}
+
+
 def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
     """Runs the model; returns the block's (calls in order as (name, module, input, output), output)."""
     names = {module: name for name, module in block.named_modules()}

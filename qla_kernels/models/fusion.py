@@ -15,16 +15,16 @@ QuantLinears and the report says why.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..nn.adapters import DWSepAdapter, LoRAAdapter
-from ..nn.fused_block import PackedQKVTemplate, PostNormTemplate, fuse_block, unfuse_block
+from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer
+from ..nn.fused_block import ACTIVATIONS, DecoderTemplate, PackedQKVTemplate, PostNormTemplate, fuse_block, unfuse_block
 from ..ops.dispatch import use_backend
 from .blocks import find_blocks
-from .facts import BlockFacts, describe, example_input, run_hooked
+from .facts import BlockFacts, describe, example_input, run_hooked, without_kv_cache
 
 # Relative error of the fused chain against the block's module-by-module forward above which the
 # template is judged not to fit: per-token requantization of the same values can flip roundings
@@ -43,7 +43,8 @@ class FusionReport:
 # Activation modules of model libraries by class name (Hugging Face transformers.activations), as
 # fused_linear names them; the numerical check at fusion confirms each choice.
 _LIBRARY_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
-                        "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "ReLUActivation": "relu"}
+                        "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "ReLUActivation": "relu",
+                        "SiLUActivation": "silu"}
 
 
 def _activation_name(module: nn.Module) -> Optional[str]:
@@ -51,6 +52,8 @@ def _activation_name(module: nn.Module) -> Optional[str]:
         return "gelu" if module.approximate == "none" else "gelu_tanh"
     if isinstance(module, nn.ReLU):
         return "relu"
+    if isinstance(module, nn.SiLU):
+        return "silu"
     return _LIBRARY_ACTIVATIONS.get(type(module).__name__)
 
 
@@ -120,28 +123,46 @@ def _same_input_quantization(first: nn.Module, second: nn.Module) -> bool:
 
 def template_for(block: nn.Module, facts: BlockFacts):
     """The fused template of `block` (PackedQKVTemplate for pre-norm packed-qkv blocks,
-    PostNormTemplate for BERT-style ones), or ValueError saying what does not fit."""
+    DecoderTemplate for causal pre-norm ones, PostNormTemplate for BERT-style ones), or ValueError
+    saying what does not fit."""
     if facts.norm_position == "post":
         return _post_norm_template(block, facts)
-    if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
-        raise ValueError(f"{facts.mlp_kind} MLPs have no fused template yet")
-    if len(facts.attention_inputs) != 1:
-        raise ValueError(f"separate attention input linears {facts.attention_inputs} (packed qkv only so far)")
-    qkv, proj = facts.attention_inputs[0], facts.attention_output
-    attention = qkv.rpartition(".")[0]
-    if not attention or proj.rpartition(".")[0] != attention:
-        raise ValueError(f"qkv {qkv!r} and proj {proj!r} do not share an attention module")
-    fc1, fc2 = facts.mlp_inputs[0], facts.mlp_output
-    mlp = fc1.rpartition(".")[0]
-    if not mlp or fc2.rpartition(".")[0] != mlp:
-        raise ValueError(f"fc1 {fc1!r} and fc2 {fc2!r} do not share an MLP module")
+    proj = facts.attention_output
+    attention = facts.attention_inputs[0].rpartition(".")[0]
+    if not attention or any(name.rpartition(".")[0] != attention for name in (*facts.attention_inputs, proj)):
+        raise ValueError(f"attention linears {(*facts.attention_inputs, proj)} do not share an attention module")
+    fc2 = facts.mlp_output
+    mlp = fc2.rpartition(".")[0]
+    if not mlp or any(name.rpartition(".")[0] != mlp for name in facts.mlp_inputs):
+        raise ValueError(f"MLP linears {(*facts.mlp_inputs, fc2)} do not share an MLP module")
     if getattr(block.get_submodule(attention), "gate", None) is not None:
         raise ValueError("gated attention has no fused template yet")
+    linears = {block.get_submodule(name) for name in (*facts.mlp_inputs, fc2)}
+    _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, mlp}, proj)
     if getattr(block.get_submodule(attention), "is_causal", False):
-        raise ValueError("causal attention (decoders: KV cache, causal mask) has no fused template yet")
-    linears = {block.get_submodule(name) for name in (fc1, fc2)}
+        if facts.mlp_kind == "swiglu":
+            activation = "swiglu" if _activation(block.get_submodule(mlp), linears) == "silu" else ""
+            if not activation:
+                raise ValueError("a two-input MLP whose activation is not SiLU has no fused template")
+        else:
+            activation = _activation(block.get_submodule(mlp), linears)
+        return DecoderTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
+                               activation)
+    if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
+        raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")
+    if len(facts.attention_inputs) != 1:
+        raise ValueError(f"separate attention input linears {facts.attention_inputs} (packed qkv only so far)")
     activation = _activation(block.get_submodule(mlp), linears)
-    roots = {name.partition(".")[0] for name in (facts.attention_norm, attention, facts.mlp_norm, mlp)}
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"a {activation} MLP has no fused template")
+    return PackedQKVTemplate(facts.attention_norm, attention, facts.attention_inputs[0], proj, facts.mlp_norm,
+                             facts.mlp_inputs[0], fc2, activation)
+
+
+def _check_residual_branches(block: nn.Module, parts: set, proj: str) -> None:
+    """Nothing but the named parts (and dropout / drop-path, and lowered QLA adapters, whose T the
+    chain computes) may act on the block's residual branches."""
+    roots = {name.partition(".")[0] for name in parts}
     lowered = getattr(block.get_submodule(proj), "lowered_adapter", None) is not None
     for name, child in block.named_children():
         if name in roots or _is_passive(child):
@@ -151,13 +172,23 @@ def template_for(block: nn.Module, facts: BlockFacts):
                 continue
             raise ValueError(f"{name!r}: QLA adapters run in the fused chain once lowered (methods.qla.fuse)")
         raise ValueError(f"{name!r} ({type(child).__name__}) acts on a residual branch the fused chain skips")
-    return PackedQKVTemplate(facts.attention_norm, attention, qkv, proj, facts.mlp_norm, fc1, fc2, activation)
 
 
-def _block_inputs(model: nn.Module, blocks: List[nn.Module], batch: Any) -> Dict[int, torch.Tensor]:
-    inputs: Dict[int, torch.Tensor] = {}
+BlockCall = Tuple[torch.Tensor, tuple, dict]
+
+
+def _block_inputs(model: nn.Module, blocks: List[nn.Module], batch: Any) -> Dict[int, BlockCall]:
+    """Each block's first call on `batch`: (hidden states, other positional arguments, keyword
+    arguments), with KV caches dropped so that re-running a block leaves them untouched."""
+    inputs: Dict[int, BlockCall] = {}
+
+    def record(index, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor) and index not in inputs:
+            rest, kwargs = without_kv_cache(args[1:], kwargs)
+            inputs[index] = (args[0].detach().clone(), rest, kwargs)
+
     handles = [block.register_forward_pre_hook(
-        lambda module, args, index=index: inputs.setdefault(index, args[0].detach().clone()))
+        lambda module, args, kwargs, index=index: record(index, args, kwargs), with_kwargs=True)
         for index, block in enumerate(blocks)]
     run_hooked(model, batch, handles)
     return inputs
@@ -169,29 +200,34 @@ def _relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _fuse_checked(block: nn.Module, facts: BlockFacts, x: Optional[torch.Tensor]) -> str:
-    """Fuses `block` if it fits and reproduces its own forward on `x`; else says why not."""
+def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
+    """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
     try:
         template = template_for(block, facts)
     except ValueError as reason:
         return str(reason)
-    if x is None or x.dim() != 3:
+    if call is None or call[0].dim() != 3:
         return "the example does not reach this block with [batch, tokens, width] input"
-    expected = block(x)
+    x, args, kwargs = call
+    restore_adapters = adapter_state_restorer(block)
+    expected = block(x, *args, **kwargs)
+    restore_adapters()
+    returns_tuple = isinstance(expected, tuple)
+    if returns_tuple:  # older transformers layers return (hidden_states, ...)
+        if len(expected) != 1 or isinstance(template, DecoderTemplate):
+            return (f"the block returns a {len(expected)}-tuple; the fused chain returns the hidden states (newer "
+                    "transformers)")
+        expected = expected[0]
     try:
         fuse_block(block, template)
     except ValueError as reason:
         return str(reason)
-    if not block._fused_chain_applies(x, (), {}):
+    if not block._fused_chain_applies(x, args, kwargs):
         unfuse_block(block)
         return "a module the fused chain bypasses carries hooks (observers), or the backend is 'simulate'"
-    if isinstance(expected, tuple):  # older transformers layers return (hidden_states,)
-        if len(expected) != 1:
-            unfuse_block(block)
-            return f"the block returns {len(expected)} outputs; the fused chain returns the hidden states only"
-        block._qla_returns_tuple = True
-        expected = expected[0]
-    fused = block(x)
+    block._qla_returns_tuple = returns_tuple
+    fused = block(x, *args, **kwargs)
+    restore_adapters()
     error = _relative_error(expected, fused[0] if isinstance(fused, tuple) else fused)
     if error > MATCH_TOLERANCE:
         unfuse_block(block)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +286,20 @@ def _to_window_order(block: nn.Module, values: torch.Tensor) -> torch.Tensor:
     flat = values.reshape(-1, k)
     return torch.where((index >= 0)[:, None], flat[index.clamp(min=0)], torch.zeros((), dtype=values.dtype,
                                                                                     device=values.device))
+
+
+def adapter_state_restorer(block: nn.Module) -> Callable[[], None]:
+    """A function that puts the state the block's adapters carry between calls (a causal adapter's
+    conv state, inputs stored by hooks) back to what it is now: calling a block twice on the same
+    input (to check a conversion) must not let the first call's conv state feed the second."""
+    saved = dict(getattr(block, "_qla_inputs", {}))
+
+    def restore() -> None:
+        if hasattr(block, "_qla_inputs"):
+            block._qla_inputs.clear()
+            block._qla_inputs.update(saved)
+
+    return restore
 
 
 def _probing(block: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 from ..ops import fused_linear, gemm_zero_point, normalize_activation, quantize_activation
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
-from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter
+from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
 from .quant_linear import QuantLinear
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
@@ -86,6 +87,26 @@ class PostNormTemplate:
         return (self.query, self.key, self.value, self.proj, self.fc1, self.fc2)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderTemplate:
+    """A pre-norm decoder block (GPT-2, LLaMA): names relative to the block."""
+
+    norm1: str
+    attention: str  # runs as the model's own module: KV cache, rotary embeddings and masks stay the model's
+    attention_output: str  # inside `attention`; carries a lowered DW-separable adapter's up-projection
+    norm2: str
+    mlp_inputs: Tuple[str, ...]  # (fc1,) or (gate, up)
+    mlp_output: str
+    activation: str  # one of ACTIVATIONS, or "swiglu" for (gate, up): silu(gate(x)) * up(x)
+
+    def bypassed(self) -> Tuple[str, ...]:
+        mlp = self.mlp_output.rpartition(".")[0]
+        return (self.norm1, self.norm2, *((mlp,) if mlp else ()), *self.mlp_inputs, self.mlp_output)
+
+    def linears(self) -> Tuple[str, ...]:
+        return (*self.mlp_inputs, self.mlp_output)
+
+
 def attention_heads(attention: nn.Module) -> Tuple[Optional[int], Optional[int]]:
     """(head count, head size) from timm's or Hugging Face's attribute names."""
     heads = getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
@@ -99,8 +120,15 @@ def norm_kind_of(norm: nn.Module) -> str:
 
 
 def _norm_eps(norm: nn.Module) -> float:
-    eps = getattr(norm, "eps", None)
-    return float(eps if eps is not None else torch.finfo(torch.float32).eps)
+    """The norm's epsilon under the names torch, timm and Hugging Face use (`eps`,
+    `variance_epsilon`); torch.nn.RMSNorm's eps=None means the dtype's machine epsilon."""
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        eps = getattr(norm, name, None)
+        if eps is not None:
+            return float(eps)
+    if isinstance(norm, nn.RMSNorm):
+        return float(torch.finfo(torch.float32).eps)
+    raise ValueError(f"{type(norm).__name__} has no eps / variance_epsilon attribute")
 
 
 def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None,
@@ -293,7 +321,104 @@ def _layer_norm(rows: torch.Tensor, norm: nn.Module) -> torch.Tensor:
                                 _norm_eps(norm))[0]
 
 
-_FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock}
+class FusedDecoderBlock(nn.Module):
+    """Mixin placed before a decoder block's own class by `fuse_block`. The attention module runs
+    as the model's (its QuantLinears one by one; the arguments the block received are passed on by
+    name, so the KV cache, rotary embeddings and masks are the model's); around it:
+
+    pre1 : x → norm1 → activation dtype (+ the causal DW adapter's T)        normalize_activation
+    attn : the model's attention module                                      → a;  x1 = x + a
+    pre2 : x1 → norm2 → int8 (W8A8 / W4A8 / W4A4) or activation dtype (W4A16), + T_lora = norm2(x1)·A
+    mlp  : fc1 + bias + GELU (re-quantized) | gate, up → silu(gate)·up
+    fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1          → block output
+
+    Cross-attention (encoder states) and returned attention weights run the block's own forward."""
+
+    _qla_template: DecoderTemplate
+
+    def _named_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[dict]:
+        """The call's arguments besides the hidden states, by name, as the block's own forward
+        would see them (None when they do not bind)."""
+        signature = _forward_signature(type(self).__mro__[2])
+        try:
+            bound = signature.bind(self, x, *args, **kwargs)
+        except TypeError:
+            return None
+        names = list(signature.parameters)
+        named = {}
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if name in names[:2]:
+                continue
+            if kind == inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind != inspect.Parameter.VAR_POSITIONAL:
+                named[name] = value
+            elif value:
+                return None
+        return named
+
+    def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        if self.training or x.dim() != 3 or resolve_backend(x.device) == "simulate":
+            return False
+        named = self._named_arguments(x, args, kwargs)
+        if named is None or any(named.get(name) is not None for name in ("encoder_hidden_states",
+                                                                          "encoder_attention_mask")):
+            return False
+        if named.get("output_attentions"):
+            return False
+        return _hooks_allow_bypass(self, self._qla_template.bypassed())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not self._fused_chain_applies(x, args, kwargs):
+            return super().forward(x, *args, **kwargs)
+        t = self._qla_template
+        part = self.get_submodule
+        batch, tokens, width = x.shape
+        rows = x.reshape(batch * tokens, width).contiguous()
+        normed = _layer_norm(rows, part(t.norm1)).reshape(batch, tokens, width)
+        proj = part(t.attention_output)
+        if getattr(proj, "lowered_adapter", None) is not None:  # what the norm1 hook would have prepared
+            proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
+        attention = part(t.attention)(normed, **self._named_arguments(x, args, kwargs))
+        x1 = (x + attention[0]).reshape(batch * tokens, width).contiguous()
+
+        inputs, fc2 = [part(name) for name in t.mlp_inputs], part(t.mlp_output)
+        lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
+        down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
+        norm2 = part(t.norm2)
+        if inputs[0].config.act_bits is None:  # W4A16: the GEMMs read the normalized activations
+            normed2, lora_t = normalize_activation(x1, norm_kind_of(norm2), norm2.weight, getattr(norm2, "bias", None),
+                                                   _norm_eps(norm2), down_proj=down)
+            operands = [(normed2, None, None)] * len(inputs)
+        else:
+            q, scale, zero, lora_t = _quantize_input(x1, inputs[0], norm2, down)
+            operands = [(q, scale, zero)] + [_quantize_input(x1, layer, norm2)[:3] for layer in inputs[1:]]
+        segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
+        if t.activation != "swiglu" and fc2.config.act_bits is not None:
+            out = _mlp(*operands[0], inputs[0], fc2, t.activation, x1, segments)
+        else:
+            outputs = [fused_linear(a, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
+                                    activation="none" if t.activation == "swiglu" else t.activation, out_dtype=x.dtype)
+                       for (a, scale, zero), layer in zip(operands, inputs)]
+            hidden = F.silu(outputs[0]) * outputs[1] if t.activation == "swiglu" else outputs[0]
+            if fc2.config.act_bits is None:
+                out = fused_linear(hidden, None, fc2.quantized_weight(), bias=fc2.bias, residual=x1,
+                                   out_dtype=x.dtype, **segments)
+            else:
+                q, scale, zero, _ = _quantize_input(hidden.contiguous(), fc2)
+                out = fused_linear(q, scale, fc2.quantized_weight(), a_zero_point=zero, bias=fc2.bias, residual=x1,
+                                   out_dtype=x.dtype, **segments)
+        return out.reshape(batch, tokens, width)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(block_class: type) -> inspect.Signature:
+    return inspect.signature(block_class.forward)
+
+
+_FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock,
+                 DecoderTemplate: FusedDecoderBlock}
 FUSED_BLOCK_TYPES = tuple(_FUSED_MIXINS.values())
 
 
@@ -309,23 +434,31 @@ def fuse_block(block: nn.Module, template) -> nn.Module:
     only the last linear may carry a lowered QwT, and lowered corrections need the pre-norm chain."""
     if isinstance(block, FUSED_BLOCK_TYPES):
         raise ValueError(f"{type(block).__name__} is already fused")
-    if template.activation not in ACTIVATIONS:
+    if template.activation not in ACTIVATIONS and not isinstance(template, DecoderTemplate):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
-    post_norm = isinstance(template, PostNormTemplate)
+    post_norm, decoder = isinstance(template, PostNormTemplate), isinstance(template, DecoderTemplate)
+    for name in (template.norm1, template.norm2):
+        _norm_eps(block.get_submodule(name))  # a norm whose epsilon cannot be read is a ValueError here
+    proj, fc2 = ((template.attention_output, template.mlp_output) if decoder else (template.proj, template.fc2))
     for name in template.linears():
         layer = block.get_submodule(name)
-        if not isinstance(layer, QuantLinear) or layer.config.act_bits is None:
+        if not isinstance(layer, QuantLinear) or (layer.config.act_bits is None and not decoder):
             raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")
-        if name != template.fc2 and getattr(layer, "lowered_qwt", None) is not None:
+        if name != fc2 and getattr(layer, "lowered_qwt", None) is not None:
             raise ValueError(f"{name!r} carries a lowered QwT compensation; only the block's last linear may")
-        if name not in (template.proj, template.fc2) and getattr(layer, "lowered_adapter", None) is not None:
+        if name not in (proj, fc2) and getattr(layer, "lowered_adapter", None) is not None:
             raise ValueError(f"{name!r} carries a lowered adapter; the chain runs them on proj and fc2 only")
-    lowered = {name: getattr(block.get_submodule(name), "lowered_adapter", None) is not None
-               for name in (template.proj, template.fc2)}
-    if lowered[template.proj] and not isinstance(getattr(block, "qla_attention", None), DWSepAdapter):
-        raise ValueError(f"{template.proj!r} carries a lowered adapter but the block has no qla_attention adapter")
-    if lowered[template.fc2] and not isinstance(getattr(block, "qla_ffn", None), LoRAAdapter):
-        raise ValueError(f"{template.fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
+    if getattr(block.get_submodule(proj), "lowered_adapter", None) is not None and not isinstance(
+            getattr(block, "qla_attention", None), DWSepAdapter):
+        raise ValueError(f"{proj!r} carries a lowered adapter but the block has no qla_attention adapter")
+    if getattr(block.get_submodule(fc2), "lowered_adapter", None) is not None and not isinstance(
+            getattr(block, "qla_ffn", None), LoRAAdapter):
+        raise ValueError(f"{fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
+    if decoder:
+        if template.activation not in ACTIVATIONS + ("swiglu",) or (template.activation == "swiglu") != (
+                len(template.mlp_inputs) == 2):
+            raise ValueError(f"activation {template.activation!r} does not fit MLP inputs {template.mlp_inputs}")
+        return _swap_class(block, template)
     attention = block.get_submodule(template.attention)
     heads, head_dim = attention_heads(attention)
     if not isinstance(heads, int) or not isinstance(head_dim, int):
@@ -336,6 +469,10 @@ def fuse_block(block: nn.Module, template) -> nn.Module:
         if block.get_submodule(name).out_features != width:
             raise ValueError(f"{name!r} does not produce {'' if post_norm else 'packed q, k, v for '}{heads} heads "
                              f"of {head_dim}")
+    return _swap_class(block, template)
+
+
+def _swap_class(block: nn.Module, template) -> nn.Module:
     block.__class__ = _fused_class(type(block), _FUSED_MIXINS[type(template)])
     block._qla_template = template
     return block

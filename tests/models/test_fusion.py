@@ -244,22 +244,91 @@ def test_post_norm_block_falls_back_for_what_the_chain_does_not_run():
     assert not layer._fused_chain_applies(x, (), {})
 
 
-@pytest.mark.parametrize("kind", ["swin", "gpt2", "llama"])
-def test_other_architectures_are_reported_not_fused(kind):
+def _decoder(kind):
     transformers = pytest.importorskip("transformers")
-    if kind == "swin":
-        torch.manual_seed(0)
-        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
-                                  embed_dim=48).eval()
-        example = torch.randn(1, 3, 224, 224)
-    else:
-        configs = {
-            "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64),
-            "llama": transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=128, vocab_size=100),
-        }
-        model = transformers.AutoModel.from_config(configs[kind]).eval()
-        example = {"input_ids": torch.randint(0, 100, (2, 12))}
+    torch.manual_seed(0)
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0),
+        "llama": lambda: transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    }[kind]()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: the model's own mask reaches its attention through the fused block
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+def _greedy(model, prompt):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
+def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls):
+    """GPT-2 / LLaMA: norms and the MLP (GELU, or SwiGLU's gate and up) run fused, the model's own
+    attention module runs in between with the KV cache, rotary embeddings and masks it was given.
+    Fused == module by module (measured: equal to ~1e-7), and greedy cached generation is the same."""
+    from qla_kernels.methods.batches import model_output, run_model
+
+    model, batch = _decoder(kind)
+    model = qk.quantize_(model, config)
+    prompt = batch["input_ids"][:, :5]
+    with torch.no_grad():
+        expected = model_output(run_model(model, batch))
+    expected_tokens = _greedy(model, prompt)
+    report = fuse_blocks(model, batch)
+    assert len(report.fused) == 2 and not report.skipped
+    chain_calls.clear()
+    with torch.no_grad():
+        fused = model_output(run_model(model, batch))
+    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "none", "none"]}[kind]
+    assert chain_calls == per_block * 2
+    assert _relative_error(expected, fused) < 1e-5
+    assert torch.equal(_greedy(model, prompt), expected_tokens)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoder_block_runs_lowered_causal_qla_and_qwt(kind):
+    """Lowered QLA in a decoder: the causal DW adapter's T (with its conv state carried across
+    cached steps) is prepared for the attention's output projection, the LoRA's T comes out of
+    the norm2 pre-kernel; QwT's columns join fc2's low-rank segment."""
+    from qla_kernels.methods.batches import model_output, run_model
+
+    fp, batch = _decoder(kind)
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [batch, batch], progress=False)
+    qwt.truncate(model, energy=0.9)
+    qla.add_adapters(model, rank=4, example=batch)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "qla_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    qla.fuse(model)
+    qwt.lower(model, batch)
+    prompt = batch["input_ids"][:, :5]
+    with torch.no_grad():
+        expected = model_output(run_model(model, batch))
+    expected_tokens = _greedy(model, prompt)
+    assert len(fuse_blocks(model, batch).fused) == 2
+    with torch.no_grad():
+        fused = model_output(run_model(model, batch))
+    assert _relative_error(expected, fused) < 1e-4
+    tokens = _greedy(model, prompt)
+    assert torch.equal(tokens, expected_tokens)
+    with torch.no_grad():
+        uncached = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(tokens, uncached)
+
+
+def test_swin_is_reported_not_fused():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
+                              embed_dim=48).eval()
+    example = torch.randn(1, 3, 224, 224)
     model = qk.quantize_(model, qk.W8A8())
     with torch.no_grad():
         expected = qk.methods.batches.model_output(qk.methods.batches.run_model(model, example))
