@@ -9,7 +9,8 @@ Vision (timm ViT-B/16, DeiT-S, DeiT-T, Swin-T at 224², random weights) and BERT
     w8a8_qla_qwt, w4a8_qla          + QLA adapters (rank 8) lowered onto the GEMMs (methods.qla.fuse)
     w8a8_qla_qwt_modules            the same adapters run as separate PyTorch ops (unfused baseline)
 Ours run eagerly and, on CUDA, replayed from a CUDA graph (`_graph` rows). A LLaMA-style decoder
-(8B-shaped layers, a few of them) decodes with its KV cache at batch 1 and 16: fp16 vs W4A16.
+(8B-shaped layers, a few of them) decodes with its KV cache at batch 1 and 16: bf16 vs W4A16, the
+latter module by module and with its blocks fused (norms + SwiGLU MLP around the model's attention).
 
 Per row: ms (median), items/s, speedup vs fp16 eager and vs fp16 compiled, peak memory of the
 forward (model bytes + what the forward allocates), and for the corrected variants their overhead
@@ -264,20 +265,25 @@ def decode_ms_per_step(model: nn.Module, batch: int, prompt: int, steps: int, vo
 
 
 def run_decode(setup: Setup, layers: int = 2, batches=(1, 16), prompt: int = 32, steps: int = 32) -> List[Dict[str, Any]]:
-    """bf16 (fp32 on CPU) vs W4A16 (group 128; 32 on tiny models) decoding, tokens/s per batch size."""
+    """bf16 (fp32 on CPU) vs W4A16 (group 128; 32 on tiny models), unfused and fused, decoding:
+    tokens/s per batch size."""
     fp = llama_model(setup, layers)
     dtype = torch.bfloat16 if setup.device.type == "cuda" else torch.float32
     group = 32 if setup.tiny else 128
     rows = []
-    for variant in ("bf16_eager" if dtype == torch.bfloat16 else "fp32_eager", "w4a16"):
-        model = copy.deepcopy(fp) if variant != "w4a16" else quantize_(copy.deepcopy(fp), W4A16(group_size=group))
+    for variant in ("bf16_eager" if dtype == torch.bfloat16 else "fp32_eager", "w4a16", "w4a16_fused"):
+        model = copy.deepcopy(fp)
+        if variant.startswith("w4a16"):
+            model = quantize_(model, W4A16(group_size=group))
         model = model.to(dtype)
+        if variant == "w4a16_fused":  # norms and SwiGLU MLP fused around the model's attention
+            fuse_blocks(model, {"input_ids": torch.randint(0, fp.config.vocab_size, (1, 8), device=setup.device)})
         for batch in batches:
             ms = decode_ms_per_step(model, batch, prompt, steps, fp.config.vocab_size, setup.device)
             rows.append({"model": f"llama_{fp.config.hidden_size}w_{fp.config.num_hidden_layers}l", "batch": batch,
                          "variant": variant, "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3})
         del model
-    baseline = {(r["batch"]): r["ms_per_step"] for r in rows if r["variant"] != "w4a16"}
+    baseline = {(r["batch"]): r["ms_per_step"] for r in rows if not r["variant"].startswith("w4a16")}
     for row in rows:
         row["speedup_vs_fp"] = baseline[row["batch"]] / row["ms_per_step"]
     return rows

@@ -75,5 +75,5 @@ def test_bench_on_cpu_is_labelled_and_complete(tmp_path, capsys):
     for row in report["rows"]:
         assert row["ms"] > 0 and row["speedup_vs_fp16_eager"] > 0
         assert ("correction_overhead" in row) == ("qwt" in row["variant"] or "qla" in row["variant"])
-    assert {r["variant"] for r in report["decode"]} == {"fp32_eager", "w4a16"}
+    assert {r["variant"] for r in report["decode"]} == {"fp32_eager", "w4a16", "w4a16_fused"}
     assert next(tmp_path.glob("e2e_cpu_*.png")).stat().st_size > 0
