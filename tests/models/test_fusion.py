@@ -91,6 +91,21 @@ def test_lowered_qwt_runs_in_the_last_gemm_of_the_fused_block(chain_calls):
     assert _relative_error(expected, fused) < 1e-5
 
 
+def _lowered_qwt_and_qla(fp, model, calibration, example):
+    """QwT (truncated) and QLA adapters with random non-zero weights, both lowered onto the GEMMs."""
+    qwt.calibrate(fp, model, calibration, progress=False)
+    qwt.truncate(model, energy=0.9)
+    qla.add_adapters(model, rank=4, example=example)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "qla_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    qla.fuse(model)
+    qwt.lower(model, example)
+    return model
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fused_block_runs_lowered_qla_and_qwt_in_its_gemms(backend, chain_calls):
     """W8A8 + QwT + QLA: the DW-separable branch's T feeds proj's low-rank segment, the LoRA's T
@@ -100,16 +115,7 @@ def test_fused_block_runs_lowered_qla_and_qwt_in_its_gemms(backend, chain_calls)
     fp = _vit()
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
     x = torch.randn(2, 3, 32, 32)
-    qwt.calibrate(fp, model, [torch.randn(8, 3, 32, 32) for _ in range(3)], progress=False)
-    qwt.truncate(model, energy=0.9)
-    qla.add_adapters(model, rank=4, example=x)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "qla_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    qla.fuse(model)
-    qwt.lower(model, x)
+    _lowered_qwt_and_qla(fp, model, [torch.randn(8, 3, 32, 32) for _ in range(3)], x)
     with torch.no_grad():
         expected = model(x)
     assert fuse_blocks(model, x, backend=backend).fused == ["blocks.0", "blocks.1"]
@@ -192,16 +198,7 @@ def test_post_norm_block_runs_lowered_qla_and_qwt_in_its_gemms(chain_calls):
 
     fp, batch = _encoder("bert")
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
-    qwt.calibrate(fp, model, [batch, batch], progress=False)
-    qwt.truncate(model, energy=0.9)
-    qla.add_adapters(model, rank=4, example=batch)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "qla_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    qla.fuse(model)
-    qwt.lower(model, batch)
+    _lowered_qwt_and_qla(fp, model, [batch, batch], batch)
     layer = model.encoder.layer[0]
     assert layer.attention.output.dense.lowered_adapter is not None and layer.output.dense.lowered_qwt is not None
     with torch.no_grad():
@@ -299,16 +296,7 @@ def test_decoder_block_runs_lowered_causal_qla_and_qwt(kind):
 
     fp, batch = _decoder(kind)
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
-    qwt.calibrate(fp, model, [batch, batch], progress=False)
-    qwt.truncate(model, energy=0.9)
-    qla.add_adapters(model, rank=4, example=batch)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "qla_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    qla.fuse(model)
-    qwt.lower(model, batch)
+    _lowered_qwt_and_qla(fp, model, [batch, batch], batch)
     prompt = batch["input_ids"][:, :5]
     with torch.no_grad():
         expected = model_output(run_model(model, batch))
