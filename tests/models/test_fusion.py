@@ -379,3 +379,24 @@ def test_cuda_graph_replay_of_a_fused_vit_equals_eager():
         replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(outputs["y"], expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_w4a16_llama_decodes_like_the_unfused_model_on_gpu(dtype):
+    """The decode path end to end on the GPU: fused decoder blocks (Triton norm pre-kernel, the CUDA
+    W4A16 kernel for M <= 16 and Triton above it) against the same model module by module."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=512, vocab_size=128)
+    model = qk.quantize_(transformers.LlamaForCausalLM(config).eval(), qk.W4A16(group_size=128)).to("cuda", dtype)
+    unfused = copy.deepcopy(model)
+    prompt = torch.randint(0, 128, (2, 7), device="cuda")
+    assert len(fuse_blocks(model, {"input_ids": prompt}).fused) == 2
+    with torch.no_grad():
+        logits, expected = model(prompt).logits.float(), unfused(prompt).logits.float()
+        assert _relative_error(expected, logits) < 2e-2
+        settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        tokens = model.generate(prompt, use_cache=True, **settings)
+        assert torch.equal(tokens, model.generate(prompt, use_cache=False, **settings))
