@@ -21,7 +21,16 @@ import torch
 from torch import nn
 
 from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer
-from ..nn.fused_block import ACTIVATIONS, DecoderTemplate, PackedQKVTemplate, PostNormTemplate, fuse_block, unfuse_block
+from ..nn.fused_block import (
+    ACTIVATIONS,
+    DecoderTemplate,
+    MLPTemplate,
+    PackedQKVTemplate,
+    PostNormTemplate,
+    fuse_block,
+    fuse_mlp,
+    unfuse_block,
+)
 from ..ops.dispatch import use_backend
 from .blocks import find_blocks
 from .facts import BlockFacts, describe, example_input, run_hooked, without_kv_cache
@@ -37,7 +46,8 @@ _PASSIVE = (nn.Identity, nn.Dropout)
 @dataclasses.dataclass
 class FusionReport:
     fused: List[str]
-    skipped: Dict[str, str]  # block name → why it keeps its QuantLinears
+    skipped: Dict[str, str]  # block name → why no block template fits it
+    fused_mlps: List[str] = dataclasses.field(default_factory=list)  # MLPs fused inside skipped blocks
 
 
 # Activation modules of model libraries by class name (Hugging Face transformers.activations), as
@@ -206,6 +216,8 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
         template = template_for(block, facts)
     except ValueError as reason:
         return str(reason)
+    if call is not None and call[0].dim() == 4:
+        return "[batch, height, width, dim] input: windowed attention (Swin) has no fused block template yet"
     if call is None or call[0].dim() != 3:
         return "the example does not reach this block with [batch, tokens, width] input"
     x, args, kwargs = call
@@ -235,9 +247,38 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
     return ""
 
 
+@torch.no_grad()
+def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
+    """In a block no block template fits: fuses its fc1 → activation → fc2 MLP module if it has one
+    and the block's output on its example call stays the same. Returns the MLP's name, or ""."""
+    mlp_name, _, fc2 = facts.mlp_output.rpartition(".")
+    if call is None or not mlp_name or len(facts.mlp_inputs) != 1:
+        return ""
+    fc1_parent, _, fc1 = facts.mlp_inputs[0].rpartition(".")
+    if fc1_parent != mlp_name:
+        return ""
+    mlp = block.get_submodule(mlp_name)
+    x, args, kwargs = call
+    try:
+        activation = _activation(mlp, {mlp.get_submodule(fc1), mlp.get_submodule(fc2)})
+        restore_adapters = adapter_state_restorer(block)
+        expected = block(x, *args, **kwargs)
+        restore_adapters()
+        fuse_mlp(mlp, MLPTemplate(fc1, fc2, activation))
+    except ValueError:
+        return ""
+    fused = block(x, *args, **kwargs)
+    restore_adapters()
+    primary = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    if not mlp._fused_chain_applies(x) or _relative_error(primary(expected), primary(fused)) > MATCH_TOLERANCE:
+        unfuse_block(mlp)
+        return ""
+    return mlp_name
+
+
 def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = "auto") -> FusionReport:
     """Turns every block of a quantized `model` that fits a fused template into a fused block (in
-    place). `example` is one input batch (built from the model's config when omitted); each block
+    place); in the blocks that do not fit, an fc1 → activation → fc2 MLP is fused on its own. `example` is one input batch (built from the model's config when omitted); each block
     is checked on its input from that batch under `backend`. Call after quantization and after
     QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`)."""
     example = example if example is not None else example_input(model)
@@ -251,10 +292,13 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
             inputs = _block_inputs(model, [block for _, block in named], example)
             for index, (name, block) in enumerate(named):
                 reason = _fuse_checked(block, facts.block, inputs.get(index))
-                if reason:
-                    report.skipped[name] = reason
-                else:
+                if not reason:
                     report.fused.append(name)
+                    continue
+                report.skipped[name] = reason
+                mlp = _fuse_mlp_checked(block, facts.block, inputs.get(index))
+                if mlp:
+                    report.fused_mlps.append(f"{name}.{mlp}")
     finally:
         model.train(was_training)
     return report

@@ -148,10 +148,12 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
 
 
 def _mlp(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fc1: QuantLinear, fc2: QuantLinear,
-         activation: str, residual: torch.Tensor, fc2_segments: dict) -> torch.Tensor:
-    """fc1 (+ bias + activation) on quantized input, then fc2 + bias + low-rank segments + residual.
-    With dynamic scales for fc2, fc1's epilogue re-quantizes per token: no fp round trip."""
-    dtype = residual.dtype
+         activation: str, residual: Optional[torch.Tensor], fc2_segments: dict,
+         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """fc1 (+ bias + activation) on quantized input, then fc2 + bias + low-rank segments (+ residual),
+    in `dtype` (the residual's by default). With dynamic scales for fc2, fc1's epilogue
+    re-quantizes per token: no fp round trip."""
+    dtype = dtype or residual.dtype
     if fc2.input_scale is None:
         hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
                                               activation=activation, out_dtype=dtype, requant_bits=fc2.config.act_bits)
@@ -412,14 +414,71 @@ class FusedDecoderBlock(nn.Module):
         return out.reshape(batch, tokens, width)
 
 
+@dataclasses.dataclass(frozen=True)
+class MLPTemplate:
+    """An MLP module fc1 → activation → fc2 (names relative to the MLP), for blocks no block
+    template fits (Swin): the MLP alone is fused."""
+
+    fc1: str
+    fc2: str
+    activation: str  # one of ACTIVATIONS
+
+    def bypassed(self) -> Tuple[str, ...]:
+        return (self.fc1, self.fc2)
+
+    def linears(self) -> Tuple[str, ...]:
+        return (self.fc1, self.fc2)
+
+
+class FusedMLP(nn.Module):
+    """Mixin placed before an MLP module's own class by `fuse_mlp`: its input is quantized once,
+    fc1's epilogue applies the activation and re-quantizes per token for fc2, and fc2 adds its
+    bias and lowered corrections (QwT, LoRA prepared by the norm hook) in its epilogue, so the
+    hidden activations never exist in floating point. The block around it runs as it is."""
+
+    _qla_template: MLPTemplate
+
+    def _fused_chain_applies(self, h: torch.Tensor) -> bool:
+        if self.training or h.dim() < 2 or resolve_backend(h.device) == "simulate":
+            return False
+        return _hooks_allow_bypass(self, self._qla_template.bypassed())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self._fused_chain_applies(h):
+            return super().forward(h)
+        t = self._qla_template
+        fc1, fc2 = self.get_submodule(t.fc1), self.get_submodule(t.fc2)
+        rows = h.reshape(-1, h.shape[-1]).contiguous()
+        q, scale, zero, _ = _quantize_input(rows, fc1)
+        out = _mlp(q, scale, zero, fc1, fc2, t.activation, None, fc2.lowered_segments(h.dtype), h.dtype)
+        return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
+def fuse_mlp(mlp: nn.Module, template: MLPTemplate) -> nn.Module:
+    """Makes the MLP module run fc1 → activation → fc2 fused (in place; returns it). ValueError when
+    its linears are not activation-quantized QuantLinears or fc1 carries a lowered correction."""
+    if isinstance(mlp, FusedMLP):
+        raise ValueError(f"{type(mlp).__name__} is already fused")
+    if template.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
+    for name in template.linears():
+        layer = mlp.get_submodule(name)
+        if not isinstance(layer, QuantLinear) or layer.config.act_bits is None:
+            raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")
+    fc1 = mlp.get_submodule(template.fc1)
+    if getattr(fc1, "lowered_qwt", None) is not None or getattr(fc1, "lowered_adapter", None) is not None:
+        raise ValueError(f"{template.fc1!r} carries a lowered correction; only fc2 may")
+    return _swap_class(mlp, template)
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_signature(block_class: type) -> inspect.Signature:
     return inspect.signature(block_class.forward)
 
 
 _FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock,
-                 DecoderTemplate: FusedDecoderBlock}
-FUSED_BLOCK_TYPES = tuple(_FUSED_MIXINS.values())
+                 DecoderTemplate: FusedDecoderBlock, MLPTemplate: FusedMLP}
+FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedDecoderBlock)
 
 
 @functools.lru_cache(maxsize=None)
@@ -479,8 +538,8 @@ def _swap_class(block: nn.Module, template) -> nn.Module:
 
 
 def unfuse_block(block: nn.Module) -> nn.Module:
-    """Restores the block's original class (in place; returns it)."""
-    if not isinstance(block, FUSED_BLOCK_TYPES):
+    """Restores the block's (or fused MLP's) original class (in place; returns it)."""
+    if not isinstance(block, FUSED_BLOCK_TYPES + (FusedMLP,)):
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = block.__class__.__mro__[2]
     del block._qla_template

@@ -69,3 +69,19 @@ def test_fused_post_norm_block_compiles_without_graph_breaks():
         expected = layer(x, mask)
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_mlp_compiles_without_graph_breaks():
+    timm = pytest.importorskip("timm")
+    from qla_kernels.models import fuse_blocks
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
+                              embed_dim=48).eval()
+    model = qk.quantize_(model, qk.W8A8())
+    assert fuse_blocks(model, torch.randn(1, 3, 224, 224)).fused_mlps
+    mlp, h = model.layers[0].blocks[0].mlp, torch.randn(2, 49, 48)
+    with torch.no_grad():
+        expected = mlp(h)
+        compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(h), expected, rtol=1e-5, atol=1e-5)
