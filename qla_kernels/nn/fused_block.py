@@ -3,24 +3,26 @@
 
 Pre-norm template, attention with one packed qkv projection (timm ViT / DeiT):
 
-    pre1 : x → norm1 → int8 (per token, or the qkv layer's static scale)       quantize_activation
+    pre1 : x → norm1 → int8 (per token, or the qkv layer's static scale) + T_qwt   quantize_activation
     qkv  : GEMM + bias → [B, N, 3, H, d]                                       fused_linear
     core : q_norm / k_norm → scaled_dot_product_attention (activation dtype) → attention norm
     aq   : attention output → int8                                              quantize_activation
-    proj : GEMM + bias + residual x                                → x1         fused_linear
-    pre2 : x1 → norm2 → int8                                                    quantize_activation
+    proj : GEMM + bias + [T_dw]·U_dwᵀ + residual x                 → x1         fused_linear
+    pre2 : x1 → norm2 → int8 + T_lora                                           quantize_activation
     fc1  : GEMM + bias + GELU → re-quantized int8 per token for fc2             fused_linear
-    fc2  : GEMM + bias + [T_qwt]·U_qwtᵀ + residual x1              → output     fused_linear
+    fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1 → output   fused_linear
+
+The post-norm (BERT / RoBERTa) and decoder (GPT-2 / LLaMA) chains are described on their classes;
+`FusedMLP` fuses only the MLP of a block no template fits (Swin).
 
 Fusion is a change of the block's class, not of its module tree: `fuse_block` swaps the class for
-a subclass whose forward runs the chain above on the block's own QuantLinears and norms, so every
-name, the state dict, checkpoints and hooks on the block stay as they were. The block falls back
-to its original forward (which runs the same QuantLinears one by one) whenever the chain would
-not be the same computation: under the `simulate` backend (calibration and training need the
-differentiable module tree), in training mode, with an attention mask, or when a module the chain
-bypasses carries hooks (QLA adapters, observers).
+a subclass whose forward runs the chain on the block's own QuantLinears and norms, so every name,
+the state dict, checkpoints and hooks on the block stay as they were. The block falls back to its
+original forward (which runs the same QuantLinears one by one) whenever the chain would not be
+the same computation: under the `simulate` backend (calibration and training need the
+differentiable module tree), in training mode, with arguments the chain does not take, or when a
+module the chain bypasses carries hooks (QLA adapters not yet lowered, observers).
 """
-
 from __future__ import annotations
 
 import dataclasses
