@@ -150,14 +150,14 @@ def template_for(block: nn.Module, facts: BlockFacts):
     linears = {block.get_submodule(name) for name in (*facts.mlp_inputs, fc2)}
     _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, mlp}, proj)
     if getattr(block.get_submodule(attention), "is_causal", False):
+        activation = _activation(block.get_submodule(mlp), linears)
         if facts.mlp_kind == "swiglu":
-            activation = "swiglu" if _activation(block.get_submodule(mlp), linears) == "silu" else ""
-            if not activation:
-                raise ValueError("a two-input MLP whose activation is not SiLU has no fused template")
-        else:
-            activation = _activation(block.get_submodule(mlp), linears)
+            if activation != "silu":
+                raise ValueError(f"a two-input MLP with a {activation} activation has no fused template")
+            activation = "swiglu"
+        inputs = [block.get_submodule(name) for name in facts.mlp_inputs]
         return DecoderTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
-                               activation)
+                               activation, all(_same_input_quantization(inputs[0], other) for other in inputs[1:]))
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")
     if len(facts.attention_inputs) != 1:
@@ -278,8 +278,9 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
 
 def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = "auto") -> FusionReport:
     """Turns every block of a quantized `model` that fits a fused template into a fused block (in
-    place); in the blocks that do not fit, an fc1 → activation → fc2 MLP is fused on its own. `example` is one input batch (built from the model's config when omitted); each block
-    is checked on its input from that batch under `backend`. Call after quantization and after
+    place); in the blocks that do not fit, an fc1 → activation → fc2 MLP is fused on its own.
+    `example` is one input batch (built from the model's config when omitted); each block is
+    checked on its input from that batch under `backend`. Call after quantization and after
     QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`)."""
     example = example if example is not None else example_input(model)
     facts = describe(model, example)

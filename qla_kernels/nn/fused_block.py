@@ -23,6 +23,7 @@ the same computation: under the `simulate` backend (calibration and training nee
 differentiable module tree), in training mode, with arguments the chain does not take, or when a
 module the chain bypasses carries hooks (QLA adapters not yet lowered, observers).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,6 +101,7 @@ class DecoderTemplate:
     mlp_inputs: Tuple[str, ...]  # (fc1,) or (gate, up)
     mlp_output: str
     activation: str  # one of ACTIVATIONS, or "swiglu" for (gate, up): silu(gate(x)) * up(x)
+    shared_mlp_input: bool = True  # gate and up quantize their input alike: one pre-kernel serves both
 
     def bypassed(self) -> Tuple[str, ...]:
         mlp = self.mlp_output.rpartition(".")[0]
@@ -227,8 +229,7 @@ class FusedPackedQKVBlock(nn.Module):
 
         adapter_t = None
         if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
-            normed, _ = normalize_activation(rows, norm_kind_of(norm1), norm1.weight, getattr(norm1, "bias", None),
-                                             _norm_eps(norm1))
+            normed, _ = _normalize(rows, norm1)
             adapter_t = self.qla_attention.down_path(normed.reshape(batch, tokens, width))[0].reshape(batch * tokens, -1)
         q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
@@ -282,9 +283,9 @@ class FusedPostNormBlock(nn.Module):
         return self._attention_mask(args, kwargs)[0] and _hooks_allow_bypass(self, self._qla_template.bypassed())
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if not self._fused_chain_applies(x, args, kwargs):
+        plain, mask = self._attention_mask(args, kwargs)
+        if not (plain and self._fused_chain_applies(x, (), {})):
             return super().forward(x, *args, **kwargs)
-        _, mask = self._attention_mask(args, kwargs)
         t = self._qla_template
         part = self.get_submodule
         batch, tokens, width = x.shape
@@ -309,20 +310,22 @@ class FusedPostNormBlock(nn.Module):
         # A lowered DW-separable adapter reads the block input x: its block pre-hook has prepared T.
         s1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
                           out_dtype=x.dtype, **proj.lowered_segments(x.dtype))
-        x1 = _layer_norm(s1, part(t.norm1))
+        x1, _ = _normalize(s1, part(t.norm1))
         fc1, fc2 = part(t.fc1), part(t.fc2)
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA on x1: T from fc1's pre-kernel
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
         q, scale, zero, lora_t = _quantize_input(x1, fc1, down_proj=down)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
-        out = _layer_norm(_mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments), part(t.norm2))
+        out, _ = _normalize(_mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments), part(t.norm2))
         out = out.reshape(batch, tokens, width)
         return (out,) if self._qla_returns_tuple else out
 
 
-def _layer_norm(rows: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    return normalize_activation(rows, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None),
-                                _norm_eps(norm))[0]
+def _normalize(rows: torch.Tensor, norm: nn.Module,
+               down_proj: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm(rows) in rows.dtype, T = norm(rows)·down_proj) from one pre-kernel read of rows."""
+    return normalize_activation(rows, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None), _norm_eps(norm),
+                                down_proj=down_proj)
 
 
 class FusedDecoderBlock(nn.Module):
@@ -362,29 +365,34 @@ class FusedDecoderBlock(nn.Module):
                 return None
         return named
 
-    def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    def _chain_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[dict]:
+        """The arguments to pass the attention module when the chain applies to this call, else None."""
         if self.training or x.dim() != 3 or resolve_backend(x.device) == "simulate":
-            return False
+            return None
         named = self._named_arguments(x, args, kwargs)
         if named is None or any(named.get(name) is not None for name in ("encoder_hidden_states",
                                                                           "encoder_attention_mask")):
-            return False
-        if named.get("output_attentions"):
-            return False
-        return _hooks_allow_bypass(self, self._qla_template.bypassed())
+            return None
+        if named.get("output_attentions") or not _hooks_allow_bypass(self, self._qla_template.bypassed()):
+            return None
+        return named
+
+    def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        return self._chain_arguments(x, args, kwargs) is not None
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if not self._fused_chain_applies(x, args, kwargs):
+        named = self._chain_arguments(x, args, kwargs)
+        if named is None:
             return super().forward(x, *args, **kwargs)
         t = self._qla_template
         part = self.get_submodule
         batch, tokens, width = x.shape
         rows = x.reshape(batch * tokens, width).contiguous()
-        normed = _layer_norm(rows, part(t.norm1)).reshape(batch, tokens, width)
+        normed = _normalize(rows, part(t.norm1))[0].reshape(batch, tokens, width)
         proj = part(t.attention_output)
         if getattr(proj, "lowered_adapter", None) is not None:  # what the norm1 hook would have prepared
             proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
-        attention = part(t.attention)(normed, **self._named_arguments(x, args, kwargs))
+        attention = part(t.attention)(normed, **named)
         x1 = (x + attention[0]).reshape(batch * tokens, width).contiguous()
 
         inputs, fc2 = [part(name) for name in t.mlp_inputs], part(t.mlp_output)
@@ -392,12 +400,12 @@ class FusedDecoderBlock(nn.Module):
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
         norm2 = part(t.norm2)
         if inputs[0].config.act_bits is None:  # W4A16: the GEMMs read the normalized activations
-            normed2, lora_t = normalize_activation(x1, norm_kind_of(norm2), norm2.weight, getattr(norm2, "bias", None),
-                                                   _norm_eps(norm2), down_proj=down)
+            normed2, lora_t = _normalize(x1, norm2, down)
             operands = [(normed2, None, None)] * len(inputs)
         else:
             q, scale, zero, lora_t = _quantize_input(x1, inputs[0], norm2, down)
-            operands = [(q, scale, zero)] + [_quantize_input(x1, layer, norm2)[:3] for layer in inputs[1:]]
+            operands = [(q, scale, zero)] + [(q, scale, zero) if t.shared_mlp_input else
+                                             _quantize_input(x1, layer, norm2)[:3] for layer in inputs[1:]]
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
         if t.activation != "swiglu" and fc2.config.act_bits is not None:
             out = _mlp(*operands[0], inputs[0], fc2, t.activation, x1, segments)
