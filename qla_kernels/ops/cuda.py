@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import _cuda_extension_status
+from .dispatch import _cuda_extension_status, sm_count
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/quantize_per_token.h
 
@@ -80,11 +80,6 @@ def _index(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
 def _built_for(device_index: int) -> bool:
     """`_C` is built for sm_80 and newer (bf16 mma.sync needs sm_80)."""
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
@@ -98,8 +93,8 @@ def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format
     same_dtype = all(t is None or t.dtype == a.dtype for t in (lowrank_t, lowrank_u, bias, residual))
     return (a.device.type == "cuda" and _built_for(_index(a.device)) and weight_format == "uint4_asym_groups"
             and a.dtype in (torch.float16, torch.bfloat16) and 1 <= a.shape[0] <= DECODE_MAX_ROWS
-            and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0 and same_dtype and out_dtype == a.dtype and a_zero_point is None and fullrank_x is None
-            and activation == "none" and not requant_bits and gather_rows is None and scatter_rows is None)
+            and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0 and same_dtype and out_dtype == a.dtype
+            and a_zero_point is None and fullrank_x is None and activation == "none" and not requant_bits and gather_rows is None and scatter_rows is None)
 
 
 def _aligned(tensor: Tensor) -> Tensor:
@@ -121,7 +116,7 @@ def w4a16_decode(a: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: T
     out_features = weight.shape[0]
     a, weight = _aligned(a), _aligned(weight)
     out = a.new_empty((rows, out_features))
-    splits, chunks_per_split = decode_split_plan(rows, out_features, in_features, _sm_count(_index(a.device)))
+    splits, chunks_per_split = decode_split_plan(rows, out_features, in_features, sm_count(a.device))
     workspace = (a.new_empty((splits, rows, out_features), dtype=torch.float32) if splits > 1 else None)
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
     if rank == 0:

@@ -57,6 +57,18 @@ def _cuda_extension_status():
     return _C, None
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one for a bare "cuda"); 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def interpreting() -> bool:
     """Triton kernels run in Triton's CPU interpreter (read when kernels are defined)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -387,7 +387,7 @@ def test_decode_pre_kernel(norm_kind, dtype, rank):
 def test_w4a16_split_k_matches_reference(m, n_half, steps, group, rank, activation, requant, row_maps, seed):
     """Small-M W4A16 splits K across programs (partial sums, then a fixed-order reduction that
     runs the whole epilogue); forced here by pretending the device has many SMs."""
-    with mock.patch.object(launch, "_sm_count", lambda device: 256):
+    with mock.patch.object(launch, "sm_count", lambda device: 256):
         _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row_maps, seed)
 
 
@@ -396,7 +396,7 @@ def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row
     k = max(group, block_k) * steps
     if DEVICE == "cpu":  # the interpreter's one 16×32 tile configuration does split
         tiles = -(-m // 16) * -(-n // 32)
-        assert launch.split_k_plan(tiles, k, min(block_k, group), group, torch.device(DEVICE))[0] > 1
+        assert launch.split_k_plan(tiles, k, min(block_k, group), torch.device(DEVICE))[0] > 1
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(DEVICE)  # noqa: E731
     weight = _to(random_weight("uint4_asym_groups", n, k, group=group, seed=seed))
@@ -419,10 +419,10 @@ def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row
 
 def test_split_k_plan_keeps_every_split_nonempty_and_block_aligned():
     device = torch.device("cpu")
-    assert launch.split_k_plan(4, 4096, 128, 128, device) == (1, 4096)  # no SMs known: no split
-    with mock.patch.object(launch, "_sm_count", lambda device: 132):
+    assert launch.split_k_plan(4, 4096, 128, device) == (1, 4096)  # no SMs known: no split
+    with mock.patch.object(launch, "sm_count", lambda device: 132):
         for tiles, k, block_k in ((64, 4096, 128), (1, 4096, 128), (8, 14336, 128), (300, 4096, 128), (4, 640, 64)):
-            splits, per_split = launch.split_k_plan(tiles, k, block_k, 128, device)
+            splits, per_split = launch.split_k_plan(tiles, k, block_k, device)
             assert per_split % block_k == 0 and (splits - 1) * per_split < k <= splits * per_split
             assert splits == 1 or per_split >= launch._SPLIT_K_MIN_STEPS * block_k
             assert splits == 1 or tiles * (splits - 1) < launch._SPLIT_K_TILES_PER_SM * 132

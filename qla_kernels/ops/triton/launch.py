@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -11,6 +10,7 @@ import triton
 
 from ...formats.weights import weight_in_features
 from ...quant.primitives import qrange
+from ..dispatch import sm_count
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
@@ -37,16 +37,11 @@ _SPLIT_K_TILES_PER_SM = 2
 _SPLIT_K_MIN_STEPS = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
-def split_k_plan(tiles: int, k: int, block_k: int, group_size: int, device: torch.device) -> Tuple[int, int]:
+def split_k_plan(tiles: int, k: int, block_k: int, device: torch.device) -> Tuple[int, int]:
     """(splits, K per split) for the W4A16 GEMM: enough programs for `_SPLIT_K_TILES_PER_SM` per SM.
     K per split is a multiple of BLOCK_K (so group scales stay per tile) and every split is non-empty."""
     steps = triton.cdiv(k, block_k)
-    wanted = triton.cdiv(_SPLIT_K_TILES_PER_SM * _sm_count(device), tiles)
+    wanted = triton.cdiv(_SPLIT_K_TILES_PER_SM * sm_count(device), tiles)
     splits = max(1, min(wanted, steps // _SPLIT_K_MIN_STEPS))
     if splits == 1:
         return 1, k
@@ -102,7 +97,7 @@ def fused_linear(
             if requant_bits:
                 row_absmax.zero_()
             tiles = triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n)
-            splits, k_per_split = (split_k_plan(tiles, k, block_k, group_size, device)
+            splits, k_per_split = (split_k_plan(tiles, k, block_k, device)
                                    if weight_format == "uint4_asym_groups" else (1, k))
             partial = a.new_empty((splits, gemm_rows, n), dtype=torch.float32) if splits > 1 else dummy
             phases = ((1, (tiles, splits)), (2, (tiles,))) if splits > 1 else ((0, (tiles,)),)
