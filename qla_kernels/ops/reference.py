@@ -184,12 +184,14 @@ def main_segment(
 def gather_activation_rows(
     a: torch.Tensor, a_scale: Optional[torch.Tensor], a_zero_point: Optional[torch.Tensor], gather_rows: torch.Tensor
 ):
-    """Rows of A (and its per-row scale / zero point) in GEMM order; index −1 is a zero padding row."""
+    """Rows of A (and its per-row scale / zero point) in GEMM order; index −1 is a padding row whose
+    value is zero: its codes and its scale are zero, so that a per-tensor zero point cancels."""
     valid = gather_rows >= 0
     index = gather_rows.clamp_min(0).long()
     a = torch.where(valid[:, None], a[index], torch.zeros((), dtype=a.dtype))
-    if a_scale is not None and a_scale.numel() > 1:
-        a_scale = torch.where(valid, a_scale[index], torch.zeros((), dtype=a_scale.dtype))
+    if a_scale is not None:
+        per_row = a_scale[index] if a_scale.numel() > 1 else a_scale.reshape(1).expand(len(index))
+        a_scale = torch.where(valid, per_row, torch.zeros((), dtype=a_scale.dtype))
     if a_zero_point is not None and a_zero_point.numel() > 1:
         a_zero_point = torch.where(valid, a_zero_point[index], torch.zeros((), dtype=a_zero_point.dtype))
     return a, a_scale, a_zero_point

@@ -254,6 +254,13 @@ def test_gather_padding_rows_are_zero():
                          out_dtype=torch.float32)
     assert y.shape == (3, 8) and torch.equal(y[1], torch.zeros(8))
     assert torch.equal(y[0], ops.fused_linear(a[1:], a_scale[1:], weight, out_dtype=torch.float32)[0])
+    # A padding row is the value zero also under a per-tensor scale and zero point (codes q - z).
+    zero_point = torch.tensor([5], dtype=torch.int8)
+    weight = random_weight("int8", 8, 32)
+    weight = dataclasses.replace(weight, colsum=weight.integer().sum(dim=1, dtype=torch.int32))
+    y = ops.fused_linear(a, torch.tensor([0.1]), weight, a_zero_point=zero_point, bias=torch.ones(8),
+                         gather_rows=torch.tensor([1, -1], dtype=torch.int32), out_dtype=torch.float32)
+    assert torch.equal(y[1], torch.ones(8))
 
 
 def test_row_map_arguments_are_checked():

@@ -129,6 +129,13 @@ def test_row_maps():
     expected, actual = _both(lambda: call(lowrank_t=t, lowrank_u=u, requant_bits=8))
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=0)
     assert int((actual[0].int() - expected[0].int()).abs().max()) <= 1
+    # Padding rows under a per-tensor scale and zero point are the value zero: the bias alone.
+    weight = random_weight("int8", 32, 64)
+    weight = _to(dataclasses.replace(weight, colsum=weight.integer().sum(dim=1, dtype=torch.int32)))
+    per_tensor = dict(a_zero_point=torch.tensor([7], dtype=torch.int8, device=DEVICE),
+                      bias=torch.randn(32, device=DEVICE), gather_rows=padded, out_dtype=torch.float32)
+    expected, actual = _both(lambda: ops.fused_linear(a, torch.tensor([0.05], device=DEVICE), weight, **per_tensor))
+    assert torch.equal(actual, expected) and torch.equal(actual[6], per_tensor["bias"])
 
 
 def test_opcheck_triton_ops():
