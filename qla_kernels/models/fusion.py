@@ -2,15 +2,16 @@
 structure and confirmed numerically.
 
 The architecture facts name each block's norms and linears; the template adds what the fused
-chain assumes. Pre-norm (timm ViT/DeiT): one packed qkv linear whose parent module holds
-`num_heads`/`head_dim`, a GELU (or ReLU) MLP, and nothing else on the residual branches (no
-LayerScale, no gate). Post-norm (BERT/RoBERTa): query/key/value in one attention module, a
-LayerNorm after each residual add, a one-activation MLP. Every
-candidate is then checked on a real block input: the fused chain must reproduce the block's own
-forward (the same QuantLinears run one by one). QLA adapters join the chain once lowered
-(`methods.qla.fuse`): their down paths feed the low-rank segments of proj and fc2. A block that fails either test keeps its
-QuantLinears and the report says why.
-"""
+chain assumes. Pre-norm (timm ViT/DeiT): one packed qkv linear whose parent module holds the head
+count, a GELU (or ReLU) MLP, and nothing else on the residual branches (no LayerScale, no gate);
+with [B, H, W, C] input (Swin) the window order is read off the block by a probe and the mask it
+hands its attention is recorded. Post-norm (BERT/RoBERTa): query/key/value in one attention
+module, a LayerNorm after each residual add, a one-activation MLP. Decoders (GPT-2/LLaMA): causal
+attention run as the model's own module, norms and MLP fused. Every candidate is then checked on
+a real block input: the fused chain must reproduce the block's own forward (the same QuantLinears
+run one by one). QLA adapters join the chain once lowered (`methods.qla.fuse`): their down paths
+feed the low-rank segments of proj and fc2. A block that fails either test keeps its QuantLinears
+(its MLP alone may still fuse) and the report says why."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer
+from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer, window_rows
 from ..nn.fused_block import (
     ACTIVATIONS,
     DecoderTemplate,
     MLPTemplate,
     PackedQKVTemplate,
     PostNormTemplate,
+    WindowLayout,
     fuse_block,
     fuse_mlp,
     unfuse_block,
@@ -209,6 +211,31 @@ def _relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
     return float((value - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
+def _window_layout(block: nn.Module, template: PackedQKVTemplate, call: BlockCall):
+    """(the block's output on `call`, its WindowLayout): the window order read off the block by a
+    probe (nn.adapters.window_rows), the window size and mask from what the block hands its
+    attention module on this call."""
+    x, args, kwargs = call
+    height, width, dim = x.shape[1:]
+    rows = window_rows(block, template.norm1, template.qkv, height, width, dim)
+    seen = {}
+
+    def capture(module, module_args, module_kwargs):
+        if "tokens" not in seen:
+            seen["tokens"] = module_args[0].shape[-2]
+            seen["mask"] = module_kwargs.get("mask", module_args[1] if len(module_args) > 1 else None)
+
+    handle = block.get_submodule(template.attention).register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        expected = block(x, *args, **kwargs)
+    finally:
+        handle.remove()
+    mask = seen.get("mask")
+    if "tokens" not in seen or (mask is not None and not isinstance(mask, torch.Tensor)):
+        raise ValueError("the windowed attention module was not called with [windows, tokens, dim] input and a mask")
+    return expected, WindowLayout((height, width), rows, seen["tokens"], mask)
+
+
 @torch.no_grad()
 def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
     """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
@@ -216,13 +243,20 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
         template = template_for(block, facts)
     except ValueError as reason:
         return str(reason)
-    if call is not None and call[0].dim() == 4:
-        return "[batch, height, width, dim] input: windowed attention (Swin) has no fused block template yet"
-    if call is None or call[0].dim() != 3:
-        return "the example does not reach this block with [batch, tokens, width] input"
+    if call is None or call[0].dim() not in (3, 4):
+        return "the example does not reach this block with [batch, tokens, width] or [batch, height, width, dim] input"
     x, args, kwargs = call
     restore_adapters = adapter_state_restorer(block)
-    expected = block(x, *args, **kwargs)
+    windows = None
+    if x.dim() == 4:
+        if not isinstance(template, PackedQKVTemplate):
+            return "[batch, height, width, dim] input needs packed-qkv windowed attention"
+        try:
+            expected, windows = _window_layout(block, template, call)
+        except ValueError as reason:
+            return str(reason)
+    else:
+        expected = block(x, *args, **kwargs)
     restore_adapters()
     returns_tuple = isinstance(expected, tuple)
     if returns_tuple:  # older transformers layers return (hidden_states, ...)
@@ -231,7 +265,7 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
                     "transformers)")
         expected = expected[0]
     try:
-        fuse_block(block, template)
+        fuse_block(block, template, windows)
     except ValueError as reason:
         return str(reason)
     if not block._fused_chain_applies(x, args, kwargs):

@@ -223,18 +223,20 @@ def attention_adapter_down_path(block: nn.Module, h: torch.Tensor) -> torch.Tens
     return _to_window_order(block, t) if block.qla_attention.spatial else t
 
 
-def _window_rows(block: nn.Module, height: int, width: int, dim: int) -> torch.Tensor:
+def window_rows(block: nn.Module, norm_name: str, linear_name: str, height: int, width: int,
+                dim: int) -> torch.Tensor:
     """For one image of height × width: the spatial row each row of the attention input comes from
-    (−1: window padding). Read off the block by running it once on a probe whose rows are all
-    different and matching the attention input linear's rows to the norm's output rows, so no
-    window partition code is copied. Cached per (height, width); checked batch-major on 2 images."""
+    (−1: window padding), as int64 on the CPU. Read off the block by running it once on a probe
+    whose rows are all different and matching the rows the attention input linear `linear_name`
+    reads to the rows the norm `norm_name` wrote, so no window partition code is copied. Cached
+    per (height, width); checked batch-major on 2 images. ValueError when the attention input is
+    no such permutation."""
     maps = block.__dict__.setdefault("_qla_window_maps", {})
     if (height, width) in maps:
         return maps[height, width]
-    placement = block._qla_placement
     captured = {}
-    norm = block.get_submodule(placement.attention_norm)
-    linear = block.get_submodule(placement.attention_input)
+    norm = block.get_submodule(norm_name)
+    linear = block.get_submodule(linear_name)
     handles = [norm.register_forward_hook(lambda m, a, out: captured.setdefault("spatial", out.detach())),
                linear.register_forward_pre_hook(lambda m, a: captured.setdefault("windows", a[0].detach()))]
     reference = getattr(norm, "weight", None)
@@ -244,14 +246,15 @@ def _window_rows(block: nn.Module, height: int, width: int, dim: int) -> torch.T
     lowered = [linear.lowered_adapter for linear in (getattr(block, "_qla_attention_linear", None),
                                                      getattr(block, "_qla_ffn_linear", None))
                if getattr(linear, "lowered_adapter", None) is not None]
-    block._qla_inputs["probing"] = True
+    adapter_inputs = block.__dict__.get("_qla_inputs", {})
+    adapter_inputs["probing"] = True
     for adapter in lowered:
         adapter.suspended = True
     try:
         with torch.no_grad():
             block(probe)
     finally:
-        block._qla_inputs.pop("probing")
+        adapter_inputs.pop("probing")
         for adapter in lowered:
             adapter.suspended = False
         for handle in handles:
@@ -280,7 +283,9 @@ def _window_rows(block: nn.Module, height: int, width: int, dim: int) -> torch.T
 def _to_window_order(block: nn.Module, values: torch.Tensor) -> torch.Tensor:
     """[batch, height, width, k] spatial values → [batch · window rows, k] in the attention's row order."""
     batch, height, width, k = values.shape
-    rows = _window_rows(block, height, width, block.qla_attention.depthwise.in_channels).to(values.device)
+    placement = block._qla_placement
+    rows = window_rows(block, placement.attention_norm, placement.attention_input, height, width,
+                       block.qla_attention.depthwise.in_channels).to(values.device)
     offsets = torch.arange(batch, device=values.device)[:, None] * (height * width)
     index = torch.where(rows >= 0, rows[None] + offsets, -1).reshape(-1)
     flat = values.reshape(-1, k)

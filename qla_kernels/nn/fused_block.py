@@ -12,8 +12,11 @@ Pre-norm template, attention with one packed qkv projection (timm ViT / DeiT):
     fc1  : GEMM + bias + GELU → re-quantized int8 per token for fc2             fused_linear
     fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1 → output   fused_linear
 
-The post-norm (BERT / RoBERTa) and decoder (GPT-2 / LLaMA) chains are described on their classes;
-`FusedMLP` fuses only the MLP of a block no template fits (Swin).
+With a `WindowLayout` (Swin) the same chain runs on a [B, H, W, C] feature map: the qkv GEMM
+gathers spatial rows into (shifted, padded) window order, the attention core adds the relative-
+position bias and shift mask, and proj's epilogue scatters rows back to spatial order, where the
+residual and the adapter's T are read. The post-norm (BERT / RoBERTa) and decoder (GPT-2 / LLaMA)
+chains are described on their classes; `FusedMLP` fuses only the MLP of a block no template fits.
 
 Fusion is a change of the block's class, not of its module tree: `fuse_block` swaps the class for
 a subclass whose forward runs the chain on the block's own QuantLinears and norms, so every name,
@@ -67,6 +70,29 @@ class PackedQKVTemplate:
 
 
 @dataclasses.dataclass(frozen=True)
+class WindowLayout:
+    """Windowed attention (Swin) of a packed-qkv block on a [batch, height, width, dim] input: the
+    attention runs over windows of `window_tokens` rows while the residual stream stays spatial.
+
+    `rows` (int, [window rows of one image]) is the spatial row each attention row reads (−1: a
+    window padding row); attention output rows go back to the rows they came from. `mask`
+    ([windows, window_tokens, window_tokens] or None) is the mask the block hands its attention
+    (shifted windows); the attention module's relative-position bias is added to it."""
+
+    grid: Tuple[int, int]
+    rows: torch.Tensor
+    window_tokens: int
+    mask: Optional[torch.Tensor]
+
+    def check(self) -> None:
+        rows, tokens = self.rows, self.window_tokens
+        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.numel() % tokens:
+            raise ValueError(f"window rows must be a 1-D integer tensor of whole windows of {tokens} rows")
+        if self.mask is not None and tuple(self.mask.shape[1:]) != (tokens, tokens):
+            raise ValueError(f"window mask must be [windows, {tokens}, {tokens}], got {tuple(self.mask.shape)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PostNormTemplate:
     """Where a post-norm block (BERT / RoBERTa) keeps its parts (names relative to the block)."""
 
@@ -115,6 +141,15 @@ def attention_heads(attention: nn.Module) -> Tuple[Optional[int], Optional[int]]
     """(head count, head size) from timm's or Hugging Face's attribute names."""
     heads = getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
     size = getattr(attention, "head_dim", None) or getattr(attention, "attention_head_size", None)
+    return heads, size
+
+
+def packed_qkv_heads(attention: nn.Module, qkv: nn.Module) -> Tuple[Optional[int], Optional[int]]:
+    """(head count, head size) of attention with one packed qkv projection; the head size follows
+    from the projection's width where the module does not name it (timm's WindowAttention)."""
+    heads, size = attention_heads(attention)
+    if size is None and isinstance(heads, int) and heads > 0:
+        size = qkv.out_features // (3 * heads)
     return heads, size
 
 
@@ -195,12 +230,38 @@ class FusedPackedQKVBlock(nn.Module):
 
     _qla_template: PackedQKVTemplate
 
+    _qla_window_grid: Optional[Tuple[int, int]] = None
+
     def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if self.training or args or any(v is not None and v is not False for v in kwargs.values()):
             return False
-        if x.dim() != 3 or resolve_backend(x.device) == "simulate":
+        grid = self._qla_window_grid  # windowed blocks: only the grid their window order was read for
+        if x.dim() != (3 if grid is None else 4) or (grid is not None and tuple(x.shape[1:3]) != grid):
+            return False
+        if resolve_backend(x.device) == "simulate":
             return False
         return _hooks_allow_bypass(self, self._qla_template.bypassed())
+
+    def _batch_window_rows(self, batch: int) -> torch.Tensor:
+        """int32 [batch · window rows]: the row of the flattened [batch, height, width] input each
+        attention row reads and writes (−1: padding)."""
+        rows = self._qla_window_rows
+        per_image = self._qla_window_grid[0] * self._qla_window_grid[1]
+        offsets = torch.arange(batch, device=rows.device, dtype=torch.int32)[:, None] * per_image
+        return torch.where(rows >= 0, rows + offsets, -1).reshape(-1)
+
+    def _window_attention_mask(self, attention: nn.Module, windows: int, heads: int,
+                               dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """[windows, heads, tokens, tokens]: the attention module's relative-position bias plus the
+        shifted-window mask, as the windowed attention adds them to the scores."""
+        bias = attention._get_rel_pos_bias() if hasattr(attention, "_get_rel_pos_bias") else None
+        mask = self._qla_window_mask
+        if mask is not None:
+            per_image, tokens = mask.shape[0], mask.shape[1]
+            mask = mask.view(1, per_image, 1, tokens, tokens).expand(windows // per_image, -1, heads, -1, -1)
+            mask = mask.reshape(windows, heads, tokens, tokens)
+            bias = mask if bias is None else bias + mask
+        return None if bias is None else bias.to(dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if not self._fused_chain_applies(x, args, kwargs):
@@ -209,8 +270,10 @@ class FusedPackedQKVBlock(nn.Module):
         part = self.get_submodule
         qkv, proj, fc1, fc2 = part(t.qkv), part(t.proj), part(t.fc1), part(t.fc2)
         attention = part(t.attention)
-        batch, tokens, width = x.shape
-        rows = x.reshape(batch * tokens, width).contiguous()
+        width = x.shape[-1]
+        rows = x.reshape(-1, width).contiguous()
+        # Windowed attention: the qkv GEMM gathers rows into window order, proj scatters them back.
+        window_rows = self._batch_window_rows(x.shape[0]) if self._qla_window_grid is not None else None
 
         norm1 = part(t.norm1)
         qwt = getattr(fc2, "lowered_qwt", None)  # QwT's T = x·V_r from pre1's read of x (ranks the pre-kernel takes)
@@ -218,22 +281,30 @@ class FusedPackedQKVBlock(nn.Module):
         if qwt_down is not None and not supports_quantize_activation(qwt_down):
             qwt_down = None
         q, scale, zero, qwt_t = _quantize_input(rows, qkv, norm1, qwt_down, down_from_input=True)
-        packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype)
-        heads, head_dim = attention.num_heads, attention.head_dim
-        query, key, value = packed.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype,
+                              gather_rows=window_rows)
+        heads, head_dim = packed_qkv_heads(attention, qkv)
+        if window_rows is None:
+            sequences, tokens, mask = x.shape[0], x.shape[1], None
+        else:
+            tokens = self._qla_window_tokens
+            sequences = packed.shape[0] // tokens
+            mask = self._window_attention_mask(attention, sequences, heads, x.dtype)
+        query, key, value = packed.reshape(sequences, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         query = getattr(attention, "q_norm", nn.Identity())(query)
         key = getattr(attention, "k_norm", nn.Identity())(key)
-        context = F.scaled_dot_product_attention(query, key, value)
-        context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        context = context.transpose(1, 2).reshape(sequences * tokens, heads * head_dim)
         context = getattr(attention, "norm", nn.Identity())(context).contiguous()
 
-        adapter_t = None
+        adapter_t = None  # in spatial order: proj's epilogue reads T by destination row
         if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
             normed, _ = _normalize(rows, norm1)
-            adapter_t = self.qla_attention.down_path(normed.reshape(batch, tokens, width))[0].reshape(batch * tokens, -1)
+            adapter_t = self.qla_attention.down_path(normed.reshape(x.shape))[0].reshape(rows.shape[0], -1)
         q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
-                          out_dtype=x.dtype, **proj.lowered_segments(x.dtype, adapter_t, _adapter_up(proj)))
+                          out_dtype=x.dtype, scatter_rows=window_rows, out_rows=rows.shape[0],
+                          **proj.lowered_segments(x.dtype, adapter_t, _adapter_up(proj)))
 
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
@@ -241,7 +312,7 @@ class FusedPackedQKVBlock(nn.Module):
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2),
                                         qwt_t if qwt_down is not None else None)
         out = _mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments)
-        return out.reshape(batch, tokens, width)
+        return out.reshape(x.shape)
 
 
 class FusedPostNormBlock(nn.Module):
@@ -427,7 +498,7 @@ class FusedDecoderBlock(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class MLPTemplate:
     """An MLP module fc1 → activation → fc2 (names relative to the MLP), for blocks no block
-    template fits (Swin): the MLP alone is fused."""
+    template fits: the MLP alone is fused."""
 
     fc1: str
     fc2: str
@@ -496,13 +567,19 @@ def _fused_class(block_class: type, mixin: type) -> type:
     return type(f"Fused{block_class.__name__}", (mixin, block_class), {"__module__": __name__})
 
 
-def fuse_block(block: nn.Module, template) -> nn.Module:
-    """Makes `block` run the fused chain of `template` (a PackedQKVTemplate or PostNormTemplate; in
-    place; returns it). Raises ValueError naming what does not fit: every linear must be an
-    activation-quantized QuantLinear, the attention module must expose its head count and size,
-    only the last linear may carry a lowered QwT, and lowered corrections need the pre-norm chain."""
+def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = None) -> nn.Module:
+    """Makes `block` run the fused chain of `template` (a PackedQKVTemplate, PostNormTemplate or
+    DecoderTemplate; in place; returns it); `windows` for a packed-qkv block with windowed
+    attention (Swin). Raises ValueError naming what does not fit: every linear must be an
+    activation-quantized QuantLinear (decoders also take W4A16), the attention module must expose
+    its head count and size, only the last linear may carry a lowered QwT, and lowered adapters
+    need the block's own adapters."""
     if isinstance(block, FUSED_BLOCK_TYPES):
         raise ValueError(f"{type(block).__name__} is already fused")
+    if windows is not None:
+        if not isinstance(template, PackedQKVTemplate):
+            raise ValueError(f"windowed attention needs a PackedQKVTemplate, got {type(template).__name__}")
+        windows.check()
     if template.activation not in ACTIVATIONS and not isinstance(template, DecoderTemplate):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
     post_norm, decoder = isinstance(template, PostNormTemplate), isinstance(template, DecoderTemplate)
@@ -529,7 +606,8 @@ def fuse_block(block: nn.Module, template) -> nn.Module:
             raise ValueError(f"activation {template.activation!r} does not fit MLP inputs {template.mlp_inputs}")
         return _swap_class(block, template)
     attention = block.get_submodule(template.attention)
-    heads, head_dim = attention_heads(attention)
+    heads, head_dim = (attention_heads(attention) if post_norm else
+                       packed_qkv_heads(attention, block.get_submodule(template.qkv)))
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise ValueError(f"{template.attention!r} ({type(attention).__name__}) has no int head count / head size")
     projections = (template.query, template.key, template.value) if post_norm else (template.qkv,)
@@ -538,7 +616,14 @@ def fuse_block(block: nn.Module, template) -> nn.Module:
         if block.get_submodule(name).out_features != width:
             raise ValueError(f"{name!r} does not produce {'' if post_norm else 'packed q, k, v for '}{heads} heads "
                              f"of {head_dim}")
-    return _swap_class(block, template)
+    _swap_class(block, template)
+    if windows is not None:
+        device = block.get_submodule(template.qkv).weight_scale.device
+        block._qla_window_grid, block._qla_window_tokens = tuple(windows.grid), windows.window_tokens
+        block.register_buffer("_qla_window_rows", windows.rows.to(device, torch.int32), persistent=False)
+        block.register_buffer("_qla_window_mask", None if windows.mask is None else windows.mask.to(device),
+                              persistent=False)
+    return block
 
 
 def _swap_class(block: nn.Module, template) -> nn.Module:
@@ -553,5 +638,8 @@ def unfuse_block(block: nn.Module) -> nn.Module:
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = block.__class__.__mro__[2]
     del block._qla_template
-    block.__dict__.pop("_qla_returns_tuple", None)
+    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens"):
+        block.__dict__.pop(name, None)
+    for name in ("_qla_window_rows", "_qla_window_mask"):
+        block._buffers.pop(name, None)
     return block

@@ -131,8 +131,13 @@ def test_blocks_that_do_not_fit_keep_their_quantlinears():
     backend: each is reported, and the model's output is unchanged."""
     x = torch.randn(2, 3, 32, 32)
     layer_scale = qk.quantize_(_vit(init_values=0.1), qk.W8A8())
+    with torch.no_grad():
+        expected = layer_scale(x)
     report = fuse_blocks(layer_scale, x)
     assert not report.fused and "ls1" in report.skipped["blocks.0"]
+    assert report.fused_mlps == ["blocks.0.mlp", "blocks.1.mlp"]  # the MLP alone: fc1 + GELU requantized, fc2
+    with torch.no_grad():
+        assert _relative_error(expected, layer_scale(x)) < 1e-5
     adapted = qk.quantize_(_vit(), qk.W8A8())
     qla.add_adapters(adapted, rank=4, example=x)
     report = fuse_blocks(adapted, x)
@@ -312,29 +317,57 @@ def test_decoder_block_runs_lowered_causal_qla_and_qwt(kind):
     assert torch.equal(tokens, uncached)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_swin_blocks_keep_their_attention_and_fuse_their_mlps(static, chain_calls):
-    """No block template fits Swin's windowed attention: each block says so, and its MLP alone is
-    fused (fc1 + GELU re-quantized in the epilogue, fc2), the rest running as before."""
+def _swin(**kwargs):
+    """Two stages: shifted and unshifted windows; a (72, 40) image pads its 18×10 and 9×5 grids to
+    whole windows of 4×4."""
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
-                              embed_dim=48).eval()
-    example = torch.randn(2, 3, 224, 224)
-    model = qk.quantize_(model, qk.W8A8())
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(72, 40), window_size=4,
+                             depths=(2, 2), num_heads=(2, 4), embed_dim=32, **kwargs).eval()
+
+
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_swin_blocks_run_windowed_attention_through_row_maps(config, static, chain_calls):
+    """Swin blocks fuse whole: the qkv GEMM gathers spatial rows into shifted-window order (padding
+    rows are the value zero), proj's epilogue scatters back and adds the spatial residual, and the
+    relative-position bias plus the shift mask reach the attention core."""
+    fp = _swin()
+    x = torch.randn(2, 3, 72, 40)
+    model = qk.quantize_(copy.deepcopy(fp), config)
     if static:
-        ptq.calibrate(model, [example], symmetric=False, progress=False)
+        ptq.calibrate(model, [x], symmetric=False, progress=False)
     with torch.no_grad():
-        expected = model(example)
-    report = fuse_blocks(model, example)
+        expected = model(x)
+    report = fuse_blocks(model, x)
     blocks = [name for name, _ in find_blocks(model)]
-    assert not report.fused and list(report.skipped) == blocks
-    assert all("windowed attention" in reason for reason in report.skipped.values())
-    assert report.fused_mlps == [f"{name}.mlp" for name in blocks]
+    assert report.fused == blocks and not report.skipped
+    shifted = model.get_submodule("layers.0.blocks.1")
+    assert shifted._qla_window_mask is not None and (shifted._qla_window_rows < 0).any()  # shift, padding
     chain_calls.clear()
     with torch.no_grad():
-        output = model(example)
-    assert chain_calls == ["gelu", "none"] * len(blocks)
+        output = model(x)
+    assert chain_calls == ["none", "none", "gelu", "none"] * len(blocks)
     assert _relative_error(expected, output) < 1e-5
+    other_grid = torch.randn(1, 8, 8, 32)
+    assert not shifted._fused_chain_applies(other_grid, (), {})  # its window order was read for 18×10 only
+
+
+def test_swin_fused_blocks_run_lowered_qla_and_qwt(chain_calls):
+    """Swin + QwT + QLA lowered: the spatial DW-separable adapter's T reaches proj's epilogue by
+    destination (spatial) row while the GEMM rows run in window order."""
+    fp = _swin()
+    x = torch.randn(2, 3, 72, 40)
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    _lowered_qwt_and_qla(fp, model, [torch.randn(4, 3, 72, 40) for _ in range(2)], x)
+    with torch.no_grad():
+        expected = model(x)
+    report = fuse_blocks(model, x)
+    assert len(report.fused) == 4 and not report.skipped
+    chain_calls.clear()
+    with torch.no_grad():
+        fused = model(x)
+    assert chain_calls == ["none", "none", "gelu", "none"] * 4
+    assert _relative_error(expected, fused) < 1e-4
 
 
 def test_fused_model_keeps_names_checkpoints_and_falls_back_when_training(tmp_path, chain_calls):
@@ -428,17 +461,13 @@ def test_converted_models_on_triton_agree_with_reference(kind):
     from qla_kernels.methods.batches import model_output, run_model
 
     if kind == "swin":
-        torch.manual_seed(0)
-        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2),
-                                  num_heads=(3, 6), embed_dim=48, img_size=32, window_size=4).eval()
-        batch = torch.randn(1, 3, 32, 32)
+        model, batch = _swin(), torch.randn(1, 3, 72, 40)
     elif kind == "bert":
         model, batch = _encoder("bert")
     else:
         model, batch = _decoder(kind)
     model = qk.quantize_(model, qk.W8A8())
-    report = fuse_blocks(model, batch)
-    assert report.fused or report.fused_mlps
+    assert fuse_blocks(model, batch).fused
     with torch.no_grad():
         reference = model_output(run_model(model, batch)).float()
         with qk.use_backend("triton"):

@@ -71,16 +71,35 @@ def test_fused_post_norm_block_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(x, mask), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_mlp_compiles_without_graph_breaks():
+def test_fused_windowed_block_compiles_without_graph_breaks():
+    """Swin: window row maps, the relative-position bias + shift mask and the scatter back to
+    spatial rows in one graph."""
     timm = pytest.importorskip("timm")
     from qla_kernels.models import fuse_blocks
 
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
-                              embed_dim=48).eval()
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(72, 40), window_size=4,
+                              depths=(2,), num_heads=(2,), embed_dim=32).eval()
     model = qk.quantize_(model, qk.W8A8())
-    assert fuse_blocks(model, torch.randn(1, 3, 224, 224)).fused_mlps
-    mlp, h = model.layers[0].blocks[0].mlp, torch.randn(2, 49, 48)
+    assert len(fuse_blocks(model, torch.randn(1, 3, 72, 40)).fused) == 2
+    block, x = model.layers[0].blocks[1], torch.randn(2, 18, 10, 32)  # shifted, padded windows
+    with torch.no_grad():
+        expected = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_mlp_compiles_without_graph_breaks():
+    """A block no template fits (LayerScale on its branches) still fuses its MLP."""
+    timm = pytest.importorskip("timm")
+    from qla_kernels.models import fuse_blocks
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              init_values=0.1).eval()
+    model = qk.quantize_(model, qk.W8A8())
+    assert fuse_blocks(model, torch.randn(1, 3, 32, 32)).fused_mlps
+    mlp, h = model.blocks[0].mlp, torch.randn(2, 17, 192)
     with torch.no_grad():
         expected = mlp(h)
         compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
