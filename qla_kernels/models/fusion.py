@@ -29,8 +29,10 @@ from ..nn.fused_block import (
     PackedQKVTemplate,
     PostNormTemplate,
     WindowLayout,
+    check_packable,
     fuse_block,
     fuse_mlp,
+    same_input_quantization,
     unfuse_block,
 )
 from ..ops.dispatch import use_backend
@@ -117,20 +119,20 @@ def _post_norm_template(block: nn.Module, facts: BlockFacts) -> PostNormTemplate
         if next(child.parameters(recurse=False), None) is not None:
             raise ValueError(f"{name!r} ({type(child).__name__}) has weights the fused chain would skip")
     layers = [block.get_submodule(name) for name in facts.attention_inputs]
-    shared = all(_same_input_quantization(layers[0], other) for other in layers[1:])
+    shared = all(same_input_quantization(layers[0], other) for other in layers[1:])
     return PostNormTemplate(attention, query, key, value, facts.attention_output, facts.mlp_norm, fc1,
                             facts.mlp_output, facts.output_norm, activation, shared)
 
 
-def _same_input_quantization(first: nn.Module, second: nn.Module) -> bool:
-    """Two QuantLinears reading the same tensor quantize it identically (dynamic, or equal static
-    scale and zero point at equal bits): then one pre-kernel serves both."""
-    if getattr(first, "config", None) is None or getattr(second, "config", None) is None:
-        return False
-    if first.config.act_bits != second.config.act_bits:
-        return False
-    pairs = ((first.input_scale, second.input_scale), (first.input_zero_point, second.input_zero_point))
-    return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
+def _packable_attention_inputs(block: nn.Module, names: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Separate attention input projections (LLaMA's q/k/v) that can run as one packed GEMM, or ()."""
+    if len(names) < 2:
+        return ()
+    try:
+        check_packable([block.get_submodule(name) for name in names])
+    except ValueError:
+        return ()
+    return names
 
 
 def template_for(block: nn.Module, facts: BlockFacts):
@@ -159,7 +161,8 @@ def template_for(block: nn.Module, facts: BlockFacts):
             activation = "swiglu"
         inputs = [block.get_submodule(name) for name in facts.mlp_inputs]
         return DecoderTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
-                               activation, all(_same_input_quantization(inputs[0], other) for other in inputs[1:]))
+                               activation, all(same_input_quantization(inputs[0], other) for other in inputs[1:]),
+                               _packable_attention_inputs(block, facts.attention_inputs))
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")
     if len(facts.attention_inputs) != 1:
@@ -272,8 +275,13 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
         unfuse_block(block)
         return "a module the fused chain bypasses carries hooks (observers), or the backend is 'simulate'"
     block._qla_returns_tuple = returns_tuple
-    fused = block(x, *args, **kwargs)
-    restore_adapters()
+    try:
+        fused = block(x, *args, **kwargs)
+    except RuntimeError as reason:  # e.g. an attention module that does not call packed q/k/v as assumed
+        unfuse_block(block)
+        return f"the fused chain fails on this block: {reason}"
+    finally:
+        restore_adapters()
     error = _relative_error(expected, fused[0] if isinstance(fused, tuple) else fused)
     if error > MATCH_TOLERANCE:
         unfuse_block(block)

@@ -128,10 +128,14 @@ class DecoderTemplate:
     mlp_output: str
     activation: str  # one of ACTIVATIONS, or "swiglu" for (gate, up): silu(gate(x)) * up(x)
     shared_mlp_input: bool = True  # gate and up quantize their input alike: one pre-kernel serves both
+    # Separate attention input projections (LLaMA's q/k/v) run as one packed GEMM whose slices are
+    # handed over to them (empty: the attention module runs its own).
+    packed_attention_inputs: Tuple[str, ...] = ()
 
     def bypassed(self) -> Tuple[str, ...]:
         mlp = self.mlp_output.rpartition(".")[0]
-        return (self.norm1, self.norm2, *((mlp,) if mlp else ()), *self.mlp_inputs, self.mlp_output)
+        return (self.norm1, self.norm2, *((mlp,) if mlp else ()), *self.mlp_inputs, self.mlp_output,
+                *self.packed_attention_inputs)
 
     def linears(self) -> Tuple[str, ...]:
         return (*self.mlp_inputs, self.mlp_output)
@@ -459,11 +463,21 @@ class FusedDecoderBlock(nn.Module):
         part = self.get_submodule
         batch, tokens, width = x.shape
         rows = x.reshape(batch * tokens, width).contiguous()
-        normed = _normalize(rows, part(t.norm1))[0].reshape(batch, tokens, width)
+        normed_rows = _normalize(rows, part(t.norm1))[0]
+        normed = normed_rows.reshape(batch, tokens, width)
         proj = part(t.attention_output)
         if getattr(proj, "lowered_adapter", None) is not None:  # what the norm1 hook would have prepared
             proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
-        attention = part(t.attention)(normed, **named)
+        if t.packed_attention_inputs:
+            self._hand_over_attention_inputs(normed_rows)
+        try:
+            attention = part(t.attention)(normed, **named)
+        finally:  # an output not taken must not answer a later call
+            untaken = [name for name in t.packed_attention_inputs if part(name)._handed_over is not None]
+            for name in untaken:
+                part(name)._handed_over = None
+        if untaken:
+            raise RuntimeError(f"{t.attention!r} did not call {untaken} on its input")
         x1 = (x + attention[0]).reshape(batch * tokens, width).contiguous()
 
         inputs, fc2 = [part(name) for name in t.mlp_inputs], part(t.mlp_output)
@@ -493,6 +507,57 @@ class FusedDecoderBlock(nn.Module):
                 out = fused_linear(q, scale, fc2.quantized_weight(), a_zero_point=zero, bias=fc2.bias, residual=x1,
                                    out_dtype=x.dtype, **segments)
         return out.reshape(batch, tokens, width)
+
+    def _hand_over_attention_inputs(self, normed_rows: torch.Tensor) -> None:
+        """One pre-kernel and one GEMM for the packed attention input projections; each layer
+        returns its column slice when the attention module calls it."""
+        layers = [self.get_submodule(name) for name in self._qla_template.packed_attention_inputs]
+        weight, bias = self._qla_packed_weight, self._qla_packed_bias
+        if layers[0].config.act_bits is None:
+            packed = fused_linear(normed_rows, None, weight, bias=bias, out_dtype=normed_rows.dtype)
+        else:
+            q, scale, zero, _ = _quantize_input(normed_rows, layers[0])
+            packed = fused_linear(q, scale, weight, a_zero_point=zero, bias=bias, out_dtype=normed_rows.dtype)
+        for layer, output in zip(layers, packed.split([layer.out_features for layer in layers], dim=1)):
+            layer.hand_over(output)
+
+    def _pack_attention_inputs(self) -> None:
+        """Concatenates the packed projections' quantized weights (and biases) along the output
+        features and makes each layer's tensors views into them, so the packed GEMM costs no extra
+        memory and in-place updates of a layer (load_state_dict) reach it. Module moves and casts
+        (`_apply`) pack again."""
+        layers = [self.get_submodule(name) for name in self._qla_template.packed_attention_inputs]
+        weights = [layer.quantized_weight() for layer in layers]
+
+        def joined(field: str) -> Optional[torch.Tensor]:
+            parts = [getattr(w, field) for w in weights]
+            return None if parts[0] is None else torch.cat(parts)
+
+        self._qla_packed_weight = dataclasses.replace(
+            weights[0], data=joined("data"), scale=joined("scale"), group_scale=joined("group_scale"),
+            zero=joined("zero"), colsum=joined("colsum"))
+        biases = [layer.bias for layer in layers]
+        self._qla_packed_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        start = 0
+        for layer in layers:
+            rows = slice(start, start + layer.out_features)
+            for buffer, field in _QUANTIZED_WEIGHT_BUFFERS:
+                if layer._buffers.get(buffer) is not None:
+                    layer._buffers[buffer] = getattr(self._qla_packed_weight, field)[rows]
+            if self._qla_packed_bias is not None:
+                layer.bias = nn.Parameter(self._qla_packed_bias[rows], requires_grad=False)
+            start = rows.stop
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._qla_template.packed_attention_inputs:
+            self._pack_attention_inputs()
+        return self
+
+
+# QuantLinear buffer → QuantizedWeight field, for the tensors a packed projection concatenates.
+_QUANTIZED_WEIGHT_BUFFERS = (("weight", "data"), ("weight_scale", "scale"), ("weight_group_scale", "group_scale"),
+                             ("weight_zero", "zero"), ("weight_colsum", "colsum"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -604,7 +669,11 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
         if template.activation not in ACTIVATIONS + ("swiglu",) or (template.activation == "swiglu") != (
                 len(template.mlp_inputs) == 2):
             raise ValueError(f"activation {template.activation!r} does not fit MLP inputs {template.mlp_inputs}")
-        return _swap_class(block, template)
+        check_packable([block.get_submodule(name) for name in template.packed_attention_inputs])
+        _swap_class(block, template)
+        if template.packed_attention_inputs:
+            block._pack_attention_inputs()
+        return block
     attention = block.get_submodule(template.attention)
     heads, head_dim = (attention_heads(attention) if post_norm else
                        packed_qkv_heads(attention, block.get_submodule(template.qkv)))
@@ -626,6 +695,35 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
     return block
 
 
+def check_packable(layers: list) -> None:
+    """ValueError unless `layers` can run as one GEMM on one input quantization: QuantLinears of one
+    config and width, quantizing their input alike, all with or all without bias, none carrying
+    a lowered correction."""
+    if not layers:
+        return
+    first = layers[0]
+    for layer in layers:
+        if not isinstance(layer, QuantLinear) or layer.config != first.config or layer.in_features != first.in_features:
+            raise ValueError("packed projections must be QuantLinears of one config and input width")
+        if (layer.bias is None) != (first.bias is None):
+            raise ValueError("packed projections must all have a bias or none")
+        if getattr(layer, "lowered_qwt", None) is not None or getattr(layer, "lowered_adapter", None) is not None:
+            raise ValueError("packed projections cannot carry lowered corrections")
+        if not same_input_quantization(first, layer):
+            raise ValueError("packed projections must quantize their input alike")
+
+
+def same_input_quantization(first: nn.Module, second: nn.Module) -> bool:
+    """Two QuantLinears reading the same tensor quantize it identically (dynamic, or equal static
+    scale and zero point at equal bits): then one pre-kernel serves both."""
+    if getattr(first, "config", None) is None or getattr(second, "config", None) is None:
+        return False
+    if first.config.act_bits != second.config.act_bits:
+        return False
+    pairs = ((first.input_scale, second.input_scale), (first.input_zero_point, second.input_zero_point))
+    return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
+
+
 def _swap_class(block: nn.Module, template) -> nn.Module:
     block.__class__ = _fused_class(type(block), _FUSED_MIXINS[type(template)])
     block._qla_template = template
@@ -638,7 +736,8 @@ def unfuse_block(block: nn.Module) -> nn.Module:
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = block.__class__.__mro__[2]
     del block._qla_template
-    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens"):
+    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed_weight",
+                 "_qla_packed_bias"):
         block.__dict__.pop(name, None)
     for name in ("_qla_window_rows", "_qla_window_mask"):
         block._buffers.pop(name, None)

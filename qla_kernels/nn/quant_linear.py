@@ -137,6 +137,13 @@ class QuantLinear(nn.Module):
             raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} input features, expected in_features={self.in_features}")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
+        handed_over = self._handed_over
+        if handed_over is not None:
+            self._handed_over = None
+            if handed_over.shape[0] * self.in_features != x.numel():
+                raise RuntimeError(f"the output handed over has {handed_over.shape[0]} rows; this call has "
+                                   f"{x.numel() // self.in_features}")
+            return handed_over.reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).contiguous()
         segments = self.lowered_segments(x.dtype)
         y = ops.quantized_linear(
@@ -144,6 +151,14 @@ class QuantLinear(nn.Module):
             static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias, **segments,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    _handed_over: Optional[torch.Tensor] = None
+
+    def hand_over(self, y: torch.Tensor) -> None:
+        """Makes the next call return y [rows, out_features] instead of running its GEMM: a fused
+        block computed it in one packed GEMM with its siblings (LLaMA's q/k/v), while the model's
+        own attention code still calls this layer."""
+        self._handed_over = y
 
     def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
                          lowrank_u: Optional[torch.Tensor] = None, qwt_t: Optional[torch.Tensor] = None) -> dict:

@@ -286,10 +286,64 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
     chain_calls.clear()
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
-    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "none", "none"]}[kind]
+    # LLaMA: q/k/v as one packed GEMM handed over to the attention module, then gate, up, down.
+    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none"] * 4}[kind]
     assert chain_calls == per_block * 2
     assert _relative_error(expected, fused) < 1e-5
     assert torch.equal(_greedy(model, prompt), expected_tokens)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_llama_packed_qkv_shares_storage_and_follows_the_layers(static, chain_calls):
+    """The packed q/k/v weight is the layers' own memory: q/k/v tensors are views into it, so a
+    state-dict load into the fused model reaches the packed GEMM; casts and moves pack again
+    (scales stay fp32); q/k/v that quantize their input differently are not packed."""
+    from qla_kernels.methods.batches import model_output, run_model
+
+    def quantized():
+        model, batch = _decoder("llama")
+        model = qk.quantize_(model, qk.W8A8())
+        if static:  # one static input quantization for q, k and v (calibration may pick slightly different ones)
+            ptq.calibrate(model, [batch], symmetric=False, progress=False)
+            for block in model.model.layers:
+                query = block.self_attn.q_proj
+                for layer in (block.self_attn.k_proj, block.self_attn.v_proj):
+                    layer.set_static_activation(query.input_scale, query.input_zero_point)
+        return model, batch
+
+    (model, batch), (other, _) = quantized(), quantized()
+    fuse_blocks(model, batch)
+    attention = model.model.layers[0].self_attn
+    packed = model.model.layers[0]._qla_packed_weight
+    assert model.model.layers[0]._qla_template.packed_attention_inputs == (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
+    assert (packed.colsum is not None) == static
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in other.modules():
+            if isinstance(layer, qk.QuantLinear):
+                layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8))
+                if layer.weight_colsum is not None:
+                    layer.weight_colsum.copy_(layer.weight.sum(dim=1, dtype=torch.int32))
+        expected = model_output(run_model(other, batch))
+        model.load_state_dict(other.state_dict())
+        assert _relative_error(expected, model_output(run_model(model, batch))) < 1e-5
+        model.half()
+        packed = model.model.layers[0]._qla_packed_weight
+        assert packed.scale.dtype == torch.float32 and attention.q_proj.weight_scale.dtype == torch.float32
+        assert attention.v_proj.weight.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
+        model.float()
+        expected = model_output(run_model(other.half().float(), batch))
+        chain_calls.clear()
+        assert _relative_error(expected, model_output(run_model(model, batch))) < 1e-5
+        assert chain_calls == ["none"] * 8
+    if static:  # k_proj quantizing its input its own way: the attention runs its projections
+        unpacked, _ = quantized()
+        for block in unpacked.model.layers:
+            block.self_attn.k_proj.set_static_activation(block.self_attn.k_proj.input_scale * 2)
+        assert len(fuse_blocks(unpacked, batch).fused) == 2
+        assert not unpacked.model.layers[0]._qla_template.packed_attention_inputs
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
