@@ -32,7 +32,6 @@ from ..nn.fused_block import (
     check_packable,
     fuse_block,
     fuse_mlp,
-    same_input_quantization,
     unfuse_block,
 )
 from ..ops.dispatch import use_backend
@@ -118,14 +117,14 @@ def _post_norm_template(block: nn.Module, facts: BlockFacts) -> PostNormTemplate
             raise ValueError(f"{name!r}: QLA adapters run in the fused chain once lowered (methods.qla.fuse)")
         if next(child.parameters(recurse=False), None) is not None:
             raise ValueError(f"{name!r} ({type(child).__name__}) has weights the fused chain would skip")
-    layers = [block.get_submodule(name) for name in facts.attention_inputs]
-    shared = all(same_input_quantization(layers[0], other) for other in layers[1:])
     return PostNormTemplate(attention, query, key, value, facts.attention_output, facts.mlp_norm, fc1,
-                            facts.mlp_output, facts.output_norm, activation, shared)
+                            facts.mlp_output, facts.output_norm, activation,
+                            bool(_packable(block, facts.attention_inputs)))
 
 
-def _packable_attention_inputs(block: nn.Module, names: Tuple[str, ...]) -> Tuple[str, ...]:
-    """Separate attention input projections (LLaMA's q/k/v) that can run as one packed GEMM, or ()."""
+def _packable(block: nn.Module, names: Tuple[str, ...]) -> Tuple[str, ...]:
+    """`names` when they are separate projections of one input that can run as one packed GEMM
+    (LLaMA's q/k/v, SwiGLU's gate and up), else ()."""
     if len(names) < 2:
         return ()
     try:
@@ -159,10 +158,9 @@ def template_for(block: nn.Module, facts: BlockFacts):
             if activation != "silu":
                 raise ValueError(f"a two-input MLP with a {activation} activation has no fused template")
             activation = "swiglu"
-        inputs = [block.get_submodule(name) for name in facts.mlp_inputs]
         return DecoderTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
-                               activation, all(same_input_quantization(inputs[0], other) for other in inputs[1:]),
-                               _packable_attention_inputs(block, facts.attention_inputs))
+                               activation, activation == "swiglu" and bool(_packable(block, facts.mlp_inputs)),
+                               _packable(block, facts.attention_inputs))
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")
     if len(facts.attention_inputs) != 1:

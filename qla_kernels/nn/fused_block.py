@@ -106,7 +106,7 @@ class PostNormTemplate:
     fc2: str
     norm2: str  # after the MLP residual add; its output is the block's
     activation: str
-    shared_qkv_input: bool  # query/key/value quantize their input the same way: one pre-kernel serves all
+    packed_qkv: bool  # query/key/value run as one GEMM from one pre-kernel (else three of each)
 
     def bypassed(self) -> Tuple[str, ...]:
         return (self.attention, self.query, self.key, self.value, self.proj, self.norm1, self.fc1, self.fc2,
@@ -114,6 +114,9 @@ class PostNormTemplate:
 
     def linears(self) -> Tuple[str, ...]:
         return (self.query, self.key, self.value, self.proj, self.fc1, self.fc2)
+
+    def packed_groups(self) -> Tuple[Tuple[str, ...], ...]:
+        return ((self.query, self.key, self.value),) if self.packed_qkv else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,8 @@ class DecoderTemplate:
     mlp_inputs: Tuple[str, ...]  # (fc1,) or (gate, up)
     mlp_output: str
     activation: str  # one of ACTIVATIONS, or "swiglu" for (gate, up): silu(gate(x)) * up(x)
-    shared_mlp_input: bool = True  # gate and up quantize their input alike: one pre-kernel serves both
+    # SwiGLU's gate and up run as one packed GEMM with the silu(gate)·up epilogue (else two GEMMs).
+    packed_mlp_inputs: bool = False
     # Separate attention input projections (LLaMA's q/k/v) run as one packed GEMM whose slices are
     # handed over to them (empty: the attention module runs its own).
     packed_attention_inputs: Tuple[str, ...] = ()
@@ -139,6 +143,10 @@ class DecoderTemplate:
 
     def linears(self) -> Tuple[str, ...]:
         return (*self.mlp_inputs, self.mlp_output)
+
+    def packed_groups(self) -> Tuple[Tuple[str, ...], ...]:
+        return tuple(names for names in (self.packed_attention_inputs,
+                                         self.mlp_inputs if self.packed_mlp_inputs else ()) if names)
 
 
 def attention_heads(attention: nn.Module) -> Tuple[Optional[int], Optional[int]]:
@@ -190,23 +198,30 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
     return q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
-def _mlp(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], fc1: QuantLinear, fc2: QuantLinear,
-         activation: str, residual: Optional[torch.Tensor], fc2_segments: dict,
+def _mlp(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], fc1: Tuple,
+         fc2: QuantLinear, activation: str, residual: Optional[torch.Tensor], fc2_segments: dict,
          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """fc1 (+ bias + activation) on quantized input, then fc2 + bias + low-rank segments (+ residual),
-    in `dtype` (the residual's by default). With dynamic scales for fc2, fc1's epilogue
-    re-quantizes per token: no fp round trip."""
+    """fc1 = (QuantizedWeight, bias) + activation on its input (int8 codes, or activations for
+    W4A16), then fc2 + bias + low-rank segments (+ residual), in `dtype` (the residual's by
+    default). With dynamic scales for fc2, fc1's epilogue re-quantizes per token: no fp round trip."""
     dtype = dtype or residual.dtype
-    if fc2.input_scale is None:
-        hidden_q, hidden_scale = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
-                                              activation=activation, out_dtype=dtype, requant_bits=fc2.config.act_bits)
+    weight, bias = fc1
+    if fc2.config.act_bits is None:  # W4A16: fc2 reads fc1's output as it is
+        hidden = fused_linear(a, scale, weight, a_zero_point=zero, bias=bias, activation=activation, out_dtype=dtype)
+        hidden_q, hidden_scale, hidden_zero = hidden, None, None
+    elif fc2.input_scale is None:
+        hidden_q, hidden_scale = fused_linear(a, scale, weight, a_zero_point=zero, bias=bias, activation=activation,
+                                              out_dtype=dtype, requant_bits=fc2.config.act_bits)
         hidden_zero = None
     else:
-        hidden = fused_linear(q, scale, fc1.quantized_weight(), a_zero_point=zero, bias=fc1.bias,
-                              activation=activation, out_dtype=dtype)
+        hidden = fused_linear(a, scale, weight, a_zero_point=zero, bias=bias, activation=activation, out_dtype=dtype)
         hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
     return fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
                         residual=residual, out_dtype=dtype, **fc2_segments)
+
+
+def _weight_and_bias(layer: QuantLinear) -> Tuple:
+    return layer.quantized_weight(), layer.bias
 
 
 def _adapter_up(layer: QuantLinear) -> Optional[torch.Tensor]:
@@ -315,11 +330,28 @@ class FusedPackedQKVBlock(nn.Module):
         q, scale, zero, lora_t = _quantize_input(x1, fc1, part(t.norm2), down)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2),
                                         qwt_t if qwt_down is not None else None)
-        out = _mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments)
+        out = _mlp(q, scale, zero, _weight_and_bias(fc1), fc2, t.activation, x1, segments)
         return out.reshape(x.shape)
 
 
-class FusedPostNormBlock(nn.Module):
+class _PackedGroups(nn.Module):
+    """Fused blocks whose template runs groups of layers as one GEMM (`template.packed_groups()`:
+    BERT's or LLaMA's q/k/v, SwiGLU's gate and up). Each group's quantized weights (and biases)
+    are concatenated along the output features and each layer's tensors made views into them, so
+    a packed GEMM costs no memory and in-place updates of a layer (load_state_dict) reach it.
+    Module moves and casts (`_apply`) pack again."""
+
+    def _pack(self) -> None:
+        self._qla_packed = {names: _pack_layers([self.get_submodule(name) for name in names])
+                            for names in self._qla_template.packed_groups()}
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+
+class FusedPostNormBlock(_PackedGroups):
     """Mixin placed before a post-norm block's own class by `fuse_block`:
 
     pre1 : x → int8 (one pre-kernel when query/key/value quantize alike)     quantize_activation
@@ -367,15 +399,19 @@ class FusedPostNormBlock(nn.Module):
         rows = x.reshape(batch * tokens, width).contiguous()
         attention = part(t.attention)
         heads, head_dim = attention_heads(attention)
-        projected, quantized = [], None
-        for name in (t.query, t.key, t.value):
-            layer = part(name)
-            if quantized is None or not t.shared_qkv_input:
-                quantized = _quantize_input(rows, layer)[:3]
-            q, scale, zero = quantized
-            out = fused_linear(q, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
-                               out_dtype=x.dtype)
-            projected.append(out.reshape(batch, tokens, heads, head_dim).transpose(1, 2))
+        layers = [part(name) for name in (t.query, t.key, t.value)]
+        if t.packed_qkv:
+            q, scale, zero, _ = _quantize_input(rows, layers[0])
+            weight, bias = self._qla_packed[t.packed_groups()[0]]
+            packed = fused_linear(q, scale, weight, a_zero_point=zero, bias=bias, out_dtype=x.dtype)
+            outputs = packed.split([layer.out_features for layer in layers], dim=1)
+        else:
+            outputs = []
+            for layer in layers:
+                q, scale, zero, _ = _quantize_input(rows, layer)
+                outputs.append(fused_linear(q, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
+                                            out_dtype=x.dtype))
+        projected = [out.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for out in outputs]
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
         context = F.scaled_dot_product_attention(*projected, attn_mask=mask, scale=getattr(attention, "scaling", None))
@@ -391,7 +427,8 @@ class FusedPostNormBlock(nn.Module):
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
         q, scale, zero, lora_t = _quantize_input(x1, fc1, down_proj=down)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
-        out, _ = _normalize(_mlp(q, scale, zero, fc1, fc2, t.activation, x1, segments), part(t.norm2))
+        out, _ = _normalize(_mlp(q, scale, zero, _weight_and_bias(fc1), fc2, t.activation, x1, segments),
+                            part(t.norm2))
         out = out.reshape(batch, tokens, width)
         return (out,) if self._qla_returns_tuple else out
 
@@ -403,7 +440,7 @@ def _normalize(rows: torch.Tensor, norm: nn.Module,
                                 down_proj=down_proj)
 
 
-class FusedDecoderBlock(nn.Module):
+class FusedDecoderBlock(_PackedGroups):
     """Mixin placed before a decoder block's own class by `fuse_block`. The attention module runs
     as the model's (its QuantLinears one by one; the arguments the block received are passed on by
     name, so the KV cache, rotary embeddings and masks are the model's); around it:
@@ -421,7 +458,7 @@ class FusedDecoderBlock(nn.Module):
     def _named_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[dict]:
         """The call's arguments besides the hidden states, by name, as the block's own forward
         would see them (None when they do not bind)."""
-        signature = _forward_signature(type(self).__mro__[2])
+        signature = _forward_signature(_original_class(self))
         try:
             bound = signature.bind(self, x, *args, **kwargs)
         except TypeError:
@@ -489,21 +526,20 @@ class FusedDecoderBlock(nn.Module):
             operands = [(normed2, None, None)] * len(inputs)
         else:
             q, scale, zero, lora_t = _quantize_input(x1, inputs[0], norm2, down)
-            operands = [(q, scale, zero)] + [(q, scale, zero) if t.shared_mlp_input else
-                                             _quantize_input(x1, layer, norm2)[:3] for layer in inputs[1:]]
+            operands = [(q, scale, zero)] + [_quantize_input(x1, layer, norm2)[:3] for layer in inputs[1:]]
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
-        if t.activation != "swiglu" and fc2.config.act_bits is not None:
-            out = _mlp(*operands[0], inputs[0], fc2, t.activation, x1, segments)
-        else:
-            outputs = [fused_linear(a, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
-                                    activation="none" if t.activation == "swiglu" else t.activation, out_dtype=x.dtype)
-                       for (a, scale, zero), layer in zip(operands, inputs)]
-            hidden = F.silu(outputs[0]) * outputs[1] if t.activation == "swiglu" else outputs[0]
+        if len(inputs) == 1 or t.packed_mlp_inputs:
+            fc1 = _weight_and_bias(inputs[0]) if len(inputs) == 1 else self._qla_packed[t.mlp_inputs]
+            out = _mlp(*operands[0], fc1, fc2, t.activation, x1, segments)
+        else:  # gate and up quantized or stored differently: two GEMMs
+            gate, up = [fused_linear(a, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
+                                     out_dtype=x.dtype) for (a, scale, zero), layer in zip(operands, inputs)]
+            hidden = (F.silu(gate) * up).contiguous()
             if fc2.config.act_bits is None:
                 out = fused_linear(hidden, None, fc2.quantized_weight(), bias=fc2.bias, residual=x1,
                                    out_dtype=x.dtype, **segments)
             else:
-                q, scale, zero, _ = _quantize_input(hidden.contiguous(), fc2)
+                q, scale, zero, _ = _quantize_input(hidden, fc2)
                 out = fused_linear(q, scale, fc2.quantized_weight(), a_zero_point=zero, bias=fc2.bias, residual=x1,
                                    out_dtype=x.dtype, **segments)
         return out.reshape(batch, tokens, width)
@@ -511,8 +547,9 @@ class FusedDecoderBlock(nn.Module):
     def _hand_over_attention_inputs(self, normed_rows: torch.Tensor) -> None:
         """One pre-kernel and one GEMM for the packed attention input projections; each layer
         returns its column slice when the attention module calls it."""
-        layers = [self.get_submodule(name) for name in self._qla_template.packed_attention_inputs]
-        weight, bias = self._qla_packed_weight, self._qla_packed_bias
+        names = self._qla_template.packed_attention_inputs
+        layers = [self.get_submodule(name) for name in names]
+        weight, bias = self._qla_packed[names]
         if layers[0].config.act_bits is None:
             packed = fused_linear(normed_rows, None, weight, bias=bias, out_dtype=normed_rows.dtype)
         else:
@@ -521,38 +558,29 @@ class FusedDecoderBlock(nn.Module):
         for layer, output in zip(layers, packed.split([layer.out_features for layer in layers], dim=1)):
             layer.hand_over(output)
 
-    def _pack_attention_inputs(self) -> None:
-        """Concatenates the packed projections' quantized weights (and biases) along the output
-        features and makes each layer's tensors views into them, so the packed GEMM costs no extra
-        memory and in-place updates of a layer (load_state_dict) reach it. Module moves and casts
-        (`_apply`) pack again."""
-        layers = [self.get_submodule(name) for name in self._qla_template.packed_attention_inputs]
-        weights = [layer.quantized_weight() for layer in layers]
 
-        def joined(field: str) -> Optional[torch.Tensor]:
-            parts = [getattr(w, field) for w in weights]
-            return None if parts[0] is None else torch.cat(parts)
+def _pack_layers(layers: list) -> Tuple:
+    """(QuantizedWeight, bias) of `layers` concatenated along the output features; each layer's
+    weight tensors and bias become views into them."""
+    weights = [layer.quantized_weight() for layer in layers]
 
-        self._qla_packed_weight = dataclasses.replace(
-            weights[0], data=joined("data"), scale=joined("scale"), group_scale=joined("group_scale"),
-            zero=joined("zero"), colsum=joined("colsum"))
-        biases = [layer.bias for layer in layers]
-        self._qla_packed_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        start = 0
-        for layer in layers:
-            rows = slice(start, start + layer.out_features)
-            for buffer, field in _QUANTIZED_WEIGHT_BUFFERS:
-                if layer._buffers.get(buffer) is not None:
-                    layer._buffers[buffer] = getattr(self._qla_packed_weight, field)[rows]
-            if self._qla_packed_bias is not None:
-                layer.bias = nn.Parameter(self._qla_packed_bias[rows], requires_grad=False)
-            start = rows.stop
+    def joined(field: str) -> Optional[torch.Tensor]:
+        parts = [getattr(w, field) for w in weights]
+        return None if parts[0] is None else torch.cat(parts)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self._qla_template.packed_attention_inputs:
-            self._pack_attention_inputs()
-        return self
+    packed = dataclasses.replace(weights[0], data=joined("data"), scale=joined("scale"),
+                                 group_scale=joined("group_scale"), zero=joined("zero"), colsum=joined("colsum"))
+    bias = None if layers[0].bias is None else torch.cat([layer.bias.detach() for layer in layers])
+    start = 0
+    for layer in layers:
+        rows = slice(start, start + layer.out_features)
+        for buffer, field in _QUANTIZED_WEIGHT_BUFFERS:
+            if layer._buffers.get(buffer) is not None:
+                layer._buffers[buffer] = getattr(packed, field)[rows]
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start = rows.stop
+    return packed, bias
 
 
 # QuantLinear buffer → QuantizedWeight field, for the tensors a packed projection concatenates.
@@ -596,7 +624,8 @@ class FusedMLP(nn.Module):
         fc1, fc2 = self.get_submodule(t.fc1), self.get_submodule(t.fc2)
         rows = h.reshape(-1, h.shape[-1]).contiguous()
         q, scale, zero, _ = _quantize_input(rows, fc1)
-        out = _mlp(q, scale, zero, fc1, fc2, t.activation, None, fc2.lowered_segments(h.dtype), h.dtype)
+        out = _mlp(q, scale, zero, _weight_and_bias(fc1), fc2, t.activation, None, fc2.lowered_segments(h.dtype),
+                   h.dtype)
         return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
@@ -625,6 +654,11 @@ def _forward_signature(block_class: type) -> inspect.Signature:
 _FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock,
                  DecoderTemplate: FusedDecoderBlock, MLPTemplate: FusedMLP}
 FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedDecoderBlock)
+
+
+def _original_class(block: nn.Module) -> type:
+    """The class a fused block had before `fuse_block` put its mixin in front of it."""
+    return type(block).__bases__[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -670,15 +704,20 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
                 len(template.mlp_inputs) == 2):
             raise ValueError(f"activation {template.activation!r} does not fit MLP inputs {template.mlp_inputs}")
         check_packable([block.get_submodule(name) for name in template.packed_attention_inputs])
+        if template.packed_mlp_inputs:
+            if template.activation != "swiglu":
+                raise ValueError("only SwiGLU's gate and up run as one packed GEMM")
+            check_packable([block.get_submodule(name) for name in template.mlp_inputs])
         _swap_class(block, template)
-        if template.packed_attention_inputs:
-            block._pack_attention_inputs()
+        block._pack()
         return block
     attention = block.get_submodule(template.attention)
     heads, head_dim = (attention_heads(attention) if post_norm else
                        packed_qkv_heads(attention, block.get_submodule(template.qkv)))
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise ValueError(f"{template.attention!r} ({type(attention).__name__}) has no int head count / head size")
+    if post_norm and template.packed_qkv:
+        check_packable([block.get_submodule(name) for name in template.packed_groups()[0]])
     projections = (template.query, template.key, template.value) if post_norm else (template.qkv,)
     width = heads * head_dim * (1 if post_norm else 3)
     for name in projections:
@@ -686,6 +725,8 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
             raise ValueError(f"{name!r} does not produce {'' if post_norm else 'packed q, k, v for '}{heads} heads "
                              f"of {head_dim}")
     _swap_class(block, template)
+    if post_norm:
+        block._pack()
     if windows is not None:
         device = block.get_submodule(template.qkv).weight_scale.device
         block._qla_window_grid, block._qla_window_tokens = tuple(windows.grid), windows.window_tokens
@@ -734,10 +775,9 @@ def unfuse_block(block: nn.Module) -> nn.Module:
     """Restores the block's (or fused MLP's) original class (in place; returns it)."""
     if not isinstance(block, FUSED_BLOCK_TYPES + (FusedMLP,)):
         raise ValueError(f"{type(block).__name__} is not a fused block")
-    block.__class__ = block.__class__.__mro__[2]
+    block.__class__ = _original_class(block)
     del block._qla_template
-    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed_weight",
-                 "_qla_packed_bias"):
+    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed"):
         block.__dict__.pop(name, None)
     for name in ("_qla_window_rows", "_qla_window_mask"):
         block._buffers.pop(name, None)

@@ -134,7 +134,8 @@ def fused_linear(
     `a` is int8 [M, K] with `a_scale` fp32 [M] or [1] for the integer formats, or fp16/bf16/fp32
     [M, K] with `a_scale` None for "uint4_asym_groups" (W4A16). Low-rank T [M, r] / U [N, r] and
     full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
-    "gelu_tanh", "relu" or "swiglu" (gate/up interleaved in columns, output N/2 wide).
+    "gelu_tanh", "relu" or "swiglu" (silu(gate)·up, gate in the weight's first N/2 rows and up in
+    its last N/2; output N/2 wide).
     Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
 
     Row maps (int32): GEMM row m reads A row `gather_rows[m]` (−1: zero padding) and writes

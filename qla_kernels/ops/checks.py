@@ -151,7 +151,7 @@ def check_fused_linear(
     check_tensor("bias", bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
     check_choice("activation", activation, ACTIVATIONS)
     if activation == "swiglu" and out_features % 2:
-        raise ValueError(f"activation='swiglu' needs an even out_features (interleaved gate/up), got {out_features}")
+        raise ValueError(f"activation='swiglu' needs an even out_features (gate rows, then up rows), got {out_features}")
     check_tensor("residual", residual, device=device, dtypes=FLOAT_DTYPES,
                  shape=(rows, output_features(out_features, activation)))
     check_choice("out_dtype", out_dtype, FLOAT_DTYPES)

@@ -126,8 +126,10 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(y, approximate="tanh")
     if activation == "relu":
         return F.relu(y)
-    # SwiGLU on interleaved columns: column 2j is the gate, 2j+1 the up projection.
-    return F.silu(y[..., 0::2]) * y[..., 1::2]
+    # SwiGLU: the first half of the columns is the gate, the second half the up projection (the
+    # layout of torch.cat([gate, up]), so packed gate/up weights can be views of the layers' own).
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def epilogue(

@@ -165,9 +165,9 @@ def _encoder(kind):
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, config, static, chain_calls):
-    """BERT / RoBERTa: three q/k/v GEMMs from one pre-kernel, SDPA with the padding mask, proj +
-    residual, LayerNorm, fc1 + GELU (erf, or tanh for RoBERTa's gelu_new) re-quantized, fc2 +
-    residual, LayerNorm."""
+    """BERT / RoBERTa: q/k/v as one packed GEMM from one pre-kernel, SDPA with the padding mask,
+    proj + residual, LayerNorm, fc1 + GELU (erf, or tanh for RoBERTa's gelu_new) re-quantized, fc2
+    + residual, LayerNorm."""
     from qla_kernels.methods.batches import model_output, run_model
 
     fp, batch = _encoder(kind)
@@ -179,19 +179,20 @@ def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, conf
     report = fuse_blocks(model, batch)
     assert report.fused == ["encoder.layer.0", "encoder.layer.1"] and not report.skipped
     assert all(isinstance(layer, FusedPostNormBlock) for layer in model.encoder.layer)
-    # One pre-kernel serves q/k/v when they quantize alike: always with dynamic scales; static ones
-    # are chosen per layer (percentile candidates judged by each layer's output) and may differ.
+    # q/k/v pack when they quantize alike: always with dynamic scales; static ones are chosen per
+    # layer (percentile candidates judged by each layer's output) and may differ.
     attention = model.encoder.layer[0].attention.self
     alike = not static or all(
         torch.equal(attention.query.input_scale, other.input_scale)
         and torch.equal(attention.query.input_zero_point, other.input_zero_point)
         for other in (attention.key, attention.value))
-    assert model.encoder.layer[0]._qla_template.shared_qkv_input == alike
+    assert model.encoder.layer[0]._qla_template.packed_qkv == alike
     chain_calls.clear()
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
     activation = "gelu" if kind == "bert" else "gelu_tanh"
-    assert chain_calls == ["none", "none", "none", "none", activation, "none"] * 2
+    qkv = ["none"] if alike else ["none"] * 3
+    assert chain_calls == (qkv + ["none", activation, "none"]) * 2
     assert _relative_error(expected, fused) < 1e-5
 
 
@@ -212,7 +213,7 @@ def test_post_norm_block_runs_lowered_qla_and_qwt_in_its_gemms(chain_calls):
     chain_calls.clear()
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
-    assert chain_calls == ["none", "none", "none", "none", "gelu", "none"] * 2
+    assert chain_calls == ["none", "none", "gelu", "none"] * 2
     assert _relative_error(expected, fused) < 1e-4
 
 
@@ -286,38 +287,42 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
     chain_calls.clear()
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
-    # LLaMA: q/k/v as one packed GEMM handed over to the attention module, then gate, up, down.
-    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none"] * 4}[kind]
+    # LLaMA: q/k/v as one packed GEMM handed over to the attention module; gate and up as one
+    # packed GEMM with the SwiGLU epilogue; down.
+    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"]}[kind]
     assert chain_calls == per_block * 2
     assert _relative_error(expected, fused) < 1e-5
     assert torch.equal(_greedy(model, prompt), expected_tokens)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_llama_packed_qkv_shares_storage_and_follows_the_layers(static, chain_calls):
-    """The packed q/k/v weight is the layers' own memory: q/k/v tensors are views into it, so a
-    state-dict load into the fused model reaches the packed GEMM; casts and moves pack again
-    (scales stay fp32); q/k/v that quantize their input differently are not packed."""
+def test_llama_packed_gemms_share_storage_and_follow_the_layers(static, chain_calls):
+    """The packed q/k/v and gate/up weights are the layers' own memory: their tensors are views
+    into them, so a state-dict load into the fused model reaches the packed GEMMs; casts and moves
+    pack again (scales stay fp32); layers that quantize their input differently are not packed."""
     from qla_kernels.methods.batches import model_output, run_model
 
     def quantized():
         model, batch = _decoder("llama")
         model = qk.quantize_(model, qk.W8A8())
-        if static:  # one static input quantization for q, k and v (calibration may pick slightly different ones)
+        if static:  # one static input quantization for q/k/v and one for gate/up (calibration picks each its own)
             ptq.calibrate(model, [batch], symmetric=False, progress=False)
             for block in model.model.layers:
-                query = block.self_attn.q_proj
+                query, gate = block.self_attn.q_proj, block.mlp.gate_proj
                 for layer in (block.self_attn.k_proj, block.self_attn.v_proj):
                     layer.set_static_activation(query.input_scale, query.input_zero_point)
+                block.mlp.up_proj.set_static_activation(gate.input_scale, gate.input_zero_point)
         return model, batch
 
     (model, batch), (other, _) = quantized(), quantized()
     fuse_blocks(model, batch)
-    attention = model.model.layers[0].self_attn
-    packed = model.model.layers[0]._qla_packed_weight
-    assert model.model.layers[0]._qla_template.packed_attention_inputs == (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    block, attention = model.model.layers[0], model.model.layers[0].self_attn
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert block._qla_template.packed_attention_inputs == qkv and block._qla_template.packed_mlp_inputs
+    packed = block._qla_packed[qkv][0]
     assert attention.k_proj.weight.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
+    assert block.mlp.up_proj.weight.untyped_storage().data_ptr() == (
+        block._qla_packed[("mlp.gate_proj", "mlp.up_proj")][0].data.untyped_storage().data_ptr())
     assert (packed.colsum is not None) == static
     torch.manual_seed(1)
     with torch.no_grad():
@@ -330,20 +335,26 @@ def test_llama_packed_qkv_shares_storage_and_follows_the_layers(static, chain_ca
         model.load_state_dict(other.state_dict())
         assert _relative_error(expected, model_output(run_model(model, batch))) < 1e-5
         model.half()
-        packed = model.model.layers[0]._qla_packed_weight
+        packed = block._qla_packed[qkv][0]
         assert packed.scale.dtype == torch.float32 and attention.q_proj.weight_scale.dtype == torch.float32
         assert attention.v_proj.weight.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()
         model.float()
         expected = model_output(run_model(other.half().float(), batch))
         chain_calls.clear()
         assert _relative_error(expected, model_output(run_model(model, batch))) < 1e-5
-        assert chain_calls == ["none"] * 8
+        assert chain_calls == ["none", "swiglu", "none"] * 2
     if static:  # k_proj quantizing its input its own way: the attention runs its projections
         unpacked, _ = quantized()
         for block in unpacked.model.layers:
             block.self_attn.k_proj.set_static_activation(block.self_attn.k_proj.input_scale * 2)
+            block.mlp.up_proj.set_static_activation(block.mlp.up_proj.input_scale * 2)
         assert len(fuse_blocks(unpacked, batch).fused) == 2
-        assert not unpacked.model.layers[0]._qla_template.packed_attention_inputs
+        template = unpacked.model.layers[0]._qla_template
+        assert not template.packed_attention_inputs and not template.packed_mlp_inputs
+        chain_calls.clear()
+        with torch.no_grad():
+            model_output(run_model(unpacked, batch))
+        assert chain_calls == ["none", "none", "none"] * 2  # gate, up, down
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -94,9 +94,17 @@ def fused_linear_kernel(
     pid_n = (pid % pids_per_group) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ACTIVATION == 4:
+        # SwiGLU: W's first N/2 rows are the gate, its last N/2 the up projection. The tile holds
+        # them interleaved (column 2j gate, 2j+1 up of output column pid_n·BLOCK_N/2 + j), which
+        # the epilogue splits; every per-channel operand is read through these weight rows.
+        pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        offs_n = pair + (tl.arange(0, BLOCK_N) % 2) * (N // 2)
+        mask_n = pair < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     mask_m = offs_m < M
-    mask_n = offs_n < N
     if GATHER:
         a_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=-1)
     else:
