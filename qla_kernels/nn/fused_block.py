@@ -125,7 +125,7 @@ class DecoderTemplate:
 
     norm1: str
     attention: str  # runs as the model's own module: KV cache, rotary embeddings and masks stay the model's
-    attention_output: str  # inside `attention`; carries a lowered DW-separable adapter's up-projection
+    attention_output: str  # inside `attention`; its epilogue adds the residual x (and a lowered DW adapter's T·U)
     norm2: str
     mlp_inputs: Tuple[str, ...]  # (fc1,) or (gate, up)
     mlp_output: str
@@ -139,7 +139,7 @@ class DecoderTemplate:
     def bypassed(self) -> Tuple[str, ...]:
         mlp = self.mlp_output.rpartition(".")[0]
         return (self.norm1, self.norm2, *((mlp,) if mlp else ()), *self.mlp_inputs, self.mlp_output,
-                *self.packed_attention_inputs)
+                self.attention_output, *self.packed_attention_inputs)
 
     def linears(self) -> Tuple[str, ...]:
         return (*self.mlp_inputs, self.mlp_output)
@@ -446,9 +446,10 @@ class FusedDecoderBlock(_PackedGroups):
     name, so the KV cache, rotary embeddings and masks are the model's); around it:
 
     pre1 : x → norm1 → activation dtype (+ the causal DW adapter's T)        normalize_activation
-    attn : the model's attention module                                      → a;  x1 = x + a
+    qkv  : separate q/k/v: one packed GEMM, each layer's slice handed over   quantize_activation, fused_linear
+    attn : the model's attention module; its output projection's epilogue adds the residual x → x1
     pre2 : x1 → norm2 → int8 (W8A8 / W4A8 / W4A4) or activation dtype (W4A16), + T_lora = norm2(x1)·A
-    mlp  : fc1 + bias + GELU (re-quantized) | gate, up → silu(gate)·up
+    mlp  : fc1 + bias + GELU (re-quantized) | packed gate/up → silu(gate)·up (re-quantized)
     fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1          → block output
 
     Cross-attention (encoder states) and returned attention weights run the block's own forward."""
@@ -507,15 +508,19 @@ class FusedDecoderBlock(_PackedGroups):
             proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
         if t.packed_attention_inputs:
             self._hand_over_attention_inputs(normed_rows)
+        proj.add_to_next_output(rows)  # the residual x joins proj's epilogue: the attention returns x1
         try:
             attention = part(t.attention)(normed, **named)
-        finally:  # an output not taken must not answer a later call
+        finally:  # what a layer did not take must not reach a later call
             untaken = [name for name in t.packed_attention_inputs if part(name)._handed_over is not None]
             for name in untaken:
                 part(name)._handed_over = None
+            if proj._next_residual is not None:
+                proj._next_residual = None
+                untaken.append(t.attention_output)
         if untaken:
             raise RuntimeError(f"{t.attention!r} did not call {untaken} on its input")
-        x1 = (x + attention[0]).reshape(batch * tokens, width).contiguous()
+        x1 = attention[0].reshape(batch * tokens, width).contiguous()
 
         inputs, fc2 = [part(name) for name in t.mlp_inputs], part(t.mlp_output)
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
@@ -685,7 +690,7 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
     for name in (template.norm1, template.norm2):
         _norm_eps(block.get_submodule(name))  # a norm whose epsilon cannot be read is a ValueError here
     proj, fc2 = ((template.attention_output, template.mlp_output) if decoder else (template.proj, template.fc2))
-    for name in template.linears():
+    for name in template.linears() + ((template.attention_output,) if decoder else ()):
         layer = block.get_submodule(name)
         if not isinstance(layer, QuantLinear) or (layer.config.act_bits is None and not decoder):
             raise ValueError(f"{name!r} must be a QuantLinear with activation quantization, got {layer!r}")

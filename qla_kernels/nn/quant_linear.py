@@ -146,19 +146,31 @@ class QuantLinear(nn.Module):
             return handed_over.reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).contiguous()
         segments = self.lowered_segments(x.dtype)
+        residual, self._next_residual = self._next_residual, None
+        if residual is not None and residual.shape != (rows.shape[0], self.out_features):
+            raise RuntimeError(f"the residual for this call is {tuple(residual.shape)}, its output "
+                               f"{(rows.shape[0], self.out_features)}")
         y = ops.quantized_linear(
             rows, self.quantized_weight(), self.config.act_bits,
-            static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias, **segments,
+            static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias, residual=residual,
+            **segments,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     _handed_over: Optional[torch.Tensor] = None
+    _next_residual: Optional[torch.Tensor] = None
 
     def hand_over(self, y: torch.Tensor) -> None:
         """Makes the next call return y [rows, out_features] instead of running its GEMM: a fused
         block computed it in one packed GEMM with its siblings (LLaMA's q/k/v), while the model's
         own attention code still calls this layer."""
         self._handed_over = y
+
+    def add_to_next_output(self, residual: torch.Tensor) -> None:
+        """Makes the next call add `residual` [rows, out_features] in its GEMM epilogue: a fused
+        decoder block's residual stream, when the model's own attention code calls its output
+        projection."""
+        self._next_residual = residual
 
     def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
                          lowrank_u: Optional[torch.Tensor] = None, qwt_t: Optional[torch.Tensor] = None) -> dict:

@@ -176,11 +176,13 @@ def quantized_linear(
     lowrank_u: Optional[torch.Tensor] = None,
     fullrank_x: Optional[torch.Tensor] = None,
     fullrank_w: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A quantized nn.Linear on 2-D x [M, K]: activation quantization (act_bits None: W4A16,
-    none) then the fused GEMM with bias and optional low-rank / full-rank segments, output in
-    x.dtype. Differentiable under `simulate`."""
-    segments = dict(lowrank_t=lowrank_t, lowrank_u=lowrank_u, fullrank_x=fullrank_x, fullrank_w=fullrank_w)
+    none) then the fused GEMM with bias, optional low-rank / full-rank segments and an optional
+    residual [M, N] added in its epilogue, output in x.dtype. Differentiable under `simulate`."""
+    segments = dict(lowrank_t=lowrank_t, lowrank_u=lowrank_u, fullrank_x=fullrank_x, fullrank_w=fullrank_w,
+                    residual=residual)
     if resolve_backend(x.device) == "simulate":
         check_quantize_activation(x, act_bits or 8, static_scale, zero_point, "none", None, None, 1.0, None)
         return simulate.quantized_linear(x, weight, act_bits, static_scale, zero_point, bias, x.dtype, **segments)

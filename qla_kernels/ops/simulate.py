@@ -72,6 +72,7 @@ def quantized_linear(
     lowrank_u: Optional[torch.Tensor] = None,
     fullrank_x: Optional[torch.Tensor] = None,
     fullrank_w: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fake-quantized twin of quantize_activation → fused_linear for a linear layer."""
     w = weight.dequantize()
@@ -79,4 +80,4 @@ def quantized_linear(
         y = x.float() @ w.to(x.dtype).float().t()
     else:
         y = fake_quantize_activation(x.float(), act_bits, static_scale, zero_point) @ w.t()
-    return reference.epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, "none", None).to(out_dtype)
+    return reference.epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, "none", residual).to(out_dtype)

@@ -270,10 +270,12 @@ def _greedy(model, prompt):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
-def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls):
+def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls, monkeypatch):
     """GPT-2 / LLaMA: norms and the MLP (GELU, or SwiGLU's gate and up) run fused, the model's own
-    attention module runs in between with the KV cache, rotary embeddings and masks it was given.
-    Fused == module by module (measured: equal to ~1e-7), and greedy cached generation is the same."""
+    attention module runs in between with the KV cache, rotary embeddings and masks it was given,
+    its output projection adding the residual in its epilogue. Fused == module by module
+    (measured: equal to ~1e-7), and greedy cached generation is the same."""
+    from qla_kernels import ops
     from qla_kernels.methods.batches import model_output, run_model
 
     model, batch = _decoder(kind)
@@ -285,12 +287,19 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
     report = fuse_blocks(model, batch)
     assert len(report.fused) == 2 and not report.skipped
     chain_calls.clear()
+    layer_calls = []  # (residual in the epilogue?) of the QuantLinears the attention modules call
+    quantized_linear = ops.quantized_linear
+    monkeypatch.setattr(ops, "quantized_linear", lambda *args, **kwargs: layer_calls.append(
+        kwargs.get("residual") is not None) or quantized_linear(*args, **kwargs))
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
     # LLaMA: q/k/v as one packed GEMM handed over to the attention module; gate and up as one
     # packed GEMM with the SwiGLU epilogue; down.
     per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"]}[kind]
     assert chain_calls == per_block * 2
+    # GPT-2's packed c_attn, then the output projection with the residual; LLaMA: the latter only.
+    # Last, the LM head.
+    assert layer_calls == {"gpt2": [False, True], "llama": [True]}[kind] * 2 + [False]
     assert _relative_error(expected, fused) < 1e-5
     assert torch.equal(_greedy(model, prompt), expected_tokens)
 
