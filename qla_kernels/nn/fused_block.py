@@ -459,7 +459,7 @@ class FusedDecoderBlock(_PackedGroups):
     def _named_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[dict]:
         """The call's arguments besides the hidden states, by name, as the block's own forward
         would see them (None when they do not bind)."""
-        signature = _forward_signature(_original_class(self))
+        signature = self._qla_forward_signature
         try:
             bound = signature.bind(self, x, *args, **kwargs)
         except TypeError:
@@ -651,11 +651,6 @@ def fuse_mlp(mlp: nn.Module, template: MLPTemplate) -> nn.Module:
     return _swap_class(mlp, template)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_signature(block_class: type) -> inspect.Signature:
-    return inspect.signature(block_class.forward)
-
-
 _FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock,
                  DecoderTemplate: FusedDecoderBlock, MLPTemplate: FusedMLP}
 FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedDecoderBlock)
@@ -668,7 +663,9 @@ def _original_class(block: nn.Module) -> type:
 
 @functools.lru_cache(maxsize=None)
 def _fused_class(block_class: type, mixin: type) -> type:
-    return type(f"Fused{block_class.__name__}", (mixin, block_class), {"__module__": __name__})
+    # The original forward's signature, read once (decoder blocks bind their call arguments to it).
+    attributes = {"__module__": __name__, "_qla_forward_signature": inspect.signature(block_class.forward)}
+    return type(f"Fused{block_class.__name__}", (mixin, block_class), attributes)
 
 
 def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = None) -> nn.Module:

@@ -71,6 +71,32 @@ def test_fused_post_norm_block_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(x, mask), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
+def test_fused_decoder_block_compiles_without_graph_breaks(config):
+    """LLaMA: argument binding, packed q/k/v handed over to the model's own attention (rotary
+    embeddings), the residual handed to its output projection, packed SwiGLU, in one graph."""
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.models import fuse_blocks
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    model = qk.quantize_(transformers.LlamaForCausalLM(llama).eval(), config)
+    batch = {"input_ids": torch.randint(0, 100, (2, 9))}
+    assert fuse_blocks(model, batch).fused
+    layer, calls = model.model.layers[0], []
+    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    handle.remove()
+    args, kwargs = calls[0]
+    torch._dynamo.reset()  # the other config's graph of this forward would make this one a dynamic-shape recompile
+    with torch.no_grad():
+        expected = layer(*args, **kwargs)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*args, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_windowed_block_compiles_without_graph_breaks():
     """Swin: window row maps, the relative-position bias + shift mask and the scatter back to
     spatial rows in one graph."""
