@@ -152,11 +152,16 @@ def fused_linear(
     )
     check_fused_linear(*args)
     backend = resolve_backend(a.device)
+    swiglu = activation == "swiglu"  # decode: the CUDA kernel runs gate and up as one GEMM, SwiGLU follows
     if backend == "cuda" and cuda.supports_fused_linear(
             a, a_zero_point, weight.data, weight.format, weight.k_group, lowrank_t, lowrank_u, fullrank_x, bias,
-            activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows):
-        return torch.ops.qla.w4a16_decode_cuda(a, weight.data, weight.scale, weight.zero, weight.k_group, lowrank_t,
-                                               lowrank_u, bias, residual)
+            "none" if swiglu else activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows):
+        y = torch.ops.qla.w4a16_decode_cuda(a, weight.data, weight.scale, weight.zero, weight.k_group, lowrank_t,
+                                            lowrank_u, bias, None if swiglu else residual)
+        if swiglu:
+            y = reference.apply_activation(y, "swiglu")
+            y = y if residual is None else y + residual
+        return y
     if backend in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:
         out, out_scale = torch.ops.qla.fused_linear_triton(*args)
     else:

@@ -149,3 +149,22 @@ def test_w4a16_decode_op_and_dispatch_by_rows():
     args = (wide, None, weight.data, weight.format, 128, None, None, None, None, "none", None, torch.float16, 0, None, None)
     assert not cuda.supports_fused_linear(*args)  # M = 17 runs on Triton
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_w4a16_decode_swiglu_runs_gate_and_up_as_one_cuda_gemm(residual, monkeypatch):
+    """Packed gate/up at decode: the CUDA kernel computes both halves, silu(gate)·up follows."""
+    a, weight, kwargs = _decode_case(4, 512, 1024, 128, torch.float16, rank=16, bias=True, residual=False)
+    kwargs["activation"] = "swiglu"
+    if residual:
+        kwargs["residual"] = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    taken = []
+    supports = cuda.supports_fused_linear
+    monkeypatch.setattr(cuda, "supports_fused_linear", lambda *args: taken.append(supports(*args)) or taken[-1])
+    with qla_kernels.use_backend("reference"):
+        expected = ops.fused_linear(a, None, weight, **kwargs).float()
+    with qla_kernels.use_backend("cuda"):
+        actual = ops.fused_linear(a, None, weight, **kwargs).float()
+    assert taken == [True] and actual.shape == (4, 256)
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
