@@ -14,6 +14,12 @@ if not torch.cuda.is_available():
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("wide", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+WIDEN = 4 if os.environ.get("HYPOTHESIS_PROFILE") == "wide" else 1
+
+
+def examples(count: int) -> settings:
+    """Settings for a property test sized for CI at `count` examples, widened by the profile."""
+    return settings(max_examples=count * WIDEN, deadline=None)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import fused_linear, gemm_zero_point, normalize_activation, quantize_activation
+from ..ops import (
+    fused_linear,
+    gemm_zero_point,
+    normalize_activation,
+    normalize_quantize_activation,
+    quantize_activation,
+)
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
@@ -358,8 +364,8 @@ class FusedPostNormBlock(_PackedGroups):
     q/k/v: three GEMMs + bias                                                fused_linear
     core : scaled_dot_product_attention with the block's attention mask
     proj : GEMM + bias + [T_dw]·U_dwᵀ + residual x               → s1        fused_linear
-    norm1: s1 → x1 (the MLP input and its residual)                          normalize_activation
-    fc1  : int8 x1 (+ T_lora = x1·A) → GEMM + bias + GELU → re-quantized     quantize_activation, fused_linear
+    norm1: s1 → x1 (the MLP's residual) and int8 x1 (+ T_lora = x1·A)        normalize_quantize_activation
+    fc1  : GEMM + bias + GELU → re-quantized                                 fused_linear
     fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1 → s2   fused_linear
     norm2: s2 → block output                                                 normalize_activation
 
@@ -421,16 +427,26 @@ class FusedPostNormBlock(_PackedGroups):
         # A lowered DW-separable adapter reads the block input x: its block pre-hook has prepared T.
         s1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
                           out_dtype=x.dtype, **proj.lowered_segments(x.dtype))
-        x1, _ = _normalize(s1, part(t.norm1))
         fc1, fc2 = part(t.fc1), part(t.fc2)
-        lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA on x1: T from fc1's pre-kernel
+        lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA on x1: T from the same pre-kernel
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
-        q, scale, zero, lora_t = _quantize_input(x1, fc1, down_proj=down)
+        x1, q, scale, zero, lora_t = _normalize_and_quantize(s1, part(t.norm1), fc1, down)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
         out, _ = _normalize(_mlp(q, scale, zero, _weight_and_bias(fc1), fc2, t.activation, x1, segments),
                             part(t.norm2))
         out = out.reshape(batch, tokens, width)
         return (out,) if self._qla_returns_tuple else out
+
+
+def _normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, layer: QuantLinear,
+                            down_proj: Optional[torch.Tensor] = None) -> Tuple:
+    """(norm(rows) in rows.dtype, codes, scales, zero point for the GEMM, T = norm(rows)·down_proj)
+    for `layer` from one pre-kernel read of rows."""
+    bits = layer.config.act_bits
+    normed, q, scale, t = normalize_quantize_activation(
+        rows, bits, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None), _norm_eps(norm),
+        static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj)
+    return normed, q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
 def _normalize(rows: torch.Tensor, norm: nn.Module,

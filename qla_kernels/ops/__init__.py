@@ -87,6 +87,30 @@ def normalize_activation(
     return torch.ops.qla.normalize_activation(*args)
 
 
+def normalize_quantize_activation(
+    x: torch.Tensor,
+    bits: int,
+    norm_kind: str,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-5,
+    *,
+    static_scale: Optional[torch.Tensor] = None,
+    zero_point: Optional[torch.Tensor] = None,
+    down_proj: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(norm(x) in x.dtype, q, scale, t) from one read of x: `quantize_activation` with the norm,
+    also writing the normalized activations (a post-norm block's x1, the next GEMM's input and
+    residual). The codes, scale and T come from the fp32 normalized values."""
+    check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+    if norm_kind == "none":
+        raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm use quantize_activation)")
+    args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
+    if resolve_backend(x.device) in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
+        return torch.ops.qla.normalize_quantize_activation_triton(*args)
+    return torch.ops.qla.normalize_quantize_activation(*args)
+
+
 def dwsep_down(
     h: torch.Tensor,
     height: int,
@@ -206,6 +230,6 @@ def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[t
 
 __all__ = [
     "BACKENDS", "BackendInfo", "backends", "requested_backend", "resolve_backend", "use_backend",
-    "quantize_activation", "normalize_activation", "dwsep_down", "fused_linear", "quantized_linear",
+    "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
     "gemm_zero_point", "library", "reference", "simulate",
 ]

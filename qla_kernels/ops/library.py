@@ -147,6 +147,31 @@ def normalize_activation_fake(x, norm_kind, norm_weight, norm_bias, norm_eps, do
 normalize_activation.register_fake(normalize_activation_fake)
 
 
+@torch.library.custom_op("qla::normalize_quantize_activation", mutates_args=())
+def normalize_quantize_activation(
+    x: Tensor,
+    bits: int,
+    static_scale: Optional[Tensor],
+    zero_point: Optional[Tensor],
+    norm_kind: str,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    norm_eps: float,
+    down_proj: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return reference.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
+                                                   norm_bias, norm_eps, down_proj)
+
+
+def normalize_quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                                       down_proj):
+    return (x.new_empty(x.shape), *quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight,
+                                                            norm_bias, norm_eps, down_proj))
+
+
+normalize_quantize_activation.register_fake(normalize_quantize_activation_fake)
+
+
 @torch.library.custom_op("qla::dwsep_down", mutates_args=())
 def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias: Optional[Tensor],
                down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qla_kernels
@@ -14,6 +14,8 @@ import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.ops import cuda, reference
 from qla_kernels.quant import quantize_weight
+
+from ..conftest import examples
 
 NEEDS_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
                                 reason="no nvcc: the package is built without _C")
@@ -67,7 +69,7 @@ def test_decode_plan_uses_the_kernels_shared_memory_budget():
     assert cuda._DECODE_MAX_STAGED_VALUES == _C.DECODE_MAX_STAGED_VALUES
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(rows=st.integers(1, 16), out_features=st.integers(1, 40000), chunks=st.integers(1, 256),
        sm_count=st.integers(1, 200))
 def test_decode_split_plan_covers_k_with_nonempty_splits(rows, out_features, chunks, sm_count):
@@ -125,7 +127,7 @@ def test_w4a16_decode_kernel_at_llama_shapes(m, n, k, dtype):
 
 
 @pytest.mark.gpu
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(m=st.integers(1, 16), n=st.integers(1, 300), chunks=st.integers(1, 40), group=st.sampled_from([32, 64, 128, 0]),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]), rank=st.sampled_from([0, 1, 16, 64]),
        bias=st.booleans(), residual=st.booleans(), seed=st.integers(0, 2**16))

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.nn.adapters import DWSepAdapter
+
+from ..conftest import examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,7 +38,7 @@ def test_reference_is_the_adapter_down_path(grid, prefix):
 
 
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason=str(qk.backends()["triton"]))
-@settings(max_examples=20, deadline=None)
+@examples(20)
 @given(batch=st.integers(1, 3), height=st.integers(1, 6), width=st.integers(1, 6), prefix=st.integers(0, 3),
        dim=st.integers(1, 80), rank=st.integers(1, 40), biases=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 1000))

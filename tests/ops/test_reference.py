@@ -272,3 +272,18 @@ def test_row_map_arguments_are_checked():
         ops.fused_linear(a, a_scale, weight, scatter_rows=torch.tensor([0, 1], dtype=torch.int32), out_rows=2)
     with pytest.raises(ValueError, match="out_rows=3 must equal"):
         ops.fused_linear(a, a_scale, weight, out_rows=3)
+
+
+def test_normalize_and_quantize_is_the_norm_and_quantize_activation():
+    x = torch.randn(6, 40) * 2
+    weight, bias = torch.randn(40), torch.randn(40)
+    down = torch.randn(40, 8)
+    normed, q, scale, t = ops.normalize_quantize_activation(x.half(), 8, "layernorm", weight, bias, 1e-6,
+                                                            down_proj=down.half())
+    norm = torch.nn.functional.layer_norm(x.half().float(), (40,), weight, bias, 1e-6)
+    torch.testing.assert_close(normed, norm.half(), rtol=1e-3, atol=1e-3)
+    expected = ops.quantize_activation(x.half(), 8, norm_kind="layernorm", norm_weight=weight, norm_bias=bias,
+                                       norm_eps=1e-6, down_proj=down.half())
+    assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1]) and torch.equal(t, expected[2])
+    with pytest.raises(ValueError, match="norm_kind must be 'layernorm' or 'rmsnorm'"):
+        ops.normalize_quantize_activation(x, 8, "none")

@@ -17,6 +17,7 @@ from ..library import (
     dwsep_down_fake,
     fused_linear_fake,
     normalize_activation_fake,
+    normalize_quantize_activation_fake,
     quantize_activation_fake,
     quantize_activation_into_fake,
 )
@@ -94,6 +95,16 @@ if _IMPORT_ERROR is None:
         return launch.normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
 
     normalize_activation.register_fake(normalize_activation_fake)
+
+    @torch.library.custom_op("qla::normalize_quantize_activation_triton", mutates_args=())
+    def normalize_quantize_activation(
+        x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return launch.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
+                                                    norm_bias, norm_eps, down_proj)
+
+    normalize_quantize_activation.register_fake(normalize_quantize_activation_fake)
 
     @torch.library.custom_op("qla::dwsep_down_triton", mutates_args=())
     def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,

@@ -124,18 +124,19 @@ def compile_all() -> List[Dict[str, object]]:
         rows.append({"kernel": "requantize_rows", "arch": capability, **_compile(
             requantize_rows_kernel, {"y_ptr": "*fp32", "row_absmax_ptr": "*i32", "q_ptr": "*i8", "scale_ptr": "*fp32"},
             {}, dict(QMAX=127, BLOCK_M=16, BLOCK_N=256), capability, 4, 1)})
-        for norm, has_t, float_output, t_from_input in ((0, False, False, False), (1, True, False, False),
-                                                        (1, True, False, True), (2, True, False, False),
-                                                        (2, True, True, False)):
+        for norm, has_t, float_output, t_from_input, normed_output in (
+                (0, False, False, False, False), (1, True, False, False, False), (1, True, False, True, False),
+                (1, True, False, False, True), (2, True, False, False, False), (2, True, True, False, False)):
             pointers = {"x_ptr": "*fp16", "q_ptr": "*fp16" if float_output else "*i8", "scale_ptr": "*fp32",
                         "static_scale_ptr": "*fp32", "zero_ptr": "*i8", "norm_w_ptr": "*fp16", "norm_b_ptr": "*fp16",
-                        "down_ptr": "*fp16", "t_ptr": "*fp16"}
+                        "down_ptr": "*fp16", "t_ptr": "*fp16", "normed_ptr": "*fp16"}
             constexprs = dict(QMIN=-128, QMAX=127, NORM=norm, HAS_NORM_WEIGHT=norm > 0, HAS_NORM_BIAS=norm == 1,
                               STATIC=False, HAS_ZERO=False, CENTER=False, HAS_T=has_t, T_IEEE=False,
-                              T_FROM_INPUT=t_from_input, FLOAT_OUTPUT=float_output, BLOCK_M=16, BLOCK_K=256,
-                              BLOCK_R=32)
-            rows.append({"kernel": "normalize_activation" if float_output else "quantize_activation", "norm": norm,
-                         "t_from_input": t_from_input,
+                              T_FROM_INPUT=t_from_input, FLOAT_OUTPUT=float_output, NORMED_OUTPUT=normed_output,
+                              BLOCK_M=16, BLOCK_K=256, BLOCK_R=32)
+            kernel = ("normalize_activation" if float_output else
+                      "normalize_quantize_activation" if normed_output else "quantize_activation")
+            rows.append({"kernel": kernel, "norm": norm, "t_from_input": t_from_input,
                          "arch": capability, **_compile(quantize_activation_kernel, pointers, {"eps": "fp32"},
                                                         constexprs, capability, 4, 1)})
         for dtype in ("fp16", "bf16"):

@@ -146,11 +146,12 @@ def fused_linear(
 
 def quantize_activation(
     x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out=None,
-    float_output=False, down_from_input=False,
+    float_output=False, down_from_input=False, normed_out=None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`t_out`, when given, receives T in place (it may be a column slice of a wider buffer).
     `float_output`: return the normalized activations in x.dtype instead of int8 codes (bits unused).
-    `down_from_input`: T = x·A from the raw input instead of norm(x)·A."""
+    `down_from_input`: T = x·A from the raw input instead of norm(x)·A. `normed_out` (contiguous
+    [M, K]) receives the normalized activations beside the codes."""
     rows, k = x.shape
     rank = 0 if down_proj is None else down_proj.shape[1]
     q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
@@ -165,14 +166,14 @@ def quantize_activation(
             x, q, scale, static_scale if static_scale is not None else dummy,
             zero_point if zero_point is not None else dummy,
             norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-            down_proj if down_proj is not None else dummy, t,
+            down_proj if down_proj is not None else dummy, t, normed_out if normed_out is not None else dummy,
             rows, k, rank, float(norm_eps),
             x.stride(0), q.stride(0), down_proj.stride(0) if down_proj is not None else 0, t.stride(0),
             QMIN=qmin, QMAX=qmax, NORM=NORM_KINDS.index(norm_kind), HAS_NORM_WEIGHT=norm_weight is not None,
             HAS_NORM_BIAS=norm_bias is not None, STATIC=static_scale is not None, HAS_ZERO=zero_point is not None,
             CENTER=zero_point is not None and bits <= 7, HAS_T=down_proj is not None,
             T_IEEE=down_proj is not None and down_proj.dtype == torch.float32, T_FROM_INPUT=down_from_input,
-            FLOAT_OUTPUT=float_output,
+            FLOAT_OUTPUT=float_output, NORMED_OUTPUT=normed_out is not None,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))), num_warps=4,
         )
     return q, scale, t
@@ -182,6 +183,14 @@ def normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_pr
     normed, _, t = quantize_activation(x, 8, None, None, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
                                        float_output=True)
     return normed, t
+
+
+def normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                                  down_proj):
+    normed = torch.empty_like(x, memory_format=torch.contiguous_format)
+    q, scale, t = quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                                      down_proj, normed_out=normed)
+    return normed, q, scale, t
 
 
 def supports_quantize_activation(down_proj: Optional[torch.Tensor]) -> bool:

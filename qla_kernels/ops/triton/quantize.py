@@ -1,7 +1,9 @@
 """Triton activation pre-kernel: [LayerNorm | RMSNorm] → int8 per token → [T = norm(x)·A or x·A].
 
 With FLOAT_OUTPUT it is the W4A16 decode pre-kernel instead: the normalized activations are
-written in the output dtype (no quantization), with T from the same read of x.
+written in the output dtype (no quantization), with T from the same read of x. With NORMED_OUTPUT
+it writes both: the codes and the normalized activations (a post-norm block's x1, which is also
+the MLP's residual).
 
 One program owns BLOCK_M rows and walks K in BLOCK_K chunks: statistics (norm), then absmax
 (dynamic scales), then quantize-and-project, so registers never hold a whole row and any K works.
@@ -46,14 +48,15 @@ def _normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
 
 @triton.jit
 def quantize_activation_kernel(
-    x_ptr, q_ptr, scale_ptr, static_scale_ptr, zero_ptr, norm_w_ptr, norm_b_ptr, down_ptr, t_ptr,
+    x_ptr, q_ptr, scale_ptr, static_scale_ptr, zero_ptr, norm_w_ptr, norm_b_ptr, down_ptr, t_ptr, normed_ptr,
     M, K, R, eps,
     stride_xm, stride_qm, stride_dk, stride_tm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, CENTER: tl.constexpr,
     HAS_T: tl.constexpr, T_IEEE: tl.constexpr, T_FROM_INPUT: tl.constexpr, FLOAT_OUTPUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    NORMED_OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # normed_ptr (NORMED_OUTPUT) is [M, K] with q's row stride.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -111,6 +114,9 @@ def quantize_activation_kernel(
             if CENTER:
                 codes = codes - zero
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes.to(tl.int8), mask=mask)
+            if NORMED_OUTPUT:
+                tl.store(normed_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
+                         v.to(normed_ptr.dtype.element_ty), mask=mask)
         if HAS_T:
             down = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :],
                            mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
