@@ -305,7 +305,11 @@ class FusedPackedQKVBlock(nn.Module):
         qwt_down = qwt.down.to(x.dtype) if qwt is not None and qwt.down is not None else None
         if qwt_down is not None and not supports_quantize_activation(qwt_down):
             qwt_down = None
-        q, scale, zero, qwt_t = _quantize_input(rows, qkv, norm1, qwt_down, down_from_input=True)
+        adapter = getattr(proj, "lowered_adapter", None) is not None  # QLA's DW-separable branch reads norm1(x)
+        if adapter:
+            normed, q, scale, zero, qwt_t = _normalize_and_quantize(rows, norm1, qkv, qwt_down, down_from_input=True)
+        else:
+            q, scale, zero, qwt_t = _quantize_input(rows, qkv, norm1, qwt_down, down_from_input=True)
         packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype,
                               gather_rows=window_rows)
         heads, head_dim = packed_qkv_heads(attention, qkv)
@@ -323,8 +327,7 @@ class FusedPackedQKVBlock(nn.Module):
         context = getattr(attention, "norm", nn.Identity())(context).contiguous()
 
         adapter_t = None  # in spatial order: proj's epilogue reads T by destination row
-        if getattr(proj, "lowered_adapter", None) is not None:  # QLA's DW-separable branch, lowered
-            normed, _ = _normalize(rows, norm1)
+        if adapter:
             adapter_t = self.qla_attention.down_path(normed.reshape(x.shape))[0].reshape(rows.shape[0], -1)
         q, scale, zero, _ = _quantize_input(context, proj)
         x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
@@ -439,13 +442,14 @@ class FusedPostNormBlock(_PackedGroups):
 
 
 def _normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, layer: QuantLinear,
-                            down_proj: Optional[torch.Tensor] = None) -> Tuple:
-    """(norm(rows) in rows.dtype, codes, scales, zero point for the GEMM, T = norm(rows)·down_proj)
-    for `layer` from one pre-kernel read of rows."""
+                            down_proj: Optional[torch.Tensor] = None, down_from_input: bool = False) -> Tuple:
+    """(norm(rows) in rows.dtype, codes, scales, zero point for the GEMM, T = norm(rows)·down_proj,
+    or rows·down_proj with `down_from_input`) for `layer` from one pre-kernel read of rows."""
     bits = layer.config.act_bits
     normed, q, scale, t = normalize_quantize_activation(
         rows, bits, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None), _norm_eps(norm),
-        static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj)
+        static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj,
+        down_from_input=down_from_input and down_proj is not None)
     return normed, q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
@@ -517,13 +521,18 @@ class FusedDecoderBlock(_PackedGroups):
         part = self.get_submodule
         batch, tokens, width = x.shape
         rows = x.reshape(batch * tokens, width).contiguous()
-        normed_rows = _normalize(rows, part(t.norm1))[0]
+        packed = t.packed_attention_inputs
+        first = part(packed[0]) if packed else None
+        if first is not None and first.config.act_bits is not None:  # the packed q/k/v codes from the same read
+            normed_rows, *codes, _ = _normalize_and_quantize(rows, part(t.norm1), first)
+        else:
+            normed_rows, codes = _normalize(rows, part(t.norm1))[0], (None, None, None)
         normed = normed_rows.reshape(batch, tokens, width)
         proj = part(t.attention_output)
         if getattr(proj, "lowered_adapter", None) is not None:  # what the norm1 hook would have prepared
             proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
-        if t.packed_attention_inputs:
-            self._hand_over_attention_inputs(normed_rows)
+        if packed:
+            self._hand_over_attention_inputs(normed_rows, *codes)
         proj.add_to_next_output(rows)  # the residual x joins proj's epilogue: the attention returns x1
         try:
             attention = part(t.attention)(normed, **named)
@@ -565,16 +574,17 @@ class FusedDecoderBlock(_PackedGroups):
                                    out_dtype=x.dtype, **segments)
         return out.reshape(batch, tokens, width)
 
-    def _hand_over_attention_inputs(self, normed_rows: torch.Tensor) -> None:
-        """One pre-kernel and one GEMM for the packed attention input projections; each layer
-        returns its column slice when the attention module calls it."""
+    def _hand_over_attention_inputs(self, normed_rows: torch.Tensor, q: Optional[torch.Tensor],
+                                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor]) -> None:
+        """One GEMM for the packed attention input projections, on their codes (q, scale, zero
+        point) or, for W4A16 (q None), on the normalized rows; each layer returns its column slice
+        when the attention module calls it."""
         names = self._qla_template.packed_attention_inputs
         layers = [self.get_submodule(name) for name in names]
         weight, bias = self._qla_packed[names]
-        if layers[0].config.act_bits is None:
+        if q is None:
             packed = fused_linear(normed_rows, None, weight, bias=bias, out_dtype=normed_rows.dtype)
         else:
-            q, scale, zero, _ = _quantize_input(normed_rows, layers[0])
             packed = fused_linear(q, scale, weight, a_zero_point=zero, bias=bias, out_dtype=normed_rows.dtype)
         for layer, output in zip(layers, packed.split([layer.out_features for layer in layers], dim=1)):
             layer.hand_over(output)

@@ -98,14 +98,19 @@ def normalize_quantize_activation(
     static_scale: Optional[torch.Tensor] = None,
     zero_point: Optional[torch.Tensor] = None,
     down_proj: Optional[torch.Tensor] = None,
+    down_from_input: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(norm(x) in x.dtype, q, scale, t) from one read of x: `quantize_activation` with the norm,
-    also writing the normalized activations (a post-norm block's x1, the next GEMM's input and
-    residual). The codes, scale and T come from the fp32 normalized values."""
+    also writing the normalized activations (a post-norm block's x1, the MLP's residual; a block's
+    attention input when something besides the GEMM reads it). The codes, scale and T come from
+    the fp32 normalized values; `down_from_input` as in quantize_activation."""
+    if not isinstance(down_from_input, bool):
+        raise ValueError(f"down_from_input must be a bool, got {down_from_input!r}")
     check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
     if norm_kind == "none":
         raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm use quantize_activation)")
-    args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
+    args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
+            down_from_input)
     if resolve_backend(x.device) in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
         return torch.ops.qla.normalize_quantize_activation_triton(*args)
     return torch.ops.qla.normalize_quantize_activation(*args)

@@ -158,13 +158,14 @@ def normalize_quantize_activation(
     norm_bias: Optional[Tensor],
     norm_eps: float,
     down_proj: Optional[Tensor],
+    down_from_input: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return reference.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
-                                                   norm_bias, norm_eps, down_proj)
+                                                   norm_bias, norm_eps, down_proj, down_from_input)
 
 
 def normalize_quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                       down_proj):
+                                       down_proj, down_from_input=False):
     return (x.new_empty(x.shape), *quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight,
                                                             norm_bias, norm_eps, down_proj))
 

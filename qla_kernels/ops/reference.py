@@ -127,12 +127,13 @@ def normalize_quantize_activation(
     norm_bias: Optional[torch.Tensor],
     norm_eps: float,
     down_proj: Optional[torch.Tensor],
+    down_from_input: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(norm(x) in x.dtype, *quantize_activation(x with the norm)): the codes, scale and T come
     from the fp32 normalized values, not from their rounding to x.dtype."""
     normed = normalize(x, norm_kind, norm_weight, norm_bias, norm_eps).to(x.dtype)
     return (normed, *quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
-                                         norm_eps, down_proj))
+                                         norm_eps, down_proj, down_from_input))
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:

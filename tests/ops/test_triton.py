@@ -232,10 +232,11 @@ def test_down_projection_of_the_raw_input(norm_kind):
 @given(m=st.integers(1, 40), k=st.integers(1, 300), norm_kind=st.sampled_from(["layernorm", "rmsnorm"]),
        dtype=st.sampled_from([torch.float32, torch.float16]), bits=st.sampled_from([8, 4]),
        static=st.sampled_from([None, "symmetric", "zero_point"]), rank=st.sampled_from([0, 3, 16]),
-       seed=st.integers(0, 10_000))
-def test_normalize_and_quantize_matches_reference(m, k, norm_kind, dtype, bits, static, rank, seed):
-    """Post-norm blocks' pre-kernel: the normalized activations (x1, the MLP's residual) and their
-    codes from one read. Norm statistics are sums in another order, so a code may move by one."""
+       from_input=st.booleans(), seed=st.integers(0, 10_000))
+def test_normalize_and_quantize_matches_reference(m, k, norm_kind, dtype, bits, static, rank, from_input, seed):
+    """Post-norm blocks' pre-kernel (and pre-norm blocks' whose adapter reads norm1(x)): the
+    normalized activations and their codes from one read, T from either. Norm statistics are sums
+    in another order, so a code may move by one."""
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(DEVICE)  # noqa: E731
     x = (rand(m, k) * 3 + 0.5).to(dtype)
@@ -244,7 +245,8 @@ def test_normalize_and_quantize_matches_reference(m, k, norm_kind, dtype, bits, 
     zero = torch.tensor([3], dtype=torch.int8, device=DEVICE) if static == "zero_point" else None
     down = (rand(k, rank) * 0.1).to(dtype) if rank else None
     expected, actual = _both(lambda: ops.normalize_quantize_activation(
-        x, bits, norm_kind, weight, bias, 1e-6, static_scale=scale, zero_point=zero, down_proj=down))
+        x, bits, norm_kind, weight, bias, 1e-6, static_scale=scale, zero_point=zero, down_proj=down,
+        down_from_input=from_input))
     atol = 1e-5 if dtype == torch.float32 else 2e-3 * float(expected[0].abs().max())
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-3, atol=atol)
     torch.testing.assert_close(actual[2], expected[2], rtol=1e-5, atol=0)

@@ -100,9 +100,10 @@ if _IMPORT_ERROR is None:
     def normalize_quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
+        down_from_input: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return launch.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
-                                                    norm_bias, norm_eps, down_proj)
+                                                    norm_bias, norm_eps, down_proj, down_from_input)
 
     normalize_quantize_activation.register_fake(normalize_quantize_activation_fake)
 

@@ -126,7 +126,8 @@ def compile_all() -> List[Dict[str, object]]:
             {}, dict(QMAX=127, BLOCK_M=16, BLOCK_N=256), capability, 4, 1)})
         for norm, has_t, float_output, t_from_input, normed_output in (
                 (0, False, False, False, False), (1, True, False, False, False), (1, True, False, True, False),
-                (1, True, False, False, True), (2, True, False, False, False), (2, True, True, False, False)):
+                (1, True, False, False, True), (1, True, False, True, True), (2, True, False, False, False),
+                (2, True, True, False, False)):
             pointers = {"x_ptr": "*fp16", "q_ptr": "*fp16" if float_output else "*i8", "scale_ptr": "*fp32",
                         "static_scale_ptr": "*fp32", "zero_ptr": "*i8", "norm_w_ptr": "*fp16", "norm_b_ptr": "*fp16",
                         "down_ptr": "*fp16", "t_ptr": "*fp16", "normed_ptr": "*fp16"}

@@ -186,10 +186,10 @@ def normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_pr
 
 
 def normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                  down_proj):
+                                  down_proj, down_from_input=False):
     normed = torch.empty_like(x, memory_format=torch.contiguous_format)
     q, scale, t = quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                      down_proj, normed_out=normed)
+                                      down_proj, down_from_input=down_from_input, normed_out=normed)
     return normed, q, scale, t
 
 
