@@ -24,7 +24,9 @@ from torch import nn
 from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer, window_rows
 from ..nn.fused_block import (
     ACTIVATIONS,
+    FUSED_BLOCK_TYPES,
     DecoderTemplate,
+    FusedMLP,
     MLPTemplate,
     PackedQKVTemplate,
     PostNormTemplate,
@@ -316,12 +318,19 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
     return mlp_name
 
 
+def _unfuse(block: nn.Module) -> None:
+    for module in block.modules():
+        if isinstance(module, FUSED_BLOCK_TYPES + (FusedMLP,)):
+            unfuse_block(module)
+
+
 def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = "auto") -> FusionReport:
     """Turns every block of a quantized `model` that fits a fused template into a fused block (in
     place); in the blocks that do not fit, an fc1 → activation → fc2 MLP is fused on its own.
     `example` is one input batch (built from the model's config when omitted); each block is
-    checked on its input from that batch under `backend`. Call after quantization and after
-    QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`)."""
+    checked on its input from that batch under `backend`. Call after quantization, calibration,
+    QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`); calling it again
+    (after any of them) fuses the blocks anew."""
     example = example if example is not None else example_input(model)
     facts = describe(model, example)
     named = find_blocks(model)
@@ -332,6 +341,7 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
         with use_backend(backend):
             inputs = _block_inputs(model, [block for _, block in named], example)
             for index, (name, block) in enumerate(named):
+                _unfuse(block)  # fusing again re-derives every template from the model as it is now
                 reason = _fuse_checked(block, facts.block, inputs.get(index))
                 if not reason:
                     report.fused.append(name)

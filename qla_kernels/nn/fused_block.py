@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -348,11 +349,39 @@ class _PackedGroups(nn.Module):
     BERT's or LLaMA's q/k/v, SwiGLU's gate and up). Each group's quantized weights (and biases)
     are concatenated along the output features and each layer's tensors made views into them, so
     a packed GEMM costs no memory and in-place updates of a layer (load_state_dict) reach it.
-    Module moves and casts (`_apply`) pack again."""
+    Module moves and casts (`_apply`) pack again.
+
+    A group packs because its layers quantize their input alike when it is fused. Should that
+    change later (static scales calibrated or loaded after `fuse_blocks`), the chain would apply
+    the first layer's quantization to all: the block then runs its own forward and warns once
+    until `fuse_blocks` is called again."""
 
     def _pack(self) -> None:
         self._qla_packed = {names: _pack_layers([self.get_submodule(name) for name in names])
                             for names in self._qla_template.packed_groups()}
+        self._qla_packed_quantization = self._input_quantization()
+
+    def _input_quantization(self) -> tuple:
+        """Which tensors (and their in-place versions) quantize the packed layers' input."""
+        return tuple((id(tensor), tensor._version) if tensor is not None else None
+                     for names in self._qla_template.packed_groups() for name in names
+                     for tensor in (self.get_submodule(name).input_scale, self.get_submodule(name).input_zero_point))
+
+    def _packing_is_current(self) -> bool:
+        if torch.compiler.is_compiling():
+            return True
+        state = self._input_quantization()
+        if state == self._qla_packed_quantization:
+            return True
+        groups = [[self.get_submodule(name) for name in names] for names in self._qla_template.packed_groups()]
+        if all(same_input_quantization(group[0], other) for group in groups for other in group[1:]):
+            self._qla_packed_quantization = state  # rewritten (a state-dict load) but still alike
+            return True
+        if not getattr(self, "_qla_warned_stale", False):
+            self._qla_warned_stale = True
+            warnings.warn(f"{type(self).__name__}: the input quantization of its packed layers changed after "
+                          "fuse_blocks; it runs module by module until fuse_blocks is called again", stacklevel=3)
+        return False
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -396,7 +425,8 @@ class FusedPostNormBlock(_PackedGroups):
     def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if self.training or x.dim() != 3 or resolve_backend(x.device) == "simulate":
             return False
-        return self._attention_mask(args, kwargs)[0] and _hooks_allow_bypass(self, self._qla_template.bypassed())
+        return (self._attention_mask(args, kwargs)[0] and _hooks_allow_bypass(self, self._qla_template.bypassed())
+                and self._packing_is_current())
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         plain, mask = self._attention_mask(args, kwargs)
@@ -508,7 +538,7 @@ class FusedDecoderBlock(_PackedGroups):
             return None
         if named.get("output_attentions") or not _hooks_allow_bypass(self, self._qla_template.bypassed()):
             return None
-        return named
+        return named if self._packing_is_current() else None
 
     def _fused_chain_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         return self._chain_arguments(x, args, kwargs) is not None
@@ -805,7 +835,8 @@ def unfuse_block(block: nn.Module) -> nn.Module:
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = _original_class(block)
     del block._qla_template
-    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed"):
+    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed",
+                 "_qla_packed_quantization", "_qla_warned_stale"):
         block.__dict__.pop(name, None)
     for name in ("_qla_window_rows", "_qla_window_mask"):
         block._buffers.pop(name, None)
