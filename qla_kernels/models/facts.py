@@ -61,7 +61,7 @@ def example_input(model: nn.Module):
     raise ValueError("cannot build an example input for this model: pass example=")
 
 
-def _is_any_linear(module: nn.Module) -> bool:
+def is_any_linear(module: nn.Module) -> bool:
     return is_linear(module) or isinstance(module, QuantLinear)
 
 
@@ -104,7 +104,7 @@ def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
     adapters = [m for m in block.modules() if isinstance(m, (LoRAAdapter, DWSepAdapter))]
     inside_adapters = {sub for adapter in adapters for sub in adapter.modules()}  # corrections, not the block's own
     handles = [m.register_forward_hook(record) for m in block.modules()
-               if (is_norm(m) or _is_any_linear(m)) and m not in inside_adapters]
+               if (is_norm(m) or is_any_linear(m)) and m not in inside_adapters]
     handles.append(block.register_forward_hook(block_done))
     run_hooked(model, batch, handles)
     if "output" not in state:
@@ -113,13 +113,27 @@ def _trace_block(model: nn.Module, block: nn.Module, batch: Any):
 
 
 def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
-    """Facts of `model` from one forward pass on `batch`. Raises ValueError naming what is missing
-    when the model does not fit the block templates."""
+    """Facts of `model` (its blocks as the first one is built) from one forward pass on `batch`.
+    Raises ValueError naming what is missing when the model does not fit the block templates."""
     blocks = find_blocks(model)
-    block_name, block = blocks[0]
+    block_facts, block_input = describe_block(model, *blocks[0], batch)
+    spatial = block_input is not None and block_input.dim() == 4
+    grid = tuple(block_input.shape[1:3]) if spatial else getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return ArchitectureFacts(
+        blocks=tuple(name for name, _ in blocks),
+        block=block_facts,
+        token_layout="grid" if spatial else "sequence",
+        prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+        grid=tuple(grid) if grid is not None else None,
+    )
+
+
+def describe_block(model: nn.Module, block_name: str, block: nn.Module, batch: Any):
+    """(BlockFacts of `block`, its input) from one forward pass of `model` on `batch`; ValueError
+    naming what is missing when the block does not fit the block templates."""
     calls, output, block_input = _trace_block(model, block, batch)
     where = f"block {block_name!r} ({type(block).__name__})"
-    linear_calls = [index for index, call in enumerate(calls) if _is_any_linear(call[1])]
+    linear_calls = [index for index, call in enumerate(calls) if is_any_linear(call[1])]
     norm_calls = [index for index, call in enumerate(calls) if is_norm(call[1])]
     if len(linear_calls) < 4:
         raise ValueError(f"{where}: expected attention and MLP linears (at least 4), found {len(linear_calls)}")
@@ -168,12 +182,4 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
         mlp_output=calls[linear_calls[-1]][0],
         output_norm=calls[output_norms[-1]][0] if post_norm else "",
     )
-    spatial = block_input is not None and block_input.dim() == 4
-    grid = tuple(block_input.shape[1:3]) if spatial else getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return ArchitectureFacts(
-        blocks=tuple(name for name, _ in blocks),
-        block=block_facts,
-        token_layout="grid" if spatial else "sequence",
-        prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
-        grid=tuple(grid) if grid is not None else None,
-    )
+    return block_facts, block_input

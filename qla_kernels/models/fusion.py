@@ -38,7 +38,7 @@ from ..nn.fused_block import (
 )
 from ..ops.dispatch import use_backend
 from .blocks import find_blocks
-from .facts import BlockFacts, describe, example_input, run_hooked, without_kv_cache
+from .facts import BlockFacts, describe_block, example_input, is_any_linear, run_hooked, without_kv_cache
 
 # Relative error of the fused chain against the block's module-by-module forward above which the
 # template is judged not to fit: per-token requantization of the same values can flip roundings
@@ -59,7 +59,7 @@ class FusionReport:
 # fused_linear names them; the numerical check at fusion confirms each choice.
 _LIBRARY_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
                         "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "ReLUActivation": "relu",
-                        "SiLUActivation": "silu"}
+                        "SiLUActivation": "silu", "BloomGelu": "gelu_tanh"}
 
 
 def _activation_name(module: nn.Module) -> Optional[str]:
@@ -104,7 +104,7 @@ def _post_norm_template(block: nn.Module, facts: BlockFacts) -> PostNormTemplate
         raise ValueError(f"post-norm blocks with a {facts.mlp_kind} MLP / {facts.norm_kind} have no fused template")
     fc1 = facts.mlp_inputs[0]
     fc1_parent = block.get_submodule(fc1.rpartition(".")[0])
-    activation = _activation(fc1_parent, {block.get_submodule(fc1)})
+    activation = _activation(fc1_parent, {block.get_submodule(fc1), block.get_submodule(facts.mlp_output)})
     chain = {block.get_submodule(name) for name in (*facts.attention_inputs, facts.attention_output, facts.mlp_norm,
                                                      fc1, facts.mlp_output, facts.output_norm)}
     lowered = getattr(block.get_submodule(facts.attention_output), "lowered_adapter", None) is not None
@@ -148,14 +148,29 @@ def template_for(block: nn.Module, facts: BlockFacts):
         raise ValueError(f"attention linears {(*facts.attention_inputs, proj)} do not share an attention module")
     fc2 = facts.mlp_output
     mlp = fc2.rpartition(".")[0]
-    if not mlp or any(name.rpartition(".")[0] != mlp for name in facts.mlp_inputs):
+    causal = getattr(block.get_submodule(attention), "is_causal", False)
+    if any(name.rpartition(".")[0] != mlp for name in facts.mlp_inputs) or not (mlp or causal):
         raise ValueError(f"MLP linears {(*facts.mlp_inputs, fc2)} do not share an MLP module")
     if getattr(block.get_submodule(attention), "gate", None) is not None:
         raise ValueError("gated attention has no fused template yet")
+    known = {block.get_submodule(name) for name in (*facts.attention_inputs, proj)}
+    others = [name for name, module in block.get_submodule(attention).named_modules()
+              if is_any_linear(module) and module not in known]
+    if others and not causal:  # talking heads (CaiT), relative-position MLPs: work the chain would skip
+        raise ValueError(f"the attention module has other linears {others} the fused chain would skip")
     linears = {block.get_submodule(name) for name in (*facts.mlp_inputs, fc2)}
-    _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, mlp}, proj)
-    if getattr(block.get_submodule(attention), "is_causal", False):
-        activation = _activation(block.get_submodule(mlp), linears)
+    if mlp:
+        mlp_module, mlp_parts, not_activations = block.get_submodule(mlp), {mlp}, linears
+    else:  # a decoder whose MLP linears and activation are the block's own children (OPT)
+        mlp_module = block
+        not_activations = linears | {block.get_submodule(name) for name in (facts.attention_norm, attention,
+                                                                             facts.mlp_norm)}
+        not_activations |= {child for child in block.children() if isinstance(child, (DWSepAdapter, LoRAAdapter))}
+        mlp_parts = {*facts.mlp_inputs, fc2, *(name for name, child in block.named_children()
+                                               if child not in not_activations and _activation_name(child))}
+    _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, *mlp_parts}, proj)
+    if causal:
+        activation = _activation(mlp_module, not_activations)
         if facts.mlp_kind == "swiglu":
             if activation != "silu":
                 raise ValueError(f"a two-input MLP with a {activation} activation has no fused template")
@@ -277,7 +292,7 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
     block._qla_returns_tuple = returns_tuple
     try:
         fused = block(x, *args, **kwargs)
-    except RuntimeError as reason:  # e.g. an attention module that does not call packed q/k/v as assumed
+    except (RuntimeError, ValueError) as reason:  # e.g. an attention module that does not call packed q/k/v
         unfuse_block(block)
         return f"the fused chain fails on this block: {reason}"
     finally:
@@ -301,18 +316,26 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
         return ""
     mlp = block.get_submodule(mlp_name)
     x, args, kwargs = call
+    calls = []
     try:
         activation = _activation(mlp, {mlp.get_submodule(fc1), mlp.get_submodule(fc2)})
         restore_adapters = adapter_state_restorer(block)
-        expected = block(x, *args, **kwargs)
+        handle = mlp.register_forward_pre_hook(lambda module, a, k: calls.append((a, k)), with_kwargs=True)
+        try:
+            expected = block(x, *args, **kwargs)
+        finally:
+            handle.remove()
         restore_adapters()
+        if len(calls) != 1 or len(calls[0][0]) != 1 or calls[0][1]:
+            return ""  # the fused MLP takes the hidden states alone (Bloom's also takes the residual)
         fuse_mlp(mlp, MLPTemplate(fc1, fc2, activation))
     except ValueError:
         return ""
     fused = block(x, *args, **kwargs)
     restore_adapters()
     primary = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
-    if not mlp._fused_chain_applies(x) or _relative_error(primary(expected), primary(fused)) > MATCH_TOLERANCE:
+    hidden = calls[0][0][0]
+    if not mlp._fused_chain_applies(hidden) or _relative_error(primary(expected), primary(fused)) > MATCH_TOLERANCE:
         unfuse_block(mlp)
         return ""
     return mlp_name
@@ -332,22 +355,31 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
     QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`); calling it again
     (after any of them) fuses the blocks anew."""
     example = example if example is not None else example_input(model)
-    facts = describe(model, example)
     named = find_blocks(model)
     was_training = model.training
     model.eval()
     report = FusionReport([], {})
+    facts_by_class: Dict[type, Any] = {}  # blocks of one class share their facts (CaiT has two classes)
     try:
         with use_backend(backend):
             inputs = _block_inputs(model, [block for _, block in named], example)
             for index, (name, block) in enumerate(named):
                 _unfuse(block)  # fusing again re-derives every template from the model as it is now
-                reason = _fuse_checked(block, facts.block, inputs.get(index))
+                if type(block) not in facts_by_class:
+                    try:
+                        facts_by_class[type(block)] = describe_block(model, name, block, example)[0]
+                    except ValueError as reason:  # parallel attention and MLP, no norms, ...
+                        facts_by_class[type(block)] = f"no block template: {reason}"
+                facts = facts_by_class[type(block)]
+                if isinstance(facts, str):
+                    report.skipped[name] = facts
+                    continue
+                reason = _fuse_checked(block, facts, inputs.get(index))
                 if not reason:
                     report.fused.append(name)
                     continue
                 report.skipped[name] = reason
-                mlp = _fuse_mlp_checked(block, facts.block, inputs.get(index))
+                mlp = _fuse_mlp_checked(block, facts, inputs.get(index))
                 if mlp:
                     report.fused_mlps.append(f"{name}.{mlp}")
     finally:

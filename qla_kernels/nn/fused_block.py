@@ -156,19 +156,15 @@ class DecoderTemplate:
                                          self.mlp_inputs if self.packed_mlp_inputs else ()) if names)
 
 
-def attention_heads(attention: nn.Module) -> Tuple[Optional[int], Optional[int]]:
-    """(head count, head size) from timm's or Hugging Face's attribute names."""
-    heads = getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
+def attention_heads(attention: nn.Module, width: int) -> Tuple[Optional[int], Optional[int]]:
+    """(head count, head size) of attention over `width` features (the query projection's), from
+    timm's or Hugging Face's attribute names; the size follows from the width where the module
+    does not name it (timm's WindowAttention, DistilBERT)."""
+    heads = next((value for name in ("num_heads", "num_attention_heads", "n_heads", "n_head")
+                  if isinstance(value := getattr(attention, name, None), int)), None)
     size = getattr(attention, "head_dim", None) or getattr(attention, "attention_head_size", None)
-    return heads, size
-
-
-def packed_qkv_heads(attention: nn.Module, qkv: nn.Module) -> Tuple[Optional[int], Optional[int]]:
-    """(head count, head size) of attention with one packed qkv projection; the head size follows
-    from the projection's width where the module does not name it (timm's WindowAttention)."""
-    heads, size = attention_heads(attention)
-    if size is None and isinstance(heads, int) and heads > 0:
-        size = qkv.out_features // (3 * heads)
+    if size is None and heads:
+        size = width // heads
     return heads, size
 
 
@@ -313,7 +309,7 @@ class FusedPackedQKVBlock(nn.Module):
             q, scale, zero, qwt_t = _quantize_input(rows, qkv, norm1, qwt_down, down_from_input=True)
         packed = fused_linear(q, scale, qkv.quantized_weight(), a_zero_point=zero, bias=qkv.bias, out_dtype=x.dtype,
                               gather_rows=window_rows)
-        heads, head_dim = packed_qkv_heads(attention, qkv)
+        heads, head_dim = attention_heads(attention, qkv.out_features // 3)
         if window_rows is None:
             sequences, tokens, mask = x.shape[0], x.shape[1], None
         else:
@@ -437,8 +433,8 @@ class FusedPostNormBlock(_PackedGroups):
         batch, tokens, width = x.shape
         rows = x.reshape(batch * tokens, width).contiguous()
         attention = part(t.attention)
-        heads, head_dim = attention_heads(attention)
         layers = [part(name) for name in (t.query, t.key, t.value)]
+        heads, head_dim = attention_heads(attention, layers[0].out_features)
         if t.packed_qkv:
             q, scale, zero, _ = _quantize_input(rows, layers[0])
             weight, bias = self._qla_packed[t.packed_groups()[0]]
@@ -678,9 +674,9 @@ class FusedMLP(nn.Module):
             return False
         return _hooks_allow_bypass(self, self._qla_template.bypassed())
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self._fused_chain_applies(h):
-            return super().forward(h)
+    def forward(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or not self._fused_chain_applies(h):  # e.g. a residual passed in: not the chain's MLP
+            return super().forward(h, *args, **kwargs)
         t = self._qla_template
         fc1, fc2 = self.get_submodule(t.fc1), self.get_submodule(t.fc2)
         rows = h.reshape(-1, h.shape[-1]).contiguous()
@@ -770,8 +766,8 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
         block._pack()
         return block
     attention = block.get_submodule(template.attention)
-    heads, head_dim = (attention_heads(attention) if post_norm else
-                       packed_qkv_heads(attention, block.get_submodule(template.qkv)))
+    query = block.get_submodule(template.query if post_norm else template.qkv)
+    heads, head_dim = attention_heads(attention, query.out_features // (1 if post_norm else 3))
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise ValueError(f"{template.attention!r} ({type(attention).__name__}) has no int head count / head size")
     if post_norm and template.packed_qkv:

@@ -148,12 +148,39 @@ def test_blocks_that_do_not_fit_keep_their_quantlinears():
     assert not any(isinstance(b, FusedPackedQKVBlock) for m in (layer_scale, adapted, plain) for b in m.blocks)
 
 
+def test_blocks_without_a_template_are_reported_not_raised():
+    """CaiT (two block classes: talking-heads attention, then class attention, each described on
+    its own) and Phi (attention and MLP in parallel from one norm): no block fuses, each says why,
+    the MLPs that can fuse alone do, and the outputs stay the same."""
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.methods.batches import model_output, run_model
+
+    torch.manual_seed(0)
+    cait = qk.quantize_(timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8,
+                                          depth=2).eval(), qk.W8A8(), filter_fn=lambda module, name: module.in_features > 4)
+    phi = qk.quantize_(transformers.AutoModelForCausalLM.from_config(transformers.PhiConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)).eval(),
+        qk.W8A8())
+    for model, batch, reason, mlps in ((cait, torch.randn(2, 3, 32, 32), "other linears", 4),
+                                       (phi, {"input_ids": torch.randint(0, 100, (2, 8))}, "no block template", 0)):
+        with torch.no_grad():
+            expected = model_output(run_model(model, batch))
+        report = fuse_blocks(model, batch)
+        assert not report.fused and report.skipped and all(reason in why for why in report.skipped.values())
+        assert len(report.fused_mlps) == mlps
+        with torch.no_grad():
+            assert _relative_error(expected, model_output(run_model(model, batch))) < 1e-5
+
+
 def _encoder(kind):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config_class = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[kind]
-    config = config_class(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                          vocab_size=100, **({"hidden_act": "gelu_new"} if kind == "roberta" else {}))
+    if kind == "distilbert":  # other names (q_lin, sa_layer_norm, ffn.lin1), heads as n_heads
+        config = transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100)
+    else:
+        config_class = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[kind]
+        config = config_class(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                              vocab_size=100, **({"hidden_act": "gelu_new"} if kind == "roberta" else {}))
     model = transformers.AutoModel.from_config(config).eval()
     ids = torch.randint(3, 100, (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)
@@ -161,7 +188,7 @@ def _encoder(kind):
     return model, {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, config, static, chain_calls):
@@ -177,20 +204,22 @@ def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, conf
     with torch.no_grad():
         expected = model_output(run_model(model, batch))
     report = fuse_blocks(model, batch)
-    assert report.fused == ["encoder.layer.0", "encoder.layer.1"] and not report.skipped
-    assert all(isinstance(layer, FusedPostNormBlock) for layer in model.encoder.layer)
+    blocks = find_blocks(model)
+    assert report.fused == [name for name, _ in blocks] and len(blocks) == 2 and not report.skipped
+    assert all(isinstance(block, FusedPostNormBlock) for _, block in blocks)
     # q/k/v pack when they quantize alike: always with dynamic scales; static ones are chosen per
     # layer (percentile candidates judged by each layer's output) and may differ.
-    attention = model.encoder.layer[0].attention.self
+    block = blocks[0][1]
+    query, key, value = (block.get_submodule(name) for name in (block._qla_template.query, block._qla_template.key,
+                                                                 block._qla_template.value))
     alike = not static or all(
-        torch.equal(attention.query.input_scale, other.input_scale)
-        and torch.equal(attention.query.input_zero_point, other.input_zero_point)
-        for other in (attention.key, attention.value))
-    assert model.encoder.layer[0]._qla_template.packed_qkv == alike
+        torch.equal(query.input_scale, other.input_scale) and torch.equal(query.input_zero_point, other.input_zero_point)
+        for other in (key, value))
+    assert block._qla_template.packed_qkv == alike
     chain_calls.clear()
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
-    activation = "gelu" if kind == "bert" else "gelu_tanh"
+    activation = "gelu_tanh" if kind == "roberta" else "gelu"
     qkv = ["none"] if alike else ["none"] * 3
     assert chain_calls == (qkv + ["none", activation, "none"]) * 2
     assert _relative_error(expected, fused) < 1e-5
@@ -255,6 +284,8 @@ def _decoder(kind):
                                                 bos_token_id=0, eos_token_id=0),
         "llama": lambda: transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+        "opt": lambda: transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                              vocab_size=100, word_embed_proj_dim=64),
     }[kind]()
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(1, 100, (2, 12))
@@ -268,7 +299,7 @@ def _greedy(model, prompt):
         return model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "opt"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
 def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls, monkeypatch):
     """GPT-2 / LLaMA: norms and the MLP (GELU, or SwiGLU's gate and up) run fused, the model's own
@@ -293,13 +324,13 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
         kwargs.get("residual") is not None) or quantized_linear(*args, **kwargs))
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
-    # LLaMA: q/k/v as one packed GEMM handed over to the attention module; gate and up as one
-    # packed GEMM with the SwiGLU epilogue; down.
-    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"]}[kind]
-    assert chain_calls == per_block * 2
+    # LLaMA / OPT: q/k/v as one packed GEMM handed over to the attention module; LLaMA's gate and
+    # up as one packed GEMM with the SwiGLU epilogue; down (OPT: fc1 + ReLU, fc2 are the block's own).
+    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"], "opt": ["none", "relu", "none"]}
+    assert chain_calls == per_block[kind] * 2
     # GPT-2's packed c_attn, then the output projection with the residual; LLaMA: the latter only.
     # Last, the LM head.
-    assert layer_calls == {"gpt2": [False, True], "llama": [True]}[kind] * 2 + [False]
+    assert layer_calls == {"gpt2": [False, True], "llama": [True], "opt": [True]}[kind] * 2 + [False]
     assert _relative_error(expected, fused) < 1e-5
     assert torch.equal(_greedy(model, prompt), expected_tokens)
 
