@@ -10,7 +10,7 @@ from qla_kernels.methods import gplq, ptq, qwt
 from qla_kernels.nn.lsq_linear import LSQLinear
 from qla_kernels.quant.lsq import LSQPlusQuantizer
 
-from ..conftest import kl_divergence
+from ..conftest import digits_threads, kl_divergence
 
 
 def _kl(fp_logits, model, x):
@@ -22,7 +22,8 @@ def _kl(fp_logits, model, x):
 def digits_gplq(digits_vit):
     """Stage 1 on one epoch of the digits training set (batches of 16, defaults otherwise)."""
     train = [digits_vit.train_x[i:i + 16] for i in range(0, len(digits_vit.train_x), 16)]
-    student, report = gplq.activation_qat(digits_vit.model, qk.W4A4(), train, progress=False)
+    with digits_threads():
+        student, report = gplq.activation_qat(digits_vit.model, qk.W4A4(), train, progress=False)
     return student, report
 
 
