@@ -62,6 +62,10 @@ _LIBRARY_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tan
                         "SiLUActivation": "silu", "BloomGelu": "gelu_tanh"}
 
 
+# The gated fused_linear activation act(gate)·up for a gated MLP's activation.
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+
+
 def _activation_name(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
@@ -171,12 +175,16 @@ def template_for(block: nn.Module, facts: BlockFacts):
     _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, *mlp_parts}, proj)
     if causal:
         activation = _activation(mlp_module, not_activations)
-        if facts.mlp_kind == "swiglu":
-            if activation != "silu":
+        fc1 = block.get_submodule(facts.mlp_inputs[0])
+        # One linear producing [gate | up] (Phi-3's gate_up_proj) is a gated MLP with its inputs
+        # already packed; the numerical check at fusion confirms the halves' order.
+        gate_up = len(facts.mlp_inputs) == 1 and fc1.out_features == 2 * block.get_submodule(fc2).in_features
+        if facts.mlp_kind == "swiglu" or (activation in _GATED and gate_up):
+            if activation not in _GATED:
                 raise ValueError(f"a two-input MLP with a {activation} activation has no fused template")
-            activation = "swiglu"
+            activation = _GATED[activation]
         return DecoderTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
-                               activation, activation == "swiglu" and bool(_packable(block, facts.mlp_inputs)),
+                               activation, len(facts.mlp_inputs) == 2 and bool(_packable(block, facts.mlp_inputs)),
                                _packable(block, facts.attention_inputs))
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")

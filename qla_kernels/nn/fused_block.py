@@ -48,6 +48,7 @@ from ..ops import (
 )
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
+from ..ops.reference import GATED_ACTIVATIONS, apply_activation
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
 from .quant_linear import QuantLinear
 
@@ -134,9 +135,9 @@ class DecoderTemplate:
     attention: str  # runs as the model's own module: KV cache, rotary embeddings and masks stay the model's
     attention_output: str  # inside `attention`; its epilogue adds the residual x (and a lowered DW adapter's T·U)
     norm2: str
-    mlp_inputs: Tuple[str, ...]  # (fc1,) or (gate, up)
+    mlp_inputs: Tuple[str, ...]  # (fc1,), (gate, up), or (gate_up,) producing [gate | up]
     mlp_output: str
-    activation: str  # one of ACTIVATIONS, or "swiglu" for (gate, up): silu(gate(x)) * up(x)
+    activation: str  # one of ACTIVATIONS, or of GATED_ACTIVATIONS: act(gate(x)) * up(x)
     # SwiGLU's gate and up run as one packed GEMM with the silu(gate)·up epilogue (else two GEMMs).
     packed_mlp_inputs: bool = False
     # Separate attention input projections (LLaMA's q/k/v) run as one packed GEMM whose slices are
@@ -590,7 +591,7 @@ class FusedDecoderBlock(_PackedGroups):
         else:  # gate and up quantized or stored differently: two GEMMs
             gate, up = [fused_linear(a, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
                                      out_dtype=x.dtype) for (a, scale, zero), layer in zip(operands, inputs)]
-            hidden = (F.silu(gate) * up).contiguous()
+            hidden = apply_activation(torch.cat([gate, up], dim=1), t.activation)
             if fc2.config.act_bits is None:
                 out = fused_linear(hidden, None, fc2.quantized_weight(), bias=fc2.bias, residual=x1,
                                    out_dtype=x.dtype, **segments)
@@ -754,13 +755,13 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
             getattr(block, "qla_ffn", None), LoRAAdapter):
         raise ValueError(f"{fc2!r} carries a lowered adapter but the block has no qla_ffn adapter")
     if decoder:
-        if template.activation not in ACTIVATIONS + ("swiglu",) or (template.activation == "swiglu") != (
-                len(template.mlp_inputs) == 2):
+        gated = template.activation in GATED_ACTIVATIONS
+        if template.activation not in ACTIVATIONS + GATED_ACTIVATIONS or (len(template.mlp_inputs) == 2 and not gated):
             raise ValueError(f"activation {template.activation!r} does not fit MLP inputs {template.mlp_inputs}")
         check_packable([block.get_submodule(name) for name in template.packed_attention_inputs])
         if template.packed_mlp_inputs:
-            if template.activation != "swiglu":
-                raise ValueError("only SwiGLU's gate and up run as one packed GEMM")
+            if len(template.mlp_inputs) != 2:
+                raise ValueError("only a gated MLP's gate and up run as one packed GEMM")
             check_packable([block.get_submodule(name) for name in template.mlp_inputs])
         _swap_class(block, template)
         block._pack()

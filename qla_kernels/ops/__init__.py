@@ -163,8 +163,8 @@ def fused_linear(
     `a` is int8 [M, K] with `a_scale` fp32 [M] or [1] for the integer formats, or fp16/bf16/fp32
     [M, K] with `a_scale` None for "uint4_asym_groups" (W4A16). Low-rank T [M, r] / U [N, r] and
     full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
-    "gelu_tanh", "relu" or "swiglu" (silu(gate)·up, gate in the weight's first N/2 rows and up in
-    its last N/2; output N/2 wide).
+    "gelu_tanh", "relu", or gated act(gate)·up with the gate in the weight's first N/2 rows and up
+    in its last N/2 (output N/2 wide): "swiglu" (silu), "geglu" (gelu erf), "geglu_tanh".
     Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
 
     Row maps (int32): GEMM row m reads A row `gather_rows[m]` (−1: zero padding) and writes
@@ -181,14 +181,14 @@ def fused_linear(
     )
     check_fused_linear(*args)
     backend = resolve_backend(a.device)
-    swiglu = activation == "swiglu"  # decode: the CUDA kernel runs gate and up as one GEMM, SwiGLU follows
+    gated = activation in reference.GATED_ACTIVATIONS  # decode: the CUDA kernel runs gate and up as one GEMM
     if backend == "cuda" and cuda.supports_fused_linear(
             a, a_zero_point, weight.data, weight.format, weight.k_group, lowrank_t, lowrank_u, fullrank_x, bias,
-            "none" if swiglu else activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows):
+            "none" if gated else activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows):
         y = torch.ops.qla.w4a16_decode_cuda(a, weight.data, weight.scale, weight.zero, weight.k_group, lowrank_t,
-                                            lowrank_u, bias, None if swiglu else residual)
-        if swiglu:
-            y = reference.apply_activation(y, "swiglu")
+                                            lowrank_u, bias, None if gated else residual)
+        if gated:
+            y = reference.apply_activation(y, activation)
             y = y if residual is None else y + residual
         return y
     if backend in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:

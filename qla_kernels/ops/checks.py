@@ -11,7 +11,7 @@ import torch
 
 from ..formats.weights import INTEGER_FORMATS, check_weight, weight_in_features
 from ..quant.primitives import qrange
-from .reference import ACTIVATIONS, NORM_KINDS, output_features
+from .reference import ACTIVATIONS, GATED_ACTIVATIONS, NORM_KINDS, output_features
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -150,8 +150,9 @@ def check_fused_linear(
         raise ValueError(f"fullrank_x ({fullrank_x.dtype}) and fullrank_w ({fullrank_w.dtype}) must share a dtype")
     check_tensor("bias", bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
     check_choice("activation", activation, ACTIVATIONS)
-    if activation == "swiglu" and out_features % 2:
-        raise ValueError(f"activation='swiglu' needs an even out_features (gate rows, then up rows), got {out_features}")
+    if activation in GATED_ACTIVATIONS and out_features % 2:
+        raise ValueError(f"activation={activation!r} needs an even out_features (gate rows, then up rows), "
+                         f"got {out_features}")
     check_tensor("residual", residual, device=device, dtypes=FLOAT_DTYPES,
                  shape=(rows, output_features(out_features, activation)))
     check_choice("out_dtype", out_dtype, FLOAT_DTYPES)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from ..formats.weights import dequantize_weight, integer_weight
 from ..quant.primitives import absmax_scale, quantize_with_scale
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "swiglu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh")
+# Gated activations act(gate)·up: the weight's first half of rows is the gate, its second half up.
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 NORM_KINDS = ("none", "layernorm", "rmsnorm")
 
 
@@ -145,10 +147,12 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(y, approximate="tanh")
     if activation == "relu":
         return F.relu(y)
-    # SwiGLU: the first half of the columns is the gate, the second half the up projection (the
+    # Gated: the first half of the columns is the gate, the second half the up projection (the
     # layout of torch.cat([gate, up]), so packed gate/up weights can be views of the layers' own).
     gate, up = y.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if activation == "geglu_tanh" else "none") * up
 
 
 def epilogue(
@@ -275,4 +279,4 @@ def fused_linear(
 
 
 def output_features(weight_out_features: int, activation: str) -> int:
-    return weight_out_features // 2 if activation == "swiglu" else weight_out_features
+    return weight_out_features // 2 if activation in GATED_ACTIVATIONS else weight_out_features

@@ -286,6 +286,9 @@ def _decoder(kind):
                                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100),
         "opt": lambda: transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                                               vocab_size=100, word_embed_proj_dim=64),
+        "phi3": lambda: transformers.Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
     }[kind]()
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(1, 100, (2, 12))
@@ -299,7 +302,7 @@ def _greedy(model, prompt):
         return model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "opt"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "opt", "phi3"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
 def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls, monkeypatch):
     """GPT-2 / LLaMA: norms and the MLP (GELU, or SwiGLU's gate and up) run fused, the model's own
@@ -325,12 +328,15 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
     # LLaMA / OPT: q/k/v as one packed GEMM handed over to the attention module; LLaMA's gate and
-    # up as one packed GEMM with the SwiGLU epilogue; down (OPT: fc1 + ReLU, fc2 are the block's own).
-    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"], "opt": ["none", "relu", "none"]}
+    # up as one packed GEMM with the SwiGLU epilogue; down (OPT: fc1 + ReLU, fc2 are the block's
+    # own). Phi-3's gate_up_proj is SwiGLU already packed.
+    per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"], "opt": ["none", "relu", "none"],
+                 "phi3": ["swiglu", "none"]}
     assert chain_calls == per_block[kind] * 2
-    # GPT-2's packed c_attn, then the output projection with the residual; LLaMA: the latter only.
-    # Last, the LM head.
-    assert layer_calls == {"gpt2": [False, True], "llama": [True], "opt": [True]}[kind] * 2 + [False]
+    # GPT-2's / Phi-3's packed qkv, then the output projection with the residual; LLaMA / OPT: the
+    # latter only. Last, the LM head.
+    residual_calls = {"gpt2": [False, True], "llama": [True], "opt": [True], "phi3": [False, True]}
+    assert layer_calls == residual_calls[kind] * 2 + [False]
     assert _relative_error(expected, fused) < 1e-5
     assert torch.equal(_greedy(model, prompt), expected_tokens)
 

@@ -64,6 +64,8 @@ def test_zero_point_term_equals_centered_activations():
     ("gelu_tanh", lambda y: F.gelu(y, approximate="tanh")),
     ("relu", F.relu),
     ("swiglu", lambda y: F.silu(y[:, :y.shape[1] // 2]) * y[:, y.shape[1] // 2:]),
+    ("geglu", lambda y: F.gelu(y[:, :y.shape[1] // 2]) * y[:, y.shape[1] // 2:]),
+    ("geglu_tanh", lambda y: F.gelu(y[:, :y.shape[1] // 2], approximate="tanh") * y[:, y.shape[1] // 2:]),
 ])
 def test_full_epilogue(activation, torch_fn):
     m, n, k, r, kc = 6, 32, 64, 16, 24
@@ -72,7 +74,7 @@ def test_full_epilogue(activation, torch_fn):
     t, u = torch.randn(m, r, dtype=torch.float16), torch.randn(n, r, dtype=torch.float16) * 0.1
     xc, wc = torch.randn(m, kc, dtype=torch.float16), torch.randn(n, kc, dtype=torch.float16) * 0.1
     bias = torch.randn(n)
-    n_out = n // 2 if activation == "swiglu" else n
+    n_out = n // 2 if activation in reference.GATED_ACTIVATIONS else n
     residual = torch.randn(m, n_out, dtype=torch.float16)
     y = ops.fused_linear(a, a_scale, weight, lowrank_t=t, lowrank_u=u, fullrank_x=xc, fullrank_w=wc, bias=bias,
                          activation=activation, residual=residual, out_dtype=torch.float32)
@@ -210,7 +212,7 @@ def test_fused_linear_property(m, n_half, k_groups, fmt, rank, fullrank, use_bia
     t, u = (rand(m, rank).half(), (rand(n, rank) * 0.1).half()) if rank else (None, None)
     xc, wc = (rand(m, 8).half(), (rand(n, 8) * 0.1).half()) if fullrank else (None, None)
     bias = rand(n) if use_bias else None
-    n_out = n // 2 if activation == "swiglu" else n
+    n_out = n // 2 if activation in reference.GATED_ACTIVATIONS else n
     residual = rand(m, n_out).half() if use_residual else None
     y = ops.fused_linear(a, a_scale, weight, lowrank_t=t, lowrank_u=u, fullrank_x=xc, fullrank_w=wc, bias=bias,
                          activation=activation, residual=residual, out_dtype=torch.float32)

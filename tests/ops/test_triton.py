@@ -88,7 +88,7 @@ def test_full_epilogue(activation, out_dtype):
     m, n, k = 37, 48, 96
     weight = _to(random_weight("int4_int8_groups", n, k, group=32))
     a, a_scale = (t.to(DEVICE) for t in random_int8(m, k))
-    n_out = n // 2 if activation == "swiglu" else n
+    n_out = n // 2 if activation in reference.GATED_ACTIVATIONS else n
     kwargs = dict(
         lowrank_t=torch.randn(m, 20, device=DEVICE, dtype=torch.float16),
         lowrank_u=(torch.randn(n, 20, device=DEVICE) * 0.1).half(),
@@ -328,7 +328,7 @@ def test_fused_linear_property(m, n_half, k_groups, fmt, group, rank, fullrank, 
         a, a_scale = rand(m, k).half(), None
     else:
         a, a_scale = (t.to(DEVICE) for t in random_int8(m, k, seed=seed))
-    n_out = n // 2 if activation == "swiglu" else n
+    n_out = n // 2 if activation in reference.GATED_ACTIVATIONS else n
     kwargs = dict(
         a_zero_point=torch.tensor([seed % 200 - 100], dtype=torch.int8, device=DEVICE) if zero else None,
         lowrank_t=rand(m, rank).half() if rank else None, lowrank_u=(rand(n, rank) * 0.1).half() if rank else None,
@@ -439,7 +439,7 @@ def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(DEVICE)  # noqa: E731
     weight = _to(random_weight("uint4_asym_groups", n, k, group=group, seed=seed))
-    n_out = n // 2 if activation == "swiglu" else n
+    n_out = n // 2 if activation in reference.GATED_ACTIVATIONS else n
     maps = {}
     if row_maps:
         maps = dict(gather_rows=torch.randperm(m, generator=generator).int().to(DEVICE),

@@ -33,6 +33,8 @@ def test_every_configuration_compiles_for_hopper_and_ampere(tmp_path):
     assert any(row["kernel"] == "quantize_activation" for row in rows)
     assert any(row["kernel"] == "requantize_rows" for row in rows)
     assert any(row["kernel"] == "normalize_activation" for row in rows)
+    assert any(row["kernel"] == "normalize_quantize_activation" for row in rows)
+    assert {row["epilogue"] for row in gemms} >= {"w8a8_swiglu_zero_point", "w8a8_geglu_tanh_requant", "w4a16_swiglu"}
     assert any(row.get("epilogue") == "w4a16_full_epilogue" for row in rows)
     assert {row["epilogue"] for row in gemms} >= {"w4a16_split_k_partial_sums", "w4a16_split_k_reduce_full_epilogue"}
     assert {row["arch"] for row in rows if row["kernel"] == "dwsep_down"} == {80, 90}

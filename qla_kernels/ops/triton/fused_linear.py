@@ -94,10 +94,11 @@ def fused_linear_kernel(
     pid_n = (pid % pids_per_group) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ACTIVATION == 4:
-        # SwiGLU: W's first N/2 rows are the gate, its last N/2 the up projection. The tile holds
-        # them interleaved (column 2j gate, 2j+1 up of output column pid_n·BLOCK_N/2 + j), which
-        # the epilogue splits; every per-channel operand is read through these weight rows.
+    if ACTIVATION >= 4:
+        # Gated (SwiGLU, GeGLU): W's first N/2 rows are the gate, its last N/2 the up projection.
+        # The tile holds them interleaved (column 2j gate, 2j+1 up of output column
+        # pid_n·BLOCK_N/2 + j), which the epilogue splits; every per-channel operand is read
+        # through these weight rows.
         pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
         offs_n = pair + (tl.arange(0, BLOCK_N) % 2) * (N // 2)
         mask_n = pair < N // 2
@@ -234,9 +235,16 @@ def fused_linear_kernel(
     elif ACTIVATION == 3:
         y = tl.maximum(y, 0.0)
 
-    if ACTIVATION == 4:
+    if ACTIVATION >= 4:
         gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
-        y = gate * tl.sigmoid(gate) * up
+        if ACTIVATION == 4:
+            gate = gate * tl.sigmoid(gate)
+        elif ACTIVATION == 5:
+            gate = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        else:
+            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            gate = 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+        y = gate * up
         offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         n_out = N // 2
     else:
