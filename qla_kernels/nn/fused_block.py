@@ -48,6 +48,7 @@ from ..ops import (
 )
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
+from ..ops import reference
 from ..ops.reference import GATED_ACTIVATIONS, apply_activation
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
 from .quant_linear import QuantLinear
@@ -186,6 +187,32 @@ def _norm_eps(norm: nn.Module) -> float:
     raise ValueError(f"{type(norm).__name__} has no eps / variance_epsilon attribute")
 
 
+def _norm_weight(norm: nn.Module) -> Optional[torch.Tensor]:
+    """The scale the norm multiplies by: its weight, plus 1 for norms that store the offset from 1
+    (Gemma's RMSNorm computes x̂·(1 + w)); `read_norm` found out which at fusion."""
+    offset = norm.__dict__.get("_qla_weight_offset", 0.0)
+    return norm.weight + offset if offset else norm.weight
+
+
+@torch.no_grad()
+def read_norm(norm: nn.Module) -> None:
+    """Checks on a probe that the norm is a LayerNorm / RMSNorm the pre-kernels compute (epsilon,
+    weight, bias), with its weight used as x̂·w or as x̂·(1 + w); records which. ValueError when it
+    is neither, or has no readable epsilon."""
+    eps, weight = _norm_eps(norm), getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise ValueError(f"{type(norm).__name__} has no 1-D weight")
+    probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    expected = norm.forward(probe).float()  # not norm(probe): hooks (QLA's) must not see the probe
+    for offset in (0.0, 1.0):
+        ours = reference.normalize(probe, norm_kind_of(norm), weight.float() + offset,
+                                   getattr(norm, "bias", None), eps)
+        if torch.allclose(ours, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
+            norm._qla_weight_offset = offset
+            return
+    raise ValueError(f"{type(norm).__name__} computes neither x̂·w nor x̂·(1 + w) of a {norm_kind_of(norm)}")
+
+
 def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None,
                     down_proj: Optional[torch.Tensor] = None, down_from_input: bool = False):
     """(codes, scales, zero point for the GEMM, T) of x for `layer`, with `norm` applied first and
@@ -193,7 +220,7 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
     without `down_proj`)."""
     kwargs = {}
     if norm is not None:
-        kwargs = dict(norm_kind=norm_kind_of(norm), norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None),
+        kwargs = dict(norm_kind=norm_kind_of(norm), norm_weight=_norm_weight(norm), norm_bias=getattr(norm, "bias", None),
                       norm_eps=_norm_eps(norm))
     bits = layer.config.act_bits
     q, scale, t = quantize_activation(x, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point,
@@ -474,7 +501,7 @@ def _normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, layer: QuantLin
     or rows·down_proj with `down_from_input`) for `layer` from one pre-kernel read of rows."""
     bits = layer.config.act_bits
     normed, q, scale, t = normalize_quantize_activation(
-        rows, bits, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None), _norm_eps(norm),
+        rows, bits, norm_kind_of(norm), _norm_weight(norm), getattr(norm, "bias", None), _norm_eps(norm),
         static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj,
         down_from_input=down_from_input and down_proj is not None)
     return normed, q, scale, gemm_zero_point(layer.input_zero_point, bits), t
@@ -483,7 +510,7 @@ def _normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, layer: QuantLin
 def _normalize(rows: torch.Tensor, norm: nn.Module,
                down_proj: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(norm(rows) in rows.dtype, T = norm(rows)·down_proj) from one pre-kernel read of rows."""
-    return normalize_activation(rows, norm_kind_of(norm), norm.weight, getattr(norm, "bias", None), _norm_eps(norm),
+    return normalize_activation(rows, norm_kind_of(norm), _norm_weight(norm), getattr(norm, "bias", None), _norm_eps(norm),
                                 down_proj=down_proj)
 
 
@@ -738,7 +765,7 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
     post_norm, decoder = isinstance(template, PostNormTemplate), isinstance(template, DecoderTemplate)
     for name in (template.norm1, template.norm2):
-        _norm_eps(block.get_submodule(name))  # a norm whose epsilon cannot be read is a ValueError here
+        read_norm(block.get_submodule(name))
     proj, fc2 = ((template.attention_output, template.mlp_output) if decoder else (template.proj, template.fc2))
     for name in template.linears() + ((template.attention_output,) if decoder else ()):
         layer = block.get_submodule(name)

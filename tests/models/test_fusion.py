@@ -286,6 +286,9 @@ def _decoder(kind):
                                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100),
         "opt": lambda: transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                                               vocab_size=100, word_embed_proj_dim=64),
+        "gemma": lambda: transformers.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                                  vocab_size=100),
         "phi3": lambda: transformers.Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                 num_key_value_heads=2, intermediate_size=128, vocab_size=100,
                                                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -302,13 +305,13 @@ def _greedy(model, prompt):
         return model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "opt", "phi3"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "opt", "phi3", "gemma"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
 def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls, monkeypatch):
-    """GPT-2 / LLaMA: norms and the MLP (GELU, or SwiGLU's gate and up) run fused, the model's own
-    attention module runs in between with the KV cache, rotary embeddings and masks it was given,
-    its output projection adding the residual in its epilogue. Fused == module by module
-    (measured: equal to ~1e-7), and greedy cached generation is the same."""
+    """GPT-2 / LLaMA / OPT / Phi-3 / Gemma: norms and the MLP (GELU or ReLU, or a gated MLP's gate
+    and up) run fused, the model's own attention module runs in between with the KV cache, rotary
+    embeddings and masks it was given, its output projection adding the residual in its epilogue.
+    Fused == module by module (measured: equal to ~1e-7), and greedy cached generation is the same."""
     from qla_kernels import ops
     from qla_kernels.methods.batches import model_output, run_model
 
@@ -329,13 +332,14 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
         fused = model_output(run_model(model, batch))
     # LLaMA / OPT: q/k/v as one packed GEMM handed over to the attention module; LLaMA's gate and
     # up as one packed GEMM with the SwiGLU epilogue; down (OPT: fc1 + ReLU, fc2 are the block's
-    # own). Phi-3's gate_up_proj is SwiGLU already packed.
+    # own). Phi-3's gate_up_proj is SwiGLU already packed; Gemma's MLP is GeGLU and its RMSNorm
+    # scales by (1 + w).
     per_block = {"gpt2": ["gelu_tanh", "none"], "llama": ["none", "swiglu", "none"], "opt": ["none", "relu", "none"],
-                 "phi3": ["swiglu", "none"]}
+                 "phi3": ["swiglu", "none"], "gemma": ["none", "geglu_tanh", "none"]}
     assert chain_calls == per_block[kind] * 2
-    # GPT-2's / Phi-3's packed qkv, then the output projection with the residual; LLaMA / OPT: the
-    # latter only. Last, the LM head.
-    residual_calls = {"gpt2": [False, True], "llama": [True], "opt": [True], "phi3": [False, True]}
+    # GPT-2's / Phi-3's packed qkv, then the output projection with the residual; LLaMA / OPT /
+    # Gemma: the latter only. Last, the LM head.
+    residual_calls = {"gpt2": [False, True], "llama": [True], "opt": [True], "phi3": [False, True], "gemma": [True]}
     assert layer_calls == residual_calls[kind] * 2 + [False]
     assert _relative_error(expected, fused) < 1e-5
     assert torch.equal(_greedy(model, prompt), expected_tokens)
