@@ -148,6 +148,26 @@ def test_blocks_that_do_not_fit_keep_their_quantlinears():
     assert not any(isinstance(b, FusedPackedQKVBlock) for m in (layer_scale, adapted, plain) for b in m.blocks)
 
 
+def test_norms_are_read_on_a_probe():
+    """x̂·w (torch, timm, LLaMA) or x̂·(1 + w) (Gemma's RMSNorm); anything else is a ValueError."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    class Doubled(torch.nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer_norm, gemma = torch.nn.LayerNorm(32), GemmaRMSNorm(32)
+    torch.nn.init.normal_(gemma.weight)
+    for norm, offset in ((layer_norm, 0.0), (torch.nn.RMSNorm(32), 0.0), (gemma, 1.0)):
+        fused_block.read_norm(norm)
+        assert norm._qla_weight_offset == offset
+    doubled = Doubled(32)
+    torch.nn.init.normal_(doubled.weight)
+    with pytest.raises(ValueError, match="computes neither"):
+        fused_block.read_norm(doubled)
+
+
 def test_blocks_without_a_template_are_reported_not_raised():
     """CaiT (two block classes: talking-heads attention, then class attention, each described on
     its own) and Phi (attention and MLP in parallel from one norm): no block fuses, each says why,
