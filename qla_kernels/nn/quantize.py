@@ -6,7 +6,11 @@ and one handler.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type
+import functools
+import inspect
+import re
+import warnings
+from typing import Callable, Dict, List, Optional, Type
 
 from torch import nn
 
@@ -32,6 +36,32 @@ def _quant_linear_handler(module: nn.Module, config: QuantConfig) -> nn.Module:
 
 for _config_type in (W8A8, W4A8, W4A16, W4A4):
     register_quantize_handler(_config_type)(_quant_linear_handler)
+
+
+def _weights_read_directly(model: nn.Module, names: List[str]) -> List[str]:
+    """The linears among `names` whose parent module's code mentions `self.<child>.weight` outside
+    its initialisation methods (ConViT reads the dtype of `self.qk.weight` in a helper of forward)."""
+    found = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        if _reads_weight(type(model.get_submodule(parent_name)), child):
+            found.append(name)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_weight(parent_class: type, child: str) -> bool:
+    pattern = re.compile(rf"self\.{re.escape(child)}\.weight\b")
+    for method_name, method in inspect.getmembers(parent_class, inspect.isfunction):
+        if "init" in method_name or "reset" in method_name or method.__module__.startswith("torch."):
+            continue
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):  # no Python source
+            continue
+        if pattern.search(source):
+            return True
+    return False
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -65,7 +95,10 @@ def quantize_(
     true (default: all) by its quantized counterpart for `config`. Returns `model`.
 
     A linear whose in_features the config cannot use (K not a multiple of group_size, odd K for
-    int4) raises ValueError naming the module: exclude it with filter_fn.
+    int4) raises ValueError naming the module: exclude it with filter_fn. A linear whose parent's
+    code reads its `.weight` instead of calling it (timm BEiT / EVA / Swin V2 attention:
+    `F.linear(x, self.qkv.weight, qkv_bias)`) stays in floating point, with a warning naming it:
+    a quantized layer stores codes there.
     """
     handler = _HANDLERS.get(type(config))
     if handler is None:
@@ -76,6 +109,10 @@ def quantize_(
         (name, module) for name, module in model.named_modules()
         if is_linear(module) and (filter_fn is None or filter_fn(module, name))
     ]
+    read_directly = _weights_read_directly(model, [name for name, _ in targets])
+    if read_directly:
+        warnings.warn(f"left in floating point (their parents read .weight directly): {read_directly}", stacklevel=2)
+        targets = [(name, module) for name, module in targets if name not in read_directly]
     for name, module in targets:
         try:
             replacement = handler(module, config)
