@@ -752,9 +752,10 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
     """Makes `block` run the fused chain of `template` (a PackedQKVTemplate, PostNormTemplate or
     DecoderTemplate; in place; returns it); `windows` for a packed-qkv block with windowed
     attention (Swin). Raises ValueError naming what does not fit: every linear must be an
-    activation-quantized QuantLinear (decoders also take W4A16), the attention module must expose
-    its head count and size, only the last linear may carry a lowered QwT, and lowered adapters
-    need the block's own adapters."""
+    activation-quantized QuantLinear (decoders also take W4A16), the norms must compute what the
+    pre-kernels do (`read_norm`), the attention module must expose its head count, only the last
+    linear may carry a lowered QwT, lowered adapters need the block's own adapters, and packed
+    groups must quantize their input alike."""
     if isinstance(block, FUSED_BLOCK_TYPES):
         raise ValueError(f"{type(block).__name__} is already fused")
     if windows is not None:
