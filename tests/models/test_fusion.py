@@ -150,7 +150,7 @@ def test_blocks_that_do_not_fit_keep_their_quantlinears():
 
 def test_norms_are_read_on_a_probe():
     """x̂·w (torch, timm, LLaMA) or x̂·(1 + w) (Gemma's RMSNorm); anything else is a ValueError."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
     class Doubled(torch.nn.LayerNorm):
