@@ -187,6 +187,12 @@ def _norm_eps(norm: nn.Module) -> float:
     raise ValueError(f"{type(norm).__name__} has no eps / variance_epsilon attribute")
 
 
+def _norm_arguments(norm: nn.Module) -> dict:
+    """The norm as the pre-kernel ops take it (norm_kind, norm_weight, norm_bias, norm_eps)."""
+    return dict(norm_kind=norm_kind_of(norm), norm_weight=_norm_weight(norm), norm_bias=getattr(norm, "bias", None),
+                norm_eps=_norm_eps(norm))
+
+
 def _norm_weight(norm: nn.Module) -> Optional[torch.Tensor]:
     """The scale the norm multiplies by: its weight, plus 1 for norms that store the offset from 1
     (Gemma's RMSNorm computes x̂·(1 + w)); `read_norm` found out which at fusion."""
@@ -218,14 +224,10 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
     """(codes, scales, zero point for the GEMM, T) of x for `layer`, with `norm` applied first and
     T = norm(x)·down_proj (x·down_proj with `down_from_input`) from the same read (no columns
     without `down_proj`)."""
-    kwargs = {}
-    if norm is not None:
-        kwargs = dict(norm_kind=norm_kind_of(norm), norm_weight=_norm_weight(norm), norm_bias=getattr(norm, "bias", None),
-                      norm_eps=_norm_eps(norm))
     bits = layer.config.act_bits
     q, scale, t = quantize_activation(x, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point,
                                       down_proj=down_proj, down_from_input=down_from_input and down_proj is not None,
-                                      **kwargs)
+                                      **({} if norm is None else _norm_arguments(norm)))
     return q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
@@ -501,17 +503,15 @@ def _normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, layer: QuantLin
     or rows·down_proj with `down_from_input`) for `layer` from one pre-kernel read of rows."""
     bits = layer.config.act_bits
     normed, q, scale, t = normalize_quantize_activation(
-        rows, bits, norm_kind_of(norm), _norm_weight(norm), getattr(norm, "bias", None), _norm_eps(norm),
-        static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj,
-        down_from_input=down_from_input and down_proj is not None)
+        rows, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj,
+        down_from_input=down_from_input and down_proj is not None, **_norm_arguments(norm))
     return normed, q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
 def _normalize(rows: torch.Tensor, norm: nn.Module,
                down_proj: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(norm(rows) in rows.dtype, T = norm(rows)·down_proj) from one pre-kernel read of rows."""
-    return normalize_activation(rows, norm_kind_of(norm), _norm_weight(norm), getattr(norm, "bias", None), _norm_eps(norm),
-                                down_proj=down_proj)
+    return normalize_activation(rows, down_proj=down_proj, **_norm_arguments(norm))
 
 
 class FusedDecoderBlock(_PackedGroups):

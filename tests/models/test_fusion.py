@@ -13,6 +13,8 @@ from qla_kernels.models import find_blocks, fuse_blocks
 from qla_kernels.nn import fused_block
 from qla_kernels.nn.fused_block import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
+from ..conftest import sqnr_db
+
 timm = pytest.importorskip("timm")
 
 
@@ -604,10 +606,6 @@ def _converted(kind, config):
     return qk.quantize_(model, config), batch
 
 
-def _sqnr(reference, value) -> float:
-    return float(10 * torch.log10(reference.pow(2).sum() / (value - reference).pow(2).sum().clamp_min(1e-30)))
-
-
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
 @pytest.mark.parametrize("kind", ["swin", "bert", "gpt2", "llama"])
 def test_converted_models_on_triton_agree_with_reference(kind):
@@ -622,7 +620,7 @@ def test_converted_models_on_triton_agree_with_reference(kind):
         reference = model_output(run_model(model, batch)).float()
         with qk.use_backend("triton"):
             triton = model_output(run_model(model, batch)).float()
-    assert _sqnr(reference, triton) > 30, f"{kind}: SQNR {_sqnr(reference, triton):.1f} dB"
+    assert sqnr_db(reference, triton) > 30, f"{kind}: SQNR {sqnr_db(reference, triton):.1f} dB"
 
 
 @pytest.mark.gpu
@@ -650,4 +648,4 @@ def test_converted_fp16_models_on_gpu_agree_with_reference(kind, config):
         with qk.use_backend("cuda"):
             fast = model_output(run_model(model, batch)).float()
     bound = 8 if config.act_bits == 4 else 25
-    assert _sqnr(reference, fast) > bound, f"{kind}: SQNR {_sqnr(reference, fast):.1f} dB"
+    assert sqnr_db(reference, fast) > bound, f"{kind}: SQNR {sqnr_db(reference, fast):.1f} dB"

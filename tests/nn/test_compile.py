@@ -11,15 +11,20 @@ import qla_kernels as qk
 from qla_kernels.methods import qwt
 
 
+def _assert_compiles_like_eager(module, *args, **kwargs):
+    """`module` compiles without graph breaks and the compiled call returns its eager output."""
+    expected = module(*args, **kwargs)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A16(group_size=32)], ids=str)
 @pytest.mark.parametrize("backend", ["reference", "simulate"])
 def test_quant_linear_compiles_without_graph_breaks(config, backend):
     layer = qk.QuantLinear.from_float(torch.nn.Linear(64, 32), config)
     x = torch.randn(2, 5, 64)
     with qk.use_backend(backend):
-        expected = layer(x)
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(layer, x)
 
 
 def test_quantized_block_with_qwt_compiles_without_graph_breaks():
@@ -31,9 +36,7 @@ def test_quantized_block_with_qwt_compiles_without_graph_breaks():
     block = model.blocks[0]
     x = torch.randn(2, 17, 192)
     with torch.no_grad():
-        expected = block(x)
-        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(block, x)
 
 
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
@@ -48,9 +51,7 @@ def test_fused_block_compiles_without_graph_breaks(config):
     assert fuse_blocks(model, torch.randn(2, 3, 32, 32)).fused
     block, x = model.blocks[0], torch.randn(2, 17, 192)
     with torch.no_grad():
-        expected = block(x)
-        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(block, x)
 
 
 def test_fused_post_norm_block_compiles_without_graph_breaks():
@@ -66,9 +67,7 @@ def test_fused_post_norm_block_compiles_without_graph_breaks():
     mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
     mask[0, :, :, 6:] = False
     with torch.no_grad():
-        expected = layer(x, mask)
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x, mask), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(layer, x, mask)
 
 
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
@@ -92,9 +91,7 @@ def test_fused_decoder_block_compiles_without_graph_breaks(config):
     args, kwargs = calls[0]
     torch._dynamo.reset()  # the other config's graph of this forward would make this one a dynamic-shape recompile
     with torch.no_grad():
-        expected = layer(*args, **kwargs)
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(*args, **kwargs), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(layer, *args, **kwargs)
 
 
 def test_fused_windowed_block_compiles_without_graph_breaks():
@@ -110,9 +107,7 @@ def test_fused_windowed_block_compiles_without_graph_breaks():
     assert len(fuse_blocks(model, torch.randn(1, 3, 72, 40)).fused) == 2
     block, x = model.layers[0].blocks[1], torch.randn(2, 18, 10, 32)  # shifted, padded windows
     with torch.no_grad():
-        expected = block(x)
-        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(block, x)
 
 
 def test_fused_mlp_compiles_without_graph_breaks():
@@ -127,6 +122,4 @@ def test_fused_mlp_compiles_without_graph_breaks():
     assert fuse_blocks(model, torch.randn(1, 3, 32, 32)).fused_mlps
     mlp, h = model.blocks[0].mlp, torch.randn(2, 17, 192)
     with torch.no_grad():
-        expected = mlp(h)
-        compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(h), expected, rtol=1e-5, atol=1e-5)
+        _assert_compiles_like_eager(mlp, h)
