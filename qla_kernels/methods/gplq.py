@@ -35,6 +35,7 @@ from ..nn.compensation import primary_output
 from ..nn.lsq_linear import LSQLinear
 from ..nn.quant_linear import QuantLinear, linear_weight
 from ..nn.quantize import select_linears
+from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
 from ..quant.weight import WEIGHT_CLIPS, clip_weight, quantize_weight
@@ -101,14 +102,15 @@ def _observe_teacher(teacher: nn.Module, names: List[str], batches: List[Any], m
     handles += _block_features(blocks, features)
     moments: List[_Moments] = []
     try:
-        for batch in tqdm(batches, desc="GPLQ teacher statistics", unit="batch", disable=not progress):
-            features.clear()
-            run_model(teacher, batch)
-            mask = token_mask(batch)
-            if not moments:
-                moments = [_Moments(f.shape[-1]) for f in features]
-            for moment, feature in zip(moments, features):
-                moment.add(_real_tokens(feature, mask))
+        with weight_reads_routed(teacher):
+            for batch in tqdm(batches, desc="GPLQ teacher statistics", unit="batch", disable=not progress):
+                features.clear()
+                run_model(teacher, batch)
+                mask = token_mask(batch)
+                if not moments:
+                    moments = [_Moments(f.shape[-1]) for f in features]
+                for moment, feature in zip(moments, features):
+                    moment.add(_real_tokens(feature, mask))
     finally:
         for handle in handles:
             handle.remove()
@@ -177,6 +179,7 @@ def activation_qat(
             scale, zero = static_scale(observers[name], config.act_bits, init, symmetric, linear_weight(module))
             layer.input_quantizer.initialize(scale, zero)
             student.set_submodule(name, layer)
+        route_weight_reads(student, (LSQLinear,))
         losses, trainable = _train(student, model_fp, batches, subspaces, epochs, lr, weight_lr if train_weights else None,
                                    kd_weight, temperature, seed, progress)
     finally:
@@ -280,6 +283,7 @@ def weight_ptq(
         quantizer = module.input_quantizer
         layer.set_static_activation(quantizer.step_size(), quantizer.integer_zero())
         student.set_submodule(name, layer)
+    route_weight_reads(student, (QuantLinear,))
     reports = qwt.calibrate(model_fp, student, batches, progress=progress) if compensate else None
     return student, WeightPTQReport(len(layers), weight_clip, reports)
 

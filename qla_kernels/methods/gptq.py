@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..nn.quant_linear import QuantLinear, linear_weight
 from ..nn.quantize import select_linears
+from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import W4A16
 from ..quant.gptq import gptq_quantize, hessian
 from .batches import materialize, run_model
@@ -50,8 +51,9 @@ def quantize(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(materialize(batches), desc="GPTQ inputs", unit="batch", disable=not progress):
-            run_model(model, batch)
+        with weight_reads_routed(model):
+            for batch in tqdm(materialize(batches), desc="GPTQ inputs", unit="batch", disable=not progress):
+                run_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -62,4 +64,5 @@ def quantize(
         weight = linear_weight(module)
         qweight = gptq_quantize(weight, hessians[name] / counts[name], config, act_order=act_order, damping=damping)
         model.set_submodule(name, QuantLinear.from_float(module, config, qweight=qweight))
+    route_weight_reads(model, (QuantLinear,))
     return model

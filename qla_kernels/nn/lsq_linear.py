@@ -14,6 +14,8 @@ class LSQLinear(nn.Linear):
     A subclass of nn.Linear, so structure-based code (block finding, quantize_, QuantLinear.from_float)
     treats it as the linear it replaces."""
 
+    takes_bias_override = True  # see forward
+
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, symmetric: bool = False,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
@@ -31,6 +33,8 @@ class LSQLinear(nn.Linear):
             layer.bias.data.copy_(bias.detach())
         return layer
 
-    def forward(self, x):
+    def forward(self, x, bias_override=None):
+        """`bias_override` replaces the bias for this call (nn/weight_reads.py)."""
         quantizer = self.input_quantizer
-        return lsq_linear(x, self.weight, self.bias, quantizer.scale, quantizer.zero, quantizer.bits)
+        bias = self.bias if bias_override is None else bias_override
+        return lsq_linear(x, self.weight, bias, quantizer.scale, quantizer.zero, quantizer.bits)

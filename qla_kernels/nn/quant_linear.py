@@ -47,6 +47,8 @@ class QuantLinear(nn.Module):
     per-tensor scale (and zero point). The backend (`qk.use_backend`) decides how it runs.
     """
 
+    takes_bias_override = True  # see forward
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  config: Optional[QuantConfig] = None, device=None, dtype=None):
         super().__init__()
@@ -130,7 +132,9 @@ class QuantLinear(nn.Module):
         self.input_zero_point = zero.to(torch.int8)
         self.weight_colsum = self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias_override: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`bias_override` replaces the layer's bias for this call (a parent that assembles the
+        bias per call and passes this layer's weight to F.linear: nn/weight_reads.py)."""
         if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -152,7 +156,8 @@ class QuantLinear(nn.Module):
                                f"{(rows.shape[0], self.out_features)}")
         y = ops.quantized_linear(
             rows, self.quantized_weight(), self.config.act_bits,
-            static_scale=self.input_scale, zero_point=self.input_zero_point, bias=self.bias, residual=residual,
+            static_scale=self.input_scale, zero_point=self.input_zero_point,
+            bias=self.bias if bias_override is None else bias_override, residual=residual,
             **segments,
         )
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -6,9 +6,6 @@ and one handler.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
 import warnings
 from typing import Callable, Dict, List, Optional, Type
 
@@ -16,6 +13,7 @@ from torch import nn
 
 from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 from .quant_linear import QuantLinear, conv1d_class, linear_weight
+from .weight_reads import kept_floating, route_weight_reads
 
 _HANDLERS: Dict[Type[QuantConfig], Callable[[nn.Module, QuantConfig], nn.Module]] = {}
 
@@ -38,32 +36,6 @@ for _config_type in (W8A8, W4A8, W4A16, W4A4):
     register_quantize_handler(_config_type)(_quant_linear_handler)
 
 
-def _weights_read_directly(model: nn.Module, names: List[str]) -> List[str]:
-    """The linears among `names` whose parent module's code mentions `self.<child>.weight` outside
-    its initialisation methods (ConViT reads the dtype of `self.qk.weight` in a helper of forward)."""
-    found = []
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        if _reads_weight(type(model.get_submodule(parent_name)), child):
-            found.append(name)
-    return found
-
-
-@functools.lru_cache(maxsize=None)
-def _reads_weight(parent_class: type, child: str) -> bool:
-    pattern = re.compile(rf"self\.{re.escape(child)}\.weight\b")
-    for method_name, method in inspect.getmembers(parent_class, inspect.isfunction):
-        if "init" in method_name or "reset" in method_name or method.__module__.startswith("torch."):
-            continue
-        try:
-            source = inspect.getsource(method)
-        except (OSError, TypeError):  # no Python source
-            continue
-        if pattern.search(source):
-            return True
-    return False
-
-
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear or transformers' Conv1D (found by type, whatever its attribute name)."""
     conv1d = conv1d_class()
@@ -74,8 +46,12 @@ def select_linears(
     model: nn.Module, config: QuantConfig, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
 ) -> Dict[str, nn.Module]:
     """The linears (by qualified name) that `filter_fn` selects (default: all), each checked to be
-    usable by `config`: a ValueError names the first that is not, or says that none was selected."""
+    usable by `config`: a ValueError names the first that is not, or says that none was selected.
+    Linears whose parent uses their weight other than through F.linear stay out, with a warning
+    (nn/weight_reads.py)."""
     targets = {name: m for name, m in model.named_modules() if is_linear(m) and (filter_fn is None or filter_fn(m, name))}
+    for name in _warn_kept_floating(model, list(targets)):
+        del targets[name]
     if not targets:
         raise ValueError("no linear layer selected for quantization")
     for name, module in targets.items():
@@ -95,10 +71,11 @@ def quantize_(
     true (default: all) by its quantized counterpart for `config`. Returns `model`.
 
     A linear whose in_features the config cannot use (K not a multiple of group_size, odd K for
-    int4) raises ValueError naming the module: exclude it with filter_fn. A linear whose parent's
-    code reads its `.weight` instead of calling it (timm BEiT / EVA / Swin V2 attention:
-    `F.linear(x, self.qkv.weight, qkv_bias)`) stays in floating point, with a warning naming it:
-    a quantized layer stores codes there.
+    int4) raises ValueError naming the module: exclude it with filter_fn. A linear whose parent
+    passes its `.weight` to F.linear itself (timm BEiT / EVA / Swin V2 attention:
+    `F.linear(x, self.qkv.weight, qkv_bias)`) is quantized and those calls are routed to it; one
+    whose parent reads its weight otherwise (ConViT: `self.qk.weight.dtype`) stays in floating
+    point, with a warning naming it (nn/weight_reads.py).
     """
     handler = _HANDLERS.get(type(config))
     if handler is None:
@@ -109,14 +86,20 @@ def quantize_(
         (name, module) for name, module in model.named_modules()
         if is_linear(module) and (filter_fn is None or filter_fn(module, name))
     ]
-    read_directly = _weights_read_directly(model, [name for name, _ in targets])
-    if read_directly:
-        warnings.warn(f"left in floating point (their parents read .weight directly): {read_directly}", stacklevel=2)
-        targets = [(name, module) for name, module in targets if name not in read_directly]
+    kept = _warn_kept_floating(model, [name for name, _ in targets])
+    targets = [(name, module) for name, module in targets if name not in kept]
     for name, module in targets:
         try:
             replacement = handler(module, config)
         except ValueError as error:
             raise ValueError(f"cannot quantize {name!r}: {error}") from error
         model.set_submodule(name, replacement)
+    route_weight_reads(model, (QuantLinear,))
     return model
+
+
+def _warn_kept_floating(model: nn.Module, names: List[str]) -> List[str]:
+    kept = kept_floating(model, names)
+    if kept:
+        warnings.warn(f"left in floating point (their parents read .weight directly): {kept}", stacklevel=3)
+    return kept

@@ -18,6 +18,7 @@ from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensa
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear
 from .quantize import is_linear
+from .weight_reads import route_weight_reads
 
 FORMAT_VERSION = 1
 _OPTIONAL_BUFFERS = ("input_scale", "input_zero_point", "weight_colsum")
@@ -89,4 +90,5 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
     if adapters is not None:
         attach_adapters(model, adapters["blocks"], AdapterPlacement.from_dict(adapters["placement"]))
     model.load_state_dict(tensors, strict=True)
+    route_weight_reads(model, (QuantLinear,))
     return model

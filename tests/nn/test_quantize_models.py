@@ -98,22 +98,6 @@ def test_gpt2_conv1d_layers_are_converted():
     assert (attn.c_attn.in_features, attn.c_attn.out_features) == (64, 192)
 
 
-def test_linears_whose_weight_the_model_reads_stay_floating_point():
-    """timm BEiT calls F.linear(x, self.qkv.weight, qkv_bias) itself and ConViT reads the dtype of
-    `self.qk.weight` while running: those linears stay nn.Linear (with a warning); the others are
-    quantized and the models run close to fp."""
-    for name, kept in (("beit_base_patch16_224", "blocks.0.attn.qkv"), ("convit_tiny", "blocks.0.attn.qk")):
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, img_size=32, depth=2).eval()
-        x = torch.randn(2, 3, 32, 32)
-        reference = _output(model, x)
-        with pytest.warns(UserWarning, match="read .weight directly"):
-            qk.quantize_(model, qk.W8A8())
-        assert isinstance(model.get_submodule(kept), torch.nn.Linear)
-        assert isinstance(model.get_submodule(kept.rpartition(".")[0] + ".proj"), qk.QuantLinear)
-        assert _cosine(reference, _output(model, x)) > 0.99
-
-
 def test_incompatible_layer_is_named():
     model, _ = MODELS["llama"]()
     with pytest.raises(ValueError, match=r"cannot quantize 'model\.layers\.0\.self_attn\.q_proj'.*group_size=128"):
