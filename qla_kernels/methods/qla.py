@@ -11,6 +11,7 @@ backend (straight-through rounding), so the adapters fit the error the kernels m
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Iterable, List, Optional
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..models.blocks import find_blocks
+from ..models.blocks import architecture_class, find_blocks
 from ..models.facts import describe, example_input
 from ..nn.adapters import (
     AdapterPlacement,
@@ -37,10 +38,11 @@ ADAPTER_NAMES = ("qla_attention", "qla_ffn")
 
 
 def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = None, seed: int = 0) -> List[str]:
-    """Attaches QLA adapters to every block of `model_q` (in place); the model's output is
-    unchanged until they are trained. `example` is one input batch used to read the block
-    structure (built from the model's config when omitted); `seed` fixes the adapters' random
-    initialization. Returns the adapted block names."""
+    """Attaches QLA adapters to every block of `model_q` (in place; blocks of another class than
+    the first are left out, with a warning); the model's output is unchanged until they are
+    trained. `example` is one input batch used to read the block structure (built from the
+    model's config when omitted); `seed` fixes the adapters' random initialization. Returns the
+    adapted block names."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     if getattr(model_q, "_qla_handles", None):
@@ -50,7 +52,13 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     spatial = facts.token_layout == "grid"
     if spatial and facts.block.norm_position != "pre":
         raise ValueError("spatial (Swin-style) blocks are expected to be pre-norm")
-    names = [name for name, _ in find_blocks(model_q)]
+    blocks = find_blocks(model_q)
+    kind = architecture_class(blocks[0][1])
+    names = [name for name, block in blocks if architecture_class(block) is kind]
+    others = [name for name, block in blocks if architecture_class(block) is not kind]
+    if others:  # CaiT's class-attention blocks after its self-attention blocks
+        warnings.warn(f"QLA adapters go on the {kind.__name__} blocks (described by the first block); blocks of "
+                      f"another class get none: {others}", stacklevel=2)
     placement = AdapterPlacement(
         facts.block.norm_position, facts.block.attention_norm, facts.block.mlp_norm, facts.block.attention_inputs[0],
         facts.block.attention_output, facts.block.mlp_output, rank, None if causal or spatial else facts.grid,

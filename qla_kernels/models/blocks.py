@@ -31,7 +31,7 @@ def _holds_linear(module: nn.Module) -> bool:
     return any(is_linear(m) or isinstance(m, (QuantLinear, nn.Conv2d, QuantConv2d)) for m in module.modules())
 
 
-def _architecture_class(module: nn.Module) -> type:
+def architecture_class(module: nn.Module) -> type:
     """The module's class as the model defined it (a fused block's class is a subclass of it)."""
     cls = type(module)
     return cls.__mro__[2] if issubclass(cls, FUSED_BLOCK_TYPES) else cls
@@ -41,7 +41,7 @@ def _is_block_list(container: nn.Module) -> bool:
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         return False
     children = list(container.children())
-    return (len(children) >= 2 and len({_architecture_class(c) for c in children}) == 1
+    return (len(children) >= 2 and len({architecture_class(c) for c in children}) == 1
             and all(_holds_linear(c) for c in children))
 
 

@@ -119,11 +119,19 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
     block_facts, block_input = describe_block(model, *blocks[0], batch)
     spatial = block_input is not None and block_input.dim() == 4
     grid = tuple(block_input.shape[1:3]) if spatial else getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+    if grid is not None and not spatial and block_input is not None and block_input.dim() == 3:
+        # What the blocks see: CaiT's self-attention blocks run before its class token is added.
+        seen = block_input.shape[1] - grid[0] * grid[1]
+        if not 0 <= seen <= prefix_tokens:
+            raise ValueError(f"the blocks see {block_input.shape[1]} tokens, not the {grid[0]}x{grid[1]} patch grid "
+                             f"and up to {prefix_tokens} prefix tokens (pass an example at the model's image size)")
+        prefix_tokens = seen
     return ArchitectureFacts(
         blocks=tuple(name for name, _ in blocks),
         block=block_facts,
         token_layout="grid" if spatial else "sequence",
-        prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+        prefix_tokens=prefix_tokens,
         grid=tuple(grid) if grid is not None else None,
     )
 
@@ -159,9 +167,17 @@ def describe_block(model: nn.Module, block_name: str, block: nn.Module, batch: A
         attention_inputs = readers_after(norm_calls[0], calls[norm_calls[0]][3])
     if not attention_inputs:
         raise ValueError(f"{where}: no linear reads the attention input")
-    after = [index for index in linear_calls if index > attention_inputs[-1]]
+    # The attention's own readers come first; a later reader is a parallel MLP (GPT-J).
+    attention_inputs = [index for index in attention_inputs
+                        if not any(other not in attention_inputs for other in linear_calls
+                                   if attention_inputs[0] < other < index)]
+    # The output projection is the next linear back at the block's width (not a reduced-token key/value
+    # linear, as in PVT's spatial-reduction attention).
+    width = output.shape[-1]
+    after = [index for index in linear_calls if index > attention_inputs[-1] and calls[index][3].shape[-1] == width]
     if not after:
-        raise ValueError(f"{where}: no attention output projection after {calls[attention_inputs[-1]][0]!r}")
+        raise ValueError(f"{where}: no attention output projection of width {width} after "
+                         f"{calls[attention_inputs[-1]][0]!r}")
     attention_output = after[0]
     mlp_norms = [index for index in norm_calls if index > attention_output]
     if not mlp_norms:

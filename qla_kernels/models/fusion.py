@@ -34,9 +34,10 @@ from ..nn.fused_block import (
     check_packable,
     fuse_block,
     fuse_mlp,
+    hooked_modules,
     unfuse_block,
 )
-from ..ops.dispatch import use_backend
+from ..ops.dispatch import resolve_backend, use_backend
 from .blocks import find_blocks
 from .facts import BlockFacts, describe_block, example_input, is_any_linear, run_hooked, without_kv_cache
 
@@ -262,6 +263,18 @@ def _window_layout(block: nn.Module, template: PackedQKVTemplate, call: BlockCal
     return expected, WindowLayout((height, width), rows, seen["tokens"], mask)
 
 
+def _why_the_chain_does_not_apply(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> str:
+    """Why a freshly fused block would still run its own forward on its example call."""
+    if resolve_backend(x.device) == "simulate":
+        return "the backend is 'simulate': fuse under the backend the model will run on"
+    hooked = hooked_modules(block, block._qla_template.bypassed())
+    if hooked:
+        return f"modules the fused chain bypasses carry hooks (observers, corrections not lowered): {hooked}"
+    given = [f"argument {i + 1}" for i, a in enumerate(args) if a is not None and a is not False]
+    given += [name for name, value in kwargs.items() if value is not None and value is not False]
+    return f"the block is called with arguments the fused chain does not take: {given}"
+
+
 @torch.no_grad()
 def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
     """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
@@ -295,8 +308,9 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
     except ValueError as reason:
         return str(reason)
     if not block._fused_chain_applies(x, args, kwargs):
+        reason = _why_the_chain_does_not_apply(block, x, args, kwargs)
         unfuse_block(block)
-        return "a module the fused chain bypasses carries hooks (observers), or the backend is 'simulate'"
+        return reason
     block._qla_returns_tuple = returns_tuple
     try:
         fused = block(x, *args, **kwargs)

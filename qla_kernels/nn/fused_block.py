@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -262,14 +262,19 @@ def _adapter_up(layer: QuantLinear) -> Optional[torch.Tensor]:
     return None if adapter is None else adapter.up
 
 
-def _hooks_allow_bypass(block: nn.Module, names: Tuple[str, ...]) -> bool:
-    """No module the chain skips (each named one and its parents inside the block) has a hook,
-    other than lowered adapters' (the chain computes their T itself)."""
-    for name in {prefix for name in names for prefix in _prefixes(name)}:
+def hooked_modules(block: nn.Module, names: Tuple[str, ...]) -> List[str]:
+    """The modules among those the chain skips (each named one and its parents inside the block)
+    that have hooks, other than lowered adapters' (the chain computes their T itself)."""
+    hooked = []
+    for name in sorted({prefix for name in names for prefix in _prefixes(name)}):
         module = block.get_submodule(name)
         if module._forward_pre_hooks or any(h not in LOWERED_ADAPTER_HOOKS for h in module._forward_hooks.values()):
-            return False
-    return True
+            hooked.append(name)
+    return hooked
+
+
+def _hooks_allow_bypass(block: nn.Module, names: Tuple[str, ...]) -> bool:
+    return not hooked_modules(block, names)
 
 
 def _prefixes(name: str) -> Tuple[str, ...]:

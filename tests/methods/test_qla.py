@@ -42,6 +42,33 @@ def test_distilled_deit_prefix_tokens_bypass_the_conv():
     assert float(difference[:, :2].max()) == 0.0 and float(difference[:, 2:].max()) > 0
 
 
+def test_cait_adapts_its_self_attention_blocks_only():
+    """CaiT: patch tokens only in its self-attention blocks (its class token joins later, in
+    class-attention blocks of another class): those get adapters (prefix 0 on the 2×2 grid), the
+    class-attention blocks none (warned). Exact no-op at first; trained and lowered, the model
+    matches its unlowered self."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    # LayerScale at 1 (not timm's 1e-5 init): the adapters add into proj's output, before LayerScale
+    fp = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, depth=2, init_values=1.0).eval()
+    x = torch.randn(4, 3, 32, 32)
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match=r"blocks of another class get none: \['blocks_token_only.0'"):
+        names = qla.add_adapters(model, rank=4, example=x[:2])
+    assert names == ["blocks.0", "blocks.1"]
+    assert (model.blocks[0].qla_attention.prefix_tokens, model.blocks[0].qla_attention.grid) == (0, (2, 2))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    qla.train(model, fp, [x], epochs=3, progress=False)
+    with torch.no_grad():
+        trained = model(x)
+        assert not torch.equal(trained, before)
+        qla.fuse(model)
+        torch.testing.assert_close(model(x), trained, rtol=1e-4, atol=1e-4)
+
+
 def test_training_lowers_the_objective_and_touches_only_adapters(digits_vit):
     fp = digits_vit.model
     model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())

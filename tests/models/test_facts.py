@@ -47,6 +47,29 @@ def test_token_layout_of_vision_models():
     assert facts.prefix_tokens == 5 and facts.grid == (4, 6)
     swin, inputs = MODELS["swin_tiny"]()
     assert describe(swin, inputs).grid == (56, 56)
+    # CaiT's self-attention blocks run before its class token joins (num_prefix_tokens says 1)
+    cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, depth=2).eval()
+    facts = describe(cait, torch.randn(1, 3, 32, 32))
+    assert facts.prefix_tokens == 0 and facts.grid == (2, 2)
+    dynamic = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, dynamic_img_size=True).eval()
+    with pytest.raises(ValueError, match="pass an example at the model's image size"):
+        describe(dynamic, torch.randn(1, 3, 48, 48))
+
+
+def test_attention_linears_are_told_from_reduced_key_values_and_parallel_mlps():
+    """PVT-v2's key/value linear reads spatially reduced tokens and is twice as wide: the output
+    projection is the next linear at the block's width. GPT-J runs its MLP beside the attention
+    from the same norm: its fc_in is not an attention input, and the missing norm is named."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    pvt = timm.create_model("pvt_v2_b0", pretrained=False).eval()
+    block = describe(pvt, torch.randn(1, 3, 64, 64)).block
+    assert (block.attention_inputs, block.attention_output) == (("attn.q",), "attn.proj")
+    assert (block.mlp_inputs, block.mlp_output) == (("mlp.fc1",), "mlp.fc2")
+    gptj = transformers.AutoModelForCausalLM.from_config(transformers.GPTJConfig(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=100, rotary_dim=8, bos_token_id=0, eos_token_id=0)).eval()
+    with pytest.raises(ValueError, match="no norm between the attention output 'attn.out_proj' and the MLP"):
+        describe(gptj, {"input_ids": torch.randint(0, 100, (1, 6))})
 
 
 class _MLPBlock(nn.Module):

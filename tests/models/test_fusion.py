@@ -130,7 +130,8 @@ def test_fused_block_runs_lowered_qla_and_qwt_in_its_gemms(backend, chain_calls)
 
 def test_blocks_that_do_not_fit_keep_their_quantlinears():
     """LayerScale on a residual branch, QLA adapters not lowered yet (qla.fuse), the simulate
-    backend: each is reported, and the model's output is unchanged."""
+    backend, a hook on a module the chain would bypass: each is reported (the hooked module
+    named), and the model's output is unchanged."""
     x = torch.randn(2, 3, 32, 32)
     layer_scale = qk.quantize_(_vit(init_values=0.1), qk.W8A8())
     with torch.no_grad():
@@ -147,7 +148,13 @@ def test_blocks_that_do_not_fit_keep_their_quantlinears():
     plain = qk.quantize_(_vit(), qk.W8A8())
     report = fuse_blocks(plain, x, backend="simulate")
     assert not report.fused and "simulate" in report.skipped["blocks.0"]
+    observed = qk.quantize_(_vit(), qk.W8A8())
+    observed.blocks[1].mlp.fc1.register_forward_pre_hook(lambda module, args: None)
+    report = fuse_blocks(observed, x)
+    assert report.fused == ["blocks.0"] and "carry hooks" in report.skipped["blocks.1"]
+    assert "'mlp.fc1'" in report.skipped["blocks.1"]
     assert not any(isinstance(b, FusedPackedQKVBlock) for m in (layer_scale, adapted, plain) for b in m.blocks)
+    assert not isinstance(observed.blocks[1], FusedPackedQKVBlock)
 
 
 def test_norms_are_read_on_a_probe():
