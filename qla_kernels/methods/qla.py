@@ -31,6 +31,7 @@ from ..nn.adapters import (
     store_adapter_mask,
 )
 from ..nn.compensation import link, primary_output
+from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 from .batches import materialize, model_output, run_model, token_mask
 
@@ -191,6 +192,11 @@ def fuse(model_q: nn.Module) -> List[str]:
         raise ValueError("model_q has no QLA adapters: call add_adapters (and train) first")
     if getattr(model_q, "_qla_lowered", False):
         raise ValueError("the adapters are already fused")
+    for name, block in zip(model_q._qla_block_names, model_q._qla_blocks):
+        for linear in (placement.attention_output, placement.mlp_output):
+            if not isinstance(block.get_submodule(linear), QuantLinear):
+                raise ValueError(f"{name}.{linear} is a {type(block.get_submodule(linear)).__name__}, not a QuantLinear: "
+                                 "the adapter has no GEMM to join (keep the adapters unfused for this model)")
     for handle in model_q._qla_handles:
         handle.remove()
     model_q._qla_handles = [model_q.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]

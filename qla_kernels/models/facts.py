@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.adapters import DWSepAdapter, LoRAAdapter
+from ..nn.compensation import block_input
 from ..nn.fused_block import norm_kind_of
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
@@ -118,15 +119,21 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
     blocks = find_blocks(model)
     block_facts, block_input = describe_block(model, *blocks[0], batch)
     spatial = block_input is not None and block_input.dim() == 4
-    grid = tuple(block_input.shape[1:3]) if spatial else getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-    if grid is not None and not spatial and block_input is not None and block_input.dim() == 3:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)  # timm
+    if spatial:
+        grid = tuple(block_input.shape[1:3])
+    elif grid is not None and block_input is not None and block_input.dim() == 3:
         # What the blocks see: CaiT's self-attention blocks run before its class token is added.
         seen = block_input.shape[1] - grid[0] * grid[1]
         if not 0 <= seen <= prefix_tokens:
             raise ValueError(f"the blocks see {block_input.shape[1]} tokens, not the {grid[0]}x{grid[1]} patch grid "
                              f"and up to {prefix_tokens} prefix tokens (pass an example at the model's image size)")
         prefix_tokens = seen
+    elif block_input is not None and block_input.dim() == 3:
+        found = _patch_grid(model, blocks, batch)
+        if found is not None:
+            grid, prefix_tokens = found
     return ArchitectureFacts(
         blocks=tuple(name for name, _ in blocks),
         block=block_facts,
@@ -134,6 +141,36 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
         prefix_tokens=prefix_tokens,
         grid=tuple(grid) if grid is not None else None,
     )
+
+
+# Tokens before the patch grid that a patch-embedding probe accepts (class, distillation, registers).
+_MAX_PREFIX_TOKENS = 8
+
+
+def _patch_grid(model: nn.Module, blocks, batch: Any) -> Optional[Tuple[Tuple[int, int], int]]:
+    """(patch grid, prefix tokens) for vision models without timm's `patch_embed.grid_size` (HF
+    ViT / DeiT / CLIP): the spatial size of the last 2-D convolution run before the first block,
+    when every block sees that many tokens plus a few prefix tokens; None otherwise (text, or
+    blocks seeing different token counts, as in PVT's stages)."""
+    token_counts, conv_grids, started = set(), [], []
+
+    def on_block(module, args, kwargs):
+        started.append(True)
+        x = block_input(args, kwargs)
+        token_counts.add(x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else None)
+
+    def on_conv(module, args, output):
+        if not started and isinstance(output, torch.Tensor) and output.dim() == 4:
+            conv_grids.append(tuple(output.shape[2:]))
+
+    handles = [block.register_forward_pre_hook(on_block, with_kwargs=True) for _, block in blocks]
+    handles += [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    run_hooked(model, batch, handles)
+    if not conv_grids or len(token_counts) != 1 or None in token_counts:
+        return None
+    (height, width), tokens = conv_grids[-1], token_counts.pop()
+    prefix = tokens - height * width
+    return ((height, width), prefix) if 0 <= prefix <= _MAX_PREFIX_TOKENS else None
 
 
 def describe_block(model: nn.Module, block_name: str, block: nn.Module, batch: Any):

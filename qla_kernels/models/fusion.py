@@ -6,8 +6,9 @@ chain assumes. Pre-norm (timm ViT/DeiT): one packed qkv linear whose parent modu
 count, a GELU (or ReLU) MLP, and nothing else on the residual branches (no LayerScale, no gate);
 with [B, H, W, C] input (Swin) the window order is read off the block by a probe and the mask it
 hands its attention is recorded. Post-norm (BERT/RoBERTa): query/key/value in one attention
-module, a LayerNorm after each residual add, a one-activation MLP. Decoders (GPT-2/LLaMA): causal
-attention run as the model's own module, norms and MLP fused. Every candidate is then checked on
+module, a LayerNorm after each residual add, a one-activation MLP. Decoders (GPT-2/LLaMA), and
+encoders with separate q/k/v (HF ViT, DeiT): the attention runs as the model's own module (its
+q/k/v as one packed GEMM handed over), norms and MLP fused. Every candidate is then checked on
 a real block input: the fused chain must reproduce the block's own forward (the same QuantLinears
 run one by one). QLA adapters join the chain once lowered (`methods.qla.fuse`): their down paths
 feed the low-rank segments of proj and fc2. A block that fails either test keeps its QuantLinears
@@ -25,7 +26,7 @@ from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer, win
 from ..nn.fused_block import (
     ACTIVATIONS,
     FUSED_BLOCK_TYPES,
-    DecoderTemplate,
+    ModelAttentionTemplate,
     FusedMLP,
     MLPTemplate,
     PackedQKVTemplate,
@@ -143,8 +144,8 @@ def _packable(block: nn.Module, names: Tuple[str, ...]) -> Tuple[str, ...]:
 
 def template_for(block: nn.Module, facts: BlockFacts):
     """The fused template of `block` (PackedQKVTemplate for pre-norm packed-qkv blocks,
-    DecoderTemplate for causal pre-norm ones, PostNormTemplate for BERT-style ones), or ValueError
-    saying what does not fit."""
+    ModelAttentionTemplate for causal pre-norm ones and those with separate q/k/v, PostNormTemplate
+    for BERT-style ones), or ValueError saying what does not fit."""
     if facts.norm_position == "post":
         return _post_norm_template(block, facts)
     proj = facts.attention_output
@@ -154,19 +155,21 @@ def template_for(block: nn.Module, facts: BlockFacts):
     fc2 = facts.mlp_output
     mlp = fc2.rpartition(".")[0]
     causal = getattr(block.get_submodule(attention), "is_causal", False)
-    if any(name.rpartition(".")[0] != mlp for name in facts.mlp_inputs) or not (mlp or causal):
+    # Decoders, and encoders with separate q/k/v (HF ViT, CLIP), run the model's own attention module.
+    own_attention = causal or len(facts.attention_inputs) > 1
+    if any(name.rpartition(".")[0] != mlp for name in facts.mlp_inputs) or not (mlp or own_attention):
         raise ValueError(f"MLP linears {(*facts.mlp_inputs, fc2)} do not share an MLP module")
     if getattr(block.get_submodule(attention), "gate", None) is not None:
         raise ValueError("gated attention has no fused template yet")
     known = {block.get_submodule(name) for name in (*facts.attention_inputs, proj)}
     others = [name for name, module in block.get_submodule(attention).named_modules()
               if is_any_linear(module) and module not in known]
-    if others and not causal:  # talking heads (CaiT), relative-position MLPs: work the chain would skip
+    if others and not own_attention:  # talking heads (CaiT), relative-position MLPs: work the chain would skip
         raise ValueError(f"the attention module has other linears {others} the fused chain would skip")
     linears = {block.get_submodule(name) for name in (*facts.mlp_inputs, fc2)}
     if mlp:
         mlp_module, mlp_parts, not_activations = block.get_submodule(mlp), {mlp}, linears
-    else:  # a decoder whose MLP linears and activation are the block's own children (OPT)
+    else:  # MLP linears and activation are the block's own children (OPT)
         mlp_module = block
         not_activations = linears | {block.get_submodule(name) for name in (facts.attention_norm, attention,
                                                                              facts.mlp_norm)}
@@ -174,7 +177,7 @@ def template_for(block: nn.Module, facts: BlockFacts):
         mlp_parts = {*facts.mlp_inputs, fc2, *(name for name, child in block.named_children()
                                                if child not in not_activations and _activation_name(child))}
     _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, *mlp_parts}, proj)
-    if causal:
+    if own_attention:
         activation = _activation(mlp_module, not_activations)
         fc1 = block.get_submodule(facts.mlp_inputs[0])
         # One linear producing [gate | up] (Phi-3's gate_up_proj) is a gated MLP with its inputs
@@ -184,13 +187,11 @@ def template_for(block: nn.Module, facts: BlockFacts):
             if activation not in _GATED:
                 raise ValueError(f"a two-input MLP with a {activation} activation has no fused template")
             activation = _GATED[activation]
-        return DecoderTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
+        return ModelAttentionTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
                                activation, len(facts.mlp_inputs) == 2 and bool(_packable(block, facts.mlp_inputs)),
                                _packable(block, facts.attention_inputs))
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")
-    if len(facts.attention_inputs) != 1:
-        raise ValueError(f"separate attention input linears {facts.attention_inputs} (packed qkv only so far)")
     activation = _activation(block.get_submodule(mlp), linears)
     if activation not in ACTIVATIONS:
         raise ValueError(f"a {activation} MLP has no fused template")
@@ -299,7 +300,7 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
     restore_adapters()
     returns_tuple = isinstance(expected, tuple)
     if returns_tuple:  # older transformers layers return (hidden_states, ...)
-        if len(expected) != 1 or isinstance(template, DecoderTemplate):
+        if len(expected) != 1 or isinstance(template, ModelAttentionTemplate):
             return (f"the block returns a {len(expected)}-tuple; the fused chain returns the hidden states (newer "
                     "transformers)")
         expected = expected[0]

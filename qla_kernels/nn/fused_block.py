@@ -15,8 +15,9 @@ Pre-norm template, attention with one packed qkv projection (timm ViT / DeiT):
 With a `WindowLayout` (Swin) the same chain runs on a [B, H, W, C] feature map: the qkv GEMM
 gathers spatial rows into (shifted, padded) window order, the attention core adds the relative-
 position bias and shift mask, and proj's epilogue scatters rows back to spatial order, where the
-residual and the adapter's T are read. The post-norm (BERT / RoBERTa) and decoder (GPT-2 / LLaMA)
-chains are described on their classes; `FusedMLP` fuses only the MLP of a block no template fits.
+residual and the adapter's T are read. The post-norm (BERT / RoBERTa) chain and the one around
+the model's own attention module (decoders: GPT-2 / LLaMA; encoders with separate q/k/v: HF ViT,
+CLIP) are described on their classes; `FusedMLP` fuses only the MLP of a block no template fits.
 
 Fusion is a change of the block's class, not of its module tree: `fuse_block` swaps the class for
 a subclass whose forward runs the chain on the block's own QuantLinears and norms, so every name,
@@ -129,8 +130,9 @@ class PostNormTemplate:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderTemplate:
-    """A pre-norm decoder block (GPT-2, LLaMA): names relative to the block."""
+class ModelAttentionTemplate:
+    """A pre-norm block whose attention module runs as the model's own: decoders (GPT-2, LLaMA) and
+    encoders with separate q/k/v projections (HF ViT, CLIP). Names relative to the block."""
 
     norm1: str
     attention: str  # runs as the model's own module: KV cache, rotary embeddings and masks stay the model's
@@ -519,12 +521,13 @@ def _normalize(rows: torch.Tensor, norm: nn.Module,
     return normalize_activation(rows, down_proj=down_proj, **_norm_arguments(norm))
 
 
-class FusedDecoderBlock(_PackedGroups):
-    """Mixin placed before a decoder block's own class by `fuse_block`. The attention module runs
-    as the model's (its QuantLinears one by one; the arguments the block received are passed on by
+class FusedModelAttentionBlock(_PackedGroups):
+    """Mixin placed before a block's own class by `fuse_block` (ModelAttentionTemplate: decoders,
+    and encoders with separate q/k/v). The attention module runs as the model's (its QuantLinears
+    one by one; the arguments the block received are passed on by
     name, so the KV cache, rotary embeddings and masks are the model's); around it:
 
-    pre1 : x → norm1 → activation dtype (+ the causal DW adapter's T)        normalize_activation
+    pre1 : x → norm1 → activation dtype (+ the DW adapter's T)               normalize_activation
     qkv  : separate q/k/v: one packed GEMM, each layer's slice handed over   quantize_activation, fused_linear
     attn : the model's attention module; its output projection's epilogue adds the residual x → x1
     pre2 : x1 → norm2 → int8 (W8A8 / W4A8 / W4A4) or activation dtype (W4A16), + T_lora = norm2(x1)·A
@@ -533,7 +536,7 @@ class FusedDecoderBlock(_PackedGroups):
 
     Cross-attention (encoder states) and returned attention weights run the block's own forward."""
 
-    _qla_template: DecoderTemplate
+    _qla_template: ModelAttentionTemplate
 
     def _named_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[dict]:
         """The call's arguments besides the hidden states, by name, as the block's own forward
@@ -604,7 +607,8 @@ class FusedDecoderBlock(_PackedGroups):
                 untaken.append(t.attention_output)
         if untaken:
             raise RuntimeError(f"{t.attention!r} did not call {untaken} on its input")
-        x1 = attention[0].reshape(batch * tokens, width).contiguous()
+        x1 = (attention if isinstance(attention, torch.Tensor) else attention[0]).reshape(batch * tokens, width)
+        x1 = x1.contiguous()
 
         inputs, fc2 = [part(name) for name in t.mlp_inputs], part(t.mlp_output)
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
@@ -737,8 +741,8 @@ def fuse_mlp(mlp: nn.Module, template: MLPTemplate) -> nn.Module:
 
 
 _FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock,
-                 DecoderTemplate: FusedDecoderBlock, MLPTemplate: FusedMLP}
-FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedDecoderBlock)
+                 ModelAttentionTemplate: FusedModelAttentionBlock, MLPTemplate: FusedMLP}
+FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedModelAttentionBlock)
 
 
 def _original_class(block: nn.Module) -> type:
@@ -755,7 +759,7 @@ def _fused_class(block_class: type, mixin: type) -> type:
 
 def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = None) -> nn.Module:
     """Makes `block` run the fused chain of `template` (a PackedQKVTemplate, PostNormTemplate or
-    DecoderTemplate; in place; returns it); `windows` for a packed-qkv block with windowed
+    ModelAttentionTemplate; in place; returns it); `windows` for a packed-qkv block with windowed
     attention (Swin). Raises ValueError naming what does not fit: every linear must be an
     activation-quantized QuantLinear (decoders also take W4A16), the norms must compute what the
     pre-kernels do (`read_norm`), the attention module must expose its head count, only the last
@@ -767,9 +771,9 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
         if not isinstance(template, PackedQKVTemplate):
             raise ValueError(f"windowed attention needs a PackedQKVTemplate, got {type(template).__name__}")
         windows.check()
-    if template.activation not in ACTIVATIONS and not isinstance(template, DecoderTemplate):
+    if template.activation not in ACTIVATIONS and not isinstance(template, ModelAttentionTemplate):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {template.activation!r}")
-    post_norm, decoder = isinstance(template, PostNormTemplate), isinstance(template, DecoderTemplate)
+    post_norm, decoder = isinstance(template, PostNormTemplate), isinstance(template, ModelAttentionTemplate)
     for name in (template.norm1, template.norm2):
         read_norm(block.get_submodule(name))
     proj, fc2 = ((template.attention_output, template.mlp_output) if decoder else (template.proj, template.fc2))

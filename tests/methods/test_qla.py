@@ -69,6 +69,21 @@ def test_cait_adapts_its_self_attention_blocks_only():
         torch.testing.assert_close(model(x), trained, rtol=1e-4, atol=1e-4)
 
 
+def test_fuse_refuses_an_output_linear_left_in_floating_point():
+    """Adapters train around fp linears (Bloom keeps its dense layers fp: its attention slices their
+    weights), but lowering needs a QuantLinear GEMM: a ValueError names the layer, nothing changes."""
+    model, inputs = MODELS["vit_tiny"]()
+    quantized = qk.quantize_(model, qk.W8A8(), filter_fn=lambda module, name: not name.endswith("attn.proj"))
+    qla.add_adapters(quantized, rank=4, example=inputs)
+    _randomize_adapters(quantized)
+    with torch.no_grad():
+        before = quantized(inputs)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj is a Linear, not a QuantLinear"):
+        qla.fuse(quantized)
+    with torch.no_grad():
+        assert torch.equal(quantized(inputs), before)
+
+
 def test_training_lowers_the_objective_and_touches_only_adapters(digits_vit):
     fp = digits_vit.model
     model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())

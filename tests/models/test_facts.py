@@ -51,6 +51,19 @@ def test_token_layout_of_vision_models():
     cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, depth=2).eval()
     facts = describe(cait, torch.randn(1, 3, 32, 32))
     assert facts.prefix_tokens == 0 and facts.grid == (2, 2)
+    # Hugging Face vision models: the grid is the patch embedding's output (class + register tokens before it)
+    transformers = pytest.importorskip("transformers")
+    hf_vit = transformers.ViTModel(transformers.ViTConfig(image_size=(32, 48), patch_size=8, hidden_size=64,
+                                                          num_hidden_layers=2, num_attention_heads=4)).eval()
+    facts = describe(hf_vit, {"pixel_values": torch.randn(1, 3, 32, 48)})
+    assert (facts.grid, facts.prefix_tokens) == ((4, 6), 1)
+    registers = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_register_tokens=4)).eval()
+    facts = describe(registers, {"pixel_values": torch.randn(1, 3, 32, 32)})
+    assert (facts.grid, facts.prefix_tokens) == ((4, 4), 5)
+    pvt = timm.create_model("pvt_v2_b0", pretrained=False).eval()  # stages see different token counts
+    assert describe(pvt, torch.randn(1, 3, 64, 64)).grid is None
     dynamic = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, dynamic_img_size=True).eval()
     with pytest.raises(ValueError, match="pass an example at the model's image size"):
         describe(dynamic, torch.randn(1, 3, 48, 48))
