@@ -61,7 +61,7 @@ class FusionReport:
 # fused_linear names them; the numerical check at fusion confirms each choice.
 _LIBRARY_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
                         "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh", "ReLUActivation": "relu",
-                        "SiLUActivation": "silu", "BloomGelu": "gelu_tanh"}
+                        "SiLUActivation": "silu", "BloomGelu": "gelu_tanh", "QuickGELUActivation": "quick_gelu"}
 
 
 # The gated fused_linear activation act(gate)·up for a gated MLP's activation.

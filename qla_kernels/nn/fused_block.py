@@ -54,7 +54,7 @@ from ..ops.reference import GATED_ACTIVATIONS, apply_activation
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
 from .quant_linear import QuantLinear
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)

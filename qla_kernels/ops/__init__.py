@@ -163,7 +163,7 @@ def fused_linear(
     `a` is int8 [M, K] with `a_scale` fp32 [M] or [1] for the integer formats, or fp16/bf16/fp32
     [M, K] with `a_scale` None for "uint4_asym_groups" (W4A16). Low-rank T [M, r] / U [N, r] and
     full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
-    "gelu_tanh", "relu", or gated act(gate)·up with the gate in the weight's first N/2 rows and up
+    "gelu_tanh", "relu", "quick_gelu" (CLIP's x·σ(1.702x)), or gated act(gate)·up with the gate in the weight's first N/2 rows and up
     in its last N/2 (output N/2 wide): "swiglu" (silu), "geglu" (gelu erf), "geglu_tanh".
     Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
 

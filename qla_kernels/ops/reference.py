@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..formats.weights import dequantize_weight, integer_weight
 from ..quant.primitives import absmax_scale, quantize_with_scale
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "quick_gelu", "swiglu", "geglu", "geglu_tanh")
 # Gated activations act(gate)·up: the weight's first half of rows is the gate, its second half up.
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 NORM_KINDS = ("none", "layernorm", "rmsnorm")
@@ -147,6 +147,8 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(y, approximate="tanh")
     if activation == "relu":
         return F.relu(y)
+    if activation == "quick_gelu":  # CLIP's x·σ(1.702x)
+        return y * torch.sigmoid(1.702 * y)
     # Gated: the first half of the columns is the gate, the second half the up projection (the
     # layout of torch.cat([gate, up]), so packed gate/up weights can be views of the layers' own).
     gate, up = y.chunk(2, dim=-1)

@@ -465,31 +465,43 @@ def test_decoder_block_runs_lowered_causal_qla_and_qwt(kind):
     assert torch.equal(tokens, uncached)
 
 
-@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
-@pytest.mark.parametrize("corrections", [False, True], ids=["plain", "qla_qwt"])
-def test_encoders_with_separate_qkv_fuse_around_their_own_attention(config, corrections, chain_calls):
-    """HF ViT (pre-norm, non-causal, separate q/k/v projections): its attention module runs as
-    the model's with q/k/v as one packed GEMM handed over; norms, MLP and residuals are fused, with
-    lowered QLA (2-D DW adapter on the patch grid, CLS bypassing it) and QwT in the GEMMs."""
+def _hf_vision(kind):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    fp = transformers.ViTModel(transformers.ViTConfig(
-        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128), add_pooling_layer=False).eval()
-    batch = {"pixel_values": torch.randn(3, 3, 32, 32)}
+    sizes = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128)
+    if kind == "vit":
+        model = transformers.ViTModel(transformers.ViTConfig(**sizes), add_pooling_layer=False)
+    else:  # CLIP: QuickGELU MLP
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**sizes))
+    return model.eval(), {"pixel_values": torch.randn(3, 3, 32, 32)}
+
+
+@pytest.mark.parametrize("kind, activation", [("vit", "gelu"), ("clip", "quick_gelu")])
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("corrections", [False, True], ids=["plain", "qla_qwt"])
+def test_encoders_with_separate_qkv_fuse_around_their_own_attention(kind, activation, config, corrections,
+                                                                    chain_calls):
+    """HF ViT and CLIP (pre-norm, non-causal, separate q/k/v projections): the attention module
+    runs as the model's with q/k/v as one packed GEMM handed over; norms, MLP (GELU, CLIP's
+    QuickGELU) and residuals are fused, with lowered QLA (2-D DW adapter on the patch grid, CLS
+    bypassing it) and QwT in the GEMMs."""
+    fp, batch = _hf_vision(kind)
     model = qk.quantize_(copy.deepcopy(fp), config)
     if corrections:
         _lowered_qwt_and_qla(fp, model, [batch, batch], batch)
-        assert model.layers[0].qla_attention.grid == (4, 4) and model.layers[0].qla_attention.prefix_tokens == 1
+    blocks = [block for _, block in find_blocks(model)]
+    if corrections:
+        assert (blocks[0].qla_attention.grid, blocks[0].qla_attention.prefix_tokens) == ((4, 4), 1)
     with torch.no_grad():
         expected = model(**batch).last_hidden_state
     report = fuse_blocks(model, batch)
-    assert report.fused == ["layers.0", "layers.1"], report.skipped
-    assert all(isinstance(layer, fused_block.FusedModelAttentionBlock) for layer in model.layers)
+    assert len(report.fused) == 2 and not report.skipped, report.skipped
+    assert all(isinstance(block, fused_block.FusedModelAttentionBlock) for block in blocks)
     chain_calls.clear()
     with torch.no_grad():
         fused = model(**batch).last_hidden_state
-    assert chain_calls == ["none", "gelu", "none"] * 2  # packed q/k/v, fc1 + GELU, fc2 (o_proj runs as a module)
+    assert chain_calls == ["none", activation, "none"] * 2  # packed q/k/v, fc1 + activation, fc2 (o_proj: a module)
     assert _relative_error(expected, fused) < 1e-4
 
 

@@ -63,6 +63,7 @@ def test_zero_point_term_equals_centered_activations():
     ("gelu", F.gelu),
     ("gelu_tanh", lambda y: F.gelu(y, approximate="tanh")),
     ("relu", F.relu),
+    ("quick_gelu", lambda y: y * torch.sigmoid(1.702 * y)),
     ("swiglu", lambda y: F.silu(y[:, :y.shape[1] // 2]) * y[:, y.shape[1] // 2:]),
     ("geglu", lambda y: F.gelu(y[:, :y.shape[1] // 2]) * y[:, y.shape[1] // 2:]),
     ("geglu_tanh", lambda y: F.gelu(y[:, :y.shape[1] // 2], approximate="tanh") * y[:, y.shape[1] // 2:]),

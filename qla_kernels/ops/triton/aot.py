@@ -37,9 +37,10 @@ from .tuning import SM80_GEMM_CONFIGS, SM90_GEMM_CONFIGS
 #  split-K phase)
 EPILOGUES = (
     ("w8a8_every_epilogue_piece", 0, 1, False, True, False, True, 0),
-    ("w8a8_swiglu_zero_point", 0, 4, False, True, True, True, 0),
-    ("w8a8_geglu_tanh_requant", 0, 6, True, False, False, True, 0),
-    ("w4a16_swiglu", 3, 4, False, False, False, True, 0),
+    ("w8a8_swiglu_zero_point", 0, 5, False, True, True, True, 0),
+    ("w8a8_geglu_tanh_requant", 0, 7, True, False, False, True, 0),
+    ("w8a8_quick_gelu_requant", 0, 4, True, False, False, True, 0),
+    ("w4a16_swiglu", 3, 5, False, False, False, True, 0),
     ("w4a8_requant", 1, 1, True, False, False, True, 0),
     ("w4a8_groups_full_epilogue", 2, 0, False, True, False, True, 0),
     ("w4a16_full_epilogue", 3, 0, False, True, False, True, 0),

@@ -23,8 +23,8 @@ import triton.language as tl
 
 # Weight formats (constexpr codes).
 FORMAT_INT8, FORMAT_INT4, FORMAT_INT4_GROUPS, FORMAT_UINT4_ASYM = 0, 1, 2, 3
-# Activations (constexpr codes), in reference.ACTIVATIONS order.
-ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SWIGLU = 0, 1, 2, 3, 4
+# Activations (constexpr ACTIVATION codes) are indices into reference.ACTIVATIONS: 0 none, 1 gelu,
+# 2 gelu_tanh, 3 relu, 4 quick_gelu; from 5 on gated: 5 swiglu, 6 geglu, 7 geglu_tanh.
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def fused_linear_kernel(
     pid_n = (pid % pids_per_group) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ACTIVATION >= 4:
+    if ACTIVATION >= 5:
         # Gated (SwiGLU, GeGLU): W's first N/2 rows are the gate, its last N/2 the up projection.
         # The tile holds them interleaved (column 2j gate, 2j+1 up of output column
         # pid_n·BLOCK_N/2 + j), which the epilogue splits; every per-channel operand is read
@@ -234,12 +234,14 @@ def fused_linear_kernel(
         y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
     elif ACTIVATION == 3:
         y = tl.maximum(y, 0.0)
+    elif ACTIVATION == 4:  # x·σ(1.702x) as x / (1 + 2^(−1.702·log2(e)·x)): tl.sigmoid spills on sm_80
+        y = y / (1.0 + tl.exp2(-2.4554669595930156 * y))
 
-    if ACTIVATION >= 4:
+    if ACTIVATION >= 5:
         gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
-        if ACTIVATION == 4:
+        if ACTIVATION == 5:
             gate = gate * tl.sigmoid(gate)
-        elif ACTIVATION == 5:
+        elif ACTIVATION == 6:
             gate = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
         else:
             inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
