@@ -315,7 +315,8 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
     block._qla_returns_tuple = returns_tuple
     try:
         fused = block(x, *args, **kwargs)
-    except (RuntimeError, ValueError) as reason:  # e.g. an attention module that does not call packed q/k/v
+    except (RuntimeError, ValueError, TypeError) as reason:  # an attention module that does not call packed
+        # q/k/v, or does not take the block's arguments (CaiT's class attention: x_cls)
         unfuse_block(block)
         return f"the fused chain fails on this block: {reason}"
     finally:
