@@ -652,13 +652,15 @@ def _converted(kind, config):
         model, batch = _swin(), torch.randn(1, 3, 72, 40)
     elif kind == "bert":
         model, batch = _encoder("bert")
+    elif kind == "clip":
+        model, batch = _hf_vision("clip")
     else:
         model, batch = _decoder(kind)
     return qk.quantize_(model, config), batch
 
 
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
-@pytest.mark.parametrize("kind", ["swin", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["swin", "bert", "clip", "gpt2", "llama"])
 def test_converted_models_on_triton_agree_with_reference(kind):
     """Whole converted models (fused blocks or fused MLPs) on the Triton kernels vs the reference
     backend: per-token dynamic requantization re-rounds whole rows when one ulp moves an absmax, so
@@ -675,7 +677,7 @@ def test_converted_models_on_triton_agree_with_reference(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["vit", "swin", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["vit", "swin", "bert", "clip", "gpt2", "llama"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
 def test_converted_fp16_models_on_gpu_agree_with_reference(kind, config):
     """Fused on the CPU, then moved to the GPU and cast to fp16 (packed GEMMs pack again): the CUDA
