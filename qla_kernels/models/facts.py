@@ -117,20 +117,20 @@ def describe(model: nn.Module, batch: Any) -> ArchitectureFacts:
     """Facts of `model` (its blocks as the first one is built) from one forward pass on `batch`.
     Raises ValueError naming what is missing when the model does not fit the block templates."""
     blocks = find_blocks(model)
-    block_facts, block_input = describe_block(model, *blocks[0], batch)
-    spatial = block_input is not None and block_input.dim() == 4
+    block_facts, first_input = describe_block(model, *blocks[0], batch)
+    spatial = first_input is not None and first_input.dim() == 4
     prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)  # timm
     if spatial:
-        grid = tuple(block_input.shape[1:3])
-    elif grid is not None and block_input is not None and block_input.dim() == 3:
+        grid = tuple(first_input.shape[1:3])
+    elif grid is not None and first_input is not None and first_input.dim() == 3:
         # What the blocks see: CaiT's self-attention blocks run before its class token is added.
-        seen = block_input.shape[1] - grid[0] * grid[1]
+        seen = first_input.shape[1] - grid[0] * grid[1]
         if not 0 <= seen <= prefix_tokens:
-            raise ValueError(f"the blocks see {block_input.shape[1]} tokens, not the {grid[0]}x{grid[1]} patch grid "
+            raise ValueError(f"the blocks see {first_input.shape[1]} tokens, not the {grid[0]}x{grid[1]} patch grid "
                              f"and up to {prefix_tokens} prefix tokens (pass an example at the model's image size)")
         prefix_tokens = seen
-    elif block_input is not None and block_input.dim() == 3:
+    elif first_input is not None and first_input.dim() == 3:
         found = _patch_grid(model, blocks, batch)
         if found is not None:
             grid, prefix_tokens = found
@@ -152,6 +152,9 @@ def _patch_grid(model: nn.Module, blocks, batch: Any) -> Optional[Tuple[Tuple[in
     ViT / DeiT / CLIP): the spatial size of the last 2-D convolution run before the first block,
     when every block sees that many tokens plus a few prefix tokens; None otherwise (text, or
     blocks seeing different token counts, as in PVT's stages)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:  # text models: no second forward pass
+        return None
     token_counts, conv_grids, started = set(), [], []
 
     def on_block(module, args, kwargs):
@@ -164,7 +167,7 @@ def _patch_grid(model: nn.Module, blocks, batch: Any) -> Optional[Tuple[Tuple[in
             conv_grids.append(tuple(output.shape[2:]))
 
     handles = [block.register_forward_pre_hook(on_block, with_kwargs=True) for _, block in blocks]
-    handles += [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [conv.register_forward_hook(on_conv) for conv in convs]
     run_hooked(model, batch, handles)
     if not conv_grids or len(token_counts) != 1 or None in token_counts:
         return None

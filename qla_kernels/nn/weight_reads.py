@@ -7,8 +7,12 @@ class's source (its syntax tree, outside initialisation methods) and the linear 
 while the parent runs, a TorchFunctionMode turns `F.linear(x, layer.weight, bias)` into
 `layer(x, bias_override=bias)`, so the layer's kernels, hooks and calibration see the call as any
 other. Passes that observe an fp model's linears through hooks (GPTQ, GPLQ) route its nn.Linears
-the same way while they observe (`weight_reads_routed`). A parent that uses the weight in any other way (ConViT reads `self.qk.weight.dtype`; T5
-casts to `wo.weight.dtype`) keeps that linear in floating point (`kept_floating`).
+the same way while they observe (`weight_reads_routed`). A parent that uses the weight in any
+other way (ConViT reads `self.qk.weight.dtype`; T5 casts to `wo.weight.dtype`) keeps that linear
+in floating point (`kept_floating`).
+
+In eager mode the mode costs a Python dispatch per torch call inside the routed parents (their
+attention forward); under torch.compile it is traced away.
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ def route_weight_reads(model: nn.Module, layer_types: tuple) -> List[str]:
 
 @contextlib.contextmanager
 def weight_reads_routed(model: nn.Module):
-    """Routes `model`'s nn.Linears (fp) read by F.linear in their parent while the block runs, so
-    that hooks on those linears see their inputs."""
+    """Routes `model`'s fp nn.Linears whose parent passes their weight to F.linear, while the
+    context is open, so that hooks on those linears see their inputs."""
     _, installed = _install(model, (nn.Linear,))
     try:
         yield
