@@ -176,7 +176,9 @@ def template_for(block: nn.Module, facts: BlockFacts):
         not_activations |= {child for child in block.children() if isinstance(child, (DWSepAdapter, LoRAAdapter))}
         mlp_parts = {*facts.mlp_inputs, fc2, *(name for name, child in block.named_children()
                                                if child not in not_activations and _activation_name(child))}
-    _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, *mlp_parts}, proj)
+    scales = ("", "") if own_attention else _layer_scales(block, facts, block.get_submodule(proj).out_features)
+    _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, *mlp_parts, *filter(None, scales)},
+                             proj)
     if own_attention:
         activation = _activation(mlp_module, not_activations)
         fc1 = block.get_submodule(facts.mlp_inputs[0])
@@ -195,8 +197,42 @@ def template_for(block: nn.Module, facts: BlockFacts):
     activation = _activation(block.get_submodule(mlp), linears)
     if activation not in ACTIVATIONS:
         raise ValueError(f"a {activation} MLP has no fused template")
+    if scales[1] and getattr(block.get_submodule(fc2), "lowered_qwt", None) is not None:
+        raise ValueError(f"{fc2!r} carries a lowered QwT compensation, which its LayerScale would scale")
     return PackedQKVTemplate(facts.attention_norm, attention, facts.attention_inputs[0], proj, facts.mlp_norm,
-                             facts.mlp_inputs[0], fc2, activation)
+                             facts.mlp_inputs[0], fc2, activation, *scales)
+
+
+@torch.no_grad()
+def _is_layer_scale(module: nn.Module, width: int) -> bool:
+    """A leaf module computing x·γ with its one parameter γ [width] (timm's LayerScale, DINOv2's),
+    confirmed on a probe."""
+    parameters = list(module.parameters())
+    if next(module.children(), None) is not None or len(parameters) != 1 or parameters[0].shape != (width,):
+        return False
+    probe = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(parameters[0])
+    expected = probe * parameters[0]
+    try:
+        return torch.allclose(module(probe.clone()), expected)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _layer_scales(block: nn.Module, facts: BlockFacts, width: int) -> Tuple[str, str]:
+    """(LayerScale after the attention, LayerScale after the MLP) among the block's children, ""
+    where there is none: one registered before the MLP's norm scales the attention branch, one
+    after it the MLP branch (the order a block's forward uses them; the numerical check at fusion
+    confirms it)."""
+    children = [name for name, _ in block.named_children()]
+    mlp_norm_position = children.index(facts.mlp_norm.partition(".")[0])
+    found = ["", ""]
+    for position, (name, child) in enumerate(block.named_children()):
+        if _is_layer_scale(child, width):
+            branch = 0 if position < mlp_norm_position else 1
+            if found[branch]:
+                raise ValueError(f"two LayerScale modules on one residual branch: {found[branch]!r}, {name!r}")
+            found[branch] = name
+    return found[0], found[1]
 
 
 def _check_residual_branches(block: nn.Module, parts: set, proj: str) -> None:

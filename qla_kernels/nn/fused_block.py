@@ -51,6 +51,7 @@ from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from ..ops import reference
 from ..ops.reference import GATED_ACTIVATIONS, apply_activation
+from ..formats.weights import QuantizedWeight
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
 from .quant_linear import QuantLinear
 
@@ -69,11 +70,16 @@ class PackedQKVTemplate:
     fc1: str
     fc2: str
     activation: str  # one of ACTIVATIONS, applied in fc1's epilogue
+    # LayerScale modules (x·γ, DeiT-III / DINOv2) after proj and after fc2: γ scales the GEMM's
+    # output channels (weight scale, bias and low-rank U), so the epilogue adds γ·y to the residual.
+    attention_scale: str = ""
+    mlp_scale: str = ""
 
     def bypassed(self) -> Tuple[str, ...]:
         """The modules the fused chain does not call (their hooks would not fire)."""
         mlp = self.fc1.rpartition(".")[0]
-        return (self.norm1, self.attention, self.qkv, self.proj, self.norm2, mlp, self.fc1, self.fc2)
+        scales = tuple(name for name in (self.attention_scale, self.mlp_scale) if name)
+        return (self.norm1, self.attention, self.qkv, self.proj, self.norm2, mlp, self.fc1, self.fc2, *scales)
 
     def linears(self) -> Tuple[str, ...]:
         return (self.qkv, self.proj, self.fc1, self.fc2)
@@ -235,10 +241,11 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
 
 def _mlp(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], fc1: Tuple,
          fc2: QuantLinear, activation: str, residual: Optional[torch.Tensor], fc2_segments: dict,
-         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+         dtype: Optional[torch.dtype] = None, fc2_layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fc1 = (QuantizedWeight, bias) + activation on its input (int8 codes, or activations for
     W4A16), then fc2 + bias + low-rank segments (+ residual), in `dtype` (the residual's by
-    default). With dynamic scales for fc2, fc1's epilogue re-quantizes per token: no fp round trip."""
+    default), fc2's output scaled by `fc2_layer_scale` before the residual. With dynamic scales
+    for fc2, fc1's epilogue re-quantizes per token: no fp round trip."""
     dtype = dtype or residual.dtype
     weight, bias = fc1
     if fc2.config.act_bits is None:  # W4A16: fc2 reads fc1's output as it is
@@ -251,8 +258,30 @@ def _mlp(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Te
     else:
         hidden = fused_linear(a, scale, weight, a_zero_point=zero, bias=bias, activation=activation, out_dtype=dtype)
         hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
-    return fused_linear(hidden_q, hidden_scale, fc2.quantized_weight(), a_zero_point=hidden_zero, bias=fc2.bias,
-                        residual=residual, out_dtype=dtype, **fc2_segments)
+    weight, bias, fc2_segments = _output_scaled(fc2.quantized_weight(), fc2.bias, fc2_segments, fc2_layer_scale)
+    return fused_linear(hidden_q, hidden_scale, weight, a_zero_point=hidden_zero, bias=bias, residual=residual,
+                        out_dtype=dtype, **fc2_segments)
+
+
+def _output_scaled(weight: QuantizedWeight, bias: Optional[torch.Tensor], segments: dict,
+                   gamma: Optional[torch.Tensor]) -> Tuple[QuantizedWeight, Optional[torch.Tensor], dict]:
+    """The GEMM operands whose output is γ ⊙ (x·Wᵀ + bias + T·Uᵀ): every format's fp32 weight
+    scale has one row per output channel, so γ folds into it exactly."""
+    if gamma is None:
+        return weight, bias, segments
+    gamma = gamma.float()
+    weight = dataclasses.replace(weight, scale=weight.scale * (gamma if weight.scale.dim() == 1 else gamma[:, None]))
+    bias = None if bias is None else bias * gamma.to(bias.dtype)
+    segments = dict(segments)
+    for name in ("lowrank_u", "fullrank_w"):
+        if segments.get(name) is not None:
+            segments[name] = (segments[name] * gamma[:, None].to(segments[name].dtype)).contiguous()
+    return weight, bias, segments
+
+
+def _layer_scale(block: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """γ of the LayerScale module `name` (its one parameter), or None without one."""
+    return next(block.get_submodule(name).parameters()) if name else None
 
 
 def _weight_and_bias(layer: QuantLinear) -> Tuple:
@@ -364,16 +393,19 @@ class FusedPackedQKVBlock(nn.Module):
         if adapter:
             adapter_t = self.qla_attention.down_path(normed.reshape(x.shape))[0].reshape(rows.shape[0], -1)
         q, scale, zero, _ = _quantize_input(context, proj)
-        x1 = fused_linear(q, scale, proj.quantized_weight(), a_zero_point=zero, bias=proj.bias, residual=rows,
-                          out_dtype=x.dtype, scatter_rows=window_rows, out_rows=rows.shape[0],
-                          **proj.lowered_segments(x.dtype, adapter_t, _adapter_up(proj)))
+        weight, bias, segments = _output_scaled(proj.quantized_weight(), proj.bias,
+                                                proj.lowered_segments(x.dtype, adapter_t, _adapter_up(proj)),
+                                                _layer_scale(self, t.attention_scale))
+        x1 = fused_linear(q, scale, weight, a_zero_point=zero, bias=bias, residual=rows, out_dtype=x.dtype,
+                          scatter_rows=window_rows, out_rows=rows.shape[0], **segments)
 
         lora = getattr(fc2, "lowered_adapter", None) is not None  # QLA's LoRA: T from the norm2 pre-kernel
         down = self.qla_ffn.down.weight.t().to(x.dtype).contiguous() if lora else None
         q, scale, zero, lora_t = _quantize_input(x1, fc1, part(t.norm2), down)
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2),
                                         qwt_t if qwt_down is not None else None)
-        out = _mlp(q, scale, zero, _weight_and_bias(fc1), fc2, t.activation, x1, segments)
+        out = _mlp(q, scale, zero, _weight_and_bias(fc1), fc2, t.activation, x1, segments,
+                   fc2_layer_scale=_layer_scale(self, t.mlp_scale))
         return out.reshape(x.shape)
 
 

@@ -93,16 +93,20 @@ def test_lowered_qwt_runs_in_the_last_gemm_of_the_fused_block(chain_calls):
     assert _relative_error(expected, fused) < 1e-5
 
 
-def _lowered_qwt_and_qla(fp, model, calibration, example):
-    """QwT (truncated) and QLA adapters with random non-zero weights, both lowered onto the GEMMs."""
-    qwt.calibrate(fp, model, calibration, progress=False)
-    qwt.truncate(model, energy=0.9)
-    qla.add_adapters(model, rank=4, example=example)
+def _randomize_adapters(model):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "qla_" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+
+
+def _lowered_qwt_and_qla(fp, model, calibration, example):
+    """QwT (truncated) and QLA adapters with random non-zero weights, both lowered onto the GEMMs."""
+    qwt.calibrate(fp, model, calibration, progress=False)
+    qwt.truncate(model, energy=0.9)
+    qla.add_adapters(model, rank=4, example=example)
+    _randomize_adapters(model)
     qla.fuse(model)
     qwt.lower(model, example)
     return model
@@ -128,12 +132,65 @@ def test_fused_block_runs_lowered_qla_and_qwt_in_its_gemms(backend, chain_calls)
     assert _relative_error(expected, fused) < 1e-4
 
 
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_layer_scales_fold_into_the_gemm_output_scales(config, static, chain_calls):
+    """LayerScale (DeiT-III, DINOv2: x·γ after proj and after fc2) is recognised on a probe and
+    folded into those GEMMs' per-channel weight scale, bias and low-rank U (QLA's lowered
+    adapters, which add before it); γ with mixed signs, static zero points, a LayerScale
+    changed after fusion (read per call)."""
+    fp = _vit(init_values=0.1)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for block in fp.blocks:
+            for scale in (block.ls1, block.ls2):
+                scale.gamma.copy_(torch.randn(scale.gamma.shape, generator=generator))
+    model = qk.quantize_(copy.deepcopy(fp), config)
+    x = torch.randn(3, 3, 32, 32)
+    if static:
+        ptq.calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], symmetric=False, progress=False)
+    qla.add_adapters(model, rank=4, example=x)
+    _randomize_adapters(model)
+    qla.fuse(model)
+    calls = {}
+
+    def record(module, args, output):
+        calls[module] = (args[0], output)
+
+    handles = [block.register_forward_hook(record) for block in model.blocks]
+    with torch.no_grad():
+        expected = model(x)
+    for handle in handles:
+        handle.remove()
+    report = fuse_blocks(model, x)
+    assert report.fused == ["blocks.0", "blocks.1"] and not report.fused_mlps
+    template = model.blocks[0]._qla_template
+    assert (template.attention_scale, template.mlp_scale) == ("ls1", "ls2")
+    chain_calls.clear()
+    with torch.no_grad():
+        fused = model(x)
+        # γ multiplies before the sum instead of after it: x1 differs by an ulp, which can flip a
+        # code when norm2(x1) is re-quantized (measured 1.2e-4 for static W4A8; most cases < 1e-7).
+        for block in model.blocks:
+            block_input, block_output = calls[block]
+            assert _relative_error(block_output, block(block_input)) < 1e-3
+    assert chain_calls[:8] == ["none", "none", "gelu", "none"] * 2
+    assert _relative_error(expected, fused) < 1e-2
+    with torch.no_grad():
+        model.blocks[1].ls2.gamma.mul_(-0.5)
+        changed = model(x)
+        unfuse_block(model.blocks[1])
+        assert _relative_error(model(x), changed) < 1e-5
+
+
 def test_blocks_that_do_not_fit_keep_their_quantlinears():
-    """LayerScale on a residual branch, QLA adapters not lowered yet (qla.fuse), the simulate
-    backend, a hook on a module the chain would bypass: each is reported (the hooked module
-    named), and the model's output is unchanged."""
+    """A module on a residual branch the chain does not know, QLA adapters not lowered yet
+    (qla.fuse), the simulate backend, a hook on a module the chain would bypass: each is
+    reported (the hooked module named), and the model's output is unchanged."""
     x = torch.randn(2, 3, 32, 32)
     layer_scale = qk.quantize_(_vit(init_values=0.1), qk.W8A8())
+    for block in layer_scale.blocks:  # a LayerScale whose γ is a 2-D parameter: not x·γ per channel
+        block.ls1.gamma = torch.nn.Parameter(torch.ones(1, block.ls1.gamma.shape[0]))
     with torch.no_grad():
         expected = layer_scale(x)
     report = fuse_blocks(layer_scale, x)
