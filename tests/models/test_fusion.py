@@ -705,6 +705,8 @@ def _converted(kind, config):
     """A tiny model of each architecture quantized with `config`, and one batch for it."""
     if kind == "vit":
         model, batch = _vit(), torch.randn(2, 3, 32, 32)
+    elif kind == "deit3":  # LayerScale folded into proj / fc2
+        model, batch = _vit(init_values=0.5), torch.randn(2, 3, 32, 32)
     elif kind == "swin":
         model, batch = _swin(), torch.randn(1, 3, 72, 40)
     elif kind == "bert":
@@ -734,7 +736,7 @@ def test_converted_models_on_triton_agree_with_reference(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["vit", "swin", "bert", "clip", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["vit", "deit3", "swin", "bert", "clip", "gpt2", "llama"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
 def test_converted_fp16_models_on_gpu_agree_with_reference(kind, config):
     """Fused on the CPU, then moved to the GPU and cast to fp16 (packed GEMMs pack again): the CUDA
