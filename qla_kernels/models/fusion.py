@@ -3,7 +3,8 @@ structure and confirmed numerically.
 
 The architecture facts name each block's norms and linears; the template adds what the fused
 chain assumes. Pre-norm (timm ViT/DeiT): one packed qkv linear whose parent module holds the head
-count, a GELU (or ReLU) MLP, and nothing else on the residual branches (no LayerScale, no gate);
+count, a GELU (or ReLU) MLP, and nothing else on the residual branches but LayerScales (x·γ,
+recognised on a probe; γ folds into the GEMM before it);
 with [B, H, W, C] input (Swin) the window order is read off the block by a probe and the mask it
 hands its attention is recorded. Post-norm (BERT/RoBERTa): query/key/value in one attention
 module, a LayerNorm after each residual add, a one-activation MLP. Decoders (GPT-2/LLaMA), and
@@ -176,7 +177,9 @@ def template_for(block: nn.Module, facts: BlockFacts):
         not_activations |= {child for child in block.children() if isinstance(child, (DWSepAdapter, LoRAAdapter))}
         mlp_parts = {*facts.mlp_inputs, fc2, *(name for name, child in block.named_children()
                                                if child not in not_activations and _activation_name(child))}
-    scales = ("", "") if own_attention else _layer_scales(block, facts, block.get_submodule(proj).out_features)
+    scales = _layer_scales(block, facts, block.get_submodule(proj).out_features)
+    if scales[1] and getattr(block.get_submodule(fc2), "lowered_qwt", None) is not None:
+        raise ValueError(f"{fc2!r} carries a lowered QwT compensation, which its LayerScale would scale")
     _check_residual_branches(block, {facts.attention_norm, attention, facts.mlp_norm, *mlp_parts, *filter(None, scales)},
                              proj)
     if own_attention:
@@ -190,15 +193,13 @@ def template_for(block: nn.Module, facts: BlockFacts):
                 raise ValueError(f"a two-input MLP with a {activation} activation has no fused template")
             activation = _GATED[activation]
         return ModelAttentionTemplate(facts.attention_norm, attention, proj, facts.mlp_norm, facts.mlp_inputs, fc2,
-                               activation, len(facts.mlp_inputs) == 2 and bool(_packable(block, facts.mlp_inputs)),
-                               _packable(block, facts.attention_inputs))
+                                      activation, len(facts.mlp_inputs) == 2 and bool(_packable(block, facts.mlp_inputs)),
+                                      _packable(block, facts.attention_inputs), *scales)
     if facts.mlp_kind != "gelu_mlp" or len(facts.mlp_inputs) != 1:
         raise ValueError(f"{facts.mlp_kind} MLPs in non-causal pre-norm blocks have no fused template yet")
     activation = _activation(block.get_submodule(mlp), linears)
     if activation not in ACTIVATIONS:
         raise ValueError(f"a {activation} MLP has no fused template")
-    if scales[1] and getattr(block.get_submodule(fc2), "lowered_qwt", None) is not None:
-        raise ValueError(f"{fc2!r} carries a lowered QwT compensation, which its LayerScale would scale")
     return PackedQKVTemplate(facts.attention_norm, attention, facts.attention_inputs[0], proj, facts.mlp_norm,
                              facts.mlp_inputs[0], fc2, activation, *scales)
 

@@ -51,9 +51,8 @@ from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from ..ops import reference
 from ..ops.reference import GATED_ACTIVATIONS, apply_activation
-from ..formats.weights import QuantizedWeight
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
-from .quant_linear import QuantLinear
+from .quant_linear import QuantLinear, output_scaled
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
 
@@ -152,11 +151,15 @@ class ModelAttentionTemplate:
     # Separate attention input projections (LLaMA's q/k/v) run as one packed GEMM whose slices are
     # handed over to them (empty: the attention module runs its own).
     packed_attention_inputs: Tuple[str, ...] = ()
+    # LayerScale modules after the attention and after the MLP (HF DINOv2), as in PackedQKVTemplate.
+    attention_scale: str = ""
+    mlp_scale: str = ""
 
     def bypassed(self) -> Tuple[str, ...]:
         mlp = self.mlp_output.rpartition(".")[0]
+        scales = tuple(name for name in (self.attention_scale, self.mlp_scale) if name)
         return (self.norm1, self.norm2, *((mlp,) if mlp else ()), *self.mlp_inputs, self.mlp_output,
-                self.attention_output, *self.packed_attention_inputs)
+                self.attention_output, *self.packed_attention_inputs, *scales)
 
     def linears(self) -> Tuple[str, ...]:
         return (*self.mlp_inputs, self.mlp_output)
@@ -258,25 +261,9 @@ def _mlp(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Te
     else:
         hidden = fused_linear(a, scale, weight, a_zero_point=zero, bias=bias, activation=activation, out_dtype=dtype)
         hidden_q, hidden_scale, hidden_zero, _ = _quantize_input(hidden, fc2)
-    weight, bias, fc2_segments = _output_scaled(fc2.quantized_weight(), fc2.bias, fc2_segments, fc2_layer_scale)
+    weight, bias, fc2_segments = output_scaled(fc2.quantized_weight(), fc2.bias, fc2_segments, fc2_layer_scale)
     return fused_linear(hidden_q, hidden_scale, weight, a_zero_point=hidden_zero, bias=bias, residual=residual,
                         out_dtype=dtype, **fc2_segments)
-
-
-def _output_scaled(weight: QuantizedWeight, bias: Optional[torch.Tensor], segments: dict,
-                   gamma: Optional[torch.Tensor]) -> Tuple[QuantizedWeight, Optional[torch.Tensor], dict]:
-    """The GEMM operands whose output is γ ⊙ (x·Wᵀ + bias + T·Uᵀ): every format's fp32 weight
-    scale has one row per output channel, so γ folds into it exactly."""
-    if gamma is None:
-        return weight, bias, segments
-    gamma = gamma.float()
-    weight = dataclasses.replace(weight, scale=weight.scale * (gamma if weight.scale.dim() == 1 else gamma[:, None]))
-    bias = None if bias is None else bias * gamma.to(bias.dtype)
-    segments = dict(segments)
-    for name in ("lowrank_u", "fullrank_w"):
-        if segments.get(name) is not None:
-            segments[name] = (segments[name] * gamma[:, None].to(segments[name].dtype)).contiguous()
-    return weight, bias, segments
 
 
 def _layer_scale(block: nn.Module, name: str) -> Optional[torch.Tensor]:
@@ -393,7 +380,7 @@ class FusedPackedQKVBlock(nn.Module):
         if adapter:
             adapter_t = self.qla_attention.down_path(normed.reshape(x.shape))[0].reshape(rows.shape[0], -1)
         q, scale, zero, _ = _quantize_input(context, proj)
-        weight, bias, segments = _output_scaled(proj.quantized_weight(), proj.bias,
+        weight, bias, segments = output_scaled(proj.quantized_weight(), proj.bias,
                                                 proj.lowered_segments(x.dtype, adapter_t, _adapter_up(proj)),
                                                 _layer_scale(self, t.attention_scale))
         x1 = fused_linear(q, scale, weight, a_zero_point=zero, bias=bias, residual=rows, out_dtype=x.dtype,
@@ -628,6 +615,8 @@ class FusedModelAttentionBlock(_PackedGroups):
         if packed:
             self._hand_over_attention_inputs(normed_rows, *codes)
         proj.add_to_next_output(rows)  # the residual x joins proj's epilogue: the attention returns x1
+        if t.attention_scale:
+            proj.scale_next_output(_layer_scale(self, t.attention_scale))
         try:
             attention = part(t.attention)(normed, **named)
         finally:  # what a layer did not take must not reach a later call
@@ -635,7 +624,7 @@ class FusedModelAttentionBlock(_PackedGroups):
             for name in untaken:
                 part(name)._handed_over = None
             if proj._next_residual is not None:
-                proj._next_residual = None
+                proj._next_residual = proj._next_output_scale = None
                 untaken.append(t.attention_output)
         if untaken:
             raise RuntimeError(f"{t.attention!r} did not call {untaken} on its input")
@@ -653,20 +642,21 @@ class FusedModelAttentionBlock(_PackedGroups):
             q, scale, zero, lora_t = _quantize_input(x1, inputs[0], norm2, down)
             operands = [(q, scale, zero)] + [_quantize_input(x1, layer, norm2)[:3] for layer in inputs[1:]]
         segments = fc2.lowered_segments(x.dtype, lora_t if lora else None, _adapter_up(fc2))
+        mlp_scale = _layer_scale(self, t.mlp_scale)
         if len(inputs) == 1 or t.packed_mlp_inputs:
             fc1 = _weight_and_bias(inputs[0]) if len(inputs) == 1 else self._qla_packed[t.mlp_inputs]
-            out = _mlp(*operands[0], fc1, fc2, t.activation, x1, segments)
+            out = _mlp(*operands[0], fc1, fc2, t.activation, x1, segments, fc2_layer_scale=mlp_scale)
         else:  # gate and up quantized or stored differently: two GEMMs
             gate, up = [fused_linear(a, scale, layer.quantized_weight(), a_zero_point=zero, bias=layer.bias,
                                      out_dtype=x.dtype) for (a, scale, zero), layer in zip(operands, inputs)]
             hidden = apply_activation(torch.cat([gate, up], dim=1), t.activation)
+            weight, bias, segments = output_scaled(fc2.quantized_weight(), fc2.bias, segments, mlp_scale)
             if fc2.config.act_bits is None:
-                out = fused_linear(hidden, None, fc2.quantized_weight(), bias=fc2.bias, residual=x1,
-                                   out_dtype=x.dtype, **segments)
+                out = fused_linear(hidden, None, weight, bias=bias, residual=x1, out_dtype=x.dtype, **segments)
             else:
                 q, scale, zero, _ = _quantize_input(hidden, fc2)
-                out = fused_linear(q, scale, fc2.quantized_weight(), a_zero_point=zero, bias=fc2.bias, residual=x1,
-                                   out_dtype=x.dtype, **segments)
+                out = fused_linear(q, scale, weight, a_zero_point=zero, bias=bias, residual=x1, out_dtype=x.dtype,
+                                   **segments)
         return out.reshape(batch, tokens, width)
 
     def _hand_over_attention_inputs(self, normed_rows: torch.Tensor, q: Optional[torch.Tensor],

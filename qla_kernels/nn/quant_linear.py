@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +36,22 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight
     raise ValueError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def output_scaled(weight: QuantizedWeight, bias: Optional[torch.Tensor], segments: dict,
+                  gamma: Optional[torch.Tensor]) -> Tuple[QuantizedWeight, Optional[torch.Tensor], dict]:
+    """The GEMM operands whose output is γ ⊙ (x·Wᵀ + bias + T·Uᵀ): every format's fp32 weight
+    scale has one row per output channel, so γ folds into it exactly."""
+    if gamma is None:
+        return weight, bias, segments
+    gamma = gamma.float()
+    weight = dataclasses.replace(weight, scale=weight.scale * (gamma if weight.scale.dim() == 1 else gamma[:, None]))
+    bias = None if bias is None else bias * gamma.to(bias.dtype)
+    segments = dict(segments)
+    for name in ("lowrank_u", "fullrank_w"):
+        if segments.get(name) is not None:
+            segments[name] = (segments[name] * gamma[:, None].to(segments[name].dtype)).contiguous()
+    return weight, bias, segments
 
 
 class QuantLinear(nn.Module):
@@ -149,21 +166,23 @@ class QuantLinear(nn.Module):
                                    f"{x.numel() // self.in_features}")
             return handed_over.reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).contiguous()
-        segments = self.lowered_segments(x.dtype)
         residual, self._next_residual = self._next_residual, None
         if residual is not None and residual.shape != (rows.shape[0], self.out_features):
             raise RuntimeError(f"the residual for this call is {tuple(residual.shape)}, its output "
                                f"{(rows.shape[0], self.out_features)}")
+        gamma, self._next_output_scale = self._next_output_scale, None
+        weight, bias, segments = output_scaled(self.quantized_weight(),
+                                               self.bias if bias_override is None else bias_override,
+                                               self.lowered_segments(x.dtype), gamma)
         y = ops.quantized_linear(
-            rows, self.quantized_weight(), self.config.act_bits,
-            static_scale=self.input_scale, zero_point=self.input_zero_point,
-            bias=self.bias if bias_override is None else bias_override, residual=residual,
-            **segments,
+            rows, weight, self.config.act_bits, static_scale=self.input_scale, zero_point=self.input_zero_point,
+            bias=bias, residual=residual, **segments,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     _handed_over: Optional[torch.Tensor] = None
     _next_residual: Optional[torch.Tensor] = None
+    _next_output_scale: Optional[torch.Tensor] = None
 
     def hand_over(self, y: torch.Tensor) -> None:
         """Makes the next call return y [rows, out_features] instead of running its GEMM: a fused
@@ -176,6 +195,12 @@ class QuantLinear(nn.Module):
         decoder block's residual stream, when the model's own attention code calls its output
         projection."""
         self._next_residual = residual
+
+    def scale_next_output(self, gamma: torch.Tensor) -> None:
+        """Makes the next call scale its output channels by `gamma` [out_features] before adding
+        the residual: a fused block's LayerScale after this layer, when the model's own attention
+        code calls it."""
+        self._next_output_scale = gamma.detach()  # a plain tensor: a Parameter would register on the module
 
     def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
                          lowrank_u: Optional[torch.Tensor] = None, qwt_t: Optional[torch.Tensor] = None) -> dict:

@@ -533,23 +533,34 @@ def _hf_vision(kind):
                  intermediate_size=128)
     if kind == "vit":
         model = transformers.ViTModel(transformers.ViTConfig(**sizes), add_pooling_layer=False)
-    else:  # CLIP: QuickGELU MLP
+    elif kind == "clip":  # QuickGELU MLP
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**sizes))
+    else:  # DINOv2: LayerScale after the attention and the MLP
+        model = transformers.Dinov2Model(transformers.Dinov2Config(**sizes))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layer_scale" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     return model.eval(), {"pixel_values": torch.randn(3, 3, 32, 32)}
 
 
-@pytest.mark.parametrize("kind, activation", [("vit", "gelu"), ("clip", "quick_gelu")])
+@pytest.mark.parametrize("kind, activation", [("vit", "gelu"), ("clip", "quick_gelu"), ("dinov2", "gelu")])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
-@pytest.mark.parametrize("corrections", [False, True], ids=["plain", "qla_qwt"])
+@pytest.mark.parametrize("corrections", [False, True], ids=["plain", "corrected"])
 def test_encoders_with_separate_qkv_fuse_around_their_own_attention(kind, activation, config, corrections,
                                                                     chain_calls):
-    """HF ViT and CLIP (pre-norm, non-causal, separate q/k/v projections): the attention module
-    runs as the model's with q/k/v as one packed GEMM handed over; norms, MLP (GELU, CLIP's
-    QuickGELU) and residuals are fused, with lowered QLA (2-D DW adapter on the patch grid, CLS
-    bypassing it) and QwT in the GEMMs."""
+    """HF ViT, CLIP and DINOv2 (pre-norm, non-causal, separate q/k/v projections): the attention
+    module runs as the model's with q/k/v as one packed GEMM handed over; norms, MLP (GELU, CLIP's
+    QuickGELU) and residuals are fused, DINOv2's LayerScales folded into o_proj (handed to it with
+    the residual) and fc2, with lowered QLA (2-D DW adapter on the patch grid, CLS bypassing it)
+    and QwT in the GEMMs (QLA only for DINOv2: QwT is not lowered before a LayerScale)."""
     fp, batch = _hf_vision(kind)
     model = qk.quantize_(copy.deepcopy(fp), config)
-    if corrections:
+    if corrections and kind == "dinov2":
+        qla.add_adapters(model, rank=4, example=batch)
+        _randomize_adapters(model)
+        qla.fuse(model)
+    elif corrections:
         _lowered_qwt_and_qla(fp, model, [batch, batch], batch)
     blocks = [block for _, block in find_blocks(model)]
     if corrections:

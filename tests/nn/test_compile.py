@@ -110,14 +110,33 @@ def test_fused_windowed_block_compiles_without_graph_breaks():
         _assert_compiles_like_eager(block, x)
 
 
+def test_fused_layer_scale_block_compiles_without_graph_breaks():
+    """HF DINOv2: LayerScale γ handed to the model's own attention output projection with the
+    residual, and folded into fc2, in one graph."""
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.models import fuse_blocks
+
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(image_size=32, patch_size=8, hidden_size=64,
+                                                               num_hidden_layers=2, num_attention_heads=4)).eval()
+    model = qk.quantize_(model, qk.W8A8())
+    assert fuse_blocks(model, {"pixel_values": torch.randn(1, 3, 32, 32)}).fused
+    layer, x = model.encoder.layer[0], torch.randn(2, 17, 64)
+    with torch.no_grad():
+        _assert_compiles_like_eager(layer, x)
+
+
 def test_fused_mlp_compiles_without_graph_breaks():
-    """A block no template fits (LayerScale on its branches) still fuses its MLP."""
+    """A block no template fits (a scale on its branch that is not a per-channel LayerScale) still
+    fuses its MLP."""
     timm = pytest.importorskip("timm")
     from qla_kernels.models import fuse_blocks
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               init_values=0.1).eval()
+    for block in model.blocks:
+        block.ls1.gamma = torch.nn.Parameter(torch.ones(1, 192))
     model = qk.quantize_(model, qk.W8A8())
     assert fuse_blocks(model, torch.randn(1, 3, 32, 32)).fused_mlps
     mlp, h = model.blocks[0].mlp, torch.randn(2, 17, 192)
