@@ -40,7 +40,7 @@ from ..nn.fused_block import (
     unfuse_block,
 )
 from ..ops.dispatch import resolve_backend, use_backend
-from .blocks import find_blocks
+from .blocks import find_blocks, is_norm
 from .facts import BlockFacts, describe_block, example_input, is_any_linear, run_hooked, without_kv_cache
 
 # Relative error of the fused chain against the block's module-by-module forward above which the
@@ -209,13 +209,14 @@ def _is_layer_scale(module: nn.Module, width: int) -> bool:
     """A leaf module computing x·γ with its one parameter γ [width] (timm's LayerScale, DINOv2's),
     confirmed on a probe."""
     parameters = list(module.parameters())
-    if next(module.children(), None) is not None or len(parameters) != 1 or parameters[0].shape != (width,):
-        return False
+    if (is_norm(module) or next(module.children(), None) is not None or next(module.buffers(), None) is not None
+            or len(parameters) != 1 or parameters[0].shape != (width,)):
+        return False  # (a QuantLinear's only parameter is its bias; its weight is buffers)
     probe = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(parameters[0])
     expected = probe * parameters[0]
-    try:
-        return torch.allclose(module(probe.clone()), expected)
-    except (RuntimeError, TypeError):
+    try:  # forward, not __call__: hooks on the module (QLA's, observers) must not see the probe
+        return torch.allclose(module.forward(probe.clone()), expected)
+    except (RuntimeError, TypeError, ValueError):
         return False
 
 
