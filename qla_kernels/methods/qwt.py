@@ -72,7 +72,9 @@ def _capture_block_input(model: nn.Module, block: nn.Module, batch) -> Tuple[tup
         captured["call"] = (args, kwargs)
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    # First among the block's pre-hooks: a later one (a post-norm block's lowered QLA adapter
+    # preparing its T) must not run for a call that never reaches the layer that consumes it.
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         run_model(model, batch)
     except _Stop:

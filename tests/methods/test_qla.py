@@ -201,6 +201,24 @@ def test_fuse_lowers_adapters_onto_the_gemms(name):
         qla.train(quantized, fp, [inputs], progress=False)
 
 
+def test_qwt_lowering_after_qla_leaves_no_adapter_input_behind():
+    """A post-norm block's lowered adapter prepares its T in a block pre-hook: qwt.lower, which
+    captures each block's input by stopping the model at that block, must stop it before that hook
+    (it once left a T of the example's batch size for the next call)."""
+    fp, inputs = MODELS["bert"]()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    batch = {"input_ids": torch.cat([inputs["input_ids"]] * 2)}
+    qwt.calibrate(fp, model, [batch], progress=False)
+    qla.add_adapters(model, rank=4, example=inputs)
+    _randomize_adapters(model)
+    qla.fuse(model)
+    with torch.no_grad():
+        expected = model_output(run_model(model, batch))
+    qwt.lower(model, inputs)  # an example with half the batch
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(run_model(model, batch)), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["deit_tiny", "bert"])
 def test_adapters_round_trip_through_the_checkpoint(name, tmp_path):
     """Adapters (with QwT where present) are saved with the quantized weights and come back on an
