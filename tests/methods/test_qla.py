@@ -10,7 +10,7 @@ from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.methods.batches import model_output, run_model
 from qla_kernels.nn.adapters import DWSepAdapter
 
-from ..conftest import kl_divergence
+from ..conftest import kl_divergence, randomize_adapters
 from ..nn.test_quantize_models import MODELS
 
 
@@ -75,7 +75,7 @@ def test_fuse_refuses_an_output_linear_left_in_floating_point():
     model, inputs = MODELS["vit_tiny"]()
     quantized = qk.quantize_(model, qk.W8A8(), filter_fn=lambda module, name: not name.endswith("attn.proj"))
     qla.add_adapters(quantized, rank=4, example=inputs)
-    _randomize_adapters(quantized)
+    randomize_adapters(quantized)
     with torch.no_grad():
         before = quantized(inputs)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj is a Linear, not a QuantLinear"):
@@ -144,15 +144,6 @@ def test_deep_copies_are_independent():
         assert not torch.equal(twin(**inputs).last_hidden_state, before)
 
 
-def _randomize_adapters(model):
-    """Trained-looking adapters (fresh ones are zero and would hide a wrong lowering)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "qla_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05 + (0.7 if name.endswith("gate") else 0))
-
-
 def _per_block(model, inputs):
     """(input, output) of every block on one forward pass."""
     from qla_kernels.models import find_blocks
@@ -181,7 +172,7 @@ def test_fuse_lowers_adapters_onto_the_gemms(name):
         qwt.calibrate(fp, quantized, [inputs], progress=False)
         qwt.truncate(quantized, energy=0.9)
     qla.add_adapters(quantized, rank=4, example=inputs)
-    _randomize_adapters(quantized)
+    randomize_adapters(quantized)
     blocks, before = _per_block(quantized, inputs)
     assert len(qla.fuse(quantized)) == (12 if "tiny" in name else 2)
     if with_qwt:
@@ -210,7 +201,7 @@ def test_qwt_lowering_after_qla_leaves_no_adapter_input_behind():
     batch = {"input_ids": torch.cat([inputs["input_ids"]] * 2)}
     qwt.calibrate(fp, model, [batch], progress=False)
     qla.add_adapters(model, rank=4, example=inputs)
-    _randomize_adapters(model)
+    randomize_adapters(model)
     qla.fuse(model)
     with torch.no_grad():
         expected = model_output(run_model(model, batch))
@@ -227,7 +218,7 @@ def test_adapters_round_trip_through_the_checkpoint(name, tmp_path):
     skeleton = copy.deepcopy(model)
     quantized = qk.quantize_(model, qk.W4A8())
     qla.add_adapters(quantized, rank=4, example=inputs)
-    _randomize_adapters(quantized)
+    randomize_adapters(quantized)
     path = str(tmp_path / "adapted.safetensors")
     qk.save_quantized(quantized, path)
     restored = qk.load_quantized(skeleton, path)
@@ -286,7 +277,7 @@ def test_causal_adapters_generate_the_same_with_and_without_the_kv_cache(name, l
     assert quantized._qla_placement.causal and quantized.get_submodule(quantized._qla_block_names[0]).qla_attention.causal
     with torch.no_grad():
         assert torch.equal(model_output(run_model(quantized, inputs)), before)  # still an exact no-op
-    _randomize_adapters(quantized)
+    randomize_adapters(quantized)
     if lowered:
         qla.fuse(quantized)
     prompt = inputs["input_ids"][:, :5]
@@ -318,7 +309,7 @@ def test_swin_adapters_live_in_spatial_order_and_meet_attention_in_window_order(
     adapted = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
     reference = copy.deepcopy(adapted)
     qla.add_adapters(adapted, rank=4, example=x)
-    _randomize_adapters(adapted)
+    randomize_adapters(adapted)
     handles = []
     for name in adapted._qla_block_names:
         block, adapter = reference.get_submodule(name), adapted.get_submodule(name).qla_attention

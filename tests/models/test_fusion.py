@@ -13,7 +13,7 @@ from qla_kernels.models import find_blocks, fuse_blocks
 from qla_kernels.nn import fused_block
 from qla_kernels.nn.fused_block import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
-from ..conftest import sqnr_db
+from ..conftest import randomize_adapters, sqnr_db
 
 timm = pytest.importorskip("timm")
 
@@ -93,20 +93,12 @@ def test_lowered_qwt_runs_in_the_last_gemm_of_the_fused_block(chain_calls):
     assert _relative_error(expected, fused) < 1e-5
 
 
-def _randomize_adapters(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "qla_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-
-
 def _lowered_qwt_and_qla(fp, model, calibration, example):
     """QwT (truncated) and QLA adapters with random non-zero weights, both lowered onto the GEMMs."""
     qwt.calibrate(fp, model, calibration, progress=False)
     qwt.truncate(model, energy=0.9)
     qla.add_adapters(model, rank=4, example=example)
-    _randomize_adapters(model)
+    randomize_adapters(model)
     qla.fuse(model)
     qwt.lower(model, example)
     return model
@@ -150,7 +142,7 @@ def test_layer_scales_fold_into_the_gemm_output_scales(config, static, chain_cal
     if static:
         ptq.calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], symmetric=False, progress=False)
     qla.add_adapters(model, rank=4, example=x)
-    _randomize_adapters(model)
+    randomize_adapters(model)
     qla.fuse(model)
     calls = {}
 
@@ -558,7 +550,7 @@ def test_encoders_with_separate_qkv_fuse_around_their_own_attention(kind, activa
     model = qk.quantize_(copy.deepcopy(fp), config)
     if corrections and kind == "dinov2":
         qla.add_adapters(model, rank=4, example=batch)
-        _randomize_adapters(model)
+        randomize_adapters(model)
         qla.fuse(model)
     elif corrections:
         _lowered_qwt_and_qla(fp, model, [batch, batch], batch)
