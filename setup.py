@@ -20,7 +20,9 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 BUILD_INFO = ROOT / "qla_kernels" / "_build_info.json"
-CUDA_ARCHS = ("80", "89", "90a")
+# QLA_CUDA_ARCHS=90a builds for one GPU only (seconds instead of minutes: scripts/gpu_check.sh quick).
+CUDA_ARCHS = tuple(os.environ.get("QLA_CUDA_ARCHS", "80,89,90a").split(","))
+CUDA_PTX = "90"  # compute_90 PTX, JIT-compiled by the driver on newer GPUs
 
 
 def find_nvcc():
@@ -59,7 +61,7 @@ class NvccBuildExt(build_ext):
         gencode = []
         for arch in CUDA_ARCHS:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        gencode += ["-gencode", "arch=compute_90,code=compute_90"]
+        gencode += ["-gencode", f"arch=compute_{CUDA_PTX},code=compute_{CUDA_PTX}"]
         arch_list = ",".join(f"sm_{a}" for a in CUDA_ARCHS)
         cmd = [
             ext.nvcc,
@@ -69,7 +71,7 @@ class NvccBuildExt(build_ext):
             "-Xcompiler", "-fPIC,-fvisibility=hidden",
             # Exact IEEE division and rint: the kernels must equal the reference bit for bit.
             "-prec-div=true", "-ftz=false",
-            f'-DQLA_CUDA_ARCHS="{arch_list}"',
+            f'-DQLA_CUDA_ARCHS="{arch_list}"', f'-DQLA_CUDA_PTX="compute_{CUDA_PTX}"',
             *gencode,
             *[f"-I{d}" for d in ext.include_dirs],
             *ext.sources,
@@ -77,7 +79,7 @@ class NvccBuildExt(build_ext):
         ]
         print(" ".join(cmd), flush=True)
         subprocess.check_call(cmd, cwd=ROOT)
-        write_build_info(cuda_extension=True, archs=list(CUDA_ARCHS), reason=None)
+        write_build_info(cuda_extension=True, archs=list(CUDA_ARCHS), ptx=CUDA_PTX, reason=None)
 
 
 def cuda_extensions():

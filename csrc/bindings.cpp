@@ -44,7 +44,7 @@ void w4a16_decode(std::uintptr_t x, int dtype_code, std::uintptr_t weight, std::
                   std::uintptr_t zero, std::uintptr_t lowrank_t, std::uintptr_t lowrank_u,
                   std::uintptr_t bias, std::uintptr_t residual, std::uintptr_t out,
                   std::uintptr_t workspace, int64_t M, int64_t N, int64_t K, int64_t group_size,
-                  int64_t rank, int splits, int chunks_per_split, std::uintptr_t stream) {
+                  int64_t rank, int splits, int chunks_per_split, bool out_fp32, std::uintptr_t stream) {
   require(x != 0 && weight != 0 && scale != 0 && zero != 0 && out != 0, "null device pointer");
   require(x % 16 == 0 && weight % 16 == 0, "x and weight must be 16-byte aligned");
   require(dtype_code == 1 || dtype_code == 2, "dtype must be fp16 or bf16");
@@ -81,6 +81,7 @@ void w4a16_decode(std::uintptr_t x, int dtype_code, std::uintptr_t weight, std::
   args.splits = splits;
   args.chunks_per_split = chunks_per_split;
   args.dtype = static_cast<qla::DType>(dtype_code);
+  args.out_fp32 = out_fp32;
   check_cuda(qla::launch_w4a16_decode(args, reinterpret_cast<cudaStream_t>(stream)), "w4a16_decode launch");
 }
 
@@ -96,9 +97,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("zero"), py::arg("lowrank_t"), py::arg("lowrank_u"), py::arg("bias"),
         py::arg("residual"), py::arg("out"), py::arg("workspace"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("group_size"), py::arg("rank"), py::arg("splits"),
-        py::arg("chunks_per_split"), py::arg("stream"),
-        "W4A16 decode GEMM (M <= 16): out = x * dequant(W)^T + T*U^T + bias + residual; pointers may be 0 "
-        "for absent operands.");
+        py::arg("chunks_per_split"), py::arg("out_fp32"), py::arg("stream"),
+        "W4A16 decode GEMM (M <= 16): out = x * dequant(W)^T + T*U^T + bias + residual (in the activation "
+        "dtype, or fp32 with out_fp32); pointers may be 0 for absent operands.");
   m.attr("DECODE_MAX_STAGED_VALUES") = qla::kDecodeMaxStagedValues;
   m.attr("CUDA_ARCHS") = QLA_CUDA_ARCHS;
+  m.attr("CUDA_PTX") = QLA_CUDA_PTX;
 }

@@ -141,8 +141,9 @@ __device__ __forceinline__ ChunkWeights load_chunk(const W4A16DecodeArgs& args, 
   return chunk;
 }
 
-// y (the fp32 GEMM result for row m, column n) + T·Uᵀ + bias + residual, stored in Act; the
-// order of the additions is the reference epilogue's.
+// y (the fp32 GEMM result for row m, column n) + T·Uᵀ + bias + residual, stored in Act (or in fp32
+// for a gated activation applied after the kernel); the order of the additions is the reference
+// epilogue's.
 template <typename Act>
 __device__ __forceinline__ void finish(const W4A16DecodeArgs& args, int64_t m, int64_t n, float y) {
   if (args.lowrank_t != nullptr) {
@@ -154,7 +155,11 @@ __device__ __forceinline__ void finish(const W4A16DecodeArgs& args, int64_t m, i
   }
   if (args.bias != nullptr) y += to_float(static_cast<const Act*>(args.bias)[n]);
   if (args.residual != nullptr) y += to_float(static_cast<const Act*>(args.residual)[m * args.N + n]);
-  static_cast<Act*>(args.out)[m * args.N + n] = from_float<Act>(y);
+  if (args.out_fp32) {
+    static_cast<float*>(args.out)[m * args.N + n] = y;
+  } else {
+    static_cast<Act*>(args.out)[m * args.N + n] = from_float<Act>(y);
+  }
 }
 
 template <typename Act, bool kSixteenRows>

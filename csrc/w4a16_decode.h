@@ -22,12 +22,13 @@ struct W4A16DecodeArgs {
   const void* lowrank_u;  // [N, rank] or null
   const void* bias;       // [N] or null
   const void* residual;   // [M, N] or null
-  void* out;              // [M, N]
+  void* out;              // [M, N], in the activation dtype or (out_fp32) in fp32
   float* workspace;       // [splits, M, N] fp32 partial sums; unused when splits == 1
   int64_t M, N, K, group_size, rank;
   int splits;             // K is cut into `splits` ranges of `chunks_per_split` 128-wide chunks
   int chunks_per_split;
   DType dtype;            // kFloat16 or kBFloat16
+  bool out_fp32;          // store y unrounded: a gated activation after the kernel runs in fp32
 };
 
 // Requirements (checked by the binding): 1 <= M <= 16, K % 128 == 0, group_size % 32 == 0 and

@@ -49,6 +49,7 @@ from ..ops import (
 )
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
+from ..ops.row_maps import RowMap
 from ..ops import reference
 from ..ops.reference import GATED_ACTIVATIONS, apply_activation
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
@@ -317,13 +318,11 @@ class FusedPackedQKVBlock(nn.Module):
             return False
         return _hooks_allow_bypass(self, self._qla_template.bypassed())
 
-    def _batch_window_rows(self, batch: int) -> torch.Tensor:
-        """int32 [batch · window rows]: the row of the flattened [batch, height, width] input each
-        attention row reads and writes (−1: padding)."""
-        rows = self._qla_window_rows
+    def _batch_window_rows(self, batch: int) -> RowMap:
+        """The row of the flattened [batch, height, width] input each attention row reads and
+        writes (−1: padding), from one image's window order (checked at fusion)."""
         per_image = self._qla_window_grid[0] * self._qla_window_grid[1]
-        offsets = torch.arange(batch, device=rows.device, dtype=torch.int32)[:, None] * per_image
-        return torch.where(rows >= 0, rows + offsets, -1).reshape(-1)
+        return RowMap(self._qla_window_rows, per_image).batched(batch)
 
     def _window_attention_mask(self, attention: nn.Module, windows: int, heads: int,
                                dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -844,7 +843,8 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
     if windows is not None:
         device = block.get_submodule(template.qkv).weight_scale.device
         block._qla_window_grid, block._qla_window_tokens = tuple(windows.grid), windows.window_tokens
-        block.register_buffer("_qla_window_rows", windows.rows.to(device, torch.int32), persistent=False)
+        window_map = RowMap.build(windows.rows, windows.grid[0] * windows.grid[1])
+        block.register_buffer("_qla_window_rows", window_map.indices.to(device), persistent=False)
         block.register_buffer("_qla_window_mask", None if windows.mask is None else windows.mask.to(device),
                               persistent=False)
     return block

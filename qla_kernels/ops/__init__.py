@@ -16,8 +16,9 @@ import torch
 from ..formats.weights import QuantizedWeight
 from . import cuda, library, reference, simulate
 from . import triton as triton_backend
-from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation
+from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map
 from .dispatch import BACKENDS, BackendInfo, backends, requested_backend, resolve_backend, use_backend
+from .row_maps import RowMap
 
 
 def quantize_activation(
@@ -154,8 +155,8 @@ def fused_linear(
     residual: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.float16,
     requant_bits: int = 0,
-    gather_rows: Optional[torch.Tensor] = None,
-    scatter_rows: Optional[torch.Tensor] = None,
+    gather_rows: Optional[RowMap] = None,
+    scatter_rows: Optional[RowMap] = None,
     out_rows: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual.
@@ -167,29 +168,36 @@ def fused_linear(
     in its last N/2 (output N/2 wide): "swiglu" (silu), "geglu" (gelu erf), "geglu_tanh".
     Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
 
-    Row maps (int32): GEMM row m reads A row `gather_rows[m]` (−1: zero padding) and writes
-    output row `scatter_rows[m]` (−1: dropped) of `out_rows`; T, X_c and the residual are indexed
-    by destination row. Maps must be injective on their valid entries (not checked: that would
-    need a host sync); output rows no GEMM row maps to are zero.
+    Row maps (`RowMap`, checked once where they are built): GEMM row m reads A row
+    `gather_rows.indices[m]` (−1: zero padding) and writes output row `scatter_rows.indices[m]`
+    (−1: dropped) of `out_rows`; T, X_c and the residual are indexed by destination row. A
+    gather map indexes a's rows, a scatter map the `out_rows`; output rows no GEMM row maps to are
+    zero.
     """
+    if not isinstance(a, torch.Tensor) or a.dim() != 2:
+        raise ValueError(f"a must be a 2-D tensor [tokens, in_features], got {getattr(a, 'shape', type(a))}")
+    check_row_map("gather_rows", gather_rows, a.shape[0], "a has")
     if out_rows is None:
-        out_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
+        out_rows = a.shape[0] if gather_rows is None else gather_rows.indices.shape[0]
+    check_row_map("scatter_rows", scatter_rows, out_rows, "out_rows is")
+    gather_indices = None if gather_rows is None else gather_rows.indices
+    scatter_indices = None if scatter_rows is None else scatter_rows.indices
     args = (
         a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale,
         weight.zero, weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-        bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
+        bias, activation, residual, out_dtype, requant_bits, gather_indices, scatter_indices, out_rows,
     )
     check_fused_linear(*args)
     backend = resolve_backend(a.device)
     gated = activation in reference.GATED_ACTIVATIONS  # decode: the CUDA kernel runs gate and up as one GEMM
     if backend == "cuda" and cuda.supports_fused_linear(
             a, a_zero_point, weight.data, weight.format, weight.k_group, lowrank_t, lowrank_u, fullrank_x, bias,
-            "none" if gated else activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows):
+            "none" if gated else activation, residual, out_dtype, requant_bits, gather_indices, scatter_indices):
         y = torch.ops.qla.w4a16_decode_cuda(a, weight.data, weight.scale, weight.zero, weight.k_group, lowrank_t,
-                                            lowrank_u, bias, None if gated else residual)
-        if gated:
+                                            lowrank_u, bias, None if gated else residual, gated)
+        if gated:  # the reference's order: act(gate)·up and the residual in fp32, then one rounding
             y = reference.apply_activation(y, activation)
-            y = y if residual is None else y + residual
+            y = (y if residual is None else y + residual.float()).to(out_dtype)
         return y
     if backend in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:
         out, out_scale = torch.ops.qla.fused_linear_triton(*args)
@@ -234,7 +242,7 @@ def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[t
 
 
 __all__ = [
-    "BACKENDS", "BackendInfo", "backends", "requested_backend", "resolve_backend", "use_backend",
+    "BACKENDS", "BackendInfo", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
     "gemm_zero_point", "library", "reference", "simulate",
 ]

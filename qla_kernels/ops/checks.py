@@ -12,6 +12,7 @@ import torch
 from ..formats.weights import INTEGER_FORMATS, check_weight, weight_in_features
 from ..quant.primitives import qrange
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, NORM_KINDS, output_features
+from .row_maps import RowMap
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -93,6 +94,17 @@ def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm
                      contiguous=False)
         if down_proj.shape[1] and t_out.stride(1) != 1:
             raise ValueError("t_out's columns must be contiguous (a column slice of a row-major buffer)")
+
+
+def check_row_map(name: str, row_map, rows: int, what: str) -> None:
+    """A RowMap (or None) that indexes `rows` rows (`what` says whose)."""
+    if row_map is None:
+        return
+    if not isinstance(row_map, RowMap):
+        raise ValueError(f"{name} must be a RowMap (check it once with RowMap.build(indices, rows)), "
+                         f"got {type(row_map).__name__}")
+    if row_map.rows != rows:
+        raise ValueError(f"{name} indexes {row_map.rows} rows, but {what} {rows}")
 
 
 def check_fused_linear(

@@ -47,9 +47,10 @@ def _(x, bits):
 
 
 def supports_quantize_activation(x: Tensor, static_scale, zero_point, norm_kind: str, down_proj) -> bool:
-    """The CUDA kernel covers dynamic symmetric quantization without norm or down-projection."""
+    """The CUDA kernel covers dynamic symmetric quantization without norm or down-projection, on
+    GPUs `_C` was built for."""
     return (x.device.type == "cuda" and static_scale is None and zero_point is None
-            and norm_kind == "none" and down_proj is None)
+            and norm_kind == "none" and down_proj is None and _built_for(_index(x.device)))
 
 
 # The W4A16 decode kernel (csrc/w4a16_decode.cu): its limits and the split-K plan.
@@ -79,10 +80,26 @@ def _index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
+def runs_on(capability: Tuple[int, int], cubins: str, ptx: str) -> bool:
+    """Whether code built as `cubins` ("sm_80,sm_89,sm_90a") plus `ptx` ("compute_90" or "") runs on
+    a GPU of `capability`: a cubin sm_XY runs on X.Z for Z >= Y, an arch-specific one (sm_90a)
+    only on X.Y itself, and PTX compute_XY is compiled by the driver for any capability >= X.Y."""
+    for arch in filter(None, (a.strip() for a in cubins.split(","))):
+        specific = arch.endswith("a")
+        major, minor = divmod(int(arch[len("sm_"):].rstrip("a")), 10)
+        if capability == (major, minor) or (not specific and capability[0] == major and capability[1] >= minor):
+            return True
+    if ptx:
+        return capability >= divmod(int(ptx[len("compute_"):]), 10)
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def _built_for(device_index: int) -> bool:
-    """`_C` is built for sm_80 and newer (bf16 mma.sync needs sm_80)."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+    """`_C` has code for this GPU (its kernels need sm_80's bf16 mma.sync; the build says which)."""
+    module = _extension()
+    return runs_on(torch.cuda.get_device_capability(device_index), module.CUDA_ARCHS,
+                   getattr(module, "CUDA_PTX", ""))
 
 
 def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format: str, group_size: int,
@@ -109,13 +126,14 @@ def _pointer(tensor: Optional[Tensor]) -> int:
 @torch.library.custom_op("qla::w4a16_decode_cuda", mutates_args=())
 def w4a16_decode(a: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: Tensor, group_size: int,
                  lowrank_t: Optional[Tensor], lowrank_u: Optional[Tensor], bias: Optional[Tensor],
-                 residual: Optional[Tensor]) -> Tensor:
-    """The W4A16 fused linear for M <= 16 on the CUDA decode kernel, output in a's dtype. Operands
-    are those of ops.fused_linear, already validated there (see supports_fused_linear)."""
+                 residual: Optional[Tensor], out_fp32: bool = False) -> Tensor:
+    """The W4A16 fused linear for M <= 16 on the CUDA decode kernel, output in a's dtype (fp32 with
+    `out_fp32`: a gated activation follows in fp32, as in the reference). Operands are those of
+    ops.fused_linear, already validated there (see supports_fused_linear)."""
     rows, in_features = a.shape
     out_features = weight.shape[0]
     a, weight = _aligned(a), _aligned(weight)
-    out = a.new_empty((rows, out_features))
+    out = a.new_empty((rows, out_features), dtype=torch.float32 if out_fp32 else a.dtype)
     splits, chunks_per_split = decode_split_plan(rows, out_features, in_features, sm_count(a.device))
     workspace = (a.new_empty((splits, rows, out_features), dtype=torch.float32) if splits > 1 else None)
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
@@ -126,11 +144,11 @@ def w4a16_decode(a: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: T
             a.data_ptr(), _DTYPE_CODES[a.dtype], weight.data_ptr(), weight_scale.data_ptr(), weight_zero.data_ptr(),
             _pointer(lowrank_t), _pointer(lowrank_u), _pointer(bias), _pointer(residual), out.data_ptr(),
             _pointer(workspace), rows, out_features, in_features, group_size, rank, splits, chunks_per_split,
-            torch.cuda.current_stream(a.device).cuda_stream,
+            out_fp32, torch.cuda.current_stream(a.device).cuda_stream,
         )
     return out
 
 
 @w4a16_decode.register_fake
-def _(a, weight, weight_scale, weight_zero, group_size, lowrank_t, lowrank_u, bias, residual):
-    return a.new_empty((a.shape[0], weight.shape[0]))
+def _(a, weight, weight_scale, weight_zero, group_size, lowrank_t, lowrank_u, bias, residual, out_fp32=False):
+    return a.new_empty((a.shape[0], weight.shape[0]), dtype=torch.float32 if out_fp32 else a.dtype)

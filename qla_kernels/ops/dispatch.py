@@ -113,6 +113,8 @@ def requested_backend() -> str:
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend an op on `device` runs on."""
     name = requested_backend()
+    if device.type == "meta":  # shapes only: every backend's op runs its fake
+        return "reference" if name == _AUTO else name
     if name == _AUTO:
         if device.type != "cuda":
             return "reference"
@@ -135,8 +137,16 @@ def use_backend(name: str) -> Iterator[None]:
     _validated(name)
     if name != _AUTO and not backends()[name].available:
         raise RuntimeError(str(backends()[name]))
+    with selecting(name):
+        yield
+
+
+@contextlib.contextmanager
+def selecting(name: str) -> Iterator[None]:
+    """`use_backend` without the availability check: for planning Triton launches on meta tensors
+    (ops/triton/kernel_launch.py), which needs no GPU."""
     previous = getattr(_state, "backend", None)
-    _state.backend = name
+    _state.backend = _validated(name)
     try:
         yield
     finally:

@@ -211,10 +211,11 @@ def main_segment(
 def gather_activation_rows(
     a: torch.Tensor, a_scale: Optional[torch.Tensor], a_zero_point: Optional[torch.Tensor], gather_rows: torch.Tensor
 ):
-    """Rows of A (and its per-row scale / zero point) in GEMM order; index −1 is a padding row whose
-    value is zero: its codes and its scale are zero, so that a per-tensor zero point cancels."""
-    valid = gather_rows >= 0
-    index = gather_rows.clamp_min(0).long()
+    """Rows of A (and its per-row scale / zero point) in GEMM order; index −1 (or any index outside
+    A's rows) is a padding row whose value is zero: its codes and its scale are zero, so that a
+    per-tensor zero point cancels."""
+    valid = (gather_rows >= 0) & (gather_rows < a.shape[0])
+    index = torch.where(valid, gather_rows, 0).long()
     a = torch.where(valid[:, None], a[index], torch.zeros((), dtype=a.dtype))
     if a_scale is not None:
         per_row = a_scale[index] if a_scale.numel() > 1 else a_scale.reshape(1).expand(len(index))
@@ -225,8 +226,9 @@ def gather_activation_rows(
 
 
 def scatter_rows_to(values: torch.Tensor, scatter_rows: torch.Tensor, out_rows: int) -> torch.Tensor:
-    """out[scatter_rows[m]] = values[m]; rows mapped to −1 are dropped, unmapped rows are zero."""
-    valid = scatter_rows >= 0
+    """out[scatter_rows[m]] = values[m]; rows mapped to −1 (or outside the output) are dropped,
+    unmapped rows are zero."""
+    valid = (scatter_rows >= 0) & (scatter_rows < out_rows)
     out = values.new_zeros((out_rows, *values.shape[1:]))
     out[scatter_rows[valid].long()] = values[valid]
     return out
@@ -267,8 +269,10 @@ def fused_linear(
     if gather_rows is not None:
         a, a_scale, a_zero_point = gather_activation_rows(a, a_scale, a_zero_point, gather_rows)
     if scatter_rows is not None:
-        destination = scatter_rows.clamp_min(0).long()
-        pick = lambda rows: None if rows is None else rows[destination]  # noqa: E731
+        # A dropped GEMM row reads a zero row appended after the destination rows.
+        valid = (scatter_rows >= 0) & (scatter_rows < out_rows)
+        destination = torch.where(valid, scatter_rows, out_rows).long()
+        pick = lambda rows: None if rows is None else F.pad(rows, (0, 0, 0, 1))[destination]  # noqa: E731
         lowrank_t, fullrank_x, residual = pick(lowrank_t), pick(fullrank_x), pick(residual)
     y = main_segment(a, a_scale, a_zero_point, weight, weight_format, weight_scale,
                      weight_group_scale, weight_zero, group_size, weight_colsum)

@@ -27,7 +27,7 @@ def test_extension_was_built_for_every_target_arch():
 
     info = json.loads((Path(qla_kernels.__file__).parent / "_build_info.json").read_text())
     assert info["cuda_extension"] and info["archs"] == ["80", "89", "90a"]
-    assert _C.CUDA_ARCHS == "sm_80,sm_89,sm_90a"
+    assert _C.CUDA_ARCHS == "sm_80,sm_89,sm_90a" and _C.CUDA_PTX == "compute_90"
     for arch in ("sm_80", "sm_89", "sm_90a"):
         assert arch.encode() in Path(_C.__file__).read_bytes(), f"no {arch} cubin in {_C.__file__}"
 

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qla_kernels import ops
+from qla_kernels.ops import RowMap
 from qla_kernels.ops import reference
 
 from .helpers import INTEGER_FORMATS, oracle_main_segment, random_int8, random_weight
@@ -235,8 +236,8 @@ def test_row_maps_equal_explicit_gather_and_scatter():
     """Swin-style: 6 tokens in spatial order, GEMM rows in a window order with 2 padding rows."""
     weight = random_weight("int8", 16, 32)
     a, a_scale = random_int8(6, 32)
-    gather = torch.tensor([3, 0, -1, 5, 1, 4, -1, 2], dtype=torch.int32)
-    scatter = torch.tensor([3, 0, -1, 5, 1, 4, -1, 2], dtype=torch.int32)
+    gather = RowMap.build(torch.tensor([3, 0, -1, 5, 1, 4, -1, 2]), 6)
+    scatter = RowMap.build(torch.tensor([3, 0, -1, 5, 1, 4, -1, 2]), 6)
     t, u = torch.randn(6, 16), torch.randn(16, 16)
     residual = torch.randn(6, 16)
     y = ops.fused_linear(a, a_scale, weight, lowrank_t=t, lowrank_u=u, residual=residual, gather_rows=gather,
@@ -253,7 +254,7 @@ def test_row_maps_equal_explicit_gather_and_scatter():
 def test_gather_padding_rows_are_zero():
     weight = random_weight("int4", 8, 32)
     a, a_scale = random_int8(2, 32)
-    y = ops.fused_linear(a, a_scale, weight, gather_rows=torch.tensor([1, -1, 0], dtype=torch.int32),
+    y = ops.fused_linear(a, a_scale, weight, gather_rows=RowMap.build(torch.tensor([1, -1, 0]), 2),
                          out_dtype=torch.float32)
     assert y.shape == (3, 8) and torch.equal(y[1], torch.zeros(8))
     assert torch.equal(y[0], ops.fused_linear(a[1:], a_scale[1:], weight, out_dtype=torch.float32)[0])
@@ -262,17 +263,21 @@ def test_gather_padding_rows_are_zero():
     weight = random_weight("int8", 8, 32)
     weight = dataclasses.replace(weight, colsum=weight.integer().sum(dim=1, dtype=torch.int32))
     y = ops.fused_linear(a, torch.tensor([0.1]), weight, a_zero_point=zero_point, bias=torch.ones(8),
-                         gather_rows=torch.tensor([1, -1], dtype=torch.int32), out_dtype=torch.float32)
+                         gather_rows=RowMap.build(torch.tensor([1, -1]), 2), out_dtype=torch.float32)
     assert torch.equal(y[1], torch.ones(8))
 
 
 def test_row_map_arguments_are_checked():
     weight = random_weight("int8", 8, 32)
     a, a_scale = random_int8(4, 32)
-    with pytest.raises(ValueError, match="gather_rows must have dtype"):
-        ops.fused_linear(a, a_scale, weight, gather_rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="gather_rows must be a RowMap"):
+        ops.fused_linear(a, a_scale, weight, gather_rows=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="gather_rows indexes 5 rows, but a has 4"):
+        ops.fused_linear(a, a_scale, weight, gather_rows=RowMap.build(torch.tensor([0, 4]), 5))
+    with pytest.raises(ValueError, match="scatter_rows indexes 2 rows, but out_rows is 3"):
+        ops.fused_linear(a, a_scale, weight, scatter_rows=RowMap.build(torch.tensor([0, 1, -1, -1]), 2), out_rows=3)
     with pytest.raises(ValueError, match=r"scatter_rows must have shape \(4,\)"):
-        ops.fused_linear(a, a_scale, weight, scatter_rows=torch.tensor([0, 1], dtype=torch.int32), out_rows=2)
+        ops.fused_linear(a, a_scale, weight, scatter_rows=RowMap.build(torch.tensor([0, 1]), 2), out_rows=2)
     with pytest.raises(ValueError, match="out_rows=3 must equal"):
         ops.fused_linear(a, a_scale, weight, out_rows=3)
 

@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.ops import reference
+from qla_kernels.ops import RowMap
 from qla_kernels.ops.triton import launch
+from qla_kernels.ops.triton.kernel_launch import target_of
+from qla_kernels.ops.triton.tuning import gemm_candidates
 from qla_kernels.quant import quantize_weight
 
 from ..conftest import examples
@@ -120,7 +123,7 @@ def test_row_maps():
     weight = _to(random_weight("int4", 32, 64))
     a, a_scale = (t.to(DEVICE) for t in random_int8(10, 64))
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).int()
-    padded = torch.cat([order[:6], torch.tensor([-1, -1], dtype=torch.int32), order[6:]]).to(DEVICE)
+    padded = RowMap.build(torch.cat([order[:6], torch.tensor([-1, -1], dtype=torch.int32), order[6:]]).to(DEVICE), 10)
     t, u = torch.randn(10, 16, device=DEVICE), torch.randn(32, 16, device=DEVICE)
     residual = torch.randn(10, 32, device=DEVICE)
     call = lambda **kw: ops.fused_linear(a, a_scale, weight, gather_rows=padded, scatter_rows=padded, out_rows=10,  # noqa: E731
@@ -426,24 +429,25 @@ def test_decode_pre_kernel(norm_kind, dtype, rank):
 def test_w4a16_split_k_matches_reference(m, n_half, steps, group, rank, activation, requant, row_maps, seed):
     """Small-M W4A16 splits K across programs (partial sums, then a fixed-order reduction that
     runs the whole epilogue); forced here by pretending the device has many SMs."""
-    with mock.patch.object(launch, "sm_count", lambda device: 256):
+    many_sms = dataclasses.replace(target_of(torch.device(DEVICE)), sm_count=256)
+    with mock.patch.object(launch, "target_of", lambda device: many_sms):
         _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row_maps, seed)
 
 
 def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row_maps, seed):
-    n, block_k = 2 * n_half, launch.gemm_candidates(torch.device(DEVICE))[0].block_k
+    n, block_k = 2 * n_half, gemm_candidates(target_of(torch.device(DEVICE)))[0].block_k
     k = max(group, block_k) * steps
     if DEVICE == "cpu":  # the interpreter's one 16×32 tile configuration does split
         tiles = -(-m // 16) * -(-n // 32)
-        assert launch.split_k_plan(tiles, k, min(block_k, group), torch.device(DEVICE))[0] > 1
+        assert launch.split_k_plan(tiles, k, min(block_k, group), 256)[0] > 1
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(DEVICE)  # noqa: E731
     weight = _to(random_weight("uint4_asym_groups", n, k, group=group, seed=seed))
     n_out = n // 2 if activation in reference.GATED_ACTIVATIONS else n
     maps = {}
     if row_maps:
-        maps = dict(gather_rows=torch.randperm(m, generator=generator).int().to(DEVICE),
-                    scatter_rows=torch.randperm(m, generator=generator).int().to(DEVICE))
+        maps = dict(gather_rows=RowMap.build(torch.randperm(m, generator=generator).to(DEVICE), m),
+                    scatter_rows=RowMap.build(torch.randperm(m, generator=generator).to(DEVICE), m))
     kwargs = dict(lowrank_t=rand(m, rank).half() if rank else None, lowrank_u=(rand(n, rank) * 0.1).half() if rank else None,
                   bias=rand(n), activation=activation, residual=rand(m, n_out), out_dtype=torch.float32,
                   requant_bits=8 if requant else 0, **maps)
@@ -457,11 +461,9 @@ def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row
 
 
 def test_split_k_plan_keeps_every_split_nonempty_and_block_aligned():
-    device = torch.device("cpu")
-    assert launch.split_k_plan(4, 4096, 128, device) == (1, 4096)  # no SMs known: no split
-    with mock.patch.object(launch, "sm_count", lambda device: 132):
-        for tiles, k, block_k in ((64, 4096, 128), (1, 4096, 128), (8, 14336, 128), (300, 4096, 128), (4, 640, 64)):
-            splits, per_split = launch.split_k_plan(tiles, k, block_k, device)
-            assert per_split % block_k == 0 and (splits - 1) * per_split < k <= splits * per_split
-            assert splits == 1 or per_split >= launch._SPLIT_K_MIN_STEPS * block_k
-            assert splits == 1 or tiles * (splits - 1) < launch._SPLIT_K_TILES_PER_SM * 132
+    assert launch.split_k_plan(4, 4096, 128, 0) == (1, 4096)  # no SMs known: no split
+    for tiles, k, block_k in ((64, 4096, 128), (1, 4096, 128), (8, 14336, 128), (300, 4096, 128), (4, 640, 64)):
+        splits, per_split = launch.split_k_plan(tiles, k, block_k, 132)
+        assert per_split % block_k == 0 and (splits - 1) * per_split < k <= splits * per_split
+        assert splits == 1 or per_split >= launch._SPLIT_K_MIN_STEPS * block_k
+        assert splits == 1 or tiles * (splits - 1) < launch._SPLIT_K_TILES_PER_SM * 132

@@ -41,10 +41,22 @@ def status() -> Optional[str]:
 
 if _IMPORT_ERROR is None:
     from . import launch
+    from .kernel_launch import is_planning
     from .launch import TRITON_WEIGHT_FORMATS, supports_dwsep_down, supports_quantize_activation
 
-    @torch.library.custom_op("qla::fused_linear_triton", mutates_args=())
-    def fused_linear(
+    def _fake_or_planned(fake, body):
+        """The op's fake; while launches are planned (kernel_launch.planning: meta tensors), the
+        launch code itself, which records its launches and returns outputs of the same shapes."""
+        def run(*args, **kwargs):
+            return body(*args, **kwargs) if is_planning() else fake(*args, **kwargs)
+        return run
+
+    def _register(name: str, body, fake, mutates_args=()):
+        op = torch.library.custom_op(f"qla::{name}", mutates_args=mutates_args)(body)
+        op.register_fake(_fake_or_planned(fake, body))
+        return op
+
+    def _fused_linear(
         a: Tensor, a_scale: Optional[Tensor], a_zero_point: Optional[Tensor], weight: Tensor, weight_format: str,
         weight_scale: Tensor, weight_group_scale: Optional[Tensor], weight_zero: Optional[Tensor], group_size: int,
         weight_colsum: Optional[Tensor], lowrank_t: Optional[Tensor], lowrank_u: Optional[Tensor],
@@ -58,10 +70,7 @@ if _IMPORT_ERROR is None:
             residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
         )
 
-    fused_linear.register_fake(fused_linear_fake)
-
-    @torch.library.custom_op("qla::quantize_activation_triton", mutates_args=())
-    def quantize_activation(
+    def _quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
         down_from_input: bool = False,
@@ -71,10 +80,7 @@ if _IMPORT_ERROR is None:
             down_from_input=down_from_input,
         )
 
-    quantize_activation.register_fake(quantize_activation_fake)
-
-    @torch.library.custom_op("qla::quantize_activation_into_triton", mutates_args=("t_out",))
-    def quantize_activation_into(
+    def _quantize_activation_into(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Tensor, t_out: Tensor,
         down_from_input: bool = False,
@@ -85,19 +91,13 @@ if _IMPORT_ERROR is None:
         )
         return q, scale
 
-    quantize_activation_into.register_fake(quantize_activation_into_fake)
-
-    @torch.library.custom_op("qla::normalize_activation_triton", mutates_args=())
-    def normalize_activation(
+    def _normalize_activation(
         x: Tensor, norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
         down_proj: Optional[Tensor],
     ) -> Tuple[Tensor, Tensor]:
         return launch.normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
 
-    normalize_activation.register_fake(normalize_activation_fake)
-
-    @torch.library.custom_op("qla::normalize_quantize_activation_triton", mutates_args=())
-    def normalize_quantize_activation(
+    def _normalize_quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
         down_from_input: bool = False,
@@ -105,14 +105,18 @@ if _IMPORT_ERROR is None:
         return launch.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
                                                     norm_bias, norm_eps, down_proj, down_from_input)
 
-    normalize_quantize_activation.register_fake(normalize_quantize_activation_fake)
-
-    @torch.library.custom_op("qla::dwsep_down_triton", mutates_args=())
-    def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,
-                   dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
+    def _dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,
+                    dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
         return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
 
-    dwsep_down.register_fake(dwsep_down_fake)
+    fused_linear = _register("fused_linear_triton", _fused_linear, fused_linear_fake)
+    quantize_activation = _register("quantize_activation_triton", _quantize_activation, quantize_activation_fake)
+    quantize_activation_into = _register("quantize_activation_into_triton", _quantize_activation_into,
+                                         quantize_activation_into_fake, mutates_args=("t_out",))
+    normalize_activation = _register("normalize_activation_triton", _normalize_activation, normalize_activation_fake)
+    normalize_quantize_activation = _register("normalize_quantize_activation_triton", _normalize_quantize_activation,
+                                              normalize_quantize_activation_fake)
+    dwsep_down = _register("dwsep_down_triton", _dwsep_down, dwsep_down_fake)
 else:  # pragma: no cover
     TRITON_WEIGHT_FORMATS = ()
 

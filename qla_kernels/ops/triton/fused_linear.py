@@ -68,21 +68,25 @@ def _unpack_uint4_tile(packed):
     return tl.trans(tl.reshape(tl.join(codes & 0xF, codes >> 4), (block_n, block_k)))
 
 
-@triton.jit
+# The split count and the ranks of the low-rank / full-rank segments are runtime sizes, never
+# specialized: a new split count or a correction's calibrated rank must not compile new kernels.
+@triton.jit(do_not_specialize=["SPLITS", "R", "KC"])
 def fused_linear_kernel(
     a_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_group_ptr, w_colsum_ptr,
     t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,
     gather_ptr, scatter_ptr, partial_ptr,
-    M, N, K, R, KC, GROUP_K, K_PER_SPLIT,
+    M, N, K, R, KC, GROUP_K, K_PER_SPLIT, SPLITS, A_ROWS, OUT_ROWS,
     stride_am, stride_wn, stride_gn, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
     WEIGHT_FORMAT: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_PER_ROW: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_FULLRANK: tl.constexpr,
-    MAIN_IEEE: tl.constexpr, LOWRANK_IEEE: tl.constexpr, FULLRANK_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    MAIN_FP32: tl.constexpr, LOWRANK_FP32: tl.constexpr, FULLRANK_FP32: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, REQUANT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr, SPLIT_PHASE: tl.constexpr = 0,
-    K_SPLITS: tl.constexpr = 1,
 ):
+    # Row indices and offsets are int64 wherever a product can pass 2**31: an LM head's output at
+    # prefill (M·N), a large weight (N·K), the split-K partial sums (SPLITS·M·N). Row maps index
+    # rows of `a` (A_ROWS of them) and of the output (OUT_ROWS); entries outside are padding.
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -108,10 +112,13 @@ def fused_linear_kernel(
     mask_m = offs_m < M
     if GATHER:
         a_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=-1)
+        a_valid = mask_m & (a_rows >= 0) & (a_rows < A_ROWS)
     else:
         a_rows = offs_m
-    a_valid = mask_m & (a_rows >= 0)
+        a_valid = mask_m
     a_rows = tl.where(a_valid, a_rows, 0)
+    a_row_offsets = a_rows.to(tl.int64) * stride_am
+    w_row_offsets = offs_n.to(tl.int64) * stride_wn
 
     if WEIGHT_FORMAT == 3:
         # ------------------------------------------------------------ W4A16: dequant in the loop
@@ -123,16 +130,16 @@ def fused_linear_kernel(
         if SPLIT_PHASE == 2:
             k_end = 0  # the partial sums replace the main loop
             partial_mask = mask_m[:, None] & mask_n[None, :]
-            for split in range(K_SPLITS):  # a fixed order: deterministic
-                y += tl.load(partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], mask=partial_mask,
-                             other=0.0)
+            for split in range(SPLITS):  # a fixed order: deterministic
+                y += tl.load(partial_ptr + (split * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :],
+                             mask=partial_mask, other=0.0)
         for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+            a = tl.load(a_ptr + a_row_offsets[:, None] + offs_k[None, :],
                         mask=a_valid[:, None] & mask_k[None, :], other=0.0)
             offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :],
+            packed = tl.load(w_ptr + w_row_offsets[:, None] + offs_kp[None, :],
                              mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
             codes = _unpack_uint4_tile(packed).to(tl.float32)
             if GROUP_SCALE_PER_TILE:
@@ -145,12 +152,12 @@ def fused_linear_kernel(
                 zero = tl.load(w_group_ptr + group, mask=mask, other=0).to(tl.float32)
                 scale = tl.load(w_scale_ptr + group, mask=mask, other=0.0)
             w = ((codes - zero) * scale).to(a.dtype)
-            if MAIN_IEEE:
-                y = tl.dot(a, w, y, input_precision="ieee")
+            if MAIN_FP32:
+                y = tl.dot(a, w, y, input_precision="tf32x3")
             else:
                 y = tl.dot(a, w, y)
         if SPLIT_PHASE == 1:
-            tl.store(partial_ptr + (tl.program_id(1) * M + offs_m[:, None]) * N + offs_n[None, :], y,
+            tl.store(partial_ptr + (tl.program_id(1) * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], y,
                      mask=mask_m[:, None] & mask_n[None, :])
             return
     else:
@@ -159,14 +166,14 @@ def fused_linear_kernel(
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+            a = tl.load(a_ptr + a_row_offsets[:, None] + offs_k[None, :],
                         mask=a_valid[:, None] & mask_k[None, :], other=0)
             if WEIGHT_FORMAT == 0:
-                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                w = tl.load(w_ptr + w_row_offsets[None, :] + offs_k[:, None],
                             mask=mask_n[None, :] & mask_k[:, None], other=0)
             else:
                 offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :],
+                packed = tl.load(w_ptr + w_row_offsets[:, None] + offs_kp[None, :],
                                  mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
                 w = _unpack_int4_tile(packed)
                 if WEIGHT_FORMAT == 2:
@@ -197,10 +204,11 @@ def fused_linear_kernel(
 
     if SCATTER:
         rows = tl.load(scatter_ptr + offs_m, mask=mask_m, other=-1)
+        row_valid = mask_m & (rows >= 0) & (rows < OUT_ROWS)
     else:
         rows = offs_m
-    row_valid = mask_m & (rows >= 0)
-    rows = tl.where(row_valid, rows, 0)
+        row_valid = mask_m
+    rows = tl.where(row_valid, rows, 0).to(tl.int64)
 
     if HAS_LOWRANK:
         for r0 in range(0, R, BLOCK_R):
@@ -209,8 +217,8 @@ def fused_linear_kernel(
                         mask=row_valid[:, None] & (offs_r[None, :] < R), other=0.0)
             u = tl.load(u_ptr + offs_n[None, :] * stride_un + offs_r[:, None],
                         mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
-            if LOWRANK_IEEE:
-                y = tl.dot(t, u, y, input_precision="ieee")
+            if LOWRANK_FP32:
+                y = tl.dot(t, u, y, input_precision="tf32x3")
             else:
                 y = tl.dot(t, u, y)
     if HAS_FULLRANK:
@@ -220,8 +228,8 @@ def fused_linear_kernel(
                          mask=row_valid[:, None] & (offs_c[None, :] < KC), other=0.0)
             wc = tl.load(wc_ptr + offs_n[None, :] * stride_wcn + offs_c[:, None],
                          mask=mask_n[None, :] & (offs_c[:, None] < KC), other=0.0)
-            if FULLRANK_IEEE:
-                y = tl.dot(xc, wc, y, input_precision="ieee")
+            if FULLRANK_FP32:
+                y = tl.dot(xc, wc, y, input_precision="tf32x3")
             else:
                 y = tl.dot(xc, wc, y)
     if HAS_BIAS:
@@ -275,6 +283,7 @@ def requantize_rows_kernel(
     """Per-token int8 from an fp32 matrix whose row absmax (as int bits) is already known."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    row_offsets = offs_m.to(tl.int64)
     absmax = tl.load(row_absmax_ptr + offs_m, mask=mask_m, other=0).to(tl.float32, bitcast=True)
     clamped = tl.where((absmax > 1e-8) | (absmax != absmax), absmax, 1e-8)
     scale = tl.math.div_rn(clamped, QMAX * 1.0)
@@ -282,6 +291,6 @@ def requantize_rows_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = mask_m[:, None] & (offs_n[None, :] < N)
-        y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
+        y = tl.load(y_ptr + row_offsets[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
         q = clamp_codes(round_half_even(tl.math.div_rn(y, scale[:, None])), -QMAX - 1.0, QMAX * 1.0)
-        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_n[None, :], q.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row_offsets[:, None] * stride_qm + offs_n[None, :], q.to(tl.int8), mask=mask)

@@ -1,5 +1,9 @@
-"""Host wrappers: allocate outputs, pick a configuration, launch. Arguments arrive validated by
-`qla_kernels.ops.checks` (the custom ops are reached only through `qla_kernels.ops`)."""
+"""Host wrappers: allocate outputs, choose each kernel's configuration for the target, launch.
+
+Arguments arrive validated by `qla_kernels.ops.checks` (the custom ops are reached only through
+`qla_kernels.ops`). Every choice here (tiles, stages, split-K, FP contraction) is a function of the
+operands and the `Target`, so `planning` (kernel_launch.py) replays it for the ahead-of-time check.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ import triton
 
 from ...formats.weights import weight_in_features
 from ...quant.primitives import qrange
-from ..dispatch import sm_count
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
+from .kernel_launch import Target, run_kernel, target_of
 from .quantize import quantize_activation_kernel
-from .tuning import Autotuner, gemm_candidates, interpreting, m_bucket
+from .tuning import Autotuner, gemm_candidates, m_bucket
 
 _WEIGHT_FORMAT_CODES = {"int8": 0, "int4": 1, "int4_int8_groups": 2, "uint4_asym_groups": 3}
 _GROUPED_FORMATS = ("int4_int8_groups", "uint4_asym_groups")
@@ -24,12 +28,18 @@ MAX_PREOP_RANK = 128
 _gemm_tuner = Autotuner("qla fused_linear")
 
 
-def _block_r(width: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(max(width, 1))))
+def _block_r(width: int, fp32: bool) -> int:
+    """Rank (or full-rank K) step of the epilogue dots: up to 32 wide (64 spilled with the full
+    epilogue), 16 for fp32 operands, whose tf32x3 dots hold three products' operands (ptxas -v)."""
+    return max(16, min(16 if fp32 else 32, triton.next_power_of_2(max(width, 1))))
 
 
 def _largest_power_of_two_dividing(value: int) -> int:
     return value & -value
+
+
+def _dtype_name(tensor: Optional[torch.Tensor]) -> Optional[str]:
+    return None if tensor is None else str(tensor.dtype)
 
 
 # Split K when fewer tiles than this many per SM exist (W4A16 at small M), keeping >= 4 K steps each.
@@ -37,11 +47,11 @@ _SPLIT_K_TILES_PER_SM = 2
 _SPLIT_K_MIN_STEPS = 4
 
 
-def split_k_plan(tiles: int, k: int, block_k: int, device: torch.device) -> Tuple[int, int]:
+def split_k_plan(tiles: int, k: int, block_k: int, sm_count: int) -> Tuple[int, int]:
     """(splits, K per split) for the W4A16 GEMM: enough programs for `_SPLIT_K_TILES_PER_SM` per SM.
     K per split is a multiple of BLOCK_K (so group scales stay per tile) and every split is non-empty."""
     steps = triton.cdiv(k, block_k)
-    wanted = triton.cdiv(_SPLIT_K_TILES_PER_SM * sm_count(device), tiles)
+    wanted = triton.cdiv(_SPLIT_K_TILES_PER_SM * sm_count, tiles)
     splits = max(1, min(wanted, steps // _SPLIT_K_MIN_STEPS))
     if splits == 1:
         return 1, k
@@ -55,6 +65,7 @@ def fused_linear(
     residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     device = a.device
+    target = target_of(device)
     gemm_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
     n = weight.shape[0]
     k = weight_in_features(weight_format, weight)
@@ -66,7 +77,11 @@ def fused_linear(
         dummy = a
         lowrank_rank = 0 if lowrank_t is None else lowrank_t.shape[1]
         fullrank_k = 0 if fullrank_x is None else fullrank_x.shape[1]
-        block_r = _block_r(max(lowrank_rank, fullrank_k))
+        lowrank_fp32 = lowrank_t is not None and lowrank_t.dtype == torch.float32
+        fullrank_fp32 = fullrank_x is not None and fullrank_x.dtype == torch.float32
+        # One step width serves both segments: the narrower one when either dot is fp32.
+        block_r = _block_r(max(lowrank_rank, fullrank_k), lowrank_fp32 or fullrank_fp32)
+        main_fp32 = a.dtype == torch.float32
         flags = dict(
             WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[weight_format],
             A_SCALE_PER_ROW=a_scale is not None and a_scale.numel() == a.shape[0],
@@ -74,9 +89,9 @@ def fused_linear(
             ZERO_PER_ROW=a_zero_point is not None and a_zero_point.numel() == a.shape[0],
             HAS_LOWRANK=lowrank_t is not None,
             HAS_FULLRANK=fullrank_x is not None,
-            MAIN_IEEE=a.dtype == torch.float32,
-            LOWRANK_IEEE=lowrank_t is not None and lowrank_t.dtype == torch.float32,
-            FULLRANK_IEEE=fullrank_x is not None and fullrank_x.dtype == torch.float32,
+            MAIN_FP32=main_fp32,
+            LOWRANK_FP32=lowrank_fp32,
+            FULLRANK_FP32=fullrank_fp32,
             HAS_BIAS=bias is not None,
             ACTIVATION=ACTIVATIONS.index(activation),
             HAS_RESIDUAL=residual is not None,
@@ -85,6 +100,9 @@ def fused_linear(
             SCATTER=scatter_rows is not None,
             BLOCK_R=block_r,
         )
+        # Integer formats promise an epilogue equal to the reference bit for bit: no FMA contraction
+        # of acc·s_x·s_w + bias (+ residual). W4A16's main loop is an fp dot anyway.
+        fp_fusion = weight_format == "uint4_asym_groups"
 
         def launch(config):
             block_k = config.block_k
@@ -97,51 +115,73 @@ def fused_linear(
             if requant_bits:
                 row_absmax.zero_()
             tiles = triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n)
-            splits, k_per_split = (split_k_plan(tiles, k, block_k, device)
+            splits, k_per_split = (split_k_plan(tiles, k, block_k, target.sm_count)
                                    if weight_format == "uint4_asym_groups" else (1, k))
             partial = a.new_empty((splits, gemm_rows, n), dtype=torch.float32) if splits > 1 else dummy
-            phases = ((1, (tiles, splits)), (2, (tiles,))) if splits > 1 else ((0, (tiles,)),)
-            for phase, grid in phases:
-                launch_phase(options, phase, grid, splits, k_per_split, partial, block_k)
+            # The reduction reads the partial sums by row and column, so its tiles need not be the
+            # split phase's: at most 32 rows (128×128 gated and 64×128 low-rank epilogues spilled
+            # there, ptxas -v).
+            reduce_m = min(config.block_m, 32)
+            reduce_tiles = triton.cdiv(gemm_rows, reduce_m) * triton.cdiv(n, config.block_n)
+            phases = (((1, (tiles, splits), config.block_m), (2, (reduce_tiles,), reduce_m)) if splits > 1
+                      else ((0, (tiles,), config.block_m),))
+            for phase, grid, block_m in phases:
+                run_kernel(fused_linear_kernel, grid, device, (
+                    a, a_scale if a_scale is not None else dummy, a_zero_point if a_zero_point is not None else dummy,
+                    weight, weight_scale,
+                    weight_group_scale if weight_group_scale is not None else weight_zero if weight_zero is not None else dummy,
+                    weight_colsum if weight_colsum is not None else dummy,
+                    lowrank_t if lowrank_t is not None else dummy, lowrank_u if lowrank_u is not None else dummy,
+                    fullrank_x if fullrank_x is not None else dummy, fullrank_w if fullrank_w is not None else dummy,
+                    bias if bias is not None else dummy, residual if residual is not None else dummy,
+                    out, row_absmax,
+                    gather_rows if gather_rows is not None else dummy,
+                    scatter_rows if scatter_rows is not None else dummy,
+                    partial,
+                    gemm_rows, n, k, lowrank_rank, fullrank_k, group_size, k_per_split, splits, a.shape[0], out_rows,
+                    a.stride(0), weight.stride(0),
+                    weight_group_scale.stride(0) if weight_group_scale is not None else 0,
+                    lowrank_t.stride(0) if lowrank_t is not None else 0,
+                    lowrank_u.stride(0) if lowrank_u is not None else 0,
+                    fullrank_x.stride(0) if fullrank_x is not None else 0,
+                    fullrank_w.stride(0) if fullrank_w is not None else 0,
+                    residual.stride(0) if residual is not None else 0,
+                    out.stride(0),
+                ), GROUP_SCALE_PER_TILE=weight_format in _GROUPED_FORMATS and group_size % block_k == 0,
+                    SPLIT_PHASE=phase, enable_fp_fusion=fp_fusion, **flags, **{**options, "BLOCK_M": block_m})
 
-        def launch_phase(options, phase, grid, splits, k_per_split, partial, block_k):
-            fused_linear_kernel[grid](
-                a, a_scale if a_scale is not None else dummy, a_zero_point if a_zero_point is not None else dummy,
-                weight, weight_scale,
-                weight_group_scale if weight_group_scale is not None else weight_zero if weight_zero is not None else dummy,
-                weight_colsum if weight_colsum is not None else dummy,
-                lowrank_t if lowrank_t is not None else dummy, lowrank_u if lowrank_u is not None else dummy,
-                fullrank_x if fullrank_x is not None else dummy, fullrank_w if fullrank_w is not None else dummy,
-                bias if bias is not None else dummy, residual if residual is not None else dummy,
-                out, row_absmax,
-                gather_rows if gather_rows is not None else dummy, scatter_rows if scatter_rows is not None else dummy,
-                partial,
-                gemm_rows, n, k, lowrank_rank, fullrank_k, group_size, k_per_split,
-                a.stride(0), weight.stride(0),
-                weight_group_scale.stride(0) if weight_group_scale is not None else 0,
-                lowrank_t.stride(0) if lowrank_t is not None else 0,
-                lowrank_u.stride(0) if lowrank_u is not None else 0,
-                fullrank_x.stride(0) if fullrank_x is not None else 0,
-                fullrank_w.stride(0) if fullrank_w is not None else 0,
-                residual.stride(0) if residual is not None else 0,
-                out.stride(0),
-                GROUP_SCALE_PER_TILE=weight_format in _GROUPED_FORMATS and group_size % block_k == 0,
-                SPLIT_PHASE=phase, K_SPLITS=splits, **flags, **options,
-            )
-
-        key = (device.index, m_bucket(gemm_rows), n, k, tuple(sorted(flags.items())))
-        launch(_gemm_tuner.select(key, gemm_candidates(device), launch))
+        dtypes = tuple(_dtype_name(t) for t in (a, lowrank_t, fullrank_x, bias, residual)) + (str(out_dtype),)
+        key = (m_bucket(gemm_rows), n, k, weight_format, group_size, tuple(sorted(flags.items())), dtypes)
+        candidates = gemm_candidates(target, w4a16=weight_format == "uint4_asym_groups", fp32_main=main_fp32,
+                                     fp32_epilogue=lowrank_fp32 or fullrank_fp32)
+        _gemm_tuner.run(key, target, candidates, launch)
     if not requant_bits:
         return out, out.new_empty((0,), dtype=torch.float32)
     q = torch.empty((out_rows, n_out), dtype=torch.int8, device=device)
     scale = torch.empty((out_rows,), dtype=torch.float32, device=device)
     if out_rows and n_out:
         block_m, block_n = 16, min(256, triton.next_power_of_2(n_out))
-        requantize_rows_kernel[(triton.cdiv(out_rows, block_m),)](
-            out, row_absmax, q, scale, out_rows, n_out, out.stride(0), q.stride(0),
-            QMAX=qrange(requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )
+        run_kernel(requantize_rows_kernel, (triton.cdiv(out_rows, block_m),), device,
+                   (out, row_absmax, q, scale, out_rows, n_out, out.stride(0), q.stride(0)),
+                   QMAX=qrange(requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                   num_warps=4, num_stages=1, enable_fp_fusion=False)
     return q, scale
+
+
+# The pre-kernel's T dot holds a [BLOCK_K, BLOCK_R] tile of A (and the [BLOCK_M, BLOCK_K]
+# activations) as operands: at most this many values of A per chunk (64 registers a thread at 4
+# warps in fp16; a rank-128 fp32 A at BLOCK_K 256 needed ~297 KB of shared memory with 3 stages),
+# half of it for an fp32 A, whose tf32x3 dot holds three products' operands (ptxas -v).
+_PREOP_DOWN_TILE_VALUES = 8192
+
+
+def preop_blocks(target: Target, features: int, rank: int, fp32_down: bool) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_R) of the activation pre-kernel for K = `features`, T of `rank`
+    columns; 128-wide K chunks at most (256 spilled in the LayerNorm passes)."""
+    block_r = max(16, triton.next_power_of_2(max(rank, 1)))
+    widest = 64 if target.interpreter else 128
+    down_values = _PREOP_DOWN_TILE_VALUES // (2 if fp32_down else 1)
+    return 16, min(widest, triton.next_power_of_2(features), down_values // block_r), block_r
 
 
 def quantize_activation(
@@ -159,23 +199,24 @@ def quantize_activation(
     t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
     if rows and k:
         qmin, qmax = qrange(bits)
-        block_m = 16
-        block_k = min(64 if interpreting() else 256, triton.next_power_of_2(k))
+        block_m, block_k, block_r = preop_blocks(target_of(x.device), k, rank,
+                                                 down_proj is not None and down_proj.dtype == torch.float32)
         dummy = x
-        quantize_activation_kernel[(triton.cdiv(rows, block_m),)](
+        # The pre-kernel streams x (three or four passes from L2); one stage keeps its shared memory
+        # small for any A, and many resident programs hide the load latency instead.
+        run_kernel(quantize_activation_kernel, (triton.cdiv(rows, block_m),), x.device, (
             x, q, scale, static_scale if static_scale is not None else dummy,
             zero_point if zero_point is not None else dummy,
             norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
             down_proj if down_proj is not None else dummy, t, normed_out if normed_out is not None else dummy,
             rows, k, rank, float(norm_eps),
             x.stride(0), q.stride(0), down_proj.stride(0) if down_proj is not None else 0, t.stride(0),
-            QMIN=qmin, QMAX=qmax, NORM=NORM_KINDS.index(norm_kind), HAS_NORM_WEIGHT=norm_weight is not None,
+        ), QMIN=qmin, QMAX=qmax, NORM=NORM_KINDS.index(norm_kind), HAS_NORM_WEIGHT=norm_weight is not None,
             HAS_NORM_BIAS=norm_bias is not None, STATIC=static_scale is not None, HAS_ZERO=zero_point is not None,
             CENTER=zero_point is not None and bits <= 7, HAS_T=down_proj is not None,
-            T_IEEE=down_proj is not None and down_proj.dtype == torch.float32, T_FROM_INPUT=down_from_input,
+            T_FP32=down_proj is not None and down_proj.dtype == torch.float32, T_FROM_INPUT=down_from_input,
             FLOAT_OUTPUT=float_output, NORMED_OUTPUT=normed_out is not None,
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))), num_warps=4,
-        )
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=1, enable_fp_fusion=False)
     return q, scale, t
 
 
@@ -197,10 +238,14 @@ def supports_quantize_activation(down_proj: Optional[torch.Tensor]) -> bool:
     return down_proj is None or down_proj.shape[1] <= MAX_PREOP_RANK
 
 
-# (BLOCK_T, BLOCK_C, num_warps): 64 tokens make the down dot wgmma-eligible on sm_90; wider channel
-# slices spill with the nine neighbour tiles live (ptxas -v, checked by the AOT test).
-DWSEP_TILE = (64, 32, 8)
-DWSEP_INTERPRETER_TILE = (16, 32, 4)
+def dwsep_tile(target: Target, rank: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_C, BLOCK_R, num_warps) of the DW-separable down kernel. 64 tokens make the
+    down dot wgmma-eligible on sm_90; wider channel slices spill with the nine neighbour tiles live
+    (ptxas -v, checked by the AOT test), and so does a 32-wide slice at rank 128."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    if target.interpreter:
+        return 16, 32, block_r, 4
+    return 64, 32 if block_r <= 64 else 16, block_r, 8
 
 
 def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias) -> torch.Tensor:
@@ -209,14 +254,13 @@ def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight,
     t = torch.empty((batch * tokens, rank), dtype=h.dtype, device=h.device)
     if t.numel():
         down = down_weight.t().to(h.dtype).contiguous()  # [D, r]
-        block_t, block_c, warps = DWSEP_INTERPRETER_TILE if interpreting() else DWSEP_TILE
-        dwsep_down_kernel[(triton.cdiv(tokens, block_t), batch)](
+        block_t, block_c, block_r, warps = dwsep_tile(target_of(h.device), rank)
+        run_kernel(dwsep_down_kernel, (triton.cdiv(tokens, block_t), batch), h.device, (
             h, dw_weight, dw_bias if dw_bias is not None else h, down, down_bias if down_bias is not None else h, t,
             tokens, dim, rank, height, width, prefix_tokens,
             h.stride(0), h.stride(1), down.stride(0), t.stride(0),
-            HAS_DW_BIAS=dw_bias is not None, HAS_DOWN_BIAS=down_bias is not None, IEEE=h.dtype == torch.float32,
-            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps,
-        )
+        ), HAS_DW_BIAS=dw_bias is not None, HAS_DOWN_BIAS=down_bias is not None, FP32=h.dtype == torch.float32,
+            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, num_stages=1, enable_fp_fusion=True)
     return t
 
 

@@ -46,18 +46,18 @@ def _normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # T's rank: a correction's calibrated rank compiles no new kernel
 def quantize_activation_kernel(
     x_ptr, q_ptr, scale_ptr, static_scale_ptr, zero_ptr, norm_w_ptr, norm_b_ptr, down_ptr, t_ptr, normed_ptr,
     M, K, R, eps,
     stride_xm, stride_qm, stride_dk, stride_tm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, STATIC: tl.constexpr, HAS_ZERO: tl.constexpr, CENTER: tl.constexpr,
-    HAS_T: tl.constexpr, T_IEEE: tl.constexpr, T_FROM_INPUT: tl.constexpr, FLOAT_OUTPUT: tl.constexpr,
+    HAS_T: tl.constexpr, T_FP32: tl.constexpr, T_FROM_INPUT: tl.constexpr, FLOAT_OUTPUT: tl.constexpr,
     NORMED_OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # normed_ptr (NORMED_OUTPUT) is [M, K] with q's row stride.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # normed_ptr (NORMED_OUTPUT) is [M, K] with q's row stride. Rows are int64: M·K may pass 2**31.
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = offs_m < M
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -124,8 +124,8 @@ def quantize_activation_kernel(
                 v = tl.where(mask, x, 0.0).to(down.dtype)
             else:
                 v = tl.where(mask, v, 0.0).to(down.dtype)
-            if T_IEEE:
-                t = tl.dot(v, down, t, input_precision="ieee")
+            if T_FP32:
+                t = tl.dot(v, down, t, input_precision="tf32x3")
             else:
                 t = tl.dot(v, down, t)
     if HAS_T:

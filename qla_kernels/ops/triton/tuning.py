@@ -1,24 +1,33 @@
-"""Kernel configurations per GPU generation and a capture-safe autotuner.
+"""GEMM configurations per GPU generation and the autotuner.
 
 sm_90 configurations are wgmma-eligible (BLOCK_M a multiple of 64, num_warps a multiple of 4,
-int8 BLOCK_K >= 32); sm_80 ones add small-M tiles for decode-sized batches. The tuner times each
-candidate once per shape bucket (M rounded up to a power of two, N, K and the kernel's flags) and
-caches the winner. It never benchmarks while a CUDA graph is being captured: a bucket first met
-during capture runs the default (first) configuration, with a warning, and is not cached.
-QLA_AUTOTUNE=0 always uses the default; under TRITON_INTERPRET=1 the one interpreter
+int8 BLOCK_K >= 32); sm_80 ones add small-M tiles for decode-sized batches. fp32 operands (a
+model run in fp32) get their own, smaller tiles: the large ones spill (ptxas -v).
+
+The tuner times each candidate once per key (M bucket, N, K, the kernel's flags and operand
+dtypes) and caches the winner in memory and on disk (`QLA_TUNING_CACHE`, default
+~/.cache/qla_kernels; one file per GPU name and Triton version), so a second process does not tune
+again. A candidate this GPU cannot run (OutOfResources: shared memory, registers) is skipped on
+every path. Without timing (QLA_AUTOTUNE=0, or a key first met inside CUDA-graph capture, where
+benchmarking is impossible) the first candidate that runs is used; a capture-time choice is not
+cached, so the first call outside capture tunes. Under TRITON_INTERPRET=1 the one interpreter
 configuration runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
+import threading
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, Hashable, Sequence, Tuple
 
 import torch
 
-from ..dispatch import interpreting
+from .kernel_launch import Target, is_planning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,49 +62,192 @@ SM80_GEMM_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
     (32, 64, 128, 8, 4, 4),
     (16, 64, 128, 8, 4, 4),
 ))
+# W4A16 on sm_80: 64-wide K steps (a 128-wide step's dequantized tile spilled at 64×64, ptxas -v).
+SM80_W4A16_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
+    (128, 128, 64, 8, 8, 3),
+    (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 4),
+    (32, 64, 64, 8, 4, 4),
+    (16, 64, 64, 8, 4, 4),
+))
+# fp32 operands (a model run in fp32): the dots take them as tf32x3 (three tf32 products, fp32
+# accuracy), which needs about three times the registers of an fp16 dot. With an fp32 main loop
+# (W4A16 on fp32 activations) 32-wide K steps; with an fp32 low-rank / full-rank segment after an
+# integer main loop, smaller tiles. Each list is the tiles that compiled without spills for every
+# launch of the table (ptxas -v).
+SM90_FP32_MAIN_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
+    (64, 128, 32, 8, 8, 3),
+    (128, 64, 32, 8, 4, 3),
+    (64, 64, 32, 8, 4, 3),
+))
+SM80_FP32_MAIN_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
+    (64, 64, 32, 8, 8, 3),
+    (32, 64, 32, 8, 8, 3),
+    (16, 64, 32, 8, 4, 3),
+))
+SM90_FP32_EPILOGUE_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
+    (128, 128, 128, 8, 8, 3),
+    (64, 128, 128, 8, 8, 3),
+    (128, 64, 128, 8, 8, 3),
+    (64, 64, 128, 8, 4, 4),
+))
+SM80_FP32_EPILOGUE_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c in (
+    (64, 64, 64, 8, 4, 4),
+    (32, 64, 128, 8, 4, 4),
+    (16, 64, 128, 8, 4, 4),
+))
 INTERPRETER_GEMM_CONFIG = GemmConfig(16, 32, 32, 2, 4, 1)
 
 
-def gemm_candidates(device: torch.device) -> Sequence[GemmConfig]:
-    if interpreting() or device.type != "cuda":
+def gemm_candidates(target: Target, w4a16: bool = False, fp32_main: bool = False,
+                    fp32_epilogue: bool = False) -> Sequence[GemmConfig]:
+    """The configurations the GEMM may run with on `target`, the default first. `w4a16`: the
+    main loop dequantizes uint4 weights; `fp32_main`: its dots take fp32 operands (W4A16 with
+    fp32 activations); `fp32_epilogue`: a low-rank or full-rank segment does."""
+    if target.interpreter:
         return (INTERPRETER_GEMM_CONFIG,)
-    major, _ = torch.cuda.get_device_capability(device)
-    return SM90_GEMM_CONFIGS if major >= 9 else SM80_GEMM_CONFIGS
+    hopper = target.capability[0] >= 9
+    if fp32_main:
+        return SM90_FP32_MAIN_CONFIGS if hopper else SM80_FP32_MAIN_CONFIGS
+    if fp32_epilogue:
+        return SM90_FP32_EPILOGUE_CONFIGS if hopper else SM80_FP32_EPILOGUE_CONFIGS
+    if hopper:
+        return SM90_GEMM_CONFIGS
+    return SM80_W4A16_CONFIGS if w4a16 else SM80_GEMM_CONFIGS
 
 
 def m_bucket(m: int) -> int:
     return 1 << max(4, (max(m, 1) - 1).bit_length())
 
 
+def _is_out_of_resources(error: Exception) -> bool:
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - every supported Triton has it
+        return "OutOfResources" in type(error).__name__
+    return isinstance(error, OutOfResources)
+
+
+def tuning_cache_dir() -> Path:
+    return Path(os.environ.get("QLA_TUNING_CACHE") or Path.home() / ".cache" / "qla_kernels")
+
+
+def _cache_file(target: Target) -> Path:
+    import triton
+
+    gpu = re.sub(r"[^A-Za-z0-9]+", "_", target.name).strip("_")
+    return tuning_cache_dir() / f"tuning-{gpu}-triton-{triton.__version__}.json"
+
+
 class Autotuner:
-    """Picks, per key, the fastest candidate by timing `launch(config)` with triton.testing.do_bench."""
+    """Runs, per key, the fastest candidate that this GPU can run (see the module docstring)."""
 
     def __init__(self, name: str):
         self.name = name
-        self.best: Dict[Hashable, GemmConfig] = {}
-        self._warned = False
+        self.best: Dict[Tuple[str, str], GemmConfig] = {}  # (GPU name, key) -> tuned choice
+        self._untuned: Dict[Tuple[str, str], GemmConfig] = {}  # first candidate that runs, untimed
+        self._loaded: set = set()
+        self._lock = threading.Lock()
+        self._warned_capture = False
+        self._warned_disk = False
 
-    def select(self, key: Hashable, candidates: Sequence[GemmConfig], launch: Callable[[GemmConfig], None]) -> GemmConfig:
-        if len(candidates) == 1 or os.environ.get("QLA_AUTOTUNE") == "0":
+    def run(self, key: Hashable, target: Target, candidates: Sequence[GemmConfig],
+            launch: Callable[[GemmConfig], None]) -> GemmConfig:
+        """Launches `launch(config)` with the chosen candidate and returns it."""
+        if is_planning():  # the ahead-of-time table lists every candidate
+            for config in candidates:
+                launch(config)
             return candidates[0]
-        if key in self.best:
-            return self.best[key]
-        if torch.cuda.is_current_stream_capturing():
-            if not self._warned:
-                warnings.warn(f"{self.name}: shape {key} met first inside CUDA-graph capture; using the default "
-                              "configuration. Run the model once before capturing to tune it.")
-                self._warned = True
+        if target.interpreter:
+            launch(candidates[0])
             return candidates[0]
+        entry = (target.name, repr(key))
+        capturing = torch.cuda.is_current_stream_capturing()
+        if os.environ.get("QLA_AUTOTUNE") == "0" or (capturing and entry not in self._tuned(target)):
+            if capturing and not self._warned_capture and os.environ.get("QLA_AUTOTUNE") != "0":
+                self._warned_capture = True
+                warnings.warn(f"{self.name}: shape {key} met first inside CUDA-graph capture; using the first "
+                              "configuration that runs. Run the model once before capturing to tune it.")
+            return self._first_that_runs(entry, candidates, launch, remember=not capturing)
+        config = self._tuned(target).get(entry)
+        if config is None:
+            config = self._tune(key, candidates, launch)
+            with self._lock:
+                self.best[entry] = config
+            self._save(target, entry, config)
+        launch(config)
+        return config
+
+    def _first_that_runs(self, entry, candidates, launch, remember: bool) -> GemmConfig:
+        known = self._untuned.get(entry)
+        if known is not None:
+            launch(known)
+            return known
+        for config in candidates:
+            try:
+                launch(config)
+            except Exception as error:
+                if not _is_out_of_resources(error):
+                    raise
+                continue
+            if remember:
+                self._untuned[entry] = config
+            return config
+        raise RuntimeError(f"{self.name}: no configuration of {len(candidates)} runs on this GPU for {entry[1]}")
+
+    def _tune(self, key, candidates, launch) -> GemmConfig:
         from triton.testing import do_bench
 
         timings = {}
         for config in candidates:
             try:
                 timings[config] = do_bench(lambda: launch(config), warmup=5, rep=25)
-            except Exception as error:  # a configuration this GPU cannot run (shared memory, registers)
-                if "OutOfResources" not in type(error).__name__ and "out of resource" not in str(error):
+            except Exception as error:
+                if not _is_out_of_resources(error):
                     raise
         if not timings:
-            raise RuntimeError(f"{self.name}: no configuration runs for {key}")
-        self.best[key] = min(timings, key=timings.get)
-        return self.best[key]
+            raise RuntimeError(f"{self.name}: no configuration of {len(candidates)} runs on this GPU for {key}")
+        return min(timings, key=timings.get)
+
+    # ------------------------------------------------------------ the cache on disk
+
+    def _tuned(self, target: Target) -> Dict[Tuple[str, str], GemmConfig]:
+        if target.name not in self._loaded:
+            with self._lock:
+                self._loaded.add(target.name)
+                for key, fields in self._read(target).items():
+                    self.best.setdefault((target.name, key), GemmConfig(*fields))
+        return self.best
+
+    def _read(self, target: Target) -> Dict[str, list]:
+        try:
+            entries = json.loads(_cache_file(target).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            self._warn_disk(f"cannot read the tuning cache ({error})")
+            return {}
+        prefix = self.name + "|"
+        return {key[len(prefix):]: fields for key, fields in entries.items() if key.startswith(prefix)}
+
+    def _save(self, target: Target, entry, config: GemmConfig) -> None:
+        path = _cache_file(target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                entries = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                entries = {}
+            entries[f"{self.name}|{entry[1]}"] = list(dataclasses.astuple(config))
+            scratch = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            scratch.write_text(json.dumps(entries, indent=0, sort_keys=True))
+            os.replace(scratch, path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError as error:
+            self._warn_disk(f"cannot write the tuning cache {path} ({error})")
+
+    def _warn_disk(self, message: str) -> None:
+        if not self._warned_disk:
+            self._warned_disk = True
+            warnings.warn(f"{self.name}: {message}; tuning stays in memory (set QLA_TUNING_CACHE to a writable folder)")
+
