@@ -1,40 +1,124 @@
-"""Every shipped Triton configuration compiles for sm_90 and sm_80 without a GPU, uses wgmma on
-sm_90, and does not spill (ptxas -v). Runs qla_kernels.ops.triton.aot in a subprocess because the
-interpreter (TRITON_INTERPRET=1, set for the CPU tests) replaces kernels by Python functions."""
+"""Ahead-of-time checks of what the Triton kernels compile to on sm_90 and sm_80, without a GPU.
+
+Compiling needs the real JIT (the interpreter, set for the CPU tests, replaces kernels by Python
+functions), so each test runs a script in a subprocess without TRITON_INTERPRET and reads its
+JSON. `make aot-check` checks the whole launch table; here a fixed sample of it, plus the launches
+that each of the defects below was found in: every one of these tests failed before its fix.
+"""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 pytest.importorskip("triton")
 
+ENV = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
 
-def test_every_configuration_compiles_for_hopper_and_ampere(tmp_path):
-    report = tmp_path / "aot.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "qla_kernels.ops.triton.aot", "--json", str(report)],
-                            env=env, capture_output=True, text=True, timeout=900)
+
+def _compile(script: str, tmp_path, timeout=600) -> list:
+    """Runs `script` (which plans launches into `planned` per target) and returns the check rows."""
+    program = textwrap.dedent("""
+        import json, sys, torch
+        from qla_kernels import ops
+        from qla_kernels.ops.triton.aot import check_launches, for_targets
+        from qla_kernels.ops.triton.kernel_launch import A100, H100, planning
+        META = torch.device("meta")
+        planned = {}
+        for target in (H100, A100):
+            with planning(target) as launches, torch.no_grad():
+                plan()
+            planned[target] = launches
+        rows = check_launches(for_targets(planned), cache=False)
+        json.dump(rows, open(sys.argv[1], "w"), default=str)
+    """)
+    path = tmp_path / "rows.json"
+    body = "def plan():\n" + textwrap.indent(textwrap.dedent(script), "    ")
+    code = program.replace("planned = {}", body + "\nplanned = {}")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], env=ENV, capture_output=True, text=True,
+                            timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(report.read_text())
-    gemms = [row for row in rows if row["kernel"] == "fused_linear"]
-    assert {row["arch"] for row in gemms} == {80, 90}
-    assert len({row["epilogue"] for row in gemms}) >= 4
+    return json.loads(path.read_text())
+
+
+_WEIGHT = """
+    from tests.ops.helpers import random_weight
+    def weight(fmt, n, k):
+        return random_weight(fmt, n, k, group=128).to(META)
+"""
+
+
+def test_exact_epilogues_are_not_contracted(tmp_path):
+    """acc·s_x·s_w + bias (+ residual) contracted to fma.rn.f32 rounds once where the reference
+    rounds twice: the bit-exact epilogue tests would fail on hardware, not in the interpreter."""
+    rows = _compile(_WEIGHT + """
+    a, scale = torch.empty(12608, 3072, device=META, dtype=torch.int8), torch.empty(12608, device=META)
+    bias, residual = torch.empty(768, device=META, dtype=torch.float16), torch.empty(12608, 768, device=META, dtype=torch.float16)
+    for fmt in ("int8", "int4", "int4_int8_groups"):
+        ops.fused_linear(a, scale, weight(fmt, 768, 3072), bias=bias, residual=residual, activation="relu")
+        ops.fused_linear(a, scale, weight(fmt, 768, 3072), bias=bias, requant_bits=8)
+    ops.quantize_activation(torch.empty(12608, 768, device=META, dtype=torch.float16), 8, norm_kind="layernorm",
+                            norm_weight=torch.empty(768, device=META), norm_bias=torch.empty(768, device=META))
+    """, tmp_path)
+    assert {row["kernel"] for row in rows} == {"fused_linear_kernel", "requantize_rows_kernel",
+                                              "quantize_activation_kernel"}
     for row in rows:
-        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
-        assert 0 < row["registers"] <= 255, row
-    for row in gemms:
-        if row["arch"] == 90:
-            assert row["wgmma"], row
-        else:
-            assert not row["wgmma"], row
-    assert any(row["kernel"] == "quantize_activation" for row in rows)
-    assert any(row["kernel"] == "requantize_rows" for row in rows)
-    assert any(row["kernel"] == "normalize_activation" for row in rows)
-    assert any(row["kernel"] == "normalize_quantize_activation" for row in rows)
-    assert {row["epilogue"] for row in gemms} >= {"w8a8_swiglu_zero_point", "w8a8_geglu_tanh_requant", "w4a16_swiglu"}
-    assert any(row.get("epilogue") == "w4a16_full_epilogue" for row in rows)
-    assert {row["epilogue"] for row in gemms} >= {"w4a16_split_k_partial_sums", "w4a16_split_k_reduce_full_epilogue"}
-    assert {row["arch"] for row in rows if row["kernel"] == "dwsep_down"} == {80, 90}
+        assert row["fma"] == 0 and not row["problems"], (row["kernel"], row["meta"], row["problems"])
+
+
+def test_pre_kernel_fits_shared_memory_at_a_rank_128_fp32_t(tmp_path):
+    """QwT's T = x·V_r at rank 128 with an fp32 V_r, K = 4096: Triton's default 3 stages at
+    BLOCK_K 256 needed ~297 KB of shared memory (OutOfResources on every call); fp16 spilled."""
+    rows = _compile("""
+    x = torch.empty(2048, 4096, device=META, dtype=torch.float16)
+    for dtype in (torch.float32, torch.float16):
+        ops.quantize_activation(x.to(dtype), 8, norm_kind="rmsnorm", norm_weight=torch.empty(4096, device=META),
+                                down_proj=torch.empty(4096, 128, device=META, dtype=dtype), down_from_input=True)
+    ops.dwsep_down(torch.empty(64, 197, 768, device=META, dtype=torch.float16), 14, 14, 1,
+                   torch.empty(768, 9, device=META), None, torch.empty(128, 768, device=META), None)
+    """, tmp_path)
+    assert len(rows) == 6
+    for row in rows:
+        assert not row["problems"], (row["kernel"], row["meta"], row["problems"])
+        assert row["shared_bytes"] <= 166912
+
+
+def test_row_offsets_are_64_bit_where_products_pass_two_to_the_31(tmp_path):
+    """An LM head's output at prefill (M = 16,745 rows of 128,256) has more than 2**31 elements:
+    row × stride must not be a 32-bit multiply (mul.lo.s32) in any kernel."""
+    rows = _compile(_WEIGHT + """
+    head = weight("int8", 128256, 4096)
+    q, scale = torch.empty(16745, 4096, device=META, dtype=torch.int8), torch.empty(16745, device=META)
+    ops.fused_linear(q, scale, head, out_dtype=torch.float16)
+    ops.fused_linear(q, scale, head, requant_bits=8)
+    ops.quantize_activation(torch.empty(16745, 4096, device=META, dtype=torch.float16), 8)
+    """, tmp_path)
+    for row in rows:
+        assert row["narrow_row_products"] == 0 and row["wide_row_products"] > 0, (row["kernel"], row["meta"])
+
+
+def test_sample_of_the_launch_table_compiles_and_passes(tmp_path):
+    """`python -m qla_kernels.launch_table --ci --sample 120`: the CI subset of model conversions is
+    planned (every key it plans must be in the committed table, else the table is stale), and a
+    sample spread over every kernel, architecture and constexpr value compiles within each
+    architecture's shared memory, without spills, with wgmma on sm_90 and exact epilogues."""
+    report = tmp_path / "sample.json"
+    env = dict(ENV, QLA_AOT_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "qla_kernels.launch_table", "--ci", "--sample", "120", "--json",
+                             str(report)], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
+    data = json.loads(report.read_text())
+    rows = data["rows"]
+    assert data["stale"] == 0 and data["checked"] == len(rows) >= 100 and data["planned"] > 1000
+    assert {row["arch"] for row in rows} == {80, 90}
+    assert {row["kernel"] for row in rows} == {"fused_linear_kernel", "requantize_rows_kernel",
+                                              "quantize_activation_kernel", "dwsep_down_kernel"}
+    metas = [row["meta"] for row in rows if row["kernel"] == "fused_linear_kernel"]
+    for flag in ("MAIN_FP32", "LOWRANK_FP32", "FULLRANK_FP32", "GATHER", "SCATTER", "ZERO_PER_ROW", "REQUANT"):
+        assert any(meta[flag] for meta in metas), flag
+    assert {meta["SPLIT_PHASE"] for meta in metas} == {0, 1, 2}
+    assert {meta["BLOCK_R"] for meta in metas} >= {16, 32}
+    assert any("bf16" in str(row["args"]) for row in rows)

@@ -1,67 +1,57 @@
-"""Ahead-of-time compilation of every shipped kernel configuration, without a GPU.
+"""Ahead-of-time compilation of planned launches, without a GPU.
 
-    python -m qla_kernels.ops.triton.aot [--json FILE]
+`check_launches(planned)` takes launches recorded by `kernel_launch.planning` (the launch code's
+own choices for a target) and compiles each distinct one exactly as Triton's JIT would on that
+GPU: the kernel's own binder specializes the arguments, `triton.compile` targets
+`GPUTarget("cuda", arch, 32)`, and the ptxas -v log of Triton's cubin build gives registers and
+spills. Each result row says whether the launch passes:
 
-Compiles the fused GEMM (each sm_90 / sm_80 configuration × representative epilogues and weight
-formats), the requantization kernel, the activation pre-kernel (quantizing and decode) and QLA's
-DW-separable down path with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, then runs ptxas -v on each
-PTX for register and spill counts. It reports whether sm_90 code uses wgmma. Must run without
-TRITON_INTERPRET (the interpreter replaces kernels by Python functions), so tests call it in a
-subprocess. Exits non-zero if a kernel fails to compile or spills.
+- it compiles, within the architecture's shared memory per block (compiled metadata);
+- nothing spills;
+- on sm_90 a GEMM main loop uses wgmma;
+- a launch whose result is promised bit-exact (FP contraction off) contains no `fma.rn.f32`
+  outside libdevice's erf (whose polynomial is fused by design);
+- row offsets are 64-bit: no 32-bit multiply takes a row stride (an LM head's output at prefill,
+  or a weight with N·K >= 2**31, would wrap).
+
+Must run without TRITON_INTERPRET (the interpreter replaces kernels by Python functions); the
+table of real model calls and the command line are in `qla_kernels.launch_table`.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import hashlib
+import io
 import json
+import multiprocessing
 import os
 import re
-import subprocess
-import sys
-import tempfile
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from .dwsep import dwsep_down_kernel
-from .fused_linear import fused_linear_kernel, requantize_rows_kernel
-from .launch import DWSEP_TILE
-from ..dispatch import interpreting
-from .quantize import quantize_activation_kernel
-from .tuning import SM80_GEMM_CONFIGS, SM90_GEMM_CONFIGS
+from .kernel_launch import PlannedLaunch, Target, argument_specializations, kernel_name
 
-# (name, weight format code, activation code, requant, lowrank, zero point, group scale per tile,
-#  split-K phase)
-EPILOGUES = (
-    ("w8a8_every_epilogue_piece", 0, 1, False, True, False, True, 0),
-    ("w8a8_swiglu_zero_point", 0, 5, False, True, True, True, 0),
-    ("w8a8_geglu_tanh_requant", 0, 7, True, False, False, True, 0),
-    ("w8a8_quick_gelu_requant", 0, 4, True, False, False, True, 0),
-    ("w4a16_swiglu", 3, 5, False, False, False, True, 0),
-    ("w4a8_requant", 1, 1, True, False, False, True, 0),
-    ("w4a8_groups_full_epilogue", 2, 0, False, True, False, True, 0),
-    ("w4a16_full_epilogue", 3, 0, False, True, False, True, 0),
-    ("w4a16_split_k_partial_sums", 3, 0, False, True, False, True, 1),
-    ("w4a16_split_k_reduce_full_epilogue", 3, 0, False, True, False, True, 2),
-)
+# Shared memory one thread block may use (opt-in maximum): H100/H200 227 KB, A100 163 KB.
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+# The row strides of each kernel: a product row × stride must be formed in 64 bits.
+ROW_STRIDES = {
+    "fused_linear_kernel": ("stride_am", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
+    "requantize_rows_kernel": ("stride_ym", "stride_qm"),
+    "quantize_activation_kernel": ("stride_xm", "stride_qm", "stride_tm"),
+    "dwsep_down_kernel": ("stride_hb",),
+}
+# Activations whose epilogue calls libdevice's erf (fused multiply-adds inside by design).
+_ERF_ACTIVATIONS = (1, 6)  # reference.ACTIVATIONS: gelu, geglu
 
 
-def _ptxas() -> str:
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return bundled if os.path.exists(bundled) else "ptxas"
-
-
-def _resource_usage(ptx: str, arch: str) -> Dict[str, int]:
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.ptx")
-        with open(path, "w") as handle:
-            handle.write(ptx)
-        result = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(folder, "k.cubin")],
-                                capture_output=True, text=True, check=True)
-    log = result.stderr + result.stdout
+def ptxas_usage(log: str) -> Dict[str, int]:
+    """Registers and spill bytes from the ptxas -v log Triton's own cubin build printed."""
     registers = re.search(r"Used (\d+) registers", log)
     stores = re.search(r"(\d+) bytes spill stores", log)
     loads = re.search(r"(\d+) bytes spill loads", log)
@@ -72,105 +62,159 @@ def _resource_usage(ptx: str, arch: str) -> Dict[str, int]:
     }
 
 
-def _compile(kernel, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: Dict[str, object],
-             capability: int, num_warps: int, num_stages: int) -> Dict[str, object]:
-    """Compiles like the JIT would for 16-byte-aligned tensors and strides / K divisible by 16 (the
-    specialization Triton applies at run time to real model shapes)."""
-    signature, attrs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = scalars.get(name, "i32")
-            if name.startswith("stride_") or name in ("K", "KC", "GROUP_K", "K_PER_SPLIT"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+def narrow_row_products(ptx: str, kernel: str, runtime_names: Sequence[str], specs: Sequence[tuple]) -> Dict[str, int]:
+    """{'narrow': 32-bit multiplies taking a row stride, 'wide': 64-bit uses of one} in the PTX.
+    PTX parameters are numbered over the runtime arguments Triton did not turn into constants."""
+    names = [name for name, spec in zip(runtime_names, specs) if spec[0] != "constexpr"]
+    registers = set()
+    narrow = wide = 0
+    for stride in ROW_STRIDES.get(kernel, ()):
+        if stride in names:
+            parameter = rf"\[{kernel}_param_{names.index(stride)}\];"
+            registers.update(re.findall(rf"ld\.param\.[bsu]32\s+(%r\d+), {parameter}", ptx))
+            wide += len(re.findall(rf"ld\.param\.s32\s+%rd\d+, {parameter}", ptx))  # loaded sign-extended
+    for line in ptx.splitlines():
+        operands = set(re.findall(r"%r\d+\b", line))
+        if not operands & registers:
+            continue
+        instruction = line.split(None, 1)[0] if line.strip() else ""
+        if re.match(r"(mul|mad)\.lo\.[su]32", instruction):
+            narrow += 1
+        elif re.match(r"(mul|mad)\.wide\.[su]32|cvt\.[su]64\.[su]32", instruction):
+            wide += 1
+    return {"narrow": narrow, "wide": wide}
+
+
+def compile_launch(launch: PlannedLaunch, arch: int) -> Dict[str, object]:
+    """One planned launch compiled for sm_`arch` as the JIT compiles it; the checks' inputs."""
+    kernel = launch.kernel
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    meta = dict(launch.meta)
+    bound, jit_specialization, options = binder(*launch.args, **meta)
+    ours = [spec for _, spec in argument_specializations(kernel, launch.args)]
+    runtime = [param for param in kernel.params if not param.is_constexpr]
+    jit_runtime = [spec for param, spec in zip(kernel.params, jit_specialization) if not param.is_constexpr]
+    if [tuple(s) for s in jit_runtime] != [tuple(s) for s in ours]:
+        raise AssertionError(f"{kernel_name(kernel)}: kernel_launch.specialization differs from the JIT's: "
+                             f"{ours} vs {jit_runtime}")
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, jit_specialization, options)
+    # Triton's own ptxas run (with its flags: --fmad=false without contraction) reports the cubin's
+    # registers and spills; it runs only when the kernel is compiled, not loaded from Triton's cache.
+    triton.knobs.compilation.always_compile = True
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
     ptx = compiled.asm["ptx"]
-    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
-    return {"wgmma": "wgmma" in ptx, "shared_bytes": compiled.metadata.shared, **_resource_usage(ptx, arch)}
+    name = kernel_name(kernel)
+    products = narrow_row_products(ptx, name, [p.name for p in runtime], ours)
+    return {
+        "shared_bytes": compiled.metadata.shared,
+        "wgmma": "wgmma" in ptx,
+        "fma": len(re.findall(r"\bfma\.rn(\.ftz)?\.f32\b", ptx)),
+        "narrow_row_products": products["narrow"],
+        "wide_row_products": products["wide"],
+        **ptxas_usage(log.getvalue()),
+    }
 
 
-GEMM_POINTERS = {
-    "a_ptr": "*i8", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i8", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
-    "w_group_ptr": "*i8", "w_colsum_ptr": "*i32", "t_ptr": "*fp16", "u_ptr": "*fp16", "xc_ptr": "*fp16",
-    "wc_ptr": "*fp16", "bias_ptr": "*fp16", "residual_ptr": "*fp16", "out_ptr": "*fp16",
-    "row_absmax_ptr": "*i32", "gather_ptr": "*i32", "scatter_ptr": "*i32", "partial_ptr": "*fp32",
-}
+def failures(launch: PlannedLaunch, arch: int, result: Dict[str, object]) -> List[str]:
+    """What is wrong with a compiled launch (empty: it passes)."""
+    problems = []
+    if result["shared_bytes"] > SHARED_MEMORY_LIMIT[arch]:
+        problems.append(f"needs {result['shared_bytes']} B of shared memory, sm_{arch} has {SHARED_MEMORY_LIMIT[arch]}")
+    if result["spill_stores"] or result["spill_loads"]:
+        problems.append(f"spills ({result['spill_stores']} B stores, {result['spill_loads']} B loads)")
+    if not 0 < result["registers"] <= 255:
+        problems.append(f"{result['registers']} registers")
+    name, meta = kernel_name(launch.kernel), launch.meta
+    if arch == 90 and name == "fused_linear_kernel" and meta.get("SPLIT_PHASE", 0) != 2 and not result["wgmma"]:
+        problems.append("the sm_90 GEMM main loop does not use wgmma")
+    erf = name == "fused_linear_kernel" and meta.get("ACTIVATION") in _ERF_ACTIVATIONS
+    if not meta["enable_fp_fusion"] and not erf and result["fma"]:
+        problems.append(f"{result['fma']} fma.rn.f32 in a launch promised exact (FP contraction off)")
+    if result["narrow_row_products"] or (name in ROW_STRIDES and not result["wide_row_products"]):
+        problems.append(f"row offsets are not 64-bit ({result['narrow_row_products']} 32-bit multiplies of a "
+                        f"row stride, {result['wide_row_products']} 64-bit)")
+    return problems
 
 
-def compile_all() -> List[Dict[str, object]]:
-    rows = []
-    for capability, configs in ((90, SM90_GEMM_CONFIGS), (80, SM80_GEMM_CONFIGS)):
-        for config in configs:
-            for name, fmt, activation, requant, lowrank, zero, per_tile, split_phase in EPILOGUES:
-                pointers = dict(GEMM_POINTERS, w_ptr="*i8" if fmt == 0 else "*u8",
-                                out_ptr="*fp32" if requant else "*fp16")
-                if fmt == 3:  # fp16 activations; the zero points ride in the group pointer
-                    pointers.update(a_ptr="*fp16", w_group_ptr="*u8")
-                constexprs = dict(
-                    WEIGHT_FORMAT=fmt, A_SCALE_PER_ROW=True, HAS_ZERO=zero, ZERO_PER_ROW=False,
-                    HAS_LOWRANK=lowrank, HAS_FULLRANK=False, MAIN_IEEE=False, LOWRANK_IEEE=False, FULLRANK_IEEE=False,
-                    HAS_BIAS=True, ACTIVATION=activation, HAS_RESIDUAL=True, REQUANT=requant, GATHER=False,
-                    SCATTER=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                    BLOCK_R=32, GROUP_M=config.group_m, GROUP_SCALE_PER_TILE=per_tile,
-                    SPLIT_PHASE=split_phase, K_SPLITS=4 if split_phase else 1,
-                )
-                result = _compile(fused_linear_kernel, pointers, {}, constexprs, capability,
-                                  config.num_warps, config.num_stages)
-                rows.append({"kernel": "fused_linear", "epilogue": name, "arch": capability,
-                             "config": list(config.__dict__.values()), **result})
-        rows.append({"kernel": "requantize_rows", "arch": capability, **_compile(
-            requantize_rows_kernel, {"y_ptr": "*fp32", "row_absmax_ptr": "*i32", "q_ptr": "*i8", "scale_ptr": "*fp32"},
-            {}, dict(QMAX=127, BLOCK_M=16, BLOCK_N=256), capability, 4, 1)})
-        for norm, has_t, float_output, t_from_input, normed_output in (
-                (0, False, False, False, False), (1, True, False, False, False), (1, True, False, True, False),
-                (1, True, False, False, True), (1, True, False, True, True), (2, True, False, False, False),
-                (2, True, True, False, False)):
-            pointers = {"x_ptr": "*fp16", "q_ptr": "*fp16" if float_output else "*i8", "scale_ptr": "*fp32",
-                        "static_scale_ptr": "*fp32", "zero_ptr": "*i8", "norm_w_ptr": "*fp16", "norm_b_ptr": "*fp16",
-                        "down_ptr": "*fp16", "t_ptr": "*fp16", "normed_ptr": "*fp16"}
-            constexprs = dict(QMIN=-128, QMAX=127, NORM=norm, HAS_NORM_WEIGHT=norm > 0, HAS_NORM_BIAS=norm == 1,
-                              STATIC=False, HAS_ZERO=False, CENTER=False, HAS_T=has_t, T_IEEE=False,
-                              T_FROM_INPUT=t_from_input, FLOAT_OUTPUT=float_output, NORMED_OUTPUT=normed_output,
-                              BLOCK_M=16, BLOCK_K=256, BLOCK_R=32)
-            kernel = ("normalize_activation" if float_output else
-                      "normalize_quantize_activation" if normed_output else "quantize_activation")
-            rows.append({"kernel": kernel, "norm": norm, "t_from_input": t_from_input,
-                         "arch": capability, **_compile(quantize_activation_kernel, pointers, {"eps": "fp32"},
-                                                        constexprs, capability, 4, 1)})
-        for dtype in ("fp16", "bf16"):
-            pointers = {"h_ptr": f"*{dtype}", "dw_ptr": "*fp32", "dw_bias_ptr": "*fp32", "down_ptr": f"*{dtype}",
-                        "down_bias_ptr": "*fp32", "t_ptr": f"*{dtype}"}
-            block_t, block_c, warps = DWSEP_TILE
-            constexprs = dict(HAS_DW_BIAS=True, HAS_DOWN_BIAS=True, IEEE=False, BLOCK_T=block_t, BLOCK_C=block_c,
-                              BLOCK_R=64)
-            rows.append({"kernel": "dwsep_down", "dtype": dtype, "arch": capability,
-                         **_compile(dwsep_down_kernel, pointers, {}, constexprs, capability, warps, 1)})
+def describe(launch: PlannedLaunch) -> Dict[str, object]:
+    """The launch's compile-relevant choices, for reports."""
+    return {"kernel": kernel_name(launch.kernel),
+            "meta": {key: value for key, value in sorted(launch.meta.items())},
+            "args": [list(spec) for _, spec in argument_specializations(launch.kernel, launch.args)]}
+
+
+def result_cache_dir() -> Path:
+    return Path(os.environ.get("QLA_AOT_CACHE") or Path.home() / ".cache" / "qla_kernels" / "aot")
+
+
+def _cache_path(launch: PlannedLaunch, arch: int) -> Path:
+    """Results are reused only for the same kernel source (Triton's cache key of the function and
+    what it calls), Triton version, launch and architecture: the same compile."""
+    identity = json.dumps([launch.kernel.cache_key, triton.__version__, arch, describe(launch)], sort_keys=True,
+                          default=str)
+    return result_cache_dir() / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.json"
+
+
+_WORK: List[tuple] = []
+_USE_CACHE = True
+
+
+def _check_one(index: int) -> Dict[str, object]:
+    target, launch = _WORK[index]
+    row = {"arch": target.arch, **describe(launch)}
+    cached = _cache_path(launch, target.arch)
+    if _USE_CACHE and cached.exists():
+        result = json.loads(cached.read_text())
+    else:
+        try:
+            result = compile_launch(launch, target.arch)
+        except Exception as error:  # a launch that does not compile is a failure to report, not a crash
+            return {**row, "problems": [f"does not compile: {type(error).__name__}: {str(error)[:400]}"]}
+        if _USE_CACHE:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            scratch = cached.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(json.dumps(result))
+            os.replace(scratch, cached)
+    return {**row, **result, "problems": failures(launch, target.arch, result)}
+
+
+def check_launches(work: Sequence[tuple], jobs: Optional[int] = None, progress=None,
+                   cache: bool = True) -> List[Dict[str, object]]:
+    """Compiles every (Target, PlannedLaunch) of `work` and checks it; one result row each.
+    `jobs` worker processes (forked, default: the CPU count); `progress(done, total)` after each.
+    `cache`: reuse the results of identical compiles from earlier runs (QLA_AOT_CACHE, default
+    ~/.cache/qla_kernels/aot)."""
+    global _WORK, _USE_CACHE
+    _WORK, _USE_CACHE = list(work), cache
+    jobs = jobs or os.cpu_count() or 1
+    rows: List[Dict[str, object]] = []
+    if jobs == 1 or len(_WORK) <= 1:
+        for index in range(len(_WORK)):
+            rows.append(_check_one(index))
+            if progress:
+                progress(len(rows), len(_WORK))
+        return rows
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for row in pool.imap(_check_one, range(len(_WORK)), chunksize=1):
+            rows.append(row)
+            if progress:
+                progress(len(rows), len(_WORK))
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the per-kernel report here")
-    args = parser.parse_args(argv)
-    if interpreting():
-        print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
-        return 2
-    rows = compile_all()
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
-    spilled = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
-    for row in rows:
-        print(json.dumps(row))
-    print(f"{len(rows)} kernels compiled, {len(spilled)} spill", file=sys.stderr)
-    return 1 if spilled else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def for_targets(planned: Dict[Target, Sequence[PlannedLaunch]]) -> List[tuple]:
+    """(target, launch) pairs with one launch per distinct compile key and architecture."""
+    seen, work = set(), []
+    for target, launches in planned.items():
+        for launch in launches:
+            key = (target.arch, launch.key)
+            if key not in seen:
+                seen.add(key)
+                work.append((target, launch))
+    return work
