@@ -51,13 +51,14 @@ SHAPES = [
     ("LLaMA-8B prefill", "gate", 2048, 14336, 4096),
     ("LLaMA-8B prefill", "down", 2048, 4096, 14336),
     ("square", "8192^3", 8192, 8192, 8192),
+    ("LLaMA-8B decode", "q_proj M=1", 1, 4096, 4096),
     ("LLaMA-8B decode", "q_proj M=16", 16, 4096, 4096),
     ("LLaMA-8B decode", "q_proj M=64", 64, 4096, 4096),
     ("LLaMA-8B decode", "down M=16", 16, 4096, 14336),
     ("LLaMA-8B decode", "down M=64", 64, 4096, 14336),
 ]
 QUICK = {("ViT-B/16 b64", "fc1"), ("ViT-B/16 b64", "fc2"), ("ViT-B/16 b64", "qkv"), ("square", "8192^3"),
-         ("LLaMA-8B decode", "q_proj M=16")}
+         ("LLaMA-8B decode", "q_proj M=1"), ("LLaMA-8B decode", "q_proj M=16")}
 CONFIGS = {"W8A8": qk.W8A8(), "W4A8": qk.W4A8(), "W4A8-g128": qk.W4A8(group_size=128), "W4A4": qk.W4A4()}
 SMALL_M_CONFIGS = ("W4A8", "W4A8-g128", "W8A8")
 L2_FLUSH_BYTES = 256 << 20
@@ -214,7 +215,7 @@ def plot(rows, path, device_name):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="five shapes only")
+    parser.add_argument("--quick", action="store_true", help="six shapes only (ViT-B/16 qkv, fc1, fc2; LLaMA decode M = 1, 16; 8192³)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

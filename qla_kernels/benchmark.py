@@ -28,7 +28,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -307,21 +307,32 @@ def op_breakdown(model: nn.Module, run: Callable[[], Any], top: int = 12) -> Lis
              "share": e.self_device_time_total / total} for e in events[:top]]
 
 
-def run(setup: Optional[Setup] = None, quick: bool = False, llama_layers: int = 2) -> Dict[str, Any]:
-    """The whole benchmark on setup's device; `quick`: ViT-B/16 and DeiT-T at batch 1 and 64 only."""
+def run(setup: Optional[Setup] = None, quick: bool = False, llama_layers: int = 2,
+        models: Optional[Sequence[str]] = None, batches: Optional[Sequence[int]] = None,
+        variants: Optional[Sequence[str]] = None, decode_batches: Optional[Sequence[int]] = None,
+        bert: Optional[bool] = None, breakdown: bool = True) -> Dict[str, Any]:
+    """The whole benchmark on setup's device; `quick`: ViT-B/16 and DeiT-T at batch 1 and 64 only.
+    `models`, `batches`, `variants`, `decode_batches`, `bert` and `breakdown` narrow it further
+    (scripts/gpu_check.sh quick: ViT-B/16 at batch 64, four variants, decode at batch 1)."""
     setup = setup or make_setup()
-    models = ("vit_b16", "deit_t") if quick else tuple(VISION_MODELS)
-    batches = (1, 64) if quick else VISION_BATCHES
-    variants = VARIANTS
+    models = tuple(models or (("vit_b16", "deit_t") if quick else VISION_MODELS))
+    batches = tuple(batches or ((1, 64) if quick else VISION_BATCHES))
+    variants = tuple(variants or VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS] + [m for m in models if m not in VISION_MODELS]
+    if unknown:
+        raise ValueError(f"unknown variants or models {unknown}; variants: {list(VARIANTS)}, models: {list(VISION_MODELS)}")
+    decode_batches = tuple(decode_batches or (1, 16))
     if setup.tiny:  # CPU: no inductor compile (minutes of C++ builds for a plumbing check)
-        batches, variants = (1, 2), tuple(v for v in VARIANTS if v != "fp16_compile")
+        batches, variants = (1, 2), tuple(v for v in variants if v != "fp16_compile")
+        decode_batches = tuple(min(batch, 2) for batch in decode_batches)
     report: Dict[str, Any] = {
         "device": setup.label, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(), "dtype": str(setup.dtype),
-        "rows": run_vision_and_text(setup, models, batches, bert=not quick, variants=variants),
-        "decode": run_decode(setup, llama_layers, batches=(1, 2) if setup.tiny else (1, 16)),
+        "rows": run_vision_and_text(setup, models, batches, bert=not quick if bert is None else bert,
+                                    variants=variants),
+        "decode": run_decode(setup, llama_layers, batches=decode_batches),
     }
-    if setup.device.type == "cuda":
+    if setup.device.type == "cuda" and breakdown:
         import triton
 
         report["triton"] = triton.__version__
