@@ -51,15 +51,40 @@ class ArchitectureFacts:
 
 
 def example_input(model: nn.Module):
-    """One small input batch built from the model's own config (timm `pretrained_cfg` input size,
-    HF `config.vocab_size`); a ValueError asks for an explicit example otherwise."""
+    """One small input batch for the model as it was built: images at the size its patch embedding
+    was made for (timm `img_size`, HF `config.image_size`) with the channels of the
+    first convolution; models without a fixed size (CNNs) at their config's `input_size` (timm
+    `pretrained_cfg`), else 224; text models get token ids (HF `config.vocab_size`). A ValueError
+    asks for an explicit example otherwise."""
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if config and "input_size" in config:
-        return torch.randn(1, *config["input_size"], device=device)
-    if hasattr(model, "config") and hasattr(model.config, "vocab_size"):
+    size = _fixed_image_size(model)
+    convolution = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    config = getattr(model, "config", None)
+    if size is None and convolution is None and config is not None and hasattr(config, "vocab_size"):
         return {"input_ids": torch.ones(1, 8, dtype=torch.long, device=device)}
-    raise ValueError("cannot build an example input for this model: pass example=")
+    if convolution is None:
+        raise ValueError("cannot build an example input for this model (no patch embedding, convolution or "
+                         "vocabulary found): pass example=")
+    if size is None:
+        timm_config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        size = tuple(timm_config.get("input_size", (3, 224, 224))[1:])
+    return torch.randn(1, convolution.in_channels, *size, device=device)
+
+
+def _fixed_image_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """(height, width) the model's patch embedding requires (the first module that records an
+    `img_size`: timm's patch_embed, ResMLP's stem), or None when it takes any size."""
+    size = next((value for module in model.modules()
+                 if isinstance(value := getattr(module, "img_size", None), (int, tuple, list))), None)
+    if size is None:
+        config = getattr(model, "config", None)
+        config = getattr(config, "vision_config", config)
+        size = getattr(config, "image_size", None)
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size, size
+    return tuple(int(s) for s in size)
 
 
 def is_any_linear(module: nn.Module) -> bool:

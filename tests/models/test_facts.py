@@ -100,3 +100,43 @@ def test_unknown_architectures_name_what_is_missing():
     model = nn.Sequential(nn.Sequential(_MLPBlock(), _MLPBlock()))
     with pytest.raises(ValueError, match=r"expected attention and MLP linears \(at least 4\), found 2"):
         describe(model, torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2), (1, 3, 32, 32)),
+    ("deit_tiny_patch16_224", dict(img_size=48, in_chans=1, depth=2), (1, 1, 48, 48)),
+    ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4),
+                                          embed_dim=32), (1, 3, 64, 64)),
+    ("resmlp_12_224", dict(img_size=32), (1, 3, 32, 32)),
+    ("vit_small_patch14_dinov2", dict(img_size=28, depth=2), (1, 3, 28, 28)),
+    ("resnet18", dict(in_chans=2), (1, 2, 224, 224)),
+])
+def test_example_input_is_built_from_the_model(name, kwargs, shape):
+    """A timm model built at another size or channel count than its pretrained_cfg says: the
+    example comes from the model itself, and everything that probes without example= runs."""
+    timm = pytest.importorskip("timm")
+    from qla_kernels.methods import qla
+    from qla_kernels.models.facts import example_input
+
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    example = example_input(model)
+    assert tuple(example.shape) == shape
+    with torch.no_grad():
+        model(example)
+    if name.startswith(("vit", "deit", "swin")):
+        qla.add_adapters(qk.quantize_(model, qk.W8A8()), rank=4)
+
+
+def test_example_input_of_hugging_face_models():
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.models.facts import example_input
+
+    vit = transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, num_channels=2, hidden_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=64)).eval()
+    assert tuple(example_input(vit).shape) == (1, 2, 32, 32)
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=64))
+    assert set(example_input(bert)) == {"input_ids"}
+    with pytest.raises(ValueError, match="pass example="):
+        example_input(nn.Sequential(nn.Linear(4, 4)))
