@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qla-installed
 
-.PHONY: install demo test gpu-check aot-check clean
+.PHONY: install demo test test-portable gpu-quick gpu-check aot-check clean
 
 $(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,28 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# On a GPU machine whose python3 already has torch/triton/timm/transformers (the lent H100):
-# builds _C there, runs every test (GPU-marked ones included) and the GEMM benchmark.
+# The suite as other machines run it: one thread; and the floating-point-sensitive files on an
+# AVX2-only CPU (ATen, MKL and oneDNN limited to AVX2, as on an AMD EPYC without AVX-512) and
+# without oneDNN. Not in CI (its time budget); run it before changing numerics or claims.
+FP_SENSITIVE := tests/models/test_fusion.py tests/models/test_architectures.py tests/nn/test_weight_reads.py \
+	tests/nn/test_compile.py tests/methods tests/test_minilm.py
+test-portable: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(FP_SENSITIVE)
+	QLA_TEST_MKLDNN=0 $(PY) -m pytest -q $(FP_SENSITIVE)
+
+# On a GPU machine whose python3 already has torch/triton/timm/transformers (the lent H100/H200).
+# gpu-quick first: one device call of <= 8 minutes, three result files in $$OUT.
+gpu-quick:
+	bash scripts/gpu_check.sh quick
+
 gpu-check:
 	bash scripts/gpu_check.sh all
 
-# Ahead-of-time compile of every shipped Triton configuration for sm_90/sm_80 (no GPU needed).
+# Ahead-of-time compile of every launch of the launch table (real model calls) for sm_90/sm_80,
+# no GPU needed; writes benchmarks/results/aot_launch_table.json when every launch passes.
 aot-check: $(STAMP)
-	$(PY) -m qla_kernels.ops.triton.aot
+	$(PY) -m qla_kernels.launch_table --write-table
 
 clean:
 	rm -rf $(VENV) build *.egg-info qla_kernels/_C*.so qla_kernels/_build_info.json

@@ -1,4 +1,5 @@
 import copy
+import statistics
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def test_folding_leaves_the_fp_model_unchanged(name, groups, mode):
     torch.testing.assert_close(_output(model, inputs), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
 
 
-def _with_outlier_channels(name):
+def _with_outlier_channels(name, seed):
+    torch.manual_seed(seed)
     model, inputs = MODELS[name]()
     with torch.no_grad():
         for module in model.modules():
@@ -37,24 +39,30 @@ def _with_outlier_channels(name):
     return model, inputs
 
 
-@pytest.mark.parametrize("name, mode, bound", [("vit_tiny", "repq", 0.85), ("vit_tiny", "smoothquant", 0.85),
-                                               ("llama", "smoothquant", 0.92)])
+@pytest.mark.parametrize("name, mode, bound", [("vit_tiny", "repq", 0.8), ("vit_tiny", "smoothquant", 0.85),
+                                               ("llama", "smoothquant", 0.9)])
 def test_folding_helps_static_w8a8_with_outlier_channels(name, mode, bound):
-    """Three channels ×30 after every norm; static per-tensor W8A8 (min-max). Measured relative
-    output error with these seeds: ViT 0.043 -> 0.031 (repq) / 0.032 (smoothquant), LLaMA 0.068
-    -> 0.058 (smoothquant); other seeds gave larger gains (ViT 0.150 -> 0.053)."""
-    model, inputs = _with_outlier_channels(name)
-    reference = _output(model, inputs)
+    """Three channels ×30 after every norm; static per-tensor W8A8 (min-max). Relative output error
+    with folding over without, on five random models (seeds 0-4), measured on an AVX-512 Intel
+    (on AVX2 only, where per seed the ratio moves by up to 0.27): ViT repq 0.71 0.46 0.48 0.57 0.79
+    (0.67 0.77 0.44 0.55 0.75), mean 0.60 (0.64); ViT smoothquant mean 0.66 (0.69), per seed 0.41
+    to 0.90 (0.33 to 1.03); LLaMA smoothquant 0.93 0.62 0.79 0.49 1.06, mean 0.78 on both.
+    Asserted on the mean."""
+    ratios = []
+    for seed in range(5):
+        model, inputs = _with_outlier_channels(name, seed)
+        reference = _output(model, inputs)
 
-    def error(fold):
-        candidate = copy.deepcopy(model)
-        if fold:
-            folding.fold_activation_scales(candidate, [inputs], mode=mode)
-        qk.quantize_(candidate, qk.W8A8())
-        ptq.calibrate(candidate, [inputs], method="minmax", progress=False)
-        return float((_output(candidate, inputs) - reference).norm() / reference.norm())
+        def error(fold):
+            candidate = copy.deepcopy(model)
+            if fold:
+                folding.fold_activation_scales(candidate, [inputs], mode=mode)
+            qk.quantize_(candidate, qk.W8A8())
+            ptq.calibrate(candidate, [inputs], method="minmax", progress=False)
+            return float((_output(candidate, inputs) - reference).norm() / reference.norm())
 
-    assert error(True) < bound * error(False)
+        ratios.append(error(True) / error(False))
+    assert statistics.fmean(ratios) < bound, ratios
 
 
 def test_bad_arguments():

@@ -1,4 +1,5 @@
 import copy
+import statistics
 
 import pytest
 import torch
@@ -22,37 +23,47 @@ def _block_outputs(model, x):
     return outputs, logits
 
 
-def test_digits_w4a4_static_ptq(digits_vit, capsys):
-    """Plain PTQ (W4A4, static min-max activation scales) vs PTQ + QwT on held-out digits.
-    Measured: KL 0.050 -> 0.030, block-output MSE down 3-6x per block; bounds leave room."""
-    fp = digits_vit.model
-    model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
-    ptq.calibrate(model, digits_vit.calibration_batches(), method="minmax", progress=False)
-    reference, fp_logits = _block_outputs(fp, digits_vit.test_x)
-    before, ptq_logits = _block_outputs(model, digits_vit.test_x)
-    ptq_accuracy = digits_vit.accuracy(model)
-    reports = qwt.calibrate(fp, model, digits_vit.calibration_batches(), progress=False)
-    after, qwt_logits = _block_outputs(model, digits_vit.test_x)
-    assert all(report.enabled and not report.post_norm for report in reports)
-    for ref, b, a in zip(reference, before, after):
-        assert (a - ref).square().mean() < 0.8 * (b - ref).square().mean()
-    kl_ptq, kl_qwt = kl_divergence(fp_logits, ptq_logits), kl_divergence(fp_logits, qwt_logits)
-    assert kl_qwt < 0.75 * kl_ptq
+def test_digits_w4a4_static_ptq(digits_vits, capsys):
+    """Plain PTQ (W4A4, static min-max activation scales) vs PTQ + QwT on held-out digits, for each
+    of the three shipped models. Measured (the same on 1 and 2 threads, Intel and AVX2-only): KL
+    0.046 -> 0.021, 0.030 -> 0.020, 0.036 -> 0.020 (QwT/PTQ 0.47, 0.68, 0.55); every block's
+    output MSE falls. Asserted: every block's MSE below 0.8x, the mean KL ratio below 0.75."""
+    ratios, lines = [], []
+    for digits in digits_vits:
+        fp = digits.model
+        model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
+        ptq.calibrate(model, digits.calibration_batches(), method="minmax", progress=False)
+        reference, fp_logits = _block_outputs(fp, digits.test_x)
+        before, ptq_logits = _block_outputs(model, digits.test_x)
+        ptq_accuracy = digits.accuracy(model)
+        reports = qwt.calibrate(fp, model, digits.calibration_batches(), progress=False)
+        after, qwt_logits = _block_outputs(model, digits.test_x)
+        assert all(report.enabled and not report.post_norm for report in reports)
+        for ref, b, a in zip(reference, before, after):
+            assert (a - ref).square().mean() < 0.8 * (b - ref).square().mean()
+        kl_ptq, kl_qwt = kl_divergence(fp_logits, ptq_logits), kl_divergence(fp_logits, qwt_logits)
+        ratios.append(kl_qwt / kl_ptq)
+        lines.append(f"accuracy fp {digits.accuracy(fp):.4f}, PTQ {ptq_accuracy:.4f}, PTQ+QwT {digits.accuracy(model):.4f}; "
+                     f"KL {kl_ptq:.4f} -> {kl_qwt:.4f}")
+    assert statistics.fmean(ratios) < 0.75
     with capsys.disabled():
-        print(f"\ndigits ViT W4A4 (static min-max): accuracy fp {digits_vit.accuracy(fp):.4f}, PTQ {ptq_accuracy:.4f}, "
-              f"PTQ+QwT {digits_vit.accuracy(model):.4f}; KL {kl_ptq:.4f} -> {kl_qwt:.4f}")
+        print("\ndigits ViTs W4A4 (static min-max): " + " | ".join(lines))
 
 
-def test_digits_w4a8_dynamic(digits_vit):
-    """Round-to-nearest W4A8 (dynamic per-token activations): measured KL 0.0022 -> 0.0015."""
-    fp = digits_vit.model
-    model = qk.quantize_(copy.deepcopy(fp), qk.W4A8())
-    with torch.no_grad():
-        fp_logits, before = fp(digits_vit.test_x), model(digits_vit.test_x)
-    qwt.calibrate(fp, model, digits_vit.calibration_batches(), progress=False)
-    with torch.no_grad():
-        after = model(digits_vit.test_x)
-    assert kl_divergence(fp_logits, after) < 0.85 * kl_divergence(fp_logits, before)
+def test_digits_w4a8_dynamic(digits_vits):
+    """Round-to-nearest W4A8 (dynamic per-token activations). Measured KL 0.0012 -> 0.0010,
+    0.0015 -> 0.0008, 0.0014 -> 0.0008 (ratios 0.79, 0.53, 0.57; mean 0.63)."""
+    ratios = []
+    for digits in digits_vits:
+        fp = digits.model
+        model = qk.quantize_(copy.deepcopy(fp), qk.W4A8())
+        with torch.no_grad():
+            fp_logits, before = fp(digits.test_x), model(digits.test_x)
+        qwt.calibrate(fp, model, digits.calibration_batches(), progress=False)
+        with torch.no_grad():
+            after = model(digits.test_x)
+        ratios.append(kl_divergence(fp_logits, after) / kl_divergence(fp_logits, before))
+    assert statistics.fmean(ratios) < 0.85
 
 
 class _Block(nn.Module):
@@ -188,24 +199,29 @@ def test_random_models_end_to_end(name):
     assert (after - reference).norm() < 0.97 * (before - reference).norm()
 
 
-def test_truncation_to_low_rank_keeps_most_of_the_gain(digits_vit):
-    """The low-rank form the fused kernels run. Rank chosen by energy; the KL gain is mostly kept."""
-    fp = digits_vit.model
-    model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
-    ptq.calibrate(model, digits_vit.calibration_batches(), method="minmax", progress=False)
-    with torch.no_grad():
-        fp_logits, ptq_logits = fp(digits_vit.test_x), model(digits_vit.test_x)
-    qwt.calibrate(fp, model, digits_vit.calibration_batches(), progress=False)
-    with torch.no_grad():
-        full_logits = model(digits_vit.test_x)
-    reports = qwt.truncate(model, energy=0.9)
-    assert all(r.rank < r.full_rank and r.energy_kept >= 0.9 for r in reports)
-    with torch.no_grad():
-        low_rank_logits = model(digits_vit.test_x)
-    kl_ptq, kl_full, kl_low = (kl_divergence(fp_logits, logits) for logits in (ptq_logits, full_logits, low_rank_logits))
-    assert kl_low < kl_ptq - 0.5 * (kl_ptq - kl_full)
+def test_truncation_to_low_rank_keeps_most_of_the_gain(digits_vits):
+    """The low-rank form the fused kernels run. Rank chosen by energy; on the mean over the three
+    digits models more than half of the KL gain is kept."""
+    kept = []
+    for digits in digits_vits:
+        fp = digits.model
+        model = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
+        ptq.calibrate(model, digits.calibration_batches(), method="minmax", progress=False)
+        with torch.no_grad():
+            fp_logits, ptq_logits = fp(digits.test_x), model(digits.test_x)
+        qwt.calibrate(fp, model, digits.calibration_batches(), progress=False)
+        with torch.no_grad():
+            full_logits = model(digits.test_x)
+        reports = qwt.truncate(model, energy=0.9)
+        assert all(r.rank < r.full_rank and r.energy_kept >= 0.9 for r in reports)
+        with torch.no_grad():
+            low_rank_logits = model(digits.test_x)
+        kl_ptq, kl_full, kl_low = (kl_divergence(fp_logits, logits)
+                                   for logits in (ptq_logits, full_logits, low_rank_logits))
+        kept.append((kl_ptq - kl_low) / (kl_ptq - kl_full))
+    assert statistics.fmean(kept) > 0.5
     with pytest.raises(ValueError, match="no QwT compensation"):
-        qwt.truncate(qk.quantize_(copy.deepcopy(fp), qk.W8A8()))
+        qwt.truncate(qk.quantize_(copy.deepcopy(digits_vits[0].model), qk.W8A8()))
 
 
 def _small_vit(**kwargs):

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import qla_kernels as qk
+from qla_kernels import ops
 from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.models import find_blocks, fuse_blocks
 from qla_kernels.nn import fused_block
 from qla_kernels.nn.fused_block import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
-from ..conftest import randomize_adapters, sqnr_db
+from ..conftest import assert_same_up_to_rerounding, randomize_adapters, sqnr_db
 
 timm = pytest.importorskip("timm")
 
@@ -44,24 +45,39 @@ def _relative_error(reference, value):
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_fused_model_equals_the_module_by_module_model(name, config, static, chain_calls):
-    """Same integer ops in the same order (measured: bit-exact for W8A8, ~1e-7 relative for int4
-    weights, whose dequantization the GEMM orders differently)."""
+def test_fused_model_equals_the_module_by_module_model(name, config, static, chain_calls, monkeypatch):
+    """The same integer ops; the norms differ in fp order (the pre-kernel's LayerNorm against
+    torch's, whose reductions depend on the CPU and thread count), so under dynamic per-token
+    scales a row can re-round: at the first quantization point few rows differ, each code by at
+    most one step, and the models agree far below their quantization error."""
     fp = _vit(name)
     model = qk.quantize_(copy.deepcopy(fp), config)
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(16, 3, 32, 32)
     if static:
         ptq.calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], symmetric=False, progress=False)
+    codes = []
+    quantize = ops.quantize_activation
+
+    def recording(*args, **kwargs):
+        result = quantize(*args, **kwargs)
+        codes.append(result[0])
+        return result
+    monkeypatch.setattr(ops, "quantize_activation", recording)
+    monkeypatch.setattr(fused_block, "quantize_activation", recording)
     with torch.no_grad():
-        expected = model(x)
+        reference, expected = fp(x), model(x)
+    first_unfused = codes[0]
     report = fuse_blocks(model, x)
     assert report.fused == ["blocks.0", "blocks.1"] and not report.skipped
     assert all(isinstance(b, FusedPackedQKVBlock) for b in model.blocks)
     chain_calls.clear()
+    codes.clear()
     with torch.no_grad():
         fused = model(x)
     assert chain_calls == ["none", "none", "gelu", "none"] * 2  # qkv, proj, fc1 + GELU, fc2 per block
-    assert _relative_error(expected, fused) < 1e-5
+    step = (codes[0].int() - first_unfused.int()).abs()
+    assert int(step.max()) <= 1 and float((step.amax(dim=1) > 0).float().mean()) <= 0.1
+    assert_same_up_to_rerounding(reference, expected, fused)
 
 
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
@@ -633,7 +649,8 @@ def test_fused_model_keeps_names_checkpoints_and_falls_back_when_training(tmp_pa
     qk.save_quantized(model, str(path))
     restored = qk.load_quantized(copy.deepcopy(fp), str(path))
     copied = copy.deepcopy(model)
-    with torch.no_grad():
+    assert fuse_blocks(restored, x).fused == ["blocks.0", "blocks.1"]
+    with torch.no_grad():  # the same fused chain on the same tensors: the same ops in the same order
         assert torch.equal(restored(x), model(x)) and torch.equal(copied(x), model(x))
     chain_calls.clear()
     model.train()

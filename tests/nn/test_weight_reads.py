@@ -14,6 +14,8 @@ from qla_kernels.methods import gplq, gptq, ptq
 from qla_kernels.nn.lsq_linear import LSQLinear
 from qla_kernels.nn.weight_reads import weight_reads
 
+from ..conftest import assert_same_up_to_rerounding
+
 timm = pytest.importorskip("timm")
 
 ROUTED = {  # model, its attention's qkv, the keyword arguments of a 2-block model
@@ -81,6 +83,8 @@ def test_parents_calling_f_linear_on_the_weight_run_the_quantized_layer(name):
 def test_routed_layers_come_back_from_a_checkpoint_and_compile(tmp_path):
     model, _, x = _model("beit")
     skeleton = copy.deepcopy(model)
+    with torch.no_grad():
+        fp_output = model(x)
     quantized = qk.quantize_(model, qk.W4A8())
     with torch.no_grad():
         expected = quantized(x)
@@ -88,8 +92,9 @@ def test_routed_layers_come_back_from_a_checkpoint_and_compile(tmp_path):
     qk.save_quantized(quantized, path)
     restored = qk.load_quantized(skeleton, path)
     with torch.no_grad():
-        assert torch.equal(restored(x), expected)
-        assert torch.equal(torch.compile(restored, fullgraph=True)(x), expected)
+        assert torch.equal(restored(x), expected)  # the same modules running the same ops
+        # Inductor generates its own fp code for the unquantized ops: equal up to re-rounding.
+        assert_same_up_to_rerounding(fp_output, expected, torch.compile(restored, fullgraph=True)(x))
 
 
 def test_gptq_and_gplq_route_too():
