@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -229,8 +230,9 @@ def op_launches(dtype: torch.dtype, target: Target) -> List[PlannedLaunch]:
     return launches
 
 
-def model_launches(spec: ModelSpec, model: nn.Module, dtype: torch.dtype, target: Target) -> List[PlannedLaunch]:
-    model = copy.deepcopy(model).to(dtype).to("meta")
+def model_launches(spec: ModelSpec, model: nn.Module, target: Target) -> List[PlannedLaunch]:
+    """The launches of `model` (on the meta device, in its dtype) at the spec's real calls."""
+    dtype = next(model.parameters()).dtype
     with planning(target) as launches, torch.no_grad():
         for shape in spec.call_shapes:
             inputs = model_inputs(spec, shape, "meta")
@@ -272,41 +274,109 @@ CI_CONVERSIONS = tuple(Conversion(*fields) for fields in (
 ))
 
 
-def plan(work: Sequence[Conversion], progress: bool = True) -> Tuple[Dict[Target, List[PlannedLaunch]], List[str]]:
-    """Every launch of the conversions' models per target (duplicates included), and the
-    conversions that were refused (with the reason a user would get). The op-level calls always
-    join, LLaMA's LM head when LLaMA does."""
-    from tqdm import tqdm
+def _portable(value):
+    """A launch argument as it crosses processes: a meta tensor's pickle drops its storage offset,
+    which decides its alignment (Triton specializes on it), so tensors travel as their layout."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.storage_offset())
+    return value
 
-    specs = {spec.name: spec for spec in MODELS}
-    planned: Dict[Target, List[PlannedLaunch]] = {target: [] for target in TARGETS}
-    work = sorted(work, key=lambda item: ([spec.name for spec in MODELS].index(item.model), CONFIGS.index(item.config),
-                                          ACTIVATION_SCALES.index(item.scales)))
-    fp_model, quantized = None, None  # the current fp model and quantized model (work is in that order)
-    skipped = []
-    for item in tqdm(work, desc="plan", unit="model", disable=not progress):
-        spec = specs[item.model]
-        if fp_model is None or fp_model[0] != item.model:
-            fp_model = (item.model, build(item.model))
-        if quantized is None or quantized[0] != (item.model, item.config, item.scales):
-            quantized = ((item.model, item.config, item.scales), quantize(spec, fp_model[1], item.config, item.scales))
-        try:
-            converted = convert(spec, quantized[1], item.corrections)
-        except ValueError as error:  # refused for the user too (a correction on a layer left fp)
-            skipped.append(f"{item}: {error}")
-            continue
+
+def _restored(value):
+    if isinstance(value, tuple) and value and value[0] == "tensor":
+        _, shape, stride, dtype, offset = value
+        extent = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+        return torch.empty(extent, dtype=dtype, device="meta").as_strided(shape, stride, offset)
+    return value
+
+
+_KERNELS = {}  # kernel name -> jit function: what planned launches carry between processes
+
+
+def _kernels() -> Dict[str, object]:
+    if not _KERNELS:
+        from .ops.triton.dwsep import dwsep_down_kernel
+        from .ops.triton.fused_linear import fused_linear_kernel, requantize_rows_kernel
+        from .ops.triton.quantize import quantize_activation_kernel
+
+        for kernel in (fused_linear_kernel, requantize_rows_kernel, quantize_activation_kernel, dwsep_down_kernel):
+            _KERNELS[kernel.fn.__name__] = kernel
+    return _KERNELS
+
+
+def _plan_group(group: Tuple[str, str, Tuple[Conversion, ...]]) -> Tuple[List[tuple], List[str]]:
+    """The launches of one model and config's conversions (in a worker process), as picklable
+    (target index, kernel name, grid, arguments, meta) rows, and the refused conversions."""
+    torch.set_num_threads(1)  # the workers share the machine's cores
+    name, config, items = group
+    launches: List[tuple] = []
+    refused: List[str] = []
+
+    def add(target: Target, planned: Sequence[PlannedLaunch]) -> None:
+        launches.extend((TARGETS.index(target), planned_launch.kernel.fn.__name__, planned_launch.grid,
+                         tuple(_portable(arg) for arg in planned_launch.args), planned_launch.meta)
+                        for planned_launch in planned)
+
+    if name == "op_calls":
         for dtype in DTYPES:
             for target in TARGETS:
-                planned[target] += model_launches(spec, converted, dtype, target)
-    for dtype in DTYPES:
-        for target in TARGETS:
-            planned[target] += op_launches(dtype, target)
-    if any(item.model == "llama8b" for item in work):
-        for config in sorted({item.config for item in work if item.model == "llama8b"}, key=CONFIGS.index):
+                add(target, op_launches(dtype, target))
+                if config:
+                    add(target, lm_head_launches(config, dtype, target))
+        return launches, refused
+    spec = {spec.name: spec for spec in MODELS}[name]
+    model_fp = build(name)
+    for scales in ACTIVATION_SCALES:
+        chosen = [item for item in items if item.scales == scales]
+        if not chosen:
+            continue
+        model_q = quantize(spec, model_fp, config, scales)
+        for item in chosen:
+            try:
+                converted = convert(spec, model_q, item.corrections)
+            except ValueError as error:  # refused for the user too (a correction on a layer left fp)
+                refused.append(f"{item}: {error}")
+                continue
+            on_meta = copy.deepcopy(converted).to("meta")
+            del converted
             for dtype in DTYPES:
+                cast = copy.deepcopy(on_meta).to(dtype)
                 for target in TARGETS:
-                    planned[target] += lm_head_launches(config, dtype, target)
-    return planned, skipped
+                    add(target, model_launches(spec, cast, target))
+    return launches, refused
+
+
+def plan(work: Sequence[Conversion], jobs: Optional[int] = None,
+         progress: bool = True) -> Tuple[Dict[Target, List[PlannedLaunch]], List[str]]:
+    """Every launch of the conversions' models per target (duplicates included), and the
+    conversions that were refused (with the reason a user would get). The op-level calls always
+    join, LLaMA's LM head (for LLaMA's configs) when LLaMA does. Models and configs are planned
+    in `jobs` forked processes (default: the CPU count)."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    groups: Dict[Tuple[str, str], List[Conversion]] = {}
+    for item in work:
+        groups.setdefault((item.model, item.config), []).append(item)
+    llama_configs = [config for model, config in groups if model == "llama8b"]
+    tasks = [(model, config, tuple(items)) for (model, config), items in groups.items()]
+    tasks += [("op_calls", config, ()) for config in (llama_configs or [""])]
+    # The slowest first (LLaMA, Gemma: reference checks of 4096-wide layers), so the pool ends together.
+    tasks.sort(key=lambda task: -len(task[2]) * (8 if task[0] in ("llama8b", "gemma2b") else 1))
+    planned: Dict[Target, List[PlannedLaunch]] = {target: [] for target in TARGETS}
+    refused: List[str] = []
+    kernels = _kernels()
+    jobs = jobs or os.cpu_count() or 1
+    with multiprocessing.get_context("fork").Pool(jobs) as pool, \
+            tqdm(total=len(tasks), desc="plan", unit="model×config", disable=not progress) as bar:
+        for launches, group_refused in pool.imap_unordered(_plan_group, tasks):
+            for target_index, kernel, grid, args, meta in launches:
+                planned[TARGETS[target_index]].append(
+                    PlannedLaunch(kernels[kernel], grid, tuple(_restored(arg) for arg in args), meta))
+            refused += group_refused
+            bar.update()
+    return planned, sorted(refused)
 
 
 def spread_sample(work: Sequence[tuple], count: int) -> List[tuple]:
@@ -378,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="plan the CI subset of conversions only, and require every key it plans to be in "
                              "the committed table")
     parser.add_argument("--sample", type=int, help="check this many keys, spread over the table")
-    parser.add_argument("--jobs", type=int, help="compile processes (default: the CPU count)")
+    parser.add_argument("--jobs", type=int, help="planning and compile processes (default: the CPU count)")
     parser.add_argument("--json", help="write every checked launch's row here")
     parser.add_argument("--models", default=",".join(spec.name for spec in MODELS),
                         help="comma-separated models of the table")
@@ -401,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError("--write-table needs the whole table (no --ci, --sample or --models)")
     started = time.time()
     chosen = [item for item in (CI_CONVERSIONS if args.ci else conversions(models)) if item.model in models]
-    planned, skipped = plan(chosen)
+    planned, skipped = plan(chosen, jobs=args.jobs)
     work = for_targets(planned)
     planned_seconds = time.time() - started
     for reason in skipped:

@@ -23,6 +23,7 @@ from qla_kernels.ops import reference
 from qla_kernels.ops import RowMap
 from qla_kernels.ops.triton import launch
 from qla_kernels.ops.triton.kernel_launch import target_of
+from qla_kernels.ops.triton import tuning
 from qla_kernels.ops.triton.tuning import gemm_candidates
 from qla_kernels.quant import quantize_weight
 
@@ -458,6 +459,17 @@ def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row
         torch.testing.assert_close(actual[1], expected[1], rtol=1e-4, atol=0)
     else:
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_split_k_reduction_tiles_differ_from_the_split_tiles():
+    """The reduction phase runs its own, at most 32-row tiles over the partial sums: with 64-row
+    split tiles every output row is still reduced exactly once (gated epilogue included)."""
+    tall = tuning.GemmConfig(64, 32, 32, 2, 4, 1)
+    many_sms = dataclasses.replace(target_of(torch.device(DEVICE)), sm_count=256)
+    with mock.patch.object(launch, "target_of", lambda device: many_sms), \
+            mock.patch.object(launch, "gemm_candidates", lambda *args, **kwargs: (tall,)):
+        for activation in ("none", "swiglu"):
+            _check_w4a16_split_k(70, 24, 8, 32, 16, activation, False, False, seed=1)
 
 
 def test_split_k_plan_keeps_every_split_nonempty_and_block_aligned():
