@@ -499,8 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       default=str)
     for row in failed:
         print(json.dumps({key: row[key] for key in ("arch", "kernel", "meta", "problems")}, default=str))
-    print(f"{len(rows)} launches compiled for sm_90/sm_80 in {compile_seconds:.0f} s; {len(failed)} fail a check",
-          file=sys.stderr)
+    fresh = sum(not row["cached"] for row in rows)
+    print(f"{len(rows)} launches checked for sm_90/sm_80 in {compile_seconds:.0f} s ({fresh} compiled now, "
+          f"{len(rows) - fresh} from the results cache); {len(failed)} fail a check", file=sys.stderr)
     if stale:
         print(f"{len(stale)} planned launches are not in {TABLE_FILE} (launch selection changed): run "
               "`make aot-check` to check and record the whole table", file=sys.stderr)
@@ -508,10 +509,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch as _torch
         import triton
 
+        TABLE_FILE.parent.mkdir(parents=True, exist_ok=True)
         TABLE_FILE.write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "triton": triton.__version__, "torch": _torch.__version__,
             "conversions": len(chosen), "refused_conversions": skipped, "launches": total,
             "plan_seconds": round(planned_seconds), "compile_seconds": round(compile_seconds),
+            "compiled_now": sum(not row["cached"] for row in rows),
             "per_kernel": _per_kernel(rows), "key_hashes": _hashes(work),
             "classes": sorted({launch_class(launch) for _, launch in work}),
         }, indent=1) + "\n")

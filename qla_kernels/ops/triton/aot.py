@@ -169,7 +169,8 @@ def _check_one(index: int) -> Dict[str, object]:
     target, launch = _WORK[index]
     row = {"arch": target.arch, **describe(launch)}
     cached = _cache_path(launch, target.arch)
-    if _USE_CACHE and cached.exists():
+    row["cached"] = _USE_CACHE and cached.exists()
+    if row["cached"]:
         result = json.loads(cached.read_text())
     else:
         try:

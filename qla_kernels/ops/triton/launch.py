@@ -171,17 +171,21 @@ def fused_linear(
 # The pre-kernel's T dot holds a [BLOCK_K, BLOCK_R] tile of A (and the [BLOCK_M, BLOCK_K]
 # activations) as operands: at most this many values of A per chunk (64 registers a thread at 4
 # warps in fp16; a rank-128 fp32 A at BLOCK_K 256 needed ~297 KB of shared memory with 3 stages),
-# half of it for an fp32 A, whose tf32x3 dot holds three products' operands (ptxas -v).
+# half of it for an fp32 A, whose tf32x3 dot holds three products' operands (ptxas -v). The
+# [BLOCK_M, BLOCK_R] fp32 T accumulator grows with the rank too: at BLOCK_R 128 four warps hit
+# sm_90's 128 registers a thread and spilled (fp16 A, BLOCK_K 64), so 128-wide T gets 8 warps.
 _PREOP_DOWN_TILE_VALUES = 8192
+_PREOP_WIDE_T = 128
 
 
-def preop_blocks(target: Target, features: int, rank: int, fp32_down: bool) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_R) of the activation pre-kernel for K = `features`, T of `rank`
-    columns; 128-wide K chunks at most (256 spilled in the LayerNorm passes)."""
+def preop_blocks(target: Target, features: int, rank: int, fp32_down: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_R, num_warps) of the activation pre-kernel for K = `features`, T of
+    `rank` columns; 128-wide K chunks at most (256 spilled in the LayerNorm passes)."""
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     widest = 64 if target.interpreter else 128
     down_values = _PREOP_DOWN_TILE_VALUES // (2 if fp32_down else 1)
-    return 16, min(widest, triton.next_power_of_2(features), down_values // block_r), block_r
+    block_k = min(widest, triton.next_power_of_2(features), down_values // block_r)
+    return 16, block_k, block_r, 8 if block_r >= _PREOP_WIDE_T else 4
 
 
 def quantize_activation(
@@ -199,7 +203,7 @@ def quantize_activation(
     t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
     if rows and k:
         qmin, qmax = qrange(bits)
-        block_m, block_k, block_r = preop_blocks(target_of(x.device), k, rank,
+        block_m, block_k, block_r, warps = preop_blocks(target_of(x.device), k, rank,
                                                  down_proj is not None and down_proj.dtype == torch.float32)
         dummy = x
         # The pre-kernel streams x (three or four passes from L2); one stage keeps its shared memory
@@ -216,7 +220,7 @@ def quantize_activation(
             CENTER=zero_point is not None and bits <= 7, HAS_T=down_proj is not None,
             T_FP32=down_proj is not None and down_proj.dtype == torch.float32, T_FROM_INPUT=down_from_input,
             FLOAT_OUTPUT=float_output, NORMED_OUTPUT=normed_out is not None,
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=1, enable_fp_fusion=False)
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=1, enable_fp_fusion=False)
     return q, scale, t
 
 
