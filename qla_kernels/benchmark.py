@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .methods import qla, qwt
-from .methods.batches import run_model
+from .models.batches import run_model
 from .models import fuse_blocks
 from .nn import quantize_
 from .quant.config import W4A8, W4A16, W8A8

@@ -440,7 +440,7 @@ def compare_log(path: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .ops.dispatch import interpreting
+    from .ops.device import interpreting
     from .ops.triton.aot import check_launches, for_targets
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .methods import gplq, ptq, qwt
-from .methods.batches import model_output, run_model, token_mask
+from .models.batches import model_output, run_model, token_mask
 from .nn import quantize_
 from .quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 

@@ -40,7 +40,7 @@ from ..quant.config import QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
 from ..quant.weight import WEIGHT_CLIPS, clip_weight, quantize_weight
 from . import qwt
-from .batches import materialize, model_output, run_model, token_mask
+from ..models.batches import materialize, model_output, run_model, token_mask
 
 
 @dataclasses.dataclass

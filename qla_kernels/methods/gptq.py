@@ -20,7 +20,7 @@ from ..nn.quantize import select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import W4A16
 from ..quant.gptq import gptq_quantize, hessian
-from .batches import materialize, run_model
+from ..models.batches import materialize, run_model
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ..models.batches import run_model
 from ..ops.simulate import fake_quantize_activation
 from ..quant.log2 import log2_quantize
 from ..quant.primitives import qrange
@@ -63,8 +64,6 @@ def quantized_attention(bits: int = 4) -> Iterator[None]:
 
 def uses_sdpa(model: torch.nn.Module, example: Optional[object] = None) -> bool:
     """Whether `model`'s forward on `example` calls scaled_dot_product_attention (so the preset applies)."""
-    from .batches import run_model
-
     calls = []
     original = F.scaled_dot_product_attention
 

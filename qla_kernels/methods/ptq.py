@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 from ..quant.observers import METHODS, ActivationObserver, static_scale
-from .batches import materialize, run_model
+from ..models.batches import materialize, run_model
 
 
 @dataclasses.dataclass

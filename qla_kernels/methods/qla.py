@@ -33,7 +33,7 @@ from ..nn.adapters import (
 from ..nn.compensation import link, primary_output
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
-from .batches import materialize, model_output, run_model, token_mask
+from ..models.batches import materialize, model_output, run_model, token_mask
 
 ADAPTER_NAMES = ("qla_attention", "qla_ffn")
 

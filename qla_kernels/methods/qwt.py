@@ -39,7 +39,7 @@ from ..nn.compensation import ConvQwTCompensation, QwTCompensation, attach, bloc
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
-from .batches import materialize, run_model, token_mask
+from ..models.batches import materialize, run_model, token_mask
 
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_HOLDOUT = 0.2

@@ -24,6 +24,7 @@ from ..nn.compensation import block_input
 from ..nn.fused_block import norm_kind_of
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
+from .batches import run_model
 from .blocks import find_blocks, is_norm
 
 
@@ -93,8 +94,6 @@ def is_any_linear(module: nn.Module) -> bool:
 
 def run_hooked(model: nn.Module, batch: Any, handles: list) -> None:
     """One no-grad forward of `model` on `batch`, then the hook `handles` are removed."""
-    from ..methods.batches import run_model  # methods depend on models, not the reverse, at import time
-
     try:
         with torch.no_grad():
             run_model(model, batch)

@@ -15,9 +15,10 @@ import torch
 
 from ..formats.weights import QuantizedWeight
 from . import cuda, library, reference, simulate
-from . import triton as triton_backend
+from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map
-from .dispatch import BACKENDS, BackendInfo, backends, requested_backend, resolve_backend, use_backend
+from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
+from .operands import FusedLinearOperands
 from .row_maps import RowMap
 
 
@@ -49,23 +50,14 @@ def quantize_activation(
         raise ValueError(f"down_from_input must be a bool, got {down_from_input!r}")
     check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
                               t_out)
-    backend = resolve_backend(x.device)
     if t_out is not None:
         args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj, t_out,
                 down_from_input)
-        if backend in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
-            q, scale = torch.ops.qla.quantize_activation_into_triton(*args)
-        else:
-            q, scale = torch.ops.qla.quantize_activation_into(*args)
+        q, scale = implementation("quantize_activation_into", x.device, *args).run(*args)
         return q, scale, t_out
-    if backend == "cuda" and cuda.supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj):
-        q, scale = torch.ops.qla.quantize_per_token_cuda(x, bits)
-        return q, scale, x.new_empty((x.shape[0], 0))
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
             down_from_input)
-    if backend in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
-        return torch.ops.qla.quantize_activation_triton(*args)
-    return torch.ops.qla.quantize_activation(*args)
+    return implementation("quantize_activation", x.device, *args).run(*args)
 
 
 def normalize_activation(
@@ -83,9 +75,7 @@ def normalize_activation(
     if norm_kind == "none":
         raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm there is nothing to do)")
     args = (x, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
-    if resolve_backend(x.device) in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
-        return torch.ops.qla.normalize_activation_triton(*args)
-    return torch.ops.qla.normalize_activation(*args)
+    return implementation("normalize_activation", x.device, *args).run(*args)
 
 
 def normalize_quantize_activation(
@@ -112,9 +102,7 @@ def normalize_quantize_activation(
         raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm use quantize_activation)")
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
             down_from_input)
-    if resolve_backend(x.device) in ("cuda", "triton") and triton_backend.supports_quantize_activation(down_proj):
-        return torch.ops.qla.normalize_quantize_activation_triton(*args)
-    return torch.ops.qla.normalize_quantize_activation(*args)
+    return implementation("normalize_quantize_activation", x.device, *args).run(*args)
 
 
 def dwsep_down(
@@ -135,9 +123,7 @@ def dwsep_down(
         dw_weight = dw_weight.reshape(dw_weight.shape[0], 9)
     check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
     args = (h, height, width, prefix_tokens, dw_weight.contiguous(), dw_bias, down_weight, down_bias)
-    if resolve_backend(h.device) in ("cuda", "triton") and triton_backend.supports_dwsep_down(down_weight):
-        return torch.ops.qla.dwsep_down_triton(*args)
-    return torch.ops.qla.dwsep_down(*args)
+    return implementation("dwsep_down", h.device, *args).run(*args)
 
 
 def fused_linear(
@@ -182,27 +168,13 @@ def fused_linear(
     check_row_map("scatter_rows", scatter_rows, out_rows, "out_rows is")
     gather_indices = None if gather_rows is None else gather_rows.indices
     scatter_indices = None if scatter_rows is None else scatter_rows.indices
-    args = (
+    operands = FusedLinearOperands(
         a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale,
         weight.zero, weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
         bias, activation, residual, out_dtype, requant_bits, gather_indices, scatter_indices, out_rows,
     )
-    check_fused_linear(*args)
-    backend = resolve_backend(a.device)
-    gated = activation in reference.GATED_ACTIVATIONS  # decode: the CUDA kernel runs gate and up as one GEMM
-    if backend == "cuda" and cuda.supports_fused_linear(
-            a, a_zero_point, weight.data, weight.format, weight.k_group, lowrank_t, lowrank_u, fullrank_x, bias,
-            "none" if gated else activation, residual, out_dtype, requant_bits, gather_indices, scatter_indices):
-        y = torch.ops.qla.w4a16_decode_cuda(a, weight.data, weight.scale, weight.zero, weight.k_group, lowrank_t,
-                                            lowrank_u, bias, None if gated else residual, gated)
-        if gated:  # the reference's order: act(gate)·up and the residual in fp32, then one rounding
-            y = reference.apply_activation(y, activation)
-            y = (y if residual is None else y + residual.float()).to(out_dtype)
-        return y
-    if backend in ("cuda", "triton") and weight.format in triton_backend.TRITON_WEIGHT_FORMATS:
-        out, out_scale = torch.ops.qla.fused_linear_triton(*args)
-    else:
-        out, out_scale = torch.ops.qla.fused_linear(*args)
+    check_fused_linear(*operands)
+    out, out_scale = implementation("fused_linear", a.device, operands).run(operands)
     return (out, out_scale) if requant_bits else out
 
 
@@ -242,7 +214,7 @@ def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[t
 
 
 __all__ = [
-    "BACKENDS", "BackendInfo", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
+    "BACKENDS", "BackendInfo", "FusedLinearOperands", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
     "gemm_zero_point", "library", "reference", "simulate",
 ]

@@ -12,13 +12,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import _cuda_extension_status, sm_count
+from . import reference
+from .device import cuda_extension, sm_count
+from .dispatch import register, register_backend
+from .operands import FusedLinearOperands
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/quantize_per_token.h
 
 
 def _extension():
-    module, missing = _cuda_extension_status()
+    module, missing = cuda_extension()
     if module is None:
         raise RuntimeError(missing)
     return module
@@ -102,16 +105,32 @@ def _built_for(device_index: int) -> bool:
                    getattr(module, "CUDA_PTX", ""))
 
 
-def supports_fused_linear(a: Tensor, a_zero_point, weight: Tensor, weight_format: str, group_size: int,
-                          lowrank_t, lowrank_u, fullrank_x, bias, activation: str, residual, out_dtype,
-                          requant_bits: int, gather_rows, scatter_rows) -> bool:
+def supports_fused_linear(operands: FusedLinearOperands) -> bool:
     """The decode kernel covers W4A16 with M <= 16 and K a multiple of 128, fp16/bf16 operands in
-    the activation dtype, and bias / low-rank / residual epilogues; everything else goes to Triton."""
-    same_dtype = all(t is None or t.dtype == a.dtype for t in (lowrank_t, lowrank_u, bias, residual))
-    return (a.device.type == "cuda" and _built_for(_index(a.device)) and weight_format == "uint4_asym_groups"
+    the activation dtype, and bias / low-rank / residual epilogues (a gated activation runs its
+    gate and up halves as one GEMM, the activation after it); everything else goes to Triton."""
+    a = operands.a
+    same_dtype = all(t is None or t.dtype == a.dtype
+                     for t in (operands.lowrank_t, operands.lowrank_u, operands.bias, operands.residual))
+    activation_ok = operands.activation == "none" or operands.activation in reference.GATED_ACTIVATIONS
+    return (a.device.type == "cuda" and _built_for(_index(a.device)) and operands.weight_format == "uint4_asym_groups"
             and a.dtype in (torch.float16, torch.bfloat16) and 1 <= a.shape[0] <= DECODE_MAX_ROWS
-            and a.shape[1] % _DECODE_CHUNK_K == 0 and group_size % 32 == 0 and same_dtype and out_dtype == a.dtype
-            and a_zero_point is None and fullrank_x is None and activation == "none" and not requant_bits and gather_rows is None and scatter_rows is None)
+            and a.shape[1] % _DECODE_CHUNK_K == 0 and operands.group_size % 32 == 0 and same_dtype
+            and operands.out_dtype == a.dtype and operands.a_zero_point is None and operands.fullrank_x is None
+            and activation_ok and not operands.requant_bits and operands.gather_rows is None
+            and operands.scatter_rows is None)
+
+
+def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
+    """ops.fused_linear on the decode kernel (the call `supports_fused_linear` accepted)."""
+    gated = operands.activation in reference.GATED_ACTIVATIONS
+    y = torch.ops.qla.w4a16_decode_cuda(operands.a, operands.weight, operands.weight_scale, operands.weight_zero,
+                                        operands.group_size, operands.lowrank_t, operands.lowrank_u, operands.bias,
+                                        None if gated else operands.residual, gated)
+    if gated:  # the reference's order: act(gate)·up and the residual in fp32, then one rounding
+        y = reference.apply_activation(y, operands.activation)
+        y = (y if operands.residual is None else y + operands.residual.float()).to(operands.out_dtype)
+    return y, y.new_empty((0,), dtype=torch.float32)
 
 
 def _aligned(tensor: Tensor) -> Tensor:
@@ -152,3 +171,22 @@ def w4a16_decode(a: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: T
 @w4a16_decode.register_fake
 def _(a, weight, weight_scale, weight_zero, group_size, lowrank_t, lowrank_u, bias, residual, out_fp32=False):
     return a.new_empty((a.shape[0], weight.shape[0]), dtype=torch.float32 if out_fp32 else a.dtype)
+
+
+def _status() -> Optional[str]:
+    missing = cuda_extension()[1]
+    if missing is None and not torch.cuda.is_available():
+        return "qla_kernels._C is built, but torch sees no CUDA device"
+    return missing
+
+
+def _quantize_activation(x, bits, *_) -> Tuple[Tensor, Tensor, Tensor]:
+    q, scale = torch.ops.qla.quantize_per_token_cuda(x, bits)
+    return q, scale, x.new_empty((x.shape[0], 0))
+
+
+register_backend("cuda", _status)
+register("quantize_activation", "cuda", _quantize_activation,
+         lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
+         supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj))
+register("fused_linear", "cuda", fused_linear, supports_fused_linear)

@@ -1,13 +1,20 @@
-"""Backend selection: one switch, read at every op call.
+"""Backend selection and the registry of op implementations.
 
 Backends:
 - "reference": integer-exact PyTorch (ops/reference.py), the oracle; default on CPU.
 - "simulate": differentiable fake quantization in floating point, numerically the deployed model
-  (ops/simulate.py); what calibration and adapter training run against.
+  (ops/simulate.py); what calibration and adapter training run against. Its integer ops run on
+  the reference.
 - "triton": the Triton kernels (ops/triton/); on CPU tensors only under TRITON_INTERPRET=1.
 - "cuda": the `qla_kernels._C` kernels (per-token quantization; the W4A16 GEMM at M <= 16, where
   decode is bandwidth-bound), then Triton for the ops and shapes `_C` does not implement.
-An op a selected backend does not implement (a format, a rank) runs on "reference".
+
+Each backend module registers its availability (`register_backend`) and, per op, what it
+implements with a `supports(*args)` predicate (`register`). A selected backend runs an op on the
+first implementation of its chain (`_CHAINS`: cuda, then triton, then the reference) whose
+predicate accepts the call; the reference accepts every call, so an op or shape a kernel does not
+implement (a format, a rank) runs on the reference. A new backend is one `register_backend`, its
+`register` calls, and its line in `_CHAINS` (and `_AUTO`, where it is a device's default).
 
 The default ("auto") picks per call by the input's device: "cuda" (or "triton" without `_C`) on
 CUDA tensors, "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
@@ -19,16 +26,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import threading
-from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import device as device_facts
+
 BACKENDS = ("reference", "simulate", "triton", "cuda")
 _AUTO = "auto"
+# Per selected backend, the backends whose implementations an op tries, in order.
+_CHAINS = {"reference": ("reference",), "simulate": ("reference",), "triton": ("triton", "reference"),
+           "cuda": ("cuda", "triton", "reference")}
+# Per device type, the backends "auto" takes, the first available one (else the reference).
+_AUTO_CHOICES = {"cuda": ("cuda", "triton")}
 _state = threading.local()
 
 
@@ -42,36 +54,50 @@ class BackendInfo:
         return f"{self.name}: " + ("available" if self.available else f"unavailable ({self.reason})")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_extension_status():
-    """(module or None, reason it is missing)."""
-    try:
-        from .. import _C  # noqa: F401  (built by setup.py when nvcc was found)
-    except ImportError as error:
-        info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
-        if info_path.exists():
-            reason = json.loads(info_path.read_text()).get("reason")
-            if reason:
-                return None, f"qla_kernels._C was not built: {reason}"
-        return None, f"qla_kernels._C could not be imported: {error}"
-    return _C, None
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op: `run(*args)`, for the calls `supports(*args)` accepts
+    (None: every call)."""
+
+    backend: str
+    run: Callable
+    supports: Optional[Callable[..., bool]] = None
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the current one for a bare "cuda"); 0 elsewhere."""
-    if device.type != "cuda":
-        return 0
-    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+_STATUS: Dict[str, Callable[[], Optional[str]]] = {"reference": lambda: None, "simulate": lambda: None}
+_IMPLEMENTATIONS: Dict[str, List[Implementation]] = {}
+# Per op and selected backend, the implementations to try in order: built at registration, so a
+# call only reads it (no cache wrapper for torch.compile to trace through).
+_RESOLVED: Dict[str, Dict[str, Tuple[Implementation, ...]]] = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def register_backend(name: str, status: Callable[[], Optional[str]]) -> None:
+    """`status()` is None when backend `name` can run here, else why not (asked once)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {list(BACKENDS)}")
+    _STATUS[name] = status
+    _backend_table.cache_clear()
 
 
-def interpreting() -> bool:
-    """Triton kernels run in Triton's CPU interpreter (read when kernels are defined)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def register(op: str, backend: str, run: Callable, supports: Optional[Callable[..., bool]] = None) -> None:
+    """Registers `backend`'s implementation of `op`. One per (op, backend)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    entries = _IMPLEMENTATIONS.setdefault(op, [])
+    if any(entry.backend == backend for entry in entries):
+        raise ValueError(f"op {op!r} already has a {backend!r} implementation")
+    entries.append(Implementation(backend, run, supports))
+    by_backend = {entry.backend: entry for entry in entries}
+    _RESOLVED[op] = {selected: tuple(by_backend[name] for name in chain if name in by_backend)
+                     for selected, chain in _CHAINS.items()}
+
+
+def implementation(op: str, device: torch.device, *args) -> Implementation:
+    """The implementation `op` runs on for these (validated) arguments on `device`."""
+    for entry in _RESOLVED[op][resolve_backend(device)]:
+        if entry.supports is None or entry.supports(*args):
+            return entry
+    raise ValueError(f"op {op!r} has no reference implementation registered (qla_kernels.ops.library not imported)")
 
 
 def backends() -> Dict[str, BackendInfo]:
@@ -82,18 +108,11 @@ def backends() -> Dict[str, BackendInfo]:
 @functools.lru_cache(maxsize=None)
 def _backend_table() -> Dict[str, BackendInfo]:
     """Computed once: resolve_backend asks on every op call, and availability does not change."""
-    _, missing = _cuda_extension_status()
-    if missing is None and not torch.cuda.is_available():
-        missing = "qla_kernels._C is built, but torch sees no CUDA device"
-    from .triton import status as triton_status
-
-    triton_missing = triton_status()
-    return {
-        "reference": BackendInfo("reference", True, None),
-        "simulate": BackendInfo("simulate", True, None),
-        "triton": BackendInfo("triton", triton_missing is None, triton_missing),
-        "cuda": BackendInfo("cuda", missing is None, missing),
-    }
+    table = {}
+    for name in BACKENDS:
+        reason = _STATUS[name]() if name in _STATUS else f"{name} is not registered (its module did not import)"
+        table[name] = BackendInfo(name, reason is None, reason)
+    return table
 
 
 def _validated(name: str) -> str:
@@ -116,13 +135,14 @@ def resolve_backend(device: torch.device) -> str:
     if device.type == "meta":  # shapes only: every backend's op runs its fake
         return "reference" if name == _AUTO else name
     if name == _AUTO:
-        if device.type != "cuda":
+        choices = _AUTO_CHOICES.get(device.type)
+        if not choices:
             return "reference"
         available = _backend_table()
-        return next((b for b in ("cuda", "triton") if available[b].available), "reference")
+        return next((b for b in choices if available[b].available), "reference")
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
-    if name == "triton" and device.type != "cuda" and not interpreting():
+    if name == "triton" and device.type != "cuda" and not device_facts.interpreting():
         raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}")
     return name
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .dispatch import register
 
 
 @torch.library.custom_op("qla::quantize_activation", mutates_args=())
@@ -184,3 +185,10 @@ def dwsep_down_fake(h, height, width, prefix_tokens, dw_weight, dw_bias, down_we
 
 
 dwsep_down.register_fake(dwsep_down_fake)
+
+
+# The reference implements every op for every call: the last implementation of every chain.
+for _op in ("quantize_activation", "quantize_activation_into", "normalize_activation", "normalize_quantize_activation",
+            "dwsep_down"):
+    register(_op, "reference", getattr(torch.ops.qla, _op))
+register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands))

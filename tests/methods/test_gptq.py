@@ -5,7 +5,7 @@ import torch
 
 import qla_kernels as qk
 from qla_kernels.methods import gptq
-from qla_kernels.methods.batches import run_model
+from qla_kernels.models.batches import run_model
 from qla_kernels.quant import quantize_weight
 from qla_kernels.quant.gptq import gptq_quantize, hessian, layer_output_error
 

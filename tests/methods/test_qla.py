@@ -8,7 +8,7 @@ import torch
 
 import qla_kernels as qk
 from qla_kernels.methods import ptq, qla, qwt
-from qla_kernels.methods.batches import model_output, run_model
+from qla_kernels.models.batches import model_output, run_model
 from qla_kernels.nn.adapters import DWSepAdapter
 
 from ..conftest import kl_divergence, randomize_adapters

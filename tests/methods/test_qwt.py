@@ -7,7 +7,7 @@ from torch import nn
 
 import qla_kernels as qk
 from qla_kernels.methods import ptq, qwt
-from qla_kernels.methods.batches import model_output, run_model
+from qla_kernels.models.batches import model_output, run_model
 from qla_kernels.models.blocks import find_blocks
 
 from ..conftest import kl_divergence

@@ -248,7 +248,7 @@ def test_blocks_without_a_template_are_reported_not_raised():
     from one norm): no block fuses, each says why, the MLPs that can fuse alone do, and the
     outputs stay the same."""
     transformers = pytest.importorskip("transformers")
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     torch.manual_seed(0)
     cait = qk.quantize_(timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8,
@@ -293,7 +293,7 @@ def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, conf
     """BERT / RoBERTa: q/k/v as one packed GEMM from one pre-kernel, SDPA with the padding mask,
     proj + residual, LayerNorm, fc1 + GELU (erf, or tanh for RoBERTa's gelu_new) re-quantized, fc2
     + residual, LayerNorm."""
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     fp, batch = _encoder(kind)
     model = qk.quantize_(copy.deepcopy(fp), config)
@@ -327,7 +327,7 @@ def test_post_norm_block_runs_lowered_qla_and_qwt_in_its_gemms(chain_calls):
     """BERT + QwT + QLA: the DW-separable adapter's T (a masked 1-D conv over the block input,
     prepared by its block pre-hook) joins proj's low-rank segment; the LoRA's T comes out of fc1's
     pre-kernel on x1 and joins QwT's columns in fc2's low-rank segment."""
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     fp, batch = _encoder("bert")
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
@@ -411,7 +411,7 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
     embeddings and masks it was given, its output projection adding the residual in its epilogue.
     Fused == module by module (measured: equal to ~1e-7), and greedy cached generation is the same."""
     from qla_kernels import ops
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     model, batch = _decoder(kind)
     model = qk.quantize_(model, config)
@@ -449,7 +449,7 @@ def test_llama_packed_gemms_share_storage_and_follow_the_layers(static, chain_ca
     into them, so a state-dict load into the fused model reaches the packed GEMMs; casts and moves
     pack again (scales stay fp32). Static scales changed after fusion make the block run module by
     module (with a warning) until fuse_blocks, which then keeps such layers separate."""
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     def quantized():
         model, batch = _decoder("llama")
@@ -514,7 +514,7 @@ def test_decoder_block_runs_lowered_causal_qla_and_qwt(kind):
     """Lowered QLA in a decoder: the causal DW adapter's T (with its conv state carried across
     cached steps) is prepared for the attention's output projection, the LoRA's T comes out of
     the norm2 pre-kernel; QwT's columns join fc2's low-rank segment."""
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     fp, batch = _decoder(kind)
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
@@ -744,7 +744,7 @@ def test_converted_models_on_triton_agree_with_reference(kind):
     """Whole converted models (fused blocks or fused MLPs) on the Triton kernels vs the reference
     backend: per-token dynamic requantization re-rounds whole rows when one ulp moves an absmax, so
     the bound is on the model output's SQNR, not bitwise."""
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     model, batch = _converted(kind, qk.W8A8())
     assert fuse_blocks(model, batch).fused
@@ -765,7 +765,7 @@ def test_converted_fp16_models_on_gpu_agree_with_reference(kind, config):
     at 4-bit activations each re-rounding is a sixteenth of the range (measured on the CPU: an fp16
     round trip of the weights alone leaves W4A4 ViT at 9.6 dB, W8A8 above 30 dB), so the bound
     is loose for W4A4; a structural error gives ~0 dB."""
-    from qla_kernels.methods.batches import model_output, run_model
+    from qla_kernels.models.batches import model_output, run_model
 
     model, batch = _converted(kind, config)
     assert fuse_blocks(model, batch).fused

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import qla_kernels
 import qla_kernels as qk
 from qla_kernels import ops
-from qla_kernels.ops import cuda, reference
+from qla_kernels.ops import cuda, dispatch, reference
 from qla_kernels.quant import quantize_weight
 
 from ..conftest import examples
@@ -105,12 +105,25 @@ def _decode_case(m, n, k, group, dtype, rank, bias, residual, seed=0):
     return a, weight, kwargs
 
 
+def _decode_operands(a, weight, activation="none", **kwargs) -> ops.FusedLinearOperands:
+    """What ops.fused_linear(a, None, weight, **kwargs) hands its implementations."""
+    return ops.FusedLinearOperands(
+        a=a, a_scale=None, a_zero_point=None, weight=weight.data, weight_format=weight.format, weight_scale=weight.scale,
+        weight_group_scale=None, weight_zero=weight.zero, group_size=weight.k_group, weight_colsum=None,
+        lowrank_t=kwargs.get("lowrank_t"), lowrank_u=kwargs.get("lowrank_u"), fullrank_x=None, fullrank_w=None,
+        bias=kwargs.get("bias"), activation=activation, residual=kwargs.get("residual"),
+        out_dtype=kwargs["out_dtype"], requant_bits=0, gather_rows=None, scatter_rows=None, out_rows=a.shape[0])
+
+
+def _runs_on(a, weight, kwargs) -> str:
+    with qla_kernels.use_backend("cuda"):
+        return dispatch.implementation("fused_linear", a.device, _decode_operands(a, weight, **kwargs)).backend
+
+
 def _assert_decode_matches_reference(a, weight, kwargs):
     with qla_kernels.use_backend("reference"):
         expected = ops.fused_linear(a, None, weight, **kwargs).float()
-    assert cuda.supports_fused_linear(a, None, weight.data, weight.format, weight.k_group, kwargs.get("lowrank_t"),
-                                      kwargs.get("lowrank_u"), None, kwargs.get("bias"), "none",
-                                      kwargs.get("residual"), kwargs["out_dtype"], 0, None, None)
+    assert _runs_on(a, weight, kwargs) == "cuda"
     with qla_kernels.use_backend("cuda"):
         actual = ops.fused_linear(a, None, weight, **kwargs).float()
     # Weights equal the reference's up to fp16's rounding of the scale; the sum order differs.
@@ -148,25 +161,22 @@ def test_w4a16_decode_op_and_dispatch_by_rows():
     misaligned = torch.empty(16 * 512 + 1, device="cuda", dtype=torch.float16)[1:].view(16, 512).copy_(a)
     _assert_decode_matches_reference(misaligned, weight, kwargs)
     wide = torch.randn(17, 512, device="cuda", dtype=torch.float16)
-    args = (wide, None, weight.data, weight.format, 128, None, None, None, None, "none", None, torch.float16, 0, None, None)
-    assert not cuda.supports_fused_linear(*args)  # M = 17 runs on Triton
+    assert _runs_on(wide, weight, dict(out_dtype=torch.float16)) == "triton"  # M = 17
 
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("residual", [False, True])
-def test_w4a16_decode_swiglu_runs_gate_and_up_as_one_cuda_gemm(residual, monkeypatch):
+def test_w4a16_decode_swiglu_runs_gate_and_up_as_one_cuda_gemm(residual):
     """Packed gate/up at decode: the CUDA kernel computes both halves, silu(gate)·up follows."""
     a, weight, kwargs = _decode_case(4, 512, 1024, 128, torch.float16, rank=16, bias=True, residual=False)
     kwargs["activation"] = "swiglu"
     if residual:
         kwargs["residual"] = torch.randn(4, 256, device="cuda", dtype=torch.float16)
-    taken = []
-    supports = cuda.supports_fused_linear
-    monkeypatch.setattr(cuda, "supports_fused_linear", lambda *args: taken.append(supports(*args)) or taken[-1])
+    assert _runs_on(a, weight, kwargs) == "cuda"
     with qla_kernels.use_backend("reference"):
         expected = ops.fused_linear(a, None, weight, **kwargs).float()
     with qla_kernels.use_backend("cuda"):
         actual = ops.fused_linear(a, None, weight, **kwargs).float()
-    assert taken == [True] and actual.shape == (4, 256)
+    assert actual.shape == (4, 256)
     torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))

@@ -327,9 +327,9 @@ def test_gated_decode_follows_the_reference_order(monkeypatch):
         return y
 
     expected = ops.fused_linear(a, None, weight, activation="swiglu", residual=residual, out_dtype=torch.float16)
-    monkeypatch.setattr(ops, "resolve_backend", lambda device: "cuda")
-    monkeypatch.setattr(cuda, "supports_fused_linear", lambda *args: True)
     monkeypatch.setattr(torch.ops.qla, "w4a16_decode_cuda", decode, raising=False)
-    actual = ops.fused_linear(a, None, weight, activation="swiglu", residual=residual, out_dtype=torch.float16)
+    actual, _ = cuda.fused_linear(ops.FusedLinearOperands(
+        a, None, None, weight.data, weight.format, weight.scale, None, weight.zero, weight.k_group, None, None, None,
+        None, None, None, "swiglu", residual, torch.float16, 0, None, None, a.shape[0]))
     assert calls == [(True, True)]
     assert torch.equal(actual, expected)

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..dispatch import interpreting
+from ..device import interpreting
+from ..dispatch import register, register_backend
 from ..library import (
     dwsep_down_fake,
     fused_linear_fake,
@@ -117,7 +118,25 @@ if _IMPORT_ERROR is None:
     normalize_quantize_activation = _register("normalize_quantize_activation_triton", _normalize_quantize_activation,
                                               normalize_quantize_activation_fake)
     dwsep_down = _register("dwsep_down_triton", _dwsep_down, dwsep_down_fake)
-else:  # pragma: no cover
+
+    def _covered_by(predicate, op: str, argument: str):
+        """`predicate` of the call's `argument`, found by name in the reference op's schema."""
+        index = [item.name for item in getattr(torch.ops.qla, op).default._schema.arguments].index(argument)
+        return lambda *args: predicate(args[index])
+
+    # What the kernels cover; the registry runs the rest on the reference.
+    for _op in ("quantize_activation", "quantize_activation_into", "normalize_activation",
+                "normalize_quantize_activation"):
+        register(_op, "triton", getattr(torch.ops.qla, f"{_op}_triton"),
+                 _covered_by(supports_quantize_activation, _op, "down_proj"))
+    register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
+             _covered_by(supports_dwsep_down, "dwsep_down", "down_weight"))
+    register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
+             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS)
+
+register_backend("triton", status)
+
+if _IMPORT_ERROR is not None:  # pragma: no cover
     TRITON_WEIGHT_FORMATS = ()
 
     def supports_quantize_activation(down_proj) -> bool:

@@ -1,0 +1,44 @@
+"""Facts about where ops run, read by every backend: the Triton interpreter switch, a CUDA
+device's SM count, and whether the `qla_kernels._C` extension was built and imports."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+
+def interpreting() -> bool:
+    """Triton kernels run in Triton's CPU interpreter (read when kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one for a bare "cuda"); 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension() -> Tuple[Optional[object], Optional[str]]:
+    """(the `_C` module or None, why it is missing)."""
+    try:
+        from .. import _C  # noqa: F401  (built by setup.py when nvcc was found)
+    except ImportError as error:
+        info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
+        if info_path.exists():
+            reason = json.loads(info_path.read_text()).get("reason")
+            if reason:
+                return None, f"qla_kernels._C was not built: {reason}"
+        return None, f"qla_kernels._C could not be imported: {error}"
+    return _C, None
