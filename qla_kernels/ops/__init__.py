@@ -173,7 +173,7 @@ def fused_linear(
         weight.zero, weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
         bias, activation, residual, out_dtype, requant_bits, gather_indices, scatter_indices, out_rows,
     )
-    check_fused_linear(*operands)
+    check_fused_linear(operands)
     out, out_scale = implementation("fused_linear", a.device, operands).run(operands)
     return (out, out_scale) if requant_bits else out
 

@@ -11,6 +11,7 @@ import torch
 
 from ..formats.weights import INTEGER_FORMATS, check_weight, weight_in_features
 from ..quant.primitives import qrange
+from .operands import FusedLinearOperands
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, NORM_KINDS, output_features
 from .row_maps import RowMap
 
@@ -107,69 +108,66 @@ def check_row_map(name: str, row_map, rows: int, what: str) -> None:
         raise ValueError(f"{name} indexes {row_map.rows} rows, but {what} {rows}")
 
 
-def check_fused_linear(
-    a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
-    group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
-    residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
-):
-    if not isinstance(a, torch.Tensor) or a.dim() != 2:
-        raise ValueError(f"a must be a 2-D tensor [tokens, in_features], got {getattr(a, 'shape', type(a))}")
-    device = a.device
-    check_choice("weight_format", weight_format, ("int8", "int4", "int4_int8_groups", "uint4_asym_groups"))
-    integer = weight_format in INTEGER_FORMATS
-    check_tensor("a", a, device=device, dtypes=(torch.int8,) if integer else FLOAT_DTYPES)
-    for name, tensor in (("weight", weight), ("weight_scale", weight_scale),
-                         ("weight_group_scale", weight_group_scale), ("weight_zero", weight_zero)):
+def check_fused_linear(operands: FusedLinearOperands) -> None:
+    if not isinstance(operands.a, torch.Tensor) or operands.a.dim() != 2:
+        raise ValueError(f"a must be a 2-D tensor [tokens, in_features], got {getattr(operands.a, 'shape', type(operands.a))}")
+    device = operands.a.device
+    check_choice("weight_format", operands.weight_format, ("int8", "int4", "int4_int8_groups", "uint4_asym_groups"))
+    integer = operands.weight_format in INTEGER_FORMATS
+    check_tensor("a", operands.a, device=device, dtypes=(torch.int8,) if integer else FLOAT_DTYPES)
+    for name, tensor in (("weight", operands.weight), ("weight_scale", operands.weight_scale),
+                         ("weight_group_scale", operands.weight_group_scale), ("weight_zero", operands.weight_zero)):
         check_tensor(name, tensor, device=device, dtypes=(tensor.dtype,) if tensor is not None else ())
-    check_weight(weight_format, weight, weight_scale, weight_group_scale, weight_zero, group_size)
-    a_rows = a.shape[0]
-    check_tensor("gather_rows", gather_rows, device=device, dtypes=(torch.int32,), shape=(None,))
-    gemm_rows = a_rows if gather_rows is None else gather_rows.shape[0]
-    check_tensor("scatter_rows", scatter_rows, device=device, dtypes=(torch.int32,), shape=(gemm_rows,))
-    if isinstance(out_rows, bool) or not isinstance(out_rows, int) or out_rows < 0:
-        raise ValueError(f"out_rows must be a non-negative int, got {out_rows!r}")
-    if scatter_rows is None and out_rows != gemm_rows:
-        raise ValueError(f"out_rows={out_rows} must equal the GEMM's {gemm_rows} rows without scatter_rows")
-    rows = out_rows
-    out_features = weight.shape[0]
-    in_features = weight_in_features(weight_format, weight)
-    if a.shape[1] != in_features:
-        raise ValueError(f"a has {a.shape[1]} features but the weight expects in_features={in_features}")
+    check_weight(operands.weight_format, operands.weight, operands.weight_scale, operands.weight_group_scale,
+                 operands.weight_zero, operands.group_size)
+    a_rows = operands.a.shape[0]
+    check_tensor("gather_rows", operands.gather_rows, device=device, dtypes=(torch.int32,), shape=(None,))
+    gemm_rows = a_rows if operands.gather_rows is None else operands.gather_rows.shape[0]
+    check_tensor("scatter_rows", operands.scatter_rows, device=device, dtypes=(torch.int32,), shape=(gemm_rows,))
+    if isinstance(operands.out_rows, bool) or not isinstance(operands.out_rows, int) or operands.out_rows < 0:
+        raise ValueError(f"out_rows must be a non-negative int, got {operands.out_rows!r}")
+    if operands.scatter_rows is None and operands.out_rows != gemm_rows:
+        raise ValueError(f"out_rows={operands.out_rows} must equal the GEMM's {gemm_rows} rows without scatter_rows")
+    rows = operands.out_rows
+    out_features = operands.weight.shape[0]
+    in_features = weight_in_features(operands.weight_format, operands.weight)
+    if operands.a.shape[1] != in_features:
+        raise ValueError(f"a has {operands.a.shape[1]} features but the weight expects in_features={in_features}")
     if integer:
-        if a_scale is None:
+        if operands.a_scale is None:
             raise ValueError("a_scale is required for int8 activations")
-        check_tensor("a_scale", a_scale, device=device, dtypes=(torch.float32,))
-        check_scale_rows("a_scale", a_scale, a_rows)
-    elif a_scale is not None or a_zero_point is not None:
+        check_tensor("a_scale", operands.a_scale, device=device, dtypes=(torch.float32,))
+        check_scale_rows("a_scale", operands.a_scale, a_rows)
+    elif operands.a_scale is not None or operands.a_zero_point is not None:
         raise ValueError("a_scale and a_zero_point must be None for floating-point activations (W4A16)")
-    check_tensor("a_zero_point", a_zero_point, device=device, dtypes=(torch.int8,))
-    check_scale_rows("a_zero_point", a_zero_point, a_rows)
-    if a_zero_point is not None and weight_colsum is None:
+    check_tensor("a_zero_point", operands.a_zero_point, device=device, dtypes=(torch.int8,))
+    check_scale_rows("a_zero_point", operands.a_zero_point, a_rows)
+    if operands.a_zero_point is not None and operands.weight_colsum is None:
         raise ValueError("weight_colsum is required with a_zero_point (the −z·colsum(W_q) epilogue term)")
-    check_tensor("weight_colsum", weight_colsum, device=device, dtypes=(torch.int32,), shape=(out_features,))
+    check_tensor("weight_colsum", operands.weight_colsum, device=device, dtypes=(torch.int32,), shape=(out_features,))
 
-    check_pair("lowrank_t", lowrank_t, "lowrank_u", lowrank_u)
-    check_tensor("lowrank_t", lowrank_t, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
-    rank = None if lowrank_t is None else lowrank_t.shape[1]
-    check_tensor("lowrank_u", lowrank_u, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, rank))
-    if lowrank_t is not None and lowrank_t.dtype != lowrank_u.dtype:
-        raise ValueError(f"lowrank_t ({lowrank_t.dtype}) and lowrank_u ({lowrank_u.dtype}) must share a dtype")
-    check_pair("fullrank_x", fullrank_x, "fullrank_w", fullrank_w)
-    check_tensor("fullrank_x", fullrank_x, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
-    extra_k = None if fullrank_x is None else fullrank_x.shape[1]
-    check_tensor("fullrank_w", fullrank_w, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, extra_k))
-    if fullrank_x is not None and fullrank_x.dtype != fullrank_w.dtype:
-        raise ValueError(f"fullrank_x ({fullrank_x.dtype}) and fullrank_w ({fullrank_w.dtype}) must share a dtype")
-    check_tensor("bias", bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
-    check_choice("activation", activation, ACTIVATIONS)
-    if activation in GATED_ACTIVATIONS and out_features % 2:
-        raise ValueError(f"activation={activation!r} needs an even out_features (gate rows, then up rows), "
+    check_pair("lowrank_t", operands.lowrank_t, "lowrank_u", operands.lowrank_u)
+    check_tensor("lowrank_t", operands.lowrank_t, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
+    rank = None if operands.lowrank_t is None else operands.lowrank_t.shape[1]
+    check_tensor("lowrank_u", operands.lowrank_u, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, rank))
+    if operands.lowrank_t is not None and operands.lowrank_t.dtype != operands.lowrank_u.dtype:
+        raise ValueError(f"lowrank_t ({operands.lowrank_t.dtype}) and lowrank_u ({operands.lowrank_u.dtype}) must share a dtype")
+    check_pair("fullrank_x", operands.fullrank_x, "fullrank_w", operands.fullrank_w)
+    check_tensor("fullrank_x", operands.fullrank_x, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
+    extra_k = None if operands.fullrank_x is None else operands.fullrank_x.shape[1]
+    check_tensor("fullrank_w", operands.fullrank_w, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, extra_k))
+    if operands.fullrank_x is not None and operands.fullrank_x.dtype != operands.fullrank_w.dtype:
+        raise ValueError(f"fullrank_x ({operands.fullrank_x.dtype}) and fullrank_w ({operands.fullrank_w.dtype}) must share a dtype")
+    check_tensor("bias", operands.bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
+    check_choice("activation", operands.activation, ACTIVATIONS)
+    if operands.activation in GATED_ACTIVATIONS and out_features % 2:
+        raise ValueError(f"activation={operands.activation!r} needs an even out_features (gate rows, then up rows), "
                          f"got {out_features}")
-    check_tensor("residual", residual, device=device, dtypes=FLOAT_DTYPES,
-                 shape=(rows, output_features(out_features, activation)))
-    check_choice("out_dtype", out_dtype, FLOAT_DTYPES)
-    if requant_bits != 0:
-        check_bits("requant_bits", requant_bits)
+    check_tensor("residual", operands.residual, device=device, dtypes=FLOAT_DTYPES,
+                 shape=(rows, output_features(out_features, operands.activation)))
+    check_choice("out_dtype", operands.out_dtype, FLOAT_DTYPES)
+    if operands.requant_bits != 0:
+        check_bits("requant_bits", operands.requant_bits)
 
 
 def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias):

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .dispatch import register
+from .operands import FusedLinearOperands, fused_linear_custom_op
 
 
 @torch.library.custom_op("qla::quantize_activation", mutates_args=())
@@ -80,50 +81,16 @@ def quantize_activation_into_fake(x, bits, static_scale, zero_point, norm_kind, 
 quantize_activation_into.register_fake(quantize_activation_into_fake)
 
 
-@torch.library.custom_op("qla::fused_linear", mutates_args=())
-def fused_linear(
-    a: Tensor,
-    a_scale: Optional[Tensor],
-    a_zero_point: Optional[Tensor],
-    weight: Tensor,
-    weight_format: str,
-    weight_scale: Tensor,
-    weight_group_scale: Optional[Tensor],
-    weight_zero: Optional[Tensor],
-    group_size: int,
-    weight_colsum: Optional[Tensor],
-    lowrank_t: Optional[Tensor],
-    lowrank_u: Optional[Tensor],
-    fullrank_x: Optional[Tensor],
-    fullrank_w: Optional[Tensor],
-    bias: Optional[Tensor],
-    activation: str,
-    residual: Optional[Tensor],
-    out_dtype: torch.dtype,
-    requant_bits: int,
-    gather_rows: Optional[Tensor],
-    scatter_rows: Optional[Tensor],
-    out_rows: int,
-) -> Tuple[Tensor, Tensor]:
-    return reference.fused_linear(
-        a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
-        weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-        bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
-    )
-
-
-def fused_linear_fake(a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale,
-                      weight_zero, group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-                      bias, activation, residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows):
+def fused_linear_fake(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     """Shapes of fused_linear's outputs (shared by every backend's op)."""
-    rows = out_rows
-    cols = reference.output_features(weight.shape[0], activation)
-    if requant_bits:
+    a, rows = operands.a, operands.out_rows
+    cols = reference.output_features(operands.weight.shape[0], operands.activation)
+    if operands.requant_bits:
         return a.new_empty((rows, cols), dtype=torch.int8), a.new_empty((rows,), dtype=torch.float32)
-    return a.new_empty((rows, cols), dtype=out_dtype), a.new_empty((0,), dtype=torch.float32)
+    return a.new_empty((rows, cols), dtype=operands.out_dtype), a.new_empty((0,), dtype=torch.float32)
 
 
-fused_linear.register_fake(fused_linear_fake)
+fused_linear = fused_linear_custom_op("qla::fused_linear", reference.fused_linear, fused_linear_fake)
 
 
 @torch.library.custom_op("qla::normalize_activation", mutates_args=())

@@ -2,12 +2,15 @@
 
 `ops.fused_linear` builds a `FusedLinearOperands` from its public arguments once; the registry
 hands it to each implementation's `supports` and `run`, which read fields by name or pass it on
-flat (`*operands`) to a custom op.
+flat (`*operands`) to a custom op. The custom ops' schema is inferred from these fields
+(`fused_linear_custom_op`), and their bodies (reference, Triton launch, checks) take the tuple.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import inspect
+import typing
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,3 +39,23 @@ class FusedLinearOperands(NamedTuple):
     gather_rows: Optional[Tensor]
     scatter_rows: Optional[Tensor]
     out_rows: int
+
+
+def _signature() -> inspect.Signature:
+    """The custom ops' Python signature, from which torch.library infers their schema."""
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+                  for name, annotation in typing.get_type_hints(FusedLinearOperands).items()]
+    return inspect.Signature(parameters, return_annotation=Tuple[Tensor, Tensor])
+
+
+def fused_linear_custom_op(name: str, body: Callable[[FusedLinearOperands], Tuple[Tensor, Tensor]],
+                           fake: Callable[[FusedLinearOperands], Tuple[Tensor, Tensor]]):
+    """Registers `body` as the custom op `name` taking the operands flat, in the schema's order
+    (and `fake` as its fake): the one place where the operands become op arguments."""
+    def flat(*args):
+        return body(FusedLinearOperands(*args))
+
+    flat.__signature__ = _signature()
+    op = torch.library.custom_op(name, mutates_args=())(flat)
+    op.register_fake(lambda *args: fake(FusedLinearOperands(*args)))
+    return op

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..formats.weights import dequantize_weight, integer_weight
 from ..quant.primitives import absmax_scale, quantize_with_scale
+from .operands import FusedLinearOperands
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "quick_gelu", "swiglu", "geglu", "geglu_tanh")
 # Gated activations act(gate)·up: the weight's first half of rows is the gate, its second half up.
@@ -234,30 +235,7 @@ def scatter_rows_to(values: torch.Tensor, scatter_rows: torch.Tensor, out_rows: 
     return out
 
 
-def fused_linear(
-    a: torch.Tensor,
-    a_scale: Optional[torch.Tensor],
-    a_zero_point: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    weight_format: str,
-    weight_scale: torch.Tensor,
-    weight_group_scale: Optional[torch.Tensor],
-    weight_zero: Optional[torch.Tensor],
-    group_size: int,
-    weight_colsum: Optional[torch.Tensor],
-    lowrank_t: Optional[torch.Tensor],
-    lowrank_u: Optional[torch.Tensor],
-    fullrank_x: Optional[torch.Tensor],
-    fullrank_w: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    activation: str,
-    residual: Optional[torch.Tensor],
-    out_dtype: torch.dtype,
-    requant_bits: int,
-    gather_rows: Optional[torch.Tensor],
-    scatter_rows: Optional[torch.Tensor],
-    out_rows: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Tensor]:
     """The multi-segment fused linear. Returns (y [out_rows, N'] in out_dtype, empty) or, with
     requant_bits, (q int8 [out_rows, N'], scale fp32 [out_rows]); N' = N/2 for SwiGLU, else N.
 
@@ -266,22 +244,26 @@ def fused_linear(
     re-quantize as zero rows); T, X_c and the residual are indexed by that destination row.
     Without maps, GEMM row m is A row m and output row m.
     """
-    if gather_rows is not None:
-        a, a_scale, a_zero_point = gather_activation_rows(a, a_scale, a_zero_point, gather_rows)
+    a, a_scale, a_zero_point = operands.a, operands.a_scale, operands.a_zero_point
+    lowrank_t, fullrank_x, residual = operands.lowrank_t, operands.fullrank_x, operands.residual
+    scatter_rows, out_rows = operands.scatter_rows, operands.out_rows
+    if operands.gather_rows is not None:
+        a, a_scale, a_zero_point = gather_activation_rows(a, a_scale, a_zero_point, operands.gather_rows)
     if scatter_rows is not None:
         # A dropped GEMM row reads a zero row appended after the destination rows.
         valid = (scatter_rows >= 0) & (scatter_rows < out_rows)
         destination = torch.where(valid, scatter_rows, out_rows).long()
         pick = lambda rows: None if rows is None else F.pad(rows, (0, 0, 0, 1))[destination]  # noqa: E731
         lowrank_t, fullrank_x, residual = pick(lowrank_t), pick(fullrank_x), pick(residual)
-    y = main_segment(a, a_scale, a_zero_point, weight, weight_format, weight_scale,
-                     weight_group_scale, weight_zero, group_size, weight_colsum)
-    y = epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual)
+    y = main_segment(a, a_scale, a_zero_point, operands.weight, operands.weight_format, operands.weight_scale,
+                     operands.weight_group_scale, operands.weight_zero, operands.group_size, operands.weight_colsum)
+    y = epilogue(y, lowrank_t, operands.lowrank_u, fullrank_x, operands.fullrank_w, operands.bias,
+                 operands.activation, residual)
     if scatter_rows is not None:
         y = scatter_rows_to(y, scatter_rows, out_rows)
-    if requant_bits:
-        return quantize_output(y, requant_bits)
-    return y.to(out_dtype), y.new_empty((0,), dtype=torch.float32)
+    if operands.requant_bits:
+        return quantize_output(y, operands.requant_bits)
+    return y.to(operands.out_dtype), y.new_empty((0,), dtype=torch.float32)
 
 
 def output_features(weight_out_features: int, activation: str) -> int:

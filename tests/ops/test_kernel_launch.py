@@ -275,6 +275,7 @@ _OVERFLOW_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    from qla_kernels import ops
     from qla_kernels.ops import reference
     from qla_kernels.ops.triton import launch
     stride = 2**30  # row 2 starts at 2**31: a 32-bit row offset wraps to a negative one
@@ -284,8 +285,9 @@ _OVERFLOW_SCRIPT = textwrap.dedent("""
     weight.copy_(torch.randint(-127, 128, (3, 64), generator=generator, dtype=torch.int8))
     a = torch.randint(-127, 128, (2, 64), generator=generator, dtype=torch.int8)
     ones = torch.ones(3)
-    y, _ = launch.fused_linear(a, torch.ones(1), None, weight, "int8", ones, None, None, 64, None, None, None, None,
-                               None, None, "none", None, torch.float32, 0, None, None, 2)
+    y, _ = launch.fused_linear(ops.FusedLinearOperands(a, torch.ones(1), None, weight, "int8", ones, None, None, 64,
+                                                       None, None, None, None, None, None, "none", None, torch.float32,
+                                                       0, None, None, 2))
     expected = (a.double() @ weight.double().t()).float()
     print("EQUAL" if torch.equal(y, expected) else "DIFFERENT")
 """)
@@ -321,9 +323,9 @@ def test_gated_decode_follows_the_reference_order(monkeypatch):
 
     def decode(a, weight_data, scale, zero, group, lowrank_t, lowrank_u, bias, residual, out_fp32=False):
         calls.append((residual is None, out_fp32))
-        y, _ = reference.fused_linear(a, None, None, weight_data, "uint4_asym_groups", scale, None, zero, group, None,
-                                      lowrank_t, lowrank_u, None, None, bias, "none", residual,
-                                      torch.float32 if out_fp32 else a.dtype, 0, None, None, a.shape[0])
+        y, _ = reference.fused_linear(ops.FusedLinearOperands(
+            a, None, None, weight_data, "uint4_asym_groups", scale, None, zero, group, None, lowrank_t, lowrank_u, None,
+            None, bias, "none", residual, torch.float32 if out_fp32 else a.dtype, 0, None, None, a.shape[0]))
         return y
 
     expected = ops.fused_linear(a, None, weight, activation="swiglu", residual=residual, out_dtype=torch.float16)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..device import interpreting
 from ..dispatch import register, register_backend
+from ..operands import fused_linear_custom_op
 from ..library import (
     dwsep_down_fake,
     fused_linear_fake,
@@ -57,20 +58,6 @@ if _IMPORT_ERROR is None:
         op.register_fake(_fake_or_planned(fake, body))
         return op
 
-    def _fused_linear(
-        a: Tensor, a_scale: Optional[Tensor], a_zero_point: Optional[Tensor], weight: Tensor, weight_format: str,
-        weight_scale: Tensor, weight_group_scale: Optional[Tensor], weight_zero: Optional[Tensor], group_size: int,
-        weight_colsum: Optional[Tensor], lowrank_t: Optional[Tensor], lowrank_u: Optional[Tensor],
-        fullrank_x: Optional[Tensor], fullrank_w: Optional[Tensor], bias: Optional[Tensor], activation: str,
-        residual: Optional[Tensor], out_dtype: torch.dtype, requant_bits: int, gather_rows: Optional[Tensor],
-        scatter_rows: Optional[Tensor], out_rows: int,
-    ) -> Tuple[Tensor, Tensor]:
-        return launch.fused_linear(
-            a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
-            group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
-            residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
-        )
-
     def _quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
@@ -110,7 +97,8 @@ if _IMPORT_ERROR is None:
                     dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
         return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
 
-    fused_linear = _register("fused_linear_triton", _fused_linear, fused_linear_fake)
+    fused_linear = fused_linear_custom_op("qla::fused_linear_triton", launch.fused_linear,
+                                          _fake_or_planned(fused_linear_fake, launch.fused_linear))
     quantize_activation = _register("quantize_activation_triton", _quantize_activation, quantize_activation_fake)
     quantize_activation_into = _register("quantize_activation_into_triton", _quantize_activation_into,
                                          quantize_activation_into_fake, mutates_args=("t_out",))

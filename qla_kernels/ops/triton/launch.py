@@ -14,6 +14,7 @@ import triton
 
 from ...formats.weights import weight_in_features
 from ...quant.primitives import qrange
+from ..operands import FusedLinearOperands
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
@@ -59,64 +60,64 @@ def split_k_plan(tiles: int, k: int, block_k: int, sm_count: int) -> Tuple[int, 
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def fused_linear(
-    a, a_scale, a_zero_point, weight, weight_format, weight_scale, weight_group_scale, weight_zero,
-    group_size, weight_colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation,
-    residual, out_dtype, requant_bits, gather_rows, scatter_rows, out_rows,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Tensor]:
+    a, out_rows = operands.a, operands.out_rows
     device = a.device
     target = target_of(device)
-    gemm_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
-    n = weight.shape[0]
-    k = weight_in_features(weight_format, weight)
-    n_out = output_features(n, activation)
-    make = torch.zeros if scatter_rows is not None else torch.empty
-    out = make((out_rows, n_out), dtype=torch.float32 if requant_bits else out_dtype, device=device)
-    row_absmax = torch.zeros((out_rows,), dtype=torch.int32, device=device) if requant_bits else out
+    gemm_rows = a.shape[0] if operands.gather_rows is None else operands.gather_rows.shape[0]
+    n = operands.weight.shape[0]
+    k = weight_in_features(operands.weight_format, operands.weight)
+    n_out = output_features(n, operands.activation)
+    make = torch.zeros if operands.scatter_rows is not None else torch.empty
+    out = make((out_rows, n_out), dtype=torch.float32 if operands.requant_bits else operands.out_dtype,
+               device=device)
+    row_absmax = torch.zeros((out_rows,), dtype=torch.int32, device=device) if operands.requant_bits else out
     if gemm_rows and n:
         dummy = a
-        lowrank_rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-        fullrank_k = 0 if fullrank_x is None else fullrank_x.shape[1]
-        lowrank_fp32 = lowrank_t is not None and lowrank_t.dtype == torch.float32
-        fullrank_fp32 = fullrank_x is not None and fullrank_x.dtype == torch.float32
+        lowrank_rank = 0 if operands.lowrank_t is None else operands.lowrank_t.shape[1]
+        fullrank_k = 0 if operands.fullrank_x is None else operands.fullrank_x.shape[1]
+        lowrank_fp32 = operands.lowrank_t is not None and operands.lowrank_t.dtype == torch.float32
+        fullrank_fp32 = operands.fullrank_x is not None and operands.fullrank_x.dtype == torch.float32
         # One step width serves both segments: the narrower one when either dot is fp32.
         block_r = _block_r(max(lowrank_rank, fullrank_k), lowrank_fp32 or fullrank_fp32)
         main_fp32 = a.dtype == torch.float32
+        present = lambda tensor: dummy if tensor is None else tensor  # noqa: E731  (a pointer the kernel ignores)
+        row_stride = lambda tensor: 0 if tensor is None else tensor.stride(0)  # noqa: E731
         flags = dict(
-            WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[weight_format],
-            A_SCALE_PER_ROW=a_scale is not None and a_scale.numel() == a.shape[0],
-            HAS_ZERO=a_zero_point is not None,
-            ZERO_PER_ROW=a_zero_point is not None and a_zero_point.numel() == a.shape[0],
-            HAS_LOWRANK=lowrank_t is not None,
-            HAS_FULLRANK=fullrank_x is not None,
+            WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[operands.weight_format],
+            A_SCALE_PER_ROW=operands.a_scale is not None and operands.a_scale.numel() == a.shape[0],
+            HAS_ZERO=operands.a_zero_point is not None,
+            ZERO_PER_ROW=operands.a_zero_point is not None and operands.a_zero_point.numel() == a.shape[0],
+            HAS_LOWRANK=operands.lowrank_t is not None,
+            HAS_FULLRANK=operands.fullrank_x is not None,
             MAIN_FP32=main_fp32,
             LOWRANK_FP32=lowrank_fp32,
             FULLRANK_FP32=fullrank_fp32,
-            HAS_BIAS=bias is not None,
-            ACTIVATION=ACTIVATIONS.index(activation),
-            HAS_RESIDUAL=residual is not None,
-            REQUANT=bool(requant_bits),
-            GATHER=gather_rows is not None,
-            SCATTER=scatter_rows is not None,
+            HAS_BIAS=operands.bias is not None,
+            ACTIVATION=ACTIVATIONS.index(operands.activation),
+            HAS_RESIDUAL=operands.residual is not None,
+            REQUANT=bool(operands.requant_bits),
+            GATHER=operands.gather_rows is not None,
+            SCATTER=operands.scatter_rows is not None,
             BLOCK_R=block_r,
         )
         # Integer formats promise an epilogue equal to the reference bit for bit: no FMA contraction
         # of acc·s_x·s_w + bias (+ residual). W4A16's main loop is an fp dot anyway.
-        fp_fusion = weight_format == "uint4_asym_groups"
+        fp_fusion = operands.weight_format == "uint4_asym_groups"
 
         def launch(config):
             block_k = config.block_k
-            if weight_format in _GROUPED_FORMATS:
+            if operands.weight_format in _GROUPED_FORMATS:
                 # int8 dots need K >= 32 per step, fp16 dots 16; narrower groups use per-element scales.
-                smallest = 32 if weight_format == "int4_int8_groups" else 16
-                block_k = min(block_k, max(smallest, _largest_power_of_two_dividing(group_size)))
+                smallest = 32 if operands.weight_format == "int4_int8_groups" else 16
+                block_k = min(block_k, max(smallest, _largest_power_of_two_dividing(operands.group_size)))
             options = config.launch_options()
             options["BLOCK_K"] = block_k
-            if requant_bits:
+            if operands.requant_bits:
                 row_absmax.zero_()
             tiles = triton.cdiv(gemm_rows, config.block_m) * triton.cdiv(n, config.block_n)
             splits, k_per_split = (split_k_plan(tiles, k, block_k, target.sm_count)
-                                   if weight_format == "uint4_asym_groups" else (1, k))
+                                   if operands.weight_format == "uint4_asym_groups" else (1, k))
             partial = a.new_empty((splits, gemm_rows, n), dtype=torch.float32) if splits > 1 else dummy
             # The reduction reads the partial sums by row and column, so its tiles need not be the
             # split phase's: at most 32 rows (128×128 gated and 64×128 low-rank epilogues spilled
@@ -127,35 +128,29 @@ def fused_linear(
                       else ((0, (tiles,), config.block_m),))
             for phase, grid, block_m in phases:
                 run_kernel(fused_linear_kernel, grid, device, (
-                    a, a_scale if a_scale is not None else dummy, a_zero_point if a_zero_point is not None else dummy,
-                    weight, weight_scale,
-                    weight_group_scale if weight_group_scale is not None else weight_zero if weight_zero is not None else dummy,
-                    weight_colsum if weight_colsum is not None else dummy,
-                    lowrank_t if lowrank_t is not None else dummy, lowrank_u if lowrank_u is not None else dummy,
-                    fullrank_x if fullrank_x is not None else dummy, fullrank_w if fullrank_w is not None else dummy,
-                    bias if bias is not None else dummy, residual if residual is not None else dummy,
-                    out, row_absmax,
-                    gather_rows if gather_rows is not None else dummy,
-                    scatter_rows if scatter_rows is not None else dummy,
-                    partial,
-                    gemm_rows, n, k, lowrank_rank, fullrank_k, group_size, k_per_split, splits, a.shape[0], out_rows,
-                    a.stride(0), weight.stride(0),
-                    weight_group_scale.stride(0) if weight_group_scale is not None else 0,
-                    lowrank_t.stride(0) if lowrank_t is not None else 0,
-                    lowrank_u.stride(0) if lowrank_u is not None else 0,
-                    fullrank_x.stride(0) if fullrank_x is not None else 0,
-                    fullrank_w.stride(0) if fullrank_w is not None else 0,
-                    residual.stride(0) if residual is not None else 0,
-                    out.stride(0),
-                ), GROUP_SCALE_PER_TILE=weight_format in _GROUPED_FORMATS and group_size % block_k == 0,
+                    a, present(operands.a_scale), present(operands.a_zero_point), operands.weight, operands.weight_scale,
+                    present(operands.weight_group_scale if operands.weight_group_scale is not None
+                            else operands.weight_zero),
+                    present(operands.weight_colsum), present(operands.lowrank_t), present(operands.lowrank_u),
+                    present(operands.fullrank_x), present(operands.fullrank_w), present(operands.bias),
+                    present(operands.residual), out, row_absmax, present(operands.gather_rows),
+                    present(operands.scatter_rows), partial,
+                    gemm_rows, n, k, lowrank_rank, fullrank_k, operands.group_size, k_per_split, splits, a.shape[0],
+                    out_rows, a.stride(0), operands.weight.stride(0), row_stride(operands.weight_group_scale),
+                    row_stride(operands.lowrank_t), row_stride(operands.lowrank_u), row_stride(operands.fullrank_x),
+                    row_stride(operands.fullrank_w), row_stride(operands.residual), out.stride(0),
+                ), GROUP_SCALE_PER_TILE=(operands.weight_format in _GROUPED_FORMATS
+                                         and operands.group_size % block_k == 0),
                     SPLIT_PHASE=phase, enable_fp_fusion=fp_fusion, **flags, **{**options, "BLOCK_M": block_m})
 
-        dtypes = tuple(_dtype_name(t) for t in (a, lowrank_t, fullrank_x, bias, residual)) + (str(out_dtype),)
-        key = (m_bucket(gemm_rows), n, k, weight_format, group_size, tuple(sorted(flags.items())), dtypes)
-        candidates = gemm_candidates(target, w4a16=weight_format == "uint4_asym_groups", fp32_main=main_fp32,
+        dtypes = tuple(_dtype_name(t) for t in (a, operands.lowrank_t, operands.fullrank_x, operands.bias,
+                                                 operands.residual)) + (str(operands.out_dtype),)
+        key = (m_bucket(gemm_rows), n, k, operands.weight_format, operands.group_size, tuple(sorted(flags.items())),
+               dtypes)
+        candidates = gemm_candidates(target, w4a16=operands.weight_format == "uint4_asym_groups", fp32_main=main_fp32,
                                      fp32_epilogue=lowrank_fp32 or fullrank_fp32)
         _gemm_tuner.run(key, target, candidates, launch)
-    if not requant_bits:
+    if not operands.requant_bits:
         return out, out.new_empty((0,), dtype=torch.float32)
     q = torch.empty((out_rows, n_out), dtype=torch.int8, device=device)
     scale = torch.empty((out_rows,), dtype=torch.float32, device=device)
@@ -163,7 +158,7 @@ def fused_linear(
         block_m, block_n = 16, min(256, triton.next_power_of_2(n_out))
         run_kernel(requantize_rows_kernel, (triton.cdiv(out_rows, block_m),), device,
                    (out, row_absmax, q, scale, out_rows, n_out, out.stride(0), q.stride(0)),
-                   QMAX=qrange(requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                   QMAX=qrange(operands.requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n,
                    num_warps=4, num_stages=1, enable_fp_fusion=False)
     return q, scale
 
