@@ -108,6 +108,19 @@ def check_row_map(name: str, row_map, rows: int, what: str) -> None:
         raise ValueError(f"{name} indexes {row_map.rows} rows, but {what} {rows}")
 
 
+def _check_segment(operands: FusedLinearOperands, rows_name: str, columns_name: str, rows: int,
+                   out_features: int) -> None:
+    """An extra GEMM segment: left [rows, width] (T or X_c) and right [out_features, width] (U or
+    W_c), both given or both None, in one float dtype."""
+    left, right = getattr(operands, rows_name), getattr(operands, columns_name)
+    check_pair(rows_name, left, columns_name, right)
+    check_tensor(rows_name, left, device=operands.a.device, dtypes=FLOAT_DTYPES, shape=(rows, None))
+    width = None if left is None else left.shape[1]
+    check_tensor(columns_name, right, device=operands.a.device, dtypes=FLOAT_DTYPES, shape=(out_features, width))
+    if left is not None and left.dtype != right.dtype:
+        raise ValueError(f"{rows_name} ({left.dtype}) and {columns_name} ({right.dtype}) must share a dtype")
+
+
 def check_fused_linear(operands: FusedLinearOperands) -> None:
     if not isinstance(operands.a, torch.Tensor) or operands.a.dim() != 2:
         raise ValueError(f"a must be a 2-D tensor [tokens, in_features], got {getattr(operands.a, 'shape', type(operands.a))}")
@@ -146,18 +159,8 @@ def check_fused_linear(operands: FusedLinearOperands) -> None:
         raise ValueError("weight_colsum is required with a_zero_point (the −z·colsum(W_q) epilogue term)")
     check_tensor("weight_colsum", operands.weight_colsum, device=device, dtypes=(torch.int32,), shape=(out_features,))
 
-    check_pair("lowrank_t", operands.lowrank_t, "lowrank_u", operands.lowrank_u)
-    check_tensor("lowrank_t", operands.lowrank_t, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
-    rank = None if operands.lowrank_t is None else operands.lowrank_t.shape[1]
-    check_tensor("lowrank_u", operands.lowrank_u, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, rank))
-    if operands.lowrank_t is not None and operands.lowrank_t.dtype != operands.lowrank_u.dtype:
-        raise ValueError(f"lowrank_t ({operands.lowrank_t.dtype}) and lowrank_u ({operands.lowrank_u.dtype}) must share a dtype")
-    check_pair("fullrank_x", operands.fullrank_x, "fullrank_w", operands.fullrank_w)
-    check_tensor("fullrank_x", operands.fullrank_x, device=device, dtypes=FLOAT_DTYPES, shape=(rows, None))
-    extra_k = None if operands.fullrank_x is None else operands.fullrank_x.shape[1]
-    check_tensor("fullrank_w", operands.fullrank_w, device=device, dtypes=FLOAT_DTYPES, shape=(out_features, extra_k))
-    if operands.fullrank_x is not None and operands.fullrank_x.dtype != operands.fullrank_w.dtype:
-        raise ValueError(f"fullrank_x ({operands.fullrank_x.dtype}) and fullrank_w ({operands.fullrank_w.dtype}) must share a dtype")
+    for rows_name, columns_name in (("lowrank_t", "lowrank_u"), ("fullrank_x", "fullrank_w")):
+        _check_segment(operands, rows_name, columns_name, rows, out_features)
     check_tensor("bias", operands.bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
     check_choice("activation", operands.activation, ACTIVATIONS)
     if operands.activation in GATED_ACTIVATIONS and out_features % 2:
