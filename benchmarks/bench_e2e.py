@@ -1,4 +1,4 @@
-"""End-to-end latency of whole quantized models vs fp16 eager and torch.compile (qla_kernels/benchmark.py
+"""End-to-end latency of whole quantized models vs fp16 eager and torch.compile (qla_kernels/apps/benchmark.py
 documents the models, variants and columns).
 
     python benchmarks/bench_e2e.py [--quick] [--llama-layers 2] [--models vit_b16 --batches 64
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qla_kernels import benchmark
+from qla_kernels.apps import benchmark
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import tempfile
 import torch
 
 import qla_kernels as qk
-from qla_kernels.sentence_embedding import SENTENCES, embed, load_minilm
+from qla_kernels.apps.sentence_embedding import SENTENCES, embed, load_minilm
 
 model, tokenizer = load_minilm()
 reference = embed(model, tokenizer, SENTENCES)

@@ -9,7 +9,7 @@ import tempfile
 
 import qla_kernels as qk
 from qla_kernels.methods import qwt
-from qla_kernels.sentence_embedding import SENTENCES, calibration_sentences, embed, load_minilm
+from qla_kernels.apps.sentence_embedding import SENTENCES, calibration_sentences, embed, load_minilm
 
 model, tokenizer = load_minilm()
 reference = embed(model, tokenizer, SENTENCES)

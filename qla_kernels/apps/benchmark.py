@@ -33,11 +33,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .methods import qla, qwt
-from .models.batches import run_model
-from .models import fuse_blocks
-from .nn import quantize_
-from .quant.config import W4A8, W4A16, W8A8
+from ..methods import qla, qwt
+from ..models.batches import run_model
+from ..models import fuse_blocks
+from ..nn import quantize_
+from ..quant.config import W4A8, W4A16, W8A8
 
 VISION_MODELS = {"vit_b16": "vit_base_patch16_224", "deit_s": "deit_small_patch16_224",
                  "deit_t": "deit_tiny_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}

@@ -49,7 +49,7 @@ SENTENCES: Tuple[str, ...] = (
 )
 
 
-CALIBRATION_FILE = Path(__file__).resolve().parent / "data" / "calibration_sentences.txt"
+CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration_sentences.txt"
 
 
 def calibration_sentences() -> List[str]:

@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .methods import gplq, ptq, qwt
-from .models.batches import model_output, run_model, token_mask
-from .nn import quantize_
-from .quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
+from ..methods import gplq, ptq, qwt
+from ..models.batches import model_output, run_model, token_mask
+from ..nn import quantize_
+from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 
 CONFIG_NAMES = ("w8a8", "w4a8", "w4a16", "w4a4")
 METHODS = ("ptq", "qwt", "gplq")
