@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ..methods import qla, qwt
-from ..models.batches import run_model
 from ..models import fuse_blocks
+from ..models.batches import run_model
 from ..nn import quantize_
 from ..quant.config import W4A8, W4A16, W8A8
 

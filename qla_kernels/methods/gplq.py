@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..models.batches import materialize, model_output, run_model, token_mask
 from ..models.blocks import find_blocks
 from ..nn.compensation import primary_output
 from ..nn.lsq_linear import LSQLinear
@@ -40,7 +41,6 @@ from ..quant.config import QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
 from ..quant.weight import WEIGHT_CLIPS, clip_weight, quantize_weight
 from . import qwt
-from ..models.batches import materialize, model_output, run_model, token_mask
 
 
 @dataclasses.dataclass

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.batches import materialize, run_model
 from ..nn.quant_linear import QuantLinear, linear_weight
 from ..nn.quantize import select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import W4A16
 from ..quant.gptq import gptq_quantize, hessian
-from ..models.batches import materialize, run_model
 
 
 @torch.no_grad()

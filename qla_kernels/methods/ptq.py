@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.batches import materialize, run_model
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 from ..quant.observers import METHODS, ActivationObserver, static_scale
-from ..models.batches import materialize, run_model
 
 
 @dataclasses.dataclass

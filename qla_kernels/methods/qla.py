@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..models.blocks import architecture_class, find_blocks
+from ..models.batches import materialize, model_output, run_model, token_mask
+from ..models.blocks import find_blocks
 from ..models.facts import describe, example_input
 from ..nn.adapters import (
     AdapterPlacement,
@@ -31,9 +32,9 @@ from ..nn.adapters import (
     store_adapter_mask,
 )
 from ..nn.compensation import link, primary_output
+from ..nn.fused_block import original_class
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
-from ..models.batches import materialize, model_output, run_model, token_mask
 
 ADAPTER_NAMES = ("qla_attention", "qla_ffn")
 
@@ -54,9 +55,9 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
     if spatial and facts.block.norm_position != "pre":
         raise ValueError("spatial (Swin-style) blocks are expected to be pre-norm")
     blocks = find_blocks(model_q)
-    kind = architecture_class(blocks[0][1])
-    names = [name for name, block in blocks if architecture_class(block) is kind]
-    others = [name for name, block in blocks if architecture_class(block) is not kind]
+    kind = original_class(blocks[0][1])
+    names = [name for name, block in blocks if original_class(block) is kind]
+    others = [name for name, block in blocks if original_class(block) is not kind]
     if others:  # CaiT's class-attention blocks after its self-attention blocks
         warnings.warn(f"QLA adapters go on the {kind.__name__} blocks (described by the first block); blocks of "
                       f"another class get none: {others}", stacklevel=2)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.batches import materialize, run_model, token_mask
 from ..models.blocks import find_blocks, is_norm
 from ..models.facts import describe, without_kv_cache
 from ..nn.adapters import adapter_state_restorer
@@ -39,7 +40,6 @@ from ..nn.compensation import ConvQwTCompensation, QwTCompensation, attach, bloc
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
-from ..models.batches import materialize, run_model, token_mask
 
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_HOLDOUT = 0.2

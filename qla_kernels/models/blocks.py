@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from ..nn.fused_block import FUSED_BLOCK_TYPES
+from ..nn.fused_block import original_class
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..nn.quantize import is_linear
@@ -31,17 +31,13 @@ def _holds_linear(module: nn.Module) -> bool:
     return any(is_linear(m) or isinstance(m, (QuantLinear, nn.Conv2d, QuantConv2d)) for m in module.modules())
 
 
-def architecture_class(module: nn.Module) -> type:
-    """The module's class as the model defined it (a fused block's class is a subclass of it)."""
-    cls = type(module)
-    return cls.__mro__[2] if issubclass(cls, FUSED_BLOCK_TYPES) else cls
 
 
 def _is_block_list(container: nn.Module) -> bool:
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         return False
     children = list(container.children())
-    return (len(children) >= 2 and len({architecture_class(c) for c in children}) == 1
+    return (len(children) >= 2 and len({original_class(c) for c in children}) == 1
             and all(_holds_linear(c) for c in children))
 
 

@@ -766,9 +766,12 @@ _FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: Fused
 FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedModelAttentionBlock)
 
 
-def _original_class(block: nn.Module) -> type:
-    """The class a fused block had before `fuse_block` put its mixin in front of it."""
-    return type(block).__bases__[1]
+def original_class(module: nn.Module) -> type:
+    """The class a fused block (or fused MLP) had before `fuse_block` put its mixin in front of it
+    (the fused class's second base; its MRO also holds the mixin's own bases); a module that is
+    not fused keeps its class."""
+    cls = type(module)
+    return cls.__bases__[1] if issubclass(cls, FUSED_BLOCK_TYPES + (FusedMLP,)) else cls
 
 
 @functools.lru_cache(maxsize=None)
@@ -889,7 +892,7 @@ def unfuse_block(block: nn.Module) -> nn.Module:
     """Restores the block's (or fused MLP's) original class (in place; returns it)."""
     if not isinstance(block, FUSED_BLOCK_TYPES + (FusedMLP,)):
         raise ValueError(f"{type(block).__name__} is not a fused block")
-    block.__class__ = _original_class(block)
+    block.__class__ = original_class(block)
     del block._qla_template
     for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed",
                  "_qla_packed_quantization", "_qla_warned_stale"):

@@ -286,6 +286,21 @@ def _encoder(kind):
     return model, {"input_ids": ids, "attention_mask": mask}
 
 
+def test_a_fused_block_keeps_the_class_the_model_defined():
+    """A fused class is (mixin, original class); the post-norm mixin has a base of its own, so
+    the original is not at a fixed place in the MRO (it was read as __mro__[2], the mixin's base)."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    model, batch = _encoder("bert")
+    qk.quantize_(model, qk.W8A8())
+    fuse_blocks(model, batch)
+    block = model.encoder.layer[0]
+    assert isinstance(block, FusedPostNormBlock) and fused_block.original_class(block) is BertLayer
+    assert [name for name, _ in find_blocks(model)] == ["encoder.layer.0", "encoder.layer.1"]
+    unfuse_block(block)
+    assert type(block) is BertLayer and fused_block.original_class(block) is BertLayer
+
+
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
