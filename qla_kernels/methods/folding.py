@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from ..models.batches import materialize, model_output, run_model
-from ..models.blocks import is_norm
+from ..nn.module_kinds import is_linear, is_norm
 from ..nn.quant_linear import conv1d_class
-from ..nn.quantize import is_linear
 
 MODES = ("smoothquant", "repq")
 EQUIVALENCE_TOLERANCE = 1e-3  # relative to the output's max: fp32 rounding passes, a broken residual does not

@@ -33,10 +33,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.batches import materialize, run_model, token_mask
-from ..models.blocks import find_blocks, is_norm
+from ..models.blocks import find_blocks
 from ..models.facts import describe, without_kv_cache
 from ..nn.adapters import adapter_state_restorer
 from ..nn.compensation import ConvQwTCompensation, QwTCompensation, attach, block_input, compensated_blocks, lower_into_linear, primary_output
+from ..nn.module_kinds import is_norm
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend

@@ -3,6 +3,7 @@ model code): `find_blocks` locates the repeated blocks, `describe` traces one fo
 name each block's norms, attention and MLP linears, norm kind and position, MLP kind and token
 layout. The fused block modules and the calibration methods build on them."""
 
-from .blocks import find_blocks, is_norm
+from ..nn.module_kinds import is_norm
+from .blocks import find_blocks
 from .facts import ArchitectureFacts, BlockFacts, describe, example_input
 from .fusion import FusionReport, fuse_blocks, template_for

@@ -15,15 +15,8 @@ from torch import nn
 
 from ..nn.fused_block import original_class
 from ..nn.quant_conv import QuantConv2d
+from ..nn.module_kinds import is_linear
 from ..nn.quant_linear import QuantLinear
-from ..nn.quantize import is_linear
-
-
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm or RMSNorm, torch's or a library's own class (HF LlamaRMSNorm, T5LayerNorm, ...)."""
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return True
-    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def _holds_linear(module: nn.Module) -> bool:

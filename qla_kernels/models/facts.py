@@ -21,11 +21,9 @@ from torch import nn
 
 from ..nn.adapters import DWSepAdapter, LoRAAdapter
 from ..nn.compensation import block_input
-from ..nn.fused_block import norm_kind_of
-from ..nn.quant_linear import QuantLinear
-from ..nn.quantize import is_linear
+from ..nn.module_kinds import is_any_linear, is_norm, norm_kind_of
 from .batches import run_model
-from .blocks import find_blocks, is_norm
+from .blocks import find_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +84,6 @@ def _fixed_image_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     if isinstance(size, int):
         return size, size
     return tuple(int(s) for s in size)
-
-
-def is_any_linear(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, QuantLinear)
 
 
 def run_hooked(model: nn.Module, batch: Any, handles: list) -> None:

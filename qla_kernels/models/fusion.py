@@ -39,9 +39,10 @@ from ..nn.fused_block import (
     hooked_modules,
     unfuse_block,
 )
+from ..nn.module_kinds import is_any_linear, is_norm
 from ..ops.dispatch import resolve_backend, use_backend
-from .blocks import find_blocks, is_norm
-from .facts import BlockFacts, describe_block, example_input, is_any_linear, run_hooked, without_kv_cache
+from .blocks import find_blocks
+from .facts import BlockFacts, describe_block, example_input, run_hooked, without_kv_cache
 
 # Relative error of the fused chain against the block's module-by-module forward above which the
 # template is judged not to fit: per-token requantization of the same values can flip roundings

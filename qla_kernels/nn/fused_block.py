@@ -50,9 +50,9 @@ from ..ops import (
 from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from ..ops.row_maps import RowMap
-from ..ops import reference
 from ..ops.reference import GATED_ACTIVATIONS, apply_activation
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
+from .module_kinds import norm_arguments, read_norm
 from .quant_linear import QuantLinear, output_scaled
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
@@ -182,55 +182,6 @@ def attention_heads(attention: nn.Module, width: int) -> Tuple[Optional[int], Op
     return heads, size
 
 
-def norm_kind_of(norm: nn.Module) -> str:
-    """"rmsnorm" for torch's RMSNorm and library RMS norms (HF LlamaRMSNorm, ...), else "layernorm"."""
-    return "rmsnorm" if isinstance(norm, nn.RMSNorm) or "RMS" in type(norm).__name__ else "layernorm"
-
-
-def _norm_eps(norm: nn.Module) -> float:
-    """The norm's epsilon under the names torch, timm and Hugging Face use (`eps`,
-    `variance_epsilon`); torch.nn.RMSNorm's eps=None means the dtype's machine epsilon."""
-    for name in ("eps", "variance_epsilon", "epsilon"):
-        eps = getattr(norm, name, None)
-        if eps is not None:
-            return float(eps)
-    if isinstance(norm, nn.RMSNorm):
-        return float(torch.finfo(torch.float32).eps)
-    raise ValueError(f"{type(norm).__name__} has no eps / variance_epsilon attribute")
-
-
-def _norm_arguments(norm: nn.Module) -> dict:
-    """The norm as the pre-kernel ops take it (norm_kind, norm_weight, norm_bias, norm_eps)."""
-    return dict(norm_kind=norm_kind_of(norm), norm_weight=_norm_weight(norm), norm_bias=getattr(norm, "bias", None),
-                norm_eps=_norm_eps(norm))
-
-
-def _norm_weight(norm: nn.Module) -> Optional[torch.Tensor]:
-    """The scale the norm multiplies by: its weight, plus 1 for norms that store the offset from 1
-    (Gemma's RMSNorm computes x̂·(1 + w)); `read_norm` found out which at fusion."""
-    offset = norm.__dict__.get("_qla_weight_offset", 0.0)
-    return norm.weight + offset if offset else norm.weight
-
-
-@torch.no_grad()
-def read_norm(norm: nn.Module) -> None:
-    """Checks on a probe that the norm is a LayerNorm / RMSNorm the pre-kernels compute (epsilon,
-    weight, bias), with its weight used as x̂·w or as x̂·(1 + w); records which. ValueError when it
-    is neither, or has no readable epsilon."""
-    eps, weight = _norm_eps(norm), getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-        raise ValueError(f"{type(norm).__name__} has no 1-D weight")
-    probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    expected = norm.forward(probe).float()  # not norm(probe): hooks (QLA's) must not see the probe
-    for offset in (0.0, 1.0):
-        ours = reference.normalize(probe, norm_kind_of(norm), weight.float() + offset,
-                                   getattr(norm, "bias", None), eps)
-        if torch.allclose(ours, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
-            norm._qla_weight_offset = offset
-            return
-    raise ValueError(f"{type(norm).__name__} computes neither x̂·w nor x̂·(1 + w) of a {norm_kind_of(norm)}")
-
-
 def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Module] = None,
                     down_proj: Optional[torch.Tensor] = None, down_from_input: bool = False):
     """(codes, scales, zero point for the GEMM, T) of x for `layer`, with `norm` applied first and
@@ -239,7 +190,7 @@ def _quantize_input(x: torch.Tensor, layer: QuantLinear, norm: Optional[nn.Modul
     bits = layer.config.act_bits
     q, scale, t = quantize_activation(x, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point,
                                       down_proj=down_proj, down_from_input=down_from_input and down_proj is not None,
-                                      **({} if norm is None else _norm_arguments(norm)))
+                                      **({} if norm is None else norm_arguments(norm)))
     return q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
@@ -529,14 +480,14 @@ def _normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, layer: QuantLin
     bits = layer.config.act_bits
     normed, q, scale, t = normalize_quantize_activation(
         rows, bits, static_scale=layer.input_scale, zero_point=layer.input_zero_point, down_proj=down_proj,
-        down_from_input=down_from_input and down_proj is not None, **_norm_arguments(norm))
+        down_from_input=down_from_input and down_proj is not None, **norm_arguments(norm))
     return normed, q, scale, gemm_zero_point(layer.input_zero_point, bits), t
 
 
 def _normalize(rows: torch.Tensor, norm: nn.Module,
                down_proj: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(norm(rows) in rows.dtype, T = norm(rows)·down_proj) from one pre-kernel read of rows."""
-    return normalize_activation(rows, down_proj=down_proj, **_norm_arguments(norm))
+    return normalize_activation(rows, down_proj=down_proj, **norm_arguments(norm))
 
 
 class FusedModelAttentionBlock(_PackedGroups):

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Optional, Type
 from torch import nn
 
 from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
-from .quant_linear import QuantLinear, conv1d_class, linear_weight
+from .module_kinds import is_linear
+from .quant_linear import QuantLinear, linear_weight
 from .weight_reads import kept_floating, route_weight_reads
 
 _HANDLERS: Dict[Type[QuantConfig], Callable[[nn.Module, QuantConfig], nn.Module]] = {}
@@ -34,12 +35,6 @@ def _quant_linear_handler(module: nn.Module, config: QuantConfig) -> nn.Module:
 
 for _config_type in (W8A8, W4A8, W4A16, W4A4):
     register_quantize_handler(_config_type)(_quant_linear_handler)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D (found by type, whatever its attribute name)."""
-    conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def select_linears(

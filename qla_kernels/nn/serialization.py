@@ -17,7 +17,7 @@ from .adapters import AdapterPlacement, attach_adapters
 from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensated_blocks
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear
-from .quantize import is_linear
+from .module_kinds import is_linear
 from .weight_reads import route_weight_reads
 
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ import torch
 import qla_kernels as qk
 from qla_kernels.methods import folding, ptq
 from qla_kernels.models.batches import model_output, run_model
-from qla_kernels.models.blocks import is_norm
+from qla_kernels.nn.module_kinds import is_norm
 
 from ..nn.test_quantize_models import MODELS
 

@@ -11,7 +11,7 @@ import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.models import find_blocks, fuse_blocks
-from qla_kernels.nn import fused_block
+from qla_kernels.nn import fused_block, module_kinds
 from qla_kernels.nn.fused_block import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
 from ..conftest import assert_same_up_to_rerounding, randomize_adapters, sqnr_db
@@ -234,12 +234,12 @@ def test_norms_are_read_on_a_probe():
     layer_norm, gemma = torch.nn.LayerNorm(32), GemmaRMSNorm(32)
     torch.nn.init.normal_(gemma.weight)
     for norm, offset in ((layer_norm, 0.0), (torch.nn.RMSNorm(32), 0.0), (gemma, 1.0)):
-        fused_block.read_norm(norm)
+        module_kinds.read_norm(norm)
         assert norm._qla_weight_offset == offset
     doubled = Doubled(32)
     torch.nn.init.normal_(doubled.weight)
     with pytest.raises(ValueError, match="computes neither"):
-        fused_block.read_norm(doubled)
+        module_kinds.read_norm(doubled)
 
 
 def test_blocks_without_a_template_are_reported_not_raised():
