@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import qla_kernels as qk
-from qla_kernels.methods import ptq, qwt
+from qla_kernels.methods import ptq, qwt, qwt_solver
 from qla_kernels.models.batches import model_output, run_model
 from qla_kernels.models.blocks import find_blocks
 
@@ -114,7 +114,7 @@ def test_streaming_equals_all_at_once():
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(300, 8, generator=generator), torch.randn(300, 5, generator=generator)
     heldout = torch.rand(300, generator=generator) < 0.2
-    streamed, whole = qwt._Accumulator(8, 5), qwt._Accumulator(8, 5)
+    streamed, whole = qwt_solver.Accumulator(8, 5), qwt_solver.Accumulator(8, 5)
     for chunk in range(3):
         rows = slice(100 * chunk, 100 * (chunk + 1))
         streamed.add(x[rows], y[rows], heldout[rows])
