@@ -14,7 +14,7 @@ implements with a `supports(*args)` predicate (`register`). A selected backend r
 first implementation of its chain (`_CHAINS`: cuda, then triton, then the reference) whose
 predicate accepts the call; the reference accepts every call, so an op or shape a kernel does not
 implement (a format, a rank) runs on the reference. A new backend is one `register_backend`, its
-`register` calls, and its line in `_CHAINS` (and `_AUTO`, where it is a device's default).
+`register` calls, and its line in `_CHAINS` (and in `_AUTO_CHOICES` where it is a device's default).
 
 The default ("auto") picks per call by the input's device: "cuda" (or "triton" without `_C`) on
 CUDA tensors, "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
