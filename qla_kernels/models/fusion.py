@@ -26,9 +26,8 @@ from torch import nn
 from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer, window_rows
 from ..nn.fused_block import (
     ACTIVATIONS,
-    FUSED_BLOCK_TYPES,
+    FUSED_MODULE_TYPES,
     ModelAttentionTemplate,
-    FusedMLP,
     MLPTemplate,
     PackedQKVTemplate,
     PostNormTemplate,
@@ -406,7 +405,7 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
 
 def _unfuse(block: nn.Module) -> None:
     for module in block.modules():
-        if isinstance(module, FUSED_BLOCK_TYPES + (FusedMLP,)):
+        if isinstance(module, FUSED_MODULE_TYPES):
             unfuse_block(module)
 
 

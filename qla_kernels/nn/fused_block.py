@@ -715,6 +715,7 @@ def fuse_mlp(mlp: nn.Module, template: MLPTemplate) -> nn.Module:
 _FUSED_MIXINS = {PackedQKVTemplate: FusedPackedQKVBlock, PostNormTemplate: FusedPostNormBlock,
                  ModelAttentionTemplate: FusedModelAttentionBlock, MLPTemplate: FusedMLP}
 FUSED_BLOCK_TYPES = (FusedPackedQKVBlock, FusedPostNormBlock, FusedModelAttentionBlock)
+FUSED_MODULE_TYPES = FUSED_BLOCK_TYPES + (FusedMLP,)  # every mixin fuse_block / fuse_mlp puts in front
 
 
 def original_class(module: nn.Module) -> type:
@@ -722,7 +723,7 @@ def original_class(module: nn.Module) -> type:
     (the fused class's second base; its MRO also holds the mixin's own bases); a module that is
     not fused keeps its class."""
     cls = type(module)
-    return cls.__bases__[1] if issubclass(cls, FUSED_BLOCK_TYPES + (FusedMLP,)) else cls
+    return cls.__bases__[1] if issubclass(cls, FUSED_MODULE_TYPES) else cls
 
 
 @functools.lru_cache(maxsize=None)
@@ -841,7 +842,7 @@ def _swap_class(block: nn.Module, template) -> nn.Module:
 
 def unfuse_block(block: nn.Module) -> nn.Module:
     """Restores the block's (or fused MLP's) original class (in place; returns it)."""
-    if not isinstance(block, FUSED_BLOCK_TYPES + (FusedMLP,)):
+    if not isinstance(block, FUSED_MODULE_TYPES):
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = original_class(block)
     del block._qla_template
