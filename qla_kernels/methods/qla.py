@@ -29,8 +29,9 @@ from ..nn.adapters import (
     prepare_attention_adapter,
     prepare_attention_adapter_from_input,
     prepare_ffn_adapter,
-    store_adapter_mask,
+    adapter_hooks,
 )
+from ..nn import forward_context
 from ..nn.compensation import link, primary_output
 from ..nn.fused_block import original_class
 from ..nn.quant_linear import QuantLinear
@@ -200,9 +201,9 @@ def fuse(model_q: nn.Module) -> List[str]:
                                  "the adapter has no GEMM to join (keep the adapters unfused for this model)")
     for handle in model_q._qla_handles:
         handle.remove()
-    model_q._qla_handles = [model_q.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]
-    handles = model_q._qla_handles
+    handles = model_q._qla_handles = adapter_hooks(model_q)
     for block in model_q._qla_blocks:
+        handles += forward_context.scope_hooks(block)
         proj, fc2 = block.get_submodule(placement.attention_output), block.get_submodule(placement.mlp_output)
         attention, ffn = block.qla_attention, block.qla_ffn
         gate = attention.gate.detach().float()

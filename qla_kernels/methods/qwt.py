@@ -35,7 +35,6 @@ from tqdm import tqdm
 from ..models.batches import materialize, run_model, token_mask
 from ..models.blocks import find_blocks
 from ..models.facts import describe, without_kv_cache
-from ..nn.adapters import adapter_state_restorer
 from ..nn.compensation import QwTCompensation, attach, block_input, compensated_blocks, lower_into_linear, primary_output
 from ..nn.module_kinds import is_norm
 from ..nn.quant_conv import QuantConv2d
@@ -252,13 +251,10 @@ def lower(model_q: nn.Module, batch: Any) -> List[str]:
                 if not isinstance(linear, QuantLinear):
                     raise ValueError(f"{name}.{facts.block.mlp_output} is a {type(linear).__name__}, not a QuantLinear")
                 args, kwargs = _capture_block_input(model_q, block, batch)
-                restore_adapters = adapter_state_restorer(block)
                 before = primary_output(block(*args, **kwargs)).float()
-                restore_adapters()
                 compensation, bias = block.qwt, None if linear.bias is None else linear.bias.detach().clone()
                 lower_into_linear(block, linear)
                 after = primary_output(block(*args, **kwargs)).float()
-                restore_adapters()
                 if float((after - before).abs().max()) > LOWERING_TOLERANCE * float(before.abs().max()):
                     del linear.lowered_qwt
                     if bias is None:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn.adapters import DWSepAdapter, LoRAAdapter, adapter_state_restorer, window_rows
+from ..nn.adapters import DWSepAdapter, LoRAAdapter, window_rows
 from ..nn.fused_block import (
     ACTIVATIONS,
     FUSED_MODULE_TYPES,
@@ -324,7 +324,6 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
     if call is None or call[0].dim() not in (3, 4):
         return "the example does not reach this block with [batch, tokens, width] or [batch, height, width, dim] input"
     x, args, kwargs = call
-    restore_adapters = adapter_state_restorer(block)
     windows = None
     if x.dim() == 4:
         if not isinstance(template, PackedQKVTemplate):
@@ -335,7 +334,6 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
             return str(reason)
     else:
         expected = block(x, *args, **kwargs)
-    restore_adapters()
     returns_tuple = isinstance(expected, tuple)
     if returns_tuple:  # older transformers layers return (hidden_states, ...)
         if len(expected) != 1 or isinstance(template, ModelAttentionTemplate):
@@ -357,8 +355,6 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
         # q/k/v, or does not take the block's arguments (CaiT's class attention: x_cls)
         unfuse_block(block)
         return f"the fused chain fails on this block: {reason}"
-    finally:
-        restore_adapters()
     error = _relative_error(expected, fused[0] if isinstance(fused, tuple) else fused)
     if error > MATCH_TOLERANCE:
         unfuse_block(block)
@@ -381,20 +377,17 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
     calls = []
     try:
         activation = _activation(mlp, {mlp.get_submodule(fc1), mlp.get_submodule(fc2)})
-        restore_adapters = adapter_state_restorer(block)
         handle = mlp.register_forward_pre_hook(lambda module, a, k: calls.append((a, k)), with_kwargs=True)
         try:
             expected = block(x, *args, **kwargs)
         finally:
             handle.remove()
-        restore_adapters()
         if len(calls) != 1 or len(calls[0][0]) != 1 or calls[0][1]:
             return ""  # the fused MLP takes the hidden states alone (Bloom's also takes the residual)
         fuse_mlp(mlp, MLPTemplate(fc1, fc2, activation))
     except ValueError:
         return ""
     fused = block(x, *args, **kwargs)
-    restore_adapters()
     primary = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     hidden = calls[0][0][0]
     if not mlp._fused_chain_applies(hidden) or _relative_error(primary(expected), primary(fused)) > MATCH_TOLERANCE:

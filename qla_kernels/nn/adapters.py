@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from . import forward_context
 from .compensation import block_input, link, primary_output, with_primary_output
 
 
@@ -108,29 +109,29 @@ class LoweredAdapter(nn.Module):
     """An adapter's up-projection U [out_features, rank] running in a QuantLinear's low-rank segment.
 
     The adapter's down path runs where its input is (a hook on the norm the adapter reads, or the
-    fused block's chain) and hands T [tokens, rank] over with `prepare`; the QuantLinear's GEMM then
-    adds T·Uᵀ. Gates and up biases are folded at lowering (methods.qla.fuse)."""
+    fused block's chain) and hands T [tokens, rank] over for this call with `prepare` (through the
+    forward scope, nn/forward_context.py); the QuantLinear's GEMM then adds T·Uᵀ. Gates and up
+    biases are folded at lowering (methods.qla.fuse)."""
 
     def __init__(self, up: torch.Tensor):
         super().__init__()
         self.register_buffer("up", up.detach().float().contiguous(), persistent=False)
-        self._pending: list = []
-        self.suspended = False  # while a block is probed for its window order: no adapter, no T expected
 
     @property
     def rank(self) -> int:
         return self.up.shape[1]
 
     def prepare(self, t: torch.Tensor) -> None:
-        self._pending.append(t.reshape(-1, self.rank))
+        forward_context.put(self, "t", t.reshape(-1, self.rank))
 
     def segments(self, dtype: torch.dtype) -> dict:
-        """The low-rank segment for this call's GEMM (consumes what `prepare` stored)."""
-        if self.suspended:
+        """The low-rank segment for this call's GEMM (takes what `prepare` handed over)."""
+        if forward_context.peek(self, "suspended"):  # the block is probed for its window order
             return {}
-        if not self._pending:
+        t = forward_context.take(self, "t")
+        if t is None:
             raise RuntimeError("the lowered adapter got no input: was the linear called outside its block?")
-        return dict(lowrank_t=self._pending.pop(0).to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
+        return dict(lowrank_t=t.to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
 
 
 # Hooks of lowered adapters (methods.qla.fuse), module-level so that a fused block can recognise
@@ -203,24 +204,52 @@ def _continues_cached_sequence(kwargs: dict) -> bool:
 
 
 def store_adapter_mask(model, args, kwargs):
-    """Model pre-hook: the padding mask, and whether causal adapters continue their conv state."""
+    """Model pre-hook: hands each block the padding mask and the conv states of causal adapters
+    for this call. Conv states continue a sequence like its KV cache, so they ride on the cache
+    object (`_qla_conv_states`, per block name): a call that extends a cached sequence reads and
+    updates them, any other call starts fresh states that `attach_conv_states` puts on the cache
+    the call returns."""
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    continuing = _continues_cached_sequence(kwargs)
-    for block in model._qla_blocks:
-        block._qla_inputs["mask"] = mask
-        if not continuing:
-            block._qla_inputs.pop("conv_state", None)
+    cache = kwargs.get("past_key_values")
+    states = getattr(cache, "_qla_conv_states", None) if _continues_cached_sequence(kwargs) else None
+    if states is None:
+        states = {}
+    forward_context.put(model, "conv_states", states)
+    for name, block in zip(model._qla_block_names, model._qla_blocks):
+        forward_context.put(block, "mask", mask)
+        forward_context.put(block, "conv_state", (states, name))
+
+
+def attach_conv_states(model, args, kwargs, output):
+    """Model forward hook: the conv states of this call go with the KV cache it returns."""
+    states = forward_context.take(model, "conv_states")
+    cache = getattr(output, "past_key_values", None)
+    if states and cache is not None:
+        try:
+            cache._qla_conv_states = states
+        except AttributeError:  # a legacy tuple cache has no room for them
+            raise ValueError("causal QLA adapters keep their conv state on the KV cache: use a transformers "
+                             "Cache object (DynamicCache), not a tuple of tensors") from None
 
 
 def attention_adapter_down_path(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """T of the block's attention adapter on h, carrying a causal adapter's conv state along, and in
     the attention's row order (Swin: spatial rows gathered into shifted-window order)."""
-    inputs = block._qla_inputs
-    t, state = block.qla_attention.down_path(h, inputs.get("mask"), inputs.get("conv_state"))
-    if state is not None:
-        inputs["conv_state"] = state
+    states, name = forward_context.peek(block, "conv_state", (None, None))
+    t, state = block.qla_attention.down_path(h, forward_context.peek(block, "mask"),
+                                             None if states is None else states.get(name))
+    if state is not None and states is not None:
+        states[name] = state
     return _to_window_order(block, t) if block.qla_attention.spatial else t
+
+
+def adapter_hooks(model: nn.Module) -> list:
+    """The model-level hooks of attached adapters: its forward scope, the mask and conv states
+    handed to every block, and the conv states put on the returned cache."""
+    return [model.register_forward_pre_hook(store_adapter_mask, with_kwargs=True),
+            model.register_forward_hook(attach_conv_states, with_kwargs=True),
+            *forward_context.scope_hooks(model)]
 
 
 def window_rows(block: nn.Module, norm_name: str, linear_name: str, height: int, width: int,
@@ -246,17 +275,17 @@ def window_rows(block: nn.Module, norm_name: str, linear_name: str, height: int,
     lowered = [linear.lowered_adapter for linear in (getattr(block, "_qla_attention_linear", None),
                                                      getattr(block, "_qla_ffn_linear", None))
                if getattr(linear, "lowered_adapter", None) is not None]
-    adapter_inputs = block.__dict__.get("_qla_inputs", {})
-    adapter_inputs["probing"] = True
+    outer_scope = forward_context.isolate()  # the probe's hand-offs must not meet a call in progress
+    forward_context.enter()
+    forward_context.put(block, "probing", True)
     for adapter in lowered:
-        adapter.suspended = True
+        forward_context.put(adapter, "suspended", True)
     try:
         with torch.no_grad():
             block(probe)
     finally:
-        adapter_inputs.pop("probing")
-        for adapter in lowered:
-            adapter.suspended = False
+        forward_context.leave()
+        forward_context.restore(outer_scope)
         for handle in handles:
             handle.remove()
     spatial = captured["spatial"].reshape(-1, dim).float().cpu()
@@ -293,36 +322,22 @@ def _to_window_order(block: nn.Module, values: torch.Tensor) -> torch.Tensor:
                                                                                     device=values.device))
 
 
-def adapter_state_restorer(block: nn.Module) -> Callable[[], None]:
-    """A function that puts the state the block's adapters carry between calls (a causal adapter's
-    conv state, inputs stored by hooks) back to what it is now: calling a block twice on the same
-    input (to check a conversion) must not let the first call's conv state feed the second."""
-    saved = dict(getattr(block, "_qla_inputs", {}))
-
-    def restore() -> None:
-        if hasattr(block, "_qla_inputs"):
-            block._qla_inputs.clear()
-            block._qla_inputs.update(saved)
-
-    return restore
-
-
 def _probing(block: nn.Module) -> bool:
-    return block._qla_inputs.get("probing", False)
+    return forward_context.peek(block, "probing", False)
 
 
 def _store_block_input(block, args, kwargs):
-    block._qla_inputs["attention"] = block_input(args, kwargs)
+    forward_context.put(block, "attention", block_input(args, kwargs))
 
 
 def _store_attention_input(norm, args, output):
     if not _probing(norm._qla_block):
-        norm._qla_block._qla_inputs["attention"] = output
+        forward_context.put(norm._qla_block, "attention", output)
 
 
 def _store_ffn_input(norm, args, output):
     if not _probing(norm._qla_block):
-        norm._qla_block._qla_inputs["ffn"] = output
+        forward_context.put(norm._qla_block, "ffn", output)
 
 
 def _add_attention(linear, args, output):
@@ -331,7 +346,7 @@ def _add_attention(linear, args, output):
         return None
     out = primary_output(output)
     adapter = block.qla_attention.gate * block.qla_attention.up(attention_adapter_down_path(
-        block, block._qla_inputs.pop("attention")))
+        block, forward_context.take(block, "attention")))
     return with_primary_output(output, out + adapter.reshape(out.shape).to(out.dtype))
 
 
@@ -340,7 +355,7 @@ def _add_ffn(linear, args, output):
     if _probing(block):
         return None
     out = primary_output(output)
-    return with_primary_output(output, out + block.qla_ffn(block._qla_inputs.pop("ffn")).to(out.dtype))
+    return with_primary_output(output, out + block.qla_ffn(forward_context.take(block, "ffn")).to(out.dtype))
 
 
 def attach_adapters(model: nn.Module, block_names: List[str], placement: AdapterPlacement) -> None:
@@ -350,15 +365,15 @@ def attach_adapters(model: nn.Module, block_names: List[str], placement: Adapter
     blocks = [model.get_submodule(name) for name in block_names]
     link(model, "_qla_blocks", blocks)
     model._qla_block_names, model._qla_placement = list(block_names), placement
-    handles = model._qla_handles = [model.register_forward_pre_hook(store_adapter_mask, with_kwargs=True)]
+    handles = model._qla_handles = adapter_hooks(model)
     for block in blocks:
         device = next(itertools.chain(block.buffers(), block.parameters())).device
         dim = adapter_width(block.get_submodule(placement.mlp_norm))
         block.qla_attention = DWSepAdapter(dim, placement.rank, placement.grid, placement.prefix_tokens,
                                            placement.causal, placement.spatial).to(device)
         block.qla_ffn = LoRAAdapter(dim, placement.rank).to(device)
-        block._qla_inputs = {}
         link(block, "_qla_placement", placement)
+        handles += forward_context.scope_hooks(block)
         if placement.norm_position == "post":
             handles.append(block.register_forward_pre_hook(_store_block_input, with_kwargs=True))
         else:

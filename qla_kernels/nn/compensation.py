@@ -13,6 +13,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from . import forward_context
+
 
 class QwTCompensation(nn.Module):
     """c(x) = x·Wᵀ + b, or its rank-r form (x·V)·Uᵀ + b when built by `truncated`."""
@@ -109,12 +111,15 @@ def _add_after(block, args, kwargs, output):
 
 
 def _remember_input(block, args, kwargs):
-    block._qwt_pending.append(block_input(args, kwargs))
+    forward_context.put(block, "qwt_input", block_input(args, kwargs))
 
 
 def _add_before_norm(norm, args):
     block = norm._qwt_block
-    return (args[0] + block.qwt(block._qwt_pending.pop()), *args[1:])
+    x = forward_context.take(block, "qwt_input")
+    if x is None:
+        raise RuntimeError(f"the norm {block.qwt.output_norm!r} ran outside its block's call: QwT has no block input")
+    return (args[0] + block.qwt(x), *args[1:])
 
 
 def _prepare_lowered(block, args, kwargs):
@@ -130,10 +135,10 @@ def attach(block: nn.Module, compensation: QwTCompensation) -> None:
         block._qwt_handles = [block.register_forward_hook(_add_after, with_kwargs=True)]
         return
     output_norm = block.get_submodule(compensation.output_norm)
-    block._qwt_pending = []
     link(output_norm, "_qwt_block", block)
     block._qwt_handles = [block.register_forward_pre_hook(_remember_input, with_kwargs=True),
-                          output_norm.register_forward_pre_hook(_add_before_norm)]
+                          output_norm.register_forward_pre_hook(_add_before_norm),
+                          *forward_context.scope_hooks(block)]
 
 
 def detach(block: nn.Module) -> None:
@@ -154,7 +159,8 @@ def compensated_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 class LoweredCompensation(nn.Module):
     """A block's QwT compensation running inside the fused GEMM of the block's last linear.
 
-    The block's pre-hook hands over the block input x; the linear's GEMM then adds (x·V)·Uᵀ in its
+    The block's pre-hook hands over the block input x for this call (nn/forward_context.py); the
+    linear's GEMM then adds (x·V)·Uᵀ in its
     low-rank segment (a truncated compensation) or x·Wᵀ in its fp16 full-rank segment (full
     rank), and b is folded into the linear's bias. x itself is never quantized: its outlier
     channels would flatten every other channel (DESIGN.md).
@@ -165,20 +171,16 @@ class LoweredCompensation(nn.Module):
         self.register_buffer("up", compensation.weight.detach().clone(), persistent=False)
         self.register_buffer("down", None if compensation.down is None else compensation.down.detach().clone(),
                              persistent=False)
-        self._pending: list = []
 
     def prepare(self, x: torch.Tensor) -> None:
-        self._pending.append(x.reshape(-1, x.shape[-1]))
-
-    def _take(self) -> torch.Tensor:
-        if not self._pending:
-            raise RuntimeError("the lowered QwT compensation got no block input: was the linear called outside its block?")
-        return self._pending.pop(0)
+        forward_context.put(self, "x", x.reshape(-1, x.shape[-1]))
 
     def segments(self, dtype: torch.dtype, t: Optional[torch.Tensor] = None) -> dict:
-        """The keyword segments for this call's GEMM (consumes what `prepare` stored). `t`: T = x·V
+        """The keyword segments for this call's GEMM (takes what `prepare` handed over). `t`: T = x·V
         already computed by the caller (a fused block's first pre-kernel); else computed here."""
-        rows = self._take()
+        rows = forward_context.take(self, "x")
+        if rows is None:
+            raise RuntimeError("the lowered QwT compensation got no block input: was the linear called outside its block?")
         if self.down is None:
             return dict(fullrank_x=rows.to(dtype).contiguous(), fullrank_w=self.up.to(dtype))
         if t is None:
@@ -199,4 +201,5 @@ def lower_into_linear(block: nn.Module, linear: nn.Module) -> None:
     detach(block)
     linear.lowered_qwt = lowered
     link(block, "_qwt_lowered", lowered)
-    block._qwt_handles = [block.register_forward_pre_hook(_prepare_lowered, with_kwargs=True)]
+    block._qwt_handles = [block.register_forward_pre_hook(_prepare_lowered, with_kwargs=True),
+                          *forward_context.scope_hooks(block)]

@@ -51,6 +51,7 @@ from ..ops.triton import supports_quantize_activation
 from ..ops.dispatch import resolve_backend
 from ..ops.row_maps import RowMap
 from ..ops.reference import GATED_ACTIVATIONS, apply_activation
+from . import forward_context
 from .adapters import LOWERED_ADAPTER_HOOKS, DWSepAdapter, LoRAAdapter, attention_adapter_down_path
 from .module_kinds import norm_arguments, read_norm
 from .quant_linear import QuantLinear, output_scaled
@@ -252,7 +253,22 @@ def _prefixes(name: str) -> Tuple[str, ...]:
     return tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
 
 
-class FusedPackedQKVBlock(nn.Module):
+class _FusedModule(nn.Module):
+    """Base of the mixins `fuse_block` puts in front of a block's class. The fused class is made
+    per (block class, mixin) at run time (`_fused_class`), so pickling names the two classes it is
+    made of instead of itself: `torch.save(model)` and `copy.deepcopy` rebuild it."""
+
+    def __reduce_ex__(self, protocol):
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        return (_new_fused_module, (cls.__bases__[1], cls.__bases__[0]), *reduced[2:])
+
+
+def _new_fused_module(block_class: type, mixin: type) -> nn.Module:
+    return object.__new__(_fused_class(block_class, mixin))
+
+
+class FusedPackedQKVBlock(_FusedModule):
     """Mixin placed before a block's own class by `fuse_block`; see the module docstring."""
 
     _qla_template: PackedQKVTemplate
@@ -346,7 +362,7 @@ class FusedPackedQKVBlock(nn.Module):
         return out.reshape(x.shape)
 
 
-class _PackedGroups(nn.Module):
+class _PackedGroups(_FusedModule):
     """Fused blocks whose template runs groups of layers as one GEMM (`template.packed_groups()`:
     BERT's or LLaMA's q/k/v, SwiGLU's gate and up). Each group's quantized weights (and biases)
     are concatenated along the output features and each layer's tensors made views into them, so
@@ -560,22 +576,19 @@ class FusedModelAttentionBlock(_PackedGroups):
             normed_rows, codes = _normalize(rows, part(t.norm1))[0], (None, None, None)
         normed = normed_rows.reshape(batch, tokens, width)
         proj = part(t.attention_output)
-        if getattr(proj, "lowered_adapter", None) is not None:  # what the norm1 hook would have prepared
-            proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
-        if packed:
-            self._hand_over_attention_inputs(normed_rows, *codes)
-        proj.add_to_next_output(rows)  # the residual x joins proj's epilogue: the attention returns x1
-        if t.attention_scale:
-            proj.scale_next_output(_layer_scale(self, t.attention_scale))
+        forward_context.enter()  # the hand-offs to the layers the model's attention code calls
         try:
+            if getattr(proj, "lowered_adapter", None) is not None:  # what the norm1 hook would have prepared
+                proj.lowered_adapter.prepare(attention_adapter_down_path(self, normed))
+            if packed:
+                self._hand_over_attention_inputs(normed_rows, *codes)
+            # The residual x joins proj's epilogue (after its LayerScale): the attention returns x1.
+            proj.add_to_next_output(rows, _layer_scale(self, t.attention_scale))
             attention = part(t.attention)(normed, **named)
         finally:  # what a layer did not take must not reach a later call
-            untaken = [name for name in t.packed_attention_inputs if part(name)._handed_over is not None]
-            for name in untaken:
-                part(name)._handed_over = None
-            if proj._next_residual is not None:
-                proj._next_residual = proj._next_output_scale = None
-                untaken.append(t.attention_output)
+            untaken = [name for name in (*t.packed_attention_inputs, t.attention_output)
+                       if part(name).drop_untaken_hand_offs()]
+            forward_context.leave()
         if untaken:
             raise RuntimeError(f"{t.attention!r} did not call {untaken} on its input")
         x1 = (attention if isinstance(attention, torch.Tensor) else attention[0]).reshape(batch * tokens, width)
@@ -670,7 +683,7 @@ class MLPTemplate:
         return (self.fc1, self.fc2)
 
 
-class FusedMLP(nn.Module):
+class FusedMLP(_FusedModule):
     """Mixin placed before an MLP module's own class by `fuse_mlp`: its input is quantized once,
     fc1's epilogue applies the activation and re-quantizes per token for fc2, and fc2 adds its
     bias and lowered corrections (QwT, LoRA prepared by the norm hook) in its epilogue, so the

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import forward_context
 from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES
 from ..quant.config import QuantConfig
@@ -158,19 +159,17 @@ class QuantLinear(nn.Module):
             raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} input features, expected in_features={self.in_features}")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
-        handed_over = self._handed_over
+        handed_over = forward_context.take(self, "output")
         if handed_over is not None:
-            self._handed_over = None
             if handed_over.shape[0] * self.in_features != x.numel():
                 raise RuntimeError(f"the output handed over has {handed_over.shape[0]} rows; this call has "
                                    f"{x.numel() // self.in_features}")
             return handed_over.reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).contiguous()
-        residual, self._next_residual = self._next_residual, None
+        residual, gamma = forward_context.take(self, "epilogue", (None, None))
         if residual is not None and residual.shape != (rows.shape[0], self.out_features):
             raise RuntimeError(f"the residual for this call is {tuple(residual.shape)}, its output "
                                f"{(rows.shape[0], self.out_features)}")
-        gamma, self._next_output_scale = self._next_output_scale, None
         weight, bias, segments = output_scaled(self.quantized_weight(),
                                                self.bias if bias_override is None else bias_override,
                                                self.lowered_segments(x.dtype), gamma)
@@ -180,27 +179,25 @@ class QuantLinear(nn.Module):
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    _handed_over: Optional[torch.Tensor] = None
-    _next_residual: Optional[torch.Tensor] = None
-    _next_output_scale: Optional[torch.Tensor] = None
-
     def hand_over(self, y: torch.Tensor) -> None:
-        """Makes the next call return y [rows, out_features] instead of running its GEMM: a fused
-        block computed it in one packed GEMM with its siblings (LLaMA's q/k/v), while the model's
-        own attention code still calls this layer."""
-        self._handed_over = y
+        """Makes this layer's next call in the current forward scope (nn/forward_context.py) return
+        y [rows, out_features] instead of running its GEMM: a fused block computed it in one packed
+        GEMM with its siblings (LLaMA's q/k/v), while the model's own attention code still calls
+        this layer."""
+        forward_context.put(self, "output", y)
 
-    def add_to_next_output(self, residual: torch.Tensor) -> None:
-        """Makes the next call add `residual` [rows, out_features] in its GEMM epilogue: a fused
-        decoder block's residual stream, when the model's own attention code calls its output
-        projection."""
-        self._next_residual = residual
+    def add_to_next_output(self, residual: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> None:
+        """Makes this layer's next call in the current forward scope add `residual` [rows,
+        out_features] in its GEMM epilogue, after scaling its output channels by `gamma`
+        [out_features] (a LayerScale): a fused decoder block's residual stream, when the model's
+        own attention code calls its output projection."""
+        forward_context.put(self, "epilogue", (residual, None if gamma is None else gamma.detach()))
 
-    def scale_next_output(self, gamma: torch.Tensor) -> None:
-        """Makes the next call scale its output channels by `gamma` [out_features] before adding
-        the residual: a fused block's LayerScale after this layer, when the model's own attention
-        code calls it."""
-        self._next_output_scale = gamma.detach()  # a plain tensor: a Parameter would register on the module
+    def drop_untaken_hand_offs(self) -> bool:
+        """Drops what the current scope still holds for this layer; True when there was something
+        (the code that was to call it did not)."""
+        untaken = [forward_context.take(self, slot) for slot in ("output", "epilogue")]
+        return any(value is not None for value in untaken)
 
     def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
                          lowrank_u: Optional[torch.Tensor] = None, qwt_t: Optional[torch.Tensor] = None) -> dict:

@@ -142,3 +142,26 @@ def test_fused_mlp_compiles_without_graph_breaks():
     mlp, h = model.blocks[0].mlp, torch.randn(2, 17, 192)
     with torch.no_grad():
         _assert_compiles_like_eager(mlp, h)
+
+
+def test_block_handing_tensors_over_in_its_forward_scope_compiles_without_graph_breaks():
+    """Lowered QwT and QLA hand their T inputs from hooks to the GEMMs through the block's forward
+    scope (nn/forward_context.py): thread-local reads and writes that trace into one graph."""
+    timm = pytest.importorskip("timm")
+    from qla_kernels.methods import qla
+
+    from ..conftest import randomize_adapters
+
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [torch.randn(8, 3, 32, 32) for _ in range(2)], progress=False)
+    qwt.truncate(model, energy=0.9)
+    example = torch.randn(2, 3, 32, 32)
+    qla.add_adapters(model, rank=4, example=example)
+    randomize_adapters(model)
+    qla.fuse(model)
+    qwt.lower(model, example)
+    block, x = model.blocks[0], torch.randn(2, 17, 192)
+    with torch.no_grad():
+        _assert_compiles_like_eager(block, x)

@@ -1,0 +1,149 @@
+"""A quantized model's forward keeps no per-call state on its modules (nn/forward_context.py):
+calls from several threads equal sequential calls bit for bit, a runtime forward leaves every
+module's attributes as they were, and converted models pickle and deep-copy.
+
+The threads run with one intra-op thread each, so every op computes the same reductions in the
+same order as the sequential call: any difference is state shared between calls."""
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+
+import qla_kernels as qk
+from qla_kernels.methods import qla, qwt
+from qla_kernels.models.batches import model_output, run_model
+
+from ..conftest import randomize_adapters
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+THREADS, CALLS = 8, 8
+
+
+def _vit_qla_qwt(fused: bool):
+    """ViT-tiny W8A8 with a truncated QwT and QLA adapters (random weights), both lowered."""
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [torch.randn(4, 3, 32, 32) for _ in range(3)], progress=False)
+    qwt.truncate(model, energy=0.9)
+    example = torch.randn(2, 3, 32, 32)
+    qla.add_adapters(model, rank=4, example=example)
+    randomize_adapters(model)
+    qla.fuse(model)
+    qwt.lower(model, example)
+    if fused:
+        assert qk.fuse_blocks(model, example).fused
+    return model, lambda batch, seed: torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _bert_qwt():
+    """BERT W8A8 with QwT on the pre-LN sums (hooks on the output norms)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    fp = transformers.AutoModel.from_config(config).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    batches = [{"input_ids": torch.randint(1, 100, (4, 12))} for _ in range(3)]
+    qwt.calibrate(fp, model, batches, progress=False)
+    return model, lambda batch, seed: {"input_ids": torch.randint(
+        1, 100, (batch, 6 + seed % 7), generator=torch.Generator().manual_seed(seed))}
+
+
+def _llama_fused():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    model = qk.quantize_(transformers.LlamaForCausalLM(config).eval(), qk.W8A8())
+    assert qk.fuse_blocks(model, {"input_ids": torch.randint(0, 100, (2, 9))}).fused
+    return model, lambda batch, seed: {"input_ids": torch.randint(
+        0, 100, (batch, 5 + seed % 6), generator=torch.Generator().manual_seed(seed)), "use_cache": False}
+
+
+MODELS = {"vit_qla_qwt_lowered": lambda: _vit_qla_qwt(fused=False),
+          "vit_qla_qwt_fused": lambda: _vit_qla_qwt(fused=True),
+          "bert_qwt": _bert_qwt,
+          "llama_fused": _llama_fused}
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(model, batch):
+    with torch.no_grad():
+        return model_output(run_model(model, batch))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_concurrent_calls_equal_sequential_calls(name, one_intra_op_thread):
+    model, make_batch = MODELS[name]()
+    batches = [[make_batch(1 + (thread + call) % 4, thread * CALLS + call) for call in range(CALLS)]
+               for thread in range(THREADS)]
+    expected = [[_run(model, batch) for batch in per_thread] for per_thread in batches]
+    results = [[None] * CALLS for _ in range(THREADS)]
+    errors = []
+    start = threading.Barrier(THREADS)
+
+    def work(thread):
+        try:
+            start.wait()
+            for call, batch in enumerate(batches[thread]):
+                results[thread][call] = _run(model, batch)
+        except Exception as error:  # reported below: a thread's exception would otherwise vanish
+            errors.append(error)
+
+    workers = [threading.Thread(target=work, args=(thread,)) for thread in range(THREADS)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors, errors
+    differing = [(thread, call) for thread in range(THREADS) for call in range(CALLS)
+                 if not torch.equal(results[thread][call], expected[thread][call])]
+    assert not differing, f"{len(differing)} of {THREADS * CALLS} concurrent calls differ: {differing[:4]}"
+
+
+def _state(model):
+    """Every module's attributes, tensors and modules by identity, containers by content."""
+    def frozen(value):
+        if isinstance(value, (torch.Tensor, torch.nn.Module)):
+            return ("id", id(value))
+        if isinstance(value, dict):
+            return tuple((key, frozen(item)) for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            return tuple(frozen(item) for item in value)
+        return ("id", id(value)) if not isinstance(value, (int, float, str, bool, type(None))) else value
+
+    return {name: frozen(vars(module)) for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_forward_leaves_every_module_as_it_was(name):
+    model, make_batch = MODELS[name]()
+    _run(model, make_batch(2, 0))  # first calls may fill caches keyed by input shape (window orders)
+    before = _state(model)
+    _run(model, make_batch(2, 0))
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("name", ["vit_qla_qwt_fused", "llama_fused"])
+def test_quantized_models_pickle_and_deep_copy(name):
+    model, make_batch = MODELS[name]()
+    batch = make_batch(2, 1)
+    expected = _run(model, batch)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert type(restored) is type(model)
+    assert torch.equal(_run(restored, batch), expected)
+    assert torch.equal(_run(copy.deepcopy(model), batch), expected)
