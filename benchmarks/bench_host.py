@@ -2,7 +2,8 @@
 
     python benchmarks/bench_host.py [--calls 2000] [--repeats 7]
 
-Measures, on the reference backend on CPU with one thread:
+Measures, on the reference backend on CPU with one thread, in the calibration form and converted
+(`convert_for_runtime`: frozen plans):
 - a QuantLinear call at M = 1, K = N = 64 (W8A8, dynamic activations), where the GEMM itself is
   a few microseconds, so the time is the host path: validation, backend resolution, per-call
   operand work;
@@ -70,9 +71,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layer = qk.QuantLinear.from_float(torch.nn.Linear(64, 64), qk.W8A8())
     x = torch.randn(1, 64)
+    lines = []
     with torch.no_grad(), qk.use_backend("reference"):
-        linear_us = _per_call_us(lambda: layer(x), args.calls, args.repeats)
-        frames = frames_to_kernel(layer, x)
         import timm
 
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
@@ -80,12 +80,19 @@ def main(argv=None) -> int:
         image = torch.randn(1, 3, 224, 224)
         qk.fuse_blocks(model, image)
         block = model.blocks[0]
-        tokens = model.patch_embed(image)
-        tokens = model._pos_embed(tokens)
-        block_us = _per_call_us(lambda: block(tokens), max(args.calls // 20, 10), args.repeats)
+        tokens = model._pos_embed(model.patch_embed(image))
+        for form in ("calibration form", "converted"):
+            if form == "converted":
+                qk.convert_for_runtime(torch.nn.Sequential(layer))
+                qk.convert_for_runtime(model)
+            linear_us = _per_call_us(lambda: layer(x), args.calls, args.repeats)
+            frames = frames_to_kernel(layer, x)
+            block_us = _per_call_us(lambda: block(tokens), max(args.calls // 20, 10), args.repeats)
+            lines.append(f"{form}: QuantLinear W8A8 M=1 K=N=64 {linear_us:.1f} us per call, {frames} Python frames "
+                         f"from forward to the op body; fused ViT-tiny block ({type(block).__name__}), batch 1: "
+                         f"{block_us:.0f} us per call")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, reference backend")
-    print(f"QuantLinear W8A8 M=1 K=N=64: {linear_us:.1f} us per call, {frames} Python frames from forward to the op body")
-    print(f"fused ViT-tiny block ({type(block).__name__}), batch 1: {block_us:.0f} us per call")
+    print("\n".join(lines))
     return 0
 
 

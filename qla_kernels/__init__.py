@@ -3,13 +3,14 @@
     import qla_kernels as qk
     qk.quantize_(model, qk.W8A8())                 # nn.Linear / HF Conv1D -> QuantLinear, in place
     qk.fuse_blocks(model, example)                 # blocks that fit a template run the fused chain
+    qk.convert_for_runtime(model, example)         # the runtime form: frozen plans, fused chains
     with qk.use_backend("simulate"): ...           # "reference" | "simulate" | "cuda" | "auto"
     qk.save_quantized(model, "model.safetensors"); qk.load_quantized(skeleton, "model.safetensors")
     qk.backends()                                  # what can run here, and why not
 """
 
 from . import formats, methods, models, ops, quant
-from .models import fuse_blocks
+from .models import convert_for_runtime, fuse_blocks
 from .nn import QuantLinear, load_quantized, quantize_, register_quantize_handler, save_quantized
 from .ops import backends, use_backend
 from .quant import W4A4, W4A8, W4A16, W8A8, QuantConfig
@@ -19,5 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantConfig", "W8A8", "W4A8", "W4A16", "W4A4", "QuantLinear", "quantize_",
     "register_quantize_handler", "save_quantized", "load_quantized", "use_backend", "backends", "fuse_blocks",
+    "convert_for_runtime",
     "formats", "quant", "ops", "methods", "models",
 ]

@@ -33,7 +33,7 @@ from ..nn.adapters import (
 )
 from ..nn import forward_context
 from ..nn.compensation import link, primary_output
-from ..nn.fused_block import original_class
+from ..nn.fused import original_class
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 

@@ -7,3 +7,4 @@ from ..nn.module_kinds import is_norm
 from .blocks import find_blocks
 from .facts import ArchitectureFacts, BlockFacts, describe, example_input
 from .fusion import FusionReport, fuse_blocks, template_for
+from .runtime import convert_for_runtime

@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from ..nn.fused_block import original_class
+from ..nn.fused import original_class
 from ..nn.quant_conv import QuantConv2d
 from ..nn.module_kinds import is_linear
 from ..nn.quant_linear import QuantLinear

@@ -1,4 +1,4 @@
-"""Which blocks of a quantized model can run as fused blocks (nn/fused_block.py), found by
+"""Which blocks of a quantized model can run as fused blocks (nn/fused/), found by
 structure and confirmed numerically.
 
 The architecture facts name each block's norms and linears; the template adds what the fused
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..nn.adapters import DWSepAdapter, LoRAAdapter, window_rows
-from ..nn.fused_block import (
+from ..nn.fused import (
     ACTIVATIONS,
     FUSED_MODULE_TYPES,
     ModelAttentionTemplate,
@@ -35,11 +35,10 @@ from ..nn.fused_block import (
     check_packable,
     fuse_block,
     fuse_mlp,
-    hooked_modules,
     unfuse_block,
 )
 from ..nn.module_kinds import is_any_linear, is_norm
-from ..ops.dispatch import resolve_backend, use_backend
+from ..ops.dispatch import use_backend
 from .blocks import find_blocks
 from .facts import BlockFacts, describe_block, example_input, run_hooked, without_kv_cache
 
@@ -302,18 +301,6 @@ def _window_layout(block: nn.Module, template: PackedQKVTemplate, call: BlockCal
     return expected, WindowLayout((height, width), rows, seen["tokens"], mask)
 
 
-def _why_the_chain_does_not_apply(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> str:
-    """Why a freshly fused block would still run its own forward on its example call."""
-    if resolve_backend(x.device) == "simulate":
-        return "the backend is 'simulate': fuse under the backend the model will run on"
-    hooked = hooked_modules(block, block._qla_template.bypassed())
-    if hooked:
-        return f"modules the fused chain bypasses carry hooks (observers, corrections not lowered): {hooked}"
-    given = [f"argument {i + 1}" for i, a in enumerate(args) if a is not None and a is not False]
-    given += [name for name, value in kwargs.items() if value is not None and value is not False]
-    return f"the block is called with arguments the fused chain does not take: {given}"
-
-
 @torch.no_grad()
 def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
     """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
@@ -344,8 +331,8 @@ def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]
         fuse_block(block, template, windows)
     except ValueError as reason:
         return str(reason)
-    if not block._fused_chain_applies(x, args, kwargs):
-        reason = _why_the_chain_does_not_apply(block, x, args, kwargs)
+    reason = block.why_not_fused(x, args, kwargs)
+    if reason:
         unfuse_block(block)
         return reason
     block._qla_returns_tuple = returns_tuple
@@ -390,7 +377,7 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
     fused = block(x, *args, **kwargs)
     primary = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     hidden = calls[0][0][0]
-    if not mlp._fused_chain_applies(hidden) or _relative_error(primary(expected), primary(fused)) > MATCH_TOLERANCE:
+    if mlp.why_not_fused(hidden, (), {}) or _relative_error(primary(expected), primary(fused)) > MATCH_TOLERANCE:
         unfuse_block(mlp)
         return ""
     return mlp_name

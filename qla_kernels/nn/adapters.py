@@ -124,14 +124,15 @@ class LoweredAdapter(nn.Module):
     def prepare(self, t: torch.Tensor) -> None:
         forward_context.put(self, "t", t.reshape(-1, self.rank))
 
-    def segments(self, dtype: torch.dtype) -> dict:
-        """The low-rank segment for this call's GEMM (takes what `prepare` handed over)."""
-        if forward_context.peek(self, "suspended"):  # the block is probed for its window order
-            return {}
+    def take_t(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """T [rows, rank] in `dtype` handed over for this call (zeros while the block is probed, so
+        the GEMM adds nothing)."""
+        if forward_context.peek(self, "suspended"):
+            return torch.zeros((rows, self.rank), dtype=dtype, device=self.up.device)
         t = forward_context.take(self, "t")
         if t is None:
             raise RuntimeError("the lowered adapter got no input: was the linear called outside its block?")
-        return dict(lowrank_t=t.to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
+        return t.to(dtype).contiguous()
 
 
 # Hooks of lowered adapters (methods.qla.fuse), module-level so that a fused block can recognise

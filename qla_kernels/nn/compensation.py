@@ -175,17 +175,12 @@ class LoweredCompensation(nn.Module):
     def prepare(self, x: torch.Tensor) -> None:
         forward_context.put(self, "x", x.reshape(-1, x.shape[-1]))
 
-    def segments(self, dtype: torch.dtype, t: Optional[torch.Tensor] = None) -> dict:
-        """The keyword segments for this call's GEMM (takes what `prepare` handed over). `t`: T = x·V
-        already computed by the caller (a fused block's first pre-kernel); else computed here."""
+    def take_input(self) -> torch.Tensor:
+        """The block input [rows, d_in] handed over for this call."""
         rows = forward_context.take(self, "x")
         if rows is None:
             raise RuntimeError("the lowered QwT compensation got no block input: was the linear called outside its block?")
-        if self.down is None:
-            return dict(fullrank_x=rows.to(dtype).contiguous(), fullrank_w=self.up.to(dtype))
-        if t is None:
-            t = (rows.float() @ self.down).to(rows.dtype)
-        return dict(lowrank_t=t.to(dtype).contiguous(), lowrank_u=self.up.to(dtype))
+        return rows
 
 
 def lower_into_linear(block: nn.Module, linear: nn.Module) -> None:

@@ -12,6 +12,7 @@ from .. import ops
 from . import forward_context
 from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES
+from ..ops.linear_plan import LinearPlan
 from ..quant.config import QuantConfig
 from ..quant.primitives import qrange
 from ..quant.weight import quantize_weight
@@ -132,6 +133,9 @@ class QuantLinear(nn.Module):
 
     def set_static_activation(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
         """Fixes a calibrated per-tensor activation scale (and signed-domain integer zero point)."""
+        if self.runtime_plan is not None:
+            raise ValueError("this layer is converted for runtime (convert_for_runtime): set static activations on "
+                             "the calibration model, then convert again")
         if self.config.act_bits is None:
             raise ValueError(f"{type(self.config).__name__} has no activation quantization to make static")
         device = self.weight.device
@@ -166,17 +170,24 @@ class QuantLinear(nn.Module):
                                    f"{x.numel() // self.in_features}")
             return handed_over.reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).contiguous()
-        residual, gamma = forward_context.take(self, "epilogue", (None, None))
+        residual, gamma, scaled_plan = forward_context.take(self, "epilogue", (None, None, None))
         if residual is not None and residual.shape != (rows.shape[0], self.out_features):
             raise RuntimeError(f"the residual for this call is {tuple(residual.shape)}, its output "
                                f"{(rows.shape[0], self.out_features)}")
-        weight, bias, segments = output_scaled(self.quantized_weight(),
-                                               self.bias if bias_override is None else bias_override,
-                                               self.lowered_segments(x.dtype), gamma)
-        y = ops.quantized_linear(
-            rows, weight, self.config.act_bits, static_scale=self.input_scale, zero_point=self.input_zero_point,
-            bias=bias, residual=residual, **segments,
-        )
+        plan = scaled_plan or self.runtime_plan
+        converted = plan is not None
+        if not converted:  # the calibration form: its operands may change between calls
+            plan = self.build_plan(gamma, x.dtype, check=False)
+        if bias_override is not None:
+            plan = dataclasses.replace(plan, bias=bias_override)
+        lowrank_t, fullrank_x = self.correction_inputs(rows, plan)
+        if converted:
+            y = plan.run(rows, lowrank_t, fullrank_x, residual)
+        else:
+            y = ops.quantized_linear(rows, plan.weight, plan.act_bits, static_scale=plan.input_scale,
+                                     zero_point=plan.input_zero_point, bias=plan.bias, lowrank_t=lowrank_t,
+                                     lowrank_u=plan.lowrank_u, fullrank_x=fullrank_x, fullrank_w=plan.fullrank_w,
+                                     residual=residual)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def hand_over(self, y: torch.Tensor) -> None:
@@ -186,12 +197,70 @@ class QuantLinear(nn.Module):
         this layer."""
         forward_context.put(self, "output", y)
 
-    def add_to_next_output(self, residual: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> None:
+    def add_to_next_output(self, residual: torch.Tensor, gamma: Optional[torch.Tensor] = None,
+                           scaled_plan: Optional[LinearPlan] = None) -> None:
         """Makes this layer's next call in the current forward scope add `residual` [rows,
         out_features] in its GEMM epilogue, after scaling its output channels by `gamma`
         [out_features] (a LayerScale): a fused decoder block's residual stream, when the model's
-        own attention code calls its output projection."""
-        forward_context.put(self, "epilogue", (residual, None if gamma is None else gamma.detach()))
+        own attention code calls its output projection. A converted block passes its frozen
+        `build_plan(gamma)` as `scaled_plan` instead of γ."""
+        gamma = None if gamma is None or scaled_plan is not None else gamma.detach()
+        forward_context.put(self, "epilogue", (residual, gamma, scaled_plan))
+
+    runtime_plan: Optional[LinearPlan] = None  # set by `freeze` (convert_for_runtime)
+
+    def build_plan(self, gamma: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
+                   check: bool = True) -> LinearPlan:
+        """This layer's GEMM operands as a plan (ops/linear_plan.py): its weight, bias and static
+        activation scale, the U of its lowered corrections (adapter, then QwT) concatenated and
+        QwT's full-rank W_c (in `dtype`, else as stored), with the output scale γ [out_features]
+        folded in (a LayerScale after the layer). `check` validates it (once, for a frozen plan)."""
+        adapter, qwt = getattr(self, "lowered_adapter", None), getattr(self, "lowered_qwt", None)
+        cast = (lambda tensor: tensor) if dtype is None else (lambda tensor: tensor.to(dtype))  # noqa: E731
+        ups = [cast(correction.up) for correction in (adapter, qwt)
+               if correction is not None and (correction is adapter or qwt.down is not None)]
+        segments = {}
+        if ups:
+            segments["lowrank_u"] = (ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)).contiguous()
+        if qwt is not None and qwt.down is None:
+            segments["fullrank_w"] = cast(qwt.up).contiguous()
+        bias = None if self.bias is None else self.bias.detach()
+        weight, bias, segments = output_scaled(self.quantized_weight(), bias, segments, gamma)
+        plan = LinearPlan(weight, self.config.act_bits, self.input_scale, self.input_zero_point, bias, **segments)
+        if check:
+            plan.check()
+        return plan
+
+    def freeze(self) -> None:
+        """Converts this layer to its runtime form: its forward runs `build_plan()`'s operands, built
+        now, and only the input (and the corrections' T) is prepared per call. Casts and moves
+        (`.to`, `.half`) build the plan again."""
+        self.runtime_plan = self.build_plan()
+
+    def thaw(self) -> None:
+        """Back to the calibration form (undoes a conversion that failed part-way)."""
+        self.__dict__.pop("runtime_plan", None)
+
+    def correction_inputs(self, rows: torch.Tensor, plan: LinearPlan, adapter_t: Optional[torch.Tensor] = None,
+                          qwt_t: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(T, X_c) of this call for the plan's low-rank and full-rank segments: the lowered
+        adapter's T (`adapter_t` when the caller computed it, else what its hook handed over) and
+        QwT's T = x·V (`qwt_t` when the caller computed it from its read of x) or its X_c = x, from
+        the block input handed over in this scope."""
+        ts, fullrank_x = [], None
+        adapter = getattr(self, "lowered_adapter", None)
+        if adapter is not None:
+            ts.append(adapter.take_t(rows.shape[0], plan.dtype) if adapter_t is None else adapter_t.to(plan.dtype))
+        qwt = getattr(self, "lowered_qwt", None)
+        if qwt is not None:
+            block_input = qwt.take_input()
+            if qwt.down is None:
+                fullrank_x = block_input.to(plan.dtype).contiguous()
+            else:
+                ts.append((block_input.float() @ qwt.down if qwt_t is None else qwt_t).to(plan.dtype))
+        if not ts:
+            return None, fullrank_x
+        return (ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)).contiguous(), fullrank_x
 
     def drop_untaken_hand_offs(self) -> bool:
         """Drops what the current scope still holds for this layer; True when there was something
@@ -199,38 +268,13 @@ class QuantLinear(nn.Module):
         untaken = [forward_context.take(self, slot) for slot in ("output", "epilogue")]
         return any(value is not None for value in untaken)
 
-    def lowered_segments(self, dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
-                         lowrank_u: Optional[torch.Tensor] = None, qwt_t: Optional[torch.Tensor] = None) -> dict:
-        """The GEMM segments of corrections lowered into this layer for this call: a QwT
-        compensation (`lowered_qwt`, nn.compensation.lower_into_linear) and an adapter
-        (`lowered_adapter`, methods.qla.fuse). Low-rank parts share one segment, T and U
-        concatenated along the rank; `lowrank_t`/`lowrank_u` are put first (a caller that computed
-        the adapter's T itself passes it here instead of letting the adapter's hook prepare it), and
-        `qwt_t` is QwT's T = x·V when the caller computed it (a fused block's first pre-kernel)."""
-        segments, ts, us = {}, [], []
-        if lowrank_t is not None:
-            ts.append(lowrank_t.to(dtype))
-            us.append(lowrank_u.to(dtype))
-        elif getattr(self, "lowered_adapter", None) is not None:
-            adapter = self.lowered_adapter.segments(dtype)
-            if adapter:  # empty while the adapter is suspended
-                ts.append(adapter["lowrank_t"])
-                us.append(adapter["lowrank_u"])
-        if getattr(self, "lowered_qwt", None) is not None:
-            segments = self.lowered_qwt.segments(dtype, qwt_t)
-            if "lowrank_t" in segments:
-                ts.append(segments.pop("lowrank_t"))
-                us.append(segments.pop("lowrank_u"))
-        if ts:
-            segments["lowrank_t"] = ts[0] if len(ts) == 1 else torch.cat(ts, dim=1).contiguous()
-            segments["lowrank_u"] = us[0] if len(us) == 1 else torch.cat(us, dim=1).contiguous()
-        return segments
-
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, original in kept.items():
             self._buffers[name] = original.to(device=self._buffers[name].device)
+        if self.runtime_plan is not None:
+            self.freeze()
         return self
 
     def extra_repr(self) -> str:

@@ -57,11 +57,22 @@ class BackendInfo:
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """One backend's implementation of an op: `run(*args)`, for the calls `supports(*args)` accepts
-    (None: every call)."""
+    (None: every call). `body`, where given, is what the custom op `run` calls, with the same
+    arguments: `eager(first)` returns it for calls that need nothing of the dispatcher."""
 
     backend: str
     run: Callable
     supports: Optional[Callable[..., bool]] = None
+    body: Optional[Callable] = None
+
+    def eager(self, first: torch.Tensor) -> Callable:
+        """`body` when the call runs eagerly on plain tensors without autograd (the custom op adds
+        some 10 µs of dispatch per call, measured at M = 1, and is there for torch.compile, fake
+        tensors and its refusal to differentiate), else `run`."""
+        if (self.body is None or torch.is_grad_enabled() or type(first) is not torch.Tensor
+                or first.device.type == "meta" or torch.compiler.is_compiling()):
+            return self.run
+        return self.body
 
 
 _STATUS: Dict[str, Callable[[], Optional[str]]] = {"reference": lambda: None, "simulate": lambda: None}
@@ -79,14 +90,15 @@ def register_backend(name: str, status: Callable[[], Optional[str]]) -> None:
     _backend_table.cache_clear()
 
 
-def register(op: str, backend: str, run: Callable, supports: Optional[Callable[..., bool]] = None) -> None:
-    """Registers `backend`'s implementation of `op`. One per (op, backend)."""
+def register(op: str, backend: str, run: Callable, supports: Optional[Callable[..., bool]] = None,
+             body: Optional[Callable] = None) -> None:
+    """Registers `backend`'s implementation of `op` (`body`: see Implementation). One per (op, backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     entries = _IMPLEMENTATIONS.setdefault(op, [])
     if any(entry.backend == backend for entry in entries):
         raise ValueError(f"op {op!r} already has a {backend!r} implementation")
-    entries.append(Implementation(backend, run, supports))
+    entries.append(Implementation(backend, run, supports, body))
     by_backend = {entry.backend: entry for entry in entries}
     _RESOLVED[op] = {selected: tuple(by_backend[name] for name in chain if name in by_backend)
                      for selected, chain in _CHAINS.items()}
@@ -94,7 +106,13 @@ def register(op: str, backend: str, run: Callable, supports: Optional[Callable[.
 
 def implementation(op: str, device: torch.device, *args) -> Implementation:
     """The implementation `op` runs on for these (validated) arguments on `device`."""
-    for entry in _RESOLVED[op][resolve_backend(device)]:
+    return implementation_for(op, resolve_backend(device), *args)
+
+
+def implementation_for(op: str, backend: str, *args) -> Implementation:
+    """The implementation `op` runs on for these (validated) arguments when `backend` (a
+    `resolve_backend` result) is selected: a caller running several ops resolves once."""
+    for entry in _RESOLVED[op][backend]:
         if entry.supports is None or entry.supports(*args):
             return entry
     raise ValueError(f"op {op!r} has no reference implementation registered (qla_kernels.ops.library not imported)")

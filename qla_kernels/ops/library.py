@@ -155,7 +155,8 @@ dwsep_down.register_fake(dwsep_down_fake)
 
 
 # The reference implements every op for every call: the last implementation of every chain.
-for _op in ("quantize_activation", "quantize_activation_into", "normalize_activation", "normalize_quantize_activation",
-            "dwsep_down"):
+for _op in ("quantize_activation_into", "normalize_activation", "normalize_quantize_activation", "dwsep_down"):
     register(_op, "reference", getattr(torch.ops.qla, _op))
-register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands))
+register("quantize_activation", "reference", torch.ops.qla.quantize_activation, body=reference.quantize_activation)
+register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands),
+         body=reference.fused_linear)

@@ -1,6 +1,7 @@
 """The whole pipeline on architectures the templates were not written for (random-init configs):
-quantize_ → PTQ → QwT → QLA (add, train, save/load, lower) → QwT lowering → fuse_blocks. Every
-step either works or raises a ValueError that says why; fusing never changes the output; and the
+quantize_ → PTQ → QwT → QLA (add, train, save/load, lower) → QwT lowering → fuse_blocks, and
+convert_for_runtime. Every step either works or raises a ValueError that says why; fusing never
+changes the output, converting changes no bit of it; and the
 families marked below fuse (freshly quantized) at least one block, the others report why not."""
 
 import copy
@@ -97,9 +98,14 @@ def test_pipeline_works_or_says_why(name, tmp_path):
     except ValueError:  # a LayerScale or an fp linear after the block's last GEMM
         pass
     before = _output(model, batch)
+    runtime = copy.deepcopy(model)
     report = qk.fuse_blocks(model, example)
     assert all(report.skipped.values())  # every block that does not fuse says why
-    assert _cosine(before, _output(model, batch)) > 0.9999
+    fused = _output(model, batch)
+    assert _cosine(before, fused) > 0.9999
+    # The runtime form runs the same ops on frozen operands: bit for bit the calibration form's.
+    assert qk.convert_for_runtime(runtime, example).fused == report.fused
+    assert torch.equal(_output(runtime, batch), fused)
     plain = qk.quantize_(copy.deepcopy(fp), qk.W8A8())  # which blocks fuse is the structure's doing
     report = qk.fuse_blocks(plain, example)
     assert bool(report.fused) == fuses, report.skipped

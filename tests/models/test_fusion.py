@@ -1,4 +1,4 @@
-"""Fused blocks (nn/fused_block.py) found by models/fusion.py: the fused chain really runs, equals
+"""Fused blocks (nn/fused.py) found by models/fusion.py: the fused chain really runs, equals
 the block's module-by-module forward, falls back where it must, and leaves names, checkpoints and
 block discovery unchanged."""
 
@@ -11,8 +11,10 @@ import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.models import find_blocks, fuse_blocks
-from qla_kernels.nn import fused_block, module_kinds
-from qla_kernels.nn.fused_block import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
+from qla_kernels.nn import fused as fused_package, module_kinds
+from qla_kernels.ops.linear_plan import LinearPlan
+from qla_kernels.nn.fused import chain as fused_chain
+from qla_kernels.nn.fused import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
 from ..conftest import assert_same_up_to_rerounding, randomize_adapters, sqnr_db
 
@@ -28,13 +30,13 @@ def _vit(name="vit_tiny_patch16_224", depth=2, **kwargs):
 def chain_calls(monkeypatch):
     """Activations of the fused_linear calls the fused chain makes."""
     calls = []
-    original = fused_block.fused_linear
+    original = fused_chain.fused_linear
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("activation", "none"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fused_block, "fused_linear", counting)
+    monkeypatch.setattr(fused_chain, "fused_linear", counting)
     return calls
 
 
@@ -63,7 +65,7 @@ def test_fused_model_equals_the_module_by_module_model(name, config, static, cha
         codes.append(result[0])
         return result
     monkeypatch.setattr(ops, "quantize_activation", recording)
-    monkeypatch.setattr(fused_block, "quantize_activation", recording)
+    monkeypatch.setattr(fused_chain, "quantize_activation", recording)
     with torch.no_grad():
         reference, expected = fp(x), model(x)
     first_unfused = codes[0]
@@ -295,10 +297,10 @@ def test_a_fused_block_keeps_the_class_the_model_defined():
     qk.quantize_(model, qk.W8A8())
     fuse_blocks(model, batch)
     block = model.encoder.layer[0]
-    assert isinstance(block, FusedPostNormBlock) and fused_block.original_class(block) is BertLayer
+    assert isinstance(block, FusedPostNormBlock) and fused_package.original_class(block) is BertLayer
     assert [name for name, _ in find_blocks(model)] == ["encoder.layer.0", "encoder.layer.1"]
     unfuse_block(block)
-    assert type(block) is BertLayer and fused_block.original_class(block) is BertLayer
+    assert type(block) is BertLayer and fused_package.original_class(block) is BertLayer
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
@@ -438,9 +440,12 @@ def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config
     assert len(report.fused) == 2 and not report.skipped
     chain_calls.clear()
     layer_calls = []  # (residual in the epilogue?) of the QuantLinears the attention modules call
-    quantized_linear = ops.quantized_linear
+    quantized_linear, planned = ops.quantized_linear, LinearPlan.run
     monkeypatch.setattr(ops, "quantized_linear", lambda *args, **kwargs: layer_calls.append(
         kwargs.get("residual") is not None) or quantized_linear(*args, **kwargs))
+    # The output projection runs the plan its block hands over with the residual.
+    monkeypatch.setattr(LinearPlan, "run", lambda plan, rows, lowrank_t=None, fullrank_x=None, residual=None:
+                        layer_calls.append(residual is not None) or planned(plan, rows, lowrank_t, fullrank_x, residual))
     with torch.no_grad():
         fused = model_output(run_model(model, batch))
     # LLaMA / OPT: q/k/v as one packed GEMM handed over to the attention module; LLaMA's gate and
@@ -592,7 +597,7 @@ def test_encoders_with_separate_qkv_fuse_around_their_own_attention(kind, activa
         expected = model(**batch).last_hidden_state
     report = fuse_blocks(model, batch)
     assert len(report.fused) == 2 and not report.skipped, report.skipped
-    assert all(isinstance(block, fused_block.FusedModelAttentionBlock) for block in blocks)
+    assert all(isinstance(block, fused_package.FusedModelAttentionBlock) for block in blocks)
     chain_calls.clear()
     with torch.no_grad():
         fused = model(**batch).last_hidden_state
@@ -680,7 +685,7 @@ def test_fused_model_keeps_names_checkpoints_and_falls_back_when_training(tmp_pa
     with pytest.raises(ValueError, match="not a fused block"):
         unfuse_block(model.blocks[0])
     with pytest.raises(ValueError, match="already fused"):
-        fused_block.fuse_block(model.blocks[1], model.blocks[1]._qla_template)
+        fused_package.fuse_block(model.blocks[1], model.blocks[1]._qla_template)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
-"""A quantized model's forward keeps no per-call state on its modules (nn/forward_context.py):
-calls from several threads equal sequential calls bit for bit, a runtime forward leaves every
-module's attributes as they were, and converted models pickle and deep-copy.
+"""A quantized model's forward keeps no per-call state on its modules (nn/forward_context.py), in
+the calibration form and converted for runtime: calls from several threads equal sequential
+calls bit for bit, a forward leaves every module's attributes as they were, and converted
+models pickle and deep-copy.
 
 The threads run with one intra-op thread each, so every op computes the same reductions in the
 same order as the sequential call: any difference is state shared between calls."""
@@ -25,7 +26,8 @@ THREADS, CALLS = 8, 8
 
 
 def _vit_qla_qwt(fused: bool):
-    """ViT-tiny W8A8 with a truncated QwT and QLA adapters (random weights), both lowered."""
+    """ViT-tiny W8A8 with a truncated QwT and QLA adapters (random weights), both lowered; its
+    blocks fused (and converted: level two) or not (converted: level one)."""
     torch.manual_seed(0)
     fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
@@ -36,9 +38,8 @@ def _vit_qla_qwt(fused: bool):
     randomize_adapters(model)
     qla.fuse(model)
     qwt.lower(model, example)
-    if fused:
-        assert qk.fuse_blocks(model, example).fused
-    return model, lambda batch, seed: torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return model, example if fused else None, lambda batch, seed: torch.randn(
+        batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def _bert_qwt():
@@ -50,7 +51,7 @@ def _bert_qwt():
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
     batches = [{"input_ids": torch.randint(1, 100, (4, 12))} for _ in range(3)]
     qwt.calibrate(fp, model, batches, progress=False)
-    return model, lambda batch, seed: {"input_ids": torch.randint(
+    return model, None, lambda batch, seed: {"input_ids": torch.randint(
         1, 100, (batch, 6 + seed % 7), generator=torch.Generator().manual_seed(seed))}
 
 
@@ -59,15 +60,27 @@ def _llama_fused():
     config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128, vocab_size=100)
     model = qk.quantize_(transformers.LlamaForCausalLM(config).eval(), qk.W8A8())
-    assert qk.fuse_blocks(model, {"input_ids": torch.randint(0, 100, (2, 9))}).fused
-    return model, lambda batch, seed: {"input_ids": torch.randint(
+    return model, {"input_ids": torch.randint(0, 100, (2, 9))}, lambda batch, seed: {"input_ids": torch.randint(
         0, 100, (batch, 5 + seed % 6), generator=torch.Generator().manual_seed(seed)), "use_cache": False}
 
 
-MODELS = {"vit_qla_qwt_lowered": lambda: _vit_qla_qwt(fused=False),
-          "vit_qla_qwt_fused": lambda: _vit_qla_qwt(fused=True),
-          "bert_qwt": _bert_qwt,
-          "llama_fused": _llama_fused}
+BUILDERS = {"vit_qla_qwt_lowered": lambda: _vit_qla_qwt(fused=False),
+            "vit_qla_qwt_fused": lambda: _vit_qla_qwt(fused=True),
+            "bert_qwt": _bert_qwt,
+            "llama_fused": _llama_fused}
+
+
+def _model(name: str, converted: bool):
+    """(model, batch maker): fused with the builder's example (if any), then converted or not."""
+    model, example, make_batch = BUILDERS[name]()
+    if converted:
+        qk.convert_for_runtime(model, example)
+    elif example is not None:
+        assert qk.fuse_blocks(model, example).fused
+    return model, make_batch
+
+
+FORMS = pytest.mark.parametrize("converted", [False, True], ids=["calibration", "converted"])
 
 
 @pytest.fixture
@@ -83,9 +96,10 @@ def _run(model, batch):
         return model_output(run_model(model, batch))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_concurrent_calls_equal_sequential_calls(name, one_intra_op_thread):
-    model, make_batch = MODELS[name]()
+@FORMS
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_concurrent_calls_equal_sequential_calls(name, converted, one_intra_op_thread):
+    model, make_batch = _model(name, converted)
     batches = [[make_batch(1 + (thread + call) % 4, thread * CALLS + call) for call in range(CALLS)]
                for thread in range(THREADS)]
     expected = [[_run(model, batch) for batch in per_thread] for per_thread in batches]
@@ -126,9 +140,10 @@ def _state(model):
     return {name: frozen(vars(module)) for name, module in model.named_modules()}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_a_forward_leaves_every_module_as_it_was(name):
-    model, make_batch = MODELS[name]()
+@FORMS
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_a_forward_leaves_every_module_as_it_was(name, converted):
+    model, make_batch = _model(name, converted)
     _run(model, make_batch(2, 0))  # first calls may fill caches keyed by input shape (window orders)
     before = _state(model)
     _run(model, make_batch(2, 0))
@@ -136,8 +151,8 @@ def test_a_forward_leaves_every_module_as_it_was(name):
 
 
 @pytest.mark.parametrize("name", ["vit_qla_qwt_fused", "llama_fused"])
-def test_quantized_models_pickle_and_deep_copy(name):
-    model, make_batch = MODELS[name]()
+def test_converted_models_pickle_and_deep_copy(name):
+    model, make_batch = _model(name, converted=True)
     batch = make_batch(2, 1)
     expected = _run(model, batch)
     buffer = io.BytesIO()
@@ -147,3 +162,6 @@ def test_quantized_models_pickle_and_deep_copy(name):
     assert type(restored) is type(model)
     assert torch.equal(_run(restored, batch), expected)
     assert torch.equal(_run(copy.deepcopy(model), batch), expected)
+    # The restored plans read the restored layers' own tensors (an in-place load reaches them).
+    assert all(layer.runtime_plan.weight.data is layer.weight
+               for layer in restored.modules() if isinstance(layer, qk.QuantLinear))

@@ -116,11 +116,12 @@ if _IMPORT_ERROR is None:
     for _op in ("quantize_activation", "quantize_activation_into", "normalize_activation",
                 "normalize_quantize_activation"):
         register(_op, "triton", getattr(torch.ops.qla, f"{_op}_triton"),
-                 _covered_by(supports_quantize_activation, _op, "down_proj"))
+                 _covered_by(supports_quantize_activation, _op, "down_proj"),
+                 body=_quantize_activation if _op == "quantize_activation" else None)
     register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
              _covered_by(supports_dwsep_down, "dwsep_down", "down_weight"))
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
-             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS)
+             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS, body=launch.fused_linear)
 
 register_backend("triton", status)
 

@@ -1,0 +1,102 @@
+"""The post-norm chain (BERT / RoBERTa): the LayerNorm follows each residual add.
+
+    pre1 : x → int8 (one pre-kernel when query/key/value quantize alike)     quantize_activation
+    q/k/v: one packed GEMM + bias (or three)                                 fused_linear
+    core : scaled_dot_product_attention with the block's attention mask
+    proj : GEMM + bias + [T_dw]·U_dwᵀ + residual x               → s1        fused_linear
+    norm1: s1 → x1 (the MLP's residual) and int8 x1 (+ T_lora = x1·A)        normalize_quantize_activation
+    fc1  : GEMM + bias + GELU → re-quantized                                 fused_linear
+    fc2  : GEMM + bias + [T_lora | T_qwt]·[U_lora | U_qwt]ᵀ + residual x1 → s2   fused_linear
+    norm2: s2 → block output                                                 normalize_activation
+
+QLA's DW-separable adapter reads the block input x (a 1-D conv over tokens, padding masked): its
+block pre-hook computes T_dw, as QwT's hands over x for T_qwt = x·V_r (fitted on the pre-LN sum).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .chain import common_reasons, down_projection, gemm, mlp, normalize, normalize_and_quantize, quantize_input
+from .packing import PackedGroups
+from .templates import PostNormTemplate, attention_heads
+
+
+class FusedPostNormBlock(PackedGroups):
+    """Mixin placed before a post-norm block's own class by `fuse_block`; see the module docstring.
+
+    The block's return structure (a tensor, or a 1-tuple in older transformers) is recorded at
+    fusion. Any argument besides the hidden states and the attention mask (a KV cache, encoder
+    states, head masks, attention outputs requested) is one the chain does not take."""
+
+    _qla_template: PostNormTemplate
+    _qla_returns_tuple: bool = False
+
+    @staticmethod
+    def _attention_mask(args: tuple, kwargs: dict) -> Tuple[str, Optional[torch.Tensor]]:
+        """(why the call is not hidden states + a 4-D mask, "" if it is; the mask)."""
+        kwargs = dict(kwargs)
+        mask = kwargs.pop("attention_mask", None)
+        if args:
+            mask, args = (args[0] if mask is None else mask), args[1:]
+        given = [f"argument {i + 3}" for i, a in enumerate(args) if a is not None and a is not False]
+        given += [name for name, value in kwargs.items() if value is not None and value is not False]
+        if given:
+            return f"the block is called with arguments the fused chain does not take: {given}", mask
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            return "the attention mask is not a 4-D tensor (the form scaled_dot_product_attention takes)", mask
+        return "", mask
+
+    def why_not_fused(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str:
+        if x.dim() != 3:
+            return f"the input is {tuple(x.shape)}; the fused chain takes [batch, tokens, width]"
+        return common_reasons(self, x) or self._attention_mask(args, kwargs)[0] or self.stale_packing()
+
+    def chain_plans(self, dtype: Optional[torch.dtype], check: bool) -> Dict[object, object]:
+        t = self._qla_template
+        part = self.get_submodule
+        plans = {name: part(name).build_plan(None, dtype, check) for name in (t.query, t.key, t.value, t.proj, t.fc1,
+                                                                                t.fc2)}
+        plans.update(self.packed_plans(check))
+        plans["lora_down"] = down_projection(self, part(t.fc2), dtype)
+        return plans
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        why = self.why_not_fused(x, args, kwargs)
+        if why:
+            return self.own_forward(why, x, *args, **kwargs)
+        mask = self._attention_mask(args, kwargs)[1]
+        t = self._qla_template
+        part = self.get_submodule
+        plans = self.plans(x.dtype)
+        batch, tokens, width = x.shape
+        rows = x.reshape(batch * tokens, width).contiguous()
+        attention = part(t.attention)
+        names = (t.query, t.key, t.value)
+        heads, head_dim = attention_heads(attention, plans[t.query].out_features)
+        if t.packed_qkv:
+            qkv = plans[t.packed_groups()[0]]
+            packed = gemm(*quantize_input(rows, qkv)[:3], qkv, out_dtype=x.dtype)
+            outputs = packed.split([plans[name].out_features for name in names], dim=1)
+        else:
+            outputs = [gemm(*quantize_input(rows, plans[name])[:3], plans[name], out_dtype=x.dtype) for name in names]
+        projected = [out.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for out in outputs]
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(x.dtype)
+        context = F.scaled_dot_product_attention(*projected, attn_mask=mask, scale=getattr(attention, "scaling", None))
+        context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim).contiguous()
+        proj = plans[t.proj]
+        q, scale, zero, _ = quantize_input(context, proj)
+        # A lowered DW-separable adapter reads the block input x: its block pre-hook has handed T over.
+        lowrank_t, fullrank_x = part(t.proj).correction_inputs(rows, proj)
+        s1 = gemm(q, scale, zero, proj, lowrank_t=lowrank_t, fullrank_x=fullrank_x, residual=rows, out_dtype=x.dtype)
+        fc1, fc2, lora_down = plans[t.fc1], plans[t.fc2], plans["lora_down"]  # LoRA on x1: T from the same pre-kernel
+        x1, q, scale, zero, lora_t = normalize_and_quantize(s1, part(t.norm1), fc1, lora_down)
+        lowrank_t, fullrank_x = part(t.fc2).correction_inputs(x1, fc2, lora_t if lora_down is not None else None)
+        out, _ = normalize(mlp(q, scale, zero, fc1, fc2, t.activation, x1, x.dtype, lowrank_t, fullrank_x),
+                           part(t.norm2))
+        out = out.reshape(batch, tokens, width)
+        return (out,) if self._qla_returns_tuple else out

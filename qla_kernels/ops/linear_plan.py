@@ -1,0 +1,95 @@
+"""A quantized linear's frozen runtime plan: every operand that does not depend on the input,
+validated once when it is built, so that a call validates only its input and resolves its
+backend once.
+
+The calibration form calls `quantized_linear` / `fused_linear` with operands it assembles per
+call (they may change while methods calibrate). A converted model (`convert_for_runtime`) holds
+one `LinearPlan` per GEMM instead: the weight as its kernel reads it with scales and gates
+folded, the concatenated U of every low-rank correction, QwT's full-rank W_c and V, the static
+activation scale and zero point. `run` is the per-call part: quantize the input, then the fused
+GEMM with the per-call T, X_c and residual, on the same implementations (and so the same
+numbers) as `quantized_linear`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ..formats.weights import QuantizedWeight
+from .checks import check_fused_linear, check_quantize_activation
+from .dispatch import implementation_for, resolve_backend
+from .operands import FusedLinearOperands
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPlan:
+    """The input-independent operands of one quantized linear (see the module docstring).
+
+    `act_bits` None: W4A16 (the GEMM reads the activations). `lowrank_u` [N, r] pairs with the
+    per-call T [M, r] of `run`; `fullrank_w` [N, K_c] with X_c. `dtype` is the dtype U and W_c
+    are stored in (None without them), which T and X_c take."""
+
+    weight: QuantizedWeight
+    act_bits: Optional[int]
+    input_scale: Optional[torch.Tensor] = None
+    input_zero_point: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    lowrank_u: Optional[torch.Tensor] = None
+    fullrank_w: Optional[torch.Tensor] = None
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        bound = self.lowrank_u if self.lowrank_u is not None else self.fullrank_w
+        return None if bound is None else bound.dtype
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.data.shape[0]
+
+    def check(self) -> None:
+        """ValueError naming the first operand that does not fit (run once, when built)."""
+        device = self.weight.data.device
+        dtype = self.dtype or torch.float32
+        probe = torch.zeros((1, self.in_features), dtype=dtype, device=device)
+        bits = self.act_bits or 8
+        check_quantize_activation(probe, bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None)
+        if self.lowrank_u is not None and self.fullrank_w is not None and self.lowrank_u.dtype != self.fullrank_w.dtype:
+            raise ValueError(f"lowrank_u ({self.lowrank_u.dtype}) and fullrank_w ({self.fullrank_w.dtype}) must share "
+                             "a dtype")
+        a = probe if self.act_bits is None else probe.to(torch.int8)
+        scale = None if self.act_bits is None else torch.ones(1, dtype=torch.float32, device=device)
+        rank = lambda right: None if right is None else probe.new_zeros((1, right.shape[1]))  # noqa: E731
+        check_fused_linear(self._operands(a, scale, rank(self.lowrank_u), rank(self.fullrank_w), None, dtype))
+
+    def _operands(self, a, a_scale, lowrank_t, fullrank_x, residual, out_dtype) -> FusedLinearOperands:
+        w = self.weight
+        zero = self.input_zero_point if self.act_bits == 8 else None  # below 8 bits the codes hold q − z
+        return FusedLinearOperands(
+            a, a_scale, zero, w.data, w.format, w.scale, w.group_scale, w.zero, w.k_group, w.colsum,
+            lowrank_t, self.lowrank_u, fullrank_x, self.fullrank_w, self.bias, "none", residual, out_dtype, 0,
+            None, None, a.shape[0])
+
+    def run(self, rows: torch.Tensor, lowrank_t: Optional[torch.Tensor] = None,
+            fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Y [M, N] in rows.dtype for rows [M, K] (contiguous, on the plan's device: the caller
+        checks its input once); T [M, r] / X_c [M, K_c] in the plan's dtype and the residual
+        [M, N] as the plan's U, W_c and shape say (built by the caller from the same rows). The
+        output takes the dtype of rows."""
+        backend = resolve_backend(rows.device)
+        if backend == "simulate":
+            raise ValueError("a converted (runtime) model does not run under the 'simulate' backend: calibrate and "
+                             "train the model before convert_for_runtime")
+        if self.act_bits is None:
+            a, a_scale = rows, None
+        else:
+            args = (rows, self.act_bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None, False)
+            a, a_scale, _ = implementation_for("quantize_activation", backend, *args).eager(rows)(*args)
+        operands = self._operands(a, a_scale, lowrank_t, fullrank_x, residual, rows.dtype)
+        return implementation_for("fused_linear", backend, operands).eager(rows)(operands)[0]
