@@ -101,3 +101,38 @@ def randomize_adapters(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if "qla_" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05 + (0.7 if name.endswith("gate") else 0))
+
+
+def corrected_vit(depth: int = 2):
+    """(fp ViT-tiny at 32², its W8A8 quantization with a truncated QwT and QLA adapters of random
+    weights, both lowered onto the GEMMs, an example batch): every correction the GEMMs carry."""
+    import copy
+
+    import timm
+
+    import qla_kernels as qk
+    from qla_kernels.methods import qla, qwt
+
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [torch.randn(4, 3, 32, 32) for _ in range(3)], progress=False)
+    qwt.truncate(model, energy=0.9)
+    example = torch.randn(2, 3, 32, 32)
+    qla.add_adapters(model, rank=4, example=example)
+    randomize_adapters(model)
+    qla.fuse(model)
+    qwt.lower(model, example)
+    return fp, model, example
+
+
+def first_call(model: torch.nn.Module, module: torch.nn.Module, batch: dict):
+    """(args, kwargs) of `module`'s first call when `model` runs on `batch` (no KV cache)."""
+    calls = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        handle.remove()
+    return calls[0]

@@ -3,7 +3,7 @@ benchmarks/bench_e2e.py.
 
 Vision (timm ViT-B/16, DeiT-S, DeiT-T, Swin-T at 224², random weights) and BERT-base (seq 128):
     fp16_eager, fp16_compile        the baselines (torch.compile default mode)
-    w8a8, w4a8                      quantize_ → fuse_blocks (fused chain wherever a template fits)
+    w8a8, w4a8                      quantize_ → convert_for_runtime (fused chain wherever a template fits)
     w8a8_qwt                        + QwT (calibrated on random inputs, truncated to 99% energy,
                                       lowered into each block's last GEMM)
     w8a8_qla_qwt, w4a8_qla          + QLA adapters (rank 8) lowered onto the GEMMs (methods.qla.fuse)
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..methods import qla, qwt
-from ..models import fuse_blocks
+from ..models import convert_for_runtime
 from ..models.batches import run_model
 from ..nn import quantize_
 from ..quant.config import W4A8, W4A16, W8A8
@@ -136,9 +136,7 @@ def prepare(variant: str, fp: nn.Module, example: Any, calibration: List[Any], s
     example = _cast(example, setup.dtype)
     if "qla" in variant and not variant.endswith("_modules"):
         qla.fuse(model)
-    if "qwt" in variant:
-        qwt.lower(model, example)
-    fuse_blocks(model, example)
+    convert_for_runtime(model, example)  # lowers QwT into the blocks' last GEMMs, fuses, freezes
     return model
 
 
@@ -277,7 +275,10 @@ def run_decode(setup: Setup, layers: int = 2, batches=(1, 16), prompt: int = 32,
             model = quantize_(model, W4A16(group_size=group))
         model = model.to(dtype)
         if variant == "w4a16_fused":  # norms and SwiGLU MLP fused around the model's attention
-            fuse_blocks(model, {"input_ids": torch.randint(0, fp.config.vocab_size, (1, 8), device=setup.device)})
+            convert_for_runtime(model, {"input_ids": torch.randint(0, fp.config.vocab_size, (1, 8),
+                                                                   device=setup.device)})
+        elif variant == "w4a16":
+            convert_for_runtime(model)
         for batch in batches:
             ms = decode_ms_per_step(model, batch, prompt, steps, fp.config.vocab_size, setup.device)
             rows.append({"model": f"llama_{fp.config.hidden_size}w_{fp.config.num_hidden_layers}l", "batch": batch,

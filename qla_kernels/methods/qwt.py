@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from ..models.batches import materialize, run_model, token_mask
 from ..models.blocks import find_blocks
-from ..models.facts import describe, without_kv_cache
-from ..nn.compensation import QwTCompensation, attach, block_input, compensated_blocks, lower_into_linear, primary_output
+from ..models.facts import without_kv_cache
+from ..models.runtime import lower_qwt
+from ..nn.compensation import QwTCompensation, attach, block_input, compensated_blocks, primary_output
 from ..nn.module_kinds import is_norm
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
@@ -225,47 +226,9 @@ def truncate(model_q: nn.Module, energy: float = 0.99) -> List[TruncationReport]
     return reports
 
 
-LOWERING_TOLERANCE = 1e-4  # relative to the block output's max: summation order passes, a wrong placement does not
-
-
-@torch.no_grad()
 def lower(model_q: nn.Module, batch: Any) -> List[str]:
-    """Runs every block's QwT compensation inside the fused GEMM of the block's last linear (the
-    MLP output): (x·V)·Uᵀ in its low-rank segment after `truncate`, else x·Wᵀ in its fp16
-    full-rank segment; the compensation bias joins the linear's bias. `batch` is used to find the
-    linears (models.describe) and to check each block: its output on the block input the batch
-    produces must be unchanged. If it changes (e.g. a layer scale between that linear and the
-    residual add), that block is restored and ValueError says so. Lowering is a runtime
-    conversion: save before it, lower after loading. Returns the linears that received one."""
-    blocks = list(compensated_blocks(model_q))
-    if not blocks:
-        raise ValueError("the model has no QwT compensation to lower (run qwt.calibrate first)")
-    facts = describe(model_q, batch)
-    was_training = model_q.training
-    model_q.eval()
-    lowered = []
-    try:
-        with use_backend("simulate"):
-            for name, block in blocks:
-                linear = block.get_submodule(facts.block.mlp_output)
-                if not isinstance(linear, QuantLinear):
-                    raise ValueError(f"{name}.{facts.block.mlp_output} is a {type(linear).__name__}, not a QuantLinear")
-                args, kwargs = _capture_block_input(model_q, block, batch)
-                before = primary_output(block(*args, **kwargs)).float()
-                compensation, bias = block.qwt, None if linear.bias is None else linear.bias.detach().clone()
-                lower_into_linear(block, linear)
-                after = primary_output(block(*args, **kwargs)).float()
-                if float((after - before).abs().max()) > LOWERING_TOLERANCE * float(before.abs().max()):
-                    del linear.lowered_qwt
-                    if bias is None:
-                        linear.bias = None
-                    else:
-                        linear.bias.data.copy_(bias)
-                    attach(block, compensation)
-                    raise ValueError(f"lowering QwT into {name}.{facts.block.mlp_output} changes the block's output: "
-                                     "something other than a plain residual add follows that linear; keep the "
-                                     "hook-based compensation for this model")
-                lowered.append(f"{name}.{facts.block.mlp_output}")
-    finally:
-        model_q.train(was_training)
-    return lowered
+    """Runs every block's QwT compensation inside the fused GEMM of the block's last linear
+    (`models.runtime.lower_qwt`, strict: a block whose output would change is a ValueError and
+    then no block is lowered). Lowering is a runtime conversion (`convert_for_runtime` does it
+    with an example): save before it, lower after loading. Returns the linears lowered."""
+    return lower_qwt(model_q, batch, strict=True)[0]

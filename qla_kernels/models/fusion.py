@@ -254,7 +254,7 @@ def _check_residual_branches(block: nn.Module, parts: set, proj: str) -> None:
 BlockCall = Tuple[torch.Tensor, tuple, dict]
 
 
-def _block_inputs(model: nn.Module, blocks: List[nn.Module], batch: Any) -> Dict[int, BlockCall]:
+def block_inputs(model: nn.Module, blocks: List[nn.Module], batch: Any) -> Dict[int, BlockCall]:
     """Each block's first call on `batch`: (hidden states, other positional arguments, keyword
     arguments), with KV caches dropped so that re-running a block leaves them untouched."""
     inputs: Dict[int, BlockCall] = {}
@@ -404,7 +404,7 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
     facts_by_class: Dict[type, Any] = {}  # blocks of one class share their facts (CaiT has two classes)
     try:
         with use_backend(backend):
-            inputs = _block_inputs(model, [block for _, block in named], example)
+            inputs = block_inputs(model, [block for _, block in named], example)
             for index, (name, block) in enumerate(named):
                 _unfuse(block)  # fusing again re-derives every template from the model as it is now
                 if type(block) not in facts_by_class:

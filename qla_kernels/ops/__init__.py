@@ -18,7 +18,7 @@ from . import cuda, library, reference, simulate  # noqa: F401  (cuda and librar
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
-from .operands import FusedLinearOperands
+from .operands import FusedLinearOperands, fused_linear_operands
 from .row_maps import RowMap
 
 
@@ -166,13 +166,12 @@ def fused_linear(
     if out_rows is None:
         out_rows = a.shape[0] if gather_rows is None else gather_rows.indices.shape[0]
     check_row_map("scatter_rows", scatter_rows, out_rows, "out_rows is")
-    gather_indices = None if gather_rows is None else gather_rows.indices
-    scatter_indices = None if scatter_rows is None else scatter_rows.indices
-    operands = FusedLinearOperands(
-        a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale,
-        weight.zero, weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w,
-        bias, activation, residual, out_dtype, requant_bits, gather_indices, scatter_indices, out_rows,
-    )
+    operands = fused_linear_operands(
+        a, a_scale, weight, a_zero_point=a_zero_point, lowrank_t=lowrank_t, lowrank_u=lowrank_u,
+        fullrank_x=fullrank_x, fullrank_w=fullrank_w, bias=bias, activation=activation, residual=residual,
+        out_dtype=out_dtype, requant_bits=requant_bits, out_rows=out_rows,
+        gather_rows=None if gather_rows is None else gather_rows.indices,
+        scatter_rows=None if scatter_rows is None else scatter_rows.indices)
     check_fused_linear(operands)
     out, out_scale = implementation("fused_linear", a.device, operands).run(operands)
     return (out, out_scale) if requant_bits else out

@@ -69,8 +69,8 @@ class Implementation:
         """`body` when the call runs eagerly on plain tensors without autograd (the custom op adds
         some 10 µs of dispatch per call, measured at M = 1, and is there for torch.compile, fake
         tensors and its refusal to differentiate), else `run`."""
-        if (self.body is None or torch.is_grad_enabled() or type(first) is not torch.Tensor
-                or first.device.type == "meta" or torch.compiler.is_compiling()):
+        if (self.body is None or torch.compiler.is_compiling() or torch.is_grad_enabled()
+                or type(first) is not torch.Tensor or first.device.type == "meta"):
             return self.run
         return self.body
 

@@ -21,7 +21,7 @@ import torch
 from ..formats.weights import QuantizedWeight
 from .checks import check_fused_linear, check_quantize_activation
 from .dispatch import implementation_for, resolve_backend
-from .operands import FusedLinearOperands
+from .operands import FusedLinearOperands, fused_linear_operands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +69,10 @@ class LinearPlan:
         check_fused_linear(self._operands(a, scale, rank(self.lowrank_u), rank(self.fullrank_w), None, dtype))
 
     def _operands(self, a, a_scale, lowrank_t, fullrank_x, residual, out_dtype) -> FusedLinearOperands:
-        w = self.weight
         zero = self.input_zero_point if self.act_bits == 8 else None  # below 8 bits the codes hold q − z
-        return FusedLinearOperands(
-            a, a_scale, zero, w.data, w.format, w.scale, w.group_scale, w.zero, w.k_group, w.colsum,
-            lowrank_t, self.lowrank_u, fullrank_x, self.fullrank_w, self.bias, "none", residual, out_dtype, 0,
-            None, None, a.shape[0])
+        return fused_linear_operands(a, a_scale, self.weight, a_zero_point=zero, lowrank_t=lowrank_t,
+                                     lowrank_u=self.lowrank_u, fullrank_x=fullrank_x, fullrank_w=self.fullrank_w,
+                                     bias=self.bias, residual=residual, out_dtype=out_dtype)
 
     def run(self, rows: torch.Tensor, lowrank_t: Optional[torch.Tensor] = None,
             fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:

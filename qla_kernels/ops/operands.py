@@ -1,6 +1,7 @@
 """The fused linear's operands as one schema: the order every backend's custom op takes them in.
 
-`ops.fused_linear` builds a `FusedLinearOperands` from its public arguments once; the registry
+`fused_linear_operands` fills a `FusedLinearOperands` from a QuantizedWeight and keyword segments
+(`ops.fused_linear` from its public arguments, a frozen `LinearPlan` from its own); the registry
 hands it to each implementation's `supports` and `run`, which read fields by name or pass it on
 flat (`*operands`) to a custom op. The custom ops' schema is inferred from these fields
 (`fused_linear_custom_op`), and their bodies (reference, Triton launch, checks) take the tuple.
@@ -14,6 +15,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..formats.weights import QuantizedWeight
 
 
 class FusedLinearOperands(NamedTuple):
@@ -39,6 +42,23 @@ class FusedLinearOperands(NamedTuple):
     gather_rows: Optional[Tensor]
     scatter_rows: Optional[Tensor]
     out_rows: int
+
+
+def fused_linear_operands(a: Tensor, a_scale: Optional[Tensor], weight: QuantizedWeight, *,
+                          a_zero_point: Optional[Tensor] = None, lowrank_t: Optional[Tensor] = None,
+                          lowrank_u: Optional[Tensor] = None, fullrank_x: Optional[Tensor] = None,
+                          fullrank_w: Optional[Tensor] = None, bias: Optional[Tensor] = None, activation: str = "none",
+                          residual: Optional[Tensor] = None, out_dtype: torch.dtype = torch.float16,
+                          requant_bits: int = 0, gather_rows: Optional[Tensor] = None,
+                          scatter_rows: Optional[Tensor] = None, out_rows: Optional[int] = None) -> FusedLinearOperands:
+    """The schema filled from a QuantizedWeight and keyword segments (row maps as index tensors;
+    `out_rows` defaults to the GEMM's rows): the one place a caller's arguments become operands."""
+    if out_rows is None:
+        out_rows = a.shape[0] if gather_rows is None else gather_rows.shape[0]
+    return FusedLinearOperands(
+        a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale, weight.zero,
+        weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual,
+        out_dtype, requant_bits, gather_rows, scatter_rows, out_rows)
 
 
 def _signature() -> inspect.Signature:

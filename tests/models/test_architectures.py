@@ -104,7 +104,7 @@ def test_pipeline_works_or_says_why(name, tmp_path):
     fused = _output(model, batch)
     assert _cosine(before, fused) > 0.9999
     # The runtime form runs the same ops on frozen operands: bit for bit the calibration form's.
-    assert qk.convert_for_runtime(runtime, example).fused == report.fused
+    assert qk.convert_for_runtime(runtime, example).fusion.fused == report.fused
     assert torch.equal(_output(runtime, batch), fused)
     plain = qk.quantize_(copy.deepcopy(fp), qk.W8A8())  # which blocks fuse is the structure's doing
     report = qk.fuse_blocks(plain, example)

@@ -8,29 +8,19 @@ import pytest
 import torch
 
 import qla_kernels as qk
-from qla_kernels.methods import qla, qwt
 from qla_kernels import ops
+from qla_kernels.methods import qwt
+from qla_kernels.nn.compensation import compensated_blocks
 from qla_kernels.ops import checks, dispatch
 from qla_kernels.ops import linear_plan as linear_plan_module
 
-from ..conftest import randomize_adapters
+from ..conftest import corrected_vit
 
 timm = pytest.importorskip("timm")
 
 
 def _corrected_vit():
-    """ViT-tiny W8A8 with a truncated QwT and QLA adapters (random weights), both lowered."""
-    torch.manual_seed(0)
-    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
-    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
-    qwt.calibrate(fp, model, [torch.randn(4, 3, 32, 32) for _ in range(3)], progress=False)
-    qwt.truncate(model, energy=0.9)
-    example = torch.randn(2, 3, 32, 32)
-    qla.add_adapters(model, rank=4, example=example)
-    randomize_adapters(model)
-    qla.fuse(model)
-    qwt.lower(model, example)
-    return model, example
+    return corrected_vit()[1:]
 
 
 def _run(model, x):
@@ -42,7 +32,7 @@ def test_level_one_equals_the_calibration_form_bit_for_bit():
     model, example = _corrected_vit()
     x = torch.randn(3, 3, 32, 32)
     expected = _run(model, x)
-    assert qk.convert_for_runtime(model) is None
+    assert qk.convert_for_runtime(model).fusion is None
     layers = [m for m in model.modules() if isinstance(m, qk.QuantLinear)]
     assert all(layer.runtime_plan is not None for layer in layers)
     assert torch.equal(_run(model, x), expected)
@@ -55,7 +45,7 @@ def test_level_two_equals_fuse_blocks_bit_for_bit():
     x = torch.randn(3, 3, 32, 32)
     expected = _run(fused, x)
     report = qk.convert_for_runtime(model, example)
-    assert report.fused == ["blocks.0", "blocks.1"]
+    assert report.fusion.fused == ["blocks.0", "blocks.1"] and not report.lowered_qwt  # lowered before
     assert all(block.converted for block in model.blocks)
     assert torch.equal(_run(model, x), expected)
 
@@ -134,3 +124,56 @@ def test_casting_a_converted_model_rebuilds_its_plans():
     assert half.dtype == torch.float16
     cosine = torch.nn.functional.cosine_similarity(half.float().flatten(), expected.flatten(), dim=0)
     assert cosine > 0.99
+
+
+def test_conversion_lowers_the_qwt_hooks_where_that_is_the_same_computation():
+    """BERT: QwT fitted on the pre-LN sums, attached as hooks; the conversion moves each into its
+    block's fc2 (the sum before the output norm is a plain add) and fuses the blocks. A QwT that
+    cannot lower (here: one forced to fail) keeps its hook and is reported."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    fp = transformers.AutoModel.from_config(config).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    batch = {"input_ids": torch.randint(1, 100, (4, 12))}
+    qwt.calibrate(fp, model, [{"input_ids": torch.randint(1, 100, (4, 12))} for _ in range(3)], progress=False)
+    compensated = [name for name, _ in compensated_blocks(model)]
+    assert compensated  # the held-out R² gate may switch a block's compensation off
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    report = qk.convert_for_runtime(model, batch)
+    assert report.lowered_qwt == [f"{name}.output.dense" for name in compensated]
+    assert not report.hooked_qwt and report.fusion.fused == ["encoder.layer.0", "encoder.layer.1"]
+    with torch.no_grad():
+        converted = model(**batch).last_hidden_state
+    cosine = torch.nn.functional.cosine_similarity(converted.flatten().double(), expected.flatten().double(), dim=0)
+    assert cosine > 0.9999
+
+
+def test_strict_lowering_changes_nothing_when_one_block_cannot_lower(monkeypatch):
+    """qwt.lower is all or nothing: the block whose output would change is named, and every block
+    keeps its hook-based compensation."""
+    from qla_kernels.models import runtime
+
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    qwt.calibrate(fp, model, [torch.randn(4, 3, 32, 32) for _ in range(3)], progress=False)
+    blocks = [block for _, block in compensated_blocks(model)]
+    assert len(blocks) == 2
+    x = torch.randn(2, 3, 32, 32)
+    expected = _run(model, x)
+    lower = runtime.lower_into_linear
+
+    def lower_wrongly_in_the_last_block(block, linear):
+        lower(block, linear)
+        if block is blocks[-1]:
+            linear.bias.data.add_(1.0)
+
+    monkeypatch.setattr(runtime, "lower_into_linear", lower_wrongly_in_the_last_block)
+    with pytest.raises(ValueError, match="blocks.1: lowering QwT into blocks.1.mlp.fc2 changes the block's output"):
+        qwt.lower(model, x)
+    assert all(getattr(block.mlp.fc2, "lowered_qwt", None) is None and hasattr(block, "qwt") for block in model.blocks)
+    assert torch.equal(_run(model, x), expected)

@@ -10,6 +10,8 @@ import torch
 import qla_kernels as qk
 from qla_kernels.methods import qwt
 
+from ..conftest import corrected_vit, first_call
+
 
 def _assert_compiles_like_eager(module, *args, **kwargs):
     """`module` compiles without graph breaks and the compiled call returns its eager output."""
@@ -83,12 +85,8 @@ def test_fused_decoder_block_compiles_without_graph_breaks(config):
     model = qk.quantize_(transformers.LlamaForCausalLM(llama).eval(), config)
     batch = {"input_ids": torch.randint(0, 100, (2, 9))}
     assert fuse_blocks(model, batch).fused
-    layer, calls = model.model.layers[0], []
-    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-    with torch.no_grad():
-        model(**batch, use_cache=False)
-    handle.remove()
-    args, kwargs = calls[0]
+    layer = model.model.layers[0]
+    args, kwargs = first_call(model, layer, batch)
     torch._dynamo.reset()  # the other config's graph of this forward would make this one a dynamic-shape recompile
     with torch.no_grad():
         _assert_compiles_like_eager(layer, *args, **kwargs)
@@ -147,21 +145,27 @@ def test_fused_mlp_compiles_without_graph_breaks():
 def test_block_handing_tensors_over_in_its_forward_scope_compiles_without_graph_breaks():
     """Lowered QwT and QLA hand their T inputs from hooks to the GEMMs through the block's forward
     scope (nn/forward_context.py): thread-local reads and writes that trace into one graph."""
-    timm = pytest.importorskip("timm")
-    from qla_kernels.methods import qla
-
-    from ..conftest import randomize_adapters
-
-    torch.manual_seed(0)
-    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
-    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
-    qwt.calibrate(fp, model, [torch.randn(8, 3, 32, 32) for _ in range(2)], progress=False)
-    qwt.truncate(model, energy=0.9)
-    example = torch.randn(2, 3, 32, 32)
-    qla.add_adapters(model, rank=4, example=example)
-    randomize_adapters(model)
-    qla.fuse(model)
-    qwt.lower(model, example)
+    pytest.importorskip("timm")
+    model = corrected_vit()[1]
     block, x = model.blocks[0], torch.randn(2, 17, 192)
     with torch.no_grad():
         _assert_compiles_like_eager(block, x)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["linears", "fused"])
+def test_converted_model_compiles_without_graph_breaks(fused):
+    """The runtime form (convert_for_runtime): frozen plans read as module attributes, the custom
+    ops called (not their eager bodies) while tracing."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    model = qk.quantize_(transformers.LlamaForCausalLM(llama).eval(), qk.W8A8())
+    batch = {"input_ids": torch.randint(0, 100, (2, 9))}
+    qk.convert_for_runtime(model, batch if fused else None)
+    layer = model.model.layers[0]
+    args, kwargs = first_call(model, layer, batch)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _assert_compiles_like_eager(layer, *args, **kwargs)

@@ -13,7 +13,7 @@ import torch
 import qla_kernels as qk
 from qla_kernels.nn import fused
 
-from ..conftest import assert_same_up_to_rerounding
+from ..conftest import assert_same_up_to_rerounding, first_call
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -101,13 +101,8 @@ def test_model_attention_chain_hands_packed_qkv_to_the_models_attention(config):
                                      num_key_value_heads=2, intermediate_size=128, vocab_size=100)
     fp = transformers.LlamaForCausalLM(llama).eval()
     model = qk.quantize_(copy.deepcopy(fp), config)
-    calls = []
     layer = model.model.layers[0]
-    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 100, (2, 7)), use_cache=False)
-    handle.remove()
-    args, kwargs = calls[0]
+    args, kwargs = first_call(model, layer, {"input_ids": torch.randint(0, 100, (2, 7))})
     template = fused.ModelAttentionTemplate(
         "input_layernorm", "self_attn", "self_attn.o_proj", "post_attention_layernorm",
         ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "swiglu", packed_mlp_inputs=True,

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import qla_kernels as qk
-from qla_kernels.methods import qla, qwt
+from qla_kernels.methods import qwt
 from qla_kernels.models.batches import model_output, run_model
 
-from ..conftest import randomize_adapters
+from ..conftest import corrected_vit
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -28,16 +28,7 @@ THREADS, CALLS = 8, 8
 def _vit_qla_qwt(fused: bool):
     """ViT-tiny W8A8 with a truncated QwT and QLA adapters (random weights), both lowered; its
     blocks fused (and converted: level two) or not (converted: level one)."""
-    torch.manual_seed(0)
-    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
-    model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
-    qwt.calibrate(fp, model, [torch.randn(4, 3, 32, 32) for _ in range(3)], progress=False)
-    qwt.truncate(model, energy=0.9)
-    example = torch.randn(2, 3, 32, 32)
-    qla.add_adapters(model, rank=4, example=example)
-    randomize_adapters(model)
-    qla.fuse(model)
-    qwt.lower(model, example)
+    _, model, example = corrected_vit()
     return model, example if fused else None, lambda batch, seed: torch.randn(
         batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
