@@ -6,5 +6,6 @@ layout. The fused block modules and the calibration methods build on them."""
 from ..nn.module_kinds import is_norm
 from .blocks import find_blocks
 from .facts import ArchitectureFacts, BlockFacts, describe, example_input
-from .fusion import FusionReport, fuse_blocks, template_for
-from .runtime import convert_for_runtime
+from .fusion import FusionReport, fuse_blocks
+from .runtime import RuntimeReport, convert_for_runtime
+from .templates import template_for
