@@ -46,7 +46,9 @@ def test_quantize_and_eval_a_vision_model(tmp_path, capsys):
     assert main(["eval", "--model", "vit_tiny_patch16_224", "--quantized", str(out), "--data", images,
                  "--batch-size", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["samples"] == 8 and 0 <= metrics["top1_agreement"] <= 1 and metrics["kl"] >= 0
+    # W8A8 with static scales keeps the logits' direction but changes them (it is not the fp model).
+    assert metrics["samples"] == 8 and 0.9 < metrics["cosine"] < 1 and metrics["kl"] > 0
+    assert (metrics["top1_agreement"] * 8) == pytest.approx(round(metrics["top1_agreement"] * 8))
 
 
 def test_bad_cli_arguments(tmp_path):
@@ -72,8 +74,13 @@ def test_bench_on_cpu_is_labelled_and_complete(tmp_path, capsys):
     assert {v for _, v in variants} == {"fp16_eager", "w8a8", "w8a8_qwt", "w8a8_qla_qwt", "w8a8_qla_qwt_modules",
                                         "w4a8", "w4a8_qla"}
     assert {m for m, _ in variants} == {"vit_b16", "deit_t"}
-    for row in report["rows"]:
-        assert row["ms"] > 0 and row["speedup_vs_fp16_eager"] > 0
+    fp16 = {(r["model"], r["batch"]): r["ms"] for r in report["rows"] if r["variant"] == "fp16_eager"}
+    for row in report["rows"]:  # the derived columns follow from the timings they name
+        assert row["speedup_vs_fp16_eager"] == pytest.approx(fp16[row["model"], row["batch"]] / row["ms"])
+        assert row["items_per_s"] == pytest.approx(row["batch"] / row["ms"] * 1e3)
         assert ("correction_overhead" in row) == ("qwt" in row["variant"] or "qla" in row["variant"])
     assert {r["variant"] for r in report["decode"]} == {"fp32_eager", "w4a16", "w4a16_fused"}
-    assert next(tmp_path.glob("e2e_cpu_*.png")).stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(next(tmp_path.glob("e2e_cpu_*.png"))) as plot:  # a real image, not an empty file
+        assert plot.width > 100 and plot.height > 100

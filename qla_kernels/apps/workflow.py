@@ -1,7 +1,7 @@
 """End-to-end recipes behind `qla quantize` and `qla eval`: load a model and data from local paths
 (never a hub), quantize with a method, save, evaluate against the fp model.
 
-Models: a timm model name (weights from `--checkpoint`, a local file, else random init) or a local
+Models: a timm model name (weights from `--checkpoint`, a local file, else a seeded random init) or a local
 Hugging Face model directory. Data: an image folder (torchvision ImageFolder layout; images get the
 timm model's own eval transform) or a text file with one sentence per line.
 """
@@ -60,7 +60,11 @@ def load_model(spec: str, checkpoint: Optional[str] = None) -> LoadedModel:
     from timm.data import create_transform, resolve_data_config
 
     try:
-        model = timm.create_model(spec, pretrained=False, checkpoint_path=checkpoint or "").eval()
+        # Without a checkpoint the weights are a random init: seeded, so that `qla quantize` and
+        # `qla eval` build the same fp model (eval compares the saved quantization with it).
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = timm.create_model(spec, pretrained=False, checkpoint_path=checkpoint or "").eval()
     except RuntimeError as error:
         raise ValueError(f"--model {spec!r} is neither a local Hugging Face directory nor a timm model: {error}") from None
     transform = create_transform(**resolve_data_config({}, model=model))

@@ -10,7 +10,7 @@ import json
 from typing import Dict, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 _ALIASES = "qla.aliases"
@@ -36,13 +36,26 @@ def write_checkpoint(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict
 
 
 def read_checkpoint(path: str, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
-    """(tensors with aliases restored, metadata) of a file written by write_checkpoint."""
-    with safe_open(path, framework="pt", device=device) as handle:
-        header = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    """(tensors with aliases restored, metadata) of a file written by write_checkpoint. A file that
+    is not one (unreadable, truncated, foreign header entries, aliases to missing tensors) is a
+    ValueError saying what is wrong."""
+    try:
+        with safe_open(path, framework="pt", device=device) as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     if _ALIASES not in header:
         raise ValueError(f"{path} is not a qla_kernels checkpoint (no {_ALIASES!r} header entry)")
-    metadata = {key: json.loads(value) for key, value in header.items() if key != _ALIASES}
-    for alias, name in json.loads(header[_ALIASES]).items():
+    metadata = {}
+    for key, value in header.items():
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: header entry {key!r} is not JSON (not written by qla_kernels)") from None
+    aliases = metadata.pop(_ALIASES)
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
+        raise ValueError(f"{path}: {_ALIASES!r} must map names to stored tensors")
+    for alias, name in aliases.items():
         tensors[alias] = tensors[name]
     return tensors, metadata

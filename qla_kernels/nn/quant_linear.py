@@ -73,6 +73,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not isinstance(config, QuantConfig):
             raise ValueError(f"config must be a QuantConfig (W8A8, W4A8, W4A16, W4A4), got {config!r}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         config.check_in_features(in_features)
         self.in_features, self.out_features, self.config = in_features, out_features, config
         self.weight_format = config.weight_format
@@ -139,7 +142,10 @@ class QuantLinear(nn.Module):
         if self.config.act_bits is None:
             raise ValueError(f"{type(self.config).__name__} has no activation quantization to make static")
         device = self.weight.device
-        scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(1)
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be one number (a per-tensor scale), got {scale.numel()} values")
+        scale = scale.reshape(1)
         if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError(f"scale must be a positive finite number, got {scale.tolist()}")
         self.input_scale = scale
@@ -147,7 +153,10 @@ class QuantLinear(nn.Module):
             self.input_zero_point = None
             self.weight_colsum = None
             return
-        zero = torch.as_tensor(zero_point, device=device).reshape(1)
+        zero = torch.as_tensor(zero_point, device=device)
+        if zero.numel() != 1:
+            raise ValueError(f"zero_point must be one integer (per tensor), got {zero.numel()} values")
+        zero = zero.reshape(1)
         lo, hi = qrange(self.config.act_bits)
         if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
             raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")

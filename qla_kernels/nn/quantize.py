@@ -65,30 +65,46 @@ def quantize_(
     """Replaces, in place, every linear (nn.Linear, HF Conv1D) for which `filter_fn(module, fqn)` is
     true (default: all) by its quantized counterpart for `config`. Returns `model`.
 
-    A linear whose in_features the config cannot use (K not a multiple of group_size, odd K for
-    int4) raises ValueError naming the module: exclude it with filter_fn. A linear whose parent
-    passes its `.weight` to F.linear itself (timm BEiT / EVA / Swin V2 attention:
+    Atomic: every selected linear is converted first and swapped only when all conversions
+    succeeded, so a ValueError leaves the model as it was. A linear whose in_features the config
+    cannot use (K not a multiple of group_size, odd K for int4) raises ValueError naming the
+    module: exclude it with filter_fn. A linear registered under several names (tied or shared
+    modules) becomes one QuantLinear under all of them. Selecting nothing is a ValueError, also
+    for a model already quantized (quantize its floating-point original instead). A linear whose
+    parent passes its `.weight` to F.linear itself (timm BEiT / EVA / Swin V2 attention:
     `F.linear(x, self.qkv.weight, qkv_bias)`) is quantized and those calls are routed to it; one
     whose parent reads its weight otherwise (ConViT: `self.qk.weight.dtype`) stays in floating
     point, with a warning naming it (nn/weight_reads.py).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise ValueError(f"config must be one of {[c.__name__ for c in _HANDLERS]}, got {config!r}")
     if is_linear(model):
         raise ValueError("model is itself a linear layer: use QuantLinear.from_float(model, config)")
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if is_linear(module) and (filter_fn is None or filter_fn(module, name))
-    ]
-    kept = _warn_kept_floating(model, [name for name, _ in targets])
-    targets = [(name, module) for name, module in targets if name not in kept]
-    for name, module in targets:
+    names_of: Dict[int, List[str]] = {}  # every name of each selected linear (shared modules have several)
+    modules: Dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_linear(module) and (filter_fn is None or filter_fn(module, name)):
+            names_of.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+    kept = set(_warn_kept_floating(model, [names[0] for names in names_of.values()]))
+    selected = [(names, modules[key]) for key, names in names_of.items() if names[0] not in kept]
+    if not selected:
+        already = sum(isinstance(module, QuantLinear) for module in model.modules())
+        raise ValueError("no linear layer selected for quantization" + (
+            f": the model is already quantized ({already} QuantLinear layers); quantize its floating-point "
+            "original with the config you want" if already else ""))
+    replacements = []
+    for names, module in selected:
         try:
-            replacement = handler(module, config)
+            replacements.append((names, handler(module, config)))
         except ValueError as error:
-            raise ValueError(f"cannot quantize {name!r}: {error}") from error
-        model.set_submodule(name, replacement)
+            raise ValueError(f"cannot quantize {names[0]!r}: {error}") from error
+    for names, replacement in replacements:
+        for name in names:
+            model.set_submodule(name, replacement)
     route_weight_reads(model, (QuantLinear,))
     return model
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .dispatch import register
-from .operands import FusedLinearOperands, fused_linear_custom_op
+from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
 
 @torch.library.custom_op("qla::quantize_activation", mutates_args=())
@@ -153,6 +153,9 @@ def dwsep_down_fake(h, height, width, prefix_tokens, dw_weight, dw_bias, down_we
 
 dwsep_down.register_fake(dwsep_down_fake)
 
+
+for _op in (quantize_activation, normalize_activation, normalize_quantize_activation, dwsep_down):
+    refuse_backward(_op)
 
 # The reference implements every op for every call: the last implementation of every chain.
 for _op in ("quantize_activation_into", "normalize_activation", "normalize_quantize_activation", "dwsep_down"):

@@ -68,6 +68,16 @@ def _signature() -> inspect.Signature:
     return inspect.Signature(parameters, return_annotation=Tuple[Tensor, Tensor])
 
 
+def refuse_backward(op) -> None:
+    """Backward through the integer op `op` (a custom op, not mutating) is a ValueError that says
+    what to do: the integer backends compute no gradient, `simulate` is their differentiable twin."""
+    def backward(ctx, *grads):
+        raise ValueError(f"{op._qualname} has no gradient (integer kernels): train and calibrate under "
+                         "qk.use_backend('simulate'), the differentiable form of the same numerics")
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def fused_linear_custom_op(name: str, body: Callable[[FusedLinearOperands], Tuple[Tensor, Tensor]],
                            fake: Callable[[FusedLinearOperands], Tuple[Tensor, Tensor]]):
     """Registers `body` as the custom op `name` taking the operands flat, in the schema's order
@@ -78,4 +88,5 @@ def fused_linear_custom_op(name: str, body: Callable[[FusedLinearOperands], Tupl
     flat.__signature__ = _signature()
     op = torch.library.custom_op(name, mutates_args=())(flat)
     op.register_fake(lambda *args: fake(FusedLinearOperands(*args)))
+    refuse_backward(op)
     return op

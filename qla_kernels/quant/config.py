@@ -39,6 +39,17 @@ class QuantConfig:
     act_bits: ClassVar[Optional[int]]  # None: activations stay in floating point
     weight_format: ClassVar[str]
 
+    def __new__(cls, *args, **kwargs):
+        # Arguments the config does not take are a ValueError naming them (the dataclass's own
+        # __init__ would raise a TypeError).
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = [name for name in kwargs if name not in names]
+        if len(args) > len(names) or unknown:
+            taken = ", ".join(names) if names else "no arguments"
+            given = [*map(repr, args), *(f"{name}=" for name in kwargs)]
+            raise ValueError(f"{cls.__name__} takes {taken}; got {', '.join(given)}")
+        return super().__new__(cls)
+
     @property
     def group_size(self) -> Optional[int]:
         return None

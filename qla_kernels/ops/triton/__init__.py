@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..device import interpreting
 from ..dispatch import register, register_backend
-from ..operands import fused_linear_custom_op
+from ..operands import fused_linear_custom_op, refuse_backward
 from ..library import (
     dwsep_down_fake,
     fused_linear_fake,
@@ -56,6 +56,8 @@ if _IMPORT_ERROR is None:
     def _register(name: str, body, fake, mutates_args=()):
         op = torch.library.custom_op(f"qla::{name}", mutates_args=mutates_args)(body)
         op.register_fake(_fake_or_planned(fake, body))
+        if not mutates_args:
+            refuse_backward(op)
         return op
 
     def _quantize_activation(
