@@ -39,9 +39,12 @@ def test_bench_gemm_rows_and_plot(monkeypatch, tmp_path):
     rows = [bench.bench_shape("tiny", "fc", 40, 48, 128, tuple(bench.CONFIGS), ceilings, device),
             bench.bench_shape("tiny", "decode", 8, 48, 128, bench.SMALL_M_CONFIGS, ceilings, device)]
     first = rows[0]
+    timings = [first[f"{name}_{variant}_ms"] for name in bench.CONFIGS
+               for variant in ("bare", "+bias", "+lowrank", "+residual", "full")]
+    # Every variant got its own bench call: distinct stub timings, each one the stub returned.
+    assert len(set(timings)) == len(timings)
+    assert all(any(t == pytest.approx(1.0 + 0.01 * i) for i in range(1, len(calls) + 1)) for t in timings)
     for name in bench.CONFIGS:
-        for variant in ("bare", "+bias", "+lowrank", "+residual", "full"):
-            assert first[f"{name}_{variant}_ms"] > 0
         assert first[f"{name}_rel_error_vs_fp16"] < 0.5
         assert first[f"{name}_bound"] in ("compute", "memory")
     assert first["W8A8_rel_error_vs_fp16"] < 0.05

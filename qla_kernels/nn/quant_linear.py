@@ -142,24 +142,28 @@ class QuantLinear(nn.Module):
         if self.config.act_bits is None:
             raise ValueError(f"{type(self.config).__name__} has no activation quantization to make static")
         device = self.weight.device
-        scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        try:
+            scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+            zero = None if zero_point is None else torch.as_tensor(zero_point, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"scale and zero_point must be numbers or tensors ({error})") from None
         if scale.numel() != 1:
             raise ValueError(f"scale must be one number (a per-tensor scale), got {scale.numel()} values")
         scale = scale.reshape(1)
         if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError(f"scale must be a positive finite number, got {scale.tolist()}")
+        if zero is not None:  # checked before anything is set: a bad zero point changes nothing
+            if zero.numel() != 1:
+                raise ValueError(f"zero_point must be one integer (per tensor), got {zero.numel()} values")
+            zero = zero.reshape(1)
+            lo, hi = qrange(self.config.act_bits)
+            if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
+                raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")
         self.input_scale = scale
-        if zero_point is None:
+        if zero is None:
             self.input_zero_point = None
             self.weight_colsum = None
             return
-        zero = torch.as_tensor(zero_point, device=device)
-        if zero.numel() != 1:
-            raise ValueError(f"zero_point must be one integer (per tensor), got {zero.numel()} values")
-        zero = zero.reshape(1)
-        lo, hi = qrange(self.config.act_bits)
-        if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
-            raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")
         self.input_zero_point = zero.to(torch.int8)
         self.weight_colsum = self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
 

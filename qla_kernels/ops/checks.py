@@ -73,6 +73,8 @@ def check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, features], got shape {tuple(x.shape)}")
     rows, features = x.shape
+    if features == 0:
+        raise ValueError("x has no features (shape [tokens, 0]): there is nothing to quantize")
     check_bits("bits", bits)
     check_tensor("static_scale", static_scale, device=x.device, dtypes=(torch.float32,), shape=(1,))
     check_tensor("zero_point", zero_point, device=x.device, dtypes=(torch.int8,), shape=(1,))

@@ -82,7 +82,7 @@ def dwsep_down(
     t = mixed @ down_weight.float().t()
     if down_bias is not None:
         t = t + down_bias.float()
-    return t.reshape(batch * tokens, -1).to(h.dtype)
+    return t.reshape(batch * tokens, t.shape[-1]).to(h.dtype)  # explicit width: batch 0 has no -1
 
 
 def quantize_activation(

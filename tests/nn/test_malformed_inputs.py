@@ -29,7 +29,9 @@ MALFORMED = {
     "no config": (lambda: qk.QuantLinear(8, 4), "config must be a QuantConfig"),
     "two static scales": (lambda: _layer().set_static_activation(torch.tensor([0.1, 0.2])), "one number"),
     "two zero points": (lambda: _layer().set_static_activation(0.1, torch.tensor([1, 2])), "one integer"),
+    "a string scale": (lambda: _layer().set_static_activation("a"), "numbers or tensors"),
     "a list for x": (lambda: _layer()([[1.0] * 8]), "x must be a float16/bfloat16/float32 tensor"),
+    "no features to quantize": (lambda: qk.ops.quantize_activation(torch.randn(3, 0)), "no features"),
     "quantize_ of a tensor": (lambda: qk.quantize_(torch.randn(3), qk.W8A8()), "must be a torch.nn.Module"),
     "quantize_ with no config": (lambda: qk.quantize_(nn.Sequential(nn.Linear(8, 8)), "w8a8"), "config must be"),
     "quantize_ selecting nothing": (lambda: qk.quantize_(nn.Sequential(nn.Linear(8, 8)), qk.W8A8(),
@@ -76,3 +78,16 @@ def test_backward_through_the_integer_backends_says_to_use_simulate():
     with qk.use_backend("simulate"):
         layer(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_bad_zero_point_changes_nothing():
+    layer = _layer()
+    with pytest.raises(ValueError, match="zero_point must be an integer"):
+        layer.set_static_activation(0.1, 200)
+    assert layer.input_scale is None and layer.input_zero_point is None
+
+
+def test_an_empty_batch_runs_alike_on_every_path():
+    """dwsep_down on batch 0 (the reference used to fail on it while the kernels did not)."""
+    t = qk.ops.dwsep_down(torch.randn(0, 5, 8), 2, 2, 1, torch.randn(8, 9), torch.randn(8), torch.randn(4, 8))
+    assert t.shape == (0, 4)
