@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from . import forward_context
 from ..formats.weights import QuantizedWeight
-from ..ops.checks import FLOAT_DTYPES
+from ..ops.checks import FLOAT_DTYPES, check_tensor
 from ..ops.linear_plan import LinearPlan
 from ..quant.config import QuantConfig
 from ..quant.primitives import qrange
@@ -183,15 +183,17 @@ class QuantLinear(nn.Module):
                                    f"{x.numel() // self.in_features}")
             return handed_over.reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).contiguous()
-        residual, gamma, scaled_plan = forward_context.take(self, "epilogue", (None, None, None))
+        residual, scaled_plan = forward_context.take(self, "epilogue", (None, None))
         if residual is not None and residual.shape != (rows.shape[0], self.out_features):
             raise RuntimeError(f"the residual for this call is {tuple(residual.shape)}, its output "
                                f"{(rows.shape[0], self.out_features)}")
         plan = scaled_plan or self.runtime_plan
         converted = plan is not None
         if not converted:  # the calibration form: its operands may change between calls
-            plan = self.build_plan(gamma, x.dtype, check=False)
+            plan = self.build_plan(None, x.dtype, check=False)
         if bias_override is not None:
+            check_tensor("bias_override", bias_override, device=x.device, dtypes=FLOAT_DTYPES,
+                         shape=(self.out_features,))
             plan = dataclasses.replace(plan, bias=bias_override)
         lowrank_t, fullrank_x = self.correction_inputs(rows, plan)
         if converted:
@@ -210,15 +212,12 @@ class QuantLinear(nn.Module):
         this layer."""
         forward_context.put(self, "output", y)
 
-    def add_to_next_output(self, residual: torch.Tensor, gamma: Optional[torch.Tensor] = None,
-                           scaled_plan: Optional[LinearPlan] = None) -> None:
+    def add_to_next_output(self, residual: torch.Tensor, plan: Optional[LinearPlan] = None) -> None:
         """Makes this layer's next call in the current forward scope add `residual` [rows,
-        out_features] in its GEMM epilogue, after scaling its output channels by `gamma`
-        [out_features] (a LayerScale): a fused decoder block's residual stream, when the model's
-        own attention code calls its output projection. A converted block passes its frozen
-        `build_plan(gamma)` as `scaled_plan` instead of γ."""
-        gamma = None if gamma is None or scaled_plan is not None else gamma.detach()
-        forward_context.put(self, "epilogue", (residual, gamma, scaled_plan))
+        out_features] in its GEMM epilogue, running `plan` (this layer's `build_plan(γ)` with a
+        LayerScale γ folded in) instead of its own operands: a fused decoder block's residual
+        stream, when the model's own attention code calls its output projection."""
+        forward_context.put(self, "epilogue", (residual, plan))
 
     runtime_plan: Optional[LinearPlan] = None  # set by `freeze` (convert_for_runtime)
 
@@ -270,7 +269,7 @@ class QuantLinear(nn.Module):
             if qwt.down is None:
                 fullrank_x = block_input.to(plan.dtype).contiguous()
             else:
-                ts.append((block_input.float() @ qwt.down if qwt_t is None else qwt_t).to(plan.dtype))
+                ts.append((block_input.float() @ qwt.down.float() if qwt_t is None else qwt_t).to(plan.dtype))
         if not ts:
             return None, fullrank_x
         return (ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)).contiguous(), fullrank_x

@@ -123,7 +123,7 @@ class FusedModelAttentionBlock(PackedGroups):
             if packed:
                 self._hand_over_attention_inputs(packed_plan, normed_rows, *codes)
             # The residual x joins proj's epilogue (after its LayerScale): the attention returns x1.
-            proj.add_to_next_output(rows, scaled_plan=plans[t.attention_output])
+            proj.add_to_next_output(rows, plans[t.attention_output])
             attention = part(t.attention)(normed, **named)
         finally:  # what a layer did not take must not reach a later call
             untaken = [name for name in (*packed, t.attention_output) if part(name).drop_untaken_hand_offs()]
