@@ -128,3 +128,14 @@ def test_a_valid_file_still_loads_bit_exactly(saved):
     model = qk.load_quantized(_bert(), path)
     state = model.state_dict()
     assert all(torch.equal(state[key], tensors[key]) for key in tensors)
+
+
+def test_a_classifier_head_of_another_class_count_is_refused(tmp_path):
+    model = qk.quantize_(_bert(labels=10), qk.W8A8())
+    path = str(tmp_path / "ten.safetensors")
+    qk.save_quantized(model, path)
+    skeleton = _bert(labels=20)
+    before = _state(skeleton)
+    with pytest.raises(ValueError, match=r"'classifier' is 20×64 \(out × in\) in the model, 10×64 in the file"):
+        qk.load_quantized(skeleton, path)
+    _assert_unchanged(skeleton, before)

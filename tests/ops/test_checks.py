@@ -39,8 +39,12 @@ def _call(**overrides):
     (dict(out_dtype=torch.int8), "out_dtype must be one of"),
     (dict(requant_bits=9), "requant_bits must be an int in"),
 ])
-def test_fused_linear_rejects(overrides, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("backend", ["reference", "triton", "simulate"])
+def test_fused_linear_rejects(overrides, match, backend):
+    """The same ValueError whichever backend is selected: the host checks run before dispatch."""
+    if not ops.backends()[backend].available:
+        pytest.skip(ops.backends()[backend].reason)
+    with ops.use_backend(backend), pytest.raises(ValueError, match=match):
         _call(**overrides)
 
 
