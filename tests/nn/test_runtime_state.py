@@ -156,3 +156,32 @@ def test_converted_models_pickle_and_deep_copy(name):
     # The restored plans read the restored layers' own tensors (an in-place load reaches them).
     assert all(layer.runtime_plan.weight.data is layer.weight
                for layer in restored.modules() if isinstance(layer, qk.QuantLinear))
+
+
+def test_a_forward_scope_is_closed_whatever_raises():
+    """A scope opened by hooks closes when the forward raises, and a pre-hook that raises before
+    the scope opened does not close someone else's: the next call starts with no hand-offs."""
+    from qla_kernels.nn import forward_context
+
+    def raising(*args):
+        raise KeyError("raised")
+
+    for where in ("pre-hook before the scope", "forward", "forward hook"):
+        module = torch.nn.Linear(2, 2)
+        if where == "pre-hook before the scope":
+            module.register_forward_pre_hook(raising)
+            forward_context.scope_hooks(module)  # prepended: runs first, so it opens before the raise
+            module._forward_pre_hooks.move_to_end(next(iter(module._forward_pre_hooks)), last=True)
+        else:
+            forward_context.scope_hooks(module)
+            if where == "forward":
+                module.forward = raising
+            else:
+                module.register_forward_hook(raising)
+        forward_context.enter()  # an outer scope holding a hand-off that must survive the inner failure
+        forward_context.put(module, "kept", 1)
+        with pytest.raises(KeyError):
+            module(torch.randn(1, 2))
+        assert forward_context.peek(module, "kept") == 1, where
+        forward_context.leave()
+        assert forward_context.peek(module, "kept") is None, where
