@@ -18,7 +18,7 @@ from . import cuda, library, reference, simulate  # noqa: F401  (cuda and librar
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
-from .operands import FusedLinearOperands, fused_linear_operands
+from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
 from .row_maps import RowMap
 
 
@@ -204,12 +204,6 @@ def quantized_linear(
     q, scale, _ = quantize_activation(x, act_bits, static_scale=static_scale, zero_point=zero_point)
     return fused_linear(q, scale, weight, a_zero_point=gemm_zero_point(zero_point, act_bits), bias=bias,
                         out_dtype=x.dtype, **segments)
-
-
-def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
-    """The zero point fused_linear takes after quantize_activation: at <= 7 bits the codes already
-    hold q − z (None), at 8 bits the GEMM subtracts z·colsum(W_q)."""
-    return zero_point if (zero_point is not None and bits == 8) else None
 
 
 __all__ = [

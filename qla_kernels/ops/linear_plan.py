@@ -21,7 +21,7 @@ import torch
 from ..formats.weights import QuantizedWeight
 from .checks import check_fused_linear, check_quantize_activation
 from .dispatch import implementation_for, resolve_backend
-from .operands import FusedLinearOperands, fused_linear_operands
+from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,8 @@ class LinearPlan:
         check_fused_linear(self._operands(a, scale, rank(self.lowrank_u), rank(self.fullrank_w), None, dtype))
 
     def _operands(self, a, a_scale, lowrank_t, fullrank_x, residual, out_dtype) -> FusedLinearOperands:
-        zero = self.input_zero_point if self.act_bits == 8 else None  # below 8 bits the codes hold q − z
-        return fused_linear_operands(a, a_scale, self.weight, a_zero_point=zero, lowrank_t=lowrank_t,
+        return fused_linear_operands(a, a_scale, self.weight,
+                                     a_zero_point=gemm_zero_point(self.input_zero_point, self.act_bits or 8), lowrank_t=lowrank_t,
                                      lowrank_u=self.lowrank_u, fullrank_x=fullrank_x, fullrank_w=self.fullrank_w,
                                      bias=self.bias, residual=residual, out_dtype=out_dtype)
 

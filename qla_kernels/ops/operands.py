@@ -44,6 +44,12 @@ class FusedLinearOperands(NamedTuple):
     out_rows: int
 
 
+def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
+    """The zero point fused_linear takes after quantize_activation: at <= 7 bits the codes already
+    hold q − z (None), at 8 bits the GEMM subtracts z·colsum(W_q)."""
+    return zero_point if (zero_point is not None and bits == 8) else None
+
+
 def fused_linear_operands(a: Tensor, a_scale: Optional[Tensor], weight: QuantizedWeight, *,
                           a_zero_point: Optional[Tensor] = None, lowrank_t: Optional[Tensor] = None,
                           lowrank_u: Optional[Tensor] = None, fullrank_x: Optional[Tensor] = None,

@@ -383,12 +383,12 @@ def test_post_norm_block_falls_back_for_what_the_chain_does_not_run():
     assert fuse_blocks(model, batch).fused
     layer = model.encoder.layer[0]
     x = torch.randn(2, 12, 64)
-    assert layer._fused_chain_applies(x, (None,), {"past_key_values": None})
-    assert not layer._fused_chain_applies(x, (None, torch.randn(2, 5, 64)), {})  # encoder states
-    assert not layer._fused_chain_applies(x, (torch.zeros(2, 12),), {})  # a mask form SDPA is not given
-    assert not layer._fused_chain_applies(x, (), {"output_attentions": True})
+    assert not layer.why_not_fused(x, (None,), {"past_key_values": None})
+    assert layer.why_not_fused(x, (None, torch.randn(2, 5, 64)), {})  # encoder states
+    assert layer.why_not_fused(x, (torch.zeros(2, 12),), {})  # a mask form SDPA is not given
+    assert layer.why_not_fused(x, (), {"output_attentions": True})
     layer.train()
-    assert not layer._fused_chain_applies(x, (), {})
+    assert layer.why_not_fused(x, (), {})
 
 
 def _decoder(kind):
@@ -637,7 +637,7 @@ def test_swin_blocks_run_windowed_attention_through_row_maps(config, static, cha
     assert chain_calls == ["none", "none", "gelu", "none"] * len(blocks)
     assert _relative_error(expected, output) < 1e-5
     other_grid = torch.randn(1, 8, 8, 32)
-    assert not shifted._fused_chain_applies(other_grid, (), {})  # its window order was read for 18×10 only
+    assert shifted.why_not_fused(other_grid, (), {})  # its window order was read for 18×10 only
 
 
 def test_swin_fused_blocks_run_lowered_qla_and_qwt(chain_calls):

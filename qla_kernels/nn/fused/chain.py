@@ -129,9 +129,10 @@ def common_reasons(block: nn.Module, x: torch.Tensor) -> str:
     return ""
 
 
-def unexpected_arguments(args: tuple, kwargs: dict) -> str:
-    """The reason naming the arguments (not None or False) a fused chain does not take, or ""."""
-    given = [f"argument {i + 1}" for i, a in enumerate(args) if a is not None and a is not False]
+def unexpected_arguments(args: tuple, kwargs: dict, first_position: int = 1) -> str:
+    """The reason naming the arguments (not None or False) a fused chain does not take, or "";
+    positional ones are numbered from `first_position` (the block call's own numbering)."""
+    given = [f"argument {i + first_position}" for i, a in enumerate(args) if a is not None and a is not False]
     given += [name for name, value in kwargs.items() if value is not None and value is not False]
     return f"the block is called with arguments the fused chain does not take: {given}" if given else ""
 
@@ -153,9 +154,6 @@ class FusedModule(nn.Module):
         """Name → LinearPlan (or the T down-projection tensor) of everything the chain's GEMMs and
         pre-kernels read besides their inputs; tensors in `dtype` (None: as stored)."""
         raise NotImplementedError
-
-    def _fused_chain_applies(self, x: torch.Tensor, args: tuple = (), kwargs: Optional[dict] = None) -> bool:
-        return not self.why_not_fused(x, args, kwargs or {})
 
     @property
     def converted(self) -> bool:

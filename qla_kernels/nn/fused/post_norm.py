@@ -20,7 +20,16 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .chain import common_reasons, down_projection, gemm, mlp, normalize, normalize_and_quantize, quantize_input
+from .chain import (
+    common_reasons,
+    down_projection,
+    gemm,
+    mlp,
+    normalize,
+    normalize_and_quantize,
+    quantize_input,
+    unexpected_arguments,
+)
 from .packing import PackedGroups
 from .templates import PostNormTemplate, attention_heads
 
@@ -42,10 +51,9 @@ class FusedPostNormBlock(PackedGroups):
         mask = kwargs.pop("attention_mask", None)
         if args:
             mask, args = (args[0] if mask is None else mask), args[1:]
-        given = [f"argument {i + 3}" for i, a in enumerate(args) if a is not None and a is not False]
-        given += [name for name, value in kwargs.items() if value is not None and value is not False]
-        if given:
-            return f"the block is called with arguments the fused chain does not take: {given}", mask
+        why = unexpected_arguments(args, kwargs, first_position=3)
+        if why:
+            return why, mask
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
             return "the attention mask is not a 4-D tensor (the form scaled_dot_product_attention takes)", mask
         return "", mask
