@@ -6,7 +6,7 @@ STAMP := $(VENV)/.qla-installed
 
 .PHONY: install demo test test-portable gpu-quick gpu-check aot-check clean
 
-$(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*)
+$(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*) $(wildcard csrc/cpu/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt

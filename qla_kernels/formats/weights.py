@@ -131,6 +131,9 @@ class QuantizedWeight:
     zero: Optional[torch.Tensor] = None
     group_size: Optional[int] = None
     colsum: Optional[torch.Tensor] = None  # int32 [N]: sum over K of the integer weight (zero-point term)
+    # The CPU kernels' packed copy of the integer weight (ops/cpu.py pack_panels), derived when a
+    # plan is frozen and never saved; None elsewhere (a CPU call then packs per call).
+    panels: Optional[torch.Tensor] = None
 
     @property
     def out_features(self) -> int:
@@ -146,10 +149,12 @@ class QuantizedWeight:
         return self.group_size or self.in_features
 
     def to(self, device) -> "QuantizedWeight":
-        """The same weight with every buffer on `device`."""
-        return dataclasses.replace(self, **{field.name: getattr(self, field.name).to(device)
-                                            for field in dataclasses.fields(self)
-                                            if isinstance(getattr(self, field.name), torch.Tensor)})
+        """The same weight with every buffer on `device` (the CPU panels stay only on the CPU)."""
+        moved = {field.name: getattr(self, field.name).to(device) for field in dataclasses.fields(self)
+                 if isinstance(getattr(self, field.name), torch.Tensor)}
+        if self.panels is not None and torch.device(device).type != "cpu":
+            moved["panels"] = None
+        return dataclasses.replace(self, **moved)
 
     def check(self) -> None:
         check_weight(self.format, self.data, self.scale, self.group_scale, self.zero, self.k_group)

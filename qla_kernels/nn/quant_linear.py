@@ -226,7 +226,8 @@ class QuantLinear(nn.Module):
         """This layer's GEMM operands as a plan (ops/linear_plan.py): its weight, bias and static
         activation scale, the U of its lowered corrections (adapter, then QwT) concatenated and
         QwT's full-rank W_c (in `dtype`, else as stored), with the output scale γ [out_features]
-        folded in (a LayerScale after the layer). `check` validates it (once, for a frozen plan)."""
+        folded in (a LayerScale after the layer). `check`: the frozen plan (validated once, its
+        weight in its kernels' layout: LinearPlan.frozen)."""
         adapter, qwt = getattr(self, "lowered_adapter", None), getattr(self, "lowered_qwt", None)
         cast = (lambda tensor: tensor) if dtype is None else (lambda tensor: tensor.to(dtype))  # noqa: E731
         ups = [cast(correction.up) for correction in (adapter, qwt)
@@ -239,9 +240,7 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.detach()
         weight, bias, segments = output_scaled(self.quantized_weight(), bias, segments, gamma)
         plan = LinearPlan(weight, self.config.act_bits, self.input_scale, self.input_zero_point, bias, **segments)
-        if check:
-            plan.check()
-        return plan
+        return plan.frozen() if check else plan
 
     def freeze(self) -> None:
         """Converts this layer to its runtime form: its forward runs `build_plan()`'s operands, built

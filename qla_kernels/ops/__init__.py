@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..formats.weights import QuantizedWeight
-from . import cuda, library, reference, simulate  # noqa: F401  (cuda and library register their implementations)
+from . import cpu, cuda, library, reference, simulate  # noqa: F401  (cpu, cuda and library register their implementations)
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend

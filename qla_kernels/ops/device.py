@@ -1,5 +1,6 @@
 """Facts about where ops run, read by every backend: the Triton interpreter switch, a CUDA
-device's SM count, and whether the `qla_kernels._C` extension was built and imports."""
+device's SM count, and whether the `qla_kernels._C` (CUDA) and `qla_kernels._cpu` (x86-64)
+extensions were built and import."""
 
 from __future__ import annotations
 
@@ -29,16 +30,33 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _built_reason(key: str) -> Optional[str]:
+    """Why setup.py left a module out (`_build_info.json`), if it said."""
+    info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    return json.loads(info_path.read_text()).get(key) if info_path.exists() else None
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_extension() -> Tuple[Optional[object], Optional[str]]:
     """(the `_C` module or None, why it is missing)."""
     try:
         from .. import _C  # noqa: F401  (built by setup.py when nvcc was found)
     except ImportError as error:
-        info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
-        if info_path.exists():
-            reason = json.loads(info_path.read_text()).get("reason")
-            if reason:
-                return None, f"qla_kernels._C was not built: {reason}"
+        reason = _built_reason("reason")
+        if reason:
+            return None, f"qla_kernels._C was not built: {reason}"
         return None, f"qla_kernels._C could not be imported: {error}"
     return _C, None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_extension() -> Tuple[Optional[object], Optional[str]]:
+    """(the `_cpu` module or None, why it is missing)."""
+    try:
+        from .. import _cpu  # noqa: F401  (built by setup.py with the host C++ compiler)
+    except ImportError as error:
+        reason = _built_reason("cpu_reason")
+        if reason:
+            return None, f"qla_kernels._cpu was not built: {reason}"
+        return None, f"qla_kernels._cpu could not be imported: {error}"
+    return _cpu, None

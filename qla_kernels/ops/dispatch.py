@@ -1,13 +1,15 @@
 """Backend selection and the registry of op implementations.
 
 Backends:
-- "reference": integer-exact PyTorch (ops/reference.py), the oracle; default on CPU.
+- "reference": integer-exact PyTorch (ops/reference.py), the oracle.
 - "simulate": differentiable fake quantization in floating point, numerically the deployed model
   (ops/simulate.py); what calibration and adapter training run against. Its integer ops run on
   the reference.
 - "triton": the Triton kernels (ops/triton/); on CPU tensors only under TRITON_INTERPRET=1.
 - "cuda": the `qla_kernels._C` kernels (per-token quantization; the W4A16 GEMM at M <= 16, where
   decode is bandwidth-bound), then Triton for the ops and shapes `_C` does not implement.
+- "cpu": the `qla_kernels._cpu` x86-64 kernels (ops/cpu.py: the integer fused linear and the
+  per-token quantizer), then the reference; default on CPU when it is built.
 
 Each backend module registers its availability (`register_backend`) and, per op, what it
 implements with a `supports(*args)` predicate (`register`). A selected backend runs an op on the
@@ -17,7 +19,7 @@ implement (a format, a rank) runs on the reference. A new backend is one `regist
 `register` calls, and its line in `_CHAINS` (and in `_AUTO_CHOICES` where it is a device's default).
 
 The default ("auto") picks per call by the input's device: "cuda" (or "triton" without `_C`) on
-CUDA tensors, "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
+CUDA tensors, "cpu" on CPU tensors (where `_cpu` is built), "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
 or the QLA_BACKEND environment variable.
 """
 
@@ -34,13 +36,13 @@ import torch
 
 from . import device as device_facts
 
-BACKENDS = ("reference", "simulate", "triton", "cuda")
+BACKENDS = ("reference", "simulate", "triton", "cuda", "cpu")
 _AUTO = "auto"
 # Per selected backend, the backends whose implementations an op tries, in order.
 _CHAINS = {"reference": ("reference",), "simulate": ("reference",), "triton": ("triton", "reference"),
-           "cuda": ("cuda", "triton", "reference")}
+           "cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 # Per device type, the backends "auto" takes, the first available one (else the reference).
-_AUTO_CHOICES = {"cuda": ("cuda", "triton")}
+_AUTO_CHOICES = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 _state = threading.local()
 
 
@@ -158,6 +160,8 @@ def resolve_backend(device: torch.device) -> str:
             return "reference"
         available = _backend_table()
         return next((b for b in choices if available[b].available), "reference")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
     if name == "triton" and device.type != "cuda" and not device_facts.interpreting():

@@ -20,6 +20,7 @@ import torch
 
 from ..formats.weights import QuantizedWeight
 from .checks import check_fused_linear, check_quantize_activation
+from .cpu import with_panels
 from .dispatch import implementation_for, resolve_backend
 from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
 
@@ -52,6 +53,12 @@ class LinearPlan:
     @property
     def out_features(self) -> int:
         return self.weight.data.shape[0]
+
+    def frozen(self) -> "LinearPlan":
+        """This plan validated (`check`), with its weight in the layout its device's kernels read
+        (the CPU panels, ops/cpu.py `with_panels`): what a converted model holds, built once."""
+        self.check()
+        return dataclasses.replace(self, weight=with_panels(self.weight))
 
     def check(self) -> None:
         """ValueError naming the first operand that does not fit (run once, when built)."""

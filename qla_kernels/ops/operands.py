@@ -42,6 +42,7 @@ class FusedLinearOperands(NamedTuple):
     gather_rows: Optional[Tensor]
     scatter_rows: Optional[Tensor]
     out_rows: int
+    weight_panels: Optional[Tensor]  # the CPU kernels' packed weight (QuantizedWeight.panels)
 
 
 def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
@@ -64,7 +65,7 @@ def fused_linear_operands(a: Tensor, a_scale: Optional[Tensor], weight: Quantize
     return FusedLinearOperands(
         a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale, weight.zero,
         weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual,
-        out_dtype, requant_bits, gather_rows, scatter_rows, out_rows)
+        out_dtype, requant_bits, gather_rows, scatter_rows, out_rows, weight.panels)
 
 
 def _signature() -> inspect.Signature:

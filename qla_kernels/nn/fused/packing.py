@@ -42,9 +42,7 @@ class PackedGroups(FusedModule):
         for names, (weight, bias) in self._qla_packed.items():
             first = self.get_submodule(names[0])
             plan = LinearPlan(weight, first.config.act_bits, first.input_scale, first.input_zero_point, bias)
-            if check:
-                plan.check()
-            plans[names] = plan
+            plans[names] = plan.frozen() if check else plan
         return plans
 
     def _input_quantization(self) -> tuple:

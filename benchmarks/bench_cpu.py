@@ -1,0 +1,226 @@
+"""The `cpu` backend against the baselines a CPU user would pick, all in this process.
+
+    python benchmarks/bench_cpu.py [--quick] [--runs 15] [--threads 2] [--out benchmarks/results/cpu_<cpu>.json]
+
+- GEMMs (MiniLM / BERT-base / DeiT-S layer shapes, LLaMA-style decode at M = 1, 4, 16): fp32
+  `F.linear`, `torch.ao` dynamic int8 linear (fbgemm), and ours per instruction-set path this CPU
+  runs, W8A8 and W4A8 (int4 weights), weights packed once as a converted model holds them; the
+  cost of each epilogue term over the bare GEMM at 2048 × 768 → 3072.
+- End to end: all-MiniLM-L6-v2 (real weights, 64 sentences in one padded batch): fp32 eager,
+  `torch.ao` dynamic int8, ours W8A8 and W4A8 (converted for runtime) on the `cpu` backend and
+  W8A8 on the reference (the previous CPU path), each with its embedding cosine vs fp32.
+Variants are interleaved run by run (so drift hits all alike); min and median of --runs. ONNX
+Runtime is not measured (the report says whether it is installed: it was not installable where
+this was written). Writes JSON and a PNG beside it, labelled with the CPU, its flags and the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import qla_kernels as qk
+from qla_kernels.formats.weights import QuantizedWeight
+from qla_kernels.ops import cpu
+from qla_kernels.quant import quantize_weight
+
+GEMM_SHAPES = [  # (label, M, K, N)
+    ("MiniLM qkv 64x21", 1344, 384, 384), ("MiniLM fc1 64x21", 1344, 384, 1536), ("MiniLM fc2 64x21", 1344, 1536, 384),
+    ("BERT-base qkv 32x128", 4096, 768, 768), ("BERT-base fc1 32x128", 4096, 768, 3072),
+    ("BERT-base fc2 32x128", 4096, 3072, 768), ("DeiT-S fc1 8x197", 1576, 384, 1536),
+    ("issue 2048x768->3072", 2048, 768, 3072),
+    ("LLaMA 4096->4096 M=1", 1, 4096, 4096), ("LLaMA 4096->4096 M=4", 4, 4096, 4096),
+    ("LLaMA 4096->4096 M=16", 16, 4096, 4096), ("LLaMA 4096->14336 M=1", 1, 4096, 14336),
+    ("LLaMA 4096->14336 M=16", 16, 4096, 14336),
+]
+QUICK_SHAPES = ("MiniLM fc1 64x21", "issue 2048x768->3072", "LLaMA 4096->4096 M=1")
+
+
+def cpu_flags() -> List[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+                return [flag for flag in line.split(":", 1)[1].split() if flag in wanted]
+    except OSError:
+        pass
+    return []
+
+
+def interleaved(variants: Dict[str, Callable[[], object]], runs: int) -> Dict[str, Dict[str, float]]:
+    """min and median ms per variant, the variants timed in turn within each run."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"min_ms": min(t), "median_ms": statistics.median(t)} for name, t in times.items()}
+
+
+def _ao_linear(weight: torch.Tensor, bias: torch.Tensor):
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _gemm_variants(m: int, k: int, n: int, epilogue_costs: bool) -> Dict[str, Callable]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=generator)
+    weight = torch.randn(n, k, generator=generator) * 0.05
+    bias = torch.randn(n, generator=generator) * 0.1
+    ao = _ao_linear(weight, bias)
+    variants = {"fp32 F.linear": lambda: F.linear(x, weight, bias), "torch.ao dynamic int8": lambda: ao(x)}
+    packed = {name: cpu.with_panels(quantize_weight(weight, config))
+              for name, config in (("W8A8", qk.W8A8()), ("W4A8", qk.W4A8()))}
+    residual = torch.randn(m, n, generator=generator)
+    t, u = torch.randn(m, 8, generator=generator), torch.randn(n, 8, generator=generator) * 0.1
+
+    def ours(path: str, w: QuantizedWeight, **epilogue):
+        def run():
+            with cpu.using_isa(path):
+                q, scale, _ = qk.ops.quantize_activation(x)
+                return qk.ops.fused_linear(q, scale, w, out_dtype=torch.float32, **epilogue)
+        return run
+
+    for path in cpu.supported_isas():
+        for name, w in packed.items():
+            variants[f"ours {name} {path} (quantize + GEMM + bias)"] = ours(path, w, bias=bias)
+        if epilogue_costs:
+            w = packed["W8A8"]
+            variants[f"ours W8A8 {path}: GEMM only"] = ours(path, w)
+            variants[f"ours W8A8 {path}: + bias + GELU"] = ours(path, w, bias=bias, activation="gelu")
+            variants[f"ours W8A8 {path}: + bias + GELU + requant"] = ours(path, w, bias=bias, activation="gelu",
+                                                                          requant_bits=8)
+            variants[f"ours W8A8 {path}: + residual"] = ours(path, w, residual=residual)
+            variants[f"ours W8A8 {path}: + T·Uᵀ r=8"] = ours(path, w, lowrank_t=t, lowrank_u=u)
+    return variants
+
+
+def bench_gemms(runs: int, quick: bool) -> List[dict]:
+    rows = []
+    for label, m, k, n in GEMM_SHAPES:
+        if quick and label not in QUICK_SHAPES:
+            continue
+        timings = interleaved(_gemm_variants(m, k, n, epilogue_costs=label.startswith("issue")), runs)
+        fp32 = timings["fp32 F.linear"]["median_ms"]
+        for name, timing in timings.items():
+            rows.append({"shape": label, "M": m, "K": k, "N": n, "variant": name, **timing,
+                         "speedup_vs_fp32": fp32 / timing["median_ms"]})
+        print(f"{label}: " + ", ".join(f"{name} {t['median_ms']:.2f} ms" for name, t in timings.items()), flush=True)
+    return rows
+
+
+def bench_minilm(runs: int) -> List[dict]:
+    from qla_kernels.apps.sentence_embedding import SENTENCES, load_minilm
+
+    model, tokenizer = load_minilm()
+    batch = tokenizer(list(SENTENCES) * 2, padding=True, return_tensors="pt")
+
+    def pooled(m):
+        with torch.no_grad():
+            hidden = m(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    variants = {"fp32 eager": model,
+                "torch.ao dynamic int8": torch.ao.quantization.quantize_dynamic(copy.deepcopy(model),
+                                                                                {torch.nn.Linear}, dtype=torch.qint8)}
+    for name, config in (("W8A8", qk.W8A8()), ("W4A8", qk.W4A8())):
+        quantized = qk.quantize_(copy.deepcopy(model), config)
+        reference_form = copy.deepcopy(quantized) if name == "W8A8" else None
+        qk.convert_for_runtime(quantized)
+        variants[f"ours {name} cpu {cpu.isa()}"] = quantized
+        if reference_form is not None:
+            variants["ours W8A8 reference backend"] = reference_form
+    fp = pooled(model)
+    calls = {}
+    for name, m in variants.items():
+        backend = "reference" if "reference backend" in name else "auto"
+        calls[name] = (lambda m=m, backend=backend: _under(backend, lambda: pooled(m)))
+    timings = interleaved(calls, runs)
+    rows = []
+    base = timings["fp32 eager"]["median_ms"]
+    for name, timing in timings.items():
+        cosine = (calls[name]() * fp).sum(-1)
+        rows.append({"model": f"all-MiniLM-L6-v2 batch {tuple(batch['input_ids'].shape)}", "variant": name, **timing,
+                     "speedup_vs_fp32": base / timing["median_ms"], "cos_mean": float(cosine.mean()),
+                     "cos_min": float(cosine.min())})
+        print(f"MiniLM {name}: {timing['median_ms']:.1f} ms ({base / timing['median_ms']:.2f}x fp32), "
+              f"cosine {float(cosine.mean()):.5f}", flush=True)
+    return rows
+
+
+def _under(backend: str, fn):
+    with qk.use_backend(backend):
+        return fn()
+
+
+def write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in report["end_to_end"]] + [r for r in report["gemm"] if r["shape"].startswith("issue")]
+    labels = [f"{r.get('shape', 'MiniLM')}: {r['variant']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1))
+    ax.barh(range(len(rows)), [r["speedup_vs_fp32"] for r in rows])
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.axvline(1.0, color="k", linewidth=0.8)
+    ax.set_xlabel("speed-up vs fp32 (median)")
+    ax.set_title(f"{report['cpu']} ({report['threads']} threads, path {report['path']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="three GEMM shapes, no end-to-end")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if not qk.backends()["cpu"].available:
+        print(qk.backends()["cpu"], file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    report = {"cpu": cpu.cpu_name(), "flags": cpu_flags(), "threads": args.threads, "path": cpu.describe(),
+              "paths": cpu.supported_isas(), "torch": torch.__version__, "runs": args.runs,
+              "onnxruntime": _onnxruntime_version()}
+    report["gemm"] = bench_gemms(args.runs, args.quick)
+    report["end_to_end"] = [] if args.quick else bench_minilm(args.runs)
+    out = args.out or Path("benchmarks/results") / f"cpu_{cpu.cpu_name().replace(' ', '_').replace('(R)', '')}.json"
+    write(report, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _onnxruntime_version() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed (not measured)"
+    return onnxruntime.__version__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+// What every instruction-set path shares: the epilogue, the row stage and the per-token quantizer,
+// written as plain loops that each isa_*.cpp compiles (auto-vectorized) with its own -m flags, and
+// the driver that walks a block of tiles with that file's micro-kernel. Included once per ISA file,
+// after that file defines `Micro` (see isa_avx2.cpp); everything here has internal linkage, so the
+// AVX-512 build of a function can never be linked into the AVX2 path.
+//
+// Numerics (ops/reference.py): the int32 accumulator is exact; y = float(acc - offset·colsum) ·
+// s_x[m] · s_w[n] in that order, bit for bit the reference's; every later term in fp32. Files are
+// compiled with -ffp-contract=off so that no multiply-add is fused behind the reference's back.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace qla_cpu {
+namespace {
+
+inline float bits_to_float(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// exp(x) for the activations (Cephes' expf polynomial after reduction by ln 2, about 1 ulp),
+// branch-free so that the loops calling it vectorize; NaN stays NaN.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  return y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// erfc(z) for z >= 0 (Numerical Recipes' erfcc: t·exp(P(t) − z²), t = 1 / (1 + z/2), relative
+// error 1.2e-7 before fp32 rounding): accurate where 1 + erf(x) cancels, in GELU's negative tail.
+inline float erfc_nonnegative(float z) {
+  const float t = 1.0f / (1.0f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * t + -0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t + -1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t + -0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t + -1.26551223f;
+  return t * exp_approx(p - z * z);
+}
+
+// 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(−x/√2)
+inline float gelu(float x) {
+  const float c = erfc_nonnegative(std::fabs(x) * 0.707106781186547524f);
+  return 0.5f * x * (x < 0.0f ? c : 2.0f - c);
+}
+// 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³)
+inline float gelu_tanh(float x) {
+  const float u = 0.797884560802865355f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + exp_approx(-2.0f * u));
+}
+inline float silu(float x) { return x / (1.0f + exp_approx(-x)); }
+inline float quick_gelu(float x) { return x / (1.0f + exp_approx(-1.702f * x)); }
+
+// act over n values in place (not gated).
+inline void activate(float* y, int64_t n, int activation) {
+  switch (activation) {
+    case kGelu: for (int64_t i = 0; i < n; ++i) y[i] = gelu(y[i]); break;
+    case kGeluTanh: for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh(y[i]); break;
+    case kRelu: for (int64_t i = 0; i < n; ++i) y[i] = y[i] > 0.0f ? y[i] : (y[i] != y[i] ? y[i] : 0.0f); break;
+    case kQuickGelu: for (int64_t i = 0; i < n; ++i) y[i] = quick_gelu(y[i]); break;
+    default: break;
+  }
+}
+
+// act(gate)·up for n outputs.
+inline void activate_gated(const float* gate, const float* up, float* out, int64_t n, int activation) {
+  switch (activation) {
+    case kSwiglu: for (int64_t i = 0; i < n; ++i) out[i] = silu(gate[i]) * up[i]; break;
+    case kGeglu: for (int64_t i = 0; i < n; ++i) out[i] = gelu(gate[i]) * up[i]; break;
+    default: for (int64_t i = 0; i < n; ++i) out[i] = gelu_tanh(gate[i]) * up[i]; break;
+  }
+}
+
+// Codes clamp(rint(v / scale) + z, lo, hi), NaN → 0 (primitives.quantize_with_scale).
+inline void quantize_values(const float* v, int64_t n, float scale, float zero, float lo, float hi, bool subtract,
+                            int8_t* q) {
+  for (int64_t i = 0; i < n; ++i) {
+    float c = std::nearbyint(v[i] / scale) + zero;
+    c = std::min(std::max(c, lo), hi);
+    c = c != c ? 0.0f : c;
+    q[i] = static_cast<int8_t>(static_cast<int32_t>(subtract ? c - zero : c));
+  }
+}
+
+// max |v| with NaN propagated (torch.amax): as integers, the bits of |v| order as the values do,
+// and every NaN's above infinity's, so an integer max (which vectorizes) is the answer.
+inline float absmax(const float* v, int64_t n) {
+  int32_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t bits;
+    std::memcpy(&bits, v + i, sizeof(bits));
+    bits &= 0x7fffffff;
+    best = bits > best ? bits : best;
+  }
+  return bits_to_float(best);
+}
+
+inline float absmax_scale(float amax, int bits) {
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  return (amax != amax ? amax : std::max(amax, 1e-8f)) / qmax;
+}
+
+void quantize_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, int bits,
+                        const float* static_scale, int zero_point, bool has_zero, bool subtract_zero, int8_t* q,
+                        float* scale) {
+  const float lo = static_cast<float>(-(1 << (bits - 1))), hi = static_cast<float>((1 << (bits - 1)) - 1);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * x_stride;
+    const float s = static_scale ? *static_scale : absmax_scale(absmax(row, k), bits);
+    scale[m] = s;
+    quantize_values(row, k, s, has_zero ? static_cast<float>(zero_point) : 0.0f, lo, hi, subtract_zero, q + m * k);
+  }
+}
+
+// The tile stage on one micro-kernel result acc [rows][width] (int32, row stride acc_stride).
+constexpr int kMaxTileColumns = 64;
+
+inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int64_t width, const int32_t* acc,
+                        int acc_stride, float* y, int64_t y_row0, int64_t y_stride) {
+  alignas(64) int32_t colsum[kMaxTileColumns];
+  for (int64_t c = 0; c < width; c += kPanelColumns) {
+    const int64_t panel = (n0 + c) / kPanelColumns;
+    std::memcpy(colsum + c, p.panels + panel * p.panel_bytes + p.quads * kQuadRowBytes, kQuadRowBytes);
+  }
+  const bool gated = is_gated(p.activation);
+  alignas(64) float v[kMaxTileColumns];
+  for (int r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const int64_t dest = p.destination(m);
+    if (dest < 0) continue;
+    const int32_t offset = p.row_offset[m];
+    const float sx = p.a_scale[m];
+    const int32_t* a_row = acc + r * acc_stride;
+    // The exact sum fits int32 (|Σ (a − z)·w| <= 255·128·K < 2^31 for K <= 65535): wrapping
+    // unsigned arithmetic gives it even where the u8 sum and the offset term are each near 2^31.
+    for (int64_t c = 0; c < width; ++c) {
+      const uint32_t wrapped = static_cast<uint32_t>(a_row[c]) -
+                               static_cast<uint32_t>(offset) * static_cast<uint32_t>(colsum[c]);
+      v[c] = static_cast<float>(static_cast<int32_t>(wrapped)) * sx * p.w_scale[n0 + c];
+    }
+    if (p.rank) {
+      alignas(64) float lowrank[kMaxTileColumns] = {};
+      const float* t = p.lowrank_t + dest * p.t_stride;
+      for (int64_t j = 0; j < p.rank; ++j) {
+        const float tj = t[j];
+        const float* u = p.lowrank_ut + j * p.columns + n0;
+        for (int64_t c = 0; c < width; ++c) lowrank[c] += tj * u[c];
+      }
+      for (int64_t c = 0; c < width; ++c) v[c] += lowrank[c];
+    }
+    if (p.addend) {
+      const float* add = p.addend + dest * p.addend_stride + n0;
+      for (int64_t c = 0; c < width; ++c) v[c] += add[c];
+    }
+    if (p.bias) {
+      for (int64_t c = 0; c < width; ++c) v[c] += p.bias[n0 + c];
+    }
+    float* target = y ? y + (m - y_row0) * y_stride + n0 : p.out + dest * p.out_stride + n0;
+    if (!gated) {
+      activate(v, width, p.activation);
+      if (p.residual) {
+        const float* res = p.residual + dest * p.residual_stride + n0;
+        for (int64_t c = 0; c < width; ++c) v[c] += res[c];
+      }
+    }
+    std::memcpy(target, v, sizeof(float) * width);
+  }
+}
+
+void finish_rows_impl(const Problem& p, int64_t m0, int64_t m1, const float* y, int64_t y_row0, int64_t y_stride) {
+  const int64_t n_out = p.output_columns();
+  const bool gated = is_gated(p.activation);
+  float* buffer = nullptr;
+  alignas(64) float local[4096];
+  float* heap = nullptr;
+  if (p.out_q || gated) {
+    buffer = n_out <= 4096 ? local : (heap = new float[n_out]);
+  }
+  const float lo = p.requant_bits ? static_cast<float>(-(1 << (p.requant_bits - 1))) : 0.0f;
+  const float hi = p.requant_bits ? static_cast<float>((1 << (p.requant_bits - 1)) - 1) : 0.0f;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t dest = p.destination(m);
+    if (dest < 0) continue;
+    const float* row = y + (m - y_row0) * y_stride;
+    float* values = p.out_q ? buffer : p.out + dest * p.out_stride;
+    if (gated) {
+      activate_gated(row, row + n_out, values, n_out, p.activation);
+    } else if (values != row) {
+      std::memcpy(values, row, sizeof(float) * n_out);
+    }
+    if (gated && p.residual) {
+      const float* res = p.residual + dest * p.residual_stride;
+      for (int64_t c = 0; c < n_out; ++c) values[c] += res[c];
+    }
+    if (p.out_q) {
+      const float s = absmax_scale(absmax(values, n_out), p.requant_bits);
+      p.out_scale[dest] = s;
+      quantize_values(values, n_out, s, 0.0f, lo, hi, false, p.out_q + dest * n_out);
+    }
+  }
+  delete[] heap;
+}
+
+// Walks rows [m0, m1) × panels [p0, p1) in micro-kernel tiles: panel groups outside, row tiles
+// inside, so that a group's weights stay in cache while the block's rows pass over them.
+template <class Micro>
+void tile_block_impl(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t y_row0,
+                     int64_t y_stride) {
+  alignas(64) int32_t acc[Micro::kMaxRows * kMaxTileColumns];
+  for (int64_t g = p0; g < p1; g += Micro::kMaxPanels) {
+    const int panels = static_cast<int>(std::min<int64_t>(Micro::kMaxPanels, p1 - g));
+    const int64_t n0 = g * kPanelColumns;
+    const int64_t width = std::min<int64_t>(panels * kPanelColumns, p.columns - n0);
+    const int tile_rows = Micro::tile_rows(p);
+    for (int64_t m = m0; m < m1; m += tile_rows) {
+      const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
+      Micro::run(p, m, rows, g, panels, acc);
+      finish_tile(p, m, rows, n0, width, acc, kMaxTileColumns, y, y_row0, y_stride);
+    }
+  }
+}
+
+// Compile-time row and panel counts for the micro-kernel templates, from run-time ones.
+template <int Rows, template <int, int> class Kernel, int Panels>
+struct RowDispatch {
+  static void run(int rows, const Problem& p, const uint8_t* a, const int8_t* w, int32_t* acc) {
+    if (rows == Rows) {
+      Kernel<Rows, Panels>::run(p, a, w, acc);
+    } else if constexpr (Rows > 1) {
+      RowDispatch<Rows - 1, Kernel, Panels>::run(rows, p, a, w, acc);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace qla_cpu

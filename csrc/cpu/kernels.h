@@ -1,0 +1,97 @@
+// The x86-64 CPU kernels of qla_kernels._cpu: one table of entry points per instruction-set path,
+// compiled in its own file with its own -m flags (isa_*.cpp) and chosen at run time by CPUID
+// (module.cpp), so one build runs on any x86-64 machine.
+//
+// Weight panels (packed once at conversion, ops/cpu.py `pack_panels`): int8 [P, Q + 2, 16, 4] for
+// P = ceil(N / 16) panels of 16 output columns and Q = ceil(K / 4) quads of 4 consecutive k:
+// quad row q of panel p holds W[16p + c, 4q + j] at [c][j] (zero beyond N and K), so one 64-byte
+// row is what `vpdpbusd` multiplies (16 columns x 4 k); row Q holds the 16 columns' int32 sums of
+// W, row Q + 1 the panel's max |W| as an int32 at its start. Every path reads this one layout.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace qla_cpu {
+
+constexpr int kPanelColumns = 16;
+constexpr int kQuad = 4;
+constexpr int kQuadRowBytes = kPanelColumns * kQuad;  // 64
+constexpr int kBlockRows = 48;                        // GEMM rows per task (a multiple of every MR)
+
+// ops/reference.py ACTIVATIONS, in order.
+enum Activation : int { kNone = 0, kGelu, kGeluTanh, kRelu, kQuickGelu, kSwiglu, kGeglu, kGegluTanh };
+
+inline bool is_gated(int activation) { return activation >= kSwiglu; }
+
+// One fused linear, every pointer already checked by ops/cpu.py. GEMM row m reads prepared A row m
+// and writes output row `destination(m)`; T, X_c·W_cᵀ and the residual are read at that row.
+struct Problem {
+  int64_t rows = 0;       // GEMM rows M
+  int64_t columns = 0;    // weight rows N (the output is N / 2 wide when gated)
+  int64_t quads = 0;      // Q = ceil(K / 4)
+  const int8_t* panels = nullptr;
+  int64_t panel_bytes = 0;  // (Q + 2) * 64
+  // Prepared A (u8 = code + 128, or int16), `a_row_bytes` apart; int32 offset per GEMM row that
+  // multiplies colsum(W) out of the accumulator (128 for u8 rows, plus the activation zero point).
+  const uint8_t* a = nullptr;
+  int64_t a_row_bytes = 0;
+  const int32_t* row_offset = nullptr;
+  const float* a_scale = nullptr;  // per GEMM row
+  const float* w_scale = nullptr;  // [N]
+  const float* lowrank_t = nullptr;   // [out_rows, rank] fp32, row stride t_stride
+  int64_t t_stride = 0;
+  int64_t rank = 0;
+  const float* lowrank_ut = nullptr;  // U transposed, [rank, N] fp32
+  const float* addend = nullptr;      // X_c·W_cᵀ [out_rows, N] fp32, row stride addend_stride
+  int64_t addend_stride = 0;
+  const float* bias = nullptr;        // [N] fp32
+  int activation = kNone;
+  const float* residual = nullptr;    // [out_rows, N_out] fp32
+  int64_t residual_stride = 0;
+  const int64_t* scatter = nullptr;   // destination row per GEMM row, or null (the identity)
+  int64_t out_rows = 0;
+  float* out = nullptr;               // [out_rows, N_out] fp32, or null when re-quantizing
+  int64_t out_stride = 0;
+  int8_t* out_q = nullptr;            // [out_rows, N_out] with out_scale [out_rows] (requant_bits)
+  float* out_scale = nullptr;
+  int requant_bits = 0;
+  bool small_weights = false;  // every panel's max |W| <= 64: u8 x s8 pair sums fit int16 exactly
+
+  int64_t output_columns() const { return is_gated(activation) ? columns / 2 : columns; }
+  int64_t panels_count() const { return (columns + kPanelColumns - 1) / kPanelColumns; }
+  int64_t destination(int64_t m) const {
+    if (!scatter) return m;
+    const int64_t d = scatter[m];
+    return (d >= 0 && d < out_rows) ? d : -1;
+  }
+};
+
+struct IsaKernels {
+  const char* name;
+  // Whether prepared A rows are int16 (else u8) for this problem.
+  bool (*wide_rows)(const Problem&);
+  // Rows [m0, m1) of the GEMM, panels [p0, p1): the dequantized sum plus T·Uᵀ, X_c·W_cᵀ and bias;
+  // then, unless the activation is gated, the activation and residual. Written to `y` (row m at
+  // y + (m - y_row0) * y_stride, column n at n) when given, else to the fp32 output.
+  void (*tile_block)(const Problem&, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t y_row0,
+                     int64_t y_stride);
+  // For whole rows the tile stage left in y: the gated activation and residual, then the fp32 store
+  // or the per-token re-quantization.
+  void (*finish_rows)(const Problem&, int64_t m0, int64_t m1, const float* y, int64_t y_row0, int64_t y_stride);
+  // Per-token quantization of fp32 rows: scale = max(absmax, 1e-8) / qmax (or the static scale),
+  // q = clamp(rint(x / scale) + z) with NaN codes 0; with `subtract_zero`, q - z is stored.
+  void (*quantize_rows)(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, int bits,
+                        const float* static_scale, int zero_point, bool has_zero, bool subtract_zero, int8_t* q,
+                        float* scale);
+};
+
+// Gathers and converts int8 activation rows [m0, m1) into the prepared layout (shared by every path).
+void prepare_rows(const int8_t* a, int64_t a_stride, int64_t a_rows, const int64_t* gather, int64_t k,
+                  int64_t quads, bool wide, int64_t m0, int64_t m1, uint8_t* out, int64_t out_row_bytes);
+
+const IsaKernels* avx2_kernels();
+const IsaKernels* avx_vnni_kernels();
+const IsaKernels* avx512_vnni_kernels();
+
+}  // namespace qla_cpu

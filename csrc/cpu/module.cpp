@@ -1,0 +1,214 @@
+// qla_kernels._cpu: the x86-64 kernels' entry points for ops/cpu.py. It takes raw pointers that
+// ops/cpu.py has checked (dtype, shape, contiguity) and allocated, picks the instruction-set path
+// per call (a CPUID-checked name), and splits work over torch's intra-op threads by rows and
+// columns, never by K: every output element is computed by the same instructions in the same order
+// whatever the thread count.
+#include <cpuid.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace qla_cpu {
+
+void prepare_rows(const int8_t* a, int64_t a_stride, int64_t a_rows, const int64_t* gather, int64_t k,
+                  int64_t quads, bool wide, int64_t m0, int64_t m1, uint8_t* out, int64_t out_row_bytes) {
+  const int64_t padded = quads * kQuad;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t source = gather ? gather[m] : m;
+    const int8_t* row = (source >= 0 && source < a_rows) ? a + source * a_stride : nullptr;
+    uint8_t* dst = out + m * out_row_bytes;
+    if (wide) {
+      int16_t* wide_dst = reinterpret_cast<int16_t*>(dst);
+      for (int64_t i = 0; i < k; ++i) wide_dst[i] = row ? row[i] : 0;
+      for (int64_t i = k; i < padded; ++i) wide_dst[i] = 0;
+    } else {
+      // u8 = code + 128 (the sign bit flipped); a missing row is code 0, padding k meets zero weights.
+      for (int64_t i = 0; i < k; ++i) dst[i] = row ? static_cast<uint8_t>(row[i]) ^ 0x80u : 0x80u;
+      for (int64_t i = k; i < padded; ++i) dst[i] = 0x80u;
+    }
+  }
+}
+
+namespace {
+
+struct IsaEntry {
+  const char* name;
+  bool (*supported)();
+  const IsaKernels* (*kernels)();
+};
+
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx_vnni() { return has_avx2() && __builtin_cpu_supports("avxvnni"); }
+bool has_avx512_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// Fastest first.
+const IsaEntry kIsas[] = {
+    {"avx512_vnni", has_avx512_vnni, avx512_vnni_kernels},
+    {"avx_vnni", has_avx_vnni, avx_vnni_kernels},
+    {"avx2", has_avx2, avx2_kernels},
+};
+
+const IsaKernels* kernels_for(const std::string& name) {
+  for (const auto& isa : kIsas) {
+    if (name == isa.name) {
+      if (!isa.supported()) throw std::invalid_argument("this CPU does not support the " + name + " path");
+      return isa.kernels();
+    }
+  }
+  throw std::invalid_argument("unknown CPU instruction-set path " + name);
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const auto& isa : kIsas)
+    if (isa.supported()) names.emplace_back(isa.name);
+  return names;
+}
+
+// CPU features the kernels do not use yet, reported by qk.backends().
+std::vector<std::string> unused_features() {
+  std::vector<std::string> names;
+  unsigned eax, ebx, ecx, edx;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 25))) names.emplace_back("amx_int8");
+  return names;
+}
+
+template <class T>
+T* pointer(int64_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+int64_t panel_max_abs(const Problem& p, int64_t panel) {
+  int32_t value;
+  std::memcpy(&value, p.panels + panel * p.panel_bytes + (p.quads + 1) * kQuadRowBytes, sizeof(value));
+  return value;
+}
+
+void run_fused_linear(const IsaKernels& isa, Problem p, const int8_t* a, int64_t a_stride, int64_t a_rows,
+                      const int64_t* gather, int64_t k, const int32_t* zero_point, bool zero_per_row) {
+  const int64_t panels = p.panels_count();
+  int64_t max_abs = 0;
+  for (int64_t i = 0; i < panels; ++i) max_abs = std::max(max_abs, panel_max_abs(p, i));
+  p.small_weights = max_abs <= 64;
+  const bool wide = isa.wide_rows(p);
+  const int64_t rows = p.rows;
+  if (rows == 0) return;
+  p.a_row_bytes = (p.quads * kQuad * (wide ? 2 : 1) + 63) / 64 * 64;
+  std::vector<uint8_t> prepared(static_cast<size_t>(rows * p.a_row_bytes + 64));
+  std::vector<int32_t> offsets(static_cast<size_t>(rows));
+  const int32_t base = wide ? 0 : 128;
+  for (int64_t m = 0; m < rows; ++m) offsets[m] = base + (zero_point ? zero_point[zero_per_row ? m : 0] : 0);
+  p.a = prepared.data();
+  p.row_offset = offsets.data();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, rows, 64, [&](int64_t m0, int64_t m1) {
+    prepare_rows(a, a_stride, a_rows, gather, k, p.quads, wide, m0, m1, prepared.data(), p.a_row_bytes);
+  });
+
+  const int64_t row_blocks = (rows + kBlockRows - 1) / kBlockRows;
+  const bool whole_rows = p.out_q != nullptr || is_gated(p.activation);
+  if (whole_rows && row_blocks >= 2 * threads) {
+    // Each task owns whole rows: the row stage follows its tiles while they are in cache.
+    at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(static_cast<size_t>(kBlockRows * p.columns));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m0 = b * kBlockRows, m1 = std::min(rows, m0 + kBlockRows);
+        isa.tile_block(p, m0, m1, 0, panels, scratch.data(), m0, p.columns);
+        isa.finish_rows(p, m0, m1, scratch.data(), m0, p.columns);
+      }
+    });
+    return;
+  }
+  // Tasks of (row block, column chunk): few rows are split by columns so that every thread works.
+  int64_t chunk = (panels * row_blocks + 4 * threads - 1) / (4 * threads);
+  chunk = std::min<int64_t>(12, std::max<int64_t>(3, (chunk + 2) / 3 * 3));
+  const int64_t chunks = (panels + chunk - 1) / chunk;
+  std::vector<float> scratch(whole_rows ? static_cast<size_t>(rows * p.columns) : 0);
+  float* y = whole_rows ? scratch.data() : nullptr;
+  at::parallel_for(0, row_blocks * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, c = t % chunks;
+      const int64_t m0 = b * kBlockRows, m1 = std::min(rows, m0 + kBlockRows);
+      isa.tile_block(p, m0, m1, c * chunk, std::min(panels, (c + 1) * chunk), y, 0, p.columns);
+    }
+  });
+  if (whole_rows) {
+    at::parallel_for(0, rows, 1, [&](int64_t m0, int64_t m1) { isa.finish_rows(p, m0, m1, y, 0, p.columns); });
+  }
+}
+
+}  // namespace
+}  // namespace qla_cpu
+
+PYBIND11_MODULE(_cpu, m) {
+  using namespace qla_cpu;
+  m.doc() = "qla_kernels x86-64 CPU kernels (raw pointers checked by qla_kernels.ops.cpu)";
+  m.def("supported_isas", &supported_isas, "The instruction-set paths this CPU runs, fastest first.");
+  m.def("unused_features", &unused_features, "CPU features present that no path uses yet.");
+  m.attr("PANEL_COLUMNS") = kPanelColumns;
+  m.def(
+      "fused_linear",
+      [](const std::string& isa_name, int64_t a, int64_t a_stride, int64_t a_rows, int64_t gather, int64_t rows,
+         int64_t k, int64_t panels, int64_t columns, int64_t zero_point, bool zero_per_row, int64_t a_scale,
+         int64_t w_scale, int64_t lowrank_t, int64_t t_stride, int64_t rank, int64_t lowrank_ut, int64_t addend,
+         int64_t addend_stride, int64_t bias, int activation, int64_t residual, int64_t residual_stride,
+         int64_t scatter, int64_t out_rows, int64_t out, int64_t out_stride, int64_t out_q, int64_t out_scale,
+         int requant_bits) {
+        const IsaKernels& isa = *kernels_for(isa_name);
+        Problem p;
+        p.rows = rows;
+        p.columns = columns;
+        p.quads = (k + kQuad - 1) / kQuad;
+        p.panels = pointer<const int8_t>(panels);
+        p.panel_bytes = (p.quads + 2) * kQuadRowBytes;
+        p.a_scale = pointer<const float>(a_scale);
+        p.w_scale = pointer<const float>(w_scale);
+        p.lowrank_t = pointer<const float>(lowrank_t);
+        p.t_stride = t_stride;
+        p.rank = rank;
+        p.lowrank_ut = pointer<const float>(lowrank_ut);
+        p.addend = pointer<const float>(addend);
+        p.addend_stride = addend_stride;
+        p.bias = pointer<const float>(bias);
+        p.activation = activation;
+        p.residual = pointer<const float>(residual);
+        p.residual_stride = residual_stride;
+        p.scatter = pointer<const int64_t>(scatter);
+        p.out_rows = out_rows;
+        p.out = pointer<float>(out);
+        p.out_stride = out_stride;
+        p.out_q = pointer<int8_t>(out_q);
+        p.out_scale = pointer<float>(out_scale);
+        p.requant_bits = requant_bits;
+        py::gil_scoped_release release;
+        run_fused_linear(isa, p, pointer<const int8_t>(a), a_stride, a_rows, pointer<const int64_t>(gather), k,
+                         pointer<const int32_t>(zero_point), zero_per_row);
+      },
+      "The fused linear (ops/cpu.py fused_linear).");
+  m.def(
+      "quantize_rows",
+      [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int bits,
+         int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero, int64_t q, int64_t scale) {
+        const IsaKernels& isa = *kernels_for(isa_name);
+        py::gil_scoped_release release;
+        at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+          isa.quantize_rows(pointer<const float>(x), x_stride, m0, m1, k, bits, pointer<const float>(static_scale),
+                            zero_point, has_zero, subtract_zero, pointer<int8_t>(q), pointer<float>(scale));
+        });
+      },
+      "Per-token (or static per-tensor) quantization of fp32 rows into int8 codes and fp32 scales.");
+}

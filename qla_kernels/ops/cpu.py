@@ -1,0 +1,261 @@
+"""The `cpu` backend: the x86-64 kernels of `qla_kernels._cpu` (csrc/cpu/) as custom ops.
+
+Covers, on CPU tensors:
+- `fused_linear` for the integer weight formats (W8A8, W4A8, W4A4; int4 unpacked at packing) with
+  its whole contract: zero point, low-rank T·Uᵀ, full-rank X_c·W_cᵀ (its product from torch's
+  sgemm, added in the epilogue), bias, every activation, residual, per-token re-quantization and
+  row maps; K up to 65,535 (the exact int32 bound of u8 × s8 sums);
+- `quantize_activation` without a norm or down-projection (dynamic per token, or static with a
+  zero point), bit for bit the reference's.
+Other calls (W4A16, the norm pre-ops, the DW-separable down path) run on the reference.
+
+Weights: the kernels read panels (csrc/cpu/kernels.h), packed once by `with_panels` when a plan is
+frozen (`QuantizedWeight.panels`); a weight without them is packed per call. The instruction-set
+path is the fastest this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2), or QLA_CPU_ISA's; `isa()` names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..formats.weights import INTEGER_FORMATS, QuantizedWeight
+from ..quant.primitives import absmax_scale
+from . import reference
+from .device import cpu_extension
+from .dispatch import register, register_backend
+from .library import fused_linear_fake, quantize_activation_fake
+from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
+
+PANEL_COLUMNS = 16
+QUAD = 4
+MAX_IN_FEATURES = 65535  # (code + 128) · w summed over K stays below 2^31
+ISA_VARIABLE = "QLA_CPU_ISA"
+_ACTIVATION_CODES = {name: code for code, name in enumerate(reference.ACTIVATIONS)}
+_forced = threading.local()
+
+
+def _module():
+    module, missing = cpu_extension()
+    if module is None:
+        raise RuntimeError(missing)
+    return module
+
+
+def supported_isas() -> List[str]:
+    """The instruction-set paths this CPU runs, fastest first (empty without `_cpu`)."""
+    module, _ = cpu_extension()
+    return list(module.supported_isas()) if module is not None else []
+
+
+@functools.lru_cache(maxsize=None)
+def _default_isa() -> Tuple[Optional[str], Optional[str]]:
+    """(path, None), or (None, why the backend cannot run here)."""
+    module, missing = cpu_extension()
+    if module is None:
+        return None, missing
+    paths = supported_isas()
+    wanted = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if wanted:
+        if wanted not in paths:
+            return None, f"{ISA_VARIABLE}={wanted!r} is not a path this CPU runs (it runs {paths})"
+        return wanted, None
+    if not paths:
+        return None, "this CPU has no AVX2 + FMA (the CPU kernels need at least that)"
+    return paths[0], None
+
+
+def isa() -> str:
+    """The instruction-set path the kernels run on in this thread."""
+    forced = getattr(_forced, "isa", None)
+    if forced is not None:
+        return forced
+    path, missing = _default_isa()
+    if path is None:
+        raise RuntimeError(missing)
+    return path
+
+
+@contextlib.contextmanager
+def using_isa(name: str) -> Iterator[None]:
+    """Runs the block's kernels on path `name` (one of `supported_isas()`; ValueError otherwise):
+    for tests and benchmarks of each path on one machine."""
+    if name not in supported_isas():
+        raise ValueError(f"{name!r} is not a CPU path this machine runs; it runs {supported_isas()}")
+    previous = getattr(_forced, "isa", None)
+    _forced.isa = name
+    try:
+        yield
+    finally:
+        _forced.isa = previous
+
+
+def describe() -> str:
+    """The path and the CPU features it leaves unused, for `qk.backends()` and benchmark labels."""
+    module = _module()
+    unused = list(module.unused_features())
+    return isa() + (f" (present, not used yet: {', '.join(unused)})" if unused else "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (benchmark and demo labels)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _status() -> Optional[str]:
+    return _default_isa()[1]
+
+
+def pack_panels(weight: Tensor) -> Tensor:
+    """The kernels' layout of an integer weight int8 [N, K] (csrc/cpu/kernels.h): int8
+    [ceil(N/16), ceil(K/4) + 2, 16, 4], quads of k per column, then each panel's column sums and max |W|."""
+    columns, depth = weight.shape
+    panels, quads = -(-columns // PANEL_COLUMNS), -(-depth // QUAD)
+    padded = torch.zeros((panels * PANEL_COLUMNS, quads * QUAD), dtype=torch.int8, device=weight.device)
+    padded[:columns, :depth] = weight
+    body = padded.reshape(panels, PANEL_COLUMNS, quads, QUAD).permute(0, 2, 1, 3)
+    colsum = padded.sum(dim=1, dtype=torch.int32).reshape(panels, PANEL_COLUMNS)
+    max_abs = torch.zeros((panels, PANEL_COLUMNS), dtype=torch.int32, device=weight.device)
+    max_abs[:, 0] = padded.to(torch.int32).abs().reshape(panels, -1).amax(dim=1) if padded.numel() else 0
+    header = torch.stack([colsum, max_abs], dim=1).view(torch.int8).reshape(panels, 2, PANEL_COLUMNS, QUAD)
+    return torch.cat([body, header], dim=1).contiguous()
+
+
+def weight_panels(operands_weight: QuantizedWeight) -> Tensor:
+    """Panels of a QuantizedWeight's integer matrix (|q4·g| <= 119 fits int8 for every integer format)."""
+    return pack_panels(operands_weight.integer().to(torch.int8))
+
+
+def with_panels(weight: QuantizedWeight) -> QuantizedWeight:
+    """`weight` with its kernel panels when the `cpu` backend can run it (a CPU weight of an integer
+    format, the backend available), else unchanged: what a frozen plan holds."""
+    if (weight.data.device.type != "cpu" or weight.format not in INTEGER_FORMATS or _status() is not None
+            or weight.in_features > MAX_IN_FEATURES):
+        return weight
+    return dataclasses.replace(weight, panels=weight_panels(weight))
+
+
+def supports_fused_linear(operands: FusedLinearOperands) -> bool:
+    return (operands.a.device.type == "cpu" and operands.weight_format in INTEGER_FORMATS
+            and operands.a.shape[1] <= MAX_IN_FEATURES)
+
+
+def _fp32_rows(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """fp32 with unit column stride (rows may keep their stride)."""
+    if tensor is None:
+        return None
+    tensor = tensor.float()
+    return tensor if tensor.shape[-1] <= 1 or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _address(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
+    """ops.fused_linear on the CPU kernels (a call `supports_fused_linear` accepted, validated)."""
+    a = operands.a.contiguous()
+    columns = operands.weight.shape[0]
+    gather, scatter = operands.gather_rows, operands.scatter_rows
+    rows = a.shape[0] if gather is None else gather.shape[0]
+    out_rows = operands.out_rows
+    a_scale = operands.a_scale.float().expand(a.shape[0]) if operands.a_scale.numel() == 1 else operands.a_scale
+    zero = operands.a_zero_point
+    if gather is not None:  # the reference's padding rows: scale 0, zero point 0 per row
+        valid = (gather >= 0) & (gather < a.shape[0])
+        index = torch.where(valid, gather, 0).long()
+        a_scale = torch.where(valid, a_scale[index], 0.0)
+        if zero is not None and zero.numel() > 1:
+            zero = torch.where(valid, zero[index], 0)
+    a_scale = a_scale.float().contiguous()
+    zero = None if zero is None else zero.to(torch.int32).contiguous()
+    panels = operands.weight_panels
+    if panels is None:
+        panels = weight_panels(QuantizedWeight(operands.weight, operands.weight_format, operands.weight_scale,
+                                               operands.weight_group_scale, operands.weight_zero, operands.group_size))
+    lowrank_t = _fp32_rows(operands.lowrank_t)
+    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
+    lowrank_ut = operands.lowrank_u.float().t().contiguous() if rank else None
+    addend = None
+    if operands.fullrank_x is not None:
+        addend = operands.fullrank_x.float() @ operands.fullrank_w.float().t()
+    residual = _fp32_rows(operands.residual)
+    bias = _fp32_rows(operands.bias)  # held here: the kernel reads it after this line's temporaries are gone
+    width = reference.output_features(columns, operands.activation)
+    bits = operands.requant_bits
+    fill = torch.zeros if scatter is not None else torch.empty
+    if bits:
+        out = None
+        out_q = fill((out_rows, width), dtype=torch.int8)
+        out_scale = (absmax_scale(torch.zeros(out_rows), bits) if scatter is not None
+                     else torch.empty(out_rows, dtype=torch.float32))
+    else:
+        out = fill((out_rows, width), dtype=torch.float32)
+        out_q = out_scale = None
+    scatter64 = None if scatter is None else scatter.to(torch.int64)
+    gather64 = None if gather is None else gather.to(torch.int64)
+    _module().fused_linear(
+        isa(), _address(a), a.shape[1], a.shape[0], _address(gather64), rows, a.shape[1], _address(panels), columns,
+        _address(zero), zero is not None and zero.numel() > 1, _address(a_scale), _address(operands.weight_scale),
+        _address(lowrank_t if rank else None), lowrank_t.stride(0) if rank else 0, rank, _address(lowrank_ut),
+        _address(addend), 0 if addend is None else addend.stride(0), _address(bias),
+        _ACTIVATION_CODES[operands.activation], _address(residual), 0 if residual is None else residual.stride(0),
+        _address(scatter64), out_rows, _address(out), width, _address(out_q), _address(out_scale), bits)
+    if bits:
+        return out_q, out_scale
+    return out.to(operands.out_dtype), out.new_empty((0,))
+
+
+def supports_quantize_activation(x: Tensor, static_scale, zero_point, norm_kind: str, down_proj) -> bool:
+    return x.device.type == "cpu" and norm_kind == "none" and down_proj is None
+
+
+def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
+                        norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
+                        down_proj: Optional[Tensor], down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """ops.quantize_activation without a norm or down-projection, on the CPU kernel."""
+    rows = x.float().contiguous()
+    q = torch.empty(rows.shape, dtype=torch.int8)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32)
+    static = None if static_scale is None else static_scale.float().contiguous()
+    zero = 0 if zero_point is None else int(zero_point.item())
+    _module().quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
+                            _address(static), zero, zero_point is not None, zero_point is not None and bits <= 7,
+                            q.data_ptr(), scale.data_ptr())
+    return q, scale, x.new_empty((rows.shape[0], 0))
+
+
+@torch.library.custom_op("qla::quantize_activation_cpu", mutates_args=())
+def quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
+                           norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                           norm_eps: float, down_proj: Optional[Tensor],
+                           down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    return quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                               down_proj, down_from_input)
+
+
+quantize_activation_op.register_fake(quantize_activation_fake)
+refuse_backward(quantize_activation_op)
+fused_linear_custom_op("qla::fused_linear_cpu", fused_linear, fused_linear_fake)
+register_backend("cpu", _status)
+register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
+         body=fused_linear)
+register("quantize_activation", "cpu", torch.ops.qla.quantize_activation_cpu,
+         lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
+         supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj),
+         body=quantize_activation)
