@@ -44,25 +44,23 @@ _ACTIVATION_CODES = {name: code for code, name in enumerate(reference.ACTIVATION
 _forced = threading.local()
 
 
-def _module():
-    module, missing = cpu_extension()
-    if module is None:
-        raise RuntimeError(missing)
-    return module
+# Asked of the extension once, here: backend resolution reads them inside torch.compile'd code,
+# which cannot trace into a pybind11 function.
+_MODULE, _MISSING = cpu_extension()
+_PATHS = tuple(_MODULE.supported_isas()) if _MODULE is not None else ()
+_UNUSED_FEATURES = tuple(_MODULE.unused_features()) if _MODULE is not None else ()
 
 
 def supported_isas() -> List[str]:
     """The instruction-set paths this CPU runs, fastest first (empty without `_cpu`)."""
-    module, _ = cpu_extension()
-    return list(module.supported_isas()) if module is not None else []
+    return list(_PATHS)
 
 
 @functools.lru_cache(maxsize=None)
 def _default_isa() -> Tuple[Optional[str], Optional[str]]:
     """(path, None), or (None, why the backend cannot run here)."""
-    module, missing = cpu_extension()
-    if module is None:
-        return None, missing
+    if _MODULE is None:
+        return None, _MISSING
     paths = supported_isas()
     wanted = os.environ.get(ISA_VARIABLE, "").strip().lower()
     if wanted:
@@ -101,9 +99,7 @@ def using_isa(name: str) -> Iterator[None]:
 
 def describe() -> str:
     """The path and the CPU features it leaves unused, for `qk.backends()` and benchmark labels."""
-    module = _module()
-    unused = list(module.unused_features())
-    return isa() + (f" (present, not used yet: {', '.join(unused)})" if unused else "")
+    return isa() + (f" (present, not used yet: {', '.join(_UNUSED_FEATURES)})" if _UNUSED_FEATURES else "")
 
 
 def cpu_name() -> str:
@@ -209,7 +205,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
         out_q = out_scale = None
     scatter64 = None if scatter is None else scatter.to(torch.int64)
     gather64 = None if gather is None else gather.to(torch.int64)
-    _module().fused_linear(
+    _MODULE.fused_linear(
         isa(), _address(a), a.shape[1], a.shape[0], _address(gather64), rows, a.shape[1], _address(panels), columns,
         _address(zero), zero is not None and zero.numel() > 1, _address(a_scale), _address(operands.weight_scale),
         _address(lowrank_t if rank else None), lowrank_t.stride(0) if rank else 0, rank, _address(lowrank_ut),
@@ -234,7 +230,7 @@ def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], ze
     scale = torch.empty(rows.shape[0], dtype=torch.float32)
     static = None if static_scale is None else static_scale.float().contiguous()
     zero = 0 if zero_point is None else int(zero_point.item())
-    _module().quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
+    _MODULE.quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
                             _address(static), zero, zero_point is not None, zero_point is not None and bits <= 7,
                             q.data_ptr(), scale.data_ptr())
     return q, scale, x.new_empty((rows.shape[0], 0))
@@ -252,7 +248,7 @@ def quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor],
 quantize_activation_op.register_fake(quantize_activation_fake)
 refuse_backward(quantize_activation_op)
 fused_linear_custom_op("qla::fused_linear_cpu", fused_linear, fused_linear_fake)
-register_backend("cpu", _status)
+register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
          body=fused_linear)
 register("quantize_activation", "cpu", torch.ops.qla.quantize_activation_cpu,

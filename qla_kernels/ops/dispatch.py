@@ -51,9 +51,12 @@ class BackendInfo:
     name: str
     available: bool
     reason: Optional[str]  # why it is unavailable, or None
+    detail: Optional[str] = None  # what an available backend runs on (the CPU backend's path)
 
     def __str__(self) -> str:
-        return f"{self.name}: " + ("available" if self.available else f"unavailable ({self.reason})")
+        if not self.available:
+            return f"{self.name}: unavailable ({self.reason})"
+        return f"{self.name}: available" + (f" ({self.detail})" if self.detail else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +81,22 @@ class Implementation:
 
 
 _STATUS: Dict[str, Callable[[], Optional[str]]] = {"reference": lambda: None, "simulate": lambda: None}
+_DETAIL: Dict[str, Callable[[], str]] = {}
 _IMPLEMENTATIONS: Dict[str, List[Implementation]] = {}
 # Per op and selected backend, the implementations to try in order: built at registration, so a
 # call only reads it (no cache wrapper for torch.compile to trace through).
 _RESOLVED: Dict[str, Dict[str, Tuple[Implementation, ...]]] = {}
 
 
-def register_backend(name: str, status: Callable[[], Optional[str]]) -> None:
-    """`status()` is None when backend `name` can run here, else why not (asked once)."""
+def register_backend(name: str, status: Callable[[], Optional[str]],
+                     detail: Optional[Callable[[], str]] = None) -> None:
+    """`status()` is None when backend `name` can run here, else why not (asked once); `detail()`
+    says what an available one runs on."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {list(BACKENDS)}")
     _STATUS[name] = status
+    if detail is not None:
+        _DETAIL[name] = detail
     _backend_table.cache_clear()
 
 
@@ -131,7 +139,8 @@ def _backend_table() -> Dict[str, BackendInfo]:
     table = {}
     for name in BACKENDS:
         reason = _STATUS[name]() if name in _STATUS else f"{name} is not registered (its module did not import)"
-        table[name] = BackendInfo(name, reason is None, reason)
+        detail = _DETAIL[name]() if reason is None and name in _DETAIL else None
+        table[name] = BackendInfo(name, reason is None, reason, detail)
     return table
 
 

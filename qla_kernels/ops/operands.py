@@ -42,7 +42,7 @@ class FusedLinearOperands(NamedTuple):
     gather_rows: Optional[Tensor]
     scatter_rows: Optional[Tensor]
     out_rows: int
-    weight_panels: Optional[Tensor]  # the CPU kernels' packed weight (QuantizedWeight.panels)
+    weight_panels: Optional[Tensor] = None  # the CPU kernels' packed weight (QuantizedWeight.panels)
 
 
 def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
@@ -70,7 +70,9 @@ def fused_linear_operands(a: Tensor, a_scale: Optional[Tensor], weight: Quantize
 
 def _signature() -> inspect.Signature:
     """The custom ops' Python signature, from which torch.library infers their schema."""
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+    defaults = FusedLinearOperands._field_defaults
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
+                                    default=defaults.get(name, inspect.Parameter.empty))
                   for name, annotation in typing.get_type_hints(FusedLinearOperands).items()]
     return inspect.Signature(parameters, return_annotation=Tuple[Tensor, Tensor])
 

@@ -293,3 +293,14 @@ def test_auto_runs_the_cpu_backend_on_cpu_tensors():
         assert qk.ops.resolve_backend(torch.device("cpu")) == "cpu"
     with qk.use_backend("cpu"), pytest.raises(ValueError, match="needs CPU tensors"):
         qk.ops.resolve_backend(torch.device("cuda"))
+
+
+def test_opcheck_cpu_ops():
+    """Schemas, fakes and the refusal to differentiate of the two custom ops."""
+    weight = cpu.with_panels(random_weight("int8", 32, 48))
+    a, a_scale = random_int8(5, 48)
+    operands = ops.fused_linear_operands(a, a_scale, weight, bias=torch.randn(32), activation="gelu",
+                                         out_dtype=torch.float32)
+    torch.library.opcheck(torch.ops.qla.fused_linear_cpu.default, tuple(operands))
+    torch.library.opcheck(torch.ops.qla.quantize_activation_cpu.default,
+                          (torch.randn(5, 48), 8, None, None, "none", None, None, 1e-5, None, False))
