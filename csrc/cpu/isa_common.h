@@ -9,6 +9,8 @@
 // compiled with -ffp-contract=off so that no multiply-add is fused behind the reference's back.
 #pragma once
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -235,6 +237,65 @@ void tile_block_impl(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64
       const int rows = static_cast<int>(std::min<int64_t>(tile_rows, m1 - m));
       Micro::run(p, m, rows, g, panels, acc);
       finish_tile(p, m, rows, n0, width, acc, kMaxTileColumns, y, y_row0, y_stride);
+    }
+  }
+}
+
+// W4A16 (see IsaKernels::w4a16_rows), 256-bit code every path runs: per 16 k, one 8-byte load
+// zero-extended to 8 lanes gives the low nibbles (even k) and high nibbles (odd k) as floats; the
+// zero point leaves the loop through xsum, the group scale is one multiply-add per group and row.
+template <int Rows>
+void w4a16_column(const float* x, const float* xsum, int64_t k, const uint8_t* w, const float* scale,
+                  const uint8_t* zero, int64_t group, float* out_column, int64_t out_stride) {
+  const __m256i low_mask = _mm256_set1_epi32(0xF);
+  __m256 total[Rows];
+  for (int r = 0; r < Rows; ++r) total[r] = _mm256_setzero_ps();
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[Rows];
+    for (int r = 0; r < Rows; ++r) part[r] = _mm256_setzero_ps();
+    for (int64_t c = g * group; c < (g + 1) * group; c += 16) {
+      int64_t bytes;
+      std::memcpy(&bytes, w + c / 2, sizeof(bytes));
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+      const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(v, low_mask));
+      const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+      for (int r = 0; r < Rows; ++r) {
+        part[r] = _mm256_add_ps(part[r], _mm256_mul_ps(even, _mm256_loadu_ps(x + r * k + c)));
+        part[r] = _mm256_add_ps(part[r], _mm256_mul_ps(odd, _mm256_loadu_ps(x + r * k + c + 8)));
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < Rows; ++r) total[r] = _mm256_add_ps(total[r], _mm256_mul_ps(part[r], s));
+  }
+  for (int r = 0; r < Rows; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total[r]);
+    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (int64_t g = 0; g < groups; ++g) sum -= scale[g] * static_cast<float>(zero[g]) * xsum[r * groups + g];
+    out_column[r * out_stride] = sum;
+  }
+}
+
+void w4a16_rows_impl(const float* x, const float* xsum, int64_t rows, int64_t k, const uint8_t* weight,
+                     const float* scale, const uint8_t* zero, int64_t group, int64_t n0, int64_t n1, float* out,
+                     int64_t out_stride) {
+  const int64_t groups = k / group;
+  constexpr int kRowBlock = 4;  // rows sharing one unpacking of a weight chunk
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = weight + n * (k / 2);
+    const float* s = scale + n * groups;
+    const uint8_t* z = zero + n * groups;
+    for (int64_t m = 0; m < rows; m += kRowBlock) {
+      const float* xm = x + m * k;
+      const float* sums = xsum + m * groups;
+      float* column = out + m * out_stride + n;
+      switch (std::min<int64_t>(kRowBlock, rows - m)) {
+        case 4: w4a16_column<4>(xm, sums, k, w, s, z, group, column, out_stride); break;
+        case 3: w4a16_column<3>(xm, sums, k, w, s, z, group, column, out_stride); break;
+        case 2: w4a16_column<2>(xm, sums, k, w, s, z, group, column, out_stride); break;
+        default: w4a16_column<1>(xm, sums, k, w, s, z, group, column, out_stride); break;
+      }
     }
   }
 }

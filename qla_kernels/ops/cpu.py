@@ -7,7 +7,9 @@ Covers, on CPU tensors:
   row maps; K up to 65,535 (the exact int32 bound of u8 × s8 sums);
 - `quantize_activation` without a norm or down-projection (dynamic per token, or static with a
   zero point), bit for bit the reference's.
-Other calls (W4A16, the norm pre-ops, the DW-separable down path) run on the reference.
+- `fused_linear` for W4A16 at M <= 16 (decode): the weight's nibbles read once for all rows.
+Other calls (W4A16 at more rows, where dequantizing for torch's sgemm is the right algorithm; the
+norm pre-ops; the DW-separable down path) run on the reference.
 
 Weights: the kernels read panels (csrc/cpu/kernels.h), packed once by `with_panels` when a plan is
 frozen (`QuantizedWeight.panels`); a weight without them is packed per call. The instruction-set
@@ -146,9 +148,36 @@ def with_panels(weight: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(weight, panels=weight_panels(weight))
 
 
+DECODE_MAX_ROWS = 16  # W4A16: the rows one read of the weight serves (decode); more rows run on the reference
+
+
 def supports_fused_linear(operands: FusedLinearOperands) -> bool:
-    return (operands.a.device.type == "cpu" and operands.weight_format in INTEGER_FORMATS
-            and operands.a.shape[1] <= MAX_IN_FEATURES)
+    if operands.a.device.type != "cpu":
+        return False
+    if operands.weight_format == "uint4_asym_groups":
+        return (1 <= operands.a.shape[0] <= DECODE_MAX_ROWS and operands.a.shape[1] % 16 == 0
+                and operands.group_size % 16 == 0 and operands.gather_rows is None and operands.scatter_rows is None)
+    return operands.weight_format in INTEGER_FORMATS and operands.a.shape[1] <= MAX_IN_FEATURES
+
+
+def _w4a16_decode(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
+    """W4A16 at M <= 16: x·Wᵀ from the stored nibbles on the kernel (every weight byte read once,
+    fp32 sums), then the epilogue as the reference computes it (M·N values: no GEMM left in it)."""
+    a = operands.a.float()
+    rows, depth = a.shape
+    group = operands.group_size
+    deinterleaved = a.reshape(rows, depth // 16, 8, 2).transpose(2, 3).contiguous()
+    group_sums = a.reshape(rows, depth // group, group).sum(dim=-1).contiguous()
+    weight, scale, zero = operands.weight.contiguous(), operands.weight_scale.contiguous(), operands.weight_zero
+    zero = zero.contiguous()
+    y = torch.empty((rows, weight.shape[0]), dtype=torch.float32)
+    _MODULE.w4a16_rows(isa(), deinterleaved.data_ptr(), group_sums.data_ptr(), rows, depth, weight.data_ptr(),
+                       scale.data_ptr(), zero.data_ptr(), group, weight.shape[0], y.data_ptr())
+    y = reference.epilogue(y, operands.lowrank_t, operands.lowrank_u, operands.fullrank_x, operands.fullrank_w,
+                           operands.bias, operands.activation, operands.residual)
+    if operands.requant_bits:
+        return reference.quantize_output(y, operands.requant_bits)
+    return y.to(operands.out_dtype), y.new_empty((0,))
 
 
 def _fp32_rows(tensor: Optional[Tensor]) -> Optional[Tensor]:
@@ -165,6 +194,8 @@ def _address(tensor: Optional[Tensor]) -> int:
 
 def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     """ops.fused_linear on the CPU kernels (a call `supports_fused_linear` accepted, validated)."""
+    if operands.weight_format == "uint4_asym_groups":
+        return _w4a16_decode(operands)
     a = operands.a.contiguous()
     columns = operands.weight.shape[0]
     gather, scatter = operands.gather_rows, operands.scatter_rows

@@ -304,3 +304,34 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(torch.ops.qla.fused_linear_cpu.default, tuple(operands))
     torch.library.opcheck(torch.ops.qla.quantize_activation_cpu.default,
                           (torch.randn(5, 48), 8, None, None, "none", None, None, 1e-5, None, False))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("group", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_decode(path, m, group, dtype):
+    """W4A16 at M <= 16 from the stored nibbles: fp32 sums in another order, and (in bf16) the
+    weights not rounded to bf16 first as the reference's dequantization does: one bf16 ulp of y
+    per value, relative to the largest."""
+    n, k = 72, 256
+    weight = random_weight("uint4_asym_groups", n, k, group=group)
+    x = torch.randn(m, k).to(dtype)
+    kwargs = dict(lowrank_t=torch.randn(m, 8).to(dtype), lowrank_u=torch.randn(n, 8).to(dtype) * 0.1,
+                  bias=torch.randn(n).to(dtype), activation="swiglu", residual=torch.randn(m, n // 2).to(dtype),
+                  out_dtype=dtype)
+    expected, actual = _both(lambda: ops.fused_linear(x, None, weight, **kwargs), path)
+    assert actual.dtype == dtype and actual.shape == (m, n // 2)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance,
+                               atol=tolerance * float(expected.abs().max()))
+    expected, actual = _both(lambda: ops.fused_linear(x, None, weight, requant_bits=8), path)
+    assert int((actual[0].int() - expected[0].int()).abs().max()) <= 1
+
+
+def test_w4a16_beyond_decode_runs_on_the_reference():
+    weight = random_weight("uint4_asym_groups", 32, 64, group=16)
+    operands = ops.fused_linear_operands(torch.randn(17, 64), None, weight)
+    assert qk.ops.dispatch.implementation_for("fused_linear", "cpu", operands).backend == "reference"
+    operands = ops.fused_linear_operands(torch.randn(16, 64), None, weight)
+    assert qk.ops.dispatch.implementation_for("fused_linear", "cpu", operands).backend == "cpu"
