@@ -111,7 +111,7 @@ bool wide_rows(const Problem& p) { return !p.small_weights; }
 }  // namespace
 
 const IsaKernels* avx2_kernels() {
-  static const IsaKernels kernels{"avx2", wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl,
+  static const IsaKernels kernels{"avx2", wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
                                   w4a16_rows_impl};
   return &kernels;
 }

@@ -51,7 +51,7 @@ bool wide_rows(const Problem&) { return false; }
 }  // namespace
 
 const IsaKernels* avx512_vnni_kernels() {
-  static const IsaKernels kernels{"avx512_vnni", wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl,
+  static const IsaKernels kernels{"avx512_vnni", wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
                                   w4a16_rows_impl};
   return &kernels;
 }

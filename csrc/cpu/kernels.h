@@ -84,6 +84,12 @@ struct IsaKernels {
   void (*quantize_rows)(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, int bits,
                         const float* static_scale, int zero_point, bool has_zero, bool subtract_zero, int8_t* q,
                         float* scale);
+  // LayerNorm (kind 1) or RMSNorm (kind 2) of fp32 rows [m0, m1) over k in fp32 (mean, then the
+  // mean square of the centered values), times weight, plus bias (either may be null), into
+  // `normed`; with bits > 0 also quantize_rows of the normalized rows into q and scale.
+  void (*normalize_rows)(const float* x, int64_t m0, int64_t m1, int64_t k, int kind, const float* weight,
+                         const float* bias, float eps, float* normed, int bits, const float* static_scale,
+                         int zero_point, bool has_zero, bool subtract_zero, int8_t* q, float* scale);
   // W4A16 at few rows, columns [n0, n1) of out [rows, out_stride]: out[m, n] = Σ_g s[n, g]·(Σ_{k in g} x[m, k]·q[n, k] − z[n, g]·Σ_{k in g}
   // x[m, k]), reading each weight byte once for all rows. x comes deinterleaved per 16 k (the 8 even
   // k, then the 8 odd: the low and high nibbles of 8 bytes) with its group sums xsum [rows, K / group].

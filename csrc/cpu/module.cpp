@@ -200,6 +200,21 @@ PYBIND11_MODULE(_cpu, m) {
       },
       "The fused linear (ops/cpu.py fused_linear).");
   m.def(
+      "normalize_rows",
+      [](const std::string& isa_name, int64_t x, int64_t rows, int64_t k, int kind, int64_t weight, int64_t bias,
+         double eps, int64_t normed, int bits, int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero,
+         int64_t q, int64_t scale) {
+        const IsaKernels& isa = *kernels_for(isa_name);
+        py::gil_scoped_release release;
+        at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+          isa.normalize_rows(pointer<const float>(x), m0, m1, k, kind, pointer<const float>(weight),
+                             pointer<const float>(bias), static_cast<float>(eps), pointer<float>(normed), bits,
+                             pointer<const float>(static_scale), zero_point, has_zero, subtract_zero,
+                             pointer<int8_t>(q), pointer<float>(scale));
+        });
+      },
+      "LayerNorm / RMSNorm of fp32 rows, optionally quantized per token (ops/cpu.py).");
+  m.def(
       "w4a16_rows",
       [](const std::string& isa_name, int64_t x, int64_t xsum, int64_t rows, int64_t k, int64_t weight, int64_t scale,
          int64_t zero, int64_t group, int64_t columns, int64_t out) {

@@ -6,10 +6,13 @@ Covers, on CPU tensors:
   sgemm, added in the epilogue), bias, every activation, residual, per-token re-quantization and
   row maps; K up to 65,535 (the exact int32 bound of u8 × s8 sums);
 - `quantize_activation` without a norm or down-projection (dynamic per token, or static with a
-  zero point), bit for bit the reference's.
+  zero point), bit for bit the reference's;
+- `normalize_quantize_activation` / `normalize_activation` (LayerNorm / RMSNorm, then the codes
+  from the fp32 normalized values) without a down-projection: the norm's sums in another order
+  than torch's (ulps), the quantization of them exact.
 - `fused_linear` for W4A16 at M <= 16 (decode): the weight's nibbles read once for all rows.
 Other calls (W4A16 at more rows, where dequantizing for torch's sgemm is the right algorithm; the
-norm pre-ops; the DW-separable down path) run on the reference.
+pre-ops with a down-projection; the DW-separable down path) run on the reference.
 
 Weights: the kernels read panels (csrc/cpu/kernels.h), packed once by `with_panels` when a plan is
 frozen (`QuantizedWeight.panels`); a weight without them is packed per call. The instruction-set
@@ -35,7 +38,12 @@ from ..quant.primitives import absmax_scale
 from . import reference
 from .device import cpu_extension
 from .dispatch import register, register_backend
-from .library import fused_linear_fake, quantize_activation_fake
+from .library import (
+    fused_linear_fake,
+    normalize_activation_fake,
+    normalize_quantize_activation_fake,
+    quantize_activation_fake,
+)
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
 PANEL_COLUMNS = 16
@@ -267,6 +275,62 @@ def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], ze
     return q, scale, x.new_empty((rows.shape[0], 0))
 
 
+_NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
+
+
+def supports_normalize(x: Tensor, norm_kind: str, down_proj) -> bool:
+    return x.device.type == "cpu" and norm_kind in _NORM_CODES and down_proj is None
+
+
+def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, norm_weight, norm_bias,
+               norm_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(norm(x) fp32, q, scale) on the kernel: q and scale empty at bits 0."""
+    rows = x.float().contiguous()
+    weight = None if norm_weight is None else norm_weight.float().contiguous()
+    bias = None if norm_bias is None else norm_bias.float().contiguous()
+    static = None if static_scale is None else static_scale.float().contiguous()
+    normed = torch.empty_like(rows)
+    q = torch.empty(rows.shape if bits else (0,), dtype=torch.int8)
+    scale = torch.empty(rows.shape[0] if bits else 0, dtype=torch.float32)
+    zero = 0 if zero_point is None else int(zero_point.item())
+    _MODULE.normalize_rows(isa(), rows.data_ptr(), rows.shape[0], rows.shape[1], _NORM_CODES[norm_kind],
+                           _address(weight), _address(bias), float(norm_eps), normed.data_ptr(), bits,
+                           _address(static), zero, zero_point is not None, zero_point is not None and bits <= 7,
+                           _address(q if bits else None), _address(scale if bits else None))
+    return normed, q, scale
+
+
+def normalize_quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
+                                  norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                                  norm_eps: float, down_proj: Optional[Tensor],
+                                  down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ops.normalize_quantize_activation without a down-projection: the codes from the fp32 norm."""
+    normed, q, scale = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps)
+    return normed.to(x.dtype), q, scale, x.new_empty((x.shape[0], 0))
+
+
+def normalize_activation(x: Tensor, norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                         norm_eps: float, down_proj: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """ops.normalize_activation without a down-projection."""
+    normed, _, _ = _normalize(x, 0, None, None, norm_kind, norm_weight, norm_bias, norm_eps)
+    return normed.to(x.dtype), x.new_empty((x.shape[0], 0))
+
+
+@torch.library.custom_op("qla::normalize_quantize_activation_cpu", mutates_args=())
+def normalize_quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor],
+                                     zero_point: Optional[Tensor], norm_kind: str, norm_weight: Optional[Tensor],
+                                     norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
+                                     down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
+                                         norm_eps, down_proj, down_from_input)
+
+
+@torch.library.custom_op("qla::normalize_activation_cpu", mutates_args=())
+def normalize_activation_op(x: Tensor, norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                            norm_eps: float, down_proj: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+
+
 @torch.library.custom_op("qla::quantize_activation_cpu", mutates_args=())
 def quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                            norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
@@ -277,7 +341,10 @@ def quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor],
 
 
 quantize_activation_op.register_fake(quantize_activation_fake)
-refuse_backward(quantize_activation_op)
+normalize_quantize_activation_op.register_fake(normalize_quantize_activation_fake)
+normalize_activation_op.register_fake(normalize_activation_fake)
+for _op in (quantize_activation_op, normalize_quantize_activation_op, normalize_activation_op):
+    refuse_backward(_op)
 fused_linear_custom_op("qla::fused_linear_cpu", fused_linear, fused_linear_fake)
 register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
@@ -286,3 +353,8 @@ register("quantize_activation", "cpu", torch.ops.qla.quantize_activation_cpu,
          lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
          supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj),
          body=quantize_activation)
+register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantize_activation_cpu,
+         lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
+         supports_normalize(x, norm_kind, down_proj))
+register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,
+         lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj))

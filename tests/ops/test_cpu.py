@@ -335,3 +335,27 @@ def test_w4a16_beyond_decode_runs_on_the_reference():
     assert qk.ops.dispatch.implementation_for("fused_linear", "cpu", operands).backend == "reference"
     operands = ops.fused_linear_operands(torch.randn(16, 64), None, weight)
     assert qk.ops.dispatch.implementation_for("fused_linear", "cpu", operands).backend == "cpu"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("norm_kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("shape", [(1, 7), (197, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_pre_kernels(path, norm_kind, shape, dtype):
+    """LayerNorm / RMSNorm then per-token codes: the norm's sums in 16 lanes, not torch's order
+    (a few ulps of the normalized values), so a code on a rounding edge may move by one; the
+    quantization of the normalized values is the reference's."""
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    weight = (torch.randn(shape[1]) * 0.5 + 1).to(dtype)
+    bias = None if norm_kind == "rmsnorm" else torch.randn(shape[1]).to(dtype)
+    norm = dict(norm_weight=weight, norm_bias=bias, norm_eps=1e-6)
+    for kwargs in ({}, dict(static_scale=torch.tensor([0.03]), zero_point=torch.tensor([4], dtype=torch.int8))):
+        expected, actual = _both(lambda: ops.normalize_quantize_activation(x, 8, norm_kind, **norm, **kwargs), path)
+        tolerance = 4e-6 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(actual[0].float(), expected[0].float(), rtol=tolerance, atol=tolerance)
+        assert int((actual[1].int() - expected[1].int()).abs().max()) <= 1
+        assert float((actual[1] != expected[1]).float().mean()) < 0.01
+        torch.testing.assert_close(actual[2], expected[2], rtol=1e-5, atol=0)
+    expected, actual = _both(lambda: ops.normalize_activation(x, norm_kind, **norm), path)
+    torch.testing.assert_close(actual[0].float(), expected[0].float(), rtol=tolerance, atol=tolerance)
+    assert actual[1].shape == (shape[0], 0)
