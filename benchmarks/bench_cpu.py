@@ -6,9 +6,12 @@
   `F.linear`, `torch.ao` dynamic int8 linear (fbgemm), and ours per instruction-set path this CPU
   runs, W8A8 and W4A8 (int4 weights), weights packed once as a converted model holds them; the
   cost of each epilogue term over the bare GEMM at 2048 × 768 → 3072.
+- W4A16 (group 128) on the decode kernel at the LLaMA shapes with M <= 16.
 - End to end: all-MiniLM-L6-v2 (real weights, 64 sentences in one padded batch): fp32 eager,
-  `torch.ao` dynamic int8, ours W8A8 and W4A8 (converted for runtime) on the `cpu` backend and
-  W8A8 on the reference (the previous CPU path), each with its embedding cosine vs fp32.
+  `torch.ao` dynamic int8, ours W8A8 and W4A8 (converted for runtime: per linear, and with an
+  example, fused blocks) on the `cpu` backend and W8A8 on the reference (the previous CPU path),
+  each with its embedding cosine vs fp32. Not measured: fp32 torch.compile, BERT-base, DeiT-S and
+  a LLaMA-shaped decoder end to end.
 Variants are interleaved run by run (so drift hits all alike); min and median of --runs. ONNX
 Runtime is not measured (the report says whether it is installed: it was not installable where
 this was written). Writes JSON and a PNG beside it, labelled with the CPU, its flags and the path.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
+import os
 import statistics
 import sys
 import time
@@ -43,6 +46,8 @@ GEMM_SHAPES = [  # (label, M, K, N)
     ("LLaMA 4096->4096 M=16", 16, 4096, 4096), ("LLaMA 4096->14336 M=1", 1, 4096, 14336),
     ("LLaMA 4096->14336 M=16", 16, 4096, 14336),
 ]
+AVX2_ONLY = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "QLA_CPU_ISA": "avx2"}
 QUICK_SHAPES = ("MiniLM fc1 64x21", "issue 2048x768->3072", "LLaMA 4096->4096 M=1")
 
 
@@ -97,9 +102,15 @@ def _gemm_variants(m: int, k: int, n: int, epilogue_costs: bool) -> Dict[str, Ca
                 return qk.ops.fused_linear(q, scale, w, out_dtype=torch.float32, **epilogue)
         return run
 
+    w4a16 = quantize_weight(weight, qk.W4A16(group_size=128)) if m <= cpu.DECODE_MAX_ROWS else None
     for path in cpu.supported_isas():
         for name, w in packed.items():
             variants[f"ours {name} {path} (quantize + GEMM + bias)"] = ours(path, w, bias=bias)
+        if w4a16 is not None:
+            def decode(path=path):
+                with cpu.using_isa(path):
+                    return qk.ops.fused_linear(x, None, w4a16, bias=bias, out_dtype=torch.float32)
+            variants[f"ours W4A16 g128 {path} (decode kernel + bias)"] = decode
         if epilogue_costs:
             w = packed["W8A8"]
             variants[f"ours W8A8 {path}: GEMM only"] = ours(path, w)
@@ -142,9 +153,12 @@ def bench_minilm(runs: int) -> List[dict]:
                                                                                 {torch.nn.Linear}, dtype=torch.qint8)}
     for name, config in (("W8A8", qk.W8A8()), ("W4A8", qk.W4A8())):
         quantized = qk.quantize_(copy.deepcopy(model), config)
+        fused = copy.deepcopy(quantized)
         reference_form = copy.deepcopy(quantized) if name == "W8A8" else None
         qk.convert_for_runtime(quantized)
-        variants[f"ours {name} cpu {cpu.isa()}"] = quantized
+        qk.convert_for_runtime(fused, dict(batch))
+        variants[f"ours {name} cpu {cpu.isa()} (converted)"] = quantized
+        variants[f"ours {name} cpu {cpu.isa()} (converted, fused blocks)"] = fused
         if reference_form is not None:
             variants["ours W8A8 reference backend"] = reference_form
     fp = pooled(model)
@@ -187,7 +201,8 @@ def write(report: dict, out: Path) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(1.0, color="k", linewidth=0.8)
     ax.set_xlabel("speed-up vs fp32 (median)")
-    ax.set_title(f"{report['cpu']} ({report['threads']} threads, path {report['path']})", fontsize=9)
+    restricted = " restricted to AVX2" if report["restricted_to"] else ""
+    ax.set_title(f"{report['cpu']}{restricted} ({report['threads']} threads, path {report['path']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
@@ -198,17 +213,27 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="three GEMM shapes, no end-to-end")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--avx2-only", action="store_true",
+                        help="rerun restricted to AVX2 (MKL, ATen, oneDNN and our path): an AVX2-only CPU's ISA on this "
+                             "one; torch.ao's fbgemm picks its own kernels and is not restricted")
     args = parser.parse_args(argv)
+    if args.avx2_only and os.environ.get(cpu.ISA_VARIABLE) != "avx2":
+        os.environ.update(AVX2_ONLY)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if not qk.backends()["cpu"].available:
         print(qk.backends()["cpu"], file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
+    restricted = os.environ.get(cpu.ISA_VARIABLE) == "avx2" and os.environ.get("MKL_ENABLE_INSTRUCTIONS") == "AVX2"
     report = {"cpu": cpu.cpu_name(), "flags": cpu_flags(), "threads": args.threads, "path": cpu.describe(),
+              "restricted_to": ("AVX2: " + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items())
+                                + " (torch.ao's fbgemm not restricted)") if restricted else None,
               "paths": cpu.supported_isas(), "torch": torch.__version__, "runs": args.runs,
               "onnxruntime": _onnxruntime_version()}
     report["gemm"] = bench_gemms(args.runs, args.quick)
     report["end_to_end"] = [] if args.quick else bench_minilm(args.runs)
-    out = args.out or Path("benchmarks/results") / f"cpu_{cpu.cpu_name().replace(' ', '_').replace('(R)', '')}.json"
+    name = cpu.cpu_name().replace(" ", "_").replace("(R)", "") + ("_avx2_only" if restricted else "")
+    out = args.out or Path("benchmarks/results") / f"cpu_{name}.json"
     write(report, out)
     print(f"wrote {out}")
     return 0

@@ -287,7 +287,9 @@ void tile_block_impl(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64
 
 // W4A16 (see IsaKernels::w4a16_rows), 256-bit code every path runs: per 16 k, one 8-byte load
 // zero-extended to 8 lanes gives the low nibbles (even k) and high nibbles (odd k) as floats; the
-// zero point leaves the loop through xsum, the group scale is one multiply-add per group and row.
+// zero point leaves the loop through xsum, the group scale is one multiply per group and row. Even
+// and odd k, and two chunks of 16, accumulate apart: four independent chains per row, so that one
+// row (decode) is not bound by the latency of its adds.
 template <int Rows>
 void w4a16_column(const float* x, const float* xsum, int64_t k, const uint8_t* w, const float* scale,
                   const uint8_t* zero, int64_t group, float* out_column, int64_t out_stride) {
@@ -296,21 +298,32 @@ void w4a16_column(const float* x, const float* xsum, int64_t k, const uint8_t* w
   for (int r = 0; r < Rows; ++r) total[r] = _mm256_setzero_ps();
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 part[Rows];
-    for (int r = 0; r < Rows; ++r) part[r] = _mm256_setzero_ps();
-    for (int64_t c = g * group; c < (g + 1) * group; c += 16) {
+    __m256 part[Rows][4];
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < 4; ++j) part[r][j] = _mm256_setzero_ps();
+    const int64_t end = (g + 1) * group;
+    auto chunk = [&](int64_t c, int chain) {
       int64_t bytes;
       std::memcpy(&bytes, w + c / 2, sizeof(bytes));
       const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
       const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(v, low_mask));
       const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
       for (int r = 0; r < Rows; ++r) {
-        part[r] = _mm256_add_ps(part[r], _mm256_mul_ps(even, _mm256_loadu_ps(x + r * k + c)));
-        part[r] = _mm256_add_ps(part[r], _mm256_mul_ps(odd, _mm256_loadu_ps(x + r * k + c + 8)));
+        part[r][chain] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + r * k + c), part[r][chain]);
+        part[r][chain + 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + r * k + c + 8), part[r][chain + 1]);
       }
+    };
+    int64_t c = g * group;
+    for (; c + 32 <= end; c += 32) {
+      chunk(c, 0);
+      chunk(c + 16, 2);
     }
+    if (c < end) chunk(c, 0);
     const __m256 s = _mm256_set1_ps(scale[g]);
-    for (int r = 0; r < Rows; ++r) total[r] = _mm256_add_ps(total[r], _mm256_mul_ps(part[r], s));
+    for (int r = 0; r < Rows; ++r) {
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_add_ps(part[r][2], part[r][3]));
+      total[r] = _mm256_fmadd_ps(sum, s, total[r]);
+    }
   }
   for (int r = 0; r < Rows; ++r) {
     alignas(32) float lanes[8];
