@@ -59,7 +59,7 @@ def find_pybind11_include():
 ISA_SOURCES = {
     "isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "isa_avx_vnni.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
-    "isa_avx512_vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"],
+    "isa_avx512_vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
 }
 CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno",
              "-fno-trapping-math"]

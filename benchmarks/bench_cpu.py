@@ -136,6 +136,41 @@ def bench_gemms(runs: int, quick: bool) -> List[dict]:
     return rows
 
 
+def bench_decode_bandwidth(runs: int) -> dict:
+    """W4A16 decode at M = 1 over weight copies rotated so that they do not fit in cache, against
+    this machine's copy bandwidth (torch copy of 256 MB, read + write bytes)."""
+    source, target = torch.empty(64 << 20), torch.empty(64 << 20)
+    target.copy_(source)
+    copies = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        target.copy_(source)
+        copies.append(time.perf_counter() - start)
+    copy_gbs = 2 * source.numel() * 4 / statistics.median(copies) / 1e9
+    rows = []
+    for n in (4096, 14336):
+        generator = torch.Generator().manual_seed(0)
+        weights = [quantize_weight(torch.randn(n, 4096, generator=generator) * 0.05, qk.W4A16(group_size=128))
+                   for _ in range(max(2, -(-128 << 20) // (n * 4096 // 2)))]  # >= 128 MB of nibbles in all
+        weight_bytes = sum(t.numel() * t.element_size() for t in (weights[0].data, weights[0].scale, weights[0].zero))
+        x = torch.randn(1, 4096)
+        for w in weights:
+            qk.ops.fused_linear(x, None, w, out_dtype=torch.float32)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            for w in weights:
+                qk.ops.fused_linear(x, None, w, out_dtype=torch.float32)
+            times.append((time.perf_counter() - start) / len(weights))
+        seconds = statistics.median(times)
+        rows.append({"shape": f"4096->{n} M=1", "copies": len(weights), "ms": seconds * 1e3,
+                     "weight_GBps": weight_bytes / seconds / 1e9, "fraction_of_copy_bandwidth":
+                     weight_bytes / seconds / 1e9 / copy_gbs})
+        print(f"W4A16 decode 4096->{n} M=1 over {len(weights)} copies: {seconds * 1e3:.2f} ms, "
+              f"{weight_bytes / seconds / 1e9:.1f} GB/s of weights ({copy_gbs:.1f} GB/s copy)", flush=True)
+    return {"copy_GBps": copy_gbs, "decode": rows}
+
+
 def bench_minilm(runs: int) -> List[dict]:
     from qla_kernels.apps.sentence_embedding import SENTENCES, load_minilm
 
@@ -231,6 +266,7 @@ def main(argv=None) -> int:
               "paths": cpu.supported_isas(), "torch": torch.__version__, "runs": args.runs,
               "onnxruntime": _onnxruntime_version()}
     report["gemm"] = bench_gemms(args.runs, args.quick)
+    report["w4a16_decode_bandwidth"] = None if args.quick else bench_decode_bandwidth(args.runs)
     report["end_to_end"] = [] if args.quick else bench_minilm(args.runs)
     name = cpu.cpu_name().replace(" ", "_").replace("(R)", "") + ("_avx2_only" if restricted else "")
     out = args.out or Path("benchmarks/results") / f"cpu_{name}.json"

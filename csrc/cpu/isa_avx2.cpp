@@ -12,18 +12,6 @@
 namespace qla_cpu {
 namespace {
 
-inline int32_t load_i32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline int64_t load_i64(const uint8_t* p) {
-  int64_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // Rows of int16 A: a 64-bit broadcast of 4 k; a 16-byte load of the panel row sign-extended is 4
 // columns × 4 k, whose `vpmaddwd` lanes are (column, k pair): the two pairs are summed at the end.
 template <int Rows, int Panels>
@@ -111,8 +99,7 @@ bool wide_rows(const Problem& p) { return !p.small_weights; }
 }  // namespace
 
 const IsaKernels* avx2_kernels() {
-  static const IsaKernels kernels{"avx2", wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
-                                  w4a16_rows_impl};
+  static const IsaKernels kernels = kernels_with<Micro>("avx2", wide_rows);
   return &kernels;
 }
 

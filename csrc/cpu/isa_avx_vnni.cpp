@@ -7,12 +7,6 @@
 namespace qla_cpu {
 namespace {
 
-inline int32_t load_i32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 template <int Rows, int Panels>
 struct AvxVnniTile {
   static void run(const Problem& p, const uint8_t* a, const int8_t* w, int32_t* out) {
@@ -49,8 +43,7 @@ bool wide_rows(const Problem&) { return false; }
 }  // namespace
 
 const IsaKernels* avx_vnni_kernels() {
-  static const IsaKernels kernels{"avx_vnni", wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
-                                  w4a16_rows_impl};
+  static const IsaKernels kernels = kernels_with<Micro>("avx_vnni", wide_rows);
   return &kernels;
 }
 

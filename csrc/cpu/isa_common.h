@@ -20,6 +20,18 @@
 namespace qla_cpu {
 namespace {
 
+inline int32_t load_i32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline int64_t load_i64(const uint8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 inline float bits_to_float(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
@@ -285,14 +297,33 @@ void tile_block_impl(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64
   }
 }
 
+// The dequantized weight rounded to the activation dtype, as the reference's W4A16 computes
+// it: fp16 through F16C, bf16 to nearest even on the bits (finite values only: weights).
+enum WeightRounding : int { kFp32 = 0, kFp16 = 1, kBf16 = 2 };
+
+template <int Rounding>
+inline __m256 round_weight(__m256 w) {
+  if constexpr (Rounding == kFp16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (Rounding == kBf16) {
+    const __m256i bits = _mm256_castps_si256(w);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+  } else {
+    return w;
+  }
+}
+
 // W4A16 (see IsaKernels::w4a16_rows), 256-bit code every path runs: per 16 k, one 8-byte load
-// zero-extended to 8 lanes gives the low nibbles (even k) and high nibbles (odd k) as floats; the
-// zero point leaves the loop through xsum, the group scale is one multiply per group and row. Even
-// and odd k, and two chunks of 16, accumulate apart: four independent chains per row, so that one
-// row (decode) is not bound by the latency of its adds.
-template <int Rows>
-void w4a16_column(const float* x, const float* xsum, int64_t k, const uint8_t* w, const float* scale,
-                  const uint8_t* zero, int64_t group, float* out_column, int64_t out_stride) {
+// zero-extended to 8 lanes gives the low nibbles (even k) and high nibbles (odd k) as floats, the
+// group's zero point subtracted (q − z exact). For fp32 activations the group scale is one
+// multiply-add per group and row; for fp16 / bf16 ones each weight is (q − z)·s rounded to that
+// dtype first, the reference's numbers. Even and odd k, and two chunks of 16, accumulate apart:
+// four independent chains per row, so that one row (decode) is not bound by the latency of its adds.
+template <int Rows, int Rounding>
+void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scale, const uint8_t* zero, int64_t group,
+                  float* out_column, int64_t out_stride) {
   const __m256i low_mask = _mm256_set1_epi32(0xF);
   __m256 total[Rows];
   for (int r = 0; r < Rows; ++r) total[r] = _mm256_setzero_ps();
@@ -302,12 +333,18 @@ void w4a16_column(const float* x, const float* xsum, int64_t k, const uint8_t* w
     for (int r = 0; r < Rows; ++r)
       for (int j = 0; j < 4; ++j) part[r][j] = _mm256_setzero_ps();
     const int64_t end = (g + 1) * group;
+    const __m256 z = _mm256_set1_ps(static_cast<float>(zero[g]));
+    const __m256 s = _mm256_set1_ps(scale[g]);
     auto chunk = [&](int64_t c, int chain) {
       int64_t bytes;
       std::memcpy(&bytes, w + c / 2, sizeof(bytes));
       const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
-      const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(v, low_mask));
-      const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+      __m256 even = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low_mask)), z);
+      __m256 odd = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), z);
+      if constexpr (Rounding != kFp32) {
+        even = round_weight<Rounding>(_mm256_mul_ps(even, s));
+        odd = round_weight<Rounding>(_mm256_mul_ps(odd, s));
+      }
       for (int r = 0; r < Rows; ++r) {
         part[r][chain] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + r * k + c), part[r][chain]);
         part[r][chain + 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + r * k + c + 8), part[r][chain + 1]);
@@ -319,24 +356,22 @@ void w4a16_column(const float* x, const float* xsum, int64_t k, const uint8_t* w
       chunk(c + 16, 2);
     }
     if (c < end) chunk(c, 0);
-    const __m256 s = _mm256_set1_ps(scale[g]);
     for (int r = 0; r < Rows; ++r) {
       const __m256 sum = _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_add_ps(part[r][2], part[r][3]));
-      total[r] = _mm256_fmadd_ps(sum, s, total[r]);
+      total[r] = Rounding == kFp32 ? _mm256_fmadd_ps(sum, s, total[r]) : _mm256_add_ps(sum, total[r]);
     }
   }
   for (int r = 0; r < Rows; ++r) {
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, total[r]);
-    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (int64_t g = 0; g < groups; ++g) sum -= scale[g] * static_cast<float>(zero[g]) * xsum[r * groups + g];
-    out_column[r * out_stride] = sum;
+    out_column[r * out_stride] =
+        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   }
 }
 
-void w4a16_rows_impl(const float* x, const float* xsum, int64_t rows, int64_t k, const uint8_t* weight,
-                     const float* scale, const uint8_t* zero, int64_t group, int64_t n0, int64_t n1, float* out,
-                     int64_t out_stride) {
+template <int Rounding>
+void w4a16_rows_rounded(const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* scale,
+                        const uint8_t* zero, int64_t group, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   const int64_t groups = k / group;
   constexpr int kRowBlock = 4;  // rows sharing one unpacking of a weight chunk
   for (int64_t n = n0; n < n1; ++n) {
@@ -345,16 +380,30 @@ void w4a16_rows_impl(const float* x, const float* xsum, int64_t rows, int64_t k,
     const uint8_t* z = zero + n * groups;
     for (int64_t m = 0; m < rows; m += kRowBlock) {
       const float* xm = x + m * k;
-      const float* sums = xsum + m * groups;
       float* column = out + m * out_stride + n;
       switch (std::min<int64_t>(kRowBlock, rows - m)) {
-        case 4: w4a16_column<4>(xm, sums, k, w, s, z, group, column, out_stride); break;
-        case 3: w4a16_column<3>(xm, sums, k, w, s, z, group, column, out_stride); break;
-        case 2: w4a16_column<2>(xm, sums, k, w, s, z, group, column, out_stride); break;
-        default: w4a16_column<1>(xm, sums, k, w, s, z, group, column, out_stride); break;
+        case 4: w4a16_column<4, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+        case 3: w4a16_column<3, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+        case 2: w4a16_column<2, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+        default: w4a16_column<1, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
       }
     }
   }
+}
+
+void w4a16_rows_impl(const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* scale,
+                     const uint8_t* zero, int64_t group, int rounding, int64_t n0, int64_t n1, float* out,
+                     int64_t out_stride) {
+  if (rounding == kFp16) w4a16_rows_rounded<kFp16>(x, rows, k, weight, scale, zero, group, n0, n1, out, out_stride);
+  else if (rounding == kBf16) w4a16_rows_rounded<kBf16>(x, rows, k, weight, scale, zero, group, n0, n1, out, out_stride);
+  else w4a16_rows_rounded<kFp32>(x, rows, k, weight, scale, zero, group, n0, n1, out, out_stride);
+}
+
+// A path's table: its micro-kernel and A layout, with everything this file shares.
+template <class Micro>
+IsaKernels kernels_with(const char* name, bool (*wide_rows)(const Problem&)) {
+  return IsaKernels{name, wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
+                    w4a16_rows_impl};
 }
 
 // Compile-time row and panel counts for the micro-kernel templates, from run-time ones.

@@ -216,13 +216,14 @@ PYBIND11_MODULE(_cpu, m) {
       "LayerNorm / RMSNorm of fp32 rows, optionally quantized per token (ops/cpu.py).");
   m.def(
       "w4a16_rows",
-      [](const std::string& isa_name, int64_t x, int64_t xsum, int64_t rows, int64_t k, int64_t weight, int64_t scale,
-         int64_t zero, int64_t group, int64_t columns, int64_t out) {
+      [](const std::string& isa_name, int64_t x, int64_t rows, int64_t k, int64_t weight, int64_t scale,
+         int64_t zero, int64_t group, int rounding, int64_t columns, int64_t out) {
         const IsaKernels& isa = *kernels_for(isa_name);
         py::gil_scoped_release release;
         at::parallel_for(0, columns, 16, [&](int64_t n0, int64_t n1) {
-          isa.w4a16_rows(pointer<const float>(x), pointer<const float>(xsum), rows, k, pointer<const uint8_t>(weight),
-                         pointer<const float>(scale), pointer<const uint8_t>(zero), group, n0, n1, pointer<float>(out),
+          isa.w4a16_rows(pointer<const float>(x), rows, k, pointer<const uint8_t>(weight),
+                         pointer<const float>(scale), pointer<const uint8_t>(zero), group, rounding, n0, n1,
+                         pointer<float>(out),
                          columns);
         });
       },

@@ -168,19 +168,24 @@ def supports_fused_linear(operands: FusedLinearOperands) -> bool:
     return operands.weight_format in INTEGER_FORMATS and operands.a.shape[1] <= MAX_IN_FEATURES
 
 
+# The dtype W4A16 rounds its dequantized weights to: the activations' (csrc/cpu/isa_common.h).
+_WEIGHT_ROUNDING = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _w4a16_decode(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
-    """W4A16 at M <= 16: x·Wᵀ from the stored nibbles on the kernel (every weight byte read once,
-    fp32 sums), then the epilogue as the reference computes it (M·N values: no GEMM left in it)."""
+    """W4A16 at M <= 16: x·Wᵀ from the stored nibbles on the kernel (every weight byte read once;
+    weights rounded to the activation dtype, as the reference does; fp32 sums), then the epilogue as
+    the reference computes it (M·N values: no GEMM left in it)."""
     a = operands.a.float()
     rows, depth = a.shape
     group = operands.group_size
     deinterleaved = a.reshape(rows, depth // 16, 8, 2).transpose(2, 3).contiguous()
-    group_sums = a.reshape(rows, depth // group, group).sum(dim=-1).contiguous()
     weight, scale, zero = operands.weight.contiguous(), operands.weight_scale.contiguous(), operands.weight_zero
     zero = zero.contiguous()
     y = torch.empty((rows, weight.shape[0]), dtype=torch.float32)
-    _MODULE.w4a16_rows(isa(), deinterleaved.data_ptr(), group_sums.data_ptr(), rows, depth, weight.data_ptr(),
-                       scale.data_ptr(), zero.data_ptr(), group, weight.shape[0], y.data_ptr())
+    _MODULE.w4a16_rows(isa(), deinterleaved.data_ptr(), rows, depth, weight.data_ptr(),
+                       scale.data_ptr(), zero.data_ptr(), group, _WEIGHT_ROUNDING[operands.a.dtype], weight.shape[0],
+                       y.data_ptr())
     y = reference.epilogue(y, operands.lowrank_t, operands.lowrank_u, operands.fullrank_x, operands.fullrank_w,
                            operands.bias, operands.activation, operands.residual)
     if operands.requant_bits:

@@ -36,16 +36,19 @@ def _built_reason(key: str) -> Optional[str]:
     return json.loads(info_path.read_text()).get(key) if info_path.exists() else None
 
 
+def _missing(name: str, reason_key: str, error: ImportError) -> str:
+    """Why `qla_kernels.<name>` is missing: setup.py's reason, else the import error."""
+    reason = _built_reason(reason_key)
+    return f"qla_kernels.{name} was not built: {reason}" if reason else f"qla_kernels.{name} could not be imported: {error}"
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_extension() -> Tuple[Optional[object], Optional[str]]:
     """(the `_C` module or None, why it is missing)."""
     try:
         from .. import _C  # noqa: F401  (built by setup.py when nvcc was found)
     except ImportError as error:
-        reason = _built_reason("reason")
-        if reason:
-            return None, f"qla_kernels._C was not built: {reason}"
-        return None, f"qla_kernels._C could not be imported: {error}"
+        return None, _missing("_C", "reason", error)
     return _C, None
 
 
@@ -55,8 +58,5 @@ def cpu_extension() -> Tuple[Optional[object], Optional[str]]:
     try:
         from .. import _cpu  # noqa: F401  (built by setup.py with the host C++ compiler)
     except ImportError as error:
-        reason = _built_reason("cpu_reason")
-        if reason:
-            return None, f"qla_kernels._cpu was not built: {reason}"
-        return None, f"qla_kernels._cpu could not be imported: {error}"
+        return None, _missing("_cpu", "cpu_reason", error)
     return _cpu, None
