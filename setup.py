@@ -77,21 +77,29 @@ def _first_lines(error: Exception) -> str:
 
 
 class KernelBuildExt(build_ext):
-    """Builds `_C` with nvcc and `_cpu` with the host compiler; either may fail alone."""
+    """Builds `_C` with nvcc and `_cpu` with the host compiler; either may fail alone, and is then
+    dropped from the build's outputs (the package installs without it, saying why)."""
 
-    def build_extension(self, ext):
+    def build_extensions(self):
+        self.extensions[:] = [ext for ext in self.extensions if self.built(ext)]
+
+    def built(self, ext) -> bool:
         if ext.name == "qla_kernels._cpu":
             try:
                 self.build_cpu_extension(ext)
+                return True
             except Exception as error:  # noqa: BLE001  (any compiler failure leaves the module out)
                 print(f"qla_kernels: building without _cpu: {error}", file=sys.stderr)
-                write_build_info(cpu_extension=False, cpu_reason=f"the C++ build failed: {_first_lines(error)}")
-            return
+                write_build_info(cpu_extension=False,
+                                 cpu_reason="the C++ compiler failed on csrc/cpu (its error is in the install log)")
+                return False
         try:
             self.build_cuda_extension(ext)
+            return True
         except Exception as error:  # noqa: BLE001
-            print(f"qla_kernels: building without _C: {error}", file=sys.stderr)
+            print(f"qla_kernels: building without _C: {error}\n{getattr(error, 'stderr', '') or ''}", file=sys.stderr)
             write_build_info(cuda_extension=False, archs=[], reason=f"the nvcc build failed: {_first_lines(error)}")
+            return False
 
     def build_cpu_extension(self, ext):
         objects = []
