@@ -103,7 +103,7 @@ def _gemm_variants(m: int, k: int, n: int, epilogue_costs: bool) -> Dict[str, Ca
         return run
 
     w4a16 = quantize_weight(weight, qk.W4A16(group_size=128)) if m <= cpu.DECODE_MAX_ROWS else None
-    for path in cpu.supported_isas():
+    for path in _paths():
         for name, w in packed.items():
             variants[f"ours {name} {path} (quantize + GEMM + bias)"] = ours(path, w, bias=bias)
         if w4a16 is not None:
@@ -120,6 +120,12 @@ def _gemm_variants(m: int, k: int, n: int, epilogue_costs: bool) -> Dict[str, Ca
             variants[f"ours W8A8 {path}: + residual"] = ours(path, w, residual=residual)
             variants[f"ours W8A8 {path}: + T·Uᵀ r=8"] = ours(path, w, lowrank_t=t, lowrank_u=u)
     return variants
+
+
+def _paths() -> List[str]:
+    """The paths to measure: every one this CPU runs, or the one QLA_CPU_ISA restricts the run to."""
+    forced = os.environ.get(cpu.ISA_VARIABLE)
+    return [forced] if forced else cpu.supported_isas()
 
 
 def bench_gemms(runs: int, quick: bool) -> List[dict]:

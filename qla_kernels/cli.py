@@ -107,7 +107,8 @@ def run_demo(configs=(W8A8(), W4A16(group_size=128)), out=None) -> List[dict]:
         if "reference_forward_ms" in row:
             print(f"{'  (same, reference backend)':<24} {'':>9} {'':>9} {'':>17} {'':>8} {'':>11} "
                   f"{row['reference_forward_ms']:>11.1f} {fp_ms / row['reference_forward_ms']:>8.2f}x", file=out)
-    print("W4A16 runs on the reference on CPUs (the CPU kernels cover the int8-activation formats).", file=out)
+    print(f"W4A16 at {shape[0] * shape[1]} rows runs on the reference (dequantize, then torch's sgemm): the CPU "
+          f"kernel for W4A16 is the decode one, up to {cpu_kernels.DECODE_MAX_ROWS} rows.", file=out)
     return rows
 
 
