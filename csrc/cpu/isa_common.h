@@ -216,14 +216,21 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
       v[c] = static_cast<float>(static_cast<int32_t>(wrapped)) * sx * p.w_scale[n0 + c];
     }
     if (p.rank) {
-      alignas(64) float lowrank[kMaxTileColumns] = {};
+      // 16 columns at a time with their sums in one register's worth of lanes over the rank (U is
+      // padded to whole panels, so every 16 columns can be read); T·Uᵀ's order is ours, not the
+      // reference's matmul's, so its multiply-adds may fuse.
       const float* t = p.lowrank_t + dest * p.t_stride;
-      for (int64_t j = 0; j < p.rank; ++j) {
-        const float tj = t[j];
-        const float* u = p.lowrank_ut + j * p.columns + n0;
-        for (int64_t c = 0; c < width; ++c) lowrank[c] += tj * u[c];
+      const int64_t u_stride = p.panels_count() * kPanelColumns;
+      for (int64_t c0 = 0; c0 < width; c0 += kPanelColumns) {
+        float lowrank[kPanelColumns] = {};
+        for (int64_t j = 0; j < p.rank; ++j) {
+          const float tj = t[j];
+          const float* u = p.lowrank_ut + j * u_stride + n0 + c0;
+          for (int l = 0; l < kPanelColumns; ++l) lowrank[l] = std::fma(tj, u[l], lowrank[l]);
+        }
+        const int64_t count = std::min<int64_t>(kPanelColumns, width - c0);
+        for (int64_t l = 0; l < count; ++l) v[c0 + l] += lowrank[l];
       }
-      for (int64_t c = 0; c < width; ++c) v[c] += lowrank[c];
     }
     if (p.addend) {
       const float* add = p.addend + dest * p.addend_stride + n0;

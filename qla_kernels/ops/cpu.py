@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import platform
 import threading
@@ -66,8 +65,7 @@ def supported_isas() -> List[str]:
     return list(_PATHS)
 
 
-@functools.lru_cache(maxsize=None)
-def _default_isa() -> Tuple[Optional[str], Optional[str]]:
+def _choose_isa() -> Tuple[Optional[str], Optional[str]]:
     """(path, None), or (None, why the backend cannot run here)."""
     if _MODULE is None:
         return None, _MISSING
@@ -82,15 +80,18 @@ def _default_isa() -> Tuple[Optional[str], Optional[str]]:
     return paths[0], None
 
 
+# Chosen once, at import (torch.compile'd code reads it: plain data, nothing to trace).
+_DEFAULT_ISA, _UNAVAILABLE = _choose_isa()
+
+
 def isa() -> str:
     """The instruction-set path the kernels run on in this thread."""
     forced = getattr(_forced, "isa", None)
     if forced is not None:
         return forced
-    path, missing = _default_isa()
-    if path is None:
-        raise RuntimeError(missing)
-    return path
+    if _DEFAULT_ISA is None:
+        raise RuntimeError(_UNAVAILABLE)
+    return _DEFAULT_ISA
 
 
 @contextlib.contextmanager
@@ -124,7 +125,7 @@ def cpu_name() -> str:
 
 
 def _status() -> Optional[str]:
-    return _default_isa()[1]
+    return _UNAVAILABLE
 
 
 def pack_panels(weight: Tensor) -> Tensor:
@@ -230,7 +231,9 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
                                                operands.weight_group_scale, operands.weight_zero, operands.group_size))
     lowrank_t = _fp32_rows(operands.lowrank_t)
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-    lowrank_ut = operands.lowrank_u.float().t().contiguous() if rank else None
+    padded_columns = -(-columns // PANEL_COLUMNS) * PANEL_COLUMNS  # the kernel reads U in whole panels
+    lowrank_ut = (torch.nn.functional.pad(operands.lowrank_u.float().t(), (0, padded_columns - columns)).contiguous()
+                  if rank else None)
     addend = None
     if operands.fullrank_x is not None:
         addend = operands.fullrank_x.float() @ operands.fullrank_w.float().t()

@@ -39,7 +39,7 @@ def _call(**overrides):
     (dict(out_dtype=torch.int8), "out_dtype must be one of"),
     (dict(requant_bits=9), "requant_bits must be an int in"),
 ])
-@pytest.mark.parametrize("backend", ["reference", "triton", "simulate"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "simulate", "cpu"])
 def test_fused_linear_rejects(overrides, match, backend):
     """The same ValueError whichever backend is selected: the host checks run before dispatch."""
     if not ops.backends()[backend].available:
