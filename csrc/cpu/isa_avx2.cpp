@@ -73,10 +73,7 @@ struct SmallTile {
         acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(part[r][1], ones));
       }
     }
-    for (int r = 0; r < Rows; ++r) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out + r * kMaxTileColumns), acc[r][0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out + r * kMaxTileColumns + 8), acc[r][1]);
-    }
+    for (int r = 0; r < Rows; ++r) store_panel_sums(out + r * kMaxTileColumns, acc[r][0], acc[r][1]);
   }
 };
 

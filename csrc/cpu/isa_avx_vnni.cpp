@@ -21,10 +21,7 @@ struct AvxVnniTile {
         acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], av, w1);
       }
     }
-    for (int r = 0; r < Rows; ++r) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out + r * kMaxTileColumns), acc[r][0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out + r * kMaxTileColumns + 8), acc[r][1]);
-    }
+    for (int r = 0; r < Rows; ++r) store_panel_sums(out + r * kMaxTileColumns, acc[r][0], acc[r][1]);
   }
 };
 

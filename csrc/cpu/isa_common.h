@@ -32,6 +32,12 @@ inline int64_t load_i64(const uint8_t* p) {
   return v;
 }
 
+// One tile row's 16 int32 sums from two 8-lane halves (the 256-bit kernels).
+inline void store_panel_sums(int32_t* out, __m256i low, __m256i high) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), low);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), high);
+}
+
 inline float bits_to_float(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
