@@ -39,18 +39,12 @@ struct WideTile {
   }
 };
 
-inline int64_t panel_max_abs(const Problem& p, const int8_t* w) {
-  int32_t value;
-  std::memcpy(&value, w + (p.quads + 1) * kQuadRowBytes, sizeof(value));
-  return value;
-}
-
 // Rows of u8 A: a 32-bit broadcast of 4 k against 8 columns × 4 k; int16 partial sums for `steps`
 // quads, then widened (lanes come out one per column).
 template <int Rows, int Panels>
 struct SmallTile {
   static void run(const Problem& p, const uint8_t* a, const int8_t* w, int32_t* out) {
-    const int64_t max_abs = panel_max_abs(p, w);
+    const int64_t max_abs = panel_max_abs(p, (w - p.panels) / p.panel_bytes);
     const int64_t steps = max_abs == 0 ? p.quads : std::max<int64_t>(1, 32767 / (510 * max_abs));
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[Rows][2];

@@ -203,7 +203,7 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
   alignas(64) int32_t colsum[kMaxTileColumns];
   for (int64_t c = 0; c < width; c += kPanelColumns) {
     const int64_t panel = (n0 + c) / kPanelColumns;
-    std::memcpy(colsum + c, p.panels + panel * p.panel_bytes + p.quads * kQuadRowBytes, kQuadRowBytes);
+    std::memcpy(colsum + c, panel_column_sums(p, panel), kQuadRowBytes);
   }
   const bool gated = is_gated(p.activation);
   alignas(64) float v[kMaxTileColumns];

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace qla_cpu {
 
@@ -66,6 +67,17 @@ struct Problem {
     return (d >= 0 && d < out_rows) ? d : -1;
   }
 };
+
+// Panel `panel`'s header rows (see the top of this file): its 16 column sums, and its max |W|.
+inline const int8_t* panel_column_sums(const Problem& p, int64_t panel) {
+  return p.panels + panel * p.panel_bytes + p.quads * kQuadRowBytes;
+}
+
+inline int32_t panel_max_abs(const Problem& p, int64_t panel) {
+  int32_t value;
+  std::memcpy(&value, panel_column_sums(p, panel) + kQuadRowBytes, sizeof(value));
+  return value;
+}
 
 struct IsaKernels {
   const char* name;

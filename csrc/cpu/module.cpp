@@ -92,12 +92,6 @@ T* pointer(int64_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-int64_t panel_max_abs(const Problem& p, int64_t panel) {
-  int32_t value;
-  std::memcpy(&value, p.panels + panel * p.panel_bytes + (p.quads + 1) * kQuadRowBytes, sizeof(value));
-  return value;
-}
-
 void run_fused_linear(const IsaKernels& isa, Problem p, const int8_t* a, int64_t a_stride, int64_t a_rows,
                       const int64_t* gather, int64_t k, const int32_t* zero_point, bool zero_per_row) {
   const int64_t panels = p.panels_count();

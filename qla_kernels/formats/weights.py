@@ -51,6 +51,17 @@ def _forbid(name: str, tensor: Optional[torch.Tensor], fmt: str) -> None:
         raise ValueError(f"{name} must be None for weight format {fmt!r}")
 
 
+# The CPU kernels' panel layout of an integer weight (ops/cpu.py pack_panels, csrc/cpu/kernels.h):
+# 16 output columns per panel, k in quads of 4, two header quad rows (column sums, max |W|).
+PANEL_COLUMNS = 16
+PANEL_QUAD = 4
+
+
+def panels_shape(out_features: int, in_features: int) -> tuple:
+    """Shape of the int8 panels of an [out_features, in_features] integer weight."""
+    return (-(-out_features // PANEL_COLUMNS), -(-in_features // PANEL_QUAD) + 2, PANEL_COLUMNS, PANEL_QUAD)
+
+
 def weight_in_features(fmt: str, weight: torch.Tensor) -> int:
     return weight.shape[1] if fmt == "int8" else 2 * weight.shape[1]
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..formats.weights import INTEGER_FORMATS, check_weight, weight_in_features
+from ..formats.weights import INTEGER_FORMATS, check_weight, panels_shape, weight_in_features
 from ..quant.primitives import qrange
 from .operands import FusedLinearOperands
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, NORM_KINDS, output_features
@@ -160,8 +160,8 @@ def check_fused_linear(operands: FusedLinearOperands) -> None:
     if operands.a_zero_point is not None and operands.weight_colsum is None:
         raise ValueError("weight_colsum is required with a_zero_point (the −z·colsum(W_q) epilogue term)")
     check_tensor("weight_colsum", operands.weight_colsum, device=device, dtypes=(torch.int32,), shape=(out_features,))
-    panels_shape = (-(-out_features // 16), -(-in_features // 4) + 2, 16, 4)  # ops/cpu.py pack_panels
-    check_tensor("weight_panels", operands.weight_panels, device=device, dtypes=(torch.int8,), shape=panels_shape)
+    check_tensor("weight_panels", operands.weight_panels, device=device, dtypes=(torch.int8,),
+                 shape=panels_shape(out_features, in_features))
 
     for rows_name, columns_name in (("lowrank_t", "lowrank_u"), ("fullrank_x", "fullrank_w")):
         _check_segment(operands, rows_name, columns_name, rows, out_features)

@@ -32,7 +32,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..formats.weights import INTEGER_FORMATS, QuantizedWeight
+from ..formats.weights import INTEGER_FORMATS, PANEL_COLUMNS, PANEL_QUAD, QuantizedWeight
 from ..quant.primitives import absmax_scale
 from . import reference
 from .device import cpu_extension
@@ -45,8 +45,6 @@ from .library import (
 )
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
-PANEL_COLUMNS = 16
-QUAD = 4
 MAX_IN_FEATURES = 65535  # (code + 128) · w summed over K stays below 2^31
 ISA_VARIABLE = "QLA_CPU_ISA"
 _ACTIVATION_CODES = {name: code for code, name in enumerate(reference.ACTIVATIONS)}
@@ -132,14 +130,14 @@ def pack_panels(weight: Tensor) -> Tensor:
     """The kernels' layout of an integer weight int8 [N, K] (csrc/cpu/kernels.h): int8
     [ceil(N/16), ceil(K/4) + 2, 16, 4], quads of k per column, then each panel's column sums and max |W|."""
     columns, depth = weight.shape
-    panels, quads = -(-columns // PANEL_COLUMNS), -(-depth // QUAD)
-    padded = torch.zeros((panels * PANEL_COLUMNS, quads * QUAD), dtype=torch.int8, device=weight.device)
+    panels, quads = -(-columns // PANEL_COLUMNS), -(-depth // PANEL_QUAD)
+    padded = torch.zeros((panels * PANEL_COLUMNS, quads * PANEL_QUAD), dtype=torch.int8, device=weight.device)
     padded[:columns, :depth] = weight
-    body = padded.reshape(panels, PANEL_COLUMNS, quads, QUAD).permute(0, 2, 1, 3)
+    body = padded.reshape(panels, PANEL_COLUMNS, quads, PANEL_QUAD).permute(0, 2, 1, 3)
     colsum = padded.sum(dim=1, dtype=torch.int32).reshape(panels, PANEL_COLUMNS)
     max_abs = torch.zeros((panels, PANEL_COLUMNS), dtype=torch.int32, device=weight.device)
     max_abs[:, 0] = padded.to(torch.int32).abs().reshape(panels, -1).amax(dim=1) if padded.numel() else 0
-    header = torch.stack([colsum, max_abs], dim=1).view(torch.int8).reshape(panels, 2, PANEL_COLUMNS, QUAD)
+    header = torch.stack([colsum, max_abs], dim=1).view(torch.int8).reshape(panels, 2, PANEL_COLUMNS, PANEL_QUAD)
     return torch.cat([body, header], dim=1).contiguous()
 
 
@@ -264,6 +262,14 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     return out.to(operands.out_dtype), out.new_empty((0,))
 
 
+def _zero_point_arguments(zero_point: Optional[Tensor], bits: int) -> Tuple[int, bool, bool]:
+    """(z, has_zero, subtract_zero) as the quantizer kernels take them: at <= 7 bits the codes hold
+    q − z (quantize_activation's contract)."""
+    if zero_point is None:
+        return 0, False, False
+    return int(zero_point.item()), True, bits <= 7
+
+
 def supports_quantize_activation(x: Tensor, static_scale, zero_point, norm_kind: str, down_proj) -> bool:
     return x.device.type == "cpu" and norm_kind == "none" and down_proj is None
 
@@ -276,10 +282,8 @@ def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], ze
     q = torch.empty(rows.shape, dtype=torch.int8)
     scale = torch.empty(rows.shape[0], dtype=torch.float32)
     static = None if static_scale is None else static_scale.float().contiguous()
-    zero = 0 if zero_point is None else int(zero_point.item())
     _MODULE.quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
-                            _address(static), zero, zero_point is not None, zero_point is not None and bits <= 7,
-                            q.data_ptr(), scale.data_ptr())
+                          _address(static), *_zero_point_arguments(zero_point, bits), q.data_ptr(), scale.data_ptr())
     return q, scale, x.new_empty((rows.shape[0], 0))
 
 
@@ -300,10 +304,9 @@ def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, n
     normed = torch.empty_like(rows)
     q = torch.empty(rows.shape if bits else (0,), dtype=torch.int8)
     scale = torch.empty(rows.shape[0] if bits else 0, dtype=torch.float32)
-    zero = 0 if zero_point is None else int(zero_point.item())
     _MODULE.normalize_rows(isa(), rows.data_ptr(), rows.shape[0], rows.shape[1], _NORM_CODES[norm_kind],
                            _address(weight), _address(bias), float(norm_eps), normed.data_ptr(), bits,
-                           _address(static), zero, zero_point is not None, zero_point is not None and bits <= 7,
+                           _address(static), *_zero_point_arguments(zero_point, bits),
                            _address(q if bits else None), _address(scale if bits else None))
     return normed, q, scale
 
