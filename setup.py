@@ -83,12 +83,20 @@ class KernelBuildExt(build_ext):
     def build_extensions(self):
         self.extensions[:] = [ext for ext in self.extensions if self.built(ext)]
 
+    def remove_stale(self, ext) -> None:
+        """Deletes a module left by an earlier build (in the build tree and, for in-place and
+        editable installs, in the package): it would import, and run the old code."""
+        name = Path(self.get_ext_filename(ext.name)).name
+        for path in (Path(self.get_ext_fullpath(ext.name)), ROOT / "qla_kernels" / name):
+            path.unlink(missing_ok=True)
+
     def built(self, ext) -> bool:
         if ext.name == "qla_kernels._cpu":
             try:
                 self.build_cpu_extension(ext)
                 return True
             except Exception as error:  # noqa: BLE001  (any compiler failure leaves the module out)
+                self.remove_stale(ext)
                 print(f"qla_kernels: building without _cpu: {error}", file=sys.stderr)
                 write_build_info(cpu_extension=False,
                                  cpu_reason="the C++ compiler failed on csrc/cpu (its error is in the install log)")
@@ -97,6 +105,7 @@ class KernelBuildExt(build_ext):
             self.build_cuda_extension(ext)
             return True
         except Exception as error:  # noqa: BLE001
+            self.remove_stale(ext)
             print(f"qla_kernels: building without _C: {error}\n{getattr(error, 'stderr', '') or ''}", file=sys.stderr)
             write_build_info(cuda_extension=False, archs=[], reason=f"the nvcc build failed: {_first_lines(error)}")
             return False
@@ -161,6 +170,8 @@ def cpu_extensions():
     return [Extension(
         "qla_kernels._cpu",
         sources=[str((CSRC / "cpu" / "module.cpp").relative_to(ROOT))],
+        # Every file of csrc/cpu: a change to a header or an ISA file rebuilds the module too.
+        depends=[str(path.relative_to(ROOT)) for path in sorted((CSRC / "cpu").iterdir())],
         include_dirs=[include, *cpp_extension.include_paths(), str(CSRC / "cpu")],
         library_dirs=cpp_extension.library_paths(),
         libraries=["c10", "torch_cpu"],

@@ -96,7 +96,7 @@ void run_fused_linear(const IsaKernels& isa, Problem p, const int8_t* a, int64_t
                       const int64_t* gather, int64_t k, const int32_t* zero_point, bool zero_per_row) {
   const int64_t panels = p.panels_count();
   int64_t max_abs = 0;
-  for (int64_t i = 0; i < panels; ++i) max_abs = std::max(max_abs, panel_max_abs(p, i));
+  for (int64_t i = 0; i < panels; ++i) max_abs = std::max<int64_t>(max_abs, panel_max_abs(p, i));
   p.small_weights = max_abs <= 64;
   const bool wide = isa.wide_rows(p);
   const int64_t rows = p.rows;

@@ -1,9 +1,14 @@
+import os
+import platform
+import shutil
+
 import pytest
 import torch
 
 import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.ops import dispatch, requested_backend, resolve_backend
+from qla_kernels.ops.device import cpu_extension
 
 from .helpers import random_weight
 
@@ -79,3 +84,12 @@ def test_registering_twice_or_an_unknown_backend_is_a_value_error():
         dispatch.register("fused_linear", "reference", lambda operands: None)
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         dispatch.register("fused_linear", "tensorrt", lambda operands: None)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None
+                    or bool(os.environ.get("QLA_SKIP_CPU")), reason="no x86-64 host C++ compiler")
+def test_the_cpu_extension_is_built_where_a_compiler_exists():
+    """A failed build of `_cpu` leaves the package installable, and every CPU-kernel test skips:
+    this one does not."""
+    module, missing = cpu_extension()
+    assert module is not None, missing
