@@ -7,9 +7,12 @@
     with qk.use_backend("simulate"): ...           # "reference" | "simulate" | "cuda" | "auto"
     qk.save_quantized(model, "model.safetensors"); qk.load_quantized(skeleton, "model.safetensors")
     qk.backends()                                  # what can run here, and why not
+    model.save_pretrained(d); AutoModel.from_pretrained(d) # Hugging Face: quant_method "qla" (integrations/)
+    qk.load_pretrained(d)                          # the same, refusing to return it unquantized
 """
 
-from . import formats, methods, models, ops, quant
+from . import formats, integrations, methods, models, ops, quant
+from .integrations import load_pretrained
 from .models import convert_for_runtime, fuse_blocks
 from .nn import QuantLinear, load_quantized, quantize_, register_quantize_handler, save_quantized
 from .ops import backends, use_backend
@@ -17,9 +20,11 @@ from .quant import W4A4, W4A8, W4A16, W8A8, QuantConfig
 
 __version__ = "0.1.0"
 
+integrations.install()
+
 __all__ = [
     "QuantConfig", "W8A8", "W4A8", "W4A16", "W4A4", "QuantLinear", "quantize_",
     "register_quantize_handler", "save_quantized", "load_quantized", "use_backend", "backends", "fuse_blocks",
-    "convert_for_runtime",
+    "convert_for_runtime", "load_pretrained",
     "formats", "quant", "ops", "methods", "models",
 ]

@@ -1,7 +1,8 @@
 """The `qla` console entry point.
 
     qla demo        quantize the real MiniLM model (W8A8, W4A16) and compare it with fp
-    qla quantize    quantize a timm model or local HF model (PTQ, QwT or GPLQ) into one .safetensors file
+    qla quantize    quantize a timm model or local HF model (PTQ, QwT or GPLQ) into one .safetensors file,
+                    or an HF model into a save_pretrained directory
     qla eval        compare a quantized file with its fp model on an image folder or text file
     qla bench       end-to-end latency vs fp16 on this device (CPU: tiny models, labelled)
     qla backends    which backends can run here, and why not
@@ -16,13 +17,15 @@ import copy
 import json
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import QuantLinear, W4A16, W8A8, backends, convert_for_runtime, load_quantized, quantize_, save_quantized, use_backend
+from . import (QuantLinear, W4A16, W8A8, backends, convert_for_runtime, load_pretrained, load_quantized, quantize_,
+               save_quantized, use_backend)
 from .apps import workflow
 from .nn import is_linear
 from .ops import cpu as cpu_kernels
@@ -125,7 +128,15 @@ def run_quantize(args, out=None) -> dict:
     batches = workflow.load_batches(args.calib, loaded, args.calib_batches, args.batch_size)
     quantized, report = workflow.quantize_model(loaded.model, config, args.method, batches,
                                                 static_activations=args.activations == "static")
-    save_quantized(quantized, args.out)
+    if args.out.endswith(".safetensors"):
+        save_quantized(quantized, args.out)
+    elif not hasattr(quantized, "save_pretrained"):
+        raise ValueError(f"--out {args.out!r}: a directory is written with Hugging Face's save_pretrained, which "
+                         f"this {type(quantized).__name__} does not have; give a .safetensors file instead")
+    else:
+        quantized.save_pretrained(args.out)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(args.out)
     report["out"] = args.out
     print(json.dumps(report), file=out)
     return report
@@ -134,7 +145,10 @@ def run_quantize(args, out=None) -> dict:
 def run_eval(args, out=None) -> dict:
     out = out or sys.stdout
     loaded = workflow.load_model(args.model, args.checkpoint)
-    quantized = load_quantized(copy.deepcopy(loaded.model), args.quantized)
+    if Path(args.quantized).is_dir():
+        quantized = load_pretrained(args.quantized, local_files_only=True)
+    else:
+        quantized = load_quantized(copy.deepcopy(loaded.model), args.quantized)
     batches = workflow.load_batches(args.data, loaded, args.batches, args.batch_size)
     metrics = workflow.evaluate(loaded.model, quantized, batches)
     print(json.dumps(metrics), file=out)
@@ -169,10 +183,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                           help="per-token dynamic scales, or static per-tensor scales calibrated by percentile search")
     quantize.add_argument("--calib", required=True, help="image folder or text file for calibration")
     quantize.add_argument("--calib-batches", type=int, default=16)
-    quantize.add_argument("--out", required=True, help="output .safetensors file")
+    quantize.add_argument("--out", required=True,
+                          help="output .safetensors file (qk.load_quantized), or a directory for a Hugging Face model "
+                               "(save_pretrained: AutoModel.from_pretrained loads it quantized, given import qla_kernels)")
     evaluate = commands.add_parser("eval", help="compare a quantized file with its fp model")
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--quantized", required=True, help="a file written by qla quantize")
+    evaluate.add_argument("--quantized", required=True, help="a file or directory written by qla quantize")
     evaluate.add_argument("--data", required=True, help="image folder or text file")
     evaluate.add_argument("--batches", type=int, default=16)
     bench = commands.add_parser("bench", help="end-to-end latency of quantized models vs fp16 on this device")

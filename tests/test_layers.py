@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "qla_kernels"
 # Lowest first; a module may import its own layer and the layers before it. The package root's
 # modules (the public API, cli, launch_table) may import anything, and nothing imports them.
-LAYERS = ("formats", "quant", "ops", "nn", "models", "methods", "apps")
+LAYERS = ("formats", "quant", "ops", "nn", "models", "methods", "integrations", "apps")
 EXTENSIONS = ("qla_kernels._C", "qla_kernels._cpu")  # built by setup.py; import nothing of the package
 
 

@@ -35,7 +35,7 @@ from ..models.blocks import find_blocks
 from ..nn.compensation import primary_output
 from ..nn.lsq_linear import LSQLinear
 from ..nn.quant_linear import QuantLinear, linear_weight
-from ..nn.quantize import select_linears
+from ..nn.quantize import announce_quantized, select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
@@ -284,6 +284,7 @@ def weight_ptq(
         layer.set_static_activation(quantizer.step_size(), quantizer.integer_zero())
         student.set_submodule(name, layer)
     route_weight_reads(student, (QuantLinear,))
+    announce_quantized(student)
     reports = qwt.calibrate(model_fp, student, batches, progress=progress) if compensate else None
     return student, WeightPTQReport(len(layers), weight_clip, reports)
 

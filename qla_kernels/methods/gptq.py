@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..models.batches import materialize, run_model
 from ..nn.quant_linear import QuantLinear, linear_weight
-from ..nn.quantize import select_linears
+from ..nn.quantize import announce_quantized, select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import W4A16
 from ..quant.gptq import gptq_quantize, hessian
@@ -65,4 +65,5 @@ def quantize(
         qweight = gptq_quantize(weight, hessians[name] / counts[name], config, act_order=act_order, damping=damping)
         model.set_submodule(name, QuantLinear.from_float(module, config, qweight=qweight))
     route_weight_reads(model, (QuantLinear,))
+    announce_quantized(model)
     return model

@@ -17,6 +17,20 @@ from .quant_linear import QuantLinear, linear_weight
 from .weight_reads import kept_floating, route_weight_reads
 
 _HANDLERS: Dict[Type[QuantConfig], Callable[[nn.Module, QuantConfig], nn.Module]] = {}
+_LISTENERS: List[Callable[[nn.Module], None]] = []
+
+
+def on_quantized(listener: Callable[[nn.Module], None]) -> None:
+    """Calls `listener(model)` whenever a model has been quantized here (`quantize_`,
+    `load_quantized`, the methods that quantize): how a library integration (Hugging Face's
+    save_pretrained, integrations/transformers.py) learns of a model without nn/ importing it."""
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+
+
+def announce_quantized(model: nn.Module) -> None:
+    for listener in _LISTENERS:
+        listener(model)
 
 
 def register_quantize_handler(config_type: Type[QuantConfig]):
@@ -106,6 +120,7 @@ def quantize_(
         for name in names:
             model.set_submodule(name, replacement)
     route_weight_reads(model, (QuantLinear,))
+    announce_quantized(model)
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,17 +21,23 @@ from .adapters import AdapterPlacement, attach_adapters
 from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensated_blocks
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear, linear_weight
+from .quantize import announce_quantized
 from .module_kinds import is_linear
 from .weight_reads import route_weight_reads
 
 FORMAT_VERSION = 1
 _OPTIONAL_BUFFERS = ("input_scale", "input_zero_point", "weight_colsum")
+_OPTIONAL_BUFFER_SHAPES = {"input_scale": lambda out: (1,), "input_zero_point": lambda out: (1,),
+                           "weight_colsum": lambda out: (out,)}
+_OPTIONAL_BUFFER_DTYPES = {"input_scale": torch.float32, "input_zero_point": torch.int8, "weight_colsum": torch.int32}
 
 
-def save_quantized(model: nn.Module, path: str) -> None:
-    """Writes every parameter and buffer of `model` plus the layout of its QuantLinears, QwT
-    compensations and QLA adapters. A model with lowered corrections is refused (their folded
-    biases would be saved without the segments that go with them)."""
+def quantized_layout(model: nn.Module) -> dict:
+    """The header entries that let `rebuild` turn an fp skeleton into `model`'s quantized
+    architecture: per QuantLinear its config, shape and optional buffers, per block with a QwT
+    compensation its shape and where it is added, the QLA adapters' placement and blocks. A model
+    with lowered corrections is refused (their folded biases would be saved without the segments
+    that go with them), and so is one with simulation-only modules."""
     lowered = [name for name, m in model.named_modules()
                if getattr(m, "lowered_qwt", None) is not None or getattr(m, "lowered_adapter", None) is not None]
     if lowered:
@@ -41,20 +48,28 @@ def save_quantized(model: nn.Module, path: str) -> None:
         raise ValueError(f"{simulated[0]!r} is simulation only (no convolution kernels yet): nothing to deploy or save")
     layers = {
         name: {"config": module.config.to_dict(), "in_features": module.in_features,
-               "out_features": module.out_features, "bias": module.bias is not None}
+               "out_features": module.out_features, "bias": module.bias is not None,
+               "buffers": [buffer for buffer in _OPTIONAL_BUFFERS if getattr(module, buffer) is not None]}
         for name, module in model.named_modules() if isinstance(module, QuantLinear)
     }
+    if not layers:
+        raise ValueError("the model has no QuantLinear: quantize_ it first")
     compensations = {
         name: {"output_norm": block.qwt.output_norm, "weight": list(block.qwt.weight.shape),
                "down": None if block.qwt.down is None else list(block.qwt.down.shape)}
         for name, block in compensated_blocks(model)
     }
-    metadata = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers,
-                "qla_kernels.qwt": compensations}
+    layout = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers,
+              "qla_kernels.qwt": compensations}
     placement = getattr(model, "_qla_placement", None)
     if placement is not None:
-        metadata["qla_kernels.qla"] = {"blocks": model._qla_block_names, "placement": placement.to_dict()}
-    write_checkpoint(path, model.state_dict(), metadata)
+        layout["qla_kernels.qla"] = {"blocks": model._qla_block_names, "placement": placement.to_dict()}
+    return layout
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Writes every parameter and buffer of `model` plus its `quantized_layout` in the header."""
+    write_checkpoint(path, model.state_dict(), quantized_layout(model))
 
 
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
@@ -73,95 +88,120 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"the skeleton has tensors on the meta device ({on_meta[0]!r}): materialize it first "
                          "(model.to_empty(device=...)), the file's tensors are copied into it")
     tensors, metadata = read_checkpoint(path)
-    version = metadata.get("qla_kernels.format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported qla_kernels checkpoint version {version!r} (expected {FORMAT_VERSION})")
-    _check_against(_staged(model, tensors, metadata, path), tensors, path)
-    _convert(model, tensors, metadata, path)
+    check_layout_version(metadata, path)
+    specs = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+    check_tensors(_staged(model, metadata, path, tensors), specs, path)
+    rebuild(model, metadata, path, tensors)
     model.load_state_dict(tensors, strict=True)
     route_weight_reads(model, (QuantLinear,))
+    announce_quantized(model)
     return model
 
 
-def _staged(model: nn.Module, tensors: dict, metadata: dict, path: str) -> nn.Module:
-    """The conversion applied to a copy of `model` whose tensors are on the meta device."""
+def check_layout_version(layout: dict, source: str) -> None:
+    version = layout.get("qla_kernels.format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{source}: unsupported qla_kernels checkpoint version {version!r} (expected {FORMAT_VERSION})")
+
+
+def _staged(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]) -> nn.Module:
+    """`rebuild` applied to a copy of `model` whose tensors are on the meta device."""
     memo = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
     staged = copy.deepcopy(model, memo)
-    _convert(staged, tensors, metadata, path)
+    rebuild(staged, layout, source, tensors)
     return staged
 
 
-def _convert(model: nn.Module, tensors: dict, metadata: dict, path: str) -> None:
-    """Rebuilds the saved modules on `model` (QuantLinears, QwT compensations, QLA adapters)."""
+def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict] = None) -> None:
+    """Rebuilds the modules `layout` (`quantized_layout`) describes on `model`, in place:
+    QuantLinears (empty, on each linear's device), QwT compensations, QLA adapters. `tensors`, the
+    file's, when at hand: their shapes are checked against the layout, and in files written
+    before the layout listed a layer's optional buffers, they say which it has. ValueError naming
+    the module that does not fit (then `model` may be part-rebuilt: stage it first)."""
     try:
-        layouts = dict(metadata["qla_kernels.quant_linears"])
-        compensations = dict(metadata.get("qla_kernels.qwt", {}))
-        adapters = metadata.get("qla_kernels.qla")
+        layouts = dict(layout["qla_kernels.quant_linears"])
+        compensations = dict(layout.get("qla_kernels.qwt", {}))
+        adapters = layout.get("qla_kernels.qla")
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: the header has no valid qla_kernels layout ({error})") from None
-    for name, layout in layouts.items():
+        raise ValueError(f"{source}: the header has no valid qla_kernels layout ({error})") from None
+    for name, entry in layouts.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: the model has no module {name!r} to quantize") from None
+            raise ValueError(f"{source}: the model has no module {name!r} to quantize") from None
         if not (is_linear(module) or isinstance(module, QuantLinear)):
-            raise ValueError(f"{path}: module {name!r} is a {type(module).__name__}, not a linear layer")
+            raise ValueError(f"{source}: module {name!r} is a {type(module).__name__}, not a linear layer")
         device = next(iter(module.buffers() if isinstance(module, QuantLinear) else module.parameters())).device
-        weight, bias = tensors.get(f"{name}.weight"), tensors.get(f"{name}.bias")
         try:
-            config = QuantConfig.from_dict(layout["config"])
-            shape = (layout["out_features"], layout["in_features"], layout["bias"])
+            config = QuantConfig.from_dict(entry["config"])
+            shape = (entry["out_features"], entry["in_features"], entry["bias"])
+            buffers = entry.get("buffers")
+            if buffers is not None and not set(buffers) <= set(_OPTIONAL_BUFFERS):
+                raise TypeError(f"unknown buffers {sorted(set(buffers) - set(_OPTIONAL_BUFFERS))}")
         except (KeyError, TypeError) as error:
-            raise ValueError(f"{path}: the layout of {name!r} is incomplete ({error})") from None
-        if weight is None or weight.dim() != 2 or weight.shape[0] != shape[0] or (bias is not None) != shape[2]:
-            raise ValueError(f"{path}: the header's shape of {name!r} ({shape[0]} outputs, bias={shape[2]}) does "
-                             f"not match its tensors ({None if weight is None else tuple(weight.shape)})")
+            raise ValueError(f"{source}: the layout of {name!r} is incomplete ({error})") from None
+        if buffers is None:
+            if tensors is None:
+                raise ValueError(f"{source}: the layout of {name!r} does not list its buffers")
+            buffers = [buffer for buffer in _OPTIONAL_BUFFERS if f"{name}.{buffer}" in tensors]
+        own_bias = getattr(module, "bias", None)
+        bias_dtype = None if own_bias is None else own_bias.dtype
+        if tensors is not None:
+            weight, bias = tensors.get(f"{name}.weight"), tensors.get(f"{name}.bias")
+            if weight is None or weight.dim() != 2 or weight.shape[0] != shape[0] or (bias is not None) != shape[2]:
+                raise ValueError(f"{source}: the header's shape of {name!r} ({shape[0]} outputs, bias={shape[2]}) "
+                                 f"does not match its tensors ({None if weight is None else tuple(weight.shape)})")
+            bias_dtype = None if bias is None else bias.dtype
         own = ((module.out_features, module.in_features) if isinstance(module, QuantLinear)
                else tuple(linear_weight(module).shape))
         if own != shape[:2]:
-            raise ValueError(f"{path}: {name!r} is {own[0]}×{own[1]} (out × in) in the model, "
+            raise ValueError(f"{source}: {name!r} is {own[0]}×{own[1]} (out × in) in the model, "
                              f"{shape[0]}×{shape[1]} in the file")
-        layer = QuantLinear(shape[1], shape[0], shape[2], config, device=device,
-                            dtype=None if bias is None else bias.dtype)
-        for buffer in _OPTIONAL_BUFFERS:
-            if f"{name}.{buffer}" in tensors:
-                setattr(layer, buffer, torch.empty_like(tensors[f"{name}.{buffer}"], device=device))
+        layer = QuantLinear(shape[1], shape[0], shape[2], config, device=device, dtype=bias_dtype)
+        for buffer in buffers:
+            setattr(layer, buffer, torch.empty(_OPTIONAL_BUFFER_SHAPES[buffer](shape[0]),
+                                               dtype=_OPTIONAL_BUFFER_DTYPES[buffer], device=device))
         model.set_submodule(name, layer)
-    for name, layout in compensations.items():
+    for name, entry in compensations.items():
         try:
             block = model.get_submodule(name)
             device = next(iter(block.buffers()), torch.empty(0)).device
             empty = lambda shape: None if shape is None else torch.empty(shape, device=device)  # noqa: E731
-            attach(block, QwTCompensation(empty(layout["weight"]), empty(layout["weight"][:1]), empty(layout["down"]),
-                                          layout["output_norm"]))
+            attach(block, QwTCompensation(empty(entry["weight"]), empty(entry["weight"][:1]), empty(entry["down"]),
+                                          entry["output_norm"]))
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
-            raise ValueError(f"{path}: the QwT compensation of {name!r} does not fit the model ({error})") from None
+            raise ValueError(f"{source}: the QwT compensation of {name!r} does not fit the model ({error})") from None
     if adapters is not None:
         try:
             attach_adapters(model, adapters["blocks"], AdapterPlacement.from_dict(adapters["placement"]))
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
-            raise ValueError(f"{path}: the QLA adapters do not fit the model ({error})") from None
+            raise ValueError(f"{source}: the QLA adapters do not fit the model ({error})") from None
 
 
-def _check_against(staged: nn.Module, tensors: dict, path: str) -> None:
+def check_tensors(staged: nn.Module, specs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]], source: str,
+                  keys: Optional[set] = None) -> None:
     """ValueError naming the first tensor the staged model lacks, does not expect, or expects in
-    another shape or dtype (floating-point parameters may change precision, as load_state_dict
-    casts them; quantized buffers and every integer tensor must match exactly)."""
+    another shape or dtype; `specs`: the file's (shape, dtype) by name. Floating-point parameters
+    may change precision, as loading casts them; quantized buffers and every integer tensor must
+    match exactly. `keys`: check only these of the model's keys (and of the file's)."""
     expected = staged.state_dict()
-    missing = [key for key in expected if key not in tensors]
-    unexpected = [key for key in tensors if key not in expected]
+    if keys is not None:
+        expected = {key: value for key, value in expected.items() if key in keys}
+        specs = {key: value for key, value in specs.items() if key in keys}
+    missing = [key for key in expected if key not in specs]
+    unexpected = [key for key in specs if key not in expected]
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model does not"
-        raise ValueError(f"{path}: the file {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        raise ValueError(f"{source}: the file {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
     quantized = {f"{name}.{buffer}" for name, module in staged.named_modules() if isinstance(module, QuantLinear)
                  for buffer, value in module._buffers.items() if value is not None}
     for key, want in expected.items():
-        have = tensors[key]
-        if tuple(have.shape) != tuple(want.shape):
-            raise ValueError(f"{path}: {key!r} has shape {tuple(have.shape)}, the model expects {tuple(want.shape)}")
-        castable = have.is_floating_point() and want.is_floating_point() and key not in quantized
-        if have.dtype != want.dtype and not castable:
-            raise ValueError(f"{path}: {key!r} is {have.dtype}, the model expects {want.dtype}")
+        shape, dtype = specs[key]
+        if tuple(shape) != tuple(want.shape):
+            raise ValueError(f"{source}: {key!r} has shape {tuple(shape)}, the model expects {tuple(want.shape)}")
+        castable = dtype.is_floating_point and want.is_floating_point() and key not in quantized
+        if dtype != want.dtype and not castable:
+            raise ValueError(f"{source}: {key!r} is {dtype}, the model expects {want.dtype}")
