@@ -9,12 +9,15 @@
     qk.backends()                                  # what can run here, and why not
     model.save_pretrained(d); AutoModel.from_pretrained(d) # Hugging Face: quant_method "qla" (integrations/)
     qk.load_pretrained(d)                          # the same, refusing to return it unquantized
+    qk.load_lora(model, peft_dir, name="task"); qk.set_lora(model, "task" | None); qk.unload_lora(model, "task")
 """
 
 from . import formats, integrations, methods, models, ops, quant
 from .integrations import load_pretrained
+from .integrations.peft import load_lora
 from .models import convert_for_runtime, fuse_blocks
 from .nn import QuantLinear, load_quantized, quantize_, register_quantize_handler, save_quantized
+from .nn.task_lora import set_lora, unload_lora
 from .ops import backends, use_backend
 from .quant import W4A4, W4A8, W4A16, W8A8, QuantConfig
 
@@ -25,6 +28,6 @@ integrations.install()
 __all__ = [
     "QuantConfig", "W8A8", "W4A8", "W4A16", "W4A4", "QuantLinear", "quantize_",
     "register_quantize_handler", "save_quantized", "load_quantized", "use_backend", "backends", "fuse_blocks",
-    "convert_for_runtime", "load_pretrained",
+    "convert_for_runtime", "load_pretrained", "load_lora", "set_lora", "unload_lora",
     "formats", "quant", "ops", "methods", "models",
 ]

@@ -189,6 +189,10 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
     checked on its input from that batch under `backend`. Call after quantization, calibration,
     QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`); calling it again
     (after any of them) fuses the blocks anew."""
+    with_loras = [name for name, module in model.named_modules() if getattr(module, "task_loras", None)]
+    if with_loras:
+        raise ValueError(f"{with_loras[0]!r} carries task LoRAs, which fused blocks do not run: unload_lora them "
+                         "before fuse_blocks (or convert without an example: convert_for_runtime(model))")
     example = example if example is not None else example_input(model)
     named = find_blocks(model)
     was_training = model.training

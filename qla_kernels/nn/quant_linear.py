@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,6 +98,10 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(empty((out_features,), dtype or torch.float32), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Task LoRAs (nn/task_lora.py) by name: not submodules, so the module tree and the state
+        # dict are the base model's; `_apply` moves them.
+        self.task_loras: Dict[str, nn.Module] = {}
+        self.lora_plans: Dict[str, LinearPlan] = {}  # a converted layer's plan per task LoRA
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QuantConfig,
@@ -189,13 +193,17 @@ class QuantLinear(nn.Module):
                                f"{(rows.shape[0], self.out_features)}")
         plan = scaled_plan or self.runtime_plan
         converted = plan is not None
+        active = self.active_lora  # read once: set_lora may switch it during the call
+        lora = None if active is None else self.task_loras[active]
         if not converted:  # the calibration form: its operands may change between calls
-            plan = self.build_plan(None, x.dtype, check=False)
+            plan = self.build_plan(None, x.dtype, check=False, lora=lora)
+        elif lora is not None:
+            plan = self.lora_plans[active]
         if bias_override is not None:
             check_tensor("bias_override", bias_override, device=x.device, dtypes=FLOAT_DTYPES,
                          shape=(self.out_features,))
             plan = dataclasses.replace(plan, bias=bias_override)
-        lowrank_t, fullrank_x = self.correction_inputs(rows, plan)
+        lowrank_t, fullrank_x = self.correction_inputs(rows, plan, lora=lora)
         if converted:
             y = plan.run(rows, lowrank_t, fullrank_x, residual)
         else:
@@ -220,18 +228,19 @@ class QuantLinear(nn.Module):
         forward_context.put(self, "epilogue", (residual, plan))
 
     runtime_plan: Optional[LinearPlan] = None  # set by `freeze` (convert_for_runtime)
+    active_lora: Optional[str] = None  # the task LoRA this layer's forward adds (nn/task_lora.py set_lora)
 
     def build_plan(self, gamma: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-                   check: bool = True) -> LinearPlan:
+                   check: bool = True, lora: Optional[nn.Module] = None) -> LinearPlan:
         """This layer's GEMM operands as a plan (ops/linear_plan.py): its weight, bias and static
-        activation scale, the U of its lowered corrections (adapter, then QwT) concatenated and
-        QwT's full-rank W_c (in `dtype`, else as stored), with the output scale γ [out_features]
-        folded in (a LayerScale after the layer). `check`: the frozen plan (validated once, its
-        weight in its kernels' layout: LinearPlan.frozen)."""
+        activation scale, the U of its lowered corrections (adapter, then QwT, then the task
+        `lora`) concatenated and QwT's full-rank W_c (in `dtype`, else as stored), with the output
+        scale γ [out_features] folded in (a LayerScale after the layer). `check`: the frozen plan
+        (validated once, its weight in its kernels' layout: LinearPlan.frozen)."""
         adapter, qwt = getattr(self, "lowered_adapter", None), getattr(self, "lowered_qwt", None)
         cast = (lambda tensor: tensor) if dtype is None else (lambda tensor: tensor.to(dtype))  # noqa: E731
-        ups = [cast(correction.up) for correction in (adapter, qwt)
-               if correction is not None and (correction is adapter or qwt.down is not None)]
+        ups = [cast(correction.up) for correction in (adapter, qwt, lora)
+               if correction is not None and (correction is not qwt or qwt.down is not None)]
         segments = {}
         if ups:
             segments["lowrank_u"] = (ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)).contiguous()
@@ -242,22 +251,36 @@ class QuantLinear(nn.Module):
         plan = LinearPlan(weight, self.config.act_bits, self.input_scale, self.input_zero_point, bias, **segments)
         return plan.frozen() if check else plan
 
+    def plan_with(self, lora: nn.Module) -> LinearPlan:
+        """The converted plan with `lora`'s U after the other corrections' (checked; the packed
+        weight is the base plan's, not packed again)."""
+        base = self.runtime_plan
+        up = lora.up if base.dtype is None else lora.up.to(base.dtype)
+        lowrank_u = up if base.lowrank_u is None else torch.cat([base.lowrank_u, up], dim=1)
+        plan = dataclasses.replace(base, lowrank_u=lowrank_u.contiguous())
+        plan.check()
+        return plan
+
     def freeze(self) -> None:
         """Converts this layer to its runtime form: its forward runs `build_plan()`'s operands, built
-        now, and only the input (and the corrections' T) is prepared per call. Casts and moves
-        (`.to`, `.half`) build the plan again."""
+        now (and one plan per loaded task LoRA), and only the input (and the corrections' T) is
+        prepared per call. Casts and moves (`.to`, `.half`) build the plans again."""
         self.runtime_plan = self.build_plan()
+        self.lora_plans = {name: self.plan_with(lora) for name, lora in self.task_loras.items()}
 
     def thaw(self) -> None:
         """Back to the calibration form (undoes a conversion that failed part-way)."""
         self.__dict__.pop("runtime_plan", None)
+        self.lora_plans = {}
 
     def correction_inputs(self, rows: torch.Tensor, plan: LinearPlan, adapter_t: Optional[torch.Tensor] = None,
-                          qwt_t: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                          qwt_t: Optional[torch.Tensor] = None, lora: Optional[nn.Module] = None
+                          ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(T, X_c) of this call for the plan's low-rank and full-rank segments: the lowered
-        adapter's T (`adapter_t` when the caller computed it, else what its hook handed over) and
+        adapter's T (`adapter_t` when the caller computed it, else what its hook handed over),
         QwT's T = x·V (`qwt_t` when the caller computed it from its read of x) or its X_c = x, from
-        the block input handed over in this scope."""
+        the block input handed over in this scope, and the task `lora`'s T = rows·Aᵀ (`rows`:
+        this layer's input)."""
         ts, fullrank_x = [], None
         adapter = getattr(self, "lowered_adapter", None)
         if adapter is not None:
@@ -269,6 +292,8 @@ class QuantLinear(nn.Module):
                 fullrank_x = block_input.to(plan.dtype).contiguous()
             else:
                 ts.append((block_input.float() @ qwt.down.float() if qwt_t is None else qwt_t).to(plan.dtype))
+        if lora is not None:
+            ts.append(rows.to(plan.dtype) @ lora.down.t().to(plan.dtype))
         if not ts:
             return None, fullrank_x
         return (ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)).contiguous(), fullrank_x
@@ -284,6 +309,8 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         for name, original in kept.items():
             self._buffers[name] = original.to(device=self._buffers[name].device)
+        for lora in self.task_loras.values():
+            lora._apply(fn, recurse)
         if self.runtime_plan is not None:
             self.freeze()
         return self
@@ -291,5 +318,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         activation = "static" if self.input_scale is not None else "dynamic per-token"
         act = "" if self.config.act_bits is None else f", activations={activation}"
+        loras = f", task_loras={list(self.task_loras)}" if self.task_loras else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, config={self.config}, weight_format={self.weight_format}{act}")
+                f"bias={self.bias is not None}, config={self.config}, weight_format={self.weight_format}{act}{loras}")
