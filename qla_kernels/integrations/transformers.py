@@ -12,7 +12,8 @@ qla model quantized.
   dtype) before anything is read, and after loading converts the model to its runtime form
   (`convert_for_runtime`, level one: frozen per-GEMM plans). A model dispatched by accelerate with
   offloaded weights (`device_map` with "cpu" beside an accelerator, or "disk") keeps the
-  calibration form: its weights move per call, a frozen plan would hold stale tensors.
+  calibration form: its weights move per call, a frozen plan would hold stale tensors; its
+  QLA-adapted blocks load all their tensors per call (`_load_adapted_blocks_whole`).
 - `load_pretrained(dir)`: `from_pretrained` that refuses a directory that is not a qla model and a
   result that is not quantized as its config says (e.g. "qla" not registered in that process).
 
@@ -50,29 +51,17 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 class QlaConfig(QuantizationConfigMixin):
-    """The `quantization_config` of a qla model in config.json.
+    """The `quantization_config` of a qla model in config.json: its `layout`, what `rebuild` needs
+    to turn the fp architecture into the quantized one (written at save time from the model)."""
 
-    `layout`: what `rebuild` needs to turn the fp architecture into the quantized one (written at
-    save time from the model). `runtime_form`: convert to the runtime form after loading (True),
-    or keep the calibration form, to calibrate or train further (False: pass
-    `quantization_config=QlaConfig(runtime_form=False)` to `from_pretrained`; the layout always
-    comes from the checkpoint)."""
-
-    def __init__(self, layout: Optional[Dict[str, Any]] = None, runtime_form: bool = True, **kwargs):
+    def __init__(self, layout: Optional[Dict[str, Any]] = None, **kwargs):
         if layout is not None and not isinstance(layout, dict):
             raise ValueError(f"layout must be a dict (quantized_layout), got {type(layout).__name__}")
-        if not isinstance(runtime_form, bool):
-            raise ValueError(f"runtime_form must be a bool, got {runtime_form!r}")
         self.quant_method = QUANT_METHOD
         self.layout = layout or {}
-        self.runtime_form = runtime_form
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "layout": self.layout, "runtime_form": self.runtime_form}
-
-    def get_loading_attributes(self) -> Dict[str, Any]:
-        """What a `quantization_config` passed to `from_pretrained` may change in the saved one."""
-        return {"runtime_form": self.runtime_form}
+        return {"quant_method": QUANT_METHOD, "layout": self.layout}
 
 
 class QlaHfQuantizer(HfQuantizer):
@@ -84,13 +73,12 @@ class QlaHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         source = _source(checkpoint_files)
         check_layout_version(self.quantization_config.layout, source)
-        layout = layout_in(model, self.quantization_config.layout)
+        layout, dropped = layout_in(model, self.quantization_config.layout)
         before = set(model.state_dict())
         rebuild(model, layout, source)
         _untie_quantized(model)
         if checkpoint_files:
-            saved_layers = self.quantization_config.layout.get("qla_kernels.quant_linears", {})
-            dropped = [f"{name}." for name, renamed in _renamed(model, list(saved_layers)).items() if renamed is None]
+            dropped = [f"{name}." for name in dropped]
             specs = {key: spec for key, spec in self._as_loaded(model, _checkpoint_specs(checkpoint_files)).items()
                      if not any(key.startswith(prefix) for prefix in dropped)}
             own = model.state_dict()
@@ -124,21 +112,13 @@ class QlaHfQuantizer(HfQuantizer):
         return renamed
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        unloaded = [name for name, tensor in model.state_dict().items() if tensor.is_meta
-                    and not _offloaded(model)]
-        if unloaded:
-            raise ValueError(f"{unloaded[0]!r} was not loaded ({len(unloaded)} tensors on the meta device)")
-        if _offloaded(model) and getattr(model, "_qla_placement", None) is not None:
-            raise ValueError("QLA adapters do not run with offloaded weights (accelerate places a module's weights "
-                             "when its forward is called; the adapters' hooks read theirs directly): load this model "
-                             "on one device, or without offloading its blocks")
+        offloaded = _offloaded(model)
+        if offloaded and getattr(model, "_qla_placement", None) is not None:
+            _load_adapted_blocks_whole(model)
         route_weight_reads(model, (QuantLinear,))
-        if self.quantization_config.runtime_form and not _offloaded(model):
+        if not offloaded:
             convert_for_runtime(model)
         return model
-
-    def update_dtype(self, dtype):
-        return dtype
 
     def is_serializable(self) -> bool:
         return True
@@ -214,20 +194,24 @@ def _renamed(model: nn.Module, names: Iterable[str]) -> Dict[str, Optional[str]]
     return renamed
 
 
-def layout_in(model: nn.Module, layout: dict) -> dict:
-    """`layout` under `model`'s module names (see _renamed)."""
+def layout_in(model: nn.Module, layout: dict) -> Tuple[dict, List[str]]:
+    """(`layout` under `model`'s module names, the saved names of the linears the model does not
+    have: a head left out when a base model loads a head model's checkpoint; see _renamed)."""
     layout = dict(layout)
+    dropped: List[str] = []
     for key in ("qla_kernels.quant_linears", "qla_kernels.qwt"):
         entries = layout.get(key)
         if isinstance(entries, dict):
             names = _renamed(model, list(entries))
             layout[key] = {names[name]: entry for name, entry in entries.items() if names[name] is not None}
+            if key == "qla_kernels.quant_linears":
+                dropped = [name for name in entries if names[name] is None]
     adapters = layout.get("qla_kernels.qla")
     if isinstance(adapters, dict) and isinstance(adapters.get("blocks"), list):
         names = _renamed(model, adapters["blocks"])
         layout["qla_kernels.qla"] = dict(adapters, blocks=[names[name] for name in adapters["blocks"]
                                                            if names[name] is not None])
-    return layout
+    return layout, dropped
 
 
 def _untie_quantized(model: nn.Module) -> None:
@@ -249,6 +233,31 @@ def _untie_quantized(model: nn.Module) -> None:
 def _offloaded(model: nn.Module) -> bool:
     """Whether accelerate moves this model's weights per call (offload hooks)."""
     return any(getattr(getattr(module, "_hf_hook", None), "offload", False) for module in model.modules())
+
+
+def _load_adapted_blocks_whole(model: nn.Module) -> None:
+    """Makes accelerate place every offloaded QLA-adapted block's weights at the block's call.
+
+    accelerate moves an offloaded module's own tensors in when its forward is called, module by
+    module; the QLA hooks read their adapters' tensors directly (the gate, the depthwise weight of
+    the fused down path) from inside the block's call, where no adapter forward ran. Re-hooking
+    each such block as accelerate's `preload_module_classes` would (one hook on the block,
+    `place_submodules`) loads all of the block's tensors for its call, adapters included."""
+    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+
+    for name in model._qla_block_names:
+        block = model.get_submodule(name)
+        hooks = [module._hf_hook for module in block.modules()
+                 if getattr(getattr(module, "_hf_hook", None), "offload", False)]
+        if not hooks:
+            continue
+        leaf = hooks[0]
+        dataset = getattr(leaf.weights_map, "dataset", leaf.weights_map)
+        remove_hook_from_submodules(block)
+        attach_align_device_hook(block, execution_device=leaf.execution_device, offload=True, weights_map=dataset,
+                                 offload_buffers=leaf.offload_buffers, module_name=name,
+                                 skip_keys=leaf.skip_keys, preload_module_classes=[type(block).__name__],
+                                 tied_params_map=leaf.tied_params_map)
 
 
 def _attach_quantizer(model: nn.Module) -> None:
@@ -274,12 +283,15 @@ def register() -> None:
     on_quantized(_attach_quantizer)
 
 
-def load_pretrained(path: str, model_class=None, **kwargs) -> nn.Module:
-    """`model_class.from_pretrained(path, **kwargs)` (default: the AutoModel class that config.json's
-    architecture names, else AutoModel) for a qla directory, refusing to return it unquantized: a
-    directory without a qla `quantization_config`, or a loaded model without every QuantLinear its
-    layout lists (the method not registered in this process, or another quantizer took over), is
-    a ValueError."""
+def load_pretrained(path: str, model_class=None, runtime_form: bool = True, **kwargs) -> nn.Module:
+    """`model_class.from_pretrained(path, **kwargs)` (default: the class config.json's architecture
+    names, else AutoModel) for a qla directory, refusing to return it unquantized: a directory
+    without a qla `quantization_config`, or a loaded model without every QuantLinear its layout
+    lists (the method not registered in this process, or another quantizer took over), is a
+    ValueError. `runtime_form=False`: the calibration form (to calibrate or train further)
+    instead of the converted model from_pretrained returns."""
+    if not isinstance(runtime_form, bool):
+        raise ValueError(f"runtime_form must be a bool, got {runtime_form!r}")
     config_path = os.path.join(str(path), "config.json")
     try:
         with open(config_path) as handle:
@@ -293,13 +305,17 @@ def load_pretrained(path: str, model_class=None, **kwargs) -> nn.Module:
     if model_class is None:
         model_class = _auto_class(config)
     model = model_class.from_pretrained(path, **kwargs)
-    expected = set(layout_in(model, quantization.get("layout", {})).get("qla_kernels.quant_linears", {}))
+    expected = set(layout_in(model, quantization.get("layout", {}))[0].get("qla_kernels.quant_linears", {}))
     quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     missing = sorted(expected - quantized)
     if missing or not expected or not isinstance(getattr(model, "hf_quantizer", None), QlaHfQuantizer):
         raise ValueError(f"{path} loaded without its quantization ({len(missing)} of {len(expected)} QuantLinears "
                          f"missing{', e.g. ' + repr(missing[0]) if missing else ''}): is the 'qla' method registered "
                          "with transformers in this process (import qla_kernels first)?")
+    if not runtime_form:
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.thaw()
     return model
 
 

@@ -109,7 +109,8 @@ class QuantLinear(nn.Module):
         """Quantizes an nn.Linear or transformers Conv1D (its [in, out] weight is transposed).
 
         `qweight` supplies weights already quantized for `config` by another method (GPTQ, clipped
-        rounding); by default the weight is rounded to nearest. The bias is copied either way."""
+        rounding); by default the weight is rounded to nearest. The bias is copied either way. A
+        module on the meta device gives the quantized layer on the meta device (shapes only)."""
         weight = linear_weight(module)
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
@@ -117,6 +118,8 @@ class QuantLinear(nn.Module):
                     dtype=bias.dtype if bias is not None else None)
         if qweight is not None and qweight.data.shape[0] != out_features:
             raise ValueError(f"qweight has {qweight.data.shape[0]} output channels, the module {out_features}")
+        if weight.is_meta:  # a skeleton (no values to quantize): the quantized layer's shapes, to be loaded
+            return layer
         layer.load_quantized_weight(quantize_weight(weight, config) if qweight is None else qweight.to(weight.device))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
@@ -308,7 +311,8 @@ class QuantLinear(nn.Module):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, original in kept.items():
-            self._buffers[name] = original.to(device=self._buffers[name].device)
+            device = self._buffers[name].device  # from the meta device (to_empty) there is nothing to copy
+            self._buffers[name] = torch.empty_like(original, device=device) if original.is_meta else original.to(device)
         for lora in self.task_loras.values():
             lora._apply(fn, recurse)
         if self.runtime_plan is not None:

@@ -77,6 +77,9 @@ def test_sharded_save_loads_and_keeps_fp32_scales_under_another_dtype(tmp_path):
     shards = [name for name in os.listdir(tmp_path) if name.endswith(".safetensors")]
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     assert torch.equal(_output(transformers.AutoModel.from_pretrained(tmp_path), batch), _output(model, batch))
+    calibration_form = qk.load_pretrained(str(tmp_path), runtime_form=False)
+    assert all(module.runtime_plan is None for module in calibration_form.modules() if isinstance(module, qk.QuantLinear))
+    assert torch.equal(_output(calibration_form, batch), _output(model, batch))
     half = transformers.AutoModel.from_pretrained(tmp_path, dtype=torch.float16)
     query = half.encoder.layer[0].attention.self.query
     assert query.weight_scale.dtype == torch.float32 and query.bias.dtype == torch.float16
@@ -95,11 +98,13 @@ def test_accelerate_device_maps_load_and_run(tmp_path):
     query = offloaded.encoder.layer[0].attention.self.query
     assert query.weight.is_meta and query.runtime_plan is None  # moved in per call: the calibration form
     assert torch.equal(_output(offloaded, batch), expected)
-    with_adapters, _ = _corrected("bert", qk.W8A8())
-    with_adapters.save_pretrained(tmp_path / "adapted")
-    with pytest.raises(ValueError, match="QLA adapters do not run with offloaded weights"):
-        transformers.AutoModel.from_pretrained(tmp_path / "adapted", device_map=device_map,
-                                               offload_folder=str(tmp_path / "offload2"))
+    adapted, _ = _corrected("bert", qk.W8A8())
+    adapted.save_pretrained(tmp_path / "adapted")
+    for options in ({"device_map": device_map}, {"device_map": "auto", "max_memory": {"cpu": "60KB"}}):
+        loaded = transformers.AutoModel.from_pretrained(tmp_path / "adapted", offload_folder=str(tmp_path / "offload2"),
+                                                        **options)
+        assert any(p.is_meta for name, p in loaded.named_parameters() if "qla_" in name)  # offloaded adapters run
+        assert torch.equal(_output(loaded, batch), _output(adapted, batch))
 
 
 def test_a_directory_loaded_without_the_qla_method_is_refused(tmp_path, monkeypatch):

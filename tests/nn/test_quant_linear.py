@@ -154,3 +154,12 @@ def test_unsupported_configs():
         qk.QuantLinear.from_float(nn.Linear(96, 16), qk.W4A16(group_size=64))
     with pytest.raises(ValueError, match="expected nn.Linear or transformers Conv1D"):
         qk.QuantLinear.from_float(nn.Conv2d(3, 3, 1), qk.W8A8())
+
+
+def test_a_meta_skeleton_quantizes_to_its_shapes_and_materializes():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 8))
+    qk.quantize_(model, qk.W4A16(group_size=32))
+    assert model[0].weight.is_meta and tuple(model[0].weight.shape) == (32, 32)  # two int4 codes per byte
+    model.to_empty(device="cpu")
+    assert model[0].weight.device.type == "cpu" and model[0].weight_scale.dtype == torch.float32
