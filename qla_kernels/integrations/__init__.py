@@ -30,8 +30,8 @@ def _register() -> None:
         from . import transformers as hf
 
         hf.register()
-    except ImportError as error:
-        warnings.warn(f"qla_kernels could not register with transformers ({error})")
+    except Exception as error:  # noqa: BLE001  (whatever it is, transformers' import must go on)
+        warnings.warn(f"qla_kernels could not register with transformers ({type(error).__name__}: {error})")
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

@@ -28,6 +28,10 @@ from ..nn.task_lora import attach_loras
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# LoRA variants of peft 0.21 (tuners/lora/config.py) whose output differs from x·Aᵀ·(scaling·B)ᵀ
+# on every token (aLoRA acts only after its invocation tokens; the others change the weight).
+_VARIANTS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "use_qalora", "kasa_config", "monteclora_config")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # they rewrite the base at init
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
@@ -60,6 +64,15 @@ def lora_weights(tensors: Dict[str, torch.Tensor], config: Mapping[str, Any]) ->
         raise ValueError(f"only LoRA adapters run on the quantized GEMMs, got peft_type {config.get('peft_type')!r}")
     if config.get("use_dora"):
         raise ValueError("DoRA adapters rescale the merged weight's columns; they cannot run beside a quantized weight")
+    variants = [key for key in _VARIANTS if config.get(key)]
+    if variants:
+        raise ValueError(f"this LoRA is a variant ({variants[0]}) whose output is not x·Aᵀ·(scaling·B)ᵀ on every token: "
+                         "only plain LoRA runs in the quantized GEMM's epilogue")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"init_lora_weights={init!r} changed the base weights when the adapter was made, so it only "
+                         "fits that changed base: save it converted to a plain LoRA (PEFT's "
+                         "path_initial_model_for_weight_conversion) and load that")
     if config.get("bias", "none") != "none":
         raise ValueError(f"LoRA biases (bias={config.get('bias')!r}) change the base layers' biases: not supported")
     if config.get("modules_to_save"):
@@ -68,6 +81,8 @@ def lora_weights(tensors: Dict[str, torch.Tensor], config: Mapping[str, Any]) ->
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     adapters = set()
     for key, tensor in tensors.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"a LoRA state dict maps names to tensors, got {key!r}: {type(tensor).__name__}")
         match = _LORA_KEY.match(key)
         if match is None:
             raise ValueError(f"{key!r} is not a LoRA linear weight (embedding / convolution LoRAs, DoRA magnitudes "
@@ -89,8 +104,10 @@ def lora_weights(tensors: Dict[str, torch.Tensor], config: Mapping[str, Any]) ->
         rank = down.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         expected_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
-        if expected_rank != rank or up.shape[1] != rank:
+        if expected_rank != rank or up.shape[1] != rank or rank == 0:
             raise ValueError(f"{module!r}: the config gives r={expected_rank}, its tensors rank {rank} / {up.shape[1]}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"{module!r}: lora_alpha must be a number, got {alpha!r}")
         scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         weights[module] = (down.float(), up.float() * scaling)
     return weights
@@ -98,9 +115,14 @@ def lora_weights(tensors: Dict[str, torch.Tensor], config: Mapping[str, Any]) ->
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
     """PEFT's rule: the first pattern that matches the module name's end wins."""
+    if not isinstance(patterns, Mapping):
+        raise ValueError(f"rank_pattern / alpha_pattern must map patterns to values, got {patterns!r}")
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except (re.error, TypeError) as error:
+            raise ValueError(f"the pattern {pattern!r} is not a regular expression ({error})") from None
     return default
 
 

@@ -23,6 +23,7 @@ the methods need calibration data. transformers refuses it (`requires_calibratio
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -107,12 +108,19 @@ class QlaHfQuantizer(HfQuantizer):
         renamed = {}
         for key, spec in specs.items():
             name, converted = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), own)
+            if name not in own and key in own:  # the loader's fallback: a renaming that misses keeps the name
+                name = key
             if converted is None:
                 renamed[name] = spec
         return renamed
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         offloaded = _offloaded(model)
+        if offloaded and not all(getattr(module._hf_hook, "offload_buffers", True) for module in model.modules()
+                                 if getattr(getattr(module, "_hf_hook", None), "offload", False)):
+            warnings.warn("a qla model's quantized weights are buffers, which accelerate offloads only with "
+                          "offload_buffers=True: pass it to from_pretrained, or the offloaded layers keep their "
+                          "codes and scales on the execution device")
         if offloaded and getattr(model, "_qla_placement", None) is not None:
             _load_adapted_blocks_whole(model)
         route_weight_reads(model, (QuantLinear,))
@@ -228,6 +236,9 @@ def _untie_quantized(model: nn.Module) -> None:
         for target, source in list(tied.items()):
             if any(f"{base}{key}".rpartition(".")[0] in quantized for key in (target, source)):
                 del tied[target]
+                # tie_weights() (resize_token_embeddings calls it) rebuilds the mapping from the config.
+                for config in {id(c): c for c in (module.config, module.config.get_text_config())}.values():
+                    config.tie_word_embeddings = False
 
 
 def _offloaded(model: nn.Module) -> bool:
@@ -247,12 +258,19 @@ def _load_adapted_blocks_whole(model: nn.Module) -> None:
 
     for name in model._qla_block_names:
         block = model.get_submodule(name)
-        hooks = [module._hf_hook for module in block.modules()
-                 if getattr(getattr(module, "_hf_hook", None), "offload", False)]
-        if not hooks:
+        holders = [module for module in block.modules()
+                   if next(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)), None) is not None]
+        hooks = [getattr(module, "_hf_hook", None) for module in holders]
+        offloading = [hook for hook in hooks if getattr(hook, "offload", False)]
+        if not offloading:
             continue
-        leaf = hooks[0]
-        dataset = getattr(leaf.weights_map, "dataset", leaf.weights_map)
+        leaf = offloading[0]
+        dataset = getattr(leaf.weights_map, "dataset", None)
+        if dataset is None or len(offloading) != len(holders) or any(
+                hook.execution_device != leaf.execution_device or getattr(hook.weights_map, "dataset", None) is not dataset
+                for hook in offloading):
+            raise ValueError(f"{name!r} carries QLA adapters and is offloaded only in part (or to several devices): "
+                             "give the whole block one device_map entry")
         remove_hook_from_submodules(block)
         attach_align_device_hook(block, execution_device=leaf.execution_device, offload=True, weights_map=dataset,
                                  offload_buffers=leaf.offload_buffers, module_name=name,

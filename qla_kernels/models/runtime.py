@@ -118,6 +118,10 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
         raise ValueError("the model has no QuantLinear: quantize_ it first")
     if any(layer.runtime_plan is not None for layer in layers):
         raise ValueError("the model is already converted for runtime")
+    with_loras = [name for name, module in model.named_modules() if isinstance(module, QuantLinear) and module.task_loras]
+    if example is not None and with_loras:
+        raise ValueError(f"{with_loras[0]!r} carries task LoRAs, which fused blocks do not run: convert without an "
+                         "example (convert_for_runtime(model)), or unload_lora first")
     report = RuntimeReport(None)
     if example is not None:
         if any(True for _ in compensated_blocks(model)):

@@ -32,10 +32,10 @@ class QwTCompensation(nn.Module):
         return None if self.down is None else self.down.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
+        y = x.float()  # in fp32 whatever the model was cast to (.half(), from_pretrained(dtype=...))
         if self.down is not None:
-            y = y @ self.down
-        return torch.nn.functional.linear(y, self.weight, self.bias).to(x.dtype)
+            y = y @ self.down.float()
+        return torch.nn.functional.linear(y, self.weight.float(), self.bias.float()).to(x.dtype)
 
     def truncated(self, energy: float) -> Tuple["QwTCompensation", float]:
         """Rank-r version keeping `energy` of the squared singular values; returns it and the

@@ -196,12 +196,13 @@ class QuantLinear(nn.Module):
                                f"{(rows.shape[0], self.out_features)}")
         plan = scaled_plan or self.runtime_plan
         converted = plan is not None
-        active = self.active_lora  # read once: set_lora may switch it during the call
-        lora = None if active is None else self.task_loras[active]
+        lora, lora_plan = self._active_lora or (None, None)  # one read: set_lora may switch it meanwhile
         if not converted:  # the calibration form: its operands may change between calls
             plan = self.build_plan(None, x.dtype, check=False, lora=lora)
         elif lora is not None:
-            plan = self.lora_plans[active]
+            if scaled_plan is not None:
+                raise RuntimeError("a fused block ran a layer that carries a task LoRA (fuse_blocks refuses those)")
+            plan = lora_plan
         if bias_override is not None:
             check_tensor("bias_override", bias_override, device=x.device, dtypes=FLOAT_DTYPES,
                          shape=(self.out_features,))
@@ -232,6 +233,15 @@ class QuantLinear(nn.Module):
 
     runtime_plan: Optional[LinearPlan] = None  # set by `freeze` (convert_for_runtime)
     active_lora: Optional[str] = None  # the task LoRA this layer's forward adds (nn/task_lora.py set_lora)
+    _active_lora: Optional[Tuple[nn.Module, Optional[LinearPlan]]] = None  # (its TaskLoRA, its converted plan)
+
+    def select_lora(self, name: Optional[str]) -> None:
+        """Makes task LoRA `name` (loaded on this layer) the one its forward adds; None: none. The
+        forward reads the (adapter, plan) pair in one step, so a switch during a call gives that
+        call one adapter or the other on this layer, never a mix (across layers it may: switch
+        between calls)."""
+        self._active_lora = None if name is None else (self.task_loras[name], self.lora_plans.get(name))
+        self.active_lora = name
 
     def build_plan(self, gamma: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
                    check: bool = True, lora: Optional[nn.Module] = None) -> LinearPlan:
@@ -270,11 +280,13 @@ class QuantLinear(nn.Module):
         prepared per call. Casts and moves (`.to`, `.half`) build the plans again."""
         self.runtime_plan = self.build_plan()
         self.lora_plans = {name: self.plan_with(lora) for name, lora in self.task_loras.items()}
+        self.select_lora(self.active_lora)
 
     def thaw(self) -> None:
         """Back to the calibration form (undoes a conversion that failed part-way)."""
         self.__dict__.pop("runtime_plan", None)
         self.lora_plans = {}
+        self.select_lora(self.active_lora)
 
     def correction_inputs(self, rows: torch.Tensor, plan: LinearPlan, adapter_t: Optional[torch.Tensor] = None,
                           qwt_t: Optional[torch.Tensor] = None, lora: Optional[nn.Module] = None
@@ -306,6 +318,11 @@ class QuantLinear(nn.Module):
         (the code that was to call it did not)."""
         untaken = [forward_context.take(self, slot) for slot in ("output", "epilogue")]
         return any(value is not None for value in untaken)
+
+    def __setstate__(self, state):
+        state.setdefault("task_loras", {})  # pickled before task LoRAs existed
+        state.setdefault("lora_plans", {})
+        super().__setstate__(state)
 
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}

@@ -51,6 +51,8 @@ def attach_loras(model: nn.Module, name: str, weights: Dict[str, Tuple[torch.Ten
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if not weights:
         raise ValueError(f"adapter {name!r} has no LoRA weights")
+    if name in loaded_loras(model):
+        raise ValueError(f"adapter {name!r} is already loaded: unload_lora it first, or give this one another name")
     layers = {}
     fused_parts = _fused_parts(model)
     for layer_name, (down, up) in weights.items():
@@ -64,15 +66,16 @@ def attach_loras(model: nn.Module, name: str, weights: Dict[str, Tuple[torch.Ten
         if layer_name in fused_parts:
             raise ValueError(f"adapter {name!r}: {layer_name!r} is part of a fused block; load task LoRAs on a model "
                              "converted without an example (convert_for_runtime(model)), or before fuse_blocks")
-        if name in layer.task_loras:
-            raise ValueError(f"adapter {name!r} is already loaded on {layer_name!r}: unload_lora it first")
+        if layer.weight.is_meta:
+            raise ValueError(f"adapter {name!r}: {layer_name!r} has its weights on the meta device (offloaded by "
+                             "accelerate, or a skeleton): load adapters on a model whose layers are materialized")
         for what, tensor in (("A", down), ("B", up)):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != 2:
                 raise ValueError(f"adapter {name!r}: {what} of {layer_name!r} must be a 2-D floating-point tensor")
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"adapter {name!r}: {what} of {layer_name!r} has NaN or Inf values")
         rank = down.shape[0]
-        if down.shape != (rank, layer.in_features) or up.shape != (layer.out_features, rank):
+        if rank == 0 or down.shape != (rank, layer.in_features) or up.shape != (layer.out_features, rank):
             raise ValueError(f"adapter {name!r}: {layer_name!r} is {layer.out_features}×{layer.in_features} (out × in); "
                              f"its A is {tuple(down.shape)} and B {tuple(up.shape)}, expected ({rank}, "
                              f"{layer.in_features}) and ({layer.out_features}, {rank})")
@@ -84,6 +87,7 @@ def attach_loras(model: nn.Module, name: str, weights: Dict[str, Tuple[torch.Ten
         layer.task_loras[name] = adapter
         if layer_name in plans:
             layer.lora_plans[name] = plans[layer_name]
+        layer.select_lora(layer.active_lora)
     if activate:
         set_lora(model, name)
     return list(layers)
@@ -91,12 +95,14 @@ def attach_loras(model: nn.Module, name: str, weights: Dict[str, Tuple[torch.Ten
 
 def set_lora(model: nn.Module, name: Optional[str]) -> None:
     """Makes adapter `name` the active one on every layer that has it (and no adapter active on the
-    others); None: the base model alone. ValueError for a name no layer has."""
+    others); None: the base model alone. ValueError for a name no layer has. Switch between
+    calls: a call running meanwhile may see the old adapter in some layers and the new one in
+    others (each layer's switch is atomic, QuantLinear.select_lora)."""
     layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
     if name is not None and not any(name in layer.task_loras for layer in layers):
         raise ValueError(f"no adapter {name!r} is loaded (loaded: {loaded_loras(model)})")
     for layer in layers:
-        layer.active_lora = name if name in layer.task_loras else None
+        layer.select_lora(name if name in layer.task_loras else None)
 
 
 def unload_lora(model: nn.Module, name: str) -> None:
@@ -106,7 +112,7 @@ def unload_lora(model: nn.Module, name: str) -> None:
         raise ValueError(f"no adapter {name!r} is loaded (loaded: {loaded_loras(model)})")
     for layer in layers:
         if layer.active_lora == name:
-            layer.active_lora = None
+            layer.select_lora(None)
         del layer.task_loras[name]
         layer.lora_plans.pop(name, None)
 

@@ -198,6 +198,12 @@ def quantized_linear(
                     residual=residual)
     if resolve_backend(x.device) == "simulate":
         check_quantize_activation(x, act_bits or 8, static_scale, zero_point, "none", None, None, 1.0, None)
+        # The operands the integer path would check, with codes of x's shape standing in for its
+        # quantization: simulate refuses what every kernel refuses, with the same ValueError.
+        codes = x if act_bits is None else x.new_empty(x.shape, dtype=torch.int8)
+        codes_scale = None if act_bits is None else x.new_empty(x.shape[:1], dtype=torch.float32)
+        check_fused_linear(fused_linear_operands(codes, codes_scale, weight, a_zero_point=gemm_zero_point(zero_point, act_bits or 8),
+                                                 bias=bias, out_dtype=x.dtype, **segments))
         return simulate.quantized_linear(x, weight, act_bits, static_scale, zero_point, bias, x.dtype, **segments)
     if act_bits is None:
         return fused_linear(x, None, weight, bias=bias, out_dtype=x.dtype, **segments)

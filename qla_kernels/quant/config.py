@@ -69,6 +69,8 @@ class QuantConfig:
 
     @staticmethod
     def from_dict(data: dict) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a stored quantization config is a dict such as {{'name': 'W8A8'}}, got {data!r}")
         data = dict(data)
         name = data.pop("name", None)
         configs = {cls.__name__: cls for cls in (W8A8, W4A4, W4A8, W4A16)}

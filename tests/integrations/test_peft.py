@@ -17,6 +17,10 @@ EPS = torch.finfo(torch.float32).eps
 
 def _fp_model(kind, seed=0):
     torch.manual_seed(seed)
+    if kind == "gpt2":  # Conv1D layers ([in, out] weights; PEFT's fan_in_fan_out)
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
+                                         bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(config).eval(), ["c_attn", "mlp.c_proj"]
     if kind == "llama":
         config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=128, vocab_size=100)
@@ -57,10 +61,14 @@ def _layer_inputs(model, names, ids):
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["calibration form", "runtime form"])
-@pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_each_layer_adds_the_adapter_computed_separately(tmp_path, kind, runtime):
+@pytest.mark.parametrize("kind, options", [
+    ("llama", {"rank_pattern": {"down_proj": 2}, "lora_alpha": 16}),
+    ("bert", {"use_rslora": True, "alpha_pattern": {"value": 3}}),
+    ("gpt2", {"fan_in_fan_out": True, "rank_pattern": {"c_attn": 8}}),
+], ids=["llama rank pattern", "bert rsLoRA alpha pattern", "gpt2 Conv1D"])
+def test_each_layer_adds_the_adapter_computed_separately(tmp_path, kind, options, runtime):
     fp, targets = _fp_model(kind)
-    peft_model = _peft_adapter(fp, targets, tmp_path, rank_pattern={targets[-1]: 2}, lora_alpha=16)
+    peft_model = _peft_adapter(fp, targets, tmp_path, **options)
     factors = _peft_factors(peft_model)
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
     if runtime:
@@ -120,8 +128,9 @@ def test_adapters_switch_and_unload_without_touching_the_base(tmp_path):
         qk.unload_lora(model, "a")
         qk.set_lora(model, "b")
         assert torch.equal(run(), only_b)
+        twin = copy.deepcopy(model)  # its own adapters and plans
         qk.unload_lora(model, "b")
-        assert torch.equal(run(), base)
+        assert torch.equal(run(), base) and torch.equal(twin(ids).logits, only_b)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     with pytest.raises(ValueError, match="no adapter 'a' is loaded"):
@@ -163,7 +172,11 @@ def _saved_adapter(tmp_path, fp, targets, edit):
     (lambda config: config.update(modules_to_save=["lm_head"]), "modules_to_save"),
     (lambda config: config.update(r=8), "the config gives r=8, its tensors rank 4"),
     (lambda config: config.update(peft_type="IA3"), "only LoRA adapters"),
-], ids=["dora", "bias", "modules_to_save", "rank", "type"])
+    (lambda config: config.update(alora_invocation_tokens=[5, 6]), "is a variant \\(alora_invocation_tokens\\)"),
+    (lambda config: config.update(init_lora_weights="pissa_niter_4"), "changed the base weights"),
+    (lambda config: config.update(lora_alpha=None), "lora_alpha must be a number"),
+    (lambda config: config.update(rank_pattern={"q_proj(": 2}), "is not a regular expression"),
+], ids=["dora", "bias", "modules_to_save", "rank", "type", "alora", "pissa", "alpha null", "bad pattern"])
 def test_adapters_that_cannot_run_on_the_quantized_gemms_are_value_errors(tmp_path, edit, message):
     fp, targets = _fp_model("llama")
     model = qk.quantize_(copy.deepcopy(fp), qk.W8A8())

@@ -9,7 +9,7 @@ import torch
 
 import qla_kernels as qk
 from qla_kernels.methods import qla, qwt
-from tests.conftest import randomize_adapters
+from tests.conftest import randomize_adapters, sqnr_db
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,6 +83,7 @@ def test_sharded_save_loads_and_keeps_fp32_scales_under_another_dtype(tmp_path):
     half = transformers.AutoModel.from_pretrained(tmp_path, dtype=torch.float16)
     query = half.encoder.layer[0].attention.self.query
     assert query.weight_scale.dtype == torch.float32 and query.bias.dtype == torch.float16
+    assert sqnr_db(_output(model, batch), _output(half, batch).float()) > 30  # fp16 rounding, same model
 
 
 def test_accelerate_device_maps_load_and_run(tmp_path):
@@ -165,3 +166,13 @@ def test_head_and_base_models_load_each_others_checkpoints(tmp_path):
     base = transformers.AutoModel.from_pretrained(tmp_path)  # the classifier's head is left out
     assert torch.equal(_output(base, batch), _output(classifier.bert, batch))
     assert sum(isinstance(module, qk.QuantLinear) for module in base.modules()) == 13
+
+
+def test_tie_weights_keeps_a_quantized_lm_head(tmp_path):
+    model, batch = _corrected("gpt2", qk.W8A8(), adapters=False)
+    expected = _output(model, batch)
+    model.save_pretrained(tmp_path)
+    for tied in (model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path)):
+        tied.tie_weights()  # resize_token_embeddings and others call it: it must not put the embedding back
+        assert isinstance(tied.lm_head, qk.QuantLinear) and not tied.config.tie_word_embeddings
+        assert torch.equal(_output(tied, batch), expected)
