@@ -19,11 +19,13 @@ A case ends in one of:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from typing import Callable, Dict, List, Optional
@@ -253,6 +255,7 @@ def _under(backend: str, fn):
 
 def checkpoint_cases() -> List[Case]:
     directory = tempfile.mkdtemp(prefix="qla_api_cases_")
+    atexit.register(shutil.rmtree, directory, True)
     model = qk.quantize_(_mlp(), qk.W8A8())
     good = os.path.join(directory, "good.safetensors")
     qk.save_quantized(model, good)
@@ -352,8 +355,55 @@ def lora_cases() -> List[Case]:
     return cases
 
 
+def pretrained_cases() -> List[Case]:
+    """save_pretrained directories with a config.json edited against their weights."""
+    import transformers
+
+    def bert():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=100)
+        return transformers.BertModel(config).eval()
+
+    directory = tempfile.mkdtemp(prefix="qla_api_cases_hf_")
+    atexit.register(shutil.rmtree, directory, True)
+    model = qk.quantize_(bert(), qk.W8A8())
+    model.save_pretrained(os.path.join(directory, "good"))
+    bert().save_pretrained(os.path.join(directory, "fp"))
+    query, fc2 = "encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense"
+    edits = {
+        "a buffer the file lacks": lambda layers: layers[query].update(buffers=["input_scale"]),
+        "another format": lambda layers: layers[fc2].update(config={"name": "W4A8", "group_size": None}),
+        "another width": lambda layers: layers[fc2].update(in_features=32),
+        "a layer left out": lambda layers: layers.pop("pooler.dense"),
+        "a layer the model lacks": lambda layers: layers.update({"encoder.layer.9.output.dense": layers[fc2]}),
+        "an unknown buffer": lambda layers: layers[query].update(buffers=["weight_offset"]),
+        "an unknown config": lambda layers: layers[query].update(config={"name": "W2A2"}),
+    }
+    cases = []
+    for name, edit in edits.items():
+        path = os.path.join(directory, name.replace(" ", "_"))
+        shutil.copytree(os.path.join(directory, "good"), path)
+        config = json.loads(open(os.path.join(path, "config.json")).read())
+        edit(config["quantization_config"]["layout"]["qla_kernels.quant_linears"])
+        with open(os.path.join(path, "config.json"), "w") as handle:
+            json.dump(config, handle)
+        cases.append(Case("from_pretrained", name, lambda p=path: transformers.AutoModel.from_pretrained(p), True))
+    cases.append(Case("from_pretrained", "load_pretrained of an fp model",
+                      lambda: qk.load_pretrained(os.path.join(directory, "fp")), True))
+    cases.append(Case("from_pretrained", "load_pretrained of a missing directory",
+                      lambda: qk.load_pretrained(os.path.join(directory, "missing")), True))
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids)[0]
+    cases.append(Case("from_pretrained", "round trip", lambda: qk.load_pretrained(os.path.join(directory, "good")),
+                      False, check=lambda loaded: torch.equal(loaded(input_ids=ids)[0], expected)))
+    return cases
+
+
 def all_cases() -> List[Case]:
-    return config_cases() + quant_linear_cases() + quantize_cases() + op_cases() + checkpoint_cases() + lora_cases()
+    return (config_cases() + quant_linear_cases() + quantize_cases() + op_cases() + checkpoint_cases() + lora_cases()
+            + pretrained_cases())
 
 
 def table(cases: List[Case]) -> Dict[str, Counter]:
