@@ -77,6 +77,15 @@ def outcome(case: Case) -> str:
     return "correct" if case.check is None or case.check(result) else "wrong result"
 
 
+def error_message(case: Case) -> Optional[str]:
+    """The ValueError's message of a case's call (None: no ValueError)."""
+    try:
+        case.call(case.model()) if case.model is not None else case.call()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cases
 
