@@ -177,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     quantize.add_argument("--config", required=True, choices=workflow.CONFIG_NAMES)
     quantize.add_argument("--group-size", type=int, help="W4A8 / W4A16 group size (W4A16 default 128)")
     quantize.add_argument("--method", default="qwt", choices=workflow.METHODS,
-                          help="ptq: round-to-nearest (+ --activations static); qwt: PTQ + QwT; gplq: activation-first "
+                          help="ptq: round-to-nearest (+ --activations static); qwt: PTQ + QwT; gptq: GPTQ weights "
+                               "(+ --activations static); gptq+qwt: GPTQ + QwT; gplq: activation-first "
                                "QAT (one epoch over the calibration batches) + clipped weights + QwT")
     quantize.add_argument("--activations", default="dynamic", choices=("dynamic", "static"),
                           help="per-token dynamic scales, or static per-tensor scales calibrated by percentile search")

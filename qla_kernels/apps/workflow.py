@@ -16,13 +16,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..methods import gplq, ptq, qwt
+from ..methods import gplq, gptq, ptq, qwt
 from ..models.batches import model_output, run_model, token_mask
 from ..nn import quantize_
 from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 
 CONFIG_NAMES = ("w8a8", "w4a8", "w4a16", "w4a4")
-METHODS = ("ptq", "qwt", "gplq")
+METHODS = ("ptq", "qwt", "gptq", "gptq+qwt", "gplq")
 
 
 @dataclasses.dataclass
@@ -94,9 +94,10 @@ def load_batches(path: str, loaded: LoadedModel, batches: int, batch_size: int) 
 
 def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: List[Any],
                    static_activations: bool = False, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A quantized copy of `fp`: RTN weights, optionally calibrated static activation scales
-    ("ptq"), plus QwT compensation ("qwt"); or GPLQ ("gplq": learned static activation scales,
-    clipped weights, QwT). Returns the model and what calibration reported."""
+    """A quantized copy of `fp`: RTN weights ("ptq", "qwt") or GPTQ weights ("gptq", "gptq+qwt"),
+    optionally calibrated static activation scales, plus QwT compensation ("qwt", "gptq+qwt");
+    or GPLQ ("gplq": learned static activation scales, clipped weights, QwT). Returns the model
+    and what calibration reported."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     report: Dict[str, Any] = {"config": str(config), "method": method}
@@ -107,10 +108,13 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
                       gplq_loss_first=stage1.losses[0], gplq_loss_last=stage1.losses[-1],
                       qwt_blocks_kept=sum(b.enabled for b in stage2.qwt), qwt_blocks=len(stage2.qwt))
         return model, report
-    model = quantize_(copy.deepcopy(fp), config)
+    if method.startswith("gptq"):
+        model = gptq.quantize(copy.deepcopy(fp), config, batches, progress=progress)
+    else:
+        model = quantize_(copy.deepcopy(fp), config)
     if static_activations and config.act_bits:
         report["static_scales"] = len(ptq.calibrate(model, batches, progress=progress))
-    if method == "qwt":
+    if method.endswith("qwt"):
         blocks = qwt.calibrate(fp, model, batches, progress=progress)
         report["qwt_blocks_kept"] = sum(b.enabled for b in blocks)
         report["qwt_blocks"] = len(blocks)

@@ -1,4 +1,4 @@
-"""GPTQ for whole models: W4A16 weights chosen against calibration inputs (quant/gptq.py).
+"""GPTQ for whole models: weights of any format chosen against calibration inputs (quant/gptq.py).
 
 Every linear's input Hessian is collected from the fp model in one pass over the batches (not
 layer by layer on the partially quantized model as the GPTQ paper does: one pass keeps
@@ -19,14 +19,14 @@ from ..models.batches import materialize, run_model
 from ..nn.quant_linear import QuantLinear, linear_weight
 from ..nn.quantize import announce_quantized, select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
-from ..quant.config import W4A16
+from ..quant.config import QuantConfig
 from ..quant.gptq import gptq_quantize, hessian
 
 
 @torch.no_grad()
 def quantize(
     model: nn.Module,
-    config: W4A16,
+    config: QuantConfig,
     batches: Iterable[Any],
     *,
     act_order: bool = False,
@@ -34,9 +34,11 @@ def quantize(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     progress: bool = True,
 ) -> nn.Module:
-    """Replaces (in place) each selected linear by a GPTQ-quantized W4A16 QuantLinear; returns `model`."""
-    if not isinstance(config, W4A16):
-        raise ValueError(f"GPTQ here targets W4A16, got {config!r}")
+    """Replaces (in place) each selected linear by a QuantLinear for `config` (W8A8, W4A8 with or
+    without groups, W4A16, W4A4) whose weight codes GPTQ chose; returns `model`. Activations stay
+    as the config quantizes them (per token; calibrate static scales afterwards if wanted)."""
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a QuantConfig (W8A8, W4A8, W4A16, W4A4), got {config!r}")
     targets = select_linears(model, config, filter_fn)
     hessians: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}

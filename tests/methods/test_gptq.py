@@ -19,26 +19,34 @@ def _correlated_inputs(k, rows=2048, seed=0):
     return torch.randn(rows, k, generator=generator) @ mixing
 
 
-@pytest.mark.parametrize("group", [32, None])
+FORMATS = [qk.W4A16(group_size=32), qk.W4A16(), qk.W4A8(), qk.W4A8(group_size=32), qk.W4A4(), qk.W8A8()]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("config", FORMATS, ids=str)
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_lowers_layer_output_error_vs_rtn(group, act_order):
-    torch.manual_seed(0)
+def test_gptq_lowers_layer_output_error_vs_rtn(config, act_order, seed):
+    torch.manual_seed(seed)
     weight = torch.randn(64, 128) * 0.05
-    x = _correlated_inputs(128)
-    config = qk.W4A16(group_size=group)
+    x = _correlated_inputs(128, seed=seed)
     rtn = quantize_weight(weight, config)
     quantized = gptq_quantize(weight, hessian(x[:1024]), config, act_order=act_order)
     quantized.check()
     held_out = x[1024:]
-    assert layer_output_error(weight, quantized, held_out) < 0.7 * layer_output_error(weight, rtn, held_out)
-    # Same format and group parameters as RTN: only the codes moved.
-    assert torch.equal(quantized.scale, rtn.scale) and torch.equal(quantized.zero, rtn.zero)
+    # The inputs' variance falls 100× across directions: RTN's error, spread evenly, is mostly in
+    # directions GPTQ moves it out of (measured: 0.15–0.24× of RTN's, every format, 3 seeds).
+    assert layer_output_error(weight, quantized, held_out) < 0.5 * layer_output_error(weight, rtn, held_out)
+    # Same format and scales as RTN: only the codes moved.
+    assert quantized.format == rtn.format and torch.equal(quantized.scale, rtn.scale)
+    for name in ("zero", "group_scale"):
+        assert (getattr(rtn, name) is None) == (getattr(quantized, name) is None)
+        assert getattr(rtn, name) is None or torch.equal(getattr(quantized, name), getattr(rtn, name))
 
 
 def test_gptq_rejects_bad_input():
     weight = torch.randn(8, 64)
-    with pytest.raises(ValueError, match="targets W4A16"):
-        gptq_quantize(weight, torch.eye(64), qk.W8A8())
+    with pytest.raises(ValueError, match="config must be a QuantConfig"):
+        gptq_quantize(weight, torch.eye(64), "w8a8")
     with pytest.raises(ValueError, match=r"h must have shape \(64, 64\)"):
         gptq_quantize(weight, torch.eye(32), qk.W4A16(group_size=32))
     with pytest.raises(ValueError, match="group_size=128"):
@@ -52,7 +60,8 @@ def _tiny_llama():
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_gptq_on_a_tiny_llama_lowers_layer_errors():
+@pytest.mark.parametrize("config", [qk.W4A16(group_size=128), qk.W4A8(), qk.W4A4()], ids=str)
+def test_gptq_on_a_tiny_llama_lowers_layer_errors(config):
     model = _tiny_llama()
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 100, (8, 32), generator=generator)} for _ in range(4)]
@@ -63,13 +72,13 @@ def test_gptq_on_a_tiny_llama_lowers_layer_errors():
     for handle in handles:
         handle.remove()
     weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantized = gptq.quantize(copy.deepcopy(model), qk.W4A16(group_size=128), batches, progress=False)
+    quantized = gptq.quantize(copy.deepcopy(model), config, batches, progress=False)
     better = 0
     for name, weight in weights.items():
         layer = quantized.get_submodule(name)
         assert isinstance(layer, qk.QuantLinear)
         error_gptq = layer_output_error(weight, layer.quantized_weight(), inputs[name])
-        error_rtn = layer_output_error(weight, quantize_weight(weight, qk.W4A16(group_size=128)), inputs[name])
+        error_rtn = layer_output_error(weight, quantize_weight(weight, config), inputs[name])
         better += error_gptq < error_rtn
     assert better >= 0.8 * len(weights)
 
