@@ -124,7 +124,7 @@ def _add_model_arguments(parser):
 def run_quantize(args, out=None) -> dict:
     out = out or sys.stdout
     loaded = workflow.load_model(args.model, args.checkpoint)
-    config = workflow.make_config(args.config, args.group_size)
+    config = workflow.make_config(args.config, args.group_size, args.rotate)
     batches = workflow.load_batches(args.calib, loaded, args.calib_batches, args.batch_size)
     quantized, report = workflow.quantize_model(loaded.model, config, args.method, batches,
                                                 static_activations=args.activations == "static")
@@ -176,6 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_model_arguments(quantize)
     quantize.add_argument("--config", required=True, choices=workflow.CONFIG_NAMES)
     quantize.add_argument("--group-size", type=int, help="W4A8 / W4A16 group size (W4A16 default 128)")
+    quantize.add_argument("--rotate", choices=("hadamard",),
+                          help="rotate every quantized activation by a randomized Hadamard matrix (weights folded)")
     quantize.add_argument("--method", default="qwt", choices=workflow.METHODS,
                           help="ptq: round-to-nearest (+ --activations static); qwt: PTQ + QwT; gptq: GPTQ weights "
                                "(+ --activations static); gptq+qwt: GPTQ + QwT; gplq: activation-first "

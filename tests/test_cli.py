@@ -15,8 +15,9 @@ def test_quantize_and_eval_a_text_model(tmp_path, capsys, method):
 
     out = tmp_path / ("minilm" if method == "gptq+qwt" else "minilm.safetensors")  # a save_pretrained directory, a file
     model = str(package.get_model_path())
+    rotate = ["--rotate", "hadamard"] if method == "gptq+qwt" else []
     assert main(["quantize", "--model", model, "--config", "w4a8", "--method", method, "--calib", str(CALIBRATION_FILE),
-                 "--calib-batches", "4", "--out", str(out)]) == 0
+                 "--calib-batches", "4", "--out", str(out), *rotate]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["qwt_blocks"] == 6 and out.exists()
     if method == "gptq+qwt":
@@ -59,6 +60,9 @@ def test_bad_cli_arguments(tmp_path):
         main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w3a3", "--calib", "x", "--out", "y"])
     with pytest.raises(ValueError, match="neither a local Hugging Face directory nor a timm model"):
         main(["quantize", "--model", "no_such_model", "--config", "w8a8", "--calib", str(tmp_path), "--out", "y"])
+    with pytest.raises(ValueError, match="W4A16 quantizes no activations: there is nothing to rotate"):
+        main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w4a16", "--rotate", "hadamard", "--calib",
+              str(tmp_path), "--out", "y"])
     with pytest.raises(ValueError, match="must be an image folder"):
         main(["quantize", "--model", "vit_tiny_patch16_224", "--config", "w8a8", "--calib", str(tmp_path / "missing"),
               "--out", "y"])

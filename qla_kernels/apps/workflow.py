@@ -33,16 +33,18 @@ class LoadedModel:
     transform: Any = None
 
 
-def make_config(name: str, group_size: Optional[int] = None) -> QuantConfig:
+def make_config(name: str, group_size: Optional[int] = None, rotate: Optional[str] = None) -> QuantConfig:
     name = name.lower()
     if name not in CONFIG_NAMES:
         raise ValueError(f"config must be one of {CONFIG_NAMES}, got {name!r}")
+    if rotate is not None and name == "w4a16":
+        raise ValueError("W4A16 quantizes no activations: there is nothing to rotate (--rotate is for w8a8, w4a8, w4a4)")
     if name == "w8a8":
-        return W8A8()
+        return W8A8(rotate=rotate)
     if name == "w4a4":
-        return W4A4()
+        return W4A4(rotate=rotate)
     if name == "w4a8":
-        return W4A8(group_size=group_size)
+        return W4A8(group_size=group_size, rotate=rotate)
     return W4A16(group_size=group_size if group_size is not None else 128)
 
 

@@ -158,6 +158,9 @@ def activation_qat(
     """
     if config.act_bits is None:
         raise ValueError(f"GPLQ quantizes activations first; {type(config).__name__} has no activation quantization")
+    if config.rotate:
+        raise ValueError("GPLQ's activation QAT does not rotate its activations (rotate='hadamard'): use a config "
+                         "without rotation, or rotation with PTQ / GPTQ / QwT")
     if init not in METHODS:
         raise ValueError(f"init must be one of {METHODS}, got {init!r}")
     if not 0 < pca_variance <= 1:

@@ -48,7 +48,7 @@ def calibrate(
         raise ValueError("the model has no QuantLinear with activation quantization (run qk.quantize_ first)")
     batches = materialize(batches)
     observers = {name: ActivationObserver(max_rows, seed=i) for i, name in enumerate(layers)}
-    handles = [layer.register_forward_pre_hook(lambda m, args, obs=observers[name]: obs.observe(args[0]))
+    handles = [layer.register_forward_pre_hook(lambda m, args, obs=observers[name]: obs.observe(m.activation_input(args[0])))
                for name, layer in layers.items()]
     was_training = model_q.training
     model_q.eval()

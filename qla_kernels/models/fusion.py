@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..nn.adapters import window_rows
+from ..nn.quant_linear import QuantLinear
 from ..nn.fused import (
     FUSED_MODULE_TYPES,
     ModelAttentionTemplate,
@@ -97,6 +98,8 @@ def _window_layout(block: nn.Module, template: PackedQKVTemplate, call: BlockCal
 @torch.no_grad()
 def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
     """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
+    if _rotating(block):
+        return "its linears rotate their activations (rotate='hadamard'): the fused chains do not rotate yet"
     try:
         template = template_for(block, facts)
     except ValueError as reason:
@@ -147,7 +150,7 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
     """In a block no block template fits: fuses its fc1 → activation → fc2 MLP module if it has one
     and the block's output on its example call stays the same. Returns the MLP's name, or ""."""
     mlp_name, _, fc2 = facts.mlp_output.rpartition(".")
-    if call is None or not mlp_name or len(facts.mlp_inputs) != 1:
+    if call is None or not mlp_name or len(facts.mlp_inputs) != 1 or _rotating(block):
         return ""
     fc1_parent, _, fc1 = facts.mlp_inputs[0].rpartition(".")
     if fc1_parent != mlp_name:
@@ -174,6 +177,10 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
         unfuse_block(mlp)
         return ""
     return mlp_name
+
+
+def _rotating(block: nn.Module) -> bool:
+    return any(module.config.rotate for module in block.modules() if isinstance(module, QuantLinear))
 
 
 def _unfuse(block: nn.Module) -> None:

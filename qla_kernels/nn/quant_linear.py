@@ -14,6 +14,7 @@ from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from ..ops.linear_plan import LinearPlan
 from ..quant.config import QuantConfig
+from ..quant.hadamard import rotate
 from ..quant.primitives import qrange
 from ..quant.weight import quantize_weight
 
@@ -110,7 +111,9 @@ class QuantLinear(nn.Module):
 
         `qweight` supplies weights already quantized for `config` by another method (GPTQ, clipped
         rounding); by default the weight is rounded to nearest. The bias is copied either way. A
-        module on the meta device gives the quantized layer on the meta device (shapes only)."""
+        module on the meta device gives the quantized layer on the meta device (shapes only).
+        With `config.rotate`, the stored weight is W·R (quant/hadamard.py; a `qweight` must be
+        the quantization of W·R too) and the forward rotates its input to match."""
         weight = linear_weight(module)
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
@@ -120,7 +123,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"qweight has {qweight.data.shape[0]} output channels, the module {out_features}")
         if weight.is_meta:  # a skeleton (no values to quantize): the quantized layer's shapes, to be loaded
             return layer
-        layer.load_quantized_weight(quantize_weight(weight, config) if qweight is None else qweight.to(weight.device))
+        if qweight is None:
+            qweight = quantize_weight(rotate(weight) if config.rotate else weight, config)
+        layer.load_quantized_weight(qweight.to(weight.device))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
@@ -207,7 +212,8 @@ class QuantLinear(nn.Module):
             check_tensor("bias_override", bias_override, device=x.device, dtypes=FLOAT_DTYPES,
                          shape=(self.out_features,))
             plan = dataclasses.replace(plan, bias=bias_override)
-        lowrank_t, fullrank_x = self.correction_inputs(rows, plan, lora=lora)
+        lowrank_t, fullrank_x = self.correction_inputs(rows, plan, lora=lora)  # from x itself, not x·R
+        rows = self.activation_input(rows)
         if converted:
             y = plan.run(rows, lowrank_t, fullrank_x, residual)
         else:
@@ -216,6 +222,11 @@ class QuantLinear(nn.Module):
                                      lowrank_u=plan.lowrank_u, fullrank_x=fullrank_x, fullrank_w=plan.fullrank_w,
                                      residual=residual)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def activation_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What this layer's activation quantizer sees of its input x: x·R with a rotating config
+        (the stored weight is W·R), else x. Calibration observes this (methods.ptq)."""
+        return rotate(x) if self.config.rotate else x
 
     def hand_over(self, y: torch.Tensor) -> None:
         """Makes this layer's next call in the current forward scope (nn/forward_context.py) return

@@ -11,12 +11,17 @@ Each config fixes the weight format a QuantLinear stores and how its input is qu
 | W4A16(group_size=G)    | uint4 packed, asymmetric scale + zero per group  | fp16/bf16 unquantized    |
 
 `group_size=None` means one group per output channel (per-channel quantization).
+`rotate="hadamard"` (the activation-quantized configs): the layer computes Q(x·R)·Q(W·R)ᵀ with a
+randomized Hadamard R (quant/hadamard.py), W·R quantized once, x·R before each activation
+quantization.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar, Optional
+
+from .hadamard import ROTATIONS, check_rotation
 
 
 def _check_group_size(config_name: str, group_size) -> None:
@@ -63,9 +68,21 @@ class QuantConfig:
             )
         if self.weight_format != "int8" and in_features % 2:
             raise ValueError(f"{where}={in_features} must be even to pack two int4 weights per byte")
+        if self.rotate is not None:
+            check_rotation(self.rotate, in_features, where)
+
+    @property
+    def rotate(self) -> Optional[str]:
+        return None
+
+    def _shown(self):
+        """The fields to print and store: an option left off (rotate=None) is not written, so
+        files and names from before it existed stay as they were."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.metadata.get("optional") and getattr(self, f.name) is None)]
 
     def to_dict(self) -> dict:
-        return {"name": type(self).__name__, **dataclasses.asdict(self)}
+        return {"name": type(self).__name__, **dict(self._shown())}
 
     @staticmethod
     def from_dict(data: dict) -> "QuantConfig":
@@ -79,26 +96,44 @@ class QuantConfig:
         return configs[name](**data)
 
     def __str__(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        fields = ", ".join(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+                           for name, value in self._shown())
         return f"{type(self).__name__}({fields})"
+
+
+def _rotate_field():
+    return dataclasses.field(default=None, metadata={"optional": True})
+
+
+def _check_rotate(config_name: str, rotate) -> None:
+    if rotate not in ROTATIONS:
+        raise ValueError(f"{config_name}.rotate must be one of {ROTATIONS}, got {rotate!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class W8A8(QuantConfig):
     """int8 weights per output channel, int8 activations per token, int32 accumulation."""
 
+    rotate: Optional[str] = _rotate_field()
     weight_bits: ClassVar[int] = 8
     act_bits: ClassVar[Optional[int]] = 8
     weight_format: ClassVar[str] = "int8"
+
+    def __post_init__(self):
+        _check_rotate("W8A8", self.rotate)
 
 
 @dataclasses.dataclass(frozen=True)
 class W4A4(QuantConfig):
     """4-bit weights and activations, both stored in int8 so int8 tensor cores run them exactly."""
 
+    rotate: Optional[str] = _rotate_field()
     weight_bits: ClassVar[int] = 4
     act_bits: ClassVar[Optional[int]] = 4
     weight_format: ClassVar[str] = "int8"
+
+    def __post_init__(self):
+        _check_rotate("W4A4", self.rotate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +146,13 @@ class W4A8(QuantConfig):
     """
 
     group_size: Optional[int] = None
+    rotate: Optional[str] = _rotate_field()
     weight_bits: ClassVar[int] = 4
     act_bits: ClassVar[Optional[int]] = 8
 
     def __post_init__(self):
         _check_group_size("W4A8", self.group_size)
+        _check_rotate("W4A8", self.rotate)
 
     @property
     def weight_format(self) -> str:

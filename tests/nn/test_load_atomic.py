@@ -79,7 +79,7 @@ def _corruptions(saved, tmp_path):
     other_config = json.loads(json.dumps(metadata))
     other_config["qla_kernels.quant_linears"][first]["config"] = {"name": "W8A8", "group_size": 32}
     cases["config with unknown field"] = (_rewritten(tmp_path, tensors, other_config, "config.safetensors"),
-                                          "W8A8 takes no arguments")
+                                          "W8A8 takes rotate; got group_size=")
     no_module = json.loads(json.dumps(metadata))
     no_module["qla_kernels.quant_linears"]["encoder.layer.7.output.dense"] = layouts[first]
     cases["module the skeleton lacks"] = (_rewritten(tmp_path, tensors, no_module, "nomodule.safetensors"),

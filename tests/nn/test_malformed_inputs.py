@@ -17,8 +17,9 @@ def _layer():
 
 
 MALFORMED = {
-    "W8A8 takes no group size": (lambda: qk.W8A8(group_size=32), "W8A8 takes no arguments"),
-    "W4A8 takes one argument": (lambda: qk.W4A8(32, 5), "W4A8 takes group_size"),
+    "W8A8 takes no group size": (lambda: qk.W8A8(group_size=32), "W8A8 takes rotate; got group_size="),
+    "W4A8 takes two arguments": (lambda: qk.W4A8(32, None, 5), "W4A8 takes group_size, rotate"),
+    "W4A8 rotate is a name": (lambda: qk.W4A8(32, 5), "W4A8.rotate must be one of"),
     "unknown field in a stored config": (lambda: qk.QuantConfig.from_dict({"name": "W4A16", "bits": 3}),
                                          "W4A16 takes group_size"),
     "group size not a multiple of 16": (lambda: qk.W4A16(group_size=24), "multiple of 16"),
