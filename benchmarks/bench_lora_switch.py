@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import qla_kernels as qk
+from qla_kernels.apps.benchmark import cpu_timer
 from qla_kernels.ops import cpu
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -64,15 +64,6 @@ def adapter(layers: int, rank: int, seed: int) -> dict:
     return tensors
 
 
-def median_ms(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -97,7 +88,7 @@ def main() -> None:
         state["index"] += 1
         qk.set_lora(model, targets[state["index"] % 3])
 
-    switch_ms = median_ms(switch, 101)
+    switch_ms = cpu_timer(switch, 101)
     layer = model.model.layers[0]
     hidden = torch.randn(1, 1, 4096)
     position = torch.zeros(1, 1, dtype=torch.long)
@@ -110,8 +101,7 @@ def main() -> None:
     decode_ms = {}
     for name in (None, "a"):
         qk.set_lora(model, name)
-        decode()
-        decode_ms["base" if name is None else "with adapter"] = median_ms(decode, 21)
+        decode_ms["base" if name is None else "with adapter"] = cpu_timer(decode, 21)
     report = {
         "machine": cpu.cpu_name(), "path": cpu.describe(), "threads": torch.get_num_threads(),
         "config": args.config, "layers": args.layers, "rank": args.rank, "linears_with_adapter": args.layers * 7,
