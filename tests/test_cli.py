@@ -1,9 +1,12 @@
 """`qla quantize` and `qla eval` end to end on local files."""
 
+import copy
 import json
 
 import pytest
 import torch
+
+import qla_kernels as qk
 
 from qla_kernels.cli import main
 
@@ -23,8 +26,13 @@ def test_quantize_and_eval_a_text_model(tmp_path, capsys, method):
     if method == "gptq+qwt":
         config = json.loads((out / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "qla" and (out / "tokenizer.json").exists()
+    # One of the four batches is held out of calibration and judges each stage against plain PTQ.
+    assert report["calibration_batches"] == 3 and report["held_out_batches"] == 1
+    assert [stage["stage"] for stage in report["stages"]] == (["gptq", "qwt"] if method == "gptq+qwt" else ["gplq"])
+    final = [stage for stage in report["stages"] if not stage.get("dropped")][-1]
+    assert report["worse_than_ptq"] == (final["held_out_error"] > report["ptq_held_out_error"])
     if method == "gplq":
-        assert report["static_scales"] == 6 * 6 + 1 and report["gplq_steps"] == 4  # MiniLM: 6 linears per layer + pooler
+        assert report["static_scales"] == 6 * 6 + 1 and report["gplq_steps"] == 3  # MiniLM: 6 linears per layer + pooler
     assert main(["eval", "--model", model, "--quantized", str(out), "--data", str(CALIBRATION_FILE), "--batches", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["samples"] == 64 and metrics["cosine"] > 0.9
@@ -91,3 +99,31 @@ def test_bench_on_cpu_is_labelled_and_complete(tmp_path, capsys):
 
     with Image.open(next(tmp_path.glob("e2e_cpu_*.png"))) as plot:  # a real image, not an empty file
         assert plot.width > 100 and plot.height > 100
+
+
+def test_a_stage_that_makes_the_held_out_error_worse_is_dropped(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.apps import workflow
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                     vocab_size=100)
+    fp = transformers.BertModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(5)]
+
+    def harmful_qwt(model_fp, model_q, batches, progress=True):  # a compensation that only adds noise
+        with torch.no_grad():
+            for name, parameter in model_q.named_parameters():
+                if name.endswith("LayerNorm.bias"):
+                    parameter.add_(torch.randn_like(parameter))
+        return []
+
+    monkeypatch.setattr(workflow.qwt, "calibrate", harmful_qwt)
+    with pytest.warns(UserWarning, match="QwT made the held-out error worse"):
+        model, report = workflow.quantize_model(fp, qk.W8A8(), "qwt", batches, progress=False)
+    assert report["stages"][-1] == {"stage": "qwt", "held_out_error": report["stages"][-1]["held_out_error"],
+                                    "dropped": True}
+    assert not report["worse_than_ptq"] and report["held_out_batches"] == 1
+    reference = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
+    with torch.no_grad():  # the model before the stage: plain PTQ here
+        assert torch.equal(model(**batches[0])[0], reference(**batches[0])[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -94,32 +95,79 @@ def load_batches(path: str, loaded: LoadedModel, batches: int, batch_size: int) 
             for i in range(0, min(len(lines), batches * batch_size), batch_size)]
 
 
+HELD_OUT_FRACTION = 0.2  # of the calibration batches, kept out of calibration to judge each stage
+
+
+def held_out_error(fp: nn.Module, quantized: nn.Module, batches: List[Any]) -> float:
+    """One number to compare stages by (lower is better): KL(fp‖q) for logits, else 1 − cosine."""
+    metrics = evaluate(fp, quantized, batches)
+    return metrics["kl"] if "kl" in metrics else 1.0 - metrics["cosine"]
+
+
 def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: List[Any],
                    static_activations: bool = False, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """A quantized copy of `fp`: RTN weights ("ptq", "qwt") or GPTQ weights ("gptq", "gptq+qwt"),
     optionally calibrated static activation scales, plus QwT compensation ("qwt", "gptq+qwt");
     or GPLQ ("gplq": learned static activation scales, clipped weights, QwT). Returns the model
-    and what calibration reported."""
+    and what calibration reported.
+
+    With two batches or more, the last HELD_OUT_FRACTION of them (at least one) is held out of
+    calibration and judges every stage (`held_out_error`): the report lists each stage's error,
+    a QwT stage that makes it worse is dropped (the model before it is returned, and the report
+    says so), and a result worse than plain round-to-nearest PTQ is flagged
+    (`worse_than_ptq`) with a warning."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    report: Dict[str, Any] = {"config": str(config), "method": method}
+    if not batches:
+        raise ValueError("no calibration batches")
+    held = max(1, round(HELD_OUT_FRACTION * len(batches))) if len(batches) >= 2 else 0
+    calibration, held_out = (batches[:-held], batches[-held:]) if held else (batches, [])
+    report: Dict[str, Any] = {"config": str(config), "method": method, "calibration_batches": len(calibration),
+                              "held_out_batches": len(held_out), "stages": []}
+
+    def judged(stage: str, model: nn.Module) -> Optional[float]:
+        if not held_out:
+            return None
+        error = held_out_error(fp, model, held_out)
+        report["stages"].append({"stage": stage, "held_out_error": error})
+        return error
+
     if method == "gplq":
-        student, stage1 = gplq.activation_qat(fp, config, batches, progress=progress)
-        model, stage2 = gplq.weight_ptq(student, fp, config, batches, progress=progress)
+        student, stage1 = gplq.activation_qat(fp, config, calibration, progress=progress)
+        model, stage2 = gplq.weight_ptq(student, fp, config, calibration, progress=progress)
         report.update(static_scales=stage1.quantized_layers, gplq_steps=stage1.steps,
                       gplq_loss_first=stage1.losses[0], gplq_loss_last=stage1.losses[-1],
                       qwt_blocks_kept=sum(b.enabled for b in stage2.qwt), qwt_blocks=len(stage2.qwt))
-        return model, report
-    if method.startswith("gptq"):
-        model = gptq.quantize(copy.deepcopy(fp), config, batches, progress=progress)
+        error = judged("gplq", model)
     else:
-        model = quantize_(copy.deepcopy(fp), config)
-    if static_activations and config.act_bits:
-        report["static_scales"] = len(ptq.calibrate(model, batches, progress=progress))
-    if method.endswith("qwt"):
-        blocks = qwt.calibrate(fp, model, batches, progress=progress)
-        report["qwt_blocks_kept"] = sum(b.enabled for b in blocks)
-        report["qwt_blocks"] = len(blocks)
+        if method.startswith("gptq"):
+            model = gptq.quantize(copy.deepcopy(fp), config, calibration, progress=progress)
+        else:
+            model = quantize_(copy.deepcopy(fp), config)
+        if static_activations and config.act_bits:
+            report["static_scales"] = len(ptq.calibrate(model, calibration, progress=progress))
+        error = judged("gptq" if method.startswith("gptq") else "ptq", model)
+        if method.endswith("qwt"):
+            before = copy.deepcopy(model) if held_out else None
+            blocks = qwt.calibrate(fp, model, calibration, progress=progress)
+            report["qwt_blocks_kept"] = sum(b.enabled for b in blocks)
+            report["qwt_blocks"] = len(blocks)
+            with_qwt = judged("qwt", model)
+            if with_qwt is not None and with_qwt > error:
+                report["stages"][-1]["dropped"] = True
+                report["qwt_blocks_kept"] = 0
+                warnings.warn(f"QwT made the held-out error worse ({error:.4g} -> {with_qwt:.4g}): dropped")
+                model = before
+            else:
+                error = with_qwt
+    if held_out:
+        baseline = error if method == "ptq" and not static_activations else held_out_error(
+            fp, quantize_(copy.deepcopy(fp), config), held_out)
+        report["ptq_held_out_error"] = baseline
+        report["worse_than_ptq"] = error > baseline
+        if error > baseline:
+            warnings.warn(f"{method} gives a held-out error of {error:.4g}, worse than plain PTQ's {baseline:.4g} "
+                          "(round to nearest, per-token activations)")
     return model, report
 
 
