@@ -94,6 +94,17 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float
     return float((p.exp() * (p - q)).sum(dim=-1).mean())
 
 
+def tiny_bert(batch_count: int):
+    """(a seeded random-weight BERT: 2 layers of width 48, `batch_count` batches of 4 × 12 token ids)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                     vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    return model, [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(batch_count)]
+
+
 def randomize_adapters(model: torch.nn.Module) -> None:
     """Trained-looking QLA adapters (fresh ones are zero and would hide a wrong lowering)."""
     generator = torch.Generator().manual_seed(1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qla_kernels as qk
+from tests.conftest import tiny_bert
 
 from qla_kernels.cli import main
 
@@ -102,14 +103,10 @@ def test_bench_on_cpu_is_labelled_and_complete(tmp_path, capsys):
 
 
 def test_a_stage_that_makes_the_held_out_error_worse_is_dropped(monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from qla_kernels.apps import workflow
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                                     vocab_size=100)
-    fp = transformers.BertModel(config).eval()
-    batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(5)]
+    fp, batches = tiny_bert(5)
 
     def harmful_qwt(model_fp, model_q, batches, progress=True):  # a compensation that only adds noise
         with torch.no_grad():

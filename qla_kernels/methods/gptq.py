@@ -21,7 +21,6 @@ from ..nn.quantize import announce_quantized, select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
 from ..quant.config import QuantConfig
 from ..quant.gptq import gptq_quantize, hessian
-from ..quant.hadamard import rotate
 
 
 @torch.no_grad()
@@ -46,8 +45,8 @@ def quantize(
 
     def collect(name):
         def hook(module, inputs):
-            x = rotate(inputs[0]) if config.rotate else inputs[0]  # the layer quantizes x·R against W·R
-            hessians[name] = hessians.get(name, 0) + hessian(x).cpu()
+            # The layer quantizes x·R against W·R.
+            hessians[name] = hessians.get(name, 0) + hessian(config.rotated(inputs[0])).cpu()
             counts[name] = counts.get(name, 0) + 1
         return hook
 
@@ -65,7 +64,7 @@ def quantize(
     for name, module in tqdm(targets.items(), desc="GPTQ layers", unit="layer", disable=not progress):
         if name not in hessians:
             raise ValueError(f"{name!r} was never called on the calibration batches")
-        weight = rotate(linear_weight(module)) if config.rotate else linear_weight(module)
+        weight = config.rotated(linear_weight(module))
         qweight = gptq_quantize(weight, hessians[name] / counts[name], config, act_order=act_order, damping=damping)
         model.set_submodule(name, QuantLinear.from_float(module, config, qweight=qweight))
     route_weight_reads(model, (QuantLinear,))

@@ -179,6 +179,15 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
     return mlp_name
 
 
+def refuse_task_loras(model: nn.Module) -> None:
+    """ValueError when a QuantLinear of `model` carries task LoRAs (nn/task_lora.py): the fused
+    chains build T for the block's own corrections only."""
+    with_loras = [name for name, module in model.named_modules() if isinstance(module, QuantLinear) and module.task_loras]
+    if with_loras:
+        raise ValueError(f"{with_loras[0]!r} carries task LoRAs, which fused blocks do not run: unload_lora them "
+                         "first, or convert without an example (convert_for_runtime(model))")
+
+
 def _rotating(block: nn.Module) -> bool:
     return any(module.config.rotate for module in block.modules() if isinstance(module, QuantLinear))
 
@@ -196,10 +205,7 @@ def fuse_blocks(model: nn.Module, example: Optional[Any] = None, backend: str = 
     checked on its input from that batch under `backend`. Call after quantization, calibration,
     QwT lowering (`methods.qwt.lower`) and QLA lowering (`methods.qla.fuse`); calling it again
     (after any of them) fuses the blocks anew."""
-    with_loras = [name for name, module in model.named_modules() if getattr(module, "task_loras", None)]
-    if with_loras:
-        raise ValueError(f"{with_loras[0]!r} carries task LoRAs, which fused blocks do not run: unload_lora them "
-                         "before fuse_blocks (or convert without an example: convert_for_runtime(model))")
+    refuse_task_loras(model)
     example = example if example is not None else example_input(model)
     named = find_blocks(model)
     was_training = model.training

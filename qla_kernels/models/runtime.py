@@ -22,7 +22,7 @@ from ..nn.fused import FUSED_MODULE_TYPES
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 from .facts import describe
-from .fusion import FusionReport, block_inputs, fuse_blocks
+from .fusion import FusionReport, block_inputs, fuse_blocks, refuse_task_loras
 
 LOWERING_TOLERANCE = 1e-4  # relative to the block output's max: summation order passes, a wrong placement does not
 
@@ -118,10 +118,8 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
         raise ValueError("the model has no QuantLinear: quantize_ it first")
     if any(layer.runtime_plan is not None for layer in layers):
         raise ValueError("the model is already converted for runtime")
-    with_loras = [name for name, module in model.named_modules() if isinstance(module, QuantLinear) and module.task_loras]
-    if example is not None and with_loras:
-        raise ValueError(f"{with_loras[0]!r} carries task LoRAs, which fused blocks do not run: convert without an "
-                         "example (convert_for_runtime(model)), or unload_lora first")
+    if example is not None:
+        refuse_task_loras(model)  # before QwT is lowered: nothing half-done
     report = RuntimeReport(None)
     if example is not None:
         if any(True for _ in compensated_blocks(model)):

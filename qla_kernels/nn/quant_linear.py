@@ -14,7 +14,6 @@ from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from ..ops.linear_plan import LinearPlan
 from ..quant.config import QuantConfig
-from ..quant.hadamard import rotate
 from ..quant.primitives import qrange
 from ..quant.weight import quantize_weight
 
@@ -124,7 +123,7 @@ class QuantLinear(nn.Module):
         if weight.is_meta:  # a skeleton (no values to quantize): the quantized layer's shapes, to be loaded
             return layer
         if qweight is None:
-            qweight = quantize_weight(rotate(weight) if config.rotate else weight, config)
+            qweight = quantize_weight(config.rotated(weight), config)
         layer.load_quantized_weight(qweight.to(weight.device))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
@@ -201,7 +200,7 @@ class QuantLinear(nn.Module):
                                f"{(rows.shape[0], self.out_features)}")
         plan = scaled_plan or self.runtime_plan
         converted = plan is not None
-        lora, lora_plan = self._active_lora or (None, None)  # one read: set_lora may switch it meanwhile
+        _, lora, lora_plan = self._active_lora or (None, None, None)  # one read: set_lora may switch it meanwhile
         if not converted:  # the calibration form: its operands may change between calls
             plan = self.build_plan(None, x.dtype, check=False, lora=lora)
         elif lora is not None:
@@ -226,7 +225,7 @@ class QuantLinear(nn.Module):
     def activation_input(self, x: torch.Tensor) -> torch.Tensor:
         """What this layer's activation quantizer sees of its input x: x·R with a rotating config
         (the stored weight is W·R), else x. Calibration observes this (methods.ptq)."""
-        return rotate(x) if self.config.rotate else x
+        return self.config.rotated(x)
 
     def hand_over(self, y: torch.Tensor) -> None:
         """Makes this layer's next call in the current forward scope (nn/forward_context.py) return
@@ -243,16 +242,20 @@ class QuantLinear(nn.Module):
         forward_context.put(self, "epilogue", (residual, plan))
 
     runtime_plan: Optional[LinearPlan] = None  # set by `freeze` (convert_for_runtime)
-    active_lora: Optional[str] = None  # the task LoRA this layer's forward adds (nn/task_lora.py set_lora)
-    _active_lora: Optional[Tuple[nn.Module, Optional[LinearPlan]]] = None  # (its TaskLoRA, its converted plan)
+    # (name, TaskLoRA, converted plan or None) of the task LoRA this layer's forward adds.
+    _active_lora: Optional[Tuple[str, nn.Module, Optional[LinearPlan]]] = None
+
+    @property
+    def active_lora(self) -> Optional[str]:
+        """The name of the task LoRA this layer's forward adds (nn/task_lora.py set_lora), or None."""
+        return None if self._active_lora is None else self._active_lora[0]
 
     def select_lora(self, name: Optional[str]) -> None:
         """Makes task LoRA `name` (loaded on this layer) the one its forward adds; None: none. The
-        forward reads the (adapter, plan) pair in one step, so a switch during a call gives that
-        call one adapter or the other on this layer, never a mix (across layers it may: switch
-        between calls)."""
-        self._active_lora = None if name is None else (self.task_loras[name], self.lora_plans.get(name))
-        self.active_lora = name
+        forward reads the (name, adapter, plan) triple in one step, so a switch during a call gives
+        that call one adapter or the other on this layer, never a mix (across layers it may:
+        switch between calls)."""
+        self._active_lora = None if name is None else (name, self.task_loras[name], self.lora_plans.get(name))
 
     def build_plan(self, gamma: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
                    check: bool = True, lora: Optional[nn.Module] = None) -> LinearPlan:

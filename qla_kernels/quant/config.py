@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from .hadamard import ROTATIONS, check_rotation
+import torch
+
+from .hadamard import ROTATIONS, check_rotatable, rotate
 
 
 def _check_group_size(config_name: str, group_size) -> None:
@@ -69,11 +71,16 @@ class QuantConfig:
         if self.weight_format != "int8" and in_features % 2:
             raise ValueError(f"{where}={in_features} must be even to pack two int4 weights per byte")
         if self.rotate is not None:
-            check_rotation(self.rotate, in_features, where)
+            check_rotatable(in_features, where)
 
     @property
     def rotate(self) -> Optional[str]:
         return None
+
+    def rotated(self, t: torch.Tensor) -> torch.Tensor:
+        """t·R over its last dimension when this config rotates (quant/hadamard.py), else t: what
+        a layer's activation quantizer sees of its input, and the weight it stores."""
+        return rotate(t) if self.rotate else t
 
     def _shown(self):
         """The fields to print and store: an option left off (rotate=None) is not written, so

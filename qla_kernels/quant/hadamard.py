@@ -82,10 +82,8 @@ def hadamard_factors(k: int) -> Optional[List[int]]:
     return None
 
 
-def check_rotation(rotate, in_features: int, where: str = "in_features") -> None:
-    if rotate not in ROTATIONS:
-        raise ValueError(f"rotate must be one of {ROTATIONS}, got {rotate!r}")
-    if rotate == "hadamard" and hadamard_factors(in_features) is None:
+def check_rotatable(in_features: int, where: str = "in_features") -> None:
+    if hadamard_factors(in_features) is None:
         raise ValueError(f"{where}={in_features} has no Hadamard rotation here: it must be 2^a·m with m = 1 or a "
                          f"Paley order (12, 20, 24, 28, 44, ...; e.g. 384 = 12·32, 14336 = 28·512)")
 

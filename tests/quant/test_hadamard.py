@@ -13,7 +13,7 @@ from qla_kernels.methods import gptq, ptq
 from qla_kernels.quant import quantize_weight
 from qla_kernels.quant.gptq import gptq_quantize, hessian, layer_output_error
 from qla_kernels.quant.hadamard import hadamard_factors, rotate, rotation_matrix
-from tests.conftest import examples
+from tests.conftest import examples, tiny_bert
 
 SIZES = [1, 2, 12, 20, 24, 28, 44, 48, 64, 96, 384, 1536]
 
@@ -103,12 +103,8 @@ def test_a_rotating_layer_computes_the_quantized_product_of_the_rotated_operands
 
 
 def test_rotated_models_save_load_calibrate_and_stay_out_of_fused_blocks(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                                     vocab_size=100)
-    fp = transformers.BertModel(config).eval()
-    batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(3)]
+    pytest.importorskip("transformers")
+    fp, batches = tiny_bert(3)
     model = gptq.quantize(copy.deepcopy(fp), qk.W4A4(rotate="hadamard"), batches, progress=False)
     ptq.calibrate(model, batches, progress=False)  # static scales observed on x·R, what the quantizer sees
     ids = batches[0]["input_ids"]
