@@ -1,69 +1,213 @@
-"""QuantConv2d: fake-quantized convolutions for CNNs (ResNet) — simulation only.
+"""QuantConv2d: the drop-in replacement for nn.Conv2d, on the integer convolution (ops/conv.py).
 
-There is no integer convolution kernel yet, so this layer computes in floating point on every
-backend what an int8 implicit-GEMM convolution would: weights rounded per output channel to the
-config's weight bits (symmetric; group-wise configs use per-channel scales for convolutions) and,
-when the config quantizes activations, the input rounded per sample (dynamic absmax over C·H·W)
-with a straight-through gradient. It exists so that QwT and QLA can be studied on CNNs;
-`save_quantized` refuses it (nothing to deploy yet).
+Weights are quantized per output channel to the config's weight bits (symmetric; a group-wise
+config's convolutions use per-channel scales, as their K is taps × channels, rarely a multiple
+of the group). 4-bit weights are stored packed two per byte where kh·kw·C/g is even, else as
+int8 values in −8..7. Activations are quantized per output pixel window (dynamic) or per
+tensor after calibration (`set_static_activation`); W4A16 (floating-point activations) has no
+integer convolution and is refused.
+
+The layer takes NCHW tensors as every CNN passes them and computes channels last: an input in
+`torch.channels_last` memory format is read without a copy, and the output is an NCHW view of
+channels-last memory, so a chain of quantized convolutions never transposes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops.simulate import fake_quantize
+from .. import ops
+from ..formats.int4 import pack_int4
+from ..formats.weights import QuantizedWeight
+from ..ops.checks import FLOAT_DTYPES
+from ..ops.conv import ConvGeometry, ConvPlan, check_conv_input, conv_weight_matrix, simulated_conv2d
 from ..quant.config import QuantConfig
-from ..quant.primitives import absmax_scale, quantize_symmetric
+from ..quant.primitives import qrange, quantize_symmetric
+
+_FP32_BUFFERS = ("weight_scale", "input_scale")
+
+
+def conv_weight_format(config: QuantConfig, in_features: int) -> str:
+    """The storage format of a convolution's [O, kh·kw·C/g] weight under `config`."""
+    return "int4" if config.weight_bits == 4 and in_features % 2 == 0 else "int8"
 
 
 class QuantConv2d(nn.Module):
-    """An nn.Conv2d with per-output-channel weight codes and per-sample activation fake quantization."""
+    """A Conv2d whose weight is stored quantized and whose forward runs the integer convolution
+    (or its fake-quantized twin under `simulate`). Buffers: `weight` (codes [O, kh·kw·C/g] in
+    the GEMM's tap-major order, int8 or packed int4), `weight_scale` fp32 [O], and after a static
+    calibration `input_scale`, `input_zero_point`, `weight_colsum`; `bias` fp."""
 
-    def __init__(self, conv: nn.Conv2d, config: QuantConfig):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, config: Optional[QuantConfig] = None, device=None, dtype=None):
         super().__init__()
         if not isinstance(config, QuantConfig):
-            raise ValueError(f"config must be a QuantConfig, got {config!r}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (zeros only)")
-        self.config = config
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        weight = conv.weight.detach()
-        codes, scale = quantize_symmetric(weight.reshape(weight.shape[0], -1), config.weight_bits, "row")
-        self.register_buffer("weight", codes.reshape(weight.shape))
-        self.register_buffer("weight_scale", scale)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+            raise ValueError(f"config must be a QuantConfig (W8A8, W4A8, W4A4), got {config!r}")
+        if config.act_bits is None:
+            raise ValueError(f"{type(config).__name__} keeps activations in floating point; there is no integer "
+                             "convolution for it: quantize convolutions with W8A8, W4A8 or W4A4")
+        if config.rotate is not None:
+            raise ValueError("online rotation (rotate=...) is not supported for convolutions")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.geometry = ConvGeometry(kernel_size, stride, padding, dilation, groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be multiples of "
+                             f"groups={groups}")
+        self.in_channels, self.out_channels, self.config = in_channels, out_channels, config
+        self.in_features = self.geometry.taps * in_channels // groups
+        self.weight_format = conv_weight_format(config, self.in_features)
+        packed = self.in_features if self.weight_format == "int8" else self.in_features // 2
+        empty = lambda shape, dt: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        self.register_buffer("weight", empty((out_channels, packed),
+                                             torch.int8 if self.weight_format == "int8" else torch.uint8))
+        self.register_buffer("weight_scale", empty((out_channels,), torch.float32))
+        self.register_buffer("weight_colsum", None)
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_zero_point", None)
+        if bias:
+            self.bias = nn.Parameter(empty((out_channels,), dtype or torch.float32), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> "QuantConv2d":
-        return cls(conv, config)
+        """Quantizes an nn.Conv2d (round to nearest, per output channel). A conv on the meta
+        device gives the layer's shapes on the meta device (a skeleton to load into)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        geometry = ConvGeometry.of(conv)
+        layer = cls(conv.in_channels, conv.out_channels, geometry.kernel, geometry.stride, geometry.padding,
+                    geometry.dilation, geometry.groups, conv.bias is not None, config, device=conv.weight.device,
+                    dtype=None if conv.bias is None else conv.bias.dtype)
+        if conv.weight.is_meta:
+            return layer
+        codes, scale = quantize_symmetric(conv_weight_matrix(conv.weight.detach()), config.weight_bits, "row")
+        layer.weight.copy_(codes if layer.weight_format == "int8" else pack_int4(codes, signed=True))
+        layer.weight_scale.copy_(scale)
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.detach())
+        return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x must be [batch, channels, height, width], got {tuple(x.shape)}")
-        weight = (self.weight.float() * self.weight_scale[:, None, None, None]).to(x.dtype)
-        if self.config.act_bits is not None:
-            rows = x.reshape(x.shape[0], -1)
-            scale = absmax_scale(rows.detach().abs().amax(dim=1), self.config.act_bits)
-            x = fake_quantize(rows.float(), scale, self.config.act_bits).to(x.dtype).reshape(x.shape)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight, self.weight_format, self.weight_scale, colsum=self.weight_colsum)
+
+    def set_static_activation(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
+        """Fixes a calibrated per-tensor activation scale (and signed-domain integer zero point)."""
+        if self.runtime_plan is not None:
+            raise ValueError("this layer is converted for runtime (convert_for_runtime): set static activations on "
+                             "the calibration model, then convert again")
+        device = self.weight.device
+        try:
+            scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+            zero = None if zero_point is None else torch.as_tensor(zero_point, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"scale and zero_point must be numbers or tensors ({error})") from None
+        if scale.numel() != 1 or not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"scale must be one positive finite number (per tensor), got {scale.tolist()}")
+        if zero is not None:
+            lo, hi = qrange(self.config.act_bits)
+            if zero.numel() != 1 or zero.dtype.is_floating_point or not lo <= int(zero.reshape(())) <= hi:
+                raise ValueError(f"zero_point must be one integer in [{lo}, {hi}], got {zero.tolist()}")
+        self.input_scale = scale.reshape(1)
+        self.input_zero_point = None if zero is None else zero.reshape(1).to(torch.int8)
+        self.weight_colsum = None if zero is None else self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
+
+    runtime_plan: Optional[ConvPlan] = None  # set by `freeze` (convert_for_runtime)
+    # A per-channel affine map (BatchNorm) after the layer, folded at conversion: (scale, shift).
+    folded_affine = None
+
+    def build_plan(self, check: bool = True) -> ConvPlan:
+        """This layer's operands as a ConvPlan, with a folded BatchNorm's per-channel scale a and
+        shift b: y·a + b = conv with weight scale s·a and bias bias·a + b."""
+        weight, bias = self.quantized_weight(), None if self.bias is None else self.bias.detach().float()
+        if self.folded_affine is not None:
+            scale, shift = self.folded_affine
+            weight = dataclasses.replace(weight, scale=weight.scale * scale)
+            bias = shift if bias is None else bias * scale + shift
+        plan = ConvPlan(weight, self.geometry, self.config.act_bits, self.input_scale, self.input_zero_point, bias,
+                        activation=self.fused_activation)
+        return plan.frozen() if check else plan
+
+    fused_activation = "none"  # an activation after the layer (and its folded BatchNorm), run in its epilogue
+
+    def freeze(self) -> None:
+        """Converts the layer to its runtime form: its forward runs `build_plan()`, built now."""
+        self.runtime_plan = self.build_plan()
+
+    def thaw(self) -> None:
+        self.__dict__.pop("runtime_plan", None)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, C, H, W] (any memory format; channels last is read in place) → [N, O, Ho, Wo] as
+        a view of channels-last memory, in x.dtype. `residual` [N, O, Ho, Wo] is added after the
+        epilogue's activation."""
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() != 4:
+            raise ValueError(f"x must be a 4-D float16/bfloat16/float32 tensor [N, C, H, W], got "
+                             f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        plan = self.runtime_plan or self.build_plan(check=False)
+        nhwc = x.permute(0, 2, 3, 1)
+        check_conv_input("x", nhwc, plan)
+        nhwc = nhwc.contiguous()
+        residual_nhwc = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
+        if ops.resolve_backend(x.device) == "simulate":
+            if self.runtime_plan is not None:
+                raise ValueError("a converted (runtime) model does not run under the 'simulate' backend: calibrate "
+                                 "and train the model before convert_for_runtime")
+            y = simulated_conv2d(nhwc, plan, residual=residual_nhwc)
+        else:
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise ValueError("the integer convolution has no gradient: train and calibrate under "
+                                 "qk.use_backend('simulate')")
+            y = plan.run(nhwc, residual=residual_nhwc)
+        return y.permute(0, 3, 1, 2)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            device = self._buffers[name].device
+            self._buffers[name] = torch.empty_like(original, device=device) if original.is_meta else original.to(device)
+        if self.folded_affine is not None:
+            device = self.weight.device
+            self.folded_affine = tuple(t.to(device) for t in self.folded_affine)
+        if self.runtime_plan is not None:
+            self.freeze()
+        return self
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
-                f"stride={self.stride}, config={self.config}, simulation only")
+        g = self.geometry
+        activation = "static" if self.input_scale is not None else "dynamic per window"
+        folded = ", BatchNorm folded" if self.folded_affine is not None else ""
+        fused = f", fused {self.fused_activation}" if self.fused_activation != "none" else ""
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel}, stride={g.stride}, "
+                f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, bias={self.bias is not None}, "
+                f"config={self.config}, activations={activation}{folded}{fused}")
 
 
 def quantize_convs_(model: nn.Module, config: QuantConfig,
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
-    """Replaces, in place, every nn.Conv2d selected by `filter_fn(module, fqn)` (default: all) by a
-    QuantConv2d (simulation only, see the module docstring). Returns `model`."""
+    """Replaces, in place, every nn.Conv2d selected by `filter_fn(module, fqn)` (default: all) by
+    a QuantConv2d for `config`. Returns `model`. Atomic: every selected convolution is converted
+    before any is swapped, so a ValueError (naming the module) leaves the model as it was;
+    selecting nothing is a ValueError."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Conv2d) and (filter_fn is None or filter_fn(m, name))]
+    if not targets:
+        raise ValueError("no nn.Conv2d selected for quantization")
+    replacements = []
     for name, module in targets:
-        model.set_submodule(name, QuantConv2d.from_float(module, config))
+        try:
+            replacements.append((name, QuantConv2d.from_float(module, config)))
+        except ValueError as error:
+            raise ValueError(f"cannot quantize {name!r}: {error}") from error
+    for name, replacement in replacements:
+        model.set_submodule(name, replacement)
     return model
