@@ -19,8 +19,10 @@ from torch import nn
 
 from ..nn.compensation import attach, compensated_blocks, lower_into_linear, primary_output
 from ..nn.fused import FUSED_MODULE_TYPES
+from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
+from .conv_epilogues import fold_conv_epilogues
 from .facts import describe
 from .fusion import FusionReport, block_inputs, fuse_blocks, refuse_task_loras
 
@@ -34,6 +36,8 @@ class RuntimeReport:
     fusion: Optional[FusionReport]  # which blocks run fused (None without an example)
     lowered_qwt: List[str] = dataclasses.field(default_factory=list)  # linears running a block's QwT
     hooked_qwt: Dict[str, str] = dataclasses.field(default_factory=dict)  # block → why its QwT stays a hook
+    # convolution → the modules after it folded into its epilogue (BatchNorm, activation)
+    folded_into_convs: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -104,27 +108,32 @@ def _unlower(block: nn.Module, linear: QuantLinear, compensation, bias: Optional
 def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend: str = "auto") -> RuntimeReport:
     """Converts a quantized (and calibrated) `model` to its runtime form, in place.
 
-    Level one, always (no example needed: what loaders call): every QuantLinear freezes its
-    operands, each validated once. Level two, with `example` (one input batch): QwT
-    compensations still attached as hooks are lowered into their blocks' last GEMM where that
-    is the same computation (`lower_qwt`), then `fuse_blocks` (checked on `example` under
-    `backend`), then every fused block freezes its chain. Lower QLA adapters (`methods.qla.fuse`)
+    Level one, always (no example needed: what loaders call): every QuantLinear and
+    QuantConv2d freezes its operands, each validated once. Level two, with `example` (one input
+    batch): each convolution's following BatchNorm and activation are folded into its epilogue
+    (`models.conv_epilogues`, found and checked on `example`); QwT compensations still attached
+    as hooks are lowered into their blocks' last GEMM where that is the same computation
+    (`lower_qwt`), then `fuse_blocks` (checked on `example` under `backend`), then every fused
+    block freezes its chain. Lower QLA adapters (`methods.qla.fuse`)
     before. Casts and moves afterwards (`.to`, `.half`) rebuild the plans. ValueError when the
     model has no QuantLinear, is already converted, or a layer's operands do not fit; then no
     layer is converted (lowerings and fusions done by then stay: both are calibration-form
     steps too)."""
-    layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
+    layers = [module for module in model.modules() if isinstance(module, (QuantLinear, QuantConv2d))]
     if not layers:
-        raise ValueError("the model has no QuantLinear: quantize_ it first")
+        raise ValueError("the model has no QuantLinear or QuantConv2d: quantize_ it first")
     if any(layer.runtime_plan is not None for layer in layers):
         raise ValueError("the model is already converted for runtime")
     if example is not None:
         refuse_task_loras(model)  # before QwT is lowered: nothing half-done
     report = RuntimeReport(None)
     if example is not None:
+        if any(isinstance(layer, QuantConv2d) for layer in layers):
+            report.folded_into_convs = fold_conv_epilogues(model, example)
         if any(True for _ in compensated_blocks(model)):
             report.lowered_qwt, report.hooked_qwt = lower_qwt(model, example, strict=False)
-        report.fusion = fuse_blocks(model, example, backend)
+        if any(isinstance(layer, QuantLinear) for layer in layers):
+            report.fusion = fuse_blocks(model, example, backend)
     try:
         for layer in layers:
             layer.freeze()
@@ -133,7 +142,7 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
                 module.freeze()
     except ValueError:
         for module in model.modules():
-            if isinstance(module, (QuantLinear, *FUSED_MODULE_TYPES)):
+            if isinstance(module, (QuantLinear, QuantConv2d, *FUSED_MODULE_TYPES)):
                 module.thaw()
         raise
     return report

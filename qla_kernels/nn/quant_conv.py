@@ -118,6 +118,23 @@ class QuantConv2d(nn.Module):
         self.input_zero_point = None if zero is None else zero.reshape(1).to(torch.int8)
         self.weight_colsum = None if zero is None else self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
 
+    def activation_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The values a static activation scale covers: x's pixels as rows [N·H·W, C] (what
+        methods.ptq observes)."""
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    def pixel_weight(self) -> torch.Tensor:
+        """The dequantized weight as a linear map of one input pixel to every tap's
+        contribution, [O·kh·kw, C] (zero outside a pixel's group): how methods.ptq weighs the
+        output error of a candidate activation scale."""
+        groups, taps = self.geometry.groups, self.geometry.taps
+        matrix = self.quantized_weight().dequantize().reshape(self.out_channels, taps, -1)  # [O, taps, C/g]
+        step_in, step_out = self.in_channels // groups, self.out_channels // groups
+        dense = matrix.new_zeros((self.out_channels, taps, self.in_channels))
+        for g in range(groups):
+            dense[g * step_out:(g + 1) * step_out, :, g * step_in:(g + 1) * step_in] = matrix[g * step_out:(g + 1) * step_out]
+        return dense.reshape(-1, self.in_channels)
+
     runtime_plan: Optional[ConvPlan] = None  # set by `freeze` (convert_for_runtime)
     # A per-channel affine map (BatchNorm) after the layer, folded at conversion: (scale, shift).
     folded_affine = None
@@ -135,6 +152,7 @@ class QuantConv2d(nn.Module):
         return plan.frozen() if check else plan
 
     fused_activation = "none"  # an activation after the layer (and its folded BatchNorm), run in its epilogue
+    treated_by = ()  # the TreatedBy wrappers of the modules folded into the epilogue (models/conv_epilogues.py)
 
     def freeze(self) -> None:
         """Converts the layer to its runtime form: its forward runs `build_plan()`, built now."""
@@ -165,7 +183,10 @@ class QuantConv2d(nn.Module):
                 raise ValueError("the integer convolution has no gradient: train and calibrate under "
                                  "qk.use_backend('simulate')")
             y = plan.run(nhwc, residual=residual_nhwc)
-        return y.permute(0, 3, 1, 2)
+        y = y.permute(0, 3, 1, 2)
+        if self.treated_by:
+            y._qla_treated_by = self.treated_by
+        return y
 
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
@@ -188,6 +209,23 @@ class QuantConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel}, stride={g.stride}, "
                 f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, bias={self.bias is not None}, "
                 f"config={self.config}, activations={activation}{folded}{fused}")
+
+
+class TreatedBy(nn.Module):
+    """A module whose work a convolution's epilogue did for some tensors (a folded BatchNorm, a
+    fused activation): a tensor the convolution marked passes through unchanged (the tensor
+    carries the mark, not the module: concurrent calls stay correct); any other input runs the
+    module (torchvision's ResNet applies one ReLU module after a convolution and after its
+    residual add)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, *args, **kwargs):
+        if self in getattr(x, "_qla_treated_by", ()):
+            return x
+        return self.module(x, *args, **kwargs)
 
 
 def quantize_convs_(model: nn.Module, config: QuantConfig,

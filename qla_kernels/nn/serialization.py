@@ -19,6 +19,7 @@ from ..formats.checkpoint import read_checkpoint, write_checkpoint
 from ..quant.config import QuantConfig
 from .adapters import AdapterPlacement, attach_adapters
 from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensated_blocks
+from ..ops.conv import ConvGeometry
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear, linear_weight
 from .quantize import announce_quantized
@@ -43,28 +44,47 @@ def quantized_layout(model: nn.Module) -> dict:
     if lowered:
         raise ValueError(f"{lowered[0]!r} carries a lowered correction (qwt.lower / qla.fuse are runtime "
                          "conversions): save before lowering, lower after loading")
-    simulated = [name for name, m in model.named_modules() if isinstance(m, (QuantConv2d, ConvQwTCompensation))]
-    if simulated:
-        raise ValueError(f"{simulated[0]!r} is simulation only (no convolution kernels yet): nothing to deploy or save")
+    folded = [name for name, m in model.named_modules() if isinstance(m, QuantConv2d) and
+              (m.folded_affine is not None or m.fused_activation != "none")]
+    if folded:
+        raise ValueError(f"{folded[0]!r} has a BatchNorm or activation folded in (convert_for_runtime is a runtime "
+                         "conversion): save before converting, convert after loading")
     layers = {
         name: {"config": module.config.to_dict(), "in_features": module.in_features,
                "out_features": module.out_features, "bias": module.bias is not None,
                "buffers": [buffer for buffer in _OPTIONAL_BUFFERS if getattr(module, buffer) is not None]}
         for name, module in model.named_modules() if isinstance(module, QuantLinear)
     }
-    if not layers:
-        raise ValueError("the model has no QuantLinear: quantize_ it first")
-    compensations = {
-        name: {"output_norm": block.qwt.output_norm, "weight": list(block.qwt.weight.shape),
-               "down": None if block.qwt.down is None else list(block.qwt.down.shape)}
-        for name, block in compensated_blocks(model)
+    convs = {
+        name: {"config": module.config.to_dict(), "in_channels": module.in_channels,
+               "out_channels": module.out_channels, **_geometry_entry(module.geometry), "bias": module.bias is not None,
+               "buffers": [buffer for buffer in _OPTIONAL_BUFFERS if getattr(module, buffer) is not None]}
+        for name, module in model.named_modules() if isinstance(module, QuantConv2d)
     }
+    if not layers and not convs:
+        raise ValueError("the model has no QuantLinear or QuantConv2d: quantize_ (or quantize_convs_) it first")
+    compensations = {name: _compensation_entry(block.qwt) for name, block in compensated_blocks(model)}
     layout = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers,
               "qla_kernels.qwt": compensations}
+    if convs:
+        layout["qla_kernels.quant_convs"] = convs
     placement = getattr(model, "_qla_placement", None)
     if placement is not None:
         layout["qla_kernels.qla"] = {"blocks": model._qla_block_names, "placement": placement.to_dict()}
     return layout
+
+
+def _geometry_entry(geometry: ConvGeometry) -> dict:
+    return {"kernel": list(geometry.kernel), "stride": list(geometry.stride), "padding": list(geometry.padding),
+            "dilation": list(geometry.dilation), "groups": geometry.groups}
+
+
+def _compensation_entry(compensation: QwTCompensation) -> dict:
+    entry = {"output_norm": compensation.output_norm, "weight": list(compensation.weight.shape),
+             "down": None if compensation.down is None else list(compensation.down.shape)}
+    if isinstance(compensation, ConvQwTCompensation):
+        entry["conv"] = {"groups": compensation.groups, "stride": compensation.stride}
+    return entry
 
 
 def save_quantized(model: nn.Module, path: str) -> None:
@@ -123,6 +143,7 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
     the module that does not fit (then `model` may be part-rebuilt: stage it first)."""
     try:
         layouts = dict(layout["qla_kernels.quant_linears"])
+        conv_layouts = dict(layout.get("qla_kernels.quant_convs", {}))
         compensations = dict(layout.get("qla_kernels.qwt", {}))
         adapters = layout.get("qla_kernels.qla")
     except (KeyError, TypeError, ValueError) as error:
@@ -165,13 +186,21 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
             setattr(layer, buffer, torch.empty(_OPTIONAL_BUFFER_SHAPES[buffer](shape[0]),
                                                dtype=_OPTIONAL_BUFFER_DTYPES[buffer], device=device))
         model.set_submodule(name, layer)
+    for name, entry in conv_layouts.items():
+        model.set_submodule(name, _empty_conv(model, name, entry, source, tensors))
     for name, entry in compensations.items():
         try:
             block = model.get_submodule(name)
             device = next(iter(block.buffers()), torch.empty(0)).device
             empty = lambda shape: None if shape is None else torch.empty(shape, device=device)  # noqa: E731
-            attach(block, QwTCompensation(empty(entry["weight"]), empty(entry["weight"][:1]), empty(entry["down"]),
-                                          entry["output_norm"]))
+            conv = entry.get("conv")
+            if conv is not None:
+                compensation = ConvQwTCompensation(empty(entry["weight"]), empty(entry["weight"][:1]),
+                                                   int(conv["groups"]), int(conv["stride"]))
+            else:
+                compensation = QwTCompensation(empty(entry["weight"]), empty(entry["weight"][:1]), empty(entry["down"]),
+                                               entry["output_norm"])
+            attach(block, compensation)
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
             raise ValueError(f"{source}: the QwT compensation of {name!r} does not fit the model ({error})") from None
     if adapters is not None:
@@ -179,6 +208,42 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
             attach_adapters(model, adapters["blocks"], AdapterPlacement.from_dict(adapters["placement"]))
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
             raise ValueError(f"{source}: the QLA adapters do not fit the model ({error})") from None
+
+
+def _empty_conv(model: nn.Module, name: str, entry: dict, source: str, tensors: Optional[dict]) -> QuantConv2d:
+    """The empty QuantConv2d a conv layout entry describes, in place of the model's nn.Conv2d of
+    the same geometry (ValueError naming the module otherwise)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{source}: the model has no module {name!r} to quantize") from None
+    if not isinstance(module, (nn.Conv2d, QuantConv2d)):
+        raise ValueError(f"{source}: module {name!r} is a {type(module).__name__}, not a convolution")
+    try:
+        config = QuantConfig.from_dict(entry["config"])
+        geometry = ConvGeometry(tuple(entry["kernel"]), tuple(entry["stride"]), tuple(entry["padding"]),
+                                tuple(entry["dilation"]), entry["groups"])
+        shape = (entry["in_channels"], entry["out_channels"], bool(entry["bias"]))
+        buffers = list(entry["buffers"])
+        if not set(buffers) <= set(_OPTIONAL_BUFFERS):
+            raise TypeError(f"unknown buffers {sorted(set(buffers) - set(_OPTIONAL_BUFFERS))}")
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{source}: the layout of {name!r} is incomplete ({error})") from None
+    own_geometry = module.geometry if isinstance(module, QuantConv2d) else ConvGeometry.of(module)
+    if (module.in_channels, module.out_channels) != shape[:2] or own_geometry != geometry:
+        raise ValueError(f"{source}: {name!r} is a {module.in_channels}→{module.out_channels} convolution with "
+                         f"{own_geometry} in the model, {shape[0]}→{shape[1]} with {geometry} in the file")
+    own_bias = getattr(module, "bias", None)
+    bias_dtype = None if own_bias is None else own_bias.dtype
+    if tensors is not None and f"{name}.bias" in tensors:
+        bias_dtype = tensors[f"{name}.bias"].dtype
+    device = next(iter(module.buffers() if isinstance(module, QuantConv2d) else module.parameters())).device
+    layer = QuantConv2d(shape[0], shape[1], geometry.kernel, geometry.stride, geometry.padding, geometry.dilation,
+                        geometry.groups, shape[2], config, device=device, dtype=bias_dtype)
+    for buffer in buffers:
+        setattr(layer, buffer, torch.empty(_OPTIONAL_BUFFER_SHAPES[buffer](shape[1]),
+                                           dtype=_OPTIONAL_BUFFER_DTYPES[buffer], device=device))
+    return layer
 
 
 def check_tensors(staged: nn.Module, specs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]], source: str,
@@ -196,7 +261,8 @@ def check_tensors(staged: nn.Module, specs: Dict[str, Tuple[Tuple[int, ...], tor
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model does not"
         raise ValueError(f"{source}: the file {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    quantized = {f"{name}.{buffer}" for name, module in staged.named_modules() if isinstance(module, QuantLinear)
+    quantized = {f"{name}.{buffer}" for name, module in staged.named_modules()
+                 if isinstance(module, (QuantLinear, QuantConv2d))
                  for buffer, value in module._buffers.items() if value is not None}
     for key, want in expected.items():
         shape, dtype = specs[key]

@@ -5,6 +5,7 @@
 - `fused_linear`: the multi-segment fused linear of DESIGN.md.
 - `quantized_linear`: quantize_activation + fused_linear for a plain linear layer, or its
   differentiable fake-quantized twin under the `simulate` backend.
+- `quantized_conv2d`: a channels-last convolution as GEMMs over its windows (ops/conv.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from ..formats.weights import QuantizedWeight
 from . import cpu, cuda, library, reference, simulate  # noqa: F401  (cpu, cuda and library register their implementations)
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
-from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map
+from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map, check_tensor
+from .conv import ConvGeometry, ConvPlan, check_conv_input, simulated_conv2d
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
 from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
 from .row_maps import RowMap
@@ -212,8 +214,41 @@ def quantized_linear(
                         out_dtype=x.dtype, **segments)
 
 
+def quantized_conv2d(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    geometry: ConvGeometry,
+    act_bits: int,
+    *,
+    static_scale: Optional[torch.Tensor] = None,
+    zero_point: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A quantized convolution on channels-last x [N, H, W, C] → [N, Ho, Wo, O] in x.dtype
+    (ops/conv.py: the windows quantized per output pixel, or per tensor with `static_scale` /
+    `zero_point`; the GEMM of each group on the selected backend's fused linear). `weight` is an
+    integer-format [O, kh·kw·C/g] weight (`conv_weight_matrix` order; `colsum` set with a zero
+    point); the epilogue adds bias, applies `activation` and adds `residual` [N, Ho, Wo, O].
+    Differentiable under `simulate`."""
+    if not isinstance(geometry, ConvGeometry):
+        raise ValueError(f"geometry must be a ConvGeometry, got {type(geometry).__name__}")
+    plan = ConvPlan(weight, geometry, act_bits, static_scale, zero_point, bias, activation=activation)
+    plan.check()
+    check_conv_input("x", x, plan)
+    batch, height, width, _ = x.shape
+    check_tensor("residual", residual, device=x.device, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                 shape=(batch, *geometry.output_size(height, width), plan.out_channels), contiguous=False)
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    if resolve_backend(x.device) == "simulate":
+        return simulated_conv2d(x, plan, residual=residual)
+    return plan.run(x, residual=residual)
+
+
 __all__ = [
     "BACKENDS", "BackendInfo", "FusedLinearOperands", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
-    "gemm_zero_point", "library", "reference", "simulate",
+    "gemm_zero_point", "library", "reference", "simulate", "ConvGeometry", "ConvPlan", "quantized_conv2d",
 ]
