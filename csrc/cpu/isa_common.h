@@ -101,6 +101,10 @@ inline void activate(float* y, int64_t n, int activation) {
     case kGeluTanh: for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh(y[i]); break;
     case kRelu: for (int64_t i = 0; i < n; ++i) y[i] = y[i] > 0.0f ? y[i] : (y[i] != y[i] ? y[i] : 0.0f); break;
     case kQuickGelu: for (int64_t i = 0; i < n; ++i) y[i] = quick_gelu(y[i]); break;
+    case kRelu6:  // NaN propagates, as torch's clamp does
+      for (int64_t i = 0; i < n; ++i) y[i] = y[i] != y[i] ? y[i] : std::min(std::max(y[i], 0.0f), 6.0f);
+      break;
+    case kSilu: for (int64_t i = 0; i < n; ++i) y[i] = silu(y[i]); break;
     default: break;
   }
 }
@@ -247,8 +251,12 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
     }
     float* target = y ? y + (m - y_row0) * y_stride + n0 : p.out + dest * p.out_stride + n0;
     if (!gated) {
+      if (p.residual && p.residual_first) {
+        const float* res = p.residual + dest * p.residual_stride + n0;
+        for (int64_t c = 0; c < width; ++c) v[c] += res[c];
+      }
       activate(v, width, p.activation);
-      if (p.residual) {
+      if (p.residual && !p.residual_first) {
         const float* res = p.residual + dest * p.residual_stride + n0;
         for (int64_t c = 0; c < width; ++c) v[c] += res[c];
       }

@@ -21,9 +21,9 @@ constexpr int kQuadRowBytes = kPanelColumns * kQuad;  // 64
 constexpr int kBlockRows = 48;                        // GEMM rows per task (a multiple of every MR)
 
 // ops/reference.py ACTIVATIONS, in order.
-enum Activation : int { kNone = 0, kGelu, kGeluTanh, kRelu, kQuickGelu, kSwiglu, kGeglu, kGegluTanh };
+enum Activation : int { kNone = 0, kGelu, kGeluTanh, kRelu, kQuickGelu, kSwiglu, kGeglu, kGegluTanh, kRelu6, kSilu };
 
-inline bool is_gated(int activation) { return activation >= kSwiglu; }
+inline bool is_gated(int activation) { return activation >= kSwiglu && activation <= kGegluTanh; }
 
 // One fused linear, every pointer already checked by ops/cpu.py. GEMM row m reads prepared A row m
 // and writes output row `destination(m)`; T, X_c·W_cᵀ and the residual are read at that row.
@@ -57,6 +57,7 @@ struct Problem {
   int8_t* out_q = nullptr;            // [out_rows, N_out] with out_scale [out_rows] (requant_bits)
   float* out_scale = nullptr;
   int requant_bits = 0;
+  bool residual_first = false;  // act(y + residual) instead of act(y) + residual (never with a gated act)
   bool small_weights = false;  // every panel's max |W| <= 64: u8 x s8 pair sums fit int16 exactly
 
   int64_t output_columns() const { return is_gated(activation) ? columns / 2 : columns; }

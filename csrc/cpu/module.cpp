@@ -161,7 +161,7 @@ PYBIND11_MODULE(_cpu, m) {
          int64_t w_scale, int64_t lowrank_t, int64_t t_stride, int64_t rank, int64_t lowrank_ut, int64_t addend,
          int64_t addend_stride, int64_t bias, int activation, int64_t residual, int64_t residual_stride,
          int64_t scatter, int64_t out_rows, int64_t out, int64_t out_stride, int64_t out_q, int64_t out_scale,
-         int requant_bits) {
+         int requant_bits, bool residual_first) {
         const IsaKernels& isa = *kernels_for(isa_name);
         Problem p;
         p.rows = rows;
@@ -188,6 +188,7 @@ PYBIND11_MODULE(_cpu, m) {
         p.out_q = pointer<int8_t>(out_q);
         p.out_scale = pointer<float>(out_scale);
         p.requant_bits = requant_bits;
+        p.residual_first = residual_first;
         py::gil_scoped_release release;
         run_fused_linear(isa, p, pointer<const int8_t>(a), a_stride, a_rows, pointer<const int64_t>(gather), k,
                          pointer<const int32_t>(zero_point), zero_per_row);

@@ -146,13 +146,15 @@ def fused_linear(
     gather_rows: Optional[RowMap] = None,
     scatter_rows: Optional[RowMap] = None,
     out_rows: Optional[int] = None,
+    residual_before_activation: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual.
+    """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual, or with
+    `residual_before_activation` act(… + bias + residual) (a residual block's output).
 
     `a` is int8 [M, K] with `a_scale` fp32 [M] or [1] for the integer formats, or fp16/bf16/fp32
     [M, K] with `a_scale` None for "uint4_asym_groups" (W4A16). Low-rank T [M, r] / U [N, r] and
     full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
-    "gelu_tanh", "relu", "quick_gelu" (CLIP's x·σ(1.702x)), or gated act(gate)·up with the gate in the weight's first N/2 rows and up
+    "gelu_tanh", "relu", "relu6", "silu", "quick_gelu" (CLIP's x·σ(1.702x)), or gated act(gate)·up with the gate in the weight's first N/2 rows and up
     in its last N/2 (output N/2 wide): "swiglu" (silu), "geglu" (gelu erf), "geglu_tanh".
     Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
 
@@ -173,7 +175,8 @@ def fused_linear(
         fullrank_x=fullrank_x, fullrank_w=fullrank_w, bias=bias, activation=activation, residual=residual,
         out_dtype=out_dtype, requant_bits=requant_bits, out_rows=out_rows,
         gather_rows=None if gather_rows is None else gather_rows.indices,
-        scatter_rows=None if scatter_rows is None else scatter_rows.indices)
+        scatter_rows=None if scatter_rows is None else scatter_rows.indices,
+        residual_before_activation=residual_before_activation)
     check_fused_linear(operands)
     out, out_scale = implementation("fused_linear", a.device, operands).run(operands)
     return (out, out_scale) if requant_bits else out

@@ -172,6 +172,14 @@ def check_fused_linear(operands: FusedLinearOperands) -> None:
                          f"got {out_features}")
     check_tensor("residual", operands.residual, device=device, dtypes=FLOAT_DTYPES,
                  shape=(rows, output_features(out_features, operands.activation)))
+    if not isinstance(operands.residual_before_activation, bool):
+        raise ValueError(f"residual_before_activation must be a bool, got {operands.residual_before_activation!r}")
+    if operands.residual_before_activation:
+        if operands.residual is None:
+            raise ValueError("residual_before_activation needs a residual")
+        if operands.activation in GATED_ACTIVATIONS:
+            raise ValueError(f"residual_before_activation does not combine with the gated activation "
+                             f"{operands.activation!r} (its output is half the GEMM's width)")
     check_choice("out_dtype", operands.out_dtype, FLOAT_DTYPES)
     if operands.requant_bits != 0:
         check_bits("requant_bits", operands.requant_bits)

@@ -186,7 +186,7 @@ def _w4a16_decode(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
                        scale.data_ptr(), zero.data_ptr(), group, _WEIGHT_ROUNDING[operands.a.dtype], weight.shape[0],
                        y.data_ptr())
     y = reference.epilogue(y, operands.lowrank_t, operands.lowrank_u, operands.fullrank_x, operands.fullrank_w,
-                           operands.bias, operands.activation, operands.residual)
+                           operands.bias, operands.activation, operands.residual, operands.residual_before_activation)
     if operands.requant_bits:
         return reference.quantize_output(y, operands.requant_bits)
     return y.to(operands.out_dtype), y.new_empty((0,))
@@ -256,7 +256,8 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
         _address(lowrank_t if rank else None), lowrank_t.stride(0) if rank else 0, rank, _address(lowrank_ut),
         _address(addend), 0 if addend is None else addend.stride(0), _address(bias),
         _ACTIVATION_CODES[operands.activation], _address(residual), 0 if residual is None else residual.stride(0),
-        _address(scatter64), out_rows, _address(out), width, _address(out_q), _address(out_scale), bits)
+        _address(scatter64), out_rows, _address(out), width, _address(out_q), _address(out_scale), bits,
+        operands.residual_before_activation)
     if bits:
         return out_q, out_scale
     return out.to(operands.out_dtype), out.new_empty((0,))

@@ -112,7 +112,8 @@ def supports_fused_linear(operands: FusedLinearOperands) -> bool:
     a = operands.a
     same_dtype = all(t is None or t.dtype == a.dtype
                      for t in (operands.lowrank_t, operands.lowrank_u, operands.bias, operands.residual))
-    activation_ok = operands.activation == "none" or operands.activation in reference.GATED_ACTIVATIONS
+    activation_ok = ((operands.activation == "none" or operands.activation in reference.GATED_ACTIVATIONS)
+                     and not operands.residual_before_activation)
     return (a.device.type == "cuda" and _built_for(_index(a.device)) and operands.weight_format == "uint4_asym_groups"
             and a.dtype in (torch.float16, torch.bfloat16) and 1 <= a.shape[0] <= DECODE_MAX_ROWS
             and a.shape[1] % _DECODE_CHUNK_K == 0 and operands.group_size % 32 == 0 and same_dtype

@@ -24,7 +24,8 @@ from ..formats.weights import dequantize_weight, integer_weight
 from ..quant.primitives import absmax_scale, quantize_with_scale
 from .operands import FusedLinearOperands
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "quick_gelu", "swiglu", "geglu", "geglu_tanh")
+# Codes are indices (the Triton and C++ kernels take them): activations added later go at the end.
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "quick_gelu", "swiglu", "geglu", "geglu_tanh", "relu6", "silu")
 # Gated activations act(gate)·up: the weight's first half of rows is the gate, its second half up.
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 NORM_KINDS = ("none", "layernorm", "rmsnorm")
@@ -150,6 +151,10 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.relu(y)
     if activation == "quick_gelu":  # CLIP's x·σ(1.702x)
         return y * torch.sigmoid(1.702 * y)
+    if activation == "relu6":  # MobileNet's
+        return F.relu6(y)
+    if activation == "silu":  # EfficientNet's, RegNet-Y's
+        return F.silu(y)
     # Gated: the first half of the columns is the gate, the second half the up projection (the
     # layout of torch.cat([gate, up]), so packed gate/up weights can be views of the layers' own).
     gate, up = y.chunk(2, dim=-1)
@@ -167,14 +172,19 @@ def epilogue(
     bias: Optional[torch.Tensor],
     activation: str,
     residual: Optional[torch.Tensor],
+    residual_before_activation: bool = False,
 ) -> torch.Tensor:
-    """Everything after the main segment's dequantization, in fp32. Differentiable (simulate uses it)."""
+    """Everything after the main segment's dequantization, in fp32: act(·) + residual, or with
+    `residual_before_activation` act(· + residual) (a residual block's output, ResNet's).
+    Differentiable (simulate uses it)."""
     if lowrank_t is not None:
         y = y + lowrank_t.float() @ lowrank_u.float().t()
     if fullrank_x is not None:
         y = y + fullrank_x.float() @ fullrank_w.float().t()
     if bias is not None:
         y = y + bias.float()
+    if residual is not None and residual_before_activation:
+        return apply_activation(y + residual.float(), activation)
     y = apply_activation(y, activation)
     if residual is not None:
         y = y + residual.float()
@@ -258,7 +268,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Ten
     y = main_segment(a, a_scale, a_zero_point, operands.weight, operands.weight_format, operands.weight_scale,
                      operands.weight_group_scale, operands.weight_zero, operands.group_size, operands.weight_colsum)
     y = epilogue(y, lowrank_t, operands.lowrank_u, fullrank_x, operands.fullrank_w, operands.bias,
-                 operands.activation, residual)
+                 operands.activation, residual, operands.residual_before_activation)
     if scatter_rows is not None:
         y = scatter_rows_to(y, scatter_rows, out_rows)
     if operands.requant_bits:

@@ -106,6 +106,19 @@ def test_full_epilogue(activation, out_dtype):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6", "silu", "gelu"])
+def test_residual_before_the_activation(activation):
+    """act(y + bias + residual): the residual joins before the activation (ResNet's block output)."""
+    m, n, k = 29, 40, 64
+    weight = _to(random_weight("int8", n, k))
+    a, a_scale = (t.to(DEVICE) for t in random_int8(m, k))
+    kwargs = dict(bias=torch.randn(n, device=DEVICE), activation=activation,
+                  residual=torch.randn(m, n, device=DEVICE) * 3, residual_before_activation=True,
+                  out_dtype=torch.float32)
+    expected, actual = _both(lambda: ops.fused_linear(a, a_scale, weight, **kwargs))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_requantized_output_with_low_rank(bits):
     """The low-rank dot moves y by ulps, so a value on a rounding boundary may round the other way."""

@@ -24,7 +24,7 @@ import triton.language as tl
 # Weight formats (constexpr codes).
 FORMAT_INT8, FORMAT_INT4, FORMAT_INT4_GROUPS, FORMAT_UINT4_ASYM = 0, 1, 2, 3
 # Activations (constexpr ACTIVATION codes) are indices into reference.ACTIVATIONS: 0 none, 1 gelu,
-# 2 gelu_tanh, 3 relu, 4 quick_gelu; from 5 on gated: 5 swiglu, 6 geglu, 7 geglu_tanh.
+# 2 gelu_tanh, 3 relu, 4 quick_gelu; gated: 5 swiglu, 6 geglu, 7 geglu_tanh; then 8 relu6, 9 silu.
 
 
 @triton.jit
@@ -83,6 +83,7 @@ def fused_linear_kernel(
     HAS_RESIDUAL: tl.constexpr, REQUANT: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr, SPLIT_PHASE: tl.constexpr = 0,
+    RESIDUAL_FIRST: tl.constexpr = False,
 ):
     # Row indices and offsets are int64 wherever a product can pass 2**31: an LM head's output at
     # prefill (M·N), a large weight (N·K), the split-K partial sums (SPLITS·M·N). Row maps index
@@ -98,7 +99,7 @@ def fused_linear_kernel(
     pid_n = (pid % pids_per_group) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ACTIVATION >= 5:
+    if ACTIVATION >= 5 and ACTIVATION <= 7:
         # Gated (SwiGLU, GeGLU): W's first N/2 rows are the gate, its last N/2 the up projection.
         # The tile holds them interleaved (column 2j gate, 2j+1 up of output column
         # pid_n·BLOCK_N/2 + j), which the epilogue splits; every per-channel operand is read
@@ -235,6 +236,9 @@ def fused_linear_kernel(
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
+    if RESIDUAL_FIRST:  # act(y + residual); never with a gated activation (checked on the host)
+        y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_n[None, :],
+                        mask=row_valid[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     if ACTIVATION == 1:
         y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
     elif ACTIVATION == 2:
@@ -244,8 +248,12 @@ def fused_linear_kernel(
         y = tl.maximum(y, 0.0)
     elif ACTIVATION == 4:  # x·σ(1.702x) as x / (1 + 2^(−1.702·log2(e)·x)): tl.sigmoid spills on sm_80
         y = y / (1.0 + tl.exp2(-2.4554669595930156 * y))
+    elif ACTIVATION == 8:  # relu6, NaN propagated as torch's clamp does
+        y = tl.where(y != y, y, tl.minimum(tl.maximum(y, 0.0), 6.0))
+    elif ACTIVATION == 9:  # silu as x / (1 + 2^(−log2(e)·x)), as quick_gelu
+        y = y / (1.0 + tl.exp2(-1.4426950408889634 * y))
 
-    if ACTIVATION >= 5:
+    if ACTIVATION >= 5 and ACTIVATION <= 7:
         gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
         if ACTIVATION == 5:
             gate = gate * tl.sigmoid(gate)
@@ -261,7 +269,7 @@ def fused_linear_kernel(
         offs_out = offs_n
         n_out = N
     mask_out = row_valid[:, None] & (offs_out[None, :] < n_out)
-    if HAS_RESIDUAL:
+    if HAS_RESIDUAL and not RESIDUAL_FIRST:
         y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_out[None, :], mask=mask_out,
                         other=0.0).to(tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_out[None, :]

@@ -101,6 +101,8 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Ten
             SCATTER=operands.scatter_rows is not None,
             BLOCK_R=block_r,
         )
+        if operands.residual_before_activation:  # only then: the other launches keep their AOT table keys
+            flags["RESIDUAL_FIRST"] = True
         # Integer formats promise an epilogue equal to the reference bit for bit: no FMA contraction
         # of acc·s_x·s_w + bias (+ residual). W4A16's main loop is an fp dot anyway.
         fp_fusion = operands.weight_format == "uint4_asym_groups"
