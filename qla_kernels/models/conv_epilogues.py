@@ -3,9 +3,10 @@
 `fold_conv_epilogues(model, example)` runs `example` once with hooks on every leaf module and
 records which module call consumes which tensor. A QuantConv2d whose output is consumed by one
 module call that is a per-channel affine map (every BatchNorm kind: nn.BatchNorm2d, Hugging Face
-DETR's DetrFrozenBatchNorm2d, timm's frozen and fused norms, found by what the module computes,
-not by its class) gets that map folded into its weight scales and bias; an activation module
-consuming the result (ReLU, GELU) joins the epilogue too. The model's own forward still calls
+DETR's DetrFrozenBatchNorm2d, timm's frozen norms and its BatchNormAct2d with the activation
+inside, found by what the module computes, not by its class) gets that map folded into its
+weight scales and bias; an activation module consuming the result (ReLU, ReLU6, SiLU, GELU)
+joins the epilogue too. The model's own forward still calls
 those modules: each is wrapped so that, for a tensor its convolution already treated, it returns
 the tensor as it is (the tensor carries the mark, not the module: concurrent calls stay correct),
 and runs as before on any other input (a ReLU that a torchvision block also applies after its
@@ -25,18 +26,22 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..nn.quant_conv import QuantConv2d, TreatedBy
+from ..ops import reference
 from .batches import run_model
 
 AFFINE_TOLERANCE = 1e-4  # relative: a per-channel affine map reproduces the module's output to fp32 rounding
-_ACTIVATIONS = {nn.ReLU: "relu"}
-
-
-def _epilogue_activation(module: nn.Module) -> Optional[str]:
+def module_activation(module: nn.Module) -> Optional[str]:
+    """The epilogue activation an activation module computes (None for any other module)."""
+    if isinstance(module, TreatedBy):
+        module = module.module
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.ReLU6):
+        return "relu6"
+    if isinstance(module, nn.SiLU):
+        return "silu"
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
-    for kind, name in _ACTIVATIONS.items():
-        if isinstance(module, kind):
-            return name
     return None
 
 
@@ -74,6 +79,14 @@ class _ValueReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _leaf_like(module: nn.Module) -> bool:
+    """A module whose call is one step of the data flow: no children, a QuantConv2d, or only
+    elementwise children (timm's BatchNormAct2d: its norm, then its own activation and dropout)."""
+    children = list(module.children())
+    return isinstance(module, QuantConv2d) or all(
+        module_activation(c) or isinstance(c, (nn.Identity, nn.Dropout)) for c in children)
+
+
 def _record_calls(model: nn.Module, example: Any) -> Tuple[List[_Call], Dict[int, int]]:
     """Every leaf module call on `example`, in order, and the value reads between modules."""
     names = {id(m): name for name, m in model.named_modules()}
@@ -91,7 +104,7 @@ def _record_calls(model: nn.Module, example: Any) -> Tuple[List[_Call], Dict[int
         calls.append(_Call(module, names.get(id(module), "?"), first, output, versions.pop(),
                            output._version if isinstance(output, torch.Tensor) else -1))
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children()) or isinstance(m, QuantConv2d)]
+    leaves = [m for m in model.modules() if _leaf_like(m)]
     handles = [m.register_forward_pre_hook(before) for m in leaves] + [m.register_forward_hook(after) for m in leaves]
     try:
         with torch.no_grad(), mode:
@@ -102,28 +115,43 @@ def _record_calls(model: nn.Module, example: Any) -> Tuple[List[_Call], Dict[int
     return calls, mode.reads
 
 
-def per_channel_affine(module: nn.Module, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(a, b) [C] with module(v) = a·v + b per channel for NCHW v, when the module computes that
-    (probed on zeros and ones, confirmed on x, the input it was called with), else None."""
+def per_channel_affine(module: nn.Module, x: torch.Tensor
+                       ) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[str]]]:
+    """(a, b, activation) with module(v) = act(a·v + b) per channel for NCHW v, a and b [C], when
+    the module computes that, else None. The map is probed on zeros and ones with the module's
+    activation children (timm's BatchNormAct2d holds one) set aside, and confirmed on x, the
+    input it was called with; `activation` is theirs (None without)."""
     if x.dim() != 4 or module.training:
         return None
     channels = x.shape[1]
+    activations = [(name, child) for name, child in module.named_children() if module_activation(child)]
+    if len(activations) > 1:
+        return None
     try:
         with torch.no_grad():
             y = module(x.clone())  # a copy: an in-place module must not change the recorded input
-            probe = torch.stack([torch.zeros(channels), torch.ones(channels)]).to(x)[:, :, None, None]
-            out = module(probe)
+            for name, _ in activations:
+                setattr(module, name, nn.Identity())
+            try:
+                probe = torch.stack([torch.zeros(channels), torch.ones(channels)]).to(x)[:, :, None, None]
+                out = module(probe)
+            finally:
+                for name, child in activations:
+                    setattr(module, name, child)
     except Exception:  # noqa: BLE001  (a module that does not take such a probe is not an affine map)
         return None
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return None
+    activation = module_activation(activations[0][1]) if activations else None
     if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
         return None
     shift, scale = out[0, :, 0, 0].float(), (out[1, :, 0, 0] - out[0, :, 0, 0]).float()
     predicted = x.float() * scale[None, :, None, None] + shift[None, :, None, None]
+    if activation is not None:
+        predicted = reference.apply_activation(predicted, activation)
     if float((predicted - y.float()).abs().max()) > AFFINE_TOLERANCE * max(float(y.abs().max()), 1e-30):
         return None
-    return scale, shift
+    return scale, shift, activation
 
 
 @torch.no_grad()
@@ -151,15 +179,16 @@ def fold_conv_epilogues(model: nn.Module, example: Any) -> Dict[str, List[str]]:
                 continue
             if call.output._version != call.output_version:  # changed in place after its consumer read it
                 continue
-            affine = per_channel_affine(after[0].module, call.output)
-            if affine is None:
+            found = per_channel_affine(after[0].module, call.output)
+            if found is None:
                 continue
-            activation_name, activation = None, "none"
+            scale, shift, inner_activation = found
+            activation_name, activation = None, inner_activation or "none"
             following = consumers.get((id(after[0].output), after[0].output_version), [])
-            if (len(following) == 1 and not value_reads.get(id(after[0].output))
-                    and _epilogue_activation(following[0].module) is not None):
-                activation_name, activation = following[0].name, _epilogue_activation(following[0].module)
-            plans.append((conv, call.name, after[0].name, affine, activation_name, activation))
+            if (inner_activation is None and len(following) == 1 and not value_reads.get(id(after[0].output))
+                    and module_activation(following[0].module) is not None):
+                activation_name, activation = following[0].name, module_activation(following[0].module)
+            plans.append((conv, call.name, after[0].name, (scale, shift), activation_name, activation))
         _apply(model, plans)
     finally:
         model.train(was_training)

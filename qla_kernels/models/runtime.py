@@ -22,6 +22,7 @@ from ..nn.fused import FUSED_MODULE_TYPES
 from ..nn.quant_conv import QuantConv2d
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
+from .conv_blocks import fuse_residual_convs
 from .conv_epilogues import fold_conv_epilogues
 from .facts import describe
 from .fusion import FusionReport, block_inputs, fuse_blocks, refuse_task_loras
@@ -38,6 +39,7 @@ class RuntimeReport:
     hooked_qwt: Dict[str, str] = dataclasses.field(default_factory=dict)  # block → why its QwT stays a hook
     # convolution → the modules after it folded into its epilogue (BatchNorm, activation)
     folded_into_convs: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    residual_blocks: Dict[str, str] = dataclasses.field(default_factory=dict)  # block → fused, or why not
 
 
 @torch.no_grad()
@@ -111,7 +113,8 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
     Level one, always (no example needed: what loaders call): every QuantLinear and
     QuantConv2d freezes its operands, each validated once. Level two, with `example` (one input
     batch): each convolution's following BatchNorm and activation are folded into its epilogue
-    (`models.conv_epilogues`, found and checked on `example`); QwT compensations still attached
+    (`models.conv_epilogues`, found on `example`) and each residual block's shortcut add and
+    activation into its last convolution's (`models.conv_blocks`, checked on `example`); QwT compensations still attached
     as hooks are lowered into their blocks' last GEMM where that is the same computation
     (`lower_qwt`), then `fuse_blocks` (checked on `example` under `backend`), then every fused
     block freezes its chain. Lower QLA adapters (`methods.qla.fuse`)
@@ -130,6 +133,7 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
     if example is not None:
         if any(isinstance(layer, QuantConv2d) for layer in layers):
             report.folded_into_convs = fold_conv_epilogues(model, example)
+            report.residual_blocks = fuse_residual_convs(model, example)
         if any(True for _ in compensated_blocks(model)):
             report.lowered_qwt, report.hooked_qwt = lower_qwt(model, example, strict=False)
         if any(isinstance(layer, QuantLinear) for layer in layers):

@@ -147,11 +147,16 @@ class QuantConv2d(nn.Module):
             scale, shift = self.folded_affine
             weight = dataclasses.replace(weight, scale=weight.scale * scale)
             bias = shift if bias is None else bias * scale + shift
+        after_residual = self.activation_after_residual != "none"
         plan = ConvPlan(weight, self.geometry, self.config.act_bits, self.input_scale, self.input_zero_point, bias,
-                        activation=self.fused_activation)
+                        activation=self.activation_after_residual if after_residual else self.fused_activation,
+                        residual_before_activation=after_residual)
         return plan.frozen() if check else plan
 
     fused_activation = "none"  # an activation after the layer (and its folded BatchNorm), run in its epilogue
+    # The activation after a residual add that a fused residual block hands this layer: its forward
+    # then takes the shortcut and computes act(y + residual) (models/conv_blocks.py).
+    activation_after_residual = "none"
     treated_by = ()  # the TreatedBy wrappers of the modules folded into the epilogue (models/conv_epilogues.py)
 
     def freeze(self) -> None:
@@ -164,11 +169,13 @@ class QuantConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [N, C, H, W] (any memory format; channels last is read in place) → [N, O, Ho, Wo] as
         a view of channels-last memory, in x.dtype. `residual` [N, O, Ho, Wo] is added after the
-        epilogue's activation."""
+        epilogue's activation, or joins before it in a fused residual block's last convolution."""
         if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() != 4:
             raise ValueError(f"x must be a 4-D float16/bfloat16/float32 tensor [N, C, H, W], got "
                              f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
         plan = self.runtime_plan or self.build_plan(check=False)
+        if plan.residual_before_activation and residual is None:
+            raise ValueError("this convolution ends a fused residual block: call it with the shortcut (residual=)")
         nhwc = x.permute(0, 2, 3, 1)
         check_conv_input("x", nhwc, plan)
         nhwc = nhwc.contiguous()

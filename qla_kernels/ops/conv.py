@@ -150,7 +150,7 @@ class ConvPlan:
     `weight`: integer format, [O, taps·C/g] (conv_weight_matrix order), per-channel scales with
     any BatchNorm folded in. `act_bits`: 2..8 (integer activations only). Static activations:
     `input_scale` [1] (and `input_zero_point` [1] int8). `bias` [O], `lowrank_u` [O, r],
-    `fullrank_w` [O, K_c] and `activation` are the epilogue's. `group_weights` holds each
+    `fullrank_w` [O, K_c], `activation` and `residual_before_activation` are the epilogue's. `group_weights` holds each
     group's rows (with the CPU panels once frozen); empty until `frozen`."""
 
     weight: QuantizedWeight
@@ -162,6 +162,7 @@ class ConvPlan:
     lowrank_u: Optional[torch.Tensor] = None
     fullrank_w: Optional[torch.Tensor] = None
     activation: str = "none"
+    residual_before_activation: bool = False  # act(y + residual): a residual block's last convolution
     group_weights: Tuple[QuantizedWeight, ...] = ()
 
     @property
@@ -277,7 +278,8 @@ class ConvPlan:
                     fullrank_w=_rows_of(self.fullrank_w, lo, hi) if groups > 1 else self.fullrank_w,
                     bias=_rows_of(self.bias, lo, hi) if groups > 1 else self.bias, activation=self.activation,
                     residual=_columns_of(residual_rows, lo, hi) if groups > 1 else residual_rows,
-                    out_dtype=torch.float32 if groups > 1 else out_dtype, requant_bits=requant_bits if groups == 1 else 0)
+                    out_dtype=torch.float32 if groups > 1 else out_dtype, requant_bits=requant_bits if groups == 1 else 0,
+                    residual_before_activation=self.residual_before_activation and residual is not None)
                 out, out_scale = implementation_for("fused_linear", backend, operands).eager(x)(operands)
                 if groups == 1:
                     shape = (batch, out_h, out_w, self.out_channels)
@@ -300,7 +302,7 @@ class ConvPlan:
             acc = acc - zero.to(torch.int32) * integer.sum(dim=1, dtype=torch.int32)[None]
         y = acc.float() * scale.float().reshape(-1, 1) * weight.scale[None, :]
         return reference.epilogue(y, lowrank_t, self.lowrank_u, fullrank_x, self.fullrank_w, self.bias,
-                                  self.activation, residual)
+                                  self.activation, residual, self.residual_before_activation)
 
 
 def check_conv_input(name: str, x, plan: ConvPlan) -> None:
@@ -345,5 +347,5 @@ def simulated_conv2d(x: torch.Tensor, plan: ConvPlan, lowrank_t=None, fullrank_x
     y = y.permute(0, 2, 3, 1).reshape(-1, plan.out_channels)
     residual = None if residual is None else residual.reshape(-1, plan.out_channels)
     y = reference.epilogue(y, lowrank_t, plan.lowrank_u, fullrank_x, plan.fullrank_w, plan.bias, plan.activation,
-                           residual)
+                           residual, plan.residual_before_activation)
     return y.to(x.dtype).reshape(batch, out_h, out_w, plan.out_channels)

@@ -1,0 +1,166 @@
+"""Fused residual blocks: a block's shortcut add (and the activation after it) in the epilogue of
+the convolution that ends the block, found by the block's traced graph, not by its class.
+
+`fuse_residual_convs(model, example)` traces (torch.fx) each module that holds quantized
+convolutions, deepest first, with QuantConv2d and the TreatedBy wrappers of already-folded
+BatchNorms (models/conv_epilogues.py) as leaves. Where the graph adds a convolution's output
+(through those pass-through wrappers and nn.Identity only, nothing else reading it) to another tensor, the add
+(and an activation module or function that is the add's only reader: ReLU, ReLU6, SiLU, GELU)
+becomes one call of that convolution with the shortcut as its epilogue's residual:
+`act(conv(x) + shortcut)` for torchvision, timm and Hugging Face ResNet basic and bottleneck
+blocks (with their downsample branches), `conv(x) + shortcut` for MobileNetV2's inverted
+residuals. The module is replaced by the rewritten graph and checked on the input `example`
+gives it; a block that does not trace or whose output changes keeps its own forward (reported).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.quant_conv import QuantConv2d, TreatedBy
+from .batches import run_model
+from .conv_epilogues import module_activation
+
+BLOCK_TOLERANCE = 1e-4  # relative L2 on the block output: epilogue rounding passes, a misplaced add does not
+_ADDS = {operator.add, operator.iadd, torch.add}
+_FUNCTIONAL_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", F.gelu: "gelu"}
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (QuantConv2d, TreatedBy)) or super().is_leaf_module(module, qualified_name)
+
+
+def _node_activation(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    if node.op == "call_module":
+        return module_activation(modules[node.target])
+    if node.op == "call_function" and node.target in _FUNCTIONAL_ACTIVATIONS and len(node.args) == 1:
+        return _FUNCTIONAL_ACTIVATIONS[node.target]
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return "relu"
+    return None
+
+
+def _conv_behind(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[fx.Node, list]]:
+    """The QuantConv2d call whose output reaches `node` through pass-through wrappers only (each
+    with one reader), and those wrappers' nodes."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op == "call_module":
+        module = modules[node.target]
+        if len(node.users) != 1:
+            return None
+        if isinstance(module, QuantConv2d):
+            return node, chain
+        passes = isinstance(module, nn.Identity) or (isinstance(module, TreatedBy)
+                                                     and chain_source_treats(node, module, modules))
+        if not passes:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return None
+
+
+def chain_source_treats(node: fx.Node, wrapper: TreatedBy, modules: Dict[str, nn.Module]) -> bool:
+    """Whether the QuantConv2d behind `node` folded `wrapper` into its epilogue (so the wrapper
+    passes its output through)."""
+    source = node.args[0]
+    while (isinstance(source, fx.Node) and source.op == "call_module"
+           and isinstance(modules[source.target], (TreatedBy, nn.Identity))):
+        source = source.args[0]
+    return (isinstance(source, fx.Node) and source.op == "call_module"
+            and isinstance(modules[source.target], QuantConv2d) and wrapper in modules[source.target].treated_by)
+
+
+def _rewrite(graph: fx.Graph, modules: Dict[str, nn.Module]) -> list:
+    """Rewrites every fusable add in `graph`; returns the (convolution, activation) pairs fused."""
+    fused = []
+    for add in list(graph.nodes):
+        is_add = ((add.op == "call_function" and add.target in _ADDS)
+                  or (add.op == "call_method" and add.target in ("add", "add_")))
+        if not is_add or len(add.args) != 2 or add.kwargs or not all(isinstance(a, fx.Node) for a in add.args):
+            continue
+        for index in (0, 1):
+            found = _conv_behind(add.args[index], modules)
+            if found is None:
+                continue
+            conv_node, chain = found
+            conv = modules[conv_node.target]
+            if conv.activation_after_residual != "none" or len(conv_node.args) != 1 or conv_node.kwargs:
+                continue
+            shortcut = add.args[1 - index]
+            end, activation = add, "none"
+            users = list(add.users)
+            if conv.fused_activation == "none" and len(users) == 1 and _node_activation(users[0], modules):
+                end, activation = users[0], _node_activation(users[0], modules)
+            with graph.inserting_before(end):
+                call = graph.call_module(conv_node.target, conv_node.args, {"residual": shortcut})
+            end.replace_all_uses_with(call)
+            for node in ([end, add] if end is not add else [add]) + chain + [conv_node]:  # readers first
+                graph.erase_node(node)
+            fused.append((conv, activation))
+            break
+    return fused
+
+
+def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
+    """Fuses every residual block of `model` it finds (see the module docstring) in place.
+    Returns {block name: "fused: <convolution> + <activation>" or why not}."""
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if name and not isinstance(module, (QuantConv2d, TreatedBy))
+                  and any(isinstance(m, QuantConv2d) for m in module.modules())]
+    inputs: Dict[str, tuple] = {}
+    handles = [module.register_forward_pre_hook(
+        lambda m, args, kwargs, name=name: inputs.setdefault(name, (args, kwargs)), with_kwargs=True)
+        for name, module in candidates]
+    try:
+        with torch.no_grad():
+            run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    report: Dict[str, str] = {}
+    done: list = []
+    for name, module in sorted(candidates, key=lambda item: -item[0].count(".")):
+        if any(other.startswith(name + ".") for other in done) or name not in inputs:
+            continue
+        try:
+            graph = _Tracer().trace(module)
+        except Exception as error:  # noqa: BLE001  (any untraceable forward keeps its own)
+            report[name] = f"not traceable ({type(error).__name__})"
+            continue
+        modules = dict(module.named_modules())
+        names_before = {id(m): n for n, m in modules.items()}
+        fused = _rewrite(graph, modules)
+        if not fused:
+            continue
+        graph.lint()
+        rewritten = fx.GraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
+        args, kwargs = inputs[name]
+        with torch.no_grad():
+            expected = module(*args, **kwargs)
+            for conv, activation in fused:
+                conv.activation_after_residual = activation if conv.fused_activation == "none" else "none"
+            actual = rewritten(*args, **kwargs)
+        error = _relative_l2(expected, actual)
+        if error is None or error > BLOCK_TOLERANCE:
+            for conv, _ in fused:
+                conv.__dict__.pop("activation_after_residual", None)
+            report[name] = f"the fused block's output differs ({error}); kept unfused"
+            continue
+        model.set_submodule(name, rewritten)
+        done.append(name)
+        report[name] = "fused: " + ", ".join(f"{names_before[id(conv)]} + {activation}" for conv, activation in fused)
+    return report
+
+
+def _relative_l2(expected, actual) -> Optional[float]:
+    if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)) or expected.shape != actual.shape:
+        return None
+    expected, actual = expected.double(), actual.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
