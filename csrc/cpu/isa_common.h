@@ -225,6 +225,14 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
                                static_cast<uint32_t>(offset) * static_cast<uint32_t>(colsum[c]);
       v[c] = static_cast<float>(static_cast<int32_t>(wrapped)) * sx * p.w_scale[n0 + c];
     }
+    // The corrections join before the activation, or with the residual first after it (beside a
+    // residual block: act(y + bias + residual) + T·Uᵀ + X_c·W_cᵀ).
+    alignas(64) float after[kMaxTileColumns];
+    float* corrections = v;
+    if (p.residual_first) {
+      std::fill(after, after + width, 0.0f);
+      corrections = after;
+    }
     if (p.rank) {
       // 16 columns at a time with their sums in one register's worth of lanes over the rank (U is
       // padded to whole panels, so every 16 columns can be read); T·Uᵀ's order is ours, not the
@@ -239,12 +247,12 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
           for (int l = 0; l < kPanelColumns; ++l) lowrank[l] = std::fma(tj, u[l], lowrank[l]);
         }
         const int64_t count = std::min<int64_t>(kPanelColumns, width - c0);
-        for (int64_t l = 0; l < count; ++l) v[c0 + l] += lowrank[l];
+        for (int64_t l = 0; l < count; ++l) corrections[c0 + l] += lowrank[l];
       }
     }
     if (p.addend) {
       const float* add = p.addend + dest * p.addend_stride + n0;
-      for (int64_t c = 0; c < width; ++c) v[c] += add[c];
+      for (int64_t c = 0; c < width; ++c) corrections[c] += add[c];
     }
     if (p.bias) {
       for (int64_t c = 0; c < width; ++c) v[c] += p.bias[n0 + c];
@@ -259,6 +267,9 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
       if (p.residual && !p.residual_first) {
         const float* res = p.residual + dest * p.residual_stride + n0;
         for (int64_t c = 0; c < width; ++c) v[c] += res[c];
+      }
+      if (p.residual_first) {
+        for (int64_t c = 0; c < width; ++c) v[c] += after[c];
       }
     }
     std::memcpy(target, v, sizeof(float) * width);

@@ -57,7 +57,9 @@ struct Problem {
   int8_t* out_q = nullptr;            // [out_rows, N_out] with out_scale [out_rows] (requant_bits)
   float* out_scale = nullptr;
   int requant_bits = 0;
-  bool residual_first = false;  // act(y + residual) instead of act(y) + residual (never with a gated act)
+  // act(y + bias + residual) + T·Uᵀ + X_c·W_cᵀ instead of act(y + T·Uᵀ + X_c·W_cᵀ + bias) + residual
+  // (never with a gated activation).
+  bool residual_first = false;
   bool small_weights = false;  // every panel's max |W| <= 64: u8 x s8 pair sums fit int16 exactly
 
   int64_t output_columns() const { return is_gated(activation) ? columns / 2 : columns; }

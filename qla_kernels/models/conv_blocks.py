@@ -9,8 +9,10 @@ BatchNorms (models/conv_epilogues.py) as leaves. Where the graph adds a convolut
 becomes one call of that convolution with the shortcut as its epilogue's residual:
 `act(conv(x) + shortcut)` for torchvision, timm and Hugging Face ResNet basic and bottleneck
 blocks (with their downsample branches), `conv(x) + shortcut` for MobileNetV2's inverted
-residuals. The module is replaced by the rewritten graph and checked on the input `example`
-gives it; a block that does not trace or whose output changes keeps its own forward (reported).
+residuals. A block's QwT compensation (group-wise 1×1 of the block input, added to the block
+output) joins that convolution's epilogue as its full-rank segment (after the activation). The
+module is replaced by the rewritten graph and checked on the input `example` gives it; a block
+that does not trace or whose output changes keeps its own forward (reported).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.compensation import ConvQwTCompensation, detach
 from ..nn.quant_conv import QuantConv2d, TreatedBy
 from .batches import run_model
 from .conv_epilogues import module_activation
@@ -103,9 +106,43 @@ def _rewrite(graph: fx.Graph, modules: Dict[str, nn.Module]) -> list:
             end.replace_all_uses_with(call)
             for node in ([end, add] if end is not add else [add]) + chain + [conv_node]:  # readers first
                 graph.erase_node(node)
-            fused.append((conv, activation))
+            fused.append((conv, activation, call))
             break
     return fused
+
+
+def dense_compensation(compensation: ConvQwTCompensation) -> torch.Tensor:
+    """QwT's group-wise 1×1 weight [O, C_in / g] as the dense block-diagonal [O, C_in] the
+    full-rank segment multiplies (g times the group-wise products: the cost reported)."""
+    weight, groups = compensation.weight.detach().float(), compensation.groups
+    out_step, in_step = weight.shape[0] // groups, weight.shape[1]
+    dense = weight.new_zeros((weight.shape[0], in_step * groups))
+    for g in range(groups):
+        dense[g * out_step:(g + 1) * out_step, g * in_step:(g + 1) * in_step] = weight[g * out_step:(g + 1) * out_step]
+    return dense
+
+
+def _lower_compensation(graph: fx.Graph, module: nn.Module, fused: list) -> Optional[str]:
+    """Runs `module.qwt` (a group-wise compensation of the block output) in the epilogue of the
+    fused convolution that produces the block output: X_c = the block input at its stride, W_c
+    dense. Returns why it cannot (then the block must keep its own forward and hook), or None."""
+    compensation = getattr(module, "qwt", None)
+    if compensation is None:
+        return None
+    if not isinstance(compensation, ConvQwTCompensation):
+        return f"its QwT compensation is a {type(compensation).__name__}, not a convolutional one"
+    output = next(node for node in graph.nodes if node.op == "output")
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    produced = {id(call): (conv, activation) for conv, activation, call in fused}
+    result = output.args[0]
+    if not isinstance(result, fx.Node) or id(result) not in produced or not placeholders:
+        return "its output is not a fused convolution's: QwT stays a hook"
+    conv, activation = produced[id(result)]
+    if conv.fused_activation != "none" and activation == "none":
+        return "its last convolution's activation precedes the shortcut add: QwT stays a hook"
+    result.kwargs = {**result.kwargs, "block_input": placeholders[0]}
+    conv.lowered_qwt = (dense_compensation(compensation), compensation.bias.detach().float(), compensation.stride)
+    return None
 
 
 def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
@@ -139,23 +176,32 @@ def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
         fused = _rewrite(graph, modules)
         if not fused:
             continue
+        unlowered = _lower_compensation(graph, module, fused)
+        if unlowered:
+            report[name] = f"kept unfused: {unlowered}"
+            continue
         graph.lint()
         rewritten = fx.GraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
         args, kwargs = inputs[name]
         with torch.no_grad():
             expected = module(*args, **kwargs)
-            for conv, activation in fused:
+            for conv, activation, _ in fused:
                 conv.activation_after_residual = activation if conv.fused_activation == "none" else "none"
             actual = rewritten(*args, **kwargs)
         error = _relative_l2(expected, actual)
         if error is None or error > BLOCK_TOLERANCE:
-            for conv, _ in fused:
+            for conv, _, _ in fused:
                 conv.__dict__.pop("activation_after_residual", None)
+                conv.__dict__.pop("lowered_qwt", None)
             report[name] = f"the fused block's output differs ({error}); kept unfused"
             continue
+        lowered = getattr(module, "qwt", None) is not None
+        detach(module)  # its compensation runs in the rewritten block's last convolution now
         model.set_submodule(name, rewritten)
         done.append(name)
-        report[name] = "fused: " + ", ".join(f"{names_before[id(conv)]} + {activation}" for conv, activation in fused)
+        report[name] = "fused: " + ", ".join(f"{names_before[id(conv)]} + {activation}" for conv, activation, _ in fused)
+        if lowered:
+            report[name] += " (with its QwT compensation)"
     return report
 
 

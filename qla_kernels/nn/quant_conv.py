@@ -15,7 +15,7 @@ channels-last memory, so a chain of quantized convolutions never transposes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -136,6 +136,9 @@ class QuantConv2d(nn.Module):
         return dense.reshape(-1, self.in_channels)
 
     runtime_plan: Optional[ConvPlan] = None  # set by `freeze` (convert_for_runtime)
+    # A residual block's QwT compensation run in this layer's epilogue (models/conv_blocks.py):
+    # (W_c [O, C_in] dense, b_c [O], stride); the forward then takes the block input.
+    lowered_qwt: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
     # A per-channel affine map (BatchNorm) after the layer, folded at conversion: (scale, shift).
     folded_affine = None
 
@@ -148,7 +151,12 @@ class QuantConv2d(nn.Module):
             weight = dataclasses.replace(weight, scale=weight.scale * scale)
             bias = shift if bias is None else bias * scale + shift
         after_residual = self.activation_after_residual != "none"
+        fullrank_w = None
+        if self.lowered_qwt is not None:  # b_c rides as the weight of a column of ones in X_c
+            compensation, compensation_bias, _ = self.lowered_qwt
+            fullrank_w = torch.cat([compensation, compensation_bias[:, None]], dim=1).float().contiguous()
         plan = ConvPlan(weight, self.geometry, self.config.act_bits, self.input_scale, self.input_zero_point, bias,
+                        fullrank_w=fullrank_w,
                         activation=self.activation_after_residual if after_residual else self.fused_activation,
                         residual_before_activation=after_residual)
         return plan.frozen() if check else plan
@@ -166,10 +174,13 @@ class QuantConv2d(nn.Module):
     def thaw(self) -> None:
         self.__dict__.pop("runtime_plan", None)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                block_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [N, C, H, W] (any memory format; channels last is read in place) → [N, O, Ho, Wo] as
         a view of channels-last memory, in x.dtype. `residual` [N, O, Ho, Wo] is added after the
-        epilogue's activation, or joins before it in a fused residual block's last convolution."""
+        epilogue's activation, or joins before it in a fused residual block's last convolution;
+        `block_input` [N, C_in, H, W] is that block's input, which a lowered QwT compensation
+        reads (at its stride, never quantized)."""
         if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() != 4:
             raise ValueError(f"x must be a 4-D float16/bfloat16/float32 tensor [N, C, H, W], got "
                              f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
@@ -180,20 +191,33 @@ class QuantConv2d(nn.Module):
         check_conv_input("x", nhwc, plan)
         nhwc = nhwc.contiguous()
         residual_nhwc = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
+        fullrank_x = None if self.lowered_qwt is None else self._compensation_input(block_input, nhwc, plan)
         if ops.resolve_backend(x.device) == "simulate":
             if self.runtime_plan is not None:
                 raise ValueError("a converted (runtime) model does not run under the 'simulate' backend: calibrate "
                                  "and train the model before convert_for_runtime")
-            y = simulated_conv2d(nhwc, plan, residual=residual_nhwc)
+            y = simulated_conv2d(nhwc, plan, fullrank_x=fullrank_x, residual=residual_nhwc)
         else:
             if torch.is_grad_enabled() and x.requires_grad:
                 raise ValueError("the integer convolution has no gradient: train and calibrate under "
                                  "qk.use_backend('simulate')")
-            y = plan.run(nhwc, residual=residual_nhwc)
+            y = plan.run(nhwc, fullrank_x=fullrank_x, residual=residual_nhwc)
         y = y.permute(0, 3, 1, 2)
         if self.treated_by:
             y._qla_treated_by = self.treated_by
         return y
+
+    def _compensation_input(self, block_input: Optional[torch.Tensor], x: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+        """X_c = [block input at the compensation's stride, 1] as rows [N·Ho·Wo, C_in + 1] fp32."""
+        if block_input is None:
+            raise ValueError("this convolution runs its block's QwT compensation: call it with block_input=")
+        stride = self.lowered_qwt[2]
+        pixels = block_input[:, :, ::stride, ::stride].permute(0, 2, 3, 1)
+        out_h, out_w = plan.geometry.output_size(x.shape[1], x.shape[2])
+        if pixels.shape[1:3] != (out_h, out_w):
+            raise ValueError(f"block_input at stride {stride} is {tuple(pixels.shape[1:3])}, the output {out_h}×{out_w}")
+        rows = pixels.reshape(-1, pixels.shape[3]).float()
+        return torch.cat([rows, rows.new_ones((rows.shape[0], 1))], dim=1)
 
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
@@ -201,9 +225,11 @@ class QuantConv2d(nn.Module):
         for name, original in kept.items():
             device = self._buffers[name].device
             self._buffers[name] = torch.empty_like(original, device=device) if original.is_meta else original.to(device)
+        device = self.weight.device
         if self.folded_affine is not None:
-            device = self.weight.device
             self.folded_affine = tuple(t.to(device) for t in self.folded_affine)
+        if self.lowered_qwt is not None:
+            self.lowered_qwt = (self.lowered_qwt[0].to(device), self.lowered_qwt[1].to(device), self.lowered_qwt[2])
         if self.runtime_plan is not None:
             self.freeze()
         return self

@@ -149,7 +149,8 @@ def fused_linear(
     residual_before_activation: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual, or with
-    `residual_before_activation` act(… + bias + residual) (a residual block's output).
+    `residual_before_activation` act(dequant(A·Wᵀ) − z·colsum + bias + residual) + T·Uᵀ + X_c·W_cᵀ
+    (a residual block's output, with the corrections beside the block added to it).
 
     `a` is int8 [M, K] with `a_scale` fp32 [M] or [1] for the integer formats, or fp16/bf16/fp32
     [M, K] with `a_scale` None for "uint4_asym_groups" (W4A16). Low-rank T [M, r] / U [N, r] and

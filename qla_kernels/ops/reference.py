@@ -174,17 +174,19 @@ def epilogue(
     residual: Optional[torch.Tensor],
     residual_before_activation: bool = False,
 ) -> torch.Tensor:
-    """Everything after the main segment's dequantization, in fp32: act(·) + residual, or with
-    `residual_before_activation` act(· + residual) (a residual block's output, ResNet's).
-    Differentiable (simulate uses it)."""
+    """Everything after the main segment's dequantization, in fp32: act(y + T·Uᵀ + X_c·W_cᵀ + bias)
+    + residual, or with `residual_before_activation` act(y + bias + residual) + T·Uᵀ + X_c·W_cᵀ
+    (a residual block's output, ResNet's relu after the shortcut add, with the corrections beside
+    the block, QwT's and QLA's, added to it). Differentiable (simulate uses it)."""
+    if residual is not None and residual_before_activation:
+        y = apply_activation(y + (0.0 if bias is None else bias.float()) + residual.float(), activation)
+        return epilogue(y, lowrank_t, lowrank_u, fullrank_x, fullrank_w, None, "none", None)
     if lowrank_t is not None:
         y = y + lowrank_t.float() @ lowrank_u.float().t()
     if fullrank_x is not None:
         y = y + fullrank_x.float() @ fullrank_w.float().t()
     if bias is not None:
         y = y + bias.float()
-    if residual is not None and residual_before_activation:
-        return apply_activation(y + residual.float(), activation)
     y = apply_activation(y, activation)
     if residual is not None:
         y = y + residual.float()

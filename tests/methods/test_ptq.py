@@ -83,7 +83,7 @@ def test_static_ptq_on_digits(digits_vit):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         ptq.calibrate(qk.quantize_(_model(), qk.W8A8()), [torch.randn(2, 32)], method="kl")
-    with pytest.raises(ValueError, match="no QuantLinear with activation quantization"):
+    with pytest.raises(ValueError, match="no QuantLinear or QuantConv2d with activation quantization"):
         ptq.calibrate(qk.quantize_(_model(), qk.W4A16(group_size=32)), [torch.randn(2, 32)])
     with pytest.raises(ValueError, match="pass the layer's weight"):
         observer = ActivationObserver()

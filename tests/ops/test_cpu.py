@@ -107,15 +107,21 @@ def test_every_epilogue_term(path, activation, dtype):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("activation", [a for a in reference.ACTIVATIONS if a not in reference.GATED_ACTIVATIONS])
 def test_residual_before_the_activation(path, activation):
-    """act(y + bias + residual), a residual block's output (ResNet's relu after the add)."""
+    """act(y + bias + residual) + T·Uᵀ + X_c·W_cᵀ: a residual block's output (ResNet's relu after
+    the add) with the corrections beside the block added after it."""
     m, n, k = 29, 40, 72
     weight = random_weight("int8", n, k)
     a, a_scale = random_int8(m, k)
+    corrections = dict(lowrank_t=torch.randn(m, 12), lowrank_u=torch.randn(n, 12) * 0.1,
+                       fullrank_x=torch.randn(m, 20), fullrank_w=torch.randn(n, 20) * 0.1)
     kwargs = dict(bias=torch.randn(n), activation=activation, residual=torch.randn(m, n) * 3,
-                  residual_before_activation=True, out_dtype=torch.float32)
+                  residual_before_activation=True, out_dtype=torch.float32, **corrections)
     expected, actual = _both(lambda: ops.fused_linear(a, a_scale, weight, **kwargs), path)
-    unfused = reference.apply_activation(ops.fused_linear(a, a_scale, weight, bias=kwargs["bias"], out_dtype=torch.float32)
-                                         + kwargs["residual"], activation)
+    with qk.use_backend("reference"):
+        block = reference.apply_activation(ops.fused_linear(a, a_scale, weight, bias=kwargs["bias"],
+                                                            out_dtype=torch.float32) + kwargs["residual"], activation)
+    unfused = (block + corrections["lowrank_t"] @ corrections["lowrank_u"].t()
+               + corrections["fullrank_x"] @ corrections["fullrank_w"].t())
     torch.testing.assert_close(expected, unfused, rtol=1e-5, atol=1e-5 * float(unfused.abs().max()))
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 

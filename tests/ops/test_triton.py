@@ -108,12 +108,15 @@ def test_full_epilogue(activation, out_dtype):
 
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6", "silu", "gelu"])
 def test_residual_before_the_activation(activation):
-    """act(y + bias + residual): the residual joins before the activation (ResNet's block output)."""
+    """act(y + bias + residual) + T·Uᵀ + X_c·W_cᵀ: the residual joins before the activation
+    (ResNet's block output), the corrections after it."""
     m, n, k = 29, 40, 64
     weight = _to(random_weight("int8", n, k))
     a, a_scale = (t.to(DEVICE) for t in random_int8(m, k))
     kwargs = dict(bias=torch.randn(n, device=DEVICE), activation=activation,
                   residual=torch.randn(m, n, device=DEVICE) * 3, residual_before_activation=True,
+                  lowrank_t=torch.randn(m, 16, device=DEVICE), lowrank_u=torch.randn(n, 16, device=DEVICE) * 0.1,
+                  fullrank_x=torch.randn(m, 24, device=DEVICE), fullrank_w=torch.randn(n, 24, device=DEVICE) * 0.1,
                   out_dtype=torch.float32)
     expected, actual = _both(lambda: ops.fused_linear(a, a_scale, weight, **kwargs))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

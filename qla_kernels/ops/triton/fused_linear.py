@@ -1,6 +1,7 @@
 """Triton multi-segment fused linear: int8 activations (W8A8, W4A4, W4A8) and W4A16.
 
     Y = act( (A·Wᵀ − z·colsum(W)) · s_x · s_w + T·Uᵀ + X_c·W_cᵀ + bias ) + residual
+    (RESIDUAL_FIRST: act( (A·Wᵀ − z·colsum(W)) · s_x · s_w + bias + residual ) + T·Uᵀ + X_c·W_cᵀ)
 
 One program computes a BLOCK_M × BLOCK_N tile: the integer main loop accumulates in int32 (int4
 weights are unpacked in registers; QServe group scales multiply them back to int8 so the same
@@ -211,6 +212,9 @@ def fused_linear_kernel(
         row_valid = mask_m
     rows = tl.where(row_valid, rows, 0).to(tl.int64)
 
+    if RESIDUAL_FIRST:  # the corrections join after the activation: accumulate them apart
+        main = y
+        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LOWRANK:
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -233,10 +237,13 @@ def fused_linear_kernel(
                 y = tl.dot(xc, wc, y, input_precision="tf32x3")
             else:
                 y = tl.dot(xc, wc, y)
+    if RESIDUAL_FIRST:
+        corrections = y
+        y = main
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    if RESIDUAL_FIRST:  # act(y + residual); never with a gated activation (checked on the host)
+    if RESIDUAL_FIRST:  # act(y + bias + residual) + corrections; never with a gated activation (host-checked)
         y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_n[None, :],
                         mask=row_valid[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     if ACTIVATION == 1:
@@ -252,6 +259,8 @@ def fused_linear_kernel(
         y = tl.where(y != y, y, tl.minimum(tl.maximum(y, 0.0), 6.0))
     elif ACTIVATION == 9:  # silu as x / (1 + 2^(−log2(e)·x)), as quick_gelu
         y = y / (1.0 + tl.exp2(-1.4426950408889634 * y))
+    if RESIDUAL_FIRST:
+        y = y + corrections
 
     if ACTIVATION >= 5 and ACTIVATION <= 7:
         gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
