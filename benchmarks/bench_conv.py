@@ -191,7 +191,8 @@ def main() -> None:
               "runs": args.runs, "layers": bench_layers(args.runs, args.quick),
               "end_to_end": bench_end_to_end([int(b) for b in args.batches.split(",")] if not args.quick else [1],
                                              args.runs)}
-    out = Path(args.out or Path(__file__).parent / "results" / f"conv_{cpu.cpu_name().replace(' ', '_')}.json")
+    name = cpu.cpu_name().replace(" ", "_").replace("(R)", "")
+    out = Path(args.out or Path(__file__).parent / "results" / f"conv_{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))

@@ -11,7 +11,11 @@ GPT-2, CLIP ViT-B/16, Gemma-2B) and converted as a user converts it: `quantize_`
 (per channel and g128), W4A4 or W4A16 (g128); activation scales dynamic, static per tensor, or
 static with a zero point; no corrections, QLA adapters (rank 8) with a QwT compensation of rank
 128 or 24 lowered into the GEMMs, QwT alone at rank 48 or at full rank; then `fuse_blocks`, and a
-cast to fp16, bf16 or fp32 (fp32: tf32x3 dots, fp32 T). Every converted model runs at its real
+cast to fp16, bf16 or fp32 (fp32: tf32x3 dots, fp32 T). The CNNs (ResNet-50 at batch 64, 224²;
+DETR-R50's backbone at 800×1066, two blocks per stage) quantize their convolutions
+(`quantize_convs_`; ResNet-50's classifier with `quantize_`) with W8A8, W4A8 or W4A4 at each scale kind, without corrections or with QwT's
+group-wise compensations, and convert with `convert_for_runtime` (norms and activations folded,
+residual blocks fused, QwT lowered). Every converted model runs at its real
 batch on the meta device under `ops.triton.kernel_launch.planning` for sm_90 (H100) and sm_80
 (A100): the launch code selects as it would on those GPUs (tiles, every autotune candidate,
 split-K, stages) and records instead of launching. LLaMA's LM head (vocabulary 128,256) runs as a
@@ -77,6 +81,7 @@ class ModelSpec:
     # every config with dynamic scales, without corrections and with QLA + QwT 128.
     full_grid: bool = True
     vocab: int = 1024  # token ids are drawn below it
+    cnn: bool = False  # convolutions (quantize_convs_, CNN_CONFIGS, CNN_CORRECTIONS, convert_for_runtime)
 
 
 MODELS = (
@@ -88,12 +93,22 @@ MODELS = (
     ModelSpec("gpt2", (1, 16), ((8, 1024), (1, 1)), text=True, full_grid=False),  # tanh GELU, Conv1D
     ModelSpec("clip_b16", (1, 3, 224, 224), ((64, 3, 224, 224),), full_grid=False),  # QuickGELU
     ModelSpec("gemma2b", (1, 16), ((1, 1), (1, 2048)), text=True, full_grid=False),  # GeGLU (tanh), RMSNorm 1 + w
+    ModelSpec("resnet50", (1, 3, 64, 64), ((64, 3, 224, 224),), cnn=True),
+    ModelSpec("detr_r50_backbone", (1, 3, 64, 64), ((1, 3, 800, 1066),), cnn=True),
 )
+CNN_CONFIGS = ("W8A8", "W4A8", "W4A4")  # convolutions are per channel; W4A16 has no integer convolution
+# None, or QwT's group-wise compensations (calibrated on one random batch) lowered into the fused
+# residual blocks' last convolutions.
+CNN_CORRECTIONS = ("none", "qwt_conv")
 
 
 def build(name: str) -> nn.Module:
     """The fp model `name` with random weights (seeded), two blocks of each shape, in eval mode."""
     torch.manual_seed(0)
+    if name == "resnet50":  # two bottlenecks per stage: every layer shape, stride and downsample
+        import torchvision
+
+        return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [2, 2, 2, 2]).eval()
     if name in ("vit_b16", "deit_s", "swin_t"):
         import timm
 
@@ -122,6 +137,14 @@ def build(name: str) -> nn.Module:
         config = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
                                                num_attention_heads=12, image_size=224, patch_size=16)
         return transformers.CLIPVisionModel(config).eval()
+    if name == "detr_r50_backbone":
+        # Hugging Face DETR-R50's ResNet-50 backbone (frozen norms; two blocks per stage). Its
+        # transformer's linears launch what the other models' do; the whole DETR does not run on the
+        # meta device (its attention masks read values).
+        backbone = transformers.ResNetConfig(depths=[2, 2, 2, 2], layer_type="bottleneck", out_features=["stage4"])
+        config = transformers.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+                                         backbone_config=backbone, encoder_layers=1, decoder_layers=1)
+        return transformers.DetrForObjectDetection(config).model.backbone.model.eval()
     if name == "gemma2b":
         config = transformers.GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=2,
                                           num_attention_heads=8, num_key_value_heads=1, head_dim=256,
@@ -148,13 +171,19 @@ def quantize(spec: ModelSpec, model_fp: nn.Module, config: str, scales: str) -> 
     import qla_kernels as qk
     from .nn.quant_linear import linear_weight
 
+    from .nn.quant_conv import QuantConv2d, quantize_convs_
+
     quant = quant_config(config)
     group = quant.group_size or 1
-    model = qk.quantize_(copy.deepcopy(model_fp), quant, filter_fn=lambda module, fqn: (
-        "lm_head" not in fqn and linear_weight(module).shape[1] % group == 0))
+    model = copy.deepcopy(model_fp)
+    if spec.cnn:
+        quantize_convs_(model, quant)
+    if not spec.cnn or any(isinstance(m, nn.Linear) for m in model.modules()):
+        qk.quantize_(model, quant, filter_fn=lambda module, fqn: (
+            "lm_head" not in fqn and linear_weight(module).shape[1] % group == 0))
     if scales != "dynamic":
         for module in model.modules():
-            if isinstance(module, qk.QuantLinear):
+            if isinstance(module, (qk.QuantLinear, QuantConv2d)):
                 module.set_static_activation(0.05, 3 if scales == "static_zero" else None)
     return model
 
@@ -171,6 +200,13 @@ def convert(spec: ModelSpec, model_q: nn.Module, corrections: str) -> nn.Module:
 
     example = model_inputs(spec, spec.example_shape, "cpu")
     model = copy.deepcopy(model_q)
+    if spec.cnn:
+        if corrections == "qwt_conv":
+            model_fp = build(spec.name)
+            qwt.calibrate(model_fp, model, [model_inputs(spec, (2, *spec.example_shape[1:]), "cpu")], progress=False)
+        with torch.no_grad():
+            qk.convert_for_runtime(model, example)
+        return model
     adapters, qwt_rank = CORRECTIONS[corrections]
     if qwt_rank is not None:
         facts = describe(model, example).block
@@ -230,9 +266,8 @@ def op_launches(dtype: torch.dtype, target: Target) -> List[PlannedLaunch]:
     return launches
 
 
-def model_launches(spec: ModelSpec, model: nn.Module, target: Target) -> List[PlannedLaunch]:
-    """The launches of `model` (on the meta device, in its dtype) at the spec's real calls."""
-    dtype = next(model.parameters()).dtype
+def model_launches(spec: ModelSpec, model: nn.Module, target: Target, dtype: torch.dtype) -> List[PlannedLaunch]:
+    """The launches of `model` (on the meta device, cast to `dtype`) at the spec's real calls."""
     with planning(target) as launches, torch.no_grad():
         for shape in spec.call_shapes:
             inputs = model_inputs(spec, shape, "meta")
@@ -252,6 +287,12 @@ def conversions(models: Sequence[str]) -> Iterator[Conversion]:
     """The table's conversions, grouped by model, then config and scales (plan reuses those)."""
     specs = {spec.name: spec for spec in MODELS}
     for model in models:
+        if specs[model].cnn:
+            for config in CNN_CONFIGS:
+                for scales in ACTIVATION_SCALES:
+                    for corrections in CNN_CORRECTIONS:
+                        yield Conversion(model, config, scales, corrections)
+            continue
         full = specs[model].full_grid
         for config in CONFIGS:
             for scales in (("dynamic",) if config.startswith("W4A16") or not full else ACTIVATION_SCALES):
@@ -271,6 +312,8 @@ CI_CONVERSIONS = tuple(Conversion(*fields) for fields in (
     ("llama8b", "W8A8", "dynamic", "qla_qwt128"), ("llama8b", "W4A16g128", "dynamic", "qla_qwt128"),
     ("gpt2", "W4A8", "dynamic", "qla_qwt128"), ("clip_b16", "W8A8", "dynamic", "none"),
     ("gemma2b", "W4A16g128", "dynamic", "none"),
+    ("resnet50", "W8A8", "static_zero", "qwt_conv"), ("resnet50", "W4A4", "dynamic", "none"),
+    ("detr_r50_backbone", "W4A8", "static", "none"),
 ))
 
 
@@ -342,7 +385,7 @@ def _plan_group(group: Tuple[str, str, Tuple[Conversion, ...]]) -> Tuple[List[tu
             for dtype in DTYPES:
                 cast = copy.deepcopy(on_meta).to(dtype)
                 for target in TARGETS:
-                    add(target, model_launches(spec, cast, target))
+                    add(target, model_launches(spec, cast, target, dtype))
     return launches, refused
 
 

@@ -171,6 +171,9 @@ def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
         except Exception as error:  # noqa: BLE001  (any untraceable forward keeps its own)
             report[name] = f"not traceable ({type(error).__name__})"
             continue
+        args, kwargs = inputs[name]
+        with torch.no_grad():
+            expected = module(*args, **kwargs)  # before any layer of it changes
         modules = dict(module.named_modules())
         names_before = {id(m): n for n, m in modules.items()}
         fused = _rewrite(graph, modules)
@@ -178,13 +181,13 @@ def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
             continue
         unlowered = _lower_compensation(graph, module, fused)
         if unlowered:
+            for conv, _, _ in fused:
+                conv.__dict__.pop("lowered_qwt", None)
             report[name] = f"kept unfused: {unlowered}"
             continue
         graph.lint()
         rewritten = fx.GraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
-        args, kwargs = inputs[name]
         with torch.no_grad():
-            expected = module(*args, **kwargs)
             for conv, activation, _ in fused:
                 conv.activation_after_residual = activation if conv.fused_activation == "none" else "none"
             actual = rewritten(*args, **kwargs)

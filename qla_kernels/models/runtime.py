@@ -113,13 +113,14 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
     Level one, always (no example needed: what loaders call): every QuantLinear and
     QuantConv2d freezes its operands, each validated once. Level two, with `example` (one input
     batch): each convolution's following BatchNorm and activation are folded into its epilogue
-    (`models.conv_epilogues`, found on `example`) and each residual block's shortcut add and
-    activation into its last convolution's (`models.conv_blocks`, checked on `example`); QwT compensations still attached
-    as hooks are lowered into their blocks' last GEMM where that is the same computation
-    (`lower_qwt`), then `fuse_blocks` (checked on `example` under `backend`), then every fused
-    block freezes its chain. Lower QLA adapters (`methods.qla.fuse`)
+    (`models.conv_epilogues`, found on `example`); QwT compensations still attached as hooks are
+    lowered into their blocks' last GEMM where that is the same computation (`lower_qwt`), then
+    `fuse_blocks` (checked on `example` under `backend`); then each residual block's shortcut add
+    and activation (and its convolutional QwT) join its last convolution's epilogue
+    (`models.conv_blocks`, checked on `example`), and every fused block freezes its chain. Lower
+    QLA adapters (`methods.qla.fuse`)
     before. Casts and moves afterwards (`.to`, `.half`) rebuild the plans. ValueError when the
-    model has no QuantLinear, is already converted, or a layer's operands do not fit; then no
+    model has no QuantLinear or QuantConv2d, is already converted, or a layer's operands do not fit; then no
     layer is converted (lowerings and fusions done by then stay: both are calibration-form
     steps too)."""
     layers = [module for module in model.modules() if isinstance(module, (QuantLinear, QuantConv2d))]
@@ -131,13 +132,17 @@ def convert_for_runtime(model: nn.Module, example: Optional[Any] = None, backend
         refuse_task_loras(model)  # before QwT is lowered: nothing half-done
     report = RuntimeReport(None)
     if example is not None:
-        if any(isinstance(layer, QuantConv2d) for layer in layers):
+        convolutional = any(isinstance(layer, QuantConv2d) for layer in layers)
+        if convolutional:
             report.folded_into_convs = fold_conv_epilogues(model, example)
-            report.residual_blocks = fuse_residual_convs(model, example)
         if any(True for _ in compensated_blocks(model)):
             report.lowered_qwt, report.hooked_qwt = lower_qwt(model, example, strict=False)
         if any(isinstance(layer, QuantLinear) for layer in layers):
             report.fusion = fuse_blocks(model, example, backend)
+        if convolutional:  # last: the rewritten blocks are traced graphs, no longer repeated module classes
+            report.residual_blocks = fuse_residual_convs(model, example)
+            for name in [name for name, why in report.residual_blocks.items() if "QwT compensation" in why]:
+                report.hooked_qwt.pop(name, None)
     try:
         for layer in layers:
             layer.freeze()

@@ -164,6 +164,7 @@ class ConvPlan:
     activation: str = "none"
     residual_before_activation: bool = False  # act(y + residual): a residual block's last convolution
     group_weights: Tuple[QuantizedWeight, ...] = ()
+    pad_code: Optional[int] = None  # the code of 0 in gathered windows, read off the zero point once frozen
 
     @property
     def out_channels(self) -> int:
@@ -217,7 +218,16 @@ class ConvPlan:
         converted model holds, built once."""
         self.check()
         parts = self._group_parts()
-        return dataclasses.replace(self, group_weights=parts if self.depthwise else tuple(map(with_panels, parts)))
+        return dataclasses.replace(self, group_weights=parts if self.depthwise else tuple(map(with_panels, parts)),
+                                   pad_code=self._pad_code())
+
+    def _pad_code(self) -> int:
+        """z at 8 bits with a zero point (the GEMM subtracts z·colsum), else 0. On the meta device
+        (shapes only) there is no value to read: 0."""
+        zero = self.input_zero_point
+        if zero is None or self.act_bits != 8 or zero.device.type == "meta":
+            return 0
+        return int(zero.item())  # once per plan: a frozen plan never syncs with the device per call
 
     def _group_parts(self) -> Tuple[QuantizedWeight, ...]:
         groups = self.geometry.groups
@@ -240,7 +250,7 @@ class ConvPlan:
         pixels = x.reshape(-1, channels)
         args = (pixels, bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None, False)
         codes, _, _ = implementation_for("quantize_activation", backend, *args).eager(x)(*args)
-        pad_code = int(self.input_zero_point.item()) if (self.input_zero_point is not None and bits == 8) else 0
+        pad_code = self.pad_code if self.pad_code is not None else self._pad_code()
         codes = gather_windows(codes.reshape(batch, height, width, channels), geometry, pad_code)
         return codes, self.input_scale
 

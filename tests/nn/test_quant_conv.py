@@ -12,6 +12,7 @@ from qla_kernels.methods import ptq, qwt
 from qla_kernels.models.conv_blocks import fuse_residual_convs
 from qla_kernels.models.conv_epilogues import fold_conv_epilogues
 from qla_kernels.models.runtime import convert_for_runtime
+from qla_kernels.nn.compensation import compensated_blocks
 from qla_kernels.nn.quant_conv import QuantConv2d, TreatedBy, quantize_convs_
 
 torchvision = pytest.importorskip("torchvision")
@@ -169,9 +170,13 @@ def test_quantized_cnn_saves_and_loads_bit_exact(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-        convert_for_runtime(loaded, x)
+        report = convert_for_runtime(loaded, x)
         loaded(x)
-    with pytest.raises(ValueError, match="convert_for_runtime is a runtime"):
+    # every compensated block's QwT runs in its fused last convolution (checked per block there)
+    lowered = [name for name, why in report.residual_blocks.items() if "QwT compensation" in why]
+    assert sorted(lowered) == sorted(name for name, _ in compensated_blocks(model))
+    assert not report.hooked_qwt and not any(True for _ in compensated_blocks(loaded))
+    with pytest.raises(ValueError, match="runtime conversion"):
         qk.save_quantized(loaded, str(tmp_path / "converted.safetensors"))
 
 
