@@ -87,6 +87,16 @@ def digits_vits():
     return [load(seed) for seed in SEEDS]
 
 
+@pytest.fixture(scope="session")
+def digits_cnns():
+    """Three small ResNets trained on the digits (seeds 0, 1, 2; tests/digits.py)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torchvision")
+    from .digits import SEEDS, digits_vit as load
+
+    return [load(seed, "cnn") for seed in SEEDS]
+
+
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean KL(reference ‖ model) over the batch."""
     p = torch.log_softmax(reference_logits.double(), dim=-1)

@@ -32,12 +32,13 @@ from ..nn.adapters import (
     adapter_hooks,
 )
 from ..nn import forward_context
-from ..nn.compensation import link, primary_output
+from ..nn.compensation import block_input, link, primary_output
+from ..nn.conv_adapters import ConvAdapter, attach_conv_adapter, conv_adapters
 from ..nn.fused import original_class
 from ..nn.quant_linear import QuantLinear
 from ..ops.dispatch import use_backend
 
-ADAPTER_NAMES = ("qla_attention", "qla_ffn")
+ADAPTER_NAMES = ("qla_attention", "qla_ffn", "qla_conv")
 
 
 def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = None, seed: int = 0) -> List[str]:
@@ -70,6 +71,48 @@ def add_adapters(model_q: nn.Module, rank: int = 8, example: Optional[Any] = Non
         torch.manual_seed(seed)
         attach_adapters(model_q, names, placement)
     return names
+
+
+def add_conv_adapters(model_q: nn.Module, example: Any, rank: int = 8, kernel: int = 3, seed: int = 0) -> List[str]:
+    """Attaches QLA's depthwise-separable compensation (nn/conv_adapters.py) beside every block of
+    a CNN `model_q` (in place; exact no-ops until trained with `train`). `example` (one input
+    batch) gives each block's input and output channels and its stride (the input grid over the
+    output grid, which must divide exactly). At conversion each runs in its fused block's last
+    convolution. Returns the adapted block names."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if getattr(model_q, "_qla_handles", None) or conv_adapters(model_q):
+        raise ValueError("model_q already has QLA adapters")
+    blocks = find_blocks(model_q)
+    shapes = {}
+
+    def record(name, args, kwargs, output) -> None:
+        shapes.setdefault(name, (tuple(block_input(args, kwargs).shape), tuple(primary_output(output).shape)))
+
+    handles = [block.register_forward_hook(
+        lambda module, args, kwargs, output, name=name: record(name, args, kwargs, output), with_kwargs=True)
+        for name, block in blocks]
+    try:
+        with torch.no_grad(), use_backend("simulate"):
+            run_model(model_q, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    adapters = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, block in blocks:
+            if name not in shapes:
+                raise ValueError(f"the example does not reach block {name!r}")
+            (n, c_in, h, w), out = shapes[name]
+            if len(out) != 4 or h % out[2] or w % out[3] or h // out[2] != w // out[3]:
+                raise ValueError(f"block {name!r} maps a {h}×{w} grid to {tuple(out[2:])}: not one stride, no "
+                                 "convolutional adapter fits it")
+            device = next(iter(block.buffers()), torch.empty(0)).device
+            adapters[name] = ConvAdapter(c_in, out[1], rank, h // out[2], kernel).to(device)
+    for name, block in blocks:
+        attach_conv_adapter(block, adapters[name])
+    return [name for name, _ in blocks]
 
 
 @dataclasses.dataclass
@@ -109,7 +152,7 @@ def train(
         batches = batches + [mixed for mixed in map(_mixed_inputs, batches) if mixed is not None]
     parameters = [p for name, p in model_q.named_parameters() if any(a in name for a in ADAPTER_NAMES)]
     if not parameters:
-        raise ValueError("model_q has no QLA adapters: call add_adapters first")
+        raise ValueError("model_q has no QLA adapters: call add_adapters (add_conv_adapters for CNNs) first")
     for p in model_q.parameters():
         p.requires_grad_(False)
     for p in parameters:

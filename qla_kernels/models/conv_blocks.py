@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.compensation import ConvQwTCompensation, detach
+from ..nn.conv_adapters import detach_conv_adapter
 from ..nn.quant_conv import QuantConv2d, TreatedBy
 from .batches import run_model
 from .conv_epilogues import module_activation
@@ -122,26 +123,32 @@ def dense_compensation(compensation: ConvQwTCompensation) -> torch.Tensor:
     return dense
 
 
-def _lower_compensation(graph: fx.Graph, module: nn.Module, fused: list) -> Optional[str]:
-    """Runs `module.qwt` (a group-wise compensation of the block output) in the epilogue of the
-    fused convolution that produces the block output: X_c = the block input at its stride, W_c
-    dense. Returns why it cannot (then the block must keep its own forward and hook), or None."""
+def _lower_corrections(graph: fx.Graph, module: nn.Module, fused: list) -> Optional[str]:
+    """Runs the corrections beside the block (`module.qwt`, a group-wise compensation of the
+    block output; `module.qla_conv`, QLA's adapter) in the epilogue of the fused convolution that
+    produces the block output: QwT in its full-rank segment (X_c = the block input at its stride,
+    W_c dense), the adapter in its low-rank one (T from the block input, U = gate·up). Returns
+    why they cannot (then the block must keep its own forward and hooks), or None."""
     compensation = getattr(module, "qwt", None)
-    if compensation is None:
+    adapter = module.qla_conv if getattr(module, "_qla_conv_handle", None) is not None else None
+    if compensation is None and adapter is None:
         return None
-    if not isinstance(compensation, ConvQwTCompensation):
+    if compensation is not None and not isinstance(compensation, ConvQwTCompensation):
         return f"its QwT compensation is a {type(compensation).__name__}, not a convolutional one"
     output = next(node for node in graph.nodes if node.op == "output")
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     produced = {id(call): (conv, activation) for conv, activation, call in fused}
     result = output.args[0]
     if not isinstance(result, fx.Node) or id(result) not in produced or not placeholders:
-        return "its output is not a fused convolution's: QwT stays a hook"
+        return "its output is not a fused convolution's: its corrections stay hooks"
     conv, activation = produced[id(result)]
     if conv.fused_activation != "none" and activation == "none":
-        return "its last convolution's activation precedes the shortcut add: QwT stays a hook"
+        return "its last convolution's activation precedes the shortcut add: its corrections stay hooks"
     result.kwargs = {**result.kwargs, "block_input": placeholders[0]}
-    conv.lowered_qwt = (dense_compensation(compensation), compensation.bias.detach().float(), compensation.stride)
+    if compensation is not None:
+        conv.lowered_qwt = (dense_compensation(compensation), compensation.bias.detach().float(), compensation.stride)
+    if adapter is not None:
+        conv.lowered_adapter = adapter
     return None
 
 
@@ -179,10 +186,10 @@ def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
         fused = _rewrite(graph, modules)
         if not fused:
             continue
-        unlowered = _lower_compensation(graph, module, fused)
+        unlowered = _lower_corrections(graph, module, fused)
         if unlowered:
             for conv, _, _ in fused:
-                conv.__dict__.pop("lowered_qwt", None)
+                _drop_lowered(conv)
             report[name] = f"kept unfused: {unlowered}"
             continue
         graph.lint()
@@ -195,17 +202,25 @@ def fuse_residual_convs(model: nn.Module, example: Any) -> Dict[str, str]:
         if error is None or error > BLOCK_TOLERANCE:
             for conv, _, _ in fused:
                 conv.__dict__.pop("activation_after_residual", None)
-                conv.__dict__.pop("lowered_qwt", None)
+                _drop_lowered(conv)
             report[name] = f"the fused block's output differs ({error}); kept unfused"
             continue
-        lowered = getattr(module, "qwt", None) is not None
-        detach(module)  # its compensation runs in the rewritten block's last convolution now
+        lowered = [kind for kind, present in (("QwT compensation", getattr(module, "qwt", None) is not None),
+                                              ("QLA adapter", getattr(module, "_qla_conv_handle", None) is not None))
+                   if present]
+        detach(module)  # its corrections run in the rewritten block's last convolution now
+        detach_conv_adapter(module)
         model.set_submodule(name, rewritten)
         done.append(name)
         report[name] = "fused: " + ", ".join(f"{names_before[id(conv)]} + {activation}" for conv, activation, _ in fused)
         if lowered:
-            report[name] += " (with its QwT compensation)"
+            report[name] += f" (with its {' and '.join(lowered)})"
     return report
+
+
+def _drop_lowered(conv: QuantConv2d) -> None:
+    conv.__dict__.pop("lowered_qwt", None)
+    conv._modules.pop("lowered_adapter", None)
 
 
 def _relative_l2(expected, actual) -> Optional[float]:

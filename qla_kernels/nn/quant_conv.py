@@ -139,6 +139,12 @@ class QuantConv2d(nn.Module):
     # A residual block's QwT compensation run in this layer's epilogue (models/conv_blocks.py):
     # (W_c [O, C_in] dense, b_c [O], stride); the forward then takes the block input.
     lowered_qwt: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
+
+    @property
+    def lowered_adapter(self) -> Optional[nn.Module]:
+        """A residual block's QLA adapter (nn/conv_adapters.py) run in this layer's low-rank
+        segment: a submodule (it moves and casts with the layer), set at conversion."""
+        return self._modules.get("lowered_adapter")
     # A per-channel affine map (BatchNorm) after the layer, folded at conversion: (scale, shift).
     folded_affine = None
 
@@ -155,8 +161,9 @@ class QuantConv2d(nn.Module):
         if self.lowered_qwt is not None:  # b_c rides as the weight of a column of ones in X_c
             compensation, compensation_bias, _ = self.lowered_qwt
             fullrank_w = torch.cat([compensation, compensation_bias[:, None]], dim=1).float().contiguous()
+        lowrank_u = None if self.lowered_adapter is None else self.lowered_adapter.up_matrix().contiguous()
         plan = ConvPlan(weight, self.geometry, self.config.act_bits, self.input_scale, self.input_zero_point, bias,
-                        fullrank_w=fullrank_w,
+                        lowrank_u=lowrank_u, fullrank_w=fullrank_w,
                         activation=self.activation_after_residual if after_residual else self.fused_activation,
                         residual_before_activation=after_residual)
         return plan.frozen() if check else plan
@@ -192,16 +199,17 @@ class QuantConv2d(nn.Module):
         nhwc = nhwc.contiguous()
         residual_nhwc = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
         fullrank_x = None if self.lowered_qwt is None else self._compensation_input(block_input, nhwc, plan)
+        lowrank_t = None if self.lowered_adapter is None else self._adapter_input(block_input, nhwc, plan)
         if ops.resolve_backend(x.device) == "simulate":
             if self.runtime_plan is not None:
                 raise ValueError("a converted (runtime) model does not run under the 'simulate' backend: calibrate "
                                  "and train the model before convert_for_runtime")
-            y = simulated_conv2d(nhwc, plan, fullrank_x=fullrank_x, residual=residual_nhwc)
+            y = simulated_conv2d(nhwc, plan, lowrank_t=lowrank_t, fullrank_x=fullrank_x, residual=residual_nhwc)
         else:
             if torch.is_grad_enabled() and x.requires_grad:
                 raise ValueError("the integer convolution has no gradient: train and calibrate under "
                                  "qk.use_backend('simulate')")
-            y = plan.run(nhwc, fullrank_x=fullrank_x, residual=residual_nhwc)
+            y = plan.run(nhwc, lowrank_t=lowrank_t, fullrank_x=fullrank_x, residual=residual_nhwc)
         y = y.permute(0, 3, 1, 2)
         if self.treated_by:
             y._qla_treated_by = self.treated_by
@@ -218,6 +226,16 @@ class QuantConv2d(nn.Module):
             raise ValueError(f"block_input at stride {stride} is {tuple(pixels.shape[1:3])}, the output {out_h}×{out_w}")
         rows = pixels.reshape(-1, pixels.shape[3]).float()
         return torch.cat([rows, rows.new_ones((rows.shape[0], 1))], dim=1)
+
+    def _adapter_input(self, block_input: Optional[torch.Tensor], x: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+        """T = GELU(down(DW(block input))) as rows [N·Ho·Wo, r] fp32 (the adapter's down path)."""
+        if block_input is None:
+            raise ValueError("this convolution runs its block's QLA adapter: call it with block_input=")
+        t = self.lowered_adapter.down_path(block_input)
+        out_h, out_w = plan.geometry.output_size(x.shape[1], x.shape[2])
+        if t.shape[2:] != (out_h, out_w):
+            raise ValueError(f"the adapter's down path gives a {tuple(t.shape[2:])} grid, the output is {out_h}×{out_w}")
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).contiguous()
 
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}

@@ -19,6 +19,7 @@ from ..formats.checkpoint import read_checkpoint, write_checkpoint
 from ..quant.config import QuantConfig
 from .adapters import AdapterPlacement, attach_adapters
 from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensated_blocks
+from .conv_adapters import conv_adapters, rebuild_conv_adapters
 from ..ops.conv import ConvGeometry
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear, linear_weight
@@ -68,6 +69,9 @@ def quantized_layout(model: nn.Module) -> dict:
               "qla_kernels.qwt": compensations}
     if convs:
         layout["qla_kernels.quant_convs"] = convs
+    adapters = conv_adapters(model)
+    if adapters:
+        layout["qla_kernels.qla_conv"] = {name: adapter.to_dict() for name, adapter in adapters.items()}
     placement = getattr(model, "_qla_placement", None)
     if placement is not None:
         layout["qla_kernels.qla"] = {"blocks": model._qla_block_names, "placement": placement.to_dict()}
@@ -144,6 +148,7 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
     try:
         layouts = dict(layout["qla_kernels.quant_linears"])
         conv_layouts = dict(layout.get("qla_kernels.quant_convs", {}))
+        conv_adapter_layouts = dict(layout.get("qla_kernels.qla_conv", {}))
         compensations = dict(layout.get("qla_kernels.qwt", {}))
         adapters = layout.get("qla_kernels.qla")
     except (KeyError, TypeError, ValueError) as error:
@@ -203,6 +208,10 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
             attach(block, compensation)
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
             raise ValueError(f"{source}: the QwT compensation of {name!r} does not fit the model ({error})") from None
+    try:
+        rebuild_conv_adapters(model, conv_adapter_layouts)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{source}: the QLA convolution adapters do not fit the model ({error})") from None
     if adapters is not None:
         try:
             attach_adapters(model, adapters["blocks"], AdapterPlacement.from_dict(adapters["placement"]))
