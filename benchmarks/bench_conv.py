@@ -8,10 +8,15 @@
   quantization and window gather included.
 - End to end, torchvision ResNet-50 (random weights, random images) per batch: fp32 eager NCHW,
   fp32 eager channels last, `torch.ao` static int8 (FX graph mode, x86 / fbgemm), ours W8A8
-  (static min-max PTQ on two batches; dynamic) and W4A4 static, converted for runtime (BatchNorms
-  and activations folded, residual blocks fused), each with its SQNR against fp32.
+  (static min-max PTQ on two batches; dynamic), W8A8 static with QwT and QLA (rank 8, random
+  trained-looking adapters) lowered, and W4A4 static, converted for runtime (BatchNorms and
+  activations folded, residual blocks fused), each with its SQNR against fp32.
+With --device cuda (a lent GPU): the layers against cuDNN fp16 channels last, and ResNet-50 at
+--batches (default there 1,8,64) in fp16: cuDNN eager channels last, torch.compile, ours W8A8
+static, and ours W8A8 static with QwT + QLA lowered (the corrections' cost, target <= 3%).
 Variants are interleaved run by run (so drift hits all alike); the median of --runs. Writes JSON
-and a PNG beside it, labelled with the CPU, its flags and the kernels' instruction-set path.
+and a PNG beside it, labelled with the CPU (its flags and the kernels' instruction-set path) or
+the GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +53,16 @@ LAYERS = [
     ("layer4 3x3 512->512", (8, 512, 7, 7), 512, 3, 1, 1),
     ("layer4 1x1 512->2048", (8, 512, 7, 7), 2048, 1, 1, 0),
 ]
+BASELINE_LAYER = {"cpu": "fp32 oneDNN (channels last)", "cuda": "fp16 cuDNN (channels last)"}
 QUICK_LAYERS = ("layer1 3x3 64->64", "layer1 1x1 256->64", "layer3 3x3 256->256", "layer4 1x1 512->2048")
+
+
+DEVICE = torch.device("cpu")
+
+
+def _synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def interleaved(variants: Dict[str, Callable[[], object]], runs: int) -> Dict[str, float]:
@@ -57,10 +71,12 @@ def interleaved(variants: Dict[str, Callable[[], object]], runs: int) -> Dict[st
     with torch.no_grad():
         for fn in variants.values():
             fn()
+        _synchronize()
         for _ in range(runs):
             for name, fn in variants.items():
                 start = time.perf_counter()
                 fn()
+                _synchronize()
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -75,21 +91,23 @@ def bench_layers(runs: int, quick: bool):
     for label, shape, out_channels, kernel, stride, padding in LAYERS:
         if quick and label not in QUICK_LAYERS:
             continue
-        conv = torch.nn.Conv2d(shape[1], out_channels, kernel, stride, padding, bias=False).eval()
-        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(shape[1], out_channels, kernel, stride, padding, bias=False).eval().to(DEVICE)
+        dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+        x = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
         static = QuantConv2d.from_float(conv, qk.W8A8())
         static.set_static_activation(float(x.abs().max()) / 127)
         dynamic = QuantConv2d.from_float(conv, qk.W8A8())
         static.freeze(), dynamic.freeze()
+        baseline = BASELINE_LAYER[DEVICE.type]
         times = interleaved({
-            "fp32 oneDNN (channels last)": lambda: F.conv2d(x, weight, None, stride, padding),
+            baseline: lambda: F.conv2d(x, weight, None, stride, padding),
             "ours W8A8 static": lambda: static(x),
             "ours W8A8 dynamic": lambda: dynamic(x),
         }, runs)
         rows.append({"layer": label, "input": list(shape), "out_channels": out_channels, "ms": times,
-                     "speedup_static": times["fp32 oneDNN (channels last)"] / times["ours W8A8 static"],
-                     "speedup_dynamic": times["fp32 oneDNN (channels last)"] / times["ours W8A8 dynamic"]})
+                     "speedup_static": times[baseline] / times["ours W8A8 static"],
+                     "speedup_dynamic": times[baseline] / times["ours W8A8 dynamic"]})
         print(f"{label:26s} " + "  ".join(f"{k} {v:7.2f}" for k, v in times.items()), flush=True)
     return rows
 
@@ -116,6 +134,51 @@ def ours(fp: torch.nn.Module, config, calibration, example, static: bool) -> tor
     return model
 
 
+def corrected(fp: torch.nn.Module, calibration, example) -> torch.nn.Module:
+    """W8A8 static with QwT and (trained-looking, random) QLA adapters, lowered at conversion."""
+    from qla_kernels.methods import qla, qwt
+
+    model = quantize_convs_(copy.deepcopy(fp), qk.W8A8())
+    ptq.calibrate(model, calibration, method="minmax", progress=False)
+    qwt.calibrate(fp, model, calibration, progress=False)
+    qla.add_conv_adapters(model, calibration[0], rank=8)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "qla_conv" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter) * 0.05)
+        qk.convert_for_runtime(model, example)
+    return model
+
+
+def bench_end_to_end_gpu(batches, runs: int):
+    import torchvision
+
+    torch.manual_seed(0)
+    fp32 = torchvision.models.resnet50().eval().to(DEVICE)
+    fp16 = copy.deepcopy(fp32).half().to(memory_format=torch.channels_last)
+    compiled = torch.compile(fp16)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 224, 224, device=DEVICE)
+        calibration = [torch.randn(2, 3, 224, 224, device=DEVICE) for _ in range(2)]
+        models = {"ours W8A8 static": ours(fp32, qk.W8A8(), calibration, x[:1], True).half(),
+                  "ours W8A8 static + QwT + QLA": corrected(fp32, calibration, x[:1]).half()}
+        xh = x.half().contiguous(memory_format=torch.channels_last)
+        variants = {"fp16 cuDNN eager (channels last)": lambda: fp16(xh), "fp16 torch.compile": lambda: compiled(xh)}
+        variants.update({name: (lambda m=m: m(xh)) for name, m in models.items()})
+        times = interleaved(variants, runs)
+        with torch.no_grad():
+            reference = fp32(x)
+            quality = {name: sqnr_db(reference.float(), m(xh).float()) for name, m in models.items()}
+        base = times["fp16 cuDNN eager (channels last)"]
+        rows.append({"batch": batch, "ms": times, "speedup_vs_fp16_cudnn": {k: base / v for k, v in times.items()},
+                     "corrections_overhead": times["ours W8A8 static + QwT + QLA"] / times["ours W8A8 static"] - 1,
+                     "sqnr_db_vs_fp32": quality})
+        print(f"ResNet-50 batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()), flush=True)
+    return rows
+
+
 def bench_end_to_end(batches, runs: int):
     import torchvision
 
@@ -127,6 +190,7 @@ def bench_end_to_end(batches, runs: int):
         x = torch.randn(batch, 3, 224, 224)
         calibration = [torch.randn(2, 3, 224, 224) for _ in range(2)]
         models = {"ours W8A8 static": ours(fp, qk.W8A8(), calibration, x[:1], True),
+                  "ours W8A8 static + QwT + QLA": corrected(fp, calibration, x[:1]),
                   "ours W8A8 dynamic": ours(fp, qk.W8A8(), calibration, x[:1], False),
                   "ours W4A4 static": ours(fp, qk.W4A4(), calibration, x[:1], True)}
         baselines = {}
@@ -145,6 +209,7 @@ def bench_end_to_end(batches, runs: int):
         base = times["fp32 eager (channels last)"]
         rows.append({"batch": batch, "ms": times, "speedup_vs_fp32_channels_last": {k: base / v for k, v in times.items()},
                      "speedup_vs_fp32_nchw": {k: times["fp32 eager (NCHW)"] / v for k, v in times.items()},
+                     "corrections_overhead": times["ours W8A8 static + QwT + QLA"] / times["ours W8A8 static"] - 1,
                      "sqnr_db_vs_fp32": quality})
         print(f"ResNet-50 batch {batch}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()), flush=True)
     return rows
@@ -164,14 +229,15 @@ def plot(report, path: Path) -> None:
     axes[0].barh(names, [row["speedup_static"] for row in layers], label="W8A8 static")
     axes[0].barh(names, [row["speedup_dynamic"] for row in layers], alpha=0.6, label="W8A8 dynamic")
     axes[0].axvline(1.0, color="k", lw=0.8)
-    axes[0].set_xlabel("speed-up vs fp32 oneDNN channels last (batch 8)")
     axes[0].legend()
+    key = "speedup_vs_fp16_cudnn" if "gpu" in report else "speedup_vs_fp32_channels_last"
     for row in report["end_to_end"]:
-        labels = list(row["speedup_vs_fp32_channels_last"])
-        axes[1].barh([f"b{row['batch']} {label}" for label in labels], list(row["speedup_vs_fp32_channels_last"].values()))
+        labels = list(row[key])
+        axes[1].barh([f"b{row['batch']} {label}" for label in labels], list(row[key].values()))
     axes[1].axvline(1.0, color="k", lw=0.8)
-    axes[1].set_xlabel("ResNet-50 speed-up vs fp32 eager channels last")
-    fig.suptitle(f"{report['cpu']} ({report['isa']}, {report['threads']} threads)")
+    axes[1].set_xlabel("ResNet-50 speed-up vs " + ("fp16 cuDNN eager" if "gpu" in report else "fp32 eager channels last"))
+    axes[0].set_xlabel("speed-up vs " + BASELINE_LAYER["cuda" if "gpu" in report else "cpu"] + " (batch 8)")
+    fig.suptitle(report["gpu"] if "gpu" in report else f"{report['cpu']} ({report['isa']}, {report['threads']} threads)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -181,17 +247,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batches")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out")
     args = parser.parse_args()
-    if not qk.backends()["cpu"].available:
-        raise SystemExit(f"the cpu backend is not available: {qk.backends()['cpu']}")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    backend = "cpu" if args.device == "cpu" else "triton"
+    if not qk.backends()[backend].available:
+        raise SystemExit(f"the {backend} backend is not available: {qk.backends()[backend]}")
     torch.set_num_threads(args.threads)
-    report = {"cpu": cpu.cpu_name(), "isa": cpu.describe(), "threads": args.threads, "torch": torch.__version__,
-              "runs": args.runs, "layers": bench_layers(args.runs, args.quick),
-              "end_to_end": bench_end_to_end([int(b) for b in args.batches.split(",")] if not args.quick else [1],
-                                             args.runs)}
-    name = cpu.cpu_name().replace(" ", "_").replace("(R)", "")
+    batches = [int(b) for b in (args.batches or ("1,8" if args.device == "cpu" else "1,8,64")).split(",")]
+    batches = batches[:1] if args.quick else batches
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name().replace(" ", "_")
+        report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": args.runs,
+                  "layers": bench_layers(args.runs, args.quick), "end_to_end": bench_end_to_end_gpu(batches, args.runs)}
+    else:
+        name = cpu.cpu_name().replace(" ", "_").replace("(R)", "")
+        report = {"cpu": cpu.cpu_name(), "isa": cpu.describe(), "threads": args.threads, "torch": torch.__version__,
+                  "runs": args.runs, "layers": bench_layers(args.runs, args.quick),
+                  "end_to_end": bench_end_to_end(batches, args.runs)}
     out = Path(args.out or Path(__file__).parent / "results" / f"conv_{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -1,4 +1,4 @@
-"""Modules: QuantLinear, the in-place model conversion, and QuantConv2d (simulation only)."""
+"""Modules: QuantLinear and QuantConv2d, the in-place model conversions, save / load."""
 
 from .quant_conv import QuantConv2d, quantize_convs_
 from .quant_linear import QuantLinear

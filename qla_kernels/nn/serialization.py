@@ -1,9 +1,11 @@
 """save_quantized / load_quantized: a quantized model as one safetensors file.
 
-The header records, per QuantLinear, its config and shape, per block with a QwT compensation, its
-shape and where it is added, and for QLA adapters their placement and blocks, so `load_quantized`
-can rebuild the modules on an unquantized skeleton of the same architecture before loading the
-tensors. Lowering (qwt.lower, qla.fuse) and block fusion are runtime conversions: save before them.
+The header records, per QuantLinear, its config and shape, per QuantConv2d its config, channels
+and geometry, per block with a QwT compensation its shape and where it is added (and for CNN
+blocks its groups and stride), for QLA adapters their placement and blocks, and for CNN adapters
+their sizes, so `load_quantized` can rebuild the modules on an unquantized skeleton of the same
+architecture before loading the tensors. Lowering (qwt.lower, qla.fuse), block fusion and
+convert_for_runtime's folding are runtime conversions: save before them.
 """
 
 from __future__ import annotations
