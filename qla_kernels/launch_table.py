@@ -188,10 +188,11 @@ def quantize(spec: ModelSpec, model_fp: nn.Module, config: str, scales: str) -> 
     return model
 
 
-def convert(spec: ModelSpec, model_q: nn.Module, corrections: str) -> nn.Module:
+def convert(spec: ModelSpec, model_q: nn.Module, corrections: str, model_fp: Optional[nn.Module] = None) -> nn.Module:
     """A copy of the quantized `model_q` with `corrections` lowered into its GEMMs (random, trained-
     looking values: QwT compensations attached where `qwt.calibrate` attaches them, QLA adapters),
-    then fused as a user runs it (see the module docstring)."""
+    then fused as a user runs it (see the module docstring). `model_fp`, the CNNs' QwT teacher:
+    `build(spec.name)` by default."""
     import qla_kernels as qk
     from .methods import qla, qwt
     from .models.blocks import find_blocks
@@ -202,8 +203,8 @@ def convert(spec: ModelSpec, model_q: nn.Module, corrections: str) -> nn.Module:
     model = copy.deepcopy(model_q)
     if spec.cnn:
         if corrections == "qwt_conv":
-            model_fp = build(spec.name)
-            qwt.calibrate(model_fp, model, [model_inputs(spec, (2, *spec.example_shape[1:]), "cpu")], progress=False)
+            teacher = model_fp if model_fp is not None else build(spec.name)
+            qwt.calibrate(teacher, model, [model_inputs(spec, (2, *spec.example_shape[1:]), "cpu")], progress=False)
         with torch.no_grad():
             qk.convert_for_runtime(model, example)
         return model
@@ -376,7 +377,7 @@ def _plan_group(group: Tuple[str, str, Tuple[Conversion, ...]]) -> Tuple[List[tu
         model_q = quantize(spec, model_fp, config, scales)
         for item in chosen:
             try:
-                converted = convert(spec, model_q, item.corrections)
+                converted = convert(spec, model_q, item.corrections, model_fp)
             except ValueError as error:  # refused for the user too (a correction on a layer left fp)
                 refused.append(f"{item}: {error}")
                 continue

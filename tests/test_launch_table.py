@@ -35,6 +35,10 @@ def _small(name):
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(
             hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=100))
+    if name == "resnet":  # ResNet-50's widths, one bottleneck per stage
+        import torchvision
+
+        return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10)
     if name == "clip":
         return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -49,6 +53,7 @@ SPECS = {
     "gpt2": ModelSpec("gpt2", (1, 8), ((2, 8),), text=True, vocab=100),
     "llama": ModelSpec("llama", (1, 8), ((2, 8), (1, 1)), text=True, vocab=100),
     "clip": ModelSpec("clip", (1, 3, 32, 32), ((2, 3, 32, 32),)),
+    "resnet": ModelSpec("resnet", (1, 3, 32, 32), ((2, 3, 32, 32),), cnn=True),
 }
 
 
@@ -61,11 +66,14 @@ SPECS = {
     ("llama", "W4A16g128", "dynamic", "qla_qwt128"),
     ("llama", "W4A8g128", "dynamic", "none"),
     ("clip", "W8A8", "dynamic", "none"),
+    ("resnet", "W8A8", "static_zero", "qwt_conv"),
+    ("resnet", "W4A4", "dynamic", "none"),
 ])
 def test_what_a_model_launches_is_in_the_launch_table(name, config, scales, corrections):
     classes = set(launch_table.read_table()["classes"])
     spec = SPECS[name]
-    model = launch_table.convert(spec, launch_table.quantize(spec, _small(name).eval(), config, scales), corrections)
+    model_fp = _small(name).eval()
+    model = launch_table.convert(spec, launch_table.quantize(spec, model_fp, config, scales), corrections, model_fp)
     with recording() as launches, qk.use_backend("triton"), torch.no_grad():
         for shape in spec.call_shapes:
             model(launch_table.model_inputs(spec, shape, "cpu"))

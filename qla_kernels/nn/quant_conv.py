@@ -26,9 +26,8 @@ from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES
 from ..ops.conv import ConvGeometry, ConvPlan, check_conv_input, conv_weight_matrix, simulated_conv2d
 from ..quant.config import QuantConfig
-from ..quant.primitives import qrange, quantize_symmetric
-
-_FP32_BUFFERS = ("weight_scale", "input_scale")
+from ..quant.primitives import quantize_symmetric
+from .quant_linear import apply_keeping_fp32, checked_static_activation, register_activation_buffers
 
 
 def conv_weight_format(config: QuantConfig, in_features: int) -> str:
@@ -67,13 +66,7 @@ class QuantConv2d(nn.Module):
         self.register_buffer("weight", empty((out_channels, packed),
                                              torch.int8 if self.weight_format == "int8" else torch.uint8))
         self.register_buffer("weight_scale", empty((out_channels,), torch.float32))
-        self.register_buffer("weight_colsum", None)
-        self.register_buffer("input_scale", None)
-        self.register_buffer("input_zero_point", None)
-        if bias:
-            self.bias = nn.Parameter(empty((out_channels,), dtype or torch.float32), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_activation_buffers(self, out_channels, bias, device, dtype)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> "QuantConv2d":
@@ -102,20 +95,8 @@ class QuantConv2d(nn.Module):
         if self.runtime_plan is not None:
             raise ValueError("this layer is converted for runtime (convert_for_runtime): set static activations on "
                              "the calibration model, then convert again")
-        device = self.weight.device
-        try:
-            scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
-            zero = None if zero_point is None else torch.as_tensor(zero_point, device=device)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"scale and zero_point must be numbers or tensors ({error})") from None
-        if scale.numel() != 1 or not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-            raise ValueError(f"scale must be one positive finite number (per tensor), got {scale.tolist()}")
-        if zero is not None:
-            lo, hi = qrange(self.config.act_bits)
-            if zero.numel() != 1 or zero.dtype.is_floating_point or not lo <= int(zero.reshape(())) <= hi:
-                raise ValueError(f"zero_point must be one integer in [{lo}, {hi}], got {zero.tolist()}")
-        self.input_scale = scale.reshape(1)
-        self.input_zero_point = None if zero is None else zero.reshape(1).to(torch.int8)
+        scale, zero = checked_static_activation(scale, zero_point, self.config.act_bits, self.weight.device)
+        self.input_scale, self.input_zero_point = scale, zero
         self.weight_colsum = None if zero is None else self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
 
     def activation_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,11 +219,7 @@ class QuantConv2d(nn.Module):
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).contiguous()
 
     def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
-        super()._apply(fn, recurse)
-        for name, original in kept.items():
-            device = self._buffers[name].device
-            self._buffers[name] = torch.empty_like(original, device=device) if original.is_meta else original.to(device)
+        apply_keeping_fp32(self, fn, recurse)
         device = self.weight.device
         if self.folded_affine is not None:
             self.folded_affine = tuple(t.to(device) for t in self.folded_affine)

@@ -56,6 +56,53 @@ def output_scaled(weight: QuantizedWeight, bias: Optional[torch.Tensor], segment
     return weight, bias, segments
 
 
+def register_activation_buffers(module: nn.Module, out_features: int, bias: bool, device, dtype) -> None:
+    """The buffers every quantized layer holds beside its weight: `weight_colsum`, `input_scale`
+    and `input_zero_point` (None until a static calibration), and the fp `bias` (or None)."""
+    module.register_buffer("weight_colsum", None)
+    module.register_buffer("input_scale", None)
+    module.register_buffer("input_zero_point", None)
+    if bias:
+        module.bias = nn.Parameter(torch.zeros((out_features,), dtype=dtype or torch.float32, device=device),
+                                   requires_grad=False)
+    else:
+        module.register_parameter("bias", None)
+
+
+def checked_static_activation(scale, zero_point, act_bits: int, device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(scale fp32 [1], zero point int8 [1] or None) from a calibrated per-tensor scale and
+    signed-domain integer zero point, or ValueError naming what does not fit."""
+    try:
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        zero = None if zero_point is None else torch.as_tensor(zero_point, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"scale and zero_point must be numbers or tensors ({error})") from None
+    if scale.numel() != 1:
+        raise ValueError(f"scale must be one number (a per-tensor scale), got {scale.numel()} values")
+    scale = scale.reshape(1)
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"scale must be a positive finite number, got {scale.tolist()}")
+    if zero is not None:
+        if zero.numel() != 1:
+            raise ValueError(f"zero_point must be one integer (per tensor), got {zero.numel()} values")
+        zero = zero.reshape(1)
+        lo, hi = qrange(act_bits)
+        if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
+            raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")
+        zero = zero.to(torch.int8)
+    return scale, zero
+
+
+def apply_keeping_fp32(module: nn.Module, fn, recurse: bool) -> None:
+    """nn.Module._apply, except that the buffers whose fp32 precision is part of the format
+    (`_FP32_BUFFERS`) only move: model.half() must not round them."""
+    kept = {name: module._buffers[name] for name in _FP32_BUFFERS if module._buffers.get(name) is not None}
+    nn.Module._apply(module, fn, recurse)
+    for name, original in kept.items():
+        device = module._buffers[name].device  # from the meta device (to_empty) there is nothing to copy
+        module._buffers[name] = torch.empty_like(original, device=device) if original.is_meta else original.to(device)
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight is stored quantized and whose forward runs the qla ops.
 
@@ -91,13 +138,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_zero", None)
         groups = self.weight_format == "int4_int8_groups"
         self.register_buffer("weight_group_scale", empty((out_features, in_features // group), torch.int8) if groups else None)
-        self.register_buffer("weight_colsum", None)
-        self.register_buffer("input_scale", None)
-        self.register_buffer("input_zero_point", None)
-        if bias:
-            self.bias = nn.Parameter(empty((out_features,), dtype or torch.float32), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_activation_buffers(self, out_features, bias, device, dtype)
         # Task LoRAs (nn/task_lora.py) by name: not submodules, so the module tree and the state
         # dict are the base model's; `_apply` moves them.
         self.task_loras: Dict[str, nn.Module] = {}
@@ -152,31 +193,9 @@ class QuantLinear(nn.Module):
                              "the calibration model, then convert again")
         if self.config.act_bits is None:
             raise ValueError(f"{type(self.config).__name__} has no activation quantization to make static")
-        device = self.weight.device
-        try:
-            scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
-            zero = None if zero_point is None else torch.as_tensor(zero_point, device=device)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"scale and zero_point must be numbers or tensors ({error})") from None
-        if scale.numel() != 1:
-            raise ValueError(f"scale must be one number (a per-tensor scale), got {scale.numel()} values")
-        scale = scale.reshape(1)
-        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-            raise ValueError(f"scale must be a positive finite number, got {scale.tolist()}")
-        if zero is not None:  # checked before anything is set: a bad zero point changes nothing
-            if zero.numel() != 1:
-                raise ValueError(f"zero_point must be one integer (per tensor), got {zero.numel()} values")
-            zero = zero.reshape(1)
-            lo, hi = qrange(self.config.act_bits)
-            if zero.dtype.is_floating_point or not lo <= int(zero) <= hi:
-                raise ValueError(f"zero_point must be an integer in [{lo}, {hi}], got {zero.tolist()}")
-        self.input_scale = scale
-        if zero is None:
-            self.input_zero_point = None
-            self.weight_colsum = None
-            return
-        self.input_zero_point = zero.to(torch.int8)
-        self.weight_colsum = self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
+        scale, zero = checked_static_activation(scale, zero_point, self.config.act_bits, self.weight.device)
+        self.input_scale, self.input_zero_point = scale, zero
+        self.weight_colsum = None if zero is None else self.quantized_weight().integer().sum(dim=1, dtype=torch.int32)
 
     def forward(self, x: torch.Tensor, bias_override: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`bias_override` replaces the layer's bias for this call (a parent that assembles the
@@ -339,11 +358,7 @@ class QuantLinear(nn.Module):
         super().__setstate__(state)
 
     def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
-        super()._apply(fn, recurse)
-        for name, original in kept.items():
-            device = self._buffers[name].device  # from the meta device (to_empty) there is nothing to copy
-            self._buffers[name] = torch.empty_like(original, device=device) if original.is_meta else original.to(device)
+        apply_keeping_fp32(self, fn, recurse)
         for lora in self.task_loras.values():
             lora._apply(fn, recurse)
         if self.runtime_plan is not None:
