@@ -25,7 +25,7 @@ from ..formats.int4 import pack_int4
 from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES
 from ..ops.conv import ConvGeometry, ConvPlan, check_conv_input, conv_weight_matrix, simulated_conv2d
-from ..quant.config import QuantConfig
+from ..quant.config import W8A8, QuantConfig
 from ..quant.primitives import quantize_symmetric
 from .quant_linear import apply_keeping_fp32, checked_static_activation, register_activation_buffers
 
@@ -257,21 +257,28 @@ class TreatedBy(nn.Module):
 
 
 def quantize_convs_(model: nn.Module, config: QuantConfig,
-                    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+                    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                    stem_config: Optional[QuantConfig] = W8A8()) -> nn.Module:
     """Replaces, in place, every nn.Conv2d selected by `filter_fn(module, fqn)` (default: all) by
-    a QuantConv2d for `config`. Returns `model`. Atomic: every selected convolution is converted
-    before any is swapped, so a ValueError (naming the module) leaves the model as it was;
-    selecting nothing is a ValueError."""
+    a QuantConv2d for `config`. The stem, the first convolution of the model (in module order: the
+    one that reads the image in the architectures this project knows), takes `stem_config`: W8A8
+    by default, as the papers keep it (None: `config` too). Returns `model`. Atomic: every
+    selected convolution is converted before any is swapped, so a ValueError (naming the module)
+    leaves the model as it was; selecting nothing is a ValueError."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Conv2d) and (filter_fn is None or filter_fn(m, name))]
+    if stem_config is not None and not isinstance(stem_config, QuantConfig):
+        raise ValueError(f"stem_config must be a QuantConfig or None, got {stem_config!r}")
+    convolutions = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    stem = convolutions[0][0] if convolutions else None
+    targets = [(name, m) for name, m in convolutions if filter_fn is None or filter_fn(m, name)]
     if not targets:
         raise ValueError("no nn.Conv2d selected for quantization")
     replacements = []
     for name, module in targets:
         try:
-            replacements.append((name, QuantConv2d.from_float(module, config)))
+            chosen = stem_config if (name == stem and stem_config is not None) else config
+            replacements.append((name, QuantConv2d.from_float(module, chosen)))
         except ValueError as error:
             raise ValueError(f"cannot quantize {name!r}: {error}") from error
     for name, replacement in replacements:

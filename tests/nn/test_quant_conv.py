@@ -197,7 +197,9 @@ def test_a_geometry_mismatch_is_refused_on_load(tmp_path):
     (lambda: QuantConv2d.from_float(nn.Conv2d(3, 4, 3), qk.W8A8())(torch.randn(1, 3, 2, 2)), "smaller than"),
     (lambda: QuantConv2d.from_float(nn.Conv2d(3, 4, 3), qk.W8A8()).set_static_activation(-1.0), "positive"),
     (lambda: quantize_convs_(nn.Sequential(nn.Linear(2, 2)), qk.W8A8()), "no nn.Conv2d"),
-    (lambda: quantize_convs_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)), qk.W4A16()), "cannot quantize '0'"),
+    (lambda: quantize_convs_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)), qk.W4A16()), "cannot quantize '1'"),
+    (lambda: quantize_convs_(nn.Sequential(nn.Conv2d(3, 4, 1)), qk.W8A8(), stem_config="W4A4"), "stem_config"),
+    (lambda: quantize_convs_(nn.Sequential(nn.Conv2d(3, 4, 1)), qk.W4A16(), stem_config=None), "cannot quantize '0'"),
 ])
 def test_bad_input_is_a_value_error(make, message):
     with pytest.raises(ValueError, match=message):
