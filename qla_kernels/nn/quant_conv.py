@@ -15,6 +15,7 @@ channels-last memory, so a chain of quantized convolutions never transposes.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -74,6 +75,9 @@ class QuantConv2d(nn.Module):
         device gives the layer's shapes on the meta device (a skeleton to load into)."""
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        if not plain_convolution(conv):
+            raise ValueError(f"{type(conv).__name__} has its own forward (a padding or weight transform of its own): "
+                             "its weight alone does not say what it computes")
         geometry = ConvGeometry.of(conv)
         layer = cls(conv.in_channels, conv.out_channels, geometry.kernel, geometry.stride, geometry.padding,
                     geometry.dilation, geometry.groups, conv.bias is not None, config, device=conv.weight.device,
@@ -239,6 +243,12 @@ class QuantConv2d(nn.Module):
                 f"config={self.config}, activations={activation}{folded}{fused}")
 
 
+def plain_convolution(conv: nn.Conv2d) -> bool:
+    """An nn.Conv2d that computes what its weight, bias and geometry say (timm's Conv2dSame pads
+    per call and StdConv2d standardizes its weight in forward: neither does)."""
+    return type(conv).forward is nn.Conv2d.forward and type(conv)._conv_forward is nn.Conv2d._conv_forward
+
+
 class TreatedBy(nn.Module):
     """A module whose work a convolution's epilogue did for some tensors (a folded BatchNorm, a
     fused activation): a tensor the convolution marked passes through unchanged (the tensor
@@ -262,7 +272,9 @@ def quantize_convs_(model: nn.Module, config: QuantConfig,
     """Replaces, in place, every nn.Conv2d selected by `filter_fn(module, fqn)` (default: all) by
     a QuantConv2d for `config`. The stem, the first convolution of the model (in module order: the
     one that reads the image in the architectures this project knows), takes `stem_config`: W8A8
-    by default, as the papers keep it (None: `config` too). Returns `model`. Atomic: every
+    by default, as the papers keep it (None: `config` too). A convolution with a forward of its
+    own (timm's Conv2dSame, StdConv2d) stays in floating point, with a warning naming it. Returns
+    `model`. Atomic: every
     selected convolution is converted before any is swapped, so a ValueError (naming the module)
     leaves the model as it was; selecting nothing is a ValueError."""
     if not isinstance(model, nn.Module):
@@ -272,6 +284,11 @@ def quantize_convs_(model: nn.Module, config: QuantConfig,
     convolutions = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     stem = convolutions[0][0] if convolutions else None
     targets = [(name, m) for name, m in convolutions if filter_fn is None or filter_fn(m, name)]
+    own = [name for name, m in targets if not plain_convolution(m)]
+    if own:
+        warnings.warn(f"{len(own)} convolutions have their own forward and stay in floating point: {own[:5]}",
+                      stacklevel=2)
+        targets = [(name, m) for name, m in targets if name not in own]
     if not targets:
         raise ValueError("no nn.Conv2d selected for quantization")
     replacements = []

@@ -206,6 +206,18 @@ def test_bad_input_is_a_value_error(make, message):
         make()
 
 
+def test_a_convolution_with_its_own_forward_stays_fp():
+    timm = pytest.importorskip("timm")
+    from timm.layers import Conv2dSame, StdConv2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Conv2dSame(4, 4, 3, stride=2), StdConv2d(4, 4, 3))
+    with pytest.warns(UserWarning, match="stay in floating point"):
+        quantize_convs_(model, qk.W8A8())
+    assert isinstance(model[0], QuantConv2d) and type(model[1]) is Conv2dSame and type(model[2]) is StdConv2d
+    with pytest.raises(ValueError, match="own forward"):
+        QuantConv2d.from_float(Conv2dSame(4, 4, 3), qk.W8A8())
+
+
 def test_quantize_convs_is_atomic():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1, padding_mode="circular"))
     with pytest.raises(ValueError, match="cannot quantize '1'"):
