@@ -499,6 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--write-table", action="store_true",
                         help=f"after a whole-table check that passes, write {TABLE_FILE.name} (keys, classes, counts)")
+    parser.add_argument("--add-to-table", action="store_true",
+                        help=f"after a check of --models that passes, add their keys and classes to {TABLE_FILE.name} "
+                             "(the models a change adds, without recompiling the rest)")
     parser.add_argument("--compare-log", metavar="FILE", help="report launches of a QLA_LAUNCH_LOG file outside "
                                                               "the committed table (no planning, no compiling)")
     args = parser.parse_args(argv)
@@ -513,6 +516,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f"unknown models {[n for n in models if n not in known]}; expected some of {known}")
     if args.write_table and (args.ci or args.sample or models != known):
         raise ValueError("--write-table needs the whole table (no --ci, --sample or --models)")
+    if args.add_to_table and (args.ci or args.sample or args.write_table or models == known):
+        raise ValueError("--add-to-table takes --models (a subset) and no --ci, --sample or --write-table")
     started = time.time()
     chosen = [item for item in (CI_CONVERSIONS if args.ci else conversions(models)) if item.model in models]
     planned, skipped = plan(chosen, jobs=args.jobs)
@@ -563,7 +568,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "classes": sorted({launch_class(launch) for _, launch in work}),
         }, indent=1) + "\n")
         print(f"wrote {TABLE_FILE}", file=sys.stderr)
+    if args.add_to_table and not failed:
+        _add_to_table(models, chosen, skipped, work, total, planned_seconds, compile_seconds, rows)
     return 1 if failed or stale else 0
+
+
+def _add_to_table(models, chosen, skipped, work, total, planned_seconds, compile_seconds, rows) -> None:
+    """Merges the checked launches of `models` into the committed table, and records the addition."""
+    import triton
+
+    table = read_table()
+    for arch, hashes in _hashes(work).items():
+        table["key_hashes"][arch] = sorted(set(table["key_hashes"].get(arch, [])) | set(hashes))
+    table["classes"] = sorted(set(table["classes"]) | {launch_class(launch) for _, launch in work})
+    table.setdefault("additions", []).append({
+        "date": datetime.date.today().isoformat(), "triton": triton.__version__, "models": list(models),
+        "conversions": len(chosen), "refused_conversions": skipped, "launches": total,
+        "plan_seconds": round(planned_seconds), "compile_seconds": round(compile_seconds),
+        "compiled_now": sum(not row["cached"] for row in rows), "per_kernel": _per_kernel(rows)})
+    TABLE_FILE.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"added {len(work)} launches of {list(models)} to {TABLE_FILE}", file=sys.stderr)
 
 
 def _per_kernel(rows: Sequence[dict]) -> Dict[str, int]:

@@ -209,8 +209,11 @@ def argument_specializations(kernel, args: Sequence[object]) -> Tuple[Tuple[str,
 
 def compile_key(kernel, args: Sequence[object], meta: Dict[str, object]) -> tuple:
     """(kernel name, ((argument, specialization), ...), ((constexpr or option, value), ...)):
-    two launches with the same key run the same compiled kernel on a given architecture."""
-    options = dict(_parameters(kernel)[1])
+    two launches with the same key run the same compiled kernel on a given architecture. A
+    constexpr declared with the default False is a feature flag added after the kernel had
+    launches recorded: a launch that leaves it unset compiles what the kernel compiled before the
+    flag existed, and is keyed without it."""
+    options = {name: value for name, value in _parameters(kernel)[1].items() if value is not False}
     options.update(meta)
     return kernel_name(kernel), argument_specializations(kernel, args), tuple(sorted(options.items()))
 
