@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..formats.int4 import pack_int4
 from ..formats.weights import INTEGER_FORMATS, QuantizedWeight
 from ..quant.primitives import absmax_scale, qrange
 from . import reference, simulate
@@ -135,6 +136,23 @@ def _group_rows(weight: QuantizedWeight, start: int, stop: int) -> QuantizedWeig
     return dataclasses.replace(weight, panels=None, **{name: t.contiguous() for name, t in rows.items()})
 
 
+# The GPU kernels specialize K and the rows' strides on divisibility by 16; an unaligned K (a 7×7
+# stem over 3 channels: 147) compiles to unvectorized loads that spill. Their GEMMs run at K
+# rounded up to it: zero weight columns, zero codes (no term, whatever the zero point).
+GPU_K_MULTIPLE = 16
+
+
+def _padded_weight(weight: QuantizedWeight, depth: int) -> QuantizedWeight:
+    """`weight` with zero columns up to `depth` (its format, colsum and scales unchanged)."""
+    codes = F.pad(weight.integer().to(torch.int8), (0, depth - weight.in_features))
+    data = codes if weight.format == "int8" else pack_int4(codes, signed=True)
+    return dataclasses.replace(weight, data=data, panels=None)
+
+
+def _gemm_depth(depth: int, backend: str) -> int:
+    return -(-depth // GPU_K_MULTIPLE) * GPU_K_MULTIPLE if backend in ("triton", "cuda") else depth
+
+
 def _rows_of(tensor: Optional[torch.Tensor], start: int, stop: int) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor[start:stop].contiguous()
 
@@ -218,8 +236,11 @@ class ConvPlan:
         converted model holds, built once."""
         self.check()
         parts = self._group_parts()
-        return dataclasses.replace(self, group_weights=parts if self.depthwise else tuple(map(with_panels, parts)),
-                                   pad_code=self._pad_code())
+        if not self.depthwise:
+            on_gpu = self.weight.data.device.type != "cpu"  # cuda, or meta (planning the GPU's launches)
+            parts = tuple(_padded_weight(part, _gemm_depth(part.in_features, "triton")) if on_gpu else with_panels(part)
+                          for part in parts)
+        return dataclasses.replace(self, group_weights=parts, pad_code=self._pad_code())
 
     def _pad_code(self) -> int:
         """z at 8 bits with a zero point (the GEMM subtracts z·colsum), else 0. On the meta device
@@ -280,6 +301,11 @@ class ConvPlan:
             parts = []
             for g, weight in enumerate(weights):
                 a = codes.reshape(rows, -1) if groups == 1 else codes[:, :, g * step_in:(g + 1) * step_in].reshape(rows, -1)
+                depth = max(weight.in_features, _gemm_depth(a.shape[1], backend))
+                if depth != a.shape[1]:
+                    a = F.pad(a, (0, depth - a.shape[1]))
+                if depth != weight.in_features:  # an unfrozen or CPU-frozen weight on a GPU backend
+                    weight = _padded_weight(weight, depth)
                 lo, hi = g * step_out, (g + 1) * step_out
                 operands = fused_linear_operands(
                     a, scale, weight, a_zero_point=zero, lowrank_t=lowrank_t,
