@@ -32,7 +32,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..formats.int4 import pack_int4
 from ..formats.weights import INTEGER_FORMATS, QuantizedWeight
 from ..quant.primitives import absmax_scale, qrange
 from . import reference, simulate
@@ -144,8 +143,9 @@ GPU_K_MULTIPLE = 16
 
 def _padded_weight(weight: QuantizedWeight, depth: int) -> QuantizedWeight:
     """`weight` with zero columns up to `depth` (its format, colsum and scales unchanged)."""
-    codes = F.pad(weight.integer().to(torch.int8), (0, depth - weight.in_features))
-    data = codes if weight.format == "int8" else pack_int4(codes, signed=True)
+    extra = depth - weight.in_features
+    # A zero byte of packed int4 is two zero nibbles (convolutions store "int8" or "int4", K even).
+    data = F.pad(weight.data, (0, extra if weight.format == "int8" else extra // 2))
     return dataclasses.replace(weight, data=data, panels=None)
 
 
