@@ -44,12 +44,12 @@ class ConvAdapter(nn.Module):
         return self.down.out_channels
 
     def down_path(self, x: torch.Tensor) -> torch.Tensor:
-        """T = GELU(down(DW(x))) [N, r, Ho, Wo] in fp32."""
-        return F.gelu(self.down(self.dw(x.float())))
+        """T = GELU(down(DW(x))) [N, r, Ho, Wo] in the adapter's dtype (fp32 unless cast)."""
+        return F.gelu(self.down(self.dw(x.to(self.dw.weight.dtype))))
 
     def up_matrix(self) -> torch.Tensor:
-        """U = gate·up as [out_channels, r] fp32: the low-rank segment's right operand."""
-        return self.gate.detach().float()[:, None] * self.up.weight.detach().float()[:, :, 0, 0]
+        """U = gate·up as [out_channels, r] in the adapter's dtype: the low-rank segment's right operand."""
+        return (self.gate.detach().float()[:, None] * self.up.weight.detach().float()[:, :, 0, 0]).to(self.gate.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.up(self.down_path(x)) * self.gate[None, :, None, None]).to(x.dtype)

@@ -145,7 +145,7 @@ class QuantConv2d(nn.Module):
         fullrank_w = None
         if self.lowered_qwt is not None:  # b_c rides as the weight of a column of ones in X_c
             compensation, compensation_bias, _ = self.lowered_qwt
-            fullrank_w = torch.cat([compensation, compensation_bias[:, None]], dim=1).float().contiguous()
+            fullrank_w = torch.cat([compensation, compensation_bias[:, None].to(compensation.dtype)], dim=1).contiguous()
         lowrank_u = None if self.lowered_adapter is None else self.lowered_adapter.up_matrix().contiguous()
         plan = ConvPlan(weight, self.geometry, self.config.act_bits, self.input_scale, self.input_zero_point, bias,
                         lowrank_u=lowrank_u, fullrank_w=fullrank_w,
@@ -201,7 +201,8 @@ class QuantConv2d(nn.Module):
         return y
 
     def _compensation_input(self, block_input: Optional[torch.Tensor], x: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
-        """X_c = [block input at the compensation's stride, 1] as rows [N·Ho·Wo, C_in + 1] fp32."""
+        """X_c = [block input at the compensation's stride, 1] as rows [N·Ho·Wo, C_in + 1], in the
+        compensation's dtype (the model's, after a cast: fp16 corrections on fp16 models)."""
         if block_input is None:
             raise ValueError("this convolution runs its block's QwT compensation: call it with block_input=")
         stride = self.lowered_qwt[2]
@@ -209,11 +210,11 @@ class QuantConv2d(nn.Module):
         out_h, out_w = plan.geometry.output_size(x.shape[1], x.shape[2])
         if pixels.shape[1:3] != (out_h, out_w):
             raise ValueError(f"block_input at stride {stride} is {tuple(pixels.shape[1:3])}, the output {out_h}×{out_w}")
-        rows = pixels.reshape(-1, pixels.shape[3]).float()
+        rows = pixels.reshape(-1, pixels.shape[3]).to(plan.fullrank_w.dtype)
         return torch.cat([rows, rows.new_ones((rows.shape[0], 1))], dim=1)
 
     def _adapter_input(self, block_input: Optional[torch.Tensor], x: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
-        """T = GELU(down(DW(block input))) as rows [N·Ho·Wo, r] fp32 (the adapter's down path)."""
+        """T = GELU(down(DW(block input))) as rows [N·Ho·Wo, r] in the adapter's dtype."""
         if block_input is None:
             raise ValueError("this convolution runs its block's QLA adapter: call it with block_input=")
         t = self.lowered_adapter.down_path(block_input)
@@ -227,8 +228,8 @@ class QuantConv2d(nn.Module):
         device = self.weight.device
         if self.folded_affine is not None:
             self.folded_affine = tuple(t.to(device) for t in self.folded_affine)
-        if self.lowered_qwt is not None:
-            self.lowered_qwt = (self.lowered_qwt[0].to(device), self.lowered_qwt[1].to(device), self.lowered_qwt[2])
+        if self.lowered_qwt is not None:  # cast and moved as the model is (fp16 corrections on a fp16 model)
+            self.lowered_qwt = (fn(self.lowered_qwt[0]), fn(self.lowered_qwt[1]), self.lowered_qwt[2])
         if self.runtime_plan is not None:
             self.freeze()
         return self

@@ -69,6 +69,36 @@ def _unpack_uint4_tile(packed):
     return tl.trans(tl.reshape(tl.join(codes & 0xF, codes >> 4), (block_n, block_k)))
 
 
+@triton.jit
+def add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm, stride_un,
+                    stride_xm, stride_wcn, HAS_LOWRANK: tl.constexpr, HAS_FULLRANK: tl.constexpr,
+                    LOWRANK_FP32: tl.constexpr, FULLRANK_FP32: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y + T·Uᵀ + X_c·W_cᵀ for the tile's rows and columns, as extra dots into y."""
+    if HAS_LOWRANK:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
+                        mask=row_valid[:, None] & (offs_r[None, :] < R), other=0.0)
+            u = tl.load(u_ptr + offs_n[None, :] * stride_un + offs_r[:, None],
+                        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
+            if LOWRANK_FP32:
+                y = tl.dot(t, u, y, input_precision="tf32x3")
+            else:
+                y = tl.dot(t, u, y)
+    if HAS_FULLRANK:
+        for c0 in range(0, KC, BLOCK_R):
+            offs_c = c0 + tl.arange(0, BLOCK_R)
+            xc = tl.load(xc_ptr + rows[:, None] * stride_xm + offs_c[None, :],
+                         mask=row_valid[:, None] & (offs_c[None, :] < KC), other=0.0)
+            wc = tl.load(wc_ptr + offs_n[None, :] * stride_wcn + offs_c[:, None],
+                         mask=mask_n[None, :] & (offs_c[:, None] < KC), other=0.0)
+            if FULLRANK_FP32:
+                y = tl.dot(xc, wc, y, input_precision="tf32x3")
+            else:
+                y = tl.dot(xc, wc, y)
+    return y
+
+
 # The split count and the ranks of the low-rank / full-rank segments are runtime sizes, never
 # specialized: a new split count or a correction's calibrated rank must not compile new kernels.
 @triton.jit(do_not_specialize=["SPLITS", "R", "KC"])
@@ -212,34 +242,10 @@ def fused_linear_kernel(
         row_valid = mask_m
     rows = tl.where(row_valid, rows, 0).to(tl.int64)
 
-    if RESIDUAL_FIRST:  # the corrections join after the activation: accumulate them apart
-        main = y
-        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_LOWRANK:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
-                        mask=row_valid[:, None] & (offs_r[None, :] < R), other=0.0)
-            u = tl.load(u_ptr + offs_n[None, :] * stride_un + offs_r[:, None],
-                        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
-            if LOWRANK_FP32:
-                y = tl.dot(t, u, y, input_precision="tf32x3")
-            else:
-                y = tl.dot(t, u, y)
-    if HAS_FULLRANK:
-        for c0 in range(0, KC, BLOCK_R):
-            offs_c = c0 + tl.arange(0, BLOCK_R)
-            xc = tl.load(xc_ptr + rows[:, None] * stride_xm + offs_c[None, :],
-                         mask=row_valid[:, None] & (offs_c[None, :] < KC), other=0.0)
-            wc = tl.load(wc_ptr + offs_n[None, :] * stride_wcn + offs_c[:, None],
-                         mask=mask_n[None, :] & (offs_c[:, None] < KC), other=0.0)
-            if FULLRANK_FP32:
-                y = tl.dot(xc, wc, y, input_precision="tf32x3")
-            else:
-                y = tl.dot(xc, wc, y)
-    if RESIDUAL_FIRST:
-        corrections = y
-        y = main
+    if not RESIDUAL_FIRST:
+        y = add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm,
+                            stride_un, stride_xm, stride_wcn, HAS_LOWRANK, HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32,
+                            BLOCK_R)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
@@ -259,8 +265,10 @@ def fused_linear_kernel(
         y = tl.where(y != y, y, tl.minimum(tl.maximum(y, 0.0), 6.0))
     elif ACTIVATION == 9:  # silu as x / (1 + 2^(−log2(e)·x)), as quick_gelu
         y = y / (1.0 + tl.exp2(-1.4426950408889634 * y))
-    if RESIDUAL_FIRST:
-        y = y + corrections
+    if RESIDUAL_FIRST:  # after the activation, into the same accumulator (no second tile of registers)
+        y = add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm,
+                            stride_un, stride_xm, stride_wcn, HAS_LOWRANK, HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32,
+                            BLOCK_R)
 
     if ACTIVATION >= 5 and ACTIVATION <= 7:
         gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
