@@ -317,7 +317,6 @@ CI_CONVERSIONS = tuple(Conversion(*fields) for fields in (
     ("gpt2", "W4A8", "dynamic", "qla_qwt128"), ("clip_b16", "W8A8", "dynamic", "none"),
     ("gemma2b", "W4A16g128", "dynamic", "none"),
     ("resnet50", "W8A8", "static_zero", "qwt_conv"), ("resnet50", "W4A4", "dynamic", "none"),
-    ("detr_r50_backbone", "W4A8", "static", "none"),
 ))
 
 

@@ -31,7 +31,7 @@ def _kl(reference, model, x):
 def test_qwt_then_qla_lower_the_kl_to_fp_and_lower_onto_the_kernels(digits_cnns):
     """PTQ → + QwT (group-wise 1×1 per block) → + QLA (DW-separable adapters, hybrid loss): the KL
     to fp falls at each step on every seed. Measured on this machine's three seeds: PTQ 0.0116 /
-    0.0050 / 0.0104, + QwT 0.0041 / 0.0032 / 0.0030, + QLA 0.0032 / 0.0029 / 0.0026; asserted:
+    0.0050 / 0.0104, + QwT 0.0041 / 0.0032 / 0.0030, + QLA 0.0033 / 0.0029 / 0.0024; asserted:
     QwT below 0.8× PTQ and QLA below QwT on each seed, QLA below 0.95× QwT on their mean.
     Then convert_for_runtime folds the norms, fuses both blocks with their QwT and adapter in the
     last convolution's epilogue, and the runtime model on the integer kernels equals its
@@ -48,7 +48,7 @@ def test_qwt_then_qla_lower_the_kl_to_fp_and_lower_onto_the_kernels(digits_cnns)
         qwt_kl = _kl(reference, model, x)
         assert len(qla.add_conv_adapters(model, batches[0], rank=8)) == 2
         assert _kl(reference, model, x) == pytest.approx(qwt_kl, rel=1e-9)  # the zero gate: a no-op
-        qla.train(model, fp, batches, epochs=8, lr=3e-3, progress=False)
+        qla.train(model, fp, batches, epochs=5, lr=4e-3, progress=False)
         qla_kl = _kl(reference, model, x)
         assert qwt_kl < 0.8 * ptq_kl and qla_kl < qwt_kl, (ptq_kl, qwt_kl, qla_kl)
         ratios.append(qla_kl / qwt_kl)
