@@ -52,33 +52,23 @@ def _node_activation(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[s
 
 
 def _conv_behind(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[fx.Node, list]]:
-    """The QuantConv2d call whose output reaches `node` through pass-through wrappers only (each
-    with one reader), and those wrappers' nodes."""
+    """The QuantConv2d call whose output reaches `node` through pass-through modules only (each
+    with one reader: nn.Identity, or a TreatedBy wrapper that this convolution folded into its
+    epilogue), and those modules' nodes."""
     chain = []
     while isinstance(node, fx.Node) and node.op == "call_module":
         module = modules[node.target]
         if len(node.users) != 1:
             return None
         if isinstance(module, QuantConv2d):
-            return node, chain
-        passes = isinstance(module, nn.Identity) or (isinstance(module, TreatedBy)
-                                                     and chain_source_treats(node, module, modules))
-        if not passes:
+            folded = all(modules[n.target] in module.treated_by for n in chain
+                         if isinstance(modules[n.target], TreatedBy))
+            return (node, chain) if folded else None
+        if not isinstance(module, (nn.Identity, TreatedBy)):
             return None
         chain.append(node)
         node = node.args[0]
     return None
-
-
-def chain_source_treats(node: fx.Node, wrapper: TreatedBy, modules: Dict[str, nn.Module]) -> bool:
-    """Whether the QuantConv2d behind `node` folded `wrapper` into its epilogue (so the wrapper
-    passes its output through)."""
-    source = node.args[0]
-    while (isinstance(source, fx.Node) and source.op == "call_module"
-           and isinstance(modules[source.target], (TreatedBy, nn.Identity))):
-        source = source.args[0]
-    return (isinstance(source, fx.Node) and source.op == "call_module"
-            and isinstance(modules[source.target], QuantConv2d) and wrapper in modules[source.target].treated_by)
 
 
 def _rewrite(graph: fx.Graph, modules: Dict[str, nn.Module]) -> list:
