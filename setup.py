@@ -212,5 +212,7 @@ setup(
     },
     ext_modules=cpu_extensions() + cuda_extensions(),
     cmdclass={"build_ext": KernelBuildExt},
-    entry_points={"console_scripts": ["qla = qla_kernels.cli:main"]},
+    entry_points={"console_scripts": ["qla = qla_kernels.cli:main"],
+                  # vLLM runs it in every process: registers the "qla" quantization method
+                  "vllm.general_plugins": ["qla = qla_kernels.integrations.vllm:register"]},
 )

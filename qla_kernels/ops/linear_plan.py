@@ -96,5 +96,14 @@ class LinearPlan:
         else:
             args = (rows, self.act_bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None, False)
             a, a_scale, _ = implementation_for("quantize_activation", backend, *args).eager(rows)(*args)
-        operands = self._operands(a, a_scale, lowrank_t, fullrank_x, residual, rows.dtype)
-        return implementation_for("fused_linear", backend, operands).eager(rows)(operands)[0]
+        return self.run_quantized(a, a_scale, lowrank_t, fullrank_x, residual, rows.dtype, backend)
+
+    def run_quantized(self, a: torch.Tensor, a_scale: torch.Tensor, lowrank_t: Optional[torch.Tensor] = None,
+                      fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                      out_dtype: torch.dtype = torch.float32, backend: Optional[str] = None) -> torch.Tensor:
+        """`run` from activations its caller quantized: codes `a` int8 [M, K] with their fp32
+        per-token `a_scale` [M] (a tensor-parallel shard of K quantized with the whole row's
+        scale: integrations/vllm.py)."""
+        backend = backend or resolve_backend(a.device)
+        operands = self._operands(a, a_scale, lowrank_t, fullrank_x, residual, out_dtype)
+        return implementation_for("fused_linear", backend, operands).eager(a)(operands)[0]
