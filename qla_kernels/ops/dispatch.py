@@ -144,6 +144,18 @@ def _backend_table() -> Dict[str, BackendInfo]:
     return table
 
 
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str) -> str:
+    """The first available backend of the auto choices for `device_type`. torch.compile takes its
+    result as a constant while tracing instead of tracing the availability probes (imports of
+    the kernel modules, the build record), which Dynamo of torch 2.13 cannot trace."""
+    choices = _AUTO_CHOICES.get(device_type)
+    if not choices:
+        return "reference"
+    available = _backend_table()
+    return next((b for b in choices if available[b].available), "reference")
+
+
 def _validated(name: str) -> str:
     if name != _AUTO and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {list(BACKENDS)} or 'auto'")
@@ -164,11 +176,7 @@ def resolve_backend(device: torch.device) -> str:
     if device.type == "meta":  # shapes only: every backend's op runs its fake
         return "reference" if name == _AUTO else name
     if name == _AUTO:
-        choices = _AUTO_CHOICES.get(device.type)
-        if not choices:
-            return "reference"
-        available = _backend_table()
-        return next((b for b in choices if available[b].available), "reference")
+        return _auto_backend(device.type)
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":

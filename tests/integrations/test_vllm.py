@@ -87,7 +87,7 @@ def served_case(request, tmp_path_factory):
     return path, ours, without_qwt
 
 
-def _serve(path: Path, tensor_parallel: int) -> dict:
+def _serve(path: Path, tensor_parallel: int, compiled: bool) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     if tensor_parallel > 1:
         cpus = sorted(os.sched_getaffinity(0))
@@ -96,16 +96,19 @@ def _serve(path: Path, tensor_parallel: int) -> dict:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in cpus[:tensor_parallel])
     result = subprocess.run([sys.executable, "-m", "tests.integrations.vllm_serve", str(path),
                              "--prompts", json.dumps(PROMPTS), "--max-tokens", str(NEW_TOKENS),
-                             "--tensor-parallel", str(tensor_parallel)],
+                             "--tensor-parallel", str(tensor_parallel), *(["--compile"] if compiled else [])],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith('{"tokens"')))
 
 
-@pytest.mark.parametrize("tensor_parallel", [1, 2])
-def test_vllm_decodes_our_tokens(served_case, tensor_parallel):
+@pytest.mark.parametrize("tensor_parallel, compiled", [(1, False), (2, False), (1, True)],
+                         ids=["eager", "eager-tp2", "compiled"])
+def test_vllm_decodes_our_tokens(served_case, tensor_parallel, compiled):
+    """`compiled`: vLLM's default, its torch.compile of the model (our ops are custom ops, the
+    QwT hand-off hooks traced)."""
     path, (tokens, logprobs), (_, logprobs_without_qwt) = served_case
-    served = _serve(path, tensor_parallel)
+    served = _serve(path, tensor_parallel, compiled)
     assert len(served["methods"]) == tensor_parallel
     for methods in served["methods"]:  # every linear and the LM head on qla's kernels, on every rank
         assert set(methods.values()) == {"QlaLinearMethod"}, methods

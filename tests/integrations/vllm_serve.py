@@ -15,12 +15,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--quantization", default="qla")
+    parser.add_argument("--compile", action="store_true", help="vLLM's default torch.compile (else eager)")
     args = parser.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model sends a function to the workers
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, quantization=args.quantization or None, skip_tokenizer_init=True, dtype="float32",
-              max_model_len=128, enforce_eager=True, tensor_parallel_size=args.tensor_parallel)
+              max_model_len=128, enforce_eager=not args.compile, tensor_parallel_size=args.tensor_parallel)
     outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in json.loads(args.prompts)],
                            SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=0, detokenize=False))
     from qla_kernels.integrations.vllm import layer_methods

@@ -3,6 +3,7 @@ without graph breaks (fullgraph=True). aot_eager checks tracing and fake-tensor 
 spending CI minutes on code generation."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -27,6 +28,19 @@ def test_quant_linear_compiles_without_graph_breaks(config, backend):
     x = torch.randn(2, 5, 64)
     with qk.use_backend(backend):
         _assert_compiles_like_eager(layer, x)
+
+
+def test_converted_layer_on_the_auto_backend_compiles_with_its_backend_as_a_constant():
+    """The auto backend is a constant of the graph (dispatch._auto_backend): Dynamo does not trace
+    the availability probes behind it (imports, the build record; torch 2.13's Dynamo fails on
+    them, which is what vLLM's compiled CPU path runs)."""
+    torch._dynamo.reset()
+    layer = qk.QuantLinear.from_float(torch.nn.Linear(64, 32), qk.W8A8())
+    layer.freeze()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _assert_compiles_like_eager(layer, torch.randn(3, 64))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
 def test_quantized_block_with_qwt_compiles_without_graph_breaks():
