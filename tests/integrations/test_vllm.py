@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def served_case(request, tmp_path_factory):
     return path, ours, without_qwt
 
 
-def _serve(path: Path, tensor_parallel: int, compiled: bool) -> dict:
+def _serve(path: Path, tensor_parallel: int, compiled: bool, lora: Optional[Path] = None) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     if tensor_parallel > 1:
         cpus = sorted(os.sched_getaffinity(0))
@@ -96,7 +97,8 @@ def _serve(path: Path, tensor_parallel: int, compiled: bool) -> dict:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in cpus[:tensor_parallel])
     result = subprocess.run([sys.executable, "-m", "tests.integrations.vllm_serve", str(path),
                              "--prompts", json.dumps(PROMPTS), "--max-tokens", str(NEW_TOKENS),
-                             "--tensor-parallel", str(tensor_parallel), *(["--compile"] if compiled else [])],
+                             "--tensor-parallel", str(tensor_parallel), *(["--compile"] if compiled else []),
+                             *(["--lora", str(lora)] if lora else [])],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith('{"tokens"')))
@@ -118,6 +120,45 @@ def test_vllm_decodes_our_tokens(served_case, tensor_parallel, compiled):
     # The check can fail: dropping QwT moves the log-probabilities by far more than the tolerance.
     qwt_effect = max(abs(a - b) for ours, other in zip(logprobs, logprobs_without_qwt) for a, b in zip(ours, other))
     assert qwt_effect > 10 * LOGPROB_ATOL, (qwt_effect, difference)
+
+
+def _write_lora(path: Path, rank: int = 8, alpha: int = 16) -> Path:
+    """A PEFT LoRA on every linear of `_llama()`'s layers, as PEFT writes one (random, B nonzero)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"self_attn.q_proj": (128, 128), "self_attn.k_proj": (64, 128), "self_attn.v_proj": (64, 128),
+              "self_attn.o_proj": (128, 128), "mlp.gate_proj": (256, 128), "mlp.up_proj": (256, 128),
+              "mlp.down_proj": (128, 256)}
+    tensors = {}
+    for layer in range(2):
+        for name, (out_features, in_features) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.05
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "bias": "none", "target_modules": sorted({name.split(".")[1] for name in shapes}),
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "base_model_name_or_path": None}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_vllm_multi_lora_runs_beside_our_gemm(served_case, tmp_path):
+    """vLLM's own LoRA (`enable_lora`) adds x·Aᵀ·(scaling·B)ᵀ beside our GEMM; our `load_lora`
+    adds it in the GEMM's epilogue: the same tokens."""
+    path = served_case[0]
+    lora = _write_lora(tmp_path / "lora")
+    model = qk.load_pretrained(str(path))
+    qk.load_lora(model, str(lora), name="adapter")
+    tokens, logprobs = _greedy(model)
+    served = _serve(path, 1, False, lora=lora)
+    assert served["tokens"] == tokens
+    difference = max(abs(a - b) for ours, theirs in zip(logprobs, served["logprobs"]) for a, b in zip(ours, theirs))
+    assert difference <= LOGPROB_ATOL, difference
+    assert served["tokens"] != served_case[1][0]  # the adapter changes what is decoded
 
 
 def _layout(**extra) -> dict:

@@ -16,14 +16,18 @@ def main() -> None:
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--quantization", default="qla")
     parser.add_argument("--compile", action="store_true", help="vLLM's default torch.compile (else eager)")
+    parser.add_argument("--lora", help="a PEFT LoRA directory, served by vLLM's multi-LoRA (enable_lora)")
     args = parser.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model sends a function to the workers
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
     llm = LLM(model=args.model, quantization=args.quantization or None, skip_tokenizer_init=True, dtype="float32",
-              max_model_len=128, enforce_eager=not args.compile, tensor_parallel_size=args.tensor_parallel)
+              max_model_len=128, enforce_eager=not args.compile, tensor_parallel_size=args.tensor_parallel,
+              **({"enable_lora": True, "max_lora_rank": 16, "max_loras": 1} if args.lora else {}))
     outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in json.loads(args.prompts)],
-                           SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=0, detokenize=False))
+                           SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=0, detokenize=False),
+                           lora_request=LoRARequest("adapter", 1, args.lora) if args.lora else None)
     from qla_kernels.integrations.vllm import layer_methods
 
     methods = llm.apply_model(layer_methods)  # one per rank
