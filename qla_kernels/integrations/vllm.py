@@ -104,15 +104,23 @@ class QlaVllmConfig(QuantizationConfig):
         self.linears: Dict[str, dict] = dict(layout.get("qla_kernels.quant_linears") or {})
         if not self.linears:
             raise ValueError("the qla quantization_config lists no quantized linear")
-        self.configs = {name: QuantConfig.from_dict(entry["config"]) for name, entry in self.linears.items()}
+        self.configs = {}
+        for name, entry in self.linears.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict) or not isinstance(
+                    entry.get("buffers", []), list):
+                raise ValueError(f"{name!r}: malformed quantized-linear entry in the layout: {entry!r}")
+            self.configs[name] = QuantConfig.from_dict(entry["config"])
         self.qwt: Dict[str, _QwTEntry] = {}
         for block, entry in (layout.get("qla_kernels.qwt") or {}).items():
             if entry.get("output_norm"):
                 raise ValueError(f"{block!r}: a QwT compensation added before the block's output norm (post-norm "
                                  "blocks) has no place in vLLM's pre-norm decoders")
-            down = entry.get("down")
-            self.qwt[block] = _QwTEntry(block, entry["weight"][0], down[0] if down else entry["weight"][1],
-                                        None if down is None else down[1])
+            try:
+                (d_out, width), down = entry["weight"], entry.get("down")
+                self.qwt[block] = _QwTEntry(block, int(d_out), int(down[0] if down else width),
+                                            None if down is None else int(down[1]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise ValueError(f"{block!r}: malformed QwT entry in the layout: {entry!r}") from None
         self._parents: Optional[_Parents] = None
         self._layers: Dict[str, "weakref.ref[nn.Module]"] = {}  # the layers given a QlaLinearMethod
         self._qwt_prefixes: Optional[Dict[str, str]] = None  # block -> the linear adding its QwT, once placed
@@ -190,7 +198,7 @@ class QlaVllmConfig(QuantizationConfig):
         if len(configs) != 1:
             raise ValueError(f"{prefix}: vLLM merges {names} into one GEMM, which the checkpoint quantized with "
                              f"different configs ({sorted(map(repr, configs))})")
-        buffers = {tuple(self.linears[name]["buffers"]) for name in names}
+        buffers = {tuple(self.linears[name].get("buffers", [])) for name in names}
         if len(buffers) != 1:
             raise ValueError(f"{prefix}: {names} differ in their static activation buffers ({sorted(buffers)})")
         self._layers[prefix] = weakref.ref(layer)

@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 5, 17, 42, 99], [3, 300, 7, 8, 9, 10, 11], [200]]
 NEW_TOKENS = 12
 # vLLM's and transformers' fp32 attention and reductions differ in summation order (~1e-6
-# relative); a tie in an int8 rounding that this flips moves a logit by one step of a scale, some
-# 1e-3 of these logits' spread. The log-probabilities must agree to well within what QwT changes
-# (checked per case: without QwT they are further from ours than 10x this).
+# relative). Measured here: the same greedy tokens and log-probabilities within this bound in every case
+# below. A per-token code that lies within that of a rounding boundary would round apart and move
+# later log-probabilities by up to some 3e-2 (LORA_LOGPROB_ATOL's note); none does on these
+# prompts. QwT moves them by more than 10x this bound (checked per case).
 LOGPROB_ATOL = 2e-3
 CASES = {
     "w8a8-qwt": (qk.W8A8(), "full-rank QwT"),
@@ -146,19 +147,46 @@ def _write_lora(path: Path, rank: int = 8, alpha: int = 16) -> Path:
     return path
 
 
+def _teacher_forced(model, prompts, tokens) -> tuple:
+    """Per prompt, our model's log-probability of each of `tokens` and the largest gap between
+    our best log-probability and theirs at any step, from one forward over prompt + tokens."""
+    logprobs, gap = [], 0.0
+    for prompt, ids in zip(prompts, tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:len(prompt) - 1 + len(ids)]
+        table = torch.log_softmax(logits.float(), -1)
+        chosen = table[torch.arange(len(ids)), torch.tensor(ids)]
+        logprobs.append(chosen.tolist())
+        gap = max(gap, float((table.amax(-1) - chosen).max()))
+    return logprobs, gap
+
+
+# With activation quantization two fp-different but equal computations (transformers' decode
+# with its KV cache, its full forward, vLLM's paged decode) round a few per-token codes apart
+# where a value lies within ~1e-6 of a rounding boundary, and a flipped code moves later
+# log-probabilities by up to ~3e-2 (measured here, W4A8 with this adapter: full forward against
+# incremental decode, the same tokens). LoRA is compared at that bound, teacher-forced.
+LORA_LOGPROB_ATOL = 5e-2
+
+
 def test_vllm_multi_lora_runs_beside_our_gemm(served_case, tmp_path):
     """vLLM's own LoRA (`enable_lora`) adds x·Aᵀ·(scaling·B)ᵀ beside our GEMM; our `load_lora`
-    adds it in the GEMM's epilogue: the same tokens."""
+    adds it in the GEMM's epilogue. Teacher-forced: our model over the tokens vLLM decoded (one
+    forward) gives them within LORA_LOGPROB_ATOL of its best at every step and of vLLM's
+    log-probabilities; without the adapter it is far from them."""
     path = served_case[0]
     lora = _write_lora(tmp_path / "lora")
     model = qk.load_pretrained(str(path))
     qk.load_lora(model, str(lora), name="adapter")
-    tokens, logprobs = _greedy(model)
     served = _serve(path, 1, False, lora=lora)
-    assert served["tokens"] == tokens
+    logprobs, gap = _teacher_forced(model, PROMPTS, served["tokens"])
+    assert gap <= LORA_LOGPROB_ATOL, gap
     difference = max(abs(a - b) for ours, theirs in zip(logprobs, served["logprobs"]) for a, b in zip(ours, theirs))
-    assert difference <= LOGPROB_ATOL, difference
-    assert served["tokens"] != served_case[1][0]  # the adapter changes what is decoded
+    assert difference <= LORA_LOGPROB_ATOL, difference
+    qk.set_lora(model, None)
+    base_logprobs, _ = _teacher_forced(model, PROMPTS, served["tokens"])
+    effect = max(abs(a - b) for ours, base in zip(logprobs, base_logprobs) for a, b in zip(ours, base))
+    assert effect > 10 * LORA_LOGPROB_ATOL, effect
 
 
 def _layout(**extra) -> dict:
@@ -185,6 +213,9 @@ def test_register_is_idempotent_and_the_entry_point_names_it():
     (_layout(**{"qla_kernels.qwt": {"model.layers.0": {"output_norm": "norm", "weight": [16, 16], "down": None}}}),
      "post-norm"),
     (_layout(**{"qla_kernels.quant_linears": {}}), "no quantized linear"),
+    (_layout(**{"qla_kernels.qwt": {"model.layers.0": {"weight": [16]}}}), "malformed QwT entry"),
+    (_layout(**{"qla_kernels.quant_linears": {"model.layers.0.mlp.down_proj": {"buffers": []}}}),
+     "malformed quantized-linear entry"),
     (_layout(**{"qla_kernels.format_version": 99}), "unsupported qla_kernels checkpoint version"),
 ])
 def test_config_refuses_what_it_does_not_serve(layout, message):
