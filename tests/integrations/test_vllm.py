@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 5, 17, 42, 99], [3, 300, 7, 8, 9, 10, 11], [200]]
 NEW_TOKENS = 12
 # vLLM's and transformers' fp32 attention and reductions differ in summation order (~1e-6
-# relative). Measured here: the same greedy tokens and log-probabilities within this bound in every case
-# below. A per-token code that lies within that of a rounding boundary would round apart and move
-# later log-probabilities by up to some 3e-2 (LORA_LOGPROB_ATOL's note); none does on these
-# prompts. QwT moves them by more than 10x this bound (checked per case).
+# relative). Measured here: the same greedy tokens and log-probabilities within this bound in
+# every case below. A per-token code that lay within that of a rounding boundary would round
+# apart and move later log-probabilities by up to some 3e-2 (LORA_LOGPROB_ATOL's note); none does
+# on these prompts. QwT moves them by more than 10x this bound (checked per case).
 LOGPROB_ATOL = 2e-3
 CASES = {
     "w8a8-qwt": (qk.W8A8(), "full-rank QwT"),
