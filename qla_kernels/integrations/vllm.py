@@ -15,19 +15,21 @@ whose checkpoint linears the layout quantized gets a `QlaLinearMethod`:
   reference where it is not built) on CPU, Triton/CUDA on GPU.
 
 QwT. A block's compensation c(x) = x·W_cᵀ + b is added to the block output, which in vLLM's
-pre-norm decoders is the block's last linear's output plus the residual stream: the checkpoint's
+pre-norm decoders is the block's last linear's output plus the residual stream (`_place_qwt`
+checks the block has that form): the checkpoint's
 `<block>.qwt.*` tensors load into that linear (`qwt_weight`, `qwt_bias`, `qwt_down`), and its GEMM
 adds x·W_cᵀ in the full-rank segment (or (x·V)·Uᵀ in the low-rank one), x the block input handed
 over by a hook on the decoder layer (nn/forward_context.py), b in the bias. In a row-parallel
 layer each rank multiplies its slice of x's channels (W_c and V sharded along their input), the
 all-reduce sums the parts, and only rank 0 adds b.
 
-Not served (ValueError at load): QLA adapters, convolutions, post-norm QwT (`output_norm`), a
-rotating config in a row-parallel layer split over ranks (the Hadamard rotation spans the whole
-K). With tensor parallelism, a row-parallel layer's dynamic per-token activation scale is the
-whole row's (each rank's absolute maximum over its K slice, all-reduced with MAX: one more
-all-reduce of M floats per such layer), so every rank quantizes to the codes one unsplit layer
-would; vLLM's own int8 methods take each rank's own scale instead.
+Not served (ValueError at load): QLA adapters, convolutions, post-norm QwT (`output_norm`), QwT
+in blocks of another form (a norm after the MLP, experts), a rotating config in a row-parallel
+layer split over ranks (the Hadamard rotation spans the whole K). With tensor parallelism, a
+row-parallel layer's dynamic per-token activation scale is the whole row's (the ranks' absolute
+maxima over their K slices gathered through vLLM's tensor-parallel group, the largest taken: one
+more all-gather of M floats per rank per such layer), so every rank quantizes to the codes one
+unsplit layer would; vLLM's own int8 methods take each rank's own scale instead.
 """
 
 from __future__ import annotations
@@ -57,9 +59,6 @@ from ..ops.linear_plan import LinearPlan
 from ..quant.config import QuantConfig
 from ..quant.primitives import absmax_scale, quantize_with_scale
 from .transformers import QUANT_METHOD
-
-_QWT_TENSORS = ("weight", "bias", "down")
-
 
 def register() -> None:
     """Registers "qla" with vLLM (the `vllm.general_plugins` entry point; idempotent: vLLM calls it
@@ -153,34 +152,62 @@ class QlaVllmConfig(QuantizationConfig):
         self.qwt = {renamed(block): dataclasses.replace(entry, block=renamed(block)) for block, entry in self.qwt.items()}
 
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
-        """`<block>.qwt.<t>` loads as `qwt_<t>` of the linear that adds it (`_place_qwt`);
-        `weight_colsum` (derived from the codes, per rank's K slice) is recomputed after loading.
-        vLLM asks for it when the model is built and its weights are about to load."""
+        """`<block>.qwt.<t>` loads as `qwt_<t>` of the linear that adds it, placed now (`_place_qwt`:
+        vLLM's AutoWeightsLoader asks for this mapper once the model is built, before the weights
+        load; `loaded` refuses a model whose compensations were never placed); the compensations of
+        blocks on other pipeline ranks are dropped. `weight_colsum` (derived from the codes, per
+        rank's K slice) is recomputed after loading."""
         if self._qwt_prefixes is None:
             self._qwt_prefixes = {block: self._place_qwt(entry) for block, entry in self.qwt.items()}
-        prefixes = {f"{block}.qwt.": f"{linear}.qwt_" for block, linear in self._qwt_prefixes.items()}
+        prefixes = {f"{block}.qwt.": None if linear is None else f"{linear}.qwt_"
+                    for block, linear in self._qwt_prefixes.items()}
         return super().get_checkpoint_weight_mapper() | WeightsMapper(
             orig_to_new_prefix=prefixes, orig_to_new_suffix={".weight_colsum": None})
 
-    def _place_qwt(self, entry: _QwTEntry) -> str:
+    def _place_qwt(self, entry: _QwTEntry) -> Optional[str]:
         """Gives the block's compensation to the linear whose output reaches the block output by the
-        residual add (in vLLM's pre-norm decoders the last one the block registers with the block's
-        output width), hooks the block to hand its input over; returns that linear's name."""
+        residual add, and hooks the block to hand its input over; returns that linear's name (None:
+        the block is on another pipeline rank). In vLLM's pre-norm decoders that linear is the last
+        one the block registers with the block's output width, in a block with one norm before its
+        attention and one before its MLP and no experts (a norm after the MLP, as Gemma 2 has, or a
+        gate scaling a shared expert, as Qwen2-MoE has, would change what is added): anything else
+        is a ValueError."""
+        from vllm.distributed import get_pp_group
+
         inside = [(prefix, ref()) for prefix, ref in self._layers.items() if prefix.startswith(f"{entry.block}.")]
+        if not inside and get_pp_group().world_size > 1:
+            return None
         if not inside or inside[0][1] is None:
             raise ValueError(f"{entry.block!r} has a QwT compensation but no quantized linear")
         prefix, layer = inside[0]
         block = self._parents.ancestor(layer, prefix[len(entry.block) + 1:])
-        outputs = [(name, module) for name, module in block.named_modules()
+        modules = list(block.named_modules())
+        outputs = [i for i, (_, module) in enumerate(modules)
                    if isinstance(module, LinearBase) and module.output_size == entry.d_out]
-        if not outputs or not isinstance(outputs[-1][1].quant_method, QlaLinearMethod):
+        if not outputs or not isinstance(modules[outputs[-1]][1].quant_method, QlaLinearMethod):
             raise ValueError(f"{entry.block!r}: its QwT compensation is added in its last linear with "
                              f"{entry.d_out} outputs, which is not quantized by qla")
-        name, last = outputs[-1]
+        name, last = modules[outputs[-1]]
+        norms = [child for child, module in block.named_children() if "Norm" in type(module).__name__]
+        experts = [other for other, module in modules
+                   if "MoE" in type(module).__name__ or "Experts" in type(module).__name__]
+        if len(norms) != 2 or experts:
+            raise ValueError(f"{entry.block!r} ({type(block).__name__}) is not a pre-norm decoder block with one norm "
+                             f"before its attention and one before its MLP (norms {norms}, experts {experts[:1]}): "
+                             f"the vLLM plugin adds QwT in {name!r}, whose output must be the block's update")
         last.quant_method.add_qwt(last, entry)
         block.register_forward_pre_hook(_BlockInput(block, last), with_kwargs=True)
         forward_context.scope_hooks(block)
         return f"{entry.block}.{name}"
+
+    def loaded(self) -> None:
+        """Called by every layer once the weights are loaded: no module is registered any more,
+        and a compensation never placed would be silently missing."""
+        if self._parents is not None:
+            self._parents.stop()
+        if self.qwt and self._qwt_prefixes is None:
+            raise ValueError("this checkpoint has QwT compensations, which load through vLLM's AutoWeightsLoader "
+                             "(the model's load_weights did not use it, or load_format skipped the weights)")
 
     def get_quant_method(self, layer: nn.Module, prefix: str):
         if not isinstance(layer, (LinearBase, ParallelLMHead)):
@@ -189,8 +216,8 @@ class QlaVllmConfig(QuantizationConfig):
             self._parents = _Parents()  # the first layer: vLLM is building the model now
         names = self._checkpoint_names(prefix)
         quantized = [name for name in names if name in self.linears]
-        if not quantized:
-            return UnquantizedLinearMethod()
+        if not quantized:  # vLLM's own method: an fp linear, or an fp LM head (None: its embedding method)
+            return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
         if len(quantized) != len(names):
             raise ValueError(f"{prefix}: vLLM merges {names} into one layer, and the checkpoint quantized only "
                              f"{quantized}: quantize all of them or none")
@@ -202,7 +229,7 @@ class QlaVllmConfig(QuantizationConfig):
         if len(buffers) != 1:
             raise ValueError(f"{prefix}: {names} differ in their static activation buffers ({sorted(buffers)})")
         self._layers[prefix] = weakref.ref(layer)
-        return QlaLinearMethod(configs.pop(), buffers.pop(), self._parents, prefix)
+        return QlaLinearMethod(configs.pop(), buffers.pop(), self, prefix)
 
     def _checkpoint_names(self, prefix: str) -> List[str]:
         """The checkpoint linears vLLM's layer `prefix` holds (q/k/v in qkv_proj, ...)."""
@@ -258,7 +285,9 @@ class _BlockInput:
     def __call__(self, block, args, kwargs):
         hidden, residual = (args[i] if i < len(args) else kwargs.get(name)
                             for i, name in zip(self.positions, ("hidden_states", "residual")))
-        x = hidden if residual is None else hidden + residual
+        # the first block: vLLM's decoder keeps `hidden` as the residual, which a fused add-norm
+        # later updates in place (on GPU), so the compensation reads a copy
+        x = hidden.clone() if residual is None else hidden + residual
         forward_context.put(self.layer(), "qwt_input", x.reshape(-1, x.shape[-1]))
 
 
@@ -266,8 +295,8 @@ class _BlockInput:
 class QlaLinearMethod(LinearMethodBase):
     """One vLLM linear layer (or LM head) on this project's fused quantized GEMM (module doc)."""
 
-    def __init__(self, config: QuantConfig, buffers: Tuple[str, ...], parents: _Parents, prefix: str):
-        self.config, self.buffers, self.parents, self.prefix = config, buffers, parents, prefix
+    def __init__(self, config: QuantConfig, buffers: Tuple[str, ...], owner: QlaVllmConfig, prefix: str):
+        self.config, self.buffers, self.owner, self.prefix = config, buffers, owner, prefix
         self.qwt: Optional[_QwTEntry] = None  # the block compensation this layer adds (add_qwt)
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: List[int],
@@ -293,10 +322,11 @@ class QlaLinearMethod(LinearMethodBase):
                                          packed_factor=2, **common)
         layer.register_parameter("weight", weight)
         if fmt == "uint4_asym_groups":
-            layer.register_parameter("weight_scale", GroupQuantScaleParameter(
-                data=torch.empty(n, groups, dtype=torch.float32), input_dim=1, **common))
-            layer.register_parameter("weight_zero", GroupQuantScaleParameter(
-                data=torch.empty(n, groups, dtype=torch.uint8), input_dim=1, **common))
+            # per channel (group_size None): one group spanning K, the same on every rank
+            grouped = (lambda data: GroupQuantScaleParameter(data=data, input_dim=1, **common)) \
+                if self.config.group_size else (lambda data: ChannelQuantScaleParameter(data=data, **common))
+            layer.register_parameter("weight_scale", grouped(torch.empty(n, groups, dtype=torch.float32)))
+            layer.register_parameter("weight_zero", grouped(torch.empty(n, groups, dtype=torch.uint8)))
         else:
             layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
                 data=torch.empty(n, dtype=torch.float32), **common))
@@ -313,6 +343,8 @@ class QlaLinearMethod(LinearMethodBase):
 
     def add_qwt(self, layer: nn.Module, entry: _QwTEntry) -> None:
         """Makes this layer add `entry`'s compensation: its tensors, to be loaded."""
+        if self.qwt is not None:
+            raise ValueError(f"{self.prefix} already adds the QwT compensation of {self.qwt.block!r}")
         self.qwt = entry
         n, loader, device = layer.weight.shape[0], self.weight_loader, layer.weight.device  # after vLLM's device scope
         ranks = getattr(layer, "tp_size", 1)
@@ -332,9 +364,11 @@ class QlaLinearMethod(LinearMethodBase):
         layer.register_parameter("qwt_weight", weight)
         layer.register_parameter("qwt_bias", BasevLLMParameter(data=torch.empty(n, dtype=torch.float32, device=device),
                                                                weight_loader=loader))
+        if hasattr(layer, "update_param_tp_status"):  # a layer with disable_tp: its rank and size, not the group's
+            layer.update_param_tp_status()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        self.parents.stop()  # every module is built and registered by now
+        self.owner.loaded()
         weight = QuantizedWeight(layer.weight.data, self.config.weight_format, layer.weight_scale.data,
                                  _data(layer, "weight_group_scale"), _data(layer, "weight_zero"),
                                  self.config.group_size)
@@ -342,7 +376,8 @@ class QlaLinearMethod(LinearMethodBase):
         segments, own_bias = {}, None
         if self.qwt is not None:
             key = "fullrank_w" if self.qwt.rank is None else "lowrank_u"
-            segments[key] = layer.qwt_weight.data.to(layer.params_dtype).contiguous()
+            layer.qwt_weight.data = layer.qwt_weight.data.to(layer.params_dtype).contiguous()  # one copy kept
+            segments[key] = layer.qwt_weight.data
             if getattr(layer, "tp_rank", 0) == 0:  # added once: the all-reduce sums the ranks' outputs
                 own_bias = layer.qwt_bias.data.float()
             if self.qwt.rank is not None:
@@ -351,13 +386,17 @@ class QlaLinearMethod(LinearMethodBase):
         # vLLM passes the layer's bias, or None (a row-parallel layer's ranks after the first).
         biases = {False: own_bias, True: None if layer_bias is None else
                   layer_bias.data.float() + (0 if own_bias is None else own_bias)}
-        layer._qla_plans = [
-            (rows, {with_bias: None if bias is None and with_bias else self._plan(weight, rows, scale, zero, bias, segments)
-                    for with_bias, bias in biases.items()})
-            for rows, scale, zero in self._static_groups(layer)]
+        layer._qla_plans = []
+        for rows, scale, zero in self._static_groups(layer):
+            plan = self._plan(weight, rows, scale, zero, biases[False], segments)  # packed (CPU panels) once
+            biased = None
+            if biases[True] is not None:
+                biased = dataclasses.replace(plan, bias=biases[True] if rows is None else biases[True][rows])
+                biased.check()
+            layer._qla_plans.append((rows, {False: plan, True: biased}))
         layer._qla_qwt_slice = self._qwt_slice(layer)
         split = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
-        layer._qla_row_scale_group = (get_tp_group().device_group if split and self.config.act_bits is not None
+        layer._qla_row_scale_group = (get_tp_group() if split and self.config.act_bits is not None
                                       and "input_scale" not in self.buffers else None)
 
     def _static_groups(self, layer: nn.Module) -> List[Tuple[Optional[slice], Optional[torch.Tensor],
@@ -419,8 +458,7 @@ class QlaLinearMethod(LinearMethodBase):
         if layer._qla_row_scale_group is None:
             return plan.run(rows, lowrank_t, fullrank_x)
         # the whole row's per-token scale, so every rank's codes are those of an unsplit layer
-        absmax = rows.abs().amax(dim=-1).float()
-        torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX, group=layer._qla_row_scale_group)
+        absmax = layer._qla_row_scale_group.all_gather(rows.abs().amax(dim=-1, keepdim=True).float(), dim=-1).amax(-1)
         scale = absmax_scale(absmax, plan.act_bits)
         return plan.run_quantized(quantize_with_scale(rows, scale, plan.act_bits), scale, lowrank_t, fullrank_x,
                                   out_dtype=rows.dtype)

@@ -19,7 +19,8 @@ implement (a format, a rank) runs on the reference. A new backend is one `regist
 `register` calls, and its line in `_CHAINS` (and in `_AUTO_CHOICES` where it is a device's default).
 
 The default ("auto") picks per call by the input's device: "cuda" (or "triton" without `_C`) on
-CUDA tensors, "cpu" on CPU tensors (where `_cpu` is built), "reference" elsewhere. Set it with `use_backend(...)` (a context manager, thread-local)
+CUDA tensors, "cpu" on CPU tensors (where `_cpu` is built), "reference" elsewhere; a graph that
+torch.compile traced keeps the backend it picked then (`_auto_backend` is a constant of it). Set it with `use_backend(...)` (a context manager, thread-local)
 or the QLA_BACKEND environment variable.
 """
 

@@ -8,6 +8,7 @@ skipped. Each serve runs in a subprocess (tests/integrations/vllm_serve.py).
 """
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -105,8 +106,8 @@ def _serve(path: Path, tensor_parallel: int, compiled: bool, lora: Optional[Path
     return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith('{"tokens"')))
 
 
-@pytest.mark.parametrize("tensor_parallel, compiled", [(1, False), (2, False), (1, True)],
-                         ids=["eager", "eager-tp2", "compiled"])
+@pytest.mark.parametrize("tensor_parallel, compiled", [(1, False), (2, False), (1, True), (2, True)],
+                         ids=["eager", "eager-tp2", "compiled", "compiled-tp2"])
 def test_vllm_decodes_our_tokens(served_case, tensor_parallel, compiled):
     """`compiled`: vLLM's default, its torch.compile of the model (our ops are custom ops, the
     QwT hand-off hooks traced)."""
@@ -123,28 +124,11 @@ def test_vllm_decodes_our_tokens(served_case, tensor_parallel, compiled):
     assert qwt_effect > 10 * LOGPROB_ATOL, (qwt_effect, difference)
 
 
-def _write_lora(path: Path, rank: int = 8, alpha: int = 16) -> Path:
-    """A PEFT LoRA on every linear of `_llama()`'s layers, as PEFT writes one (random, B nonzero)."""
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(7)
-    shapes = {"self_attn.q_proj": (128, 128), "self_attn.k_proj": (64, 128), "self_attn.v_proj": (64, 128),
-              "self_attn.o_proj": (128, 128), "mlp.gate_proj": (256, 128), "mlp.up_proj": (256, 128),
-              "mlp.down_proj": (128, 256)}
-    tensors = {}
-    for layer in range(2):
-        for name, (out_features, in_features) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.05
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "bias": "none", "target_modules": sorted({name.split(".")[1] for name in shapes}),
-              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-              "base_model_name_or_path": None}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
+def _write_lora(path: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("bench_vllm", ROOT / "benchmarks" / "bench_vllm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.write_lora(path, _llama().config, rank=8, b_scale=0.05, seed=7)
 
 
 def _teacher_forced(model, prompts, tokens) -> tuple:
