@@ -99,16 +99,15 @@ class QlaVllmConfig(QuantizationConfig):
             if layout.get(key):
                 raise ValueError(f"this checkpoint has {what}, which the vLLM plugin does not serve (the QuantLinears "
                                  "and QwT compensations it does): serve it with transformers (qk.load_pretrained)")
-        self.layout = layout
-        self.linears: Dict[str, dict] = dict(layout.get("qla_kernels.quant_linears") or {})
-        if not self.linears:
+        linears = layout.get("qla_kernels.quant_linears") or {}
+        if not linears:
             raise ValueError("the qla quantization_config lists no quantized linear")
-        self.configs = {}
-        for name, entry in self.linears.items():
+        self.linears: Dict[str, Tuple[QuantConfig, Tuple[str, ...]]] = {}  # name -> (config, static buffers)
+        for name, entry in linears.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict) or not isinstance(
                     entry.get("buffers", []), list):
                 raise ValueError(f"{name!r}: malformed quantized-linear entry in the layout: {entry!r}")
-            self.configs[name] = QuantConfig.from_dict(entry["config"])
+            self.linears[name] = (QuantConfig.from_dict(entry["config"]), tuple(entry.get("buffers", [])))
         self.qwt: Dict[str, _QwTEntry] = {}
         for block, entry in (layout.get("qla_kernels.qwt") or {}).items():
             if entry.get("output_norm"):
@@ -148,8 +147,8 @@ class QlaVllmConfig(QuantizationConfig):
         """Module names as the vLLM model names them (a model that renames HF's modules)."""
         renamed = lambda name: hf_to_vllm_mapper.map_name(f"{name}.weight").removesuffix(".weight")  # noqa: E731
         self.linears = {renamed(name): entry for name, entry in self.linears.items()}
-        self.configs = {renamed(name): config for name, config in self.configs.items()}
-        self.qwt = {renamed(block): dataclasses.replace(entry, block=renamed(block)) for block, entry in self.qwt.items()}
+        self.qwt = {renamed(block): dataclasses.replace(entry, block=renamed(block))
+                    for block, entry in self.qwt.items()}
 
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
         """`<block>.qwt.<t>` loads as `qwt_<t>` of the linear that adds it, placed now (`_place_qwt`:
@@ -221,11 +220,11 @@ class QlaVllmConfig(QuantizationConfig):
         if len(quantized) != len(names):
             raise ValueError(f"{prefix}: vLLM merges {names} into one layer, and the checkpoint quantized only "
                              f"{quantized}: quantize all of them or none")
-        configs = {self.configs[name] for name in names}
+        configs = {self.linears[name][0] for name in names}
         if len(configs) != 1:
             raise ValueError(f"{prefix}: vLLM merges {names} into one GEMM, which the checkpoint quantized with "
                              f"different configs ({sorted(map(repr, configs))})")
-        buffers = {tuple(self.linears[name].get("buffers", [])) for name in names}
+        buffers = {self.linears[name][1] for name in names}
         if len(buffers) != 1:
             raise ValueError(f"{prefix}: {names} differ in their static activation buffers ({sorted(buffers)})")
         self._layers[prefix] = weakref.ref(layer)
@@ -358,9 +357,11 @@ class QlaLinearMethod(LinearMethodBase):
             weight = RowvLLMParameter(data=torch.empty(n, d_in, dtype=torch.float32, device=device), input_dim=1,
                                       weight_loader=loader)
         else:
-            weight = BasevLLMParameter(data=torch.empty(n, self.qwt.rank, dtype=torch.float32, device=device), weight_loader=loader)
+            weight = BasevLLMParameter(data=torch.empty(n, self.qwt.rank, dtype=torch.float32, device=device),
+                                       weight_loader=loader)
             layer.register_parameter("qwt_down", RowvLLMParameter(
-                data=torch.empty(d_in, self.qwt.rank, dtype=torch.float32, device=device), input_dim=0, weight_loader=loader))
+                data=torch.empty(d_in, self.qwt.rank, dtype=torch.float32, device=device), input_dim=0,
+                weight_loader=loader))
         layer.register_parameter("qwt_weight", weight)
         layer.register_parameter("qwt_bias", BasevLLMParameter(data=torch.empty(n, dtype=torch.float32, device=device),
                                                                weight_loader=loader))
