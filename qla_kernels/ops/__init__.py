@@ -6,6 +6,8 @@
 - `quantized_linear`: quantize_activation + fused_linear for a plain linear layer, or its
   differentiable fake-quantized twin under the `simulate` backend.
 - `quantized_conv2d`: a channels-last convolution as GEMMs over its windows (ops/conv.py).
+- `quantized_attention`: the fully quantized attention core, q·kᵀ and A·v on integer units
+  (ops/attention.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from ..formats.weights import QuantizedWeight
 from . import cpu, cuda, library, reference, simulate  # noqa: F401  (cpu, cuda and library register their implementations)
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
+from .attention import AttentionQuantization, check_attention, simulated_attention
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map, check_tensor
 from .conv import ConvGeometry, ConvPlan, check_conv_input, simulated_conv2d
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
@@ -251,8 +254,28 @@ def quantized_conv2d(
     return plan.run(x, residual=residual)
 
 
+def quantized_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    quantization: AttentionQuantization,
+    scaling: float,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(Q(q)·Q(k)ᵀ·scaling + mask) quantized, times Q(v): query [B, H, Sq, D], key and value
+    [B, H, Sk, D] → [B, H, Sq, D] in the query's dtype (ops/attention.py states the numerics and
+    the mask convention). Differentiable under `simulate` (LSQ gradients for trainable steps)."""
+    check_attention(query, key, value, quantization, scaling, mask)
+    scaling = float(scaling)
+    if resolve_backend(query.device) == "simulate":
+        return simulated_attention(query, key, value, quantization, scaling, mask)
+    args = (query, key, value, quantization.bits, quantization.scales, quantization.zeros, scaling, mask)
+    return implementation("quantized_attention", query.device, *args).run(*args)
+
+
 __all__ = [
     "BACKENDS", "BackendInfo", "FusedLinearOperands", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
     "gemm_zero_point", "library", "reference", "simulate", "ConvGeometry", "ConvPlan", "quantized_conv2d",
+    "AttentionQuantization", "quantized_attention",
 ]

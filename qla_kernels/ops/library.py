@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .attention import AttentionQuantization, reference_attention
 from .dispatch import register
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
@@ -154,12 +155,26 @@ def dwsep_down_fake(h, height, width, prefix_tokens, dw_weight, dw_bias, down_we
 dwsep_down.register_fake(dwsep_down_fake)
 
 
-for _op in (quantize_activation, normalize_activation, normalize_quantize_activation, dwsep_down):
+@torch.library.custom_op("qla::quantized_attention", mutates_args=())
+def quantized_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, scales: Tensor, zeros: Optional[Tensor],
+                        scaling: float, mask: Optional[Tensor]) -> Tensor:
+    return reference_attention(query, key, value, AttentionQuantization(bits, scales, zeros), scaling, mask)
+
+
+def quantized_attention_fake(query, key, value, bits, scales, zeros, scaling, mask):
+    return query.new_empty(query.shape)
+
+
+quantized_attention.register_fake(quantized_attention_fake)
+
+
+for _op in (quantize_activation, normalize_activation, normalize_quantize_activation, dwsep_down, quantized_attention):
     refuse_backward(_op)
 
 # The reference implements every op for every call: the last implementation of every chain.
 for _op in ("quantize_activation_into", "normalize_activation", "normalize_quantize_activation", "dwsep_down"):
     register(_op, "reference", getattr(torch.ops.qla, _op))
 register("quantize_activation", "reference", torch.ops.qla.quantize_activation, body=reference.quantize_activation)
+register("quantized_attention", "reference", torch.ops.qla.quantized_attention)
 register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands),
          body=reference.fused_linear)

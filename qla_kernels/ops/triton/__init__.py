@@ -17,6 +17,7 @@ from ..dispatch import register, register_backend
 from ..operands import fused_linear_custom_op, refuse_backward
 from ..library import (
     dwsep_down_fake,
+    quantized_attention_fake,
     fused_linear_fake,
     normalize_activation_fake,
     normalize_quantize_activation_fake,
@@ -108,6 +109,11 @@ if _IMPORT_ERROR is None:
     normalize_quantize_activation = _register("normalize_quantize_activation_triton", _normalize_quantize_activation,
                                               normalize_quantize_activation_fake)
     dwsep_down = _register("dwsep_down_triton", _dwsep_down, dwsep_down_fake)
+    def _quantized_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, scales: Tensor,
+                             zeros: Optional[Tensor], scaling: float, mask: Optional[Tensor]) -> Tensor:
+        return launch.quantized_attention(query, key, value, bits, scales, zeros, scaling, mask)
+
+    quantized_attention = _register("quantized_attention_triton", _quantized_attention, quantized_attention_fake)
 
     def _covered_by(predicate, op: str, argument: str):
         """`predicate` of the call's `argument`, found by name in the reference op's schema."""
@@ -122,6 +128,7 @@ if _IMPORT_ERROR is None:
                  body=_quantize_activation if _op == "quantize_activation" else None)
     register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
              _covered_by(supports_dwsep_down, "dwsep_down", "down_weight"))
+    register("quantized_attention", "triton", torch.ops.qla.quantized_attention_triton)
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
              lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS, body=launch.fused_linear)
 

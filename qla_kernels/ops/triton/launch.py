@@ -16,6 +16,7 @@ from ...formats.weights import weight_in_features
 from ...quant.primitives import qrange
 from ..operands import FusedLinearOperands
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features
+from .attention import quantized_attention_kernel
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
 from .kernel_launch import Target, run_kernel, target_of
@@ -267,3 +268,38 @@ def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight,
 
 def supports_dwsep_down(down_weight: torch.Tensor) -> bool:
     return down_weight.shape[0] <= MAX_PREOP_RANK
+
+
+def attention_tile(target: Target, head_dim: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, warps) of the quantized attention kernel: 64 queries per program
+    (wgmma's M on sm_90) against 64 keys per step, the head dimension padded to a power of two of at
+    least 32 (int8 dots reduce over ≥ 32); small tiles in the interpreter."""
+    block_d = max(32, triton.next_power_of_2(head_dim))
+    if target.interpreter:
+        return 16, 32, block_d, 4
+    return 64, 64 if block_d <= 128 else 32, block_d, 4
+
+
+def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask) -> torch.Tensor:
+    batch, heads, q_tokens, head_dim = query.shape
+    k_tokens = key.shape[2]
+    out = torch.empty_like(query)
+    if out.numel() == 0:
+        return out
+    low, high = qrange(bits)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+        mask = mask.expand(batch, heads, q_tokens, k_tokens)  # stride 0 along broadcast dimensions
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    block_m, block_n, block_d, warps = attention_tile(target_of(query.device), head_dim)
+    mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
+    run_kernel(quantized_attention_kernel, (triton.cdiv(q_tokens, block_m), batch * heads), query.device, (
+        query, key, value, out, scales, zeros if zeros is not None else scales, mask if mask is not None else scales,
+        q_tokens, k_tokens, heads, head_dim, float(scaling),
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *mask_strides,
+    ), LOW=float(low), HIGH=float(high), HAS_ZEROS=zeros is not None, HAS_MASK=mask is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=1,
+        # the reference scales S and then adds the mask: no contraction into one rounding
+        enable_fp_fusion=False)
+    return out

@@ -1,0 +1,147 @@
+"""The quantized attention core (AQ-DETR's fully quantized attention, DESIGN.md "Numerics"):
+
+    q_c = clamp(rint(q / s_q) + z_q) − z_q            (and k_c, v_c alike; per-tensor steps)
+    S   = (q_c · k_cᵀ) · (s_q·s_k·scaling) [+ mask]      integer dot, one fp32 rescale
+    A   = softmax(S) in fp32
+    a_c = clamp(rint(A / s_A) + z_A) − z_A
+    F   = (a_c · v_c) · (s_A·s_v)                        integer dot, one fp32 rescale
+
+At bits ≤ 7 every q − z fits int8, so both products run exactly on int8 units with int32
+accumulation; at 8 bits the quantizers must be symmetric (no zero points). `mask` is additive
+(float: 0 keeps, −inf or a large negative value drops) or boolean (True keeps), broadcast to
+[B, H, Sq, Sk]. A NaN quantizes to the zero point (the value 0), so a query row whose every key is masked
+(softmax NaN) gives a zero output row instead of NaN.
+
+`reference_attention` is the spec (integer products computed exactly in fp64 on any device);
+`simulated_attention` is its differentiable twin (straight-through rounding, LSQ gradients for the
+steps and zero points when they require grad), equal to it bit for bit on CPU: the integer
+products of codes are exact in fp32 below 2²⁴ (checked), and every other operation is the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from ..quant.lsq import lsq_codes
+from ..quant.primitives import SCALE_EPS, qrange
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NAMES = ("query", "key", "value", "probs")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionQuantization:
+    """The quantizers of one attention core: `bits`, `scales` fp32 [4] (the steps of q, k, v and A,
+    in `NAMES` order) and `zeros` [4] (their zero points, rounded to integers where used: LSQ+ trains
+them as floats; None: symmetric)."""
+
+    bits: int
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor] = None
+
+    def step(self, index: int) -> torch.Tensor:
+        return self.scales[index].float().clamp_min(SCALE_EPS)
+
+    def zero(self, index: int) -> Optional[torch.Tensor]:
+        return None if self.zeros is None else self.zeros[index].float()
+
+    def check(self, device: torch.device) -> None:
+        lo, hi = qrange(self.bits)
+        if not isinstance(self.scales, torch.Tensor) or self.scales.shape != (4,) or self.scales.dtype != torch.float32:
+            raise ValueError(f"scales must be an fp32 tensor of shape (4,) (query, key, value, probs), got "
+                             f"{getattr(self.scales, 'dtype', type(self.scales))} {tuple(getattr(self.scales, 'shape', ()))}")
+        if self.scales.device != device:
+            raise ValueError(f"scales are on {self.scales.device}, expected {device} (the query's device)")
+        if self.zeros is None:
+            return
+        if not isinstance(self.zeros, torch.Tensor) or self.zeros.shape != (4,) or self.zeros.device != device:
+            raise ValueError(f"zeros must be a tensor of shape (4,) on {device}, got "
+                             f"{tuple(getattr(self.zeros, 'shape', ()))} on {getattr(self.zeros, 'device', None)}")
+        values = self.zeros.detach().float().round()
+        if not bool(values.isfinite().all()) or float(values.min()) < lo or float(values.max()) > hi:
+            raise ValueError(f"zeros must round to integers in [{lo}, {hi}], got {self.zeros.tolist()}")
+        if self.bits == 8 and bool(values.ne(0).any()):
+            raise ValueError("8-bit attention must be symmetric: q − z would not fit int8")
+
+
+def check_attention(query, key, value, quantization: AttentionQuantization, scaling: float, mask) -> None:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D [batch, heads, tokens, head_dim] float16/bfloat16/float32 "
+                             f"tensor, got {getattr(tensor, 'dtype', type(tensor))} "
+                             f"{tuple(getattr(tensor, 'shape', ()))}")
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device}, the query on {query.device}")
+    batch, heads, _, head_dim = query.shape
+    if key.shape[:2] != (batch, heads) or key.shape[3] != head_dim:
+        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} in batch, heads, head_dim")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value {tuple(value.shape)} must have the key's batch, heads and tokens {tuple(key.shape[:3])}")
+    if not isinstance(quantization, AttentionQuantization):
+        raise ValueError(f"quantization must be an AttentionQuantization, got {type(quantization).__name__}")
+    qrange(quantization.bits)
+    quantization.check(query.device)
+    _, hi = qrange(quantization.bits)
+    if max(head_dim, key.shape[2]) * (2 * hi + 1) ** 2 >= 1 << 24:
+        raise ValueError(f"head_dim {head_dim} / keys {key.shape[2]} at {quantization.bits} bits: the integer "
+                         "products could exceed 2^24, beyond exact fp32 accumulation in the simulation")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+        raise ValueError(f"scaling must be a positive finite number, got {scaling!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, *FLOAT_DTYPES):
+            raise ValueError(f"mask must be a bool or float tensor, got {getattr(mask, 'dtype', type(mask))}")
+        if mask.device != query.device:
+            raise ValueError(f"mask is on {mask.device}, the query on {query.device}")
+        try:
+            torch.broadcast_shapes(mask.shape, (batch, heads, query.shape[2], key.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to [batch, heads, query tokens, key "
+                             f"tokens] = {(batch, heads, query.shape[2], key.shape[2])}") from None
+
+
+def _codes(x: torch.Tensor, quantization: AttentionQuantization, index: int) -> torch.Tensor:
+    """q − z as fp32 integers (no gradient); a NaN gives 0."""
+    lo, hi = qrange(quantization.bits)
+    zero = quantization.zero(index)
+    shift = 0.0 if zero is None else torch.round(zero)
+    return torch.nan_to_num((torch.round(x.float() / quantization.step(index)) + shift).clamp(lo, hi) - shift, nan=0.0)
+
+
+def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.float()
+
+
+@torch.no_grad()
+def reference_attention(query, key, value, quantization: AttentionQuantization, scaling: float,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The spec: [B, H, Sq, D] in the query's dtype."""
+    q, k, v = (_codes(t, quantization, i) for i, t in enumerate((query, key, value)))
+    products = (q.double() @ k.double().transpose(-2, -1)).to(torch.int32)  # exact: integers below 2^24
+    score_scale = quantization.step(0) * quantization.step(1) * scaling
+    probs = torch.softmax(_masked(products.float() * score_scale, mask), dim=-1)
+    a = _codes(probs, quantization, 3)
+    out = (a.double() @ v.double()).to(torch.int32)
+    return (out.float() * (quantization.step(3) * quantization.step(2))).to(query.dtype)
+
+
+def _lsq_codes(x: torch.Tensor, quantization: AttentionQuantization, index: int):
+    zero = None if quantization.zeros is None else quantization.zeros[index]
+    return lsq_codes(x, quantization.scales[index], zero, quantization.bits)
+
+
+def simulated_attention(query, key, value, quantization: AttentionQuantization, scaling: float,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The differentiable twin of `reference_attention` (module docstring)."""
+    (q, q_step), (k, k_step), (v, v_step) = (_lsq_codes(t, quantization, i) for i, t in enumerate((query, key, value)))
+    products = q @ k.transpose(-2, -1)
+    probs = torch.softmax(_masked(products * (q_step * k_step * scaling), mask), dim=-1)
+    a, a_step = _lsq_codes(probs, quantization, 3)
+    return ((a @ v) * (a_step * v_step)).to(query.dtype)
