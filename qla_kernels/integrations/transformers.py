@@ -207,7 +207,7 @@ def layout_in(model: nn.Module, layout: dict) -> Tuple[dict, List[str]]:
     have: a head left out when a base model loads a head model's checkpoint; see _renamed)."""
     layout = dict(layout)
     dropped: List[str] = []
-    for key in ("qla_kernels.quant_linears", "qla_kernels.qwt"):
+    for key in ("qla_kernels.quant_linears", "qla_kernels.qwt", "qla_kernels.quant_attention"):
         entries = layout.get(key)
         if isinstance(entries, dict):
             names = _renamed(model, list(entries))

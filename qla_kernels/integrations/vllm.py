@@ -95,7 +95,8 @@ class QlaVllmConfig(QuantizationConfig):
             raise ValueError(f"the qla quantization_config's layout must be a dict, got {type(layout).__name__}")
         check_layout_version(layout, "quantization_config")
         for key, what in (("qla_kernels.qla", "QLA adapters"), ("qla_kernels.quant_convs", "quantized convolutions"),
-                          ("qla_kernels.qla_conv", "QLA convolution adapters")):
+                          ("qla_kernels.qla_conv", "QLA convolution adapters"),
+                          ("qla_kernels.quant_attention", "quantized attention cores")):
             if layout.get(key):
                 raise ValueError(f"this checkpoint has {what}, which the vLLM plugin does not serve (the QuantLinears "
                                  "and QwT compensations it does): serve it with transformers (qk.load_pretrained)")

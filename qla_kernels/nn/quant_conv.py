@@ -27,7 +27,7 @@ from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES
 from ..ops.conv import ConvGeometry, ConvPlan, check_conv_input, conv_weight_matrix, simulated_conv2d
 from ..quant.config import W8A8, QuantConfig
-from ..quant.primitives import quantize_symmetric
+from ..quant.primitives import qrange, quantize_symmetric
 from .quant_linear import apply_keeping_fp32, checked_static_activation, register_activation_buffers
 
 
@@ -84,12 +84,25 @@ class QuantConv2d(nn.Module):
                     dtype=None if conv.bias is None else conv.bias.dtype)
         if conv.weight.is_meta:
             return layer
-        codes, scale = quantize_symmetric(conv_weight_matrix(conv.weight.detach()), config.weight_bits, "row")
-        layer.weight.copy_(codes if layer.weight_format == "int8" else pack_int4(codes, signed=True))
-        layer.weight_scale.copy_(scale)
+        layer.load_codes(*quantize_symmetric(conv_weight_matrix(conv.weight.detach()), config.weight_bits, "row"))
         if conv.bias is not None:
             layer.bias.data.copy_(conv.bias.detach())
         return layer
+
+    @torch.no_grad()
+    def load_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Stores integer weight codes [O, kh·kw·C/g] (`conv_weight_matrix` order, int8, within the
+        config's weight range) and their per-channel steps [O] in this layer's format."""
+        lo, hi = qrange(self.config.weight_bits)
+        if codes.dtype != torch.int8 or codes.shape != (self.out_channels, self.in_features):
+            raise ValueError(f"codes must be int8 of shape {(self.out_channels, self.in_features)}, got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+            raise ValueError(f"codes must lie in [{lo}, {hi}] for {self.config.weight_bits}-bit weights")
+        if scale.shape != (self.out_channels,):
+            raise ValueError(f"scale must have shape ({self.out_channels},), got {tuple(scale.shape)}")
+        self.weight.copy_(codes if self.weight_format == "int8" else pack_int4(codes, signed=True))
+        self.weight_scale.copy_(scale)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.weight, self.weight_format, self.weight_scale, colsum=self.weight_colsum)

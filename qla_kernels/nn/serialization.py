@@ -2,8 +2,8 @@
 
 The header records, per QuantLinear, its config and shape, per QuantConv2d its config, channels
 and geometry, per block with a QwT compensation its shape and where it is added (and for CNN
-blocks its groups and stride), for QLA adapters their placement and blocks, and for CNN adapters
-their sizes, so `load_quantized` can rebuild the modules on an unquantized skeleton of the same
+blocks its groups and stride), for QLA adapters their placement and blocks, for CNN adapters
+their sizes, and per quantized attention core (nn/quant_attention.py) its bits and symmetry, so `load_quantized` can rebuild the modules on an unquantized skeleton of the same
 architecture before loading the tensors. Lowering (qwt.lower, qla.fuse), block fusion and
 convert_for_runtime's folding are runtime conversions: save before them.
 """
@@ -24,6 +24,7 @@ from .compensation import ConvQwTCompensation, QwTCompensation, attach, compensa
 from .conv_adapters import conv_adapters, rebuild_conv_adapters
 from ..ops.conv import ConvGeometry
 from .quant_conv import QuantConv2d
+from .quant_attention import QuantizedAttention, register_attention
 from .quant_linear import QuantLinear, linear_weight
 from .quantize import announce_quantized
 from .module_kinds import is_linear
@@ -47,6 +48,12 @@ def quantized_layout(model: nn.Module) -> dict:
     if lowered:
         raise ValueError(f"{lowered[0]!r} carries a lowered correction (qwt.lower / qla.fuse are runtime "
                          "conversions): save before lowering, lower after loading")
+    training = [name for name, m in model.named_modules()
+                if getattr(m, "attention_quantizer", None) is not None
+                and not isinstance(m.attention_quantizer, QuantizedAttention)]
+    if training:
+        raise ValueError(f"{training[0]!r} carries a trainable attention quantizer (a QAT student): export it first "
+                         "(methods.aqdetr.export)")
     folded = [name for name, m in model.named_modules() if isinstance(m, QuantConv2d) and
               (m.folded_affine is not None or m.fused_activation != "none")]
     if folded:
@@ -66,11 +73,16 @@ def quantized_layout(model: nn.Module) -> dict:
     }
     if not layers and not convs:
         raise ValueError("the model has no QuantLinear or QuantConv2d: quantize_ (or quantize_convs_) it first")
+    attention = {name: {"bits": m.attention_quantizer.bits, "symmetric": m.attention_quantizer.zeros is None}
+                 for name, m in model.named_modules() if isinstance(getattr(m, "attention_quantizer", None),
+                                                                     QuantizedAttention)}
     compensations = {name: _compensation_entry(block.qwt) for name, block in compensated_blocks(model)}
     layout = {"qla_kernels.format_version": FORMAT_VERSION, "qla_kernels.quant_linears": layers,
               "qla_kernels.qwt": compensations}
     if convs:
         layout["qla_kernels.quant_convs"] = convs
+    if attention:
+        layout["qla_kernels.quant_attention"] = attention
     adapters = conv_adapters(model)
     if adapters:
         layout["qla_kernels.qla_conv"] = {name: adapter.to_dict() for name, adapter in adapters.items()}
@@ -152,6 +164,7 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
         conv_layouts = dict(layout.get("qla_kernels.quant_convs", {}))
         conv_adapter_layouts = dict(layout.get("qla_kernels.qla_conv", {}))
         compensations = dict(layout.get("qla_kernels.qwt", {}))
+        attention = dict(layout.get("qla_kernels.quant_attention", {}))
         adapters = layout.get("qla_kernels.qla")
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{source}: the header has no valid qla_kernels layout ({error})") from None
@@ -210,6 +223,8 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
             attach(block, compensation)
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
             raise ValueError(f"{source}: the QwT compensation of {name!r} does not fit the model ({error})") from None
+    if attention:
+        _rebuild_attention(model, attention, source)
     try:
         rebuild_conv_adapters(model, conv_adapter_layouts)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
@@ -219,6 +234,25 @@ def rebuild(model: nn.Module, layout: dict, source: str, tensors: Optional[dict]
             attach_adapters(model, adapters["blocks"], AdapterPlacement.from_dict(adapters["placement"]))
         except (AttributeError, KeyError, TypeError, RuntimeError) as error:
             raise ValueError(f"{source}: the QLA adapters do not fit the model ({error})") from None
+
+
+def _rebuild_attention(model: nn.Module, entries: dict, source: str) -> None:
+    """Empty QuantizedAttention cores on the named attention modules, and the model's attention
+    implementation switched to the one that runs them."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"{source}: quantized attention needs a transformers model (AttentionInterface); "
+                         f"got a {type(model).__name__}")
+    for name, entry in entries.items():
+        try:
+            module = model.get_submodule(name)
+            bits, symmetric = entry["bits"], entry["symmetric"]
+            if not isinstance(symmetric, bool):
+                raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+            device = next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device
+            module.attention_quantizer = QuantizedAttention(bits, symmetric, device=device)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: the quantized attention of {name!r} does not fit the model ({error})") from None
+    model.set_attn_implementation(register_attention())
 
 
 def _empty_conv(model: nn.Module, name: str, entry: dict, source: str, tensors: Optional[dict]) -> QuantConv2d:
