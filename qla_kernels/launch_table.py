@@ -20,7 +20,8 @@ batch on the meta device under `ops.triton.kernel_launch.planning` for sm_90 (H1
 (A100): the launch code selects as it would on those GPUs (tiles, every autotune candidate,
 split-K, stages) and records instead of launching. LLaMA's LM head (vocabulary 128,256) runs as a
 plain QuantLinear at prefill and decode, and op-level calls add what no conversion makes
-(per-row zero points). The distinct compile keys are compiled and checked by `ops.triton.aot`.
+(per-row zero points); the quantized attention core (AQ-DETR's) is planned at DETR-R50's and
+ViT-B/16's attention shapes as the pseudo-model `quantized_attention`. The distinct compile keys are compiled and checked by `ops.triton.aot`.
 
 `--write-table` records, after a check that passes, the key of every launch and its class (what
 it computes, without sizes and tiles) in benchmarks/results/aot_launch_table.json. `--ci` plans a
@@ -96,6 +97,13 @@ MODELS = (
     ModelSpec("resnet50", (1, 3, 64, 64), ((64, 3, 224, 224),), cnn=True),
     ModelSpec("detr_r50_backbone", (1, 3, 64, 64), ((1, 3, 800, 1066),), cnn=True),
 )
+# Op-level calls planned like a model: the quantized attention core (AQ-DETR's) at DETR-R50's
+# shapes at 800×1066 (8 heads of 32; the encoder's 25×34 tokens with a padding mask, the
+# decoder's 100 queries, cross-attention) and ViT-B/16's at batch 64, for each quantizer kind.
+ATTENTION_CALLS = "quantized_attention"
+ATTENTION_SHAPES = ((1, 8, 850, 850, 32, True), (1, 8, 100, 100, 32, False), (1, 8, 100, 850, 32, True),
+                    (64, 12, 197, 197, 64, False))
+ATTENTION_QUANTIZERS = ((4, False), (4, True), (8, True))  # (bits, symmetric)
 CNN_CONFIGS = ("W8A8", "W4A8", "W4A4")  # convolutions are per channel; W4A16 has no integer convolution
 # None, or QwT's group-wise compensations (calibrated on one random batch) lowered into the fused
 # residual blocks' last convolutions.
@@ -270,6 +278,24 @@ def op_launches(dtype: torch.dtype, target: Target) -> List[PlannedLaunch]:
     return launches
 
 
+def attention_launches(dtype: torch.dtype, target: Target) -> List[PlannedLaunch]:
+    """The quantized attention core at ATTENTION_SHAPES for each of ATTENTION_QUANTIZERS."""
+    from . import ops
+
+    launches = []
+    for batch, heads, q_tokens, k_tokens, head_dim, masked in ATTENTION_SHAPES:
+        query = torch.empty(batch, heads, q_tokens, head_dim, dtype=dtype, device="meta")
+        key = torch.empty(batch, heads, k_tokens, head_dim, dtype=dtype, device="meta")
+        mask = torch.empty(batch, 1, q_tokens, k_tokens, device="meta") if masked else None
+        for bits, symmetric in ATTENTION_QUANTIZERS:
+            quantization = ops.AttentionQuantization(bits, torch.empty(4, device="meta"),
+                                                     None if symmetric else torch.empty(4, device="meta"))
+            with planning(target) as planned, torch.no_grad():
+                ops.quantized_attention(query, key, key, quantization, head_dim ** -0.5, mask)
+            launches += planned
+    return launches
+
+
 def model_launches(spec: ModelSpec, model: nn.Module, target: Target, dtype: torch.dtype) -> List[PlannedLaunch]:
     """The launches of `model` (on the meta device, cast to `dtype`) at the spec's real calls."""
     with planning(target) as launches, torch.no_grad():
@@ -291,6 +317,9 @@ def conversions(models: Sequence[str]) -> Iterator[Conversion]:
     """The table's conversions, grouped by model, then config and scales (plan reuses those)."""
     specs = {spec.name: spec for spec in MODELS}
     for model in models:
+        if model == ATTENTION_CALLS:
+            yield Conversion(model, "W4A4", "static_zero", "none")
+            continue
         if specs[model].cnn:
             for config in CNN_CONFIGS:
                 for scales in ACTIVATION_SCALES:
@@ -317,6 +346,7 @@ CI_CONVERSIONS = tuple(Conversion(*fields) for fields in (
     ("gpt2", "W4A8", "dynamic", "qla_qwt128"), ("clip_b16", "W8A8", "dynamic", "none"),
     ("gemma2b", "W4A16g128", "dynamic", "none"),
     ("resnet50", "W8A8", "static_zero", "qwt_conv"), ("resnet50", "W4A4", "dynamic", "none"),
+    (ATTENTION_CALLS, "W4A4", "static_zero", "none"),
 ))
 
 
@@ -363,6 +393,11 @@ def _plan_group(group: Tuple[str, str, Tuple[Conversion, ...]]) -> Tuple[List[tu
                          tuple(_portable(arg) for arg in planned_launch.args), planned_launch.meta)
                         for planned_launch in planned)
 
+    if name == ATTENTION_CALLS:
+        for dtype in DTYPES:
+            for target in TARGETS:
+                add(target, attention_launches(dtype, target))
+        return launches, refused
     if name == "op_calls":
         for dtype in DTYPES:
             for target in TARGETS:
@@ -496,7 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sample", type=int, help="check this many keys, spread over the table")
     parser.add_argument("--jobs", type=int, help="planning and compile processes (default: the CPU count)")
     parser.add_argument("--json", help="write every checked launch's row here")
-    parser.add_argument("--models", default=",".join(spec.name for spec in MODELS),
+    parser.add_argument("--models", default=",".join([spec.name for spec in MODELS] + [ATTENTION_CALLS]),
                         help="comma-separated models of the table")
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--write-table", action="store_true",
@@ -513,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
     models = [name.strip() for name in args.models.split(",") if name.strip()]
-    known = [spec.name for spec in MODELS]
+    known = [spec.name for spec in MODELS] + [ATTENTION_CALLS]
     if any(name not in known for name in models):
         raise ValueError(f"unknown models {[n for n in models if n not in known]}; expected some of {known}")
     if args.write_table and (args.ci or args.sample or models != known):

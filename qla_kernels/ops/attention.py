@@ -15,7 +15,8 @@ accumulation; at 8 bits the quantizers must be symmetric (no zero points). `mask
 `reference_attention` is the spec (integer products computed exactly in fp64 on any device);
 `simulated_attention` is its differentiable twin (straight-through rounding, LSQ gradients for the
 steps and zero points when they require grad), equal to it bit for bit on CPU: the integer
-products of codes are exact in fp32 below 2²⁴ (checked), and every other operation is the same.
+products of codes are exact in fp32 below 2²⁴ (in fp64 where they could reach it), and every
+other operation is the same. Calls whose products could overflow int32 are refused.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ them as floats; None: symmetric)."""
         if not isinstance(self.zeros, torch.Tensor) or self.zeros.shape != (4,) or self.zeros.device != device:
             raise ValueError(f"zeros must be a tensor of shape (4,) on {device}, got "
                              f"{tuple(getattr(self.zeros, 'shape', ()))} on {getattr(self.zeros, 'device', None)}")
+        if self.zeros.is_meta:  # planned launches (shapes only)
+            return
         values = self.zeros.detach().float().round()
         if not bool(values.isfinite().all()) or float(values.min()) < lo or float(values.max()) > hi:
             raise ValueError(f"zeros must round to integers in [{lo}, {hi}], got {self.zeros.tolist()}")
@@ -85,10 +88,9 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
         raise ValueError(f"quantization must be an AttentionQuantization, got {type(quantization).__name__}")
     qrange(quantization.bits)
     quantization.check(query.device)
-    _, hi = qrange(quantization.bits)
-    if max(head_dim, key.shape[2]) * (2 * hi + 1) ** 2 >= 1 << 24:
-        raise ValueError(f"head_dim {head_dim} / keys {key.shape[2]} at {quantization.bits} bits: the integer "
-                         "products could exceed 2^24, beyond exact fp32 accumulation in the simulation")
+    if largest_product_sum(quantization, head_dim, key.shape[2]) >= 1 << 31:
+        raise ValueError(f"head_dim {head_dim} / {key.shape[2]} keys at {quantization.bits} bits: the integer "
+                         "products could overflow the int32 accumulators")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
         raise ValueError(f"scaling must be a positive finite number, got {scaling!r}")
     if mask is not None:
@@ -101,6 +103,19 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
         except RuntimeError:
             raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to [batch, heads, query tokens, key "
                              f"tokens] = {(batch, heads, query.shape[2], key.shape[2])}") from None
+
+
+def largest_product_sum(quantization: AttentionQuantization, head_dim: int, keys: int) -> int:
+    """A bound on |q_c·k_c| and |a_c·v_c|: codes q − z lie within 2^(b−1) of 0 when symmetric and
+    2^b − 1 with a zero point, summed over head_dim or the keys."""
+    bits = quantization.bits
+    largest = (1 << (bits - 1)) if quantization.zeros is None else (1 << bits) - 1
+    return max(head_dim, keys) * largest * largest
+
+
+def product_dtype(quantization: AttentionQuantization, head_dim: int, keys: int) -> torch.dtype:
+    """fp32 where every integer product is exact in it (below 2^24), else fp64."""
+    return torch.float32 if largest_product_sum(quantization, head_dim, keys) < 1 << 24 else torch.float64
 
 
 def _codes(x: torch.Tensor, quantization: AttentionQuantization, index: int) -> torch.Tensor:
@@ -119,17 +134,32 @@ def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return scores + mask.float()
 
 
+def _integer_attention(query, key, value, quantization: AttentionQuantization, scaling: float,
+                       mask: Optional[torch.Tensor], product_dtype: torch.dtype) -> torch.Tensor:
+    q, k, v = (_codes(t, quantization, i) for i, t in enumerate((query, key, value)))
+    # integer products, exact in fp64 always and in fp32 below 2^24 (product_dtype)
+    products = (q.to(product_dtype) @ k.to(product_dtype).transpose(-2, -1)).float()
+    score_scale = quantization.step(0) * quantization.step(1) * scaling
+    probs = torch.softmax(_masked(products * score_scale, mask), dim=-1)
+    a = _codes(probs, quantization, 3)
+    out = (a.to(product_dtype) @ v.to(product_dtype)).float()
+    return (out * (quantization.step(3) * quantization.step(2))).to(query.dtype)
+
+
 @torch.no_grad()
 def reference_attention(query, key, value, quantization: AttentionQuantization, scaling: float,
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The spec: [B, H, Sq, D] in the query's dtype."""
-    q, k, v = (_codes(t, quantization, i) for i, t in enumerate((query, key, value)))
-    products = (q.double() @ k.double().transpose(-2, -1)).to(torch.int32)  # exact: integers below 2^24
-    score_scale = quantization.step(0) * quantization.step(1) * scaling
-    probs = torch.softmax(_masked(products.float() * score_scale, mask), dim=-1)
-    a = _codes(probs, quantization, 3)
-    out = (a.double() @ v.double()).to(torch.int32)
-    return (out.float() * (quantization.step(3) * quantization.step(2))).to(query.dtype)
+    """The spec: [B, H, Sq, D] in the query's dtype; the integer products in fp64 on any device."""
+    return _integer_attention(query, key, value, quantization, scaling, mask, torch.float64)
+
+
+@torch.no_grad()
+def cpu_attention(query, key, value, quantization: AttentionQuantization, scaling: float,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference with its integer products as fp32 GEMMs where they are exact in fp32
+    (`product_dtype`; the CPU's fastest exact path for them), equal to it bit for bit."""
+    dtype = product_dtype(quantization, query.shape[-1], key.shape[-2])
+    return _integer_attention(query, key, value, quantization, scaling, mask, dtype)
 
 
 def _lsq_codes(x: torch.Tensor, quantization: AttentionQuantization, index: int):
@@ -141,7 +171,8 @@ def simulated_attention(query, key, value, quantization: AttentionQuantization, 
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The differentiable twin of `reference_attention` (module docstring)."""
     (q, q_step), (k, k_step), (v, v_step) = (_lsq_codes(t, quantization, i) for i, t in enumerate((query, key, value)))
-    products = q @ k.transpose(-2, -1)
+    dtype = product_dtype(quantization, query.shape[-1], key.shape[-2])
+    products = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)).float()
     probs = torch.softmax(_masked(products * (q_step * k_step * scaling), mask), dim=-1)
     a, a_step = _lsq_codes(probs, quantization, 3)
-    return ((a @ v) * (a_step * v_step)).to(query.dtype)
+    return ((a.to(dtype) @ v.to(dtype)).float() * (a_step * v_step)).to(query.dtype)

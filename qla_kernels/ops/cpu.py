@@ -35,6 +35,7 @@ from torch import Tensor
 from ..formats.weights import INTEGER_FORMATS, PANEL_COLUMNS, PANEL_QUAD, QuantizedWeight
 from ..quant.primitives import absmax_scale
 from . import reference
+from .attention import AttentionQuantization, cpu_attention
 from .device import cpu_extension
 from .dispatch import register, register_backend
 from .library import (
@@ -42,6 +43,7 @@ from .library import (
     normalize_activation_fake,
     normalize_quantize_activation_fake,
     quantize_activation_fake,
+    quantized_attention_fake,
 )
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
@@ -358,6 +360,17 @@ normalize_activation_op.register_fake(normalize_activation_fake)
 for _op in (quantize_activation_op, normalize_quantize_activation_op, normalize_activation_op):
     refuse_backward(_op)
 fused_linear_custom_op("qla::fused_linear_cpu", fused_linear, fused_linear_fake)
+
+
+@torch.library.custom_op("qla::quantized_attention_cpu", mutates_args=())
+def quantized_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int, scales: Tensor,
+                           zeros: Optional[Tensor], scaling: float, mask: Optional[Tensor]) -> Tensor:
+    """The attention core's integer products as fp32 GEMMs (exact: ops/attention.py cpu_attention)."""
+    return cpu_attention(query, key, value, AttentionQuantization(bits, scales, zeros), scaling, mask)
+
+
+quantized_attention_op.register_fake(quantized_attention_fake)
+refuse_backward(quantized_attention_op)
 register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
          body=fused_linear)
@@ -368,5 +381,6 @@ register("quantize_activation", "cpu", torch.ops.qla.quantize_activation_cpu,
 register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantize_activation_cpu,
          lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
          supports_normalize(x, norm_kind, down_proj))
+register("quantized_attention", "cpu", torch.ops.qla.quantized_attention_cpu)
 register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,
          lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj))

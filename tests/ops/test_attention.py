@@ -2,9 +2,9 @@
 of its codes, `simulate` against the reference, every backend against the reference, masks,
 gradients and refusals.
 
-Exactness by construction: both integer products are exact in int64 and in fp32 below 2^24
-(checked by the op), and the reference and `simulate` then apply the same fp32 operations in the
-same order, so they agree bit for bit. The Triton kernel's softmax sums in another order than
+Exactness by construction: both integer products are exact in int64, and in fp32 below 2^24
+(beyond, simulate and the cpu path take fp64), and the reference and `simulate` then apply the same fp32 operations in the
+same order, so they agree bit for bit; so does the cpu backend's path (the products as fp32 GEMMs). The Triton kernel's softmax sums in another order than
 torch's (and its exp is its own), so where A/s_A lies within an ulp of a rounding boundary an A
 code may differ by one: each such flip moves an output by s_A·s_v·|v_c| ≤ s_A·s_v·max|v_c|.
 """
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import qla_kernels as qk
 from qla_kernels import ops
-from qla_kernels.ops.attention import AttentionQuantization
+from qla_kernels.ops.attention import AttentionQuantization, cpu_attention
 from qla_kernels.quant.lsq import lsq_fake_quantize
 from qla_kernels.quant.primitives import qrange, quantize_with_scale
 
@@ -57,7 +57,7 @@ shapes = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.i
 @examples(25)
 @given(shapes, st.sampled_from([4, 8]), st.booleans(), st.sampled_from(["none", "bool", "additive"]),
        st.integers(0, 2 ** 16))
-def test_reference_is_the_int64_attention_of_its_codes_and_simulate_is_the_reference(
+def test_reference_is_the_int64_attention_of_its_codes_and_simulate_and_cpu_are_the_reference(
         shape, bits, asymmetric, mask_kind, seed):
     batch, heads, q_tokens, k_tokens, head_dim = shape
     generator = torch.Generator().manual_seed(seed)
@@ -76,6 +76,7 @@ def test_reference_is_the_int64_attention_of_its_codes_and_simulate_is_the_refer
         expected = torch.where(keep.any(dim=-1, keepdim=True), expected, 0.0)
     assert torch.equal(reference, expected)
     assert torch.equal(simulated, reference)
+    assert torch.equal(cpu_attention(query, key, value, quantization, scaling, mask), reference)
 
 
 def _flip_bound(value, quantization, count=2):
@@ -186,7 +187,16 @@ def test_malformed_calls_are_value_errors(call, message):
         call(query, AttentionQuantization(4, torch.ones(4)))
 
 
-def test_products_that_could_leave_exact_fp32_are_refused():
-    query = torch.randn(1, 1, 2, 1100)
-    with pytest.raises(ValueError, match="2\\^24"):
-        ops.quantized_attention(query, query, query, AttentionQuantization(8, torch.ones(4)), 0.1)
+def test_products_beyond_exact_fp32_run_in_fp64_and_int32_overflow_is_refused():
+    """8-bit symmetric codes over 1100 keys can sum past 2^24: simulate and the cpu path take fp64
+    there and stay the reference; past 2^31 (the kernels' int32 accumulators) the call is refused."""
+    generator = torch.Generator().manual_seed(6)
+    query, key = torch.randn(1, 1, 3, 16, generator=generator), torch.randn(1, 1, 1100, 16, generator=generator)
+    quantization = AttentionQuantization(8, torch.tensor([0.03, 0.03, 0.03, 1e-4]))
+    reference = ops.quantized_attention(query, key, key, quantization, 0.25)
+    with qk.use_backend("simulate"):
+        assert torch.equal(ops.quantized_attention(query, key, key, quantization, 0.25), reference)
+    assert torch.equal(cpu_attention(query, key, key, quantization, 0.25), reference)
+    huge = torch.empty(1, 1, 2, 16)
+    with pytest.raises(ValueError, match="int32"):
+        ops.quantized_attention(huge, torch.empty(1, 1, 140000, 16), torch.empty(1, 1, 140000, 16), quantization, 0.1)

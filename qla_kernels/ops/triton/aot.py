@@ -8,7 +8,7 @@ spills. Each result row says whether the launch passes:
 
 - it compiles, within the architecture's shared memory per block (compiled metadata);
 - nothing spills;
-- on sm_90 a GEMM main loop uses wgmma;
+- on sm_90 a GEMM main loop, and the quantized attention's products, use wgmma;
 - a launch whose result is promised bit-exact (FP contraction off) contains no `fma.rn.f32`
   outside libdevice's erf (whose polynomial is fused by design);
 - row offsets are 64-bit: no 32-bit multiply takes a row stride (an LM head's output at prefill,
@@ -45,6 +45,8 @@ ROW_STRIDES = {
     "requantize_rows_kernel": ("stride_ym", "stride_qm"),
     "quantize_activation_kernel": ("stride_xm", "stride_qm", "stride_tm"),
     "dwsep_down_kernel": ("stride_hb",),
+    "quantized_attention_kernel": ("stride_qb", "stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_mq",
+                                   "stride_mk"),
 }
 # Activations whose epilogue calls libdevice's erf (fused multiply-adds inside by design).
 _ERF_ACTIVATIONS = (1, 6)  # reference.ACTIVATIONS: gelu, geglu
@@ -133,6 +135,8 @@ def failures(launch: PlannedLaunch, arch: int, result: Dict[str, object]) -> Lis
     name, meta = kernel_name(launch.kernel), launch.meta
     if arch == 90 and name == "fused_linear_kernel" and meta.get("SPLIT_PHASE", 0) != 2 and not result["wgmma"]:
         problems.append("the sm_90 GEMM main loop does not use wgmma")
+    if arch == 90 and name == "quantized_attention_kernel" and not result["wgmma"]:
+        problems.append("the sm_90 attention products do not use wgmma")
     erf = name == "fused_linear_kernel" and meta.get("ACTIVATION") in _ERF_ACTIVATIONS
     if not meta["enable_fp_fusion"] and not erf and result["fma"]:
         problems.append(f"{result['fma']} fma.rn.f32 in a launch promised exact (FP contraction off)")

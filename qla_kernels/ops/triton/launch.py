@@ -273,11 +273,12 @@ def supports_dwsep_down(down_weight: torch.Tensor) -> bool:
 def attention_tile(target: Target, head_dim: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, warps) of the quantized attention kernel: 64 queries per program
     (wgmma's M on sm_90) against 64 keys per step, the head dimension padded to a power of two of at
-    least 32 (int8 dots reduce over ≥ 32); small tiles in the interpreter."""
+    least 32 (int8 dots reduce over ≥ 32), 8 warps (with 4, sm_80 spilled at head_dim 64 and the
+    masked sm_90 launch took all 255 registers: ptxas -v); small tiles in the interpreter."""
     block_d = max(32, triton.next_power_of_2(head_dim))
     if target.interpreter:
         return 16, 32, block_d, 4
-    return 64, 64 if block_d <= 128 else 32, block_d, 4
+    return 64, 64 if block_d <= 128 else 32, block_d, 8
 
 
 def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask) -> torch.Tensor:
