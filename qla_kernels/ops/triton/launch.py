@@ -274,11 +274,16 @@ def attention_tile(target: Target, head_dim: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, warps) of the quantized attention kernel: 64 queries per program
     (wgmma's M on sm_90) against 64 keys per step, the head dimension padded to a power of two of at
     least 32 (int8 dots reduce over ≥ 32), 8 warps (with 4, sm_80 spilled at head_dim 64 and the
-    masked sm_90 launch took all 255 registers: ptxas -v); small tiles in the interpreter."""
+    masked sm_90 launch took all 255 registers: ptxas -v). Before Hopper ptxas holds these launches
+    to 128 registers, and they spilled with 64 keys per step at head_dim 32 and with 64 queries at
+    head_dim 64: 32 keys per step there, and 32 queries on 4 warps past head_dim 32. Small tiles
+    in the interpreter."""
     block_d = max(32, triton.next_power_of_2(head_dim))
     if target.interpreter:
         return 16, 32, block_d, 4
-    return 64, 64 if block_d <= 128 else 32, block_d, 8
+    if target.capability[0] >= 9:
+        return 64, 64 if block_d <= 128 else 32, block_d, 8
+    return (64, 32, block_d, 8) if block_d <= 32 else (32, 32, block_d, 4)
 
 
 def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask) -> torch.Tensor:
