@@ -12,8 +12,8 @@ ResNet backbone, 64×64 images); mAP (pycocotools) and matching rate on its 500 
 - W4A4 AQ-DETR (ours): the `lsq_aq_lld` variant (W4A4 linears and convolutions, stem W8A8,
   4-bit q, k, A, v in the quantized attention core) after `--steps` QAT steps, exported and
   converted for runtime.
-Sizes are the bytes of each model's tensors (state dict; for ours, what save_quantized writes):
-W4A4 linears keep their 4-bit codes in int8 (the int8 tensor cores read them so), convolutions
+Sizes are each model's state dict as torch.save writes it (ours before runtime conversion, i.e.
+what save_quantized stores): W4A4 linears keep their 4-bit codes in int8 (the int8 tensor cores read them so), convolutions
 pack them two per byte. Latency: the variants interleaved run by run, median of --runs, images
 from the validation split. Writes JSON and a PNG beside it, labelled with the CPU and ISA path.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ from tests import shapes_detr  # noqa: E402
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """The size of the model's state dict as torch.save writes it (torch.ao's packed weights too)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
 
 
 def w8a8(teacher, calibration, example):

@@ -211,7 +211,7 @@ def variants():
             "lsq_aq_lld": AQDETRConfig(auxiliary_queries=30, replicas=3, distillation=1.0)}
 
 
-QAT_STEPS, QAT_BATCH, CALIBRATION_IMAGES = 600, 16, 64
+QAT_STEPS, QAT_BATCH, CALIBRATION_IMAGES = 300, 16, 64
 
 
 def quantization_aware(variant: str, seed: int, steps: int = QAT_STEPS, progress: bool = False):

@@ -190,3 +190,41 @@ def test_a_student_is_not_saved_and_malformed_calls_are_value_errors(fp_model, i
         aqdetr.train(student, x, y[:3], steps=1)
     with pytest.raises(ValueError, match="steps"):
         aqdetr.train(student, x, y, steps=0)
+
+
+@pytest.fixture(scope="module")
+def variant_metrics():
+    """mAP and matching rate on the 500 validation images: the teacher, the untrained W4A4 student
+    (its quantizers at their calibrated initialisation) and each QAT variant, seed 0, at the
+    budget of the several-seed table (benchmarks/aqdetr_variants.py)."""
+    from qla_kernels.apps.detection import evaluate
+
+    images, targets = shapes_detr.split("val", shapes_detr.VAL_IMAGES)
+    train_images, _ = shapes_detr.split("train", shapes_detr.TRAIN_IMAGES)
+    teacher = shapes_detr.teacher()
+    metrics = {"teacher": evaluate(teacher, images, targets)}
+    untrained = aqdetr.prepare(teacher, aqdetr.AQDETRConfig(), train_images[:shapes_detr.CALIBRATION_IMAGES],
+                               progress=False)
+    metrics["untrained"] = evaluate(untrained, images, targets)
+    for variant in shapes_detr.variants():
+        student, _ = shapes_detr.quantization_aware(variant, seed=0)
+        metrics[variant] = evaluate(student, images, targets)
+    return metrics
+
+
+def test_the_shipped_teacher_detects(variant_metrics):
+    """The teacher reached mAP 0.514 when trained (its script prints it); any machine evaluates
+    the same weights within the rounding of its float kernels."""
+    assert variant_metrics["teacher"]["map"] > 0.5
+
+
+def test_every_qat_variant_recovers_what_quantization_lost(variant_metrics):
+    """W4A4 with 4-bit attention: every variant's QAT lifts mAP and matching rate well above the
+    untrained student's. Over seeds 0–2 (the note's table) the variants' gaps to each other are
+    within the spread between seeds, so no ordering between them is asserted; they are printed."""
+    untrained = variant_metrics["untrained"]
+    for variant in shapes_detr.variants():
+        found = variant_metrics[variant]
+        print(variant, {key: round(value, 3) for key, value in found.items()})
+        assert found["map"] > untrained["map"] + 0.05, variant
+        assert found["matching_rate"] > untrained["matching_rate"] + 0.05, variant
