@@ -14,26 +14,8 @@ from typing import Optional
 import torch
 
 from ..formats.weights import QuantizedWeight
-from ..quant.primitives import absmax_scale, qrange
+from ..quant.primitives import absmax_scale, qrange, round_ste
 from . import reference
-
-
-class _RoundStraightThrough(torch.autograd.Function):
-    """rint forward, identity backward. Unlike `x + (rint(x) - x).detach()` the forward value is
-    exactly the integer, so a clamp right after it sees codes on the range boundary as inside."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """rint(x) with a straight-through (identity) gradient."""
-    return _RoundStraightThrough.apply(x)
 
 
 def fake_quantize(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import SCALE_EPS, dequantize, qrange, quantize_with_scale
+from .primitives import SCALE_EPS, dequantize, qrange, quantize_with_scale, round_ste
 
 
 def _step(scale: torch.Tensor) -> torch.Tensor:
@@ -269,16 +269,6 @@ class _ScaledGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-class _RoundStraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def lsq_codes(x: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int):
     """(q − z in fp32, the step in use) for a per-tensor LSQ+ quantizer, such that step·(q − z) is
     `lsq_fake_quantize`'s x̂ in value and in every gradient (LSQ's g included). For integer
@@ -290,7 +280,7 @@ def lsq_codes(x: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]
     if step.requires_grad:
         step = _ScaledGradient.apply(step, factor)
     if zero is not None:
-        zero = _RoundStraightThrough.apply(zero.float().reshape(()))
+        zero = round_ste(zero.float().reshape(()))
         if zero.requires_grad:
             zero = _ScaledGradient.apply(zero, factor)
     return _LSQCodes.apply(x, step, zero, bits), step

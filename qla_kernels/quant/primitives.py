@@ -146,3 +146,21 @@ def quantize_progressive_int4(weight: torch.Tensor, group_size: int) -> Tuple[to
     group_scale = torch.ceil(grouped.abs().amax(dim=-1) / 7).clamp(1, GROUP_SCALE_MAX)
     q4 = torch.round(grouped / group_scale[..., None]).clamp(-7, 7).reshape(weight.shape)
     return q4.to(torch.int8), group_scale.to(torch.int8), channel_scale
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """rint forward, identity backward. Unlike `x + (rint(x) - x).detach()` the forward value is
+    exactly the integer, so a clamp right after it sees codes on the range boundary as inside."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """rint(x) with a straight-through (identity) gradient."""
+    return _RoundStraightThrough.apply(x)

@@ -31,6 +31,21 @@ def _codes(x, step, zero, low, high):
     return tl.where(x != x, 0.0, codes)
 
 
+@triton.jit
+def _scores(q_codes, k_base, m_base, offs_n, mask_n, offs_d, mask_d, mask_m, stride_kt, stride_mk, k_step, k_zero,
+            score_scale, LOW: tl.constexpr, HIGH: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One key block's scores: k read and quantized in registers, q_c·k_cᵀ on the int8 units,
+    scaled once, plus the mask."""
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    k_codes = tl.where(mask_n[:, None] & mask_d[None, :], _codes(k, k_step, k_zero, LOW, HIGH), 0.0).to(tl.int8)
+    scores = tl.dot(q_codes, tl.trans(k_codes), out_dtype=tl.int32).to(tl.float32) * score_scale
+    if HAS_MASK:
+        scores += tl.load(m_base + offs_n[None, :].to(tl.int64) * stride_mk,
+                          mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    return scores
+
+
 @triton.jit(do_not_specialize=["Q_TOKENS", "K_TOKENS"])
 def quantized_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, scales_ptr, zeros_ptr, mask_ptr,
@@ -75,13 +90,8 @@ def quantized_attention_kernel(
     for n0 in range(0, K_TOKENS, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < K_TOKENS
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        k_codes = tl.where(mask_n[:, None] & mask_d[None, :], _codes(k, k_step, k_zero, LOW, HIGH), 0.0).to(tl.int8)
-        scores = tl.dot(q_codes, tl.trans(k_codes), out_dtype=tl.int32).to(tl.float32) * score_scale
-        if HAS_MASK:
-            scores += tl.load(m_base + offs_n[None, :].to(tl.int64) * stride_mk,
-                              mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        scores = _scores(q_codes, k_base, m_base, offs_n, mask_n, offs_d, mask_d, mask_m, stride_kt, stride_mk,
+                         k_step, k_zero, score_scale, LOW, HIGH, HAS_MASK)
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # a row that has seen only -inf keeps max -inf: shift by 0 there, not by -inf
@@ -94,13 +104,8 @@ def quantized_attention_kernel(
     for n0 in range(0, K_TOKENS, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < K_TOKENS
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        k_codes = tl.where(mask_n[:, None] & mask_d[None, :], _codes(k, k_step, k_zero, LOW, HIGH), 0.0).to(tl.int8)
-        scores = tl.dot(q_codes, tl.trans(k_codes), out_dtype=tl.int32).to(tl.float32) * score_scale
-        if HAS_MASK:
-            scores += tl.load(m_base + offs_n[None, :].to(tl.int64) * stride_mk,
-                              mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        scores = _scores(q_codes, k_base, m_base, offs_n, mask_n, offs_d, mask_d, mask_m, stride_kt, stride_mk,
+                         k_step, k_zero, score_scale, LOW, HIGH, HAS_MASK)
         probs = tl.math.div_rn(tl.exp(scores - shift[:, None]), row_sum[:, None])  # NaN: every key masked
         a_codes = tl.where(mask_n[None, :], _codes(probs, a_step, a_zero, LOW, HIGH), 0.0).to(tl.int8)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
