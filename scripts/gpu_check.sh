@@ -17,8 +17,9 @@
 #        and writes to ${OUT:-gpu_check_out}/: summary.md, results.json, logs.tar.gz (3 files).
 # tests: builds _C, runs the GPU-marked tests (real shapes, bf16, the CUDA kernel) and then the
 #        whole suite on the GPU (the Triton tests run compiled kernels there, not the interpreter).
-# bench: benchmarks/bench_gemm.py, bench_w4a16.py, bench_qwt.py, bench_gplq.py and bench_conv.py --device cuda
-#        (ResNet-50 vs cuDNN fp16 and torch.compile) -> benchmarks/results/ (JSON + PNG),
+# bench: benchmarks/bench_gemm.py, bench_w4a16.py, bench_qwt.py, bench_gplq.py, bench_conv.py --device cuda
+#        (ResNet-50 vs cuDNN fp16 and torch.compile) and bench_attention.py --device cuda (the
+#        quantized attention core vs fp16 SDPA) -> benchmarks/results/ (JSON + PNG),
 #        copied to $OUT too.
 # e2e:   benchmarks/bench_e2e.py (whole models vs fp16 eager/compiled, decode) -> benchmarks/results/, $OUT.
 # A failing step is logged and the others still run; the exit status is non-zero if any failed.
@@ -70,7 +71,7 @@ if [[ $what == quick ]]; then
     : > "$logs/launches.jsonl"
     step kernels 200 "$python" -m pytest -q -x --durations=15 -p no:cacheprovider \
         tests/ops/test_triton.py tests/ops/test_cuda.py tests/ops/test_dwsep.py tests/ops/test_kernel_launch.py \
-        tests/ops/test_conv.py
+        tests/ops/test_conv.py tests/ops/test_attention.py
     step gemm 90 "$python" benchmarks/bench_gemm.py --quick --out "$logs"
     step e2e 150 env QLA_LAUNCH_LOG="$logs/launches.jsonl" "$python" benchmarks/bench_e2e.py --models vit_b16 \
         --batches 64 --variants fp16_eager,fp16_compile,w8a8,w8a8_qla_qwt --decode-batches 1 --llama-layers 2 \
@@ -103,8 +104,10 @@ if [[ $what == bench || $what == all ]]; then
     "$python" benchmarks/bench_qwt.py 2>&1 | tee "$out/bench_qwt.log" || failed=1
     "$python" benchmarks/bench_gplq.py 2>&1 | tee "$out/bench_gplq.log" || failed=1
     "$python" benchmarks/bench_conv.py --device cuda 2>&1 | tee "$out/bench_conv.log" || failed=1
+    "$python" benchmarks/bench_attention.py --device cuda 2>&1 | tee "$out/bench_attention.log" || failed=1
     cp benchmarks/results/gemm_*.json benchmarks/results/gemm_*.png benchmarks/results/qwt_*.json benchmarks/results/w4a16_* \
-        benchmarks/results/gplq_*.json benchmarks/results/conv_NVIDIA* "$out/" 2>/dev/null || true
+        benchmarks/results/gplq_*.json benchmarks/results/conv_NVIDIA* benchmarks/results/attention_NVIDIA* \
+        "$out/" 2>/dev/null || true
 fi
 if [[ $what == e2e || $what == all ]]; then
     "$python" benchmarks/bench_e2e.py 2>&1 | tee "$out/bench_e2e.log" || failed=1

@@ -17,7 +17,6 @@ losses on. Reproduce the shipped weights with
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time

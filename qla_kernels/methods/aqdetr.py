@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from ..formats.weights import QuantizedWeight
 from ..nn.lsq_linear import LSQConv2d, LSQLinear, full_precision, quantizing
 from ..nn.quant_attention import LSQAttentionQuantizer, QuantizedAttention, observing_attention, register_attention
 from ..nn.quant_conv import QuantConv2d, plain_convolution
-from ..nn.quant_linear import QuantLinear, conv1d_class, linear_weight
+from ..nn.quant_linear import QuantLinear, conv1d_class
 from ..ops.conv import conv_weight_matrix
 from ..quant.config import W4A4, W8A8, QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
@@ -258,20 +258,14 @@ def auxiliary_embedding(model: nn.Module) -> Optional[AuxiliaryQueryEmbedding]:
 
 
 def encoder_self_attentions(student: nn.Module, example: torch.Tensor) -> List[nn.Module]:
-    """The attention modules of the encoder: self-attention whose token count is the image's,
-    unchanged by the number of queries (decoder attention changes with it)."""
-    embedding = auxiliary_embedding(student)
-    calls = _attention_calls(student, example)
-    if embedding is None:
-        queries = getattr(student.config, "num_queries", None)
-        return [m for m, c in calls.items() if c.query_tokens == c.key_tokens and c.query_tokens != queries]
-    embedding.active = True
-    try:
-        with_auxiliary = _attention_calls(student, example)
-    finally:
-        embedding.active = False
-    return [m for m, c in calls.items() if c.query_tokens == c.key_tokens
-            and (with_auxiliary[m].query_tokens, with_auxiliary[m].key_tokens) == (c.query_tokens, c.key_tokens)]
+    """The attention modules of the encoder: self-attention over as many tokens as the image has,
+    found by running `example` [1, 3, H, W] at two sizes (the encoder's token count follows the
+    image, the decoder's the queries)."""
+    larger = F.interpolate(example, size=(example.shape[-2] + 32, example.shape[-1] + 32), mode="bilinear",
+                           align_corners=False)
+    calls, resized = _attention_calls(student, example), _attention_calls(student, larger)
+    return [m for m, c in calls.items() if c.query_tokens == c.key_tokens and m in resized
+            and resized[m].query_tokens == resized[m].key_tokens != c.query_tokens]
 
 
 @dataclasses.dataclass
@@ -292,6 +286,7 @@ def _training_loss(student: nn.Module, replicas: int) -> Iterator[None]:
     """The model's own loss on the object queries, plus the same loss of the auxiliary queries
     against the replicated ground truth, installed as `student.loss_function` for the block."""
     embedding = auxiliary_embedding(student)
+    own = student.__dict__.get("_loss_function")  # one the user set stays theirs
     original = type(student).loss_function.fget(student)
     queries = None if embedding is None else embedding.original.num_embeddings
 
@@ -316,7 +311,10 @@ def _training_loss(student: nn.Module, replicas: int) -> Iterator[None]:
     try:
         yield
     finally:
-        del student._loss_function
+        if own is None:
+            del student._loss_function
+        else:
+            student._loss_function = own
         if embedding is not None:
             embedding.active = False
 

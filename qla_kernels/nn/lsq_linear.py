@@ -15,7 +15,6 @@ import contextlib
 import threading
 from typing import Iterator, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -28,8 +28,16 @@ def images():
 
 @pytest.fixture(scope="module", params=["conditional", "detr"])
 def fp_model(request):
+    """Both families, for what depends on the architecture (what is found and quantized, the
+    auxiliary queries' separation, export per op)."""
     torch.manual_seed(0)
     return shapes_detr.architecture(request.param).eval()
+
+
+@pytest.fixture(scope="module")
+def conditional_model():
+    torch.manual_seed(0)
+    return shapes_detr.architecture("conditional").eval()
 
 
 def _attention_modules(model):
@@ -56,8 +64,8 @@ def test_prepare_quantizes_every_linear_convolution_and_attention_core(fp_model,
     assert len(aqdetr.encoder_self_attentions(student, x[:1])) == config.encoder_layers
 
 
-def test_the_stem_takes_the_model_bits_when_asked(fp_model, images):
-    student = aqdetr.prepare(fp_model, aqdetr.AQDETRConfig(stem_bits=None), images[0][:8], progress=False)
+def test_the_stem_takes_the_model_bits_when_asked(conditional_model, images):
+    student = aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(stem_bits=None), images[0][:8], progress=False)
     assert next(m for m in student.modules() if isinstance(m, LSQConv2d)).input_quantizer.bits == 4
 
 
@@ -88,10 +96,10 @@ def test_auxiliary_queries_cost_nothing_and_leave_at_export(fp_model, images):
         assert exported(pixel_values=x[:2]).logits.shape[1] == queries
 
 
-def test_training_moves_the_quantizers_and_the_distillation_term_is_live(fp_model, images):
+def test_training_moves_the_quantizers_and_the_distillation_term_is_live(conditional_model, images):
     x, y = images
     config = aqdetr.AQDETRConfig(auxiliary_queries=5, replicas=2, distillation=1.0)
-    student = aqdetr.prepare(fp_model, config, x[:16], progress=False)
+    student = aqdetr.prepare(conditional_model, config, x[:16], progress=False)
     before = {n: p.detach().clone() for n, p in student.named_parameters() if "quantizer." in n}
     report = aqdetr.train(student, x, y, steps=3, batch_size=4, progress=False)
     assert len(report.losses) == 3 and len(report.distillation_losses) == 3
@@ -153,13 +161,12 @@ def test_export_equals_its_simulation_per_op_and_the_student(fp_model, images):
         assert sqnr_db(trained[key], simulated[key]) > 60, key
 
 
-def test_the_exported_model_saves_loads_bit_exact_and_converts(fp_model, images, tmp_path):
+def test_the_exported_model_saves_loads_bit_exact_and_converts(conditional_model, images, tmp_path):
     x, _ = images
-    exported = aqdetr.export(aqdetr.prepare(fp_model, aqdetr.AQDETRConfig(), x[:16], progress=False))
+    exported = aqdetr.export(aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(), x[:16], progress=False))
     path = str(tmp_path / "detr_w4a4.safetensors")
     qk.save_quantized(exported, path)
-    kind = "detr" if fp_model.config.model_type == "detr" else "conditional"
-    loaded = qk.load_quantized(shapes_detr.architecture(kind).eval(), path)
+    loaded = qk.load_quantized(shapes_detr.architecture("conditional").eval(), path)
     assert sum(isinstance(m.attention_quantizer, QuantizedAttention) for m in _attention_modules(loaded)) == \
         len(_attention_modules(exported))
     with torch.no_grad():
@@ -171,9 +178,9 @@ def test_the_exported_model_saves_loads_bit_exact_and_converts(fp_model, images,
     assert sqnr_db(expected.logits, converted.logits) > 40
 
 
-def test_a_student_is_not_saved_and_malformed_calls_are_value_errors(fp_model, images, tmp_path):
+def test_a_student_is_not_saved_and_malformed_calls_are_value_errors(conditional_model, images, tmp_path):
     x, y = images
-    student = aqdetr.prepare(fp_model, aqdetr.AQDETRConfig(), x[:8], progress=False)
+    student = aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(), x[:8], progress=False)
     with pytest.raises(ValueError, match="export it first"):
         qk.save_quantized(student, str(tmp_path / "student.safetensors"))
     with pytest.raises(ValueError, match="bits"):
@@ -183,9 +190,9 @@ def test_a_student_is_not_saved_and_malformed_calls_are_value_errors(fp_model, i
     with pytest.raises(ValueError, match="distillation"):
         aqdetr.AQDETRConfig(distillation=float("nan"))
     with pytest.raises(ValueError, match="calibration_images"):
-        aqdetr.prepare(fp_model, aqdetr.AQDETRConfig(), x[0], progress=False)
+        aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(), x[0], progress=False)
     with pytest.raises(ValueError, match="aqdetr.prepare"):
-        aqdetr.train(fp_model, x, y, steps=1)
+        aqdetr.train(conditional_model, x, y, steps=1)
     with pytest.raises(ValueError, match="targets"):
         aqdetr.train(student, x, y[:3], steps=1)
     with pytest.raises(ValueError, match="steps"):
