@@ -25,7 +25,8 @@ GEMM reads x + pos). Every quantizer starts from calibration statistics of the f
   (`full_precision()`: the same weights, no separate teacher), by KL divergence of their
   softmax over channels (each token scaled by the fp output's standard deviation), weighted by
   λ_dis.
-- optionally `kd_weight`: KL of the class distributions against a frozen fp teacher's.
+- optionally, against a frozen fp teacher: `kd_weight`, the KL of the class distributions, and
+  `feature_weight`, the relative squared error of the encoder's output features.
 
 `export` turns the student into the quantized model of the kernels (QuantLinear, QuantConv2d
 with the learned steps as static scales and the learned weight codes, QuantizedAttention), with
@@ -353,12 +354,14 @@ def _layer_distillation(modules: Sequence[nn.Module], collected: List[torch.Tens
 
 def train(student: nn.Module, images: torch.Tensor, targets: Sequence[Dict[str, torch.Tensor]], steps: int,
           batch_size: int = 32, lr: float = 1e-4, quantizer_lr: float = 1e-3, teacher: Optional[nn.Module] = None,
-          kd_weight: float = 0.0, seed: int = 0, progress: bool = True) -> TrainReport:
+          kd_weight: float = 0.0, feature_weight: float = 0.0, seed: int = 0, progress: bool = True) -> TrainReport:
     """QAT of a `prepare`d student on `images` [N, 3, H, W] with DETR-format `targets`: `steps`
     AdamW steps of `batch_size` random images (`lr` for the weights, `quantizer_lr` for the steps
     and zero points), gradient norm clipped at 0.1 (DETR's). The config given to `prepare` says
-    whether auxiliary queries and layer-by-layer distillation join; `kd_weight` > 0 adds the KL
-    of the class distributions to a frozen fp `teacher`'s (its object queries)."""
+    whether auxiliary queries and layer-by-layer distillation join; against a frozen fp `teacher`,
+    `kd_weight` > 0 adds the KL of the class distributions (the object queries) and
+    `feature_weight` > 0 the squared error of the encoder's output features relative to the
+    teacher's mean square."""
     config = getattr(student, "aqdetr_config", None)
     if not isinstance(config, AQDETRConfig):
         raise ValueError("student was not made by aqdetr.prepare")
@@ -368,8 +371,11 @@ def train(student: nn.Module, images: torch.Tensor, targets: Sequence[Dict[str, 
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if kd_weight < 0 or (kd_weight > 0 and teacher is None):
-        raise ValueError("kd_weight must be ≥ 0, and > 0 needs a teacher")
+    for name, weight in (("kd_weight", kd_weight), ("feature_weight", feature_weight)):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{name} must be a finite number ≥ 0, got {weight!r}")
+        if weight > 0 and teacher is None:
+            raise ValueError(f"{name} > 0 needs a teacher")
     quantizer_params = [p for n, p in student.named_parameters() if "quantizer." in n]
     other_params = [p for n, p in student.named_parameters() if "quantizer." not in n]
     optimizer = torch.optim.AdamW([{"params": other_params, "lr": lr},
@@ -394,11 +400,16 @@ def train(student: nn.Module, images: torch.Tensor, targets: Sequence[Dict[str, 
                     distillation = config.distillation * torch.stack(collected).mean()
                     distillation_losses.append(float(distillation.detach()))
                     loss = loss + distillation
-                if kd_weight:
+                if kd_weight or feature_weight:
                     with torch.no_grad():
-                        reference = teacher(pixel_values=batch).logits
-                    student_logits = output.logits[:, :reference.shape[1]]
-                    loss = loss + kd_weight * _channel_kl(student_logits, reference)
+                        reference = teacher(pixel_values=batch)
+                if kd_weight:
+                    student_logits = output.logits[:, :reference.logits.shape[1]]
+                    loss = loss + kd_weight * _channel_kl(student_logits, reference.logits)
+                if feature_weight:
+                    features = reference.encoder_last_hidden_state.float()
+                    error = (output.encoder_last_hidden_state.float() - features).square().mean()
+                    loss = loss + feature_weight * error / features.square().mean().clamp_min(1e-12)
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 0.1)

@@ -197,6 +197,22 @@ def test_a_student_is_not_saved_and_malformed_calls_are_value_errors(conditional
         aqdetr.train(student, x, y[:3], steps=1)
     with pytest.raises(ValueError, match="steps"):
         aqdetr.train(student, x, y, steps=0)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        aqdetr.train(student, x, y, steps=1, feature_weight=1.0)
+    with pytest.raises(ValueError, match="kd_weight"):
+        aqdetr.train(student, x, y, steps=1, kd_weight=-1.0, teacher=conditional_model)
+
+
+def test_teacher_distillation_terms_join_the_loss(conditional_model, images):
+    """With a frozen fp teacher, KD and feature distillation add to the loss (the same student
+    and batches give a larger first loss with them than without)."""
+    x, y = images
+    losses = []
+    for weights in ({}, {"kd_weight": 1.0, "feature_weight": 1.0}):
+        student = aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(), x[:8], progress=False)
+        losses.append(aqdetr.train(student, x, y, steps=1, batch_size=4, teacher=conditional_model, progress=False,
+                                   **weights).losses[0])
+    assert losses[1] > losses[0]
 
 
 @pytest.fixture(scope="module")
