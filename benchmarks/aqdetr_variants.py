@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     val_images, val_targets = shapes_detr.split("val", shapes_detr.VAL_IMAGES)
-    train_images, _ = shapes_detr.split("train", shapes_detr.TRAIN_IMAGES)
+    train_images, _ = shapes_detr.split("train", shapes_detr.QAT_IMAGES)
     teacher = shapes_detr.teacher()
     rows = [{"variant": "fp32 teacher", "seed": None, **evaluate(teacher, val_images, val_targets)}]
     untrained = aqdetr.prepare(teacher, aqdetr.AQDETRConfig(), train_images[:shapes_detr.CALIBRATION_IMAGES],

@@ -78,7 +78,7 @@ def main() -> None:
     if not qk.backends()["cpu"].available:
         raise SystemExit(f"the cpu backend is not available: {qk.backends()['cpu']}")
     torch.set_num_threads(args.threads)
-    images, _ = shapes_detr.split("train", shapes_detr.TRAIN_IMAGES)
+    images, _ = shapes_detr.split("train", shapes_detr.QAT_IMAGES)
     val_images, val_targets = shapes_detr.split("val", shapes_detr.VAL_IMAGES)
     teacher = shapes_detr.teacher()
     calibration = images[:shapes_detr.CALIBRATION_IMAGES]

@@ -223,7 +223,7 @@ def variant_metrics():
     from qla_kernels.apps.detection import evaluate
 
     images, targets = shapes_detr.split("val", shapes_detr.VAL_IMAGES)
-    train_images, _ = shapes_detr.split("train", shapes_detr.TRAIN_IMAGES)
+    train_images, _ = shapes_detr.split("train", shapes_detr.QAT_IMAGES)
     teacher = shapes_detr.teacher()
     metrics = {"teacher": evaluate(teacher, images, targets)}
     untrained = aqdetr.prepare(teacher, aqdetr.AQDETRConfig(), train_images[:shapes_detr.CALIBRATION_IMAGES],
