@@ -186,12 +186,17 @@ def prepare(model: nn.Module, config: AQDETRConfig, calibration_images: torch.Te
     for name, layer in replacements:
         student.set_submodule(name, layer)
     lo, hi = qrange(config.bits)
+    symmetric = config.bits == 8  # q − z of 8-bit codes would not fit the int8 products
     for module, found in attention_observers.items():
-        quantizer = LSQAttentionQuantizer(config.bits).to(calibration_images.device)
+        quantizer = LSQAttentionQuantizer(config.bits, symmetric).to(calibration_images.device)
         for lsq, observer in zip((quantizer.query, quantizer.key, quantizer.value), found):
-            lsq.initialize(*static_scale(observer, config.bits, config.init, symmetric=False))
-        # A ∈ [0, 1]: its whole grid from 0 to the largest probability seen, zero point at qmin
-        quantizer.probs.initialize(max(float(found[3].maximum), 1e-8) / (hi - lo), lo)
+            lsq.initialize(*static_scale(observer, config.bits, config.init, symmetric=symmetric))
+        # A ∈ [0, 1]: its grid from 0 to the largest probability seen (zero point at qmin when it has one)
+        largest = max(float(found[3].maximum), 1e-8)
+        if symmetric:
+            quantizer.probs.initialize(largest / hi)
+        else:
+            quantizer.probs.initialize(largest / (hi - lo), lo)
         module.attention_quantizer = quantizer
     if config.auxiliary_queries:
         _add_auxiliary_queries(student, config.auxiliary_queries, calibration_images[:1])
@@ -200,8 +205,9 @@ def prepare(model: nn.Module, config: AQDETRConfig, calibration_images: torch.Te
 
 
 class AuxiliaryQueryEmbedding(nn.Module):
-    """The object-query embedding with n_A auxiliary rows after its own: `weight` is the
-    concatenation while `active` (inside `train`), the original rows otherwise."""
+    """The object-query embedding with n_A auxiliary rows after its own (each a copy of a random
+    object query plus noise, from torch's global generator): `weight` is the concatenation while
+    `active` (inside `train`), the original rows otherwise."""
 
     def __init__(self, original: nn.Embedding, count: int):
         super().__init__()

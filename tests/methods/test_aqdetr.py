@@ -64,9 +64,15 @@ def test_prepare_quantizes_every_linear_convolution_and_attention_core(fp_model,
     assert len(aqdetr.encoder_self_attentions(student, x[:1])) == config.encoder_layers
 
 
-def test_the_stem_takes_the_model_bits_when_asked(conditional_model, images):
+def test_the_stem_takes_the_model_bits_when_asked_and_8_bit_attention_is_symmetric(conditional_model, images):
     student = aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(stem_bits=None), images[0][:8], progress=False)
     assert next(m for m in student.modules() if isinstance(m, LSQConv2d)).input_quantizer.bits == 4
+    student = aqdetr.prepare(conditional_model, aqdetr.AQDETRConfig(bits=8), images[0][:8], progress=False)
+    cores = [m.attention_quantizer for m in _attention_modules(student)]
+    assert cores and all(core.bits == 8 and core.query.zero is None and core.probs.zero is None for core in cores)
+    exported = aqdetr.export(student)
+    with torch.no_grad():
+        assert exported(pixel_values=images[0][:2]).logits.shape[:2] == (2, conditional_model.config.num_queries)
 
 
 def test_auxiliary_queries_cost_nothing_and_leave_at_export(fp_model, images):
