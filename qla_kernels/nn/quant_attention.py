@@ -133,10 +133,15 @@ def qla_attention(module: nn.Module, query, key, value, attention_mask, scaling:
                   dropout: float = 0.0, **kwargs):
     """A transformers attention function (AttentionInterface): runs `module.attention_quantizer`
     (an LSQAttentionQuantizer while training, the exported QuantizedAttention after), or fp
-    attention where the module has none or inside `full_precision()`. Dropout is not applied
-    (DETR's attention dropout is 0; a quantized attention has none)."""
+    attention where the module has none or inside `full_precision()`. A causal call without a mask
+    gets the causal mask. Dropout is not applied (DETR's attention dropout is 0; a quantized
+    attention has none)."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if attention_mask is None and kwargs.get("is_causal", getattr(module, "is_causal", False)) and query.shape[-2] > 1:
+        # transformers leaves the mask out of causal calls it expects the kernel to mask itself
+        q_tokens, k_tokens = query.shape[-2], key.shape[-2]
+        attention_mask = torch.ones(q_tokens, k_tokens, dtype=torch.bool, device=query.device).tril(k_tokens - q_tokens)
     quantizer = getattr(module, "attention_quantizer", None)
     if query.shape[-2] == key.shape[-2]:
         attention_mask = _group_mask(getattr(quantizer, "query_groups", None), query.shape[-2], attention_mask,
