@@ -52,6 +52,7 @@ from ..nn.lsq_linear import LSQConv2d, LSQLinear, full_precision, quantizing
 from ..nn.quant_attention import LSQAttentionQuantizer, QuantizedAttention, observing_attention, register_attention
 from ..nn.quant_conv import QuantConv2d, plain_convolution
 from ..nn.quant_linear import QuantLinear, conv1d_class
+from ..nn.quantize import announce_quantized
 from ..ops.conv import conv_weight_matrix
 from ..quant.config import W4A4, W8A8, QuantConfig
 from ..quant.observers import METHODS, ActivationObserver, static_scale
@@ -473,4 +474,5 @@ def export(student: nn.Module) -> nn.Module:
         quantizer = getattr(module, "attention_quantizer", None)
         if isinstance(quantizer, LSQAttentionQuantizer):
             module.attention_quantizer = QuantizedAttention.from_quantizer(quantizer)
+    announce_quantized(model)  # transformers' save_pretrained writes the qla layout from here on
     return model.eval()

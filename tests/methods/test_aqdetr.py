@@ -182,6 +182,14 @@ def test_the_exported_model_saves_loads_bit_exact_and_converts(conditional_model
         qk.convert_for_runtime(loaded, {"pixel_values": x[:1]})
         converted = loaded(pixel_values=x[:3])
     assert sqnr_db(expected.logits, converted.logits) > 40
+    # the Hugging Face way: save_pretrained writes the layout, load_pretrained rebuilds and converts
+    exported.save_pretrained(str(tmp_path / "hf"))
+    from_hub = qk.load_pretrained(str(tmp_path / "hf"))
+    assert from_hub.config._attn_implementation == "qla_quantized"
+    assert sum(isinstance(m.attention_quantizer, QuantizedAttention) for m in _attention_modules(from_hub)) == \
+        len(_attention_modules(exported))
+    with torch.no_grad():
+        assert sqnr_db(expected.logits, from_hub(pixel_values=x[:3]).logits) > 40
 
 
 def test_a_student_is_not_saved_and_malformed_calls_are_value_errors(conditional_model, images, tmp_path):
