@@ -122,7 +122,7 @@ def plot(report: dict, path: Path) -> None:
     batches = list(rows[0]["latency_ms"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].barh(names, [row["bytes"] / 1e6 for row in rows])
-    axes[0].set_xlabel("tensor bytes (MB)")
+    axes[0].set_xlabel("state dict, torch.save (MB)")
     axes[1].barh(names, [row["map"] for row in rows])
     axes[1].set_xlabel("val mAP (pycocotools)")
     width = 0.8 / len(batches)
