@@ -13,8 +13,8 @@ ResNet backbone, 64×64 images); mAP (pycocotools) and matching rate on its 500 
   4-bit q, k, A, v in the quantized attention core) after `--steps` QAT steps, exported and
   converted for runtime.
 Sizes are each model's state dict as torch.save writes it (ours before runtime conversion, i.e.
-what save_quantized stores): W4A4 linears keep their 4-bit codes in int8 (the int8 tensor cores read them so), convolutions
-pack them two per byte. Latency: the variants interleaved run by run, median of --runs, images
+what save_quantized stores): W4A4 linears keep their 4-bit codes in int8 (the int8 tensor cores
+read them so), convolutions pack them two per byte. Latency: the variants interleaved run by run, median of --runs, images
 from the validation split. Writes JSON and a PNG beside it, labelled with the CPU and ISA path.
 """
 
@@ -134,7 +134,8 @@ def plot(report: dict, path: Path) -> None:
     axes[2].legend()
     for axis in axes[1:]:
         axis.set_yticklabels([])
-    fig.suptitle(f"synthetic-shapes Conditional DETR — {report['cpu']} ({report['isa']}, {report['threads']} threads)")
+    fig.suptitle(f"synthetic-shapes Conditional DETR — {report['cpu']} ({report['isa']}, "
+                 f"{report['threads']} threads)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -131,7 +131,8 @@ def config(kind: str = "conditional"):
 def architecture(kind: str = "conditional"):
     import transformers
 
-    classes = {"detr": transformers.DetrForObjectDetection, "conditional": transformers.ConditionalDetrForObjectDetection}
+    classes = {"detr": transformers.DetrForObjectDetection,
+               "conditional": transformers.ConditionalDetrForObjectDetection}
     model = classes[kind](config(kind))
     model.requires_grad_(True)  # DETR freezes its stem for pretrained backbones; this one trains from scratch
     return model
@@ -154,8 +155,10 @@ def train(seed: int = 0, steps: int = STEPS, log_every: int = 2000) -> torch.nn.
     model = architecture()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     warmup = 500
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    def factor(step):
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     start = time.time()
     for step in range(steps):
         model.train()

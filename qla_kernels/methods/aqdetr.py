@@ -80,11 +80,10 @@ class AQDETRConfig:
                 continue
             if value not in (4, 8) or isinstance(value, bool):
                 raise ValueError(f"{name} must be 4 or 8 (the kernels' W4A4 / W8A8), got {value!r}")
-        for name in ("auxiliary_queries", "replicas"):
+        for name, least in (("auxiliary_queries", 0), ("replicas", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "auxiliary_queries" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'auxiliary_queries' else 'positive'} "
-                                 f"int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int ≥ {least}, got {value!r}")
         if isinstance(self.distillation, bool) or not isinstance(self.distillation, (int, float)) \
                 or not math.isfinite(self.distillation) or self.distillation < 0:
             raise ValueError(f"distillation must be a finite number ≥ 0, got {self.distillation!r}")
@@ -233,7 +232,8 @@ class AuxiliaryQueryEmbedding(nn.Module):
 
 def _query_embedding(model: nn.Module) -> Tuple[str, nn.Embedding]:
     count = getattr(model.config, "num_queries", None)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.num_embeddings == count]
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.Embedding) and m.num_embeddings == count]
     if len(found) != 1:
         raise ValueError(f"auxiliary queries need exactly one nn.Embedding of config.num_queries={count} rows (the "
                          f"object queries); found {[name for name, _ in found]}")

@@ -3,8 +3,9 @@
 The header records, per QuantLinear, its config and shape, per QuantConv2d its config, channels
 and geometry, per block with a QwT compensation its shape and where it is added (and for CNN
 blocks its groups and stride), for QLA adapters their placement and blocks, for CNN adapters
-their sizes, and per quantized attention core (nn/quant_attention.py) its bits and symmetry, so `load_quantized` can rebuild the modules on an unquantized skeleton of the same
-architecture before loading the tensors. Lowering (qwt.lower, qla.fuse), block fusion and
+their sizes, and per quantized attention core (nn/quant_attention.py) its bits and symmetry, so
+`load_quantized` can rebuild the modules on an unquantized skeleton of the same architecture
+before loading the tensors. Lowering (qwt.lower, qla.fuse), block fusion and
 convert_for_runtime's folding are runtime conversions: save before them.
 """
 

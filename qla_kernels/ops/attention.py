@@ -53,8 +53,8 @@ them as floats; None: symmetric)."""
     def check(self, device: torch.device) -> None:
         lo, hi = qrange(self.bits)
         if not isinstance(self.scales, torch.Tensor) or self.scales.shape != (4,) or self.scales.dtype != torch.float32:
-            raise ValueError(f"scales must be an fp32 tensor of shape (4,) (query, key, value, probs), got "
-                             f"{getattr(self.scales, 'dtype', type(self.scales))} {tuple(getattr(self.scales, 'shape', ()))}")
+            found = f"{getattr(self.scales, 'dtype', type(self.scales))} {tuple(getattr(self.scales, 'shape', ()))}"
+            raise ValueError(f"scales must be an fp32 tensor of shape (4,) (query, key, value, probs), got {found}")
         if self.scales.device != device:
             raise ValueError(f"scales are on {self.scales.device}, expected {device} (the query's device)")
         if self.zeros is None:
@@ -83,7 +83,8 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
     if key.shape[:2] != (batch, heads) or key.shape[3] != head_dim:
         raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} in batch, heads, head_dim")
     if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value {tuple(value.shape)} must have the key's batch, heads and tokens {tuple(key.shape[:3])}")
+        raise ValueError(f"value {tuple(value.shape)} must have the key's batch, heads and tokens "
+                         f"{tuple(key.shape[:3])}")
     if not isinstance(quantization, AttentionQuantization):
         raise ValueError(f"quantization must be an AttentionQuantization, got {type(quantization).__name__}")
     qrange(quantization.bits)

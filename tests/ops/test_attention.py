@@ -3,8 +3,9 @@ of its codes, `simulate` against the reference, every backend against the refere
 gradients and refusals.
 
 Exactness by construction: both integer products are exact in int64, and in fp32 below 2^24
-(beyond, simulate and the cpu path take fp64), and the reference and `simulate` then apply the same fp32 operations in the
-same order, so they agree bit for bit; so does the cpu backend's path (the products as fp32 GEMMs). The Triton kernel's softmax sums in another order than
+(beyond, simulate and the cpu path take fp64), and the reference and `simulate` then apply the
+same fp32 operations in the same order, so they agree bit for bit; so does the cpu backend's
+path (the products as fp32 GEMMs). The Triton kernel's softmax sums in another order than
 torch's (and its exp is its own), so where A/s_A lies within an ulp of a rounding boundary an A
 code may differ by one: each such flip moves an output by s_A·s_v·|v_c| ≤ s_A·s_v·max|v_c|.
 bf16 inputs are tested in the interpreter too: its products are int8 dots (the interpreter's
