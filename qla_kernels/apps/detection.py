@@ -175,17 +175,22 @@ def matching_rate(probabilities: torch.Tensor, boxes: torch.Tensor, targets: Seq
 
 @torch.no_grad()
 @torch.no_grad()
+def _outputs(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    logits, boxes = [], []
+    for start in range(0, images.shape[0], batch_size):
+        output = model(pixel_values=images[start:start + batch_size])
+        logits.append(output.logits.float())
+        boxes.append(output.pred_boxes.float())
+    return torch.cat(logits), torch.cat(boxes)
+
+
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per-class probabilities, boxes) of a DETR-style model (`pixel_values` → `.logits`,
     `.pred_boxes`; `model.config.num_labels` classes) on `images`, in batches."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    probabilities, boxes = [], []
-    for start in range(0, images.shape[0], batch_size):
-        output = model(pixel_values=images[start:start + batch_size])
-        probabilities.append(class_probabilities(output.logits, model.config.num_labels))
-        boxes.append(output.pred_boxes.float())
-    return torch.cat(probabilities), torch.cat(boxes)
+    logits, boxes = _outputs(model, images, batch_size)
+    return class_probabilities(logits, model.config.num_labels), boxes
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: Sequence[Dict[str, torch.Tensor]],
@@ -193,10 +198,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: Sequence[Dic
     """mAP (pycocotools), mAP@.5, mAP@.75 and matching rate of `model` on `images` with `targets`,
     scored as the model family is (one label per query for softmax models, the best
     (query, class) pairs for sigmoid ones)."""
-    with torch.no_grad():
-        logits = model(pixel_values=images[:1]).logits
-    one_label_per_query = logits.shape[-1] == model.config.num_labels + 1
-    probabilities, boxes = predict(model, images, batch_size)
+    logits, boxes = _outputs(model, images, batch_size)
+    num_labels = model.config.num_labels
+    probabilities = class_probabilities(logits, num_labels)
+    one_label_per_query = logits.shape[-1] == num_labels + 1
     metrics = mean_average_precision(probabilities, boxes, targets, tuple(images.shape[-2:]), one_label_per_query)
     metrics["matching_rate"] = matching_rate(probabilities, boxes, targets)
     return metrics

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.batches import run_model
+from ..ops.attention import masked_scores
 from ..ops.simulate import fake_quantize_activation
 from ..quant.log2 import log2_quantize
 from ..quant.primitives import qrange
@@ -40,8 +41,7 @@ def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     if is_causal:
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
         scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    scores = masked_scores(scores, attn_mask)
     probabilities = log2_quantize(torch.softmax(scores, dim=-1), bits)
     return (probabilities @ v).to(query.dtype)
 

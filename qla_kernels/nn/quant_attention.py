@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.attention import AttentionQuantization, simulated_attention
+from ..ops.attention import AttentionQuantization, masked_scores, simulated_attention
 from ..quant.lsq import LSQPlusQuantizer
 from ..quant.primitives import qrange
 from .lsq_linear import quantizing
@@ -63,10 +63,7 @@ class LSQAttentionQuantizer(nn.Module):
 
 def eager_attention(query, key, value, mask, scaling: float):
     """(softmax(q·kᵀ·scaling + mask)·v in the query's dtype, the probabilities), fp32 math."""
-    scores = (query.float() @ key.float().transpose(-2, -1)) * scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(masked_scores((query.float() @ key.float().transpose(-2, -1)) * scaling, mask), dim=-1)
     return (probs @ value.float()).to(query.dtype), probs
 
 
@@ -111,12 +108,12 @@ class QuantizedAttention(nn.Module):
     @classmethod
     def from_quantizer(cls, quantizer: LSQAttentionQuantizer) -> "QuantizedAttention":
         """Freezes trained LSQ+ quantizers: the steps as used (≥ eps) and the zero points rounded."""
-        quantization = quantizer.quantization()
-        module = cls(quantizer.bits, quantization.zeros is None, device=quantization.scales.device)
+        steps, zeros = quantizer.quantization().kernel_operands()
+        module = cls(quantizer.bits, zeros is None, device=steps.device)
         with torch.no_grad():
-            module.scales.copy_(torch.stack([quantization.step(i) for i in range(4)]))
-            if quantization.zeros is not None:
-                module.zeros.copy_(quantization.zeros.round())
+            module.scales.copy_(steps)
+            if zeros is not None:
+                module.zeros.copy_(zeros)
         return module
 
     def quantization(self) -> AttentionQuantization:

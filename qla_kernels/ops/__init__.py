@@ -269,7 +269,8 @@ def quantized_attention(
     scaling = float(scaling)
     if resolve_backend(query.device) == "simulate":
         return simulated_attention(query, key, value, quantization, scaling, mask)
-    args = (query, key, value, quantization.bits, quantization.scales, quantization.zeros, scaling, mask)
+    steps, zeros = quantization.kernel_operands()
+    args = (query, key, value, quantization.bits, steps, zeros, scaling, mask)
     return implementation("quantized_attention", query.device, *args).run(*args)
 
 

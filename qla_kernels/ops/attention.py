@@ -31,14 +31,13 @@ from ..quant.lsq import lsq_codes
 from ..quant.primitives import SCALE_EPS, qrange
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NAMES = ("query", "key", "value", "probs")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionQuantization:
     """The quantizers of one attention core: `bits`, `scales` fp32 [4] (the steps of q, k, v and A,
-    in `NAMES` order) and `zeros` [4] (their zero points, rounded to integers where used: LSQ+ trains
-them as floats; None: symmetric)."""
+    in that order) and `zeros` [4] (their zero points, rounded to integers where used: LSQ+ trains
+    them as floats; None: symmetric)."""
 
     bits: int
     scales: torch.Tensor
@@ -49,6 +48,12 @@ them as floats; None: symmetric)."""
 
     def zero(self, index: int) -> Optional[torch.Tensor]:
         return None if self.zeros is None else self.zeros[index].float()
+
+    def kernel_operands(self):
+        """(steps fp32 [4] as used, ≥ eps; zero points rounded to integers, fp32 [4] or None): what
+        every backend's integer path reads, so none of them rounds or clamps on its own."""
+        steps = self.scales.float().clamp_min(SCALE_EPS)
+        return steps, None if self.zeros is None else self.zeros.detach().float().round()
 
     def check(self, device: torch.device) -> None:
         lo, hi = qrange(self.bits)
@@ -65,10 +70,13 @@ them as floats; None: symmetric)."""
         if self.zeros.is_meta:  # planned launches (shapes only)
             return
         values = self.zeros.detach().float().round()
-        if not bool(values.isfinite().all()) or float(values.min()) < lo or float(values.max()) > hi:
+        outside = ~values.isfinite() | (values < lo) | (values > hi)
+        if self.bits == 8:
+            outside |= values != 0
+        if bool(outside.any()):  # the one host read of a valid call; which check failed is sorted out below
+            if self.bits == 8:
+                raise ValueError("8-bit attention must be symmetric: q − z would not fit int8")
             raise ValueError(f"zeros must round to integers in [{lo}, {hi}], got {self.zeros.tolist()}")
-        if self.bits == 8 and bool(values.ne(0).any()):
-            raise ValueError("8-bit attention must be symmetric: q − z would not fit int8")
 
 
 def check_attention(query, key, value, quantization: AttentionQuantization, scaling: float, mask) -> None:
@@ -87,7 +95,6 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
                          f"{tuple(key.shape[:3])}")
     if not isinstance(quantization, AttentionQuantization):
         raise ValueError(f"quantization must be an AttentionQuantization, got {type(quantization).__name__}")
-    qrange(quantization.bits)
     quantization.check(query.device)
     if largest_product_sum(quantization, head_dim, key.shape[2]) >= 1 << 31:
         raise ValueError(f"head_dim {head_dim} / {key.shape[2]} keys at {quantization.bits} bits: the integer "
@@ -127,7 +134,8 @@ def _codes(x: torch.Tensor, quantization: AttentionQuantization, index: int) -> 
     return torch.nan_to_num((torch.round(x.float() / quantization.step(index)) + shift).clamp(lo, hi) - shift, nan=0.0)
 
 
-def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_scores(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """scores with `mask` applied: True keeps (False → −inf), or added when float."""
     if mask is None:
         return scores
     if mask.dtype == torch.bool:
@@ -141,7 +149,7 @@ def _integer_attention(query, key, value, quantization: AttentionQuantization, s
     # integer products, exact in fp64 always and in fp32 below 2^24 (product_dtype)
     products = (q.to(product_dtype) @ k.to(product_dtype).transpose(-2, -1)).float()
     score_scale = quantization.step(0) * quantization.step(1) * scaling
-    probs = torch.softmax(_masked(products * score_scale, mask), dim=-1)
+    probs = torch.softmax(masked_scores(products * score_scale, mask), dim=-1)
     a = _codes(probs, quantization, 3)
     out = (a.to(product_dtype) @ v.to(product_dtype)).float()
     return (out * (quantization.step(3) * quantization.step(2))).to(query.dtype)
@@ -174,6 +182,6 @@ def simulated_attention(query, key, value, quantization: AttentionQuantization, 
     (q, q_step), (k, k_step), (v, v_step) = (_lsq_codes(t, quantization, i) for i, t in enumerate((query, key, value)))
     dtype = product_dtype(quantization, query.shape[-1], key.shape[-2])
     products = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)).float()
-    probs = torch.softmax(_masked(products * (q_step * k_step * scaling), mask), dim=-1)
+    probs = torch.softmax(masked_scores(products * (q_step * k_step * scaling), mask), dim=-1)
     a, a_step = _lsq_codes(probs, quantization, 3)
     return ((a.to(dtype) @ v.to(dtype)).float() * (a_step * v_step)).to(query.dtype)
