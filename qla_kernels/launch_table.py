@@ -20,8 +20,9 @@ batch on the meta device under `ops.triton.kernel_launch.planning` for sm_90 (H1
 (A100): the launch code selects as it would on those GPUs (tiles, every autotune candidate,
 split-K, stages) and records instead of launching. LLaMA's LM head (vocabulary 128,256) runs as a
 plain QuantLinear at prefill and decode, and op-level calls add what no conversion makes
-(per-row zero points); the quantized attention core (AQ-DETR's) is planned at DETR-R50's and
-ViT-B/16's attention shapes as the pseudo-model `quantized_attention`. The distinct compile keys are compiled and checked by `ops.triton.aot`.
+(per-row zero points); the quantized attention core (AQ-DETR's static quantizers and the `paper`
+preset's per-token / log2 ones) is planned at DETR-R50's, ViT-B/16's, BERT-base's and a
+LLaMA-style model's attention shapes as the pseudo-model `quantized_attention`. The distinct compile keys are compiled and checked by `ops.triton.aot`.
 
 `--write-table` records, after a check that passes, the key of every launch and its class (what
 it computes, without sizes and tiles) in benchmarks/results/aot_launch_table.json. `--ci` plans a
@@ -97,13 +98,16 @@ MODELS = (
     ModelSpec("resnet50", (1, 3, 64, 64), ((64, 3, 224, 224),), cnn=True),
     ModelSpec("detr_r50_backbone", (1, 3, 64, 64), ((1, 3, 800, 1066),), cnn=True),
 )
-# Op-level calls planned like a model: the quantized attention core (AQ-DETR's) at DETR-R50's
-# shapes at 800×1066 (8 heads of 32; the encoder's 25×34 tokens with a padding mask, the
-# decoder's 100 queries, cross-attention) and ViT-B/16's at batch 64, for each quantizer kind.
+# Op-level calls planned like a model: the quantized attention core at DETR-R50's shapes at
+# 800×1066 (8 heads of 32; the encoder's 25×34 tokens with a padding mask, the decoder's 100
+# queries, cross-attention), ViT-B/16's at batch 64, BERT-base's with a padding mask and a
+# LLaMA-style causal one (heads of 128), for each quantizer kind: AQ-DETR's static ones
+# (bits, symmetric) and the `paper` preset's per-token / log2 ones at 4 and 8 bits.
 ATTENTION_CALLS = "quantized_attention"
 ATTENTION_SHAPES = ((1, 8, 850, 850, 32, True), (1, 8, 100, 100, 32, False), (1, 8, 100, 850, 32, True),
-                    (64, 12, 197, 197, 64, False))
-ATTENTION_QUANTIZERS = ((4, False), (4, True), (8, True))  # (bits, symmetric)
+                    (64, 12, 197, 197, 64, False), (8, 12, 128, 128, 64, True), (1, 32, 512, 512, 128, True))
+ATTENTION_QUANTIZERS = (("static", 4, False), ("static", 4, True), ("static", 8, True),
+                        ("tokenwise_log2", 4, True), ("tokenwise_log2", 8, True))
 CNN_CONFIGS = ("W8A8", "W4A8", "W4A4")  # convolutions are per channel; W4A16 has no integer convolution
 # None, or QwT's group-wise compensations (calibrated on one random batch) lowered into the fused
 # residual blocks' last convolutions.
@@ -287,9 +291,12 @@ def attention_launches(dtype: torch.dtype, target: Target) -> List[PlannedLaunch
         query = torch.empty(batch, heads, q_tokens, head_dim, dtype=dtype, device="meta")
         key = torch.empty(batch, heads, k_tokens, head_dim, dtype=dtype, device="meta")
         mask = torch.empty(batch, 1, q_tokens, k_tokens, device="meta") if masked else None
-        for bits, symmetric in ATTENTION_QUANTIZERS:
-            quantization = ops.AttentionQuantization(bits, torch.empty(4, device="meta"),
-                                                     None if symmetric else torch.empty(4, device="meta"))
+        for kind, bits, symmetric in ATTENTION_QUANTIZERS:
+            if kind == "tokenwise_log2":
+                quantization = ops.TokenwiseLog2Quantization(bits)
+            else:
+                quantization = ops.AttentionQuantization(bits, torch.empty(4, device="meta"),
+                                                         None if symmetric else torch.empty(4, device="meta"))
             with planning(target) as planned, torch.no_grad():
                 ops.quantized_attention(query, key, key, quantization, head_dim ** -0.5, mask)
             launches += planned

@@ -71,7 +71,7 @@ if [[ $what == quick ]]; then
     : > "$logs/launches.jsonl"
     step kernels 200 "$python" -m pytest -q -x --durations=15 -p no:cacheprovider \
         tests/ops/test_triton.py tests/ops/test_cuda.py tests/ops/test_dwsep.py tests/ops/test_kernel_launch.py \
-        tests/ops/test_conv.py tests/ops/test_attention.py
+        tests/ops/test_conv.py tests/ops/test_attention.py tests/ops/test_log2_attention.py
     step gemm 90 "$python" benchmarks/bench_gemm.py --quick --out "$logs"
     step e2e 150 env QLA_LAUNCH_LOG="$logs/launches.jsonl" "$python" benchmarks/bench_e2e.py --models vit_b16 \
         --batches 64 --variants fp16_eager,fp16_compile,w8a8,w8a8_qla_qwt --decode-batches 1 --llama-layers 2 \

@@ -6,8 +6,10 @@ with a log2 quantizer. `quantized_attention` does this by replacing
 `torch.nn.functional.scaled_dot_product_attention` — which timm (fused attention) and Hugging Face
 ("sdpa" attention) both call — for the duration of a `with` block, so no model code is copied.
 
-PAPER PRESET: simulation only. It is never lowered onto the kernels (the fast path keeps the
-attention core in fp16/bf16); report numbers from it as "paper preset".
+Every call runs `ops.quantized_attention` with `TokenwiseLog2Quantization` (ops/attention.py
+states its numerics): the Triton kernel on a GPU (q·kᵀ on the int8 tensor cores, Â·v̂ on the tf32
+ones), the cpu backend's path on a CPU, and its differentiable twin under `simulate`; simulation
+and deployment are the same function. Report numbers from it as "paper preset".
 """
 
 from __future__ import annotations
@@ -19,31 +21,40 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..models.batches import run_model
-from ..ops.attention import masked_scores
-from ..ops.simulate import fake_quantize_activation
-from ..quant.log2 import log2_quantize
 from ..quant.primitives import qrange
 
-LABEL = "paper preset (RepQ-ViT setting: quantized attention matmuls, log2 softmax; simulation only)"
+LABEL = "paper preset (RepQ-ViT setting: quantized attention matmuls, log2 softmax)"
 
 
 def quantized_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, bits: int = 4):
-    """scaled_dot_product_attention with q, k, v fake-quantized per token and log2-quantized
-    probabilities (fp32 math; dropout is not applied: the preset is for evaluation)."""
-    q, k, v = (fake_quantize_activation(t.float().reshape(-1, t.shape[-1]), bits, None, None).reshape(t.shape)
-               for t in (query, key, value))
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        repeat = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
-    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    """scaled_dot_product_attention's signature on the preset's quantized core: q, k, v per token
+    and log2 probabilities at `bits`. Inputs are [batch, heads, tokens, head_dim] or
+    [batch, tokens, head_dim]; there is no dropout (the preset is for evaluation)."""
+    if dropout_p != 0.0:
+        raise ValueError(f"the paper preset's attention has no dropout, got dropout_p={dropout_p!r} "
+                         "(evaluate in eval mode)")
+    if not isinstance(query, torch.Tensor) or query.dim() not in (3, 4):
+        raise ValueError("the paper preset's attention takes [batch, heads, tokens, head_dim] or [batch, tokens, "
+                         f"head_dim] inputs, got {tuple(getattr(query, 'shape', ()))}")
+    if query.dim() == 3:
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        out = quantized_sdpa(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attn_mask, dropout_p,
+                             is_causal, scale, enable_gqa, bits=bits)
+        return out.squeeze(1)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
     if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
-        scores = scores.masked_fill(~causal, float("-inf"))
-    scores = masked_scores(scores, attn_mask)
-    probabilities = log2_quantize(torch.softmax(scores, dim=-1), bits)
-    return (probabilities @ v).to(query.dtype)
+        if attn_mask is not None:
+            raise ValueError("pass either attn_mask or is_causal, not both (as scaled_dot_product_attention)")
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril(
+            key.shape[-2] - query.shape[-2])
+    scaling = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    return ops.quantized_attention(query, key, value, ops.TokenwiseLog2Quantization(bits), scaling, attn_mask)
 
 
 @contextlib.contextmanager

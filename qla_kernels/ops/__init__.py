@@ -19,7 +19,8 @@ import torch
 from ..formats.weights import QuantizedWeight
 from . import cpu, cuda, library, reference, simulate  # noqa: F401  (cpu, cuda and library register their implementations)
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
-from .attention import AttentionQuantization, check_attention, simulated_attention
+from .attention import (AttentionQuantization, TokenwiseLog2Quantization, check_attention, simulated_attention,
+                        simulated_log2_attention)
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map, check_tensor
 from .conv import ConvGeometry, ConvPlan, check_conv_input, simulated_conv2d
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
@@ -258,16 +259,25 @@ def quantized_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    quantization: AttentionQuantization,
+    quantization: Union[AttentionQuantization, TokenwiseLog2Quantization],
     scaling: float,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(Q(q)·Q(k)ᵀ·scaling + mask) quantized, times Q(v): query [B, H, Sq, D], key and value
     [B, H, Sk, D] → [B, H, Sq, D] in the query's dtype (ops/attention.py states the numerics and
-    the mask convention). Differentiable under `simulate` (LSQ gradients for trainable steps)."""
+    the mask convention). `quantization`: AQ-DETR's static quantizers (`AttentionQuantization`)
+    or the `paper` preset's (`TokenwiseLog2Quantization`: per token at run time, log2 A).
+    Differentiable under `simulate` (LSQ gradients for trainable steps; straight-through for the
+    preset's)."""
     check_attention(query, key, value, quantization, scaling, mask)
     scaling = float(scaling)
-    if resolve_backend(query.device) == "simulate":
+    simulated = resolve_backend(query.device) == "simulate"
+    if isinstance(quantization, TokenwiseLog2Quantization):
+        if simulated:
+            return simulated_log2_attention(query, key, value, quantization.bits, scaling, mask)
+        args = (query, key, value, quantization.bits, scaling, mask)
+        return implementation("log2_attention", query.device, *args).run(*args)
+    if simulated:
         return simulated_attention(query, key, value, quantization, scaling, mask)
     steps, zeros = quantization.kernel_operands()
     args = (query, key, value, quantization.bits, steps, zeros, scaling, mask)
@@ -278,5 +288,5 @@ __all__ = [
     "BACKENDS", "BackendInfo", "FusedLinearOperands", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
     "gemm_zero_point", "library", "reference", "simulate", "ConvGeometry", "ConvPlan", "quantized_conv2d",
-    "AttentionQuantization", "quantized_attention",
+    "AttentionQuantization", "TokenwiseLog2Quantization", "quantized_attention",
 ]

@@ -12,6 +12,19 @@ accumulation; at 8 bits the quantizers must be symmetric (no zero points). `mask
 [B, H, Sq, Sk]. A NaN quantizes to the zero point (the value 0), so a query row whose every key is masked
 (softmax NaN) gives a zero output row instead of NaN.
 
+The `paper` preset's core (`TokenwiseLog2Quantization`, RepQ-ViT's setting) quantizes q, k and v
+per token at run time and A on a log2 grid (quant/log2.py):
+
+    q_c = clamp(rint(q / s_q)), s_q = max(absmax_d q, eps) / qmax   per token (and k_c, v_c alike)
+    S   = ((q_c · k_cᵀ) · (s_q·scaling)) · s_kᵀ [+ mask]             integer dot, fp32 rescales
+    Â   = 2^−e, e = clamp(rint(−log2 softmax(S)), 0, 2^b − 1)        exact, from the bits of A
+    F   = Â · v̂,  v̂ = tf32(v_c · s_v)                                 fp32 products, fp32 sums
+
+A per-key step of v lies along A·V's reduction, so it cannot leave that dot as a per-tensor
+step does: v̂ is v dequantized and rounded to tf32 (11 significant bits, fp32's range), and Â,
+a power of two, is exact in tf32, so every product Â·v̂ is exact in fp32 and only the order of
+the sum differs between backends (tf32 tensor cores on a GPU; the reference sums in fp64).
+
 `reference_attention` is the spec (integer products computed exactly in fp64 on any device);
 `simulated_attention` is its differentiable twin (straight-through rounding, LSQ gradients for the
 steps and zero points when they require grad), equal to it bit for bit on CPU: the integer
@@ -27,8 +40,9 @@ from typing import Optional
 
 import torch
 
+from ..quant.log2 import log2_quantize
 from ..quant.lsq import lsq_codes
-from ..quant.primitives import SCALE_EPS, qrange
+from ..quant.primitives import SCALE_EPS, absmax_scale, qrange, round_ste, straight_through
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -55,6 +69,12 @@ class AttentionQuantization:
         steps = self.scales.float().clamp_min(SCALE_EPS)
         return steps, None if self.zeros is None else self.zeros.detach().float().round()
 
+    def largest_product_sum(self, head_dim: int, keys: int) -> int:
+        """A bound on |q_c·k_c| and |a_c·v_c|: codes q − z lie within 2^(b−1) of 0 when symmetric
+        and 2^b − 1 with a zero point, summed over head_dim or the keys."""
+        largest = (1 << (self.bits - 1)) if self.zeros is None else (1 << self.bits) - 1
+        return max(head_dim, keys) * largest * largest
+
     def check(self, device: torch.device) -> None:
         lo, hi = qrange(self.bits)
         if not isinstance(self.scales, torch.Tensor) or self.scales.shape != (4,) or self.scales.dtype != torch.float32:
@@ -79,6 +99,25 @@ class AttentionQuantization:
             raise ValueError(f"zeros must round to integers in [{lo}, {hi}], got {self.zeros.tolist()}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenwiseLog2Quantization:
+    """The `paper` preset's quantizers (module docstring): q, k and v per token to `bits`
+    (symmetric; each token's step from its absmax at run time), A on the log2 grid 2^−e,
+    e ∈ [0, 2^bits − 1]. Nothing is calibrated."""
+
+    bits: int
+
+    def largest_product_sum(self, head_dim: int, keys: int) -> int:
+        """A bound on |q_c·k_c| (codes within 2^(b−1) of 0); A·V is a float product."""
+        return head_dim * (1 << (2 * self.bits - 2))
+
+    def check(self, device: torch.device) -> None:
+        qrange(self.bits)
+
+
+QUANTIZATIONS = (AttentionQuantization, TokenwiseLog2Quantization)
+
+
 def check_attention(query, key, value, quantization: AttentionQuantization, scaling: float, mask) -> None:
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 4:
@@ -93,10 +132,11 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
     if value.shape[:3] != key.shape[:3]:
         raise ValueError(f"value {tuple(value.shape)} must have the key's batch, heads and tokens "
                          f"{tuple(key.shape[:3])}")
-    if not isinstance(quantization, AttentionQuantization):
-        raise ValueError(f"quantization must be an AttentionQuantization, got {type(quantization).__name__}")
+    if not isinstance(quantization, QUANTIZATIONS):
+        raise ValueError("quantization must be an AttentionQuantization or a TokenwiseLog2Quantization, got "
+                         f"{type(quantization).__name__}")
     quantization.check(query.device)
-    if largest_product_sum(quantization, head_dim, key.shape[2]) >= 1 << 31:
+    if quantization.largest_product_sum(head_dim, key.shape[2]) >= 1 << 31:
         raise ValueError(f"head_dim {head_dim} / {key.shape[2]} keys at {quantization.bits} bits: the integer "
                          "products could overflow the int32 accumulators")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
@@ -113,17 +153,9 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
                              f"tokens] = {(batch, heads, query.shape[2], key.shape[2])}") from None
 
 
-def largest_product_sum(quantization: AttentionQuantization, head_dim: int, keys: int) -> int:
-    """A bound on |q_c·k_c| and |a_c·v_c|: codes q − z lie within 2^(b−1) of 0 when symmetric and
-    2^b − 1 with a zero point, summed over head_dim or the keys."""
-    bits = quantization.bits
-    largest = (1 << (bits - 1)) if quantization.zeros is None else (1 << bits) - 1
-    return max(head_dim, keys) * largest * largest
-
-
-def product_dtype(quantization: AttentionQuantization, head_dim: int, keys: int) -> torch.dtype:
+def product_dtype(quantization, head_dim: int, keys: int) -> torch.dtype:
     """fp32 where every integer product is exact in it (below 2^24), else fp64."""
-    return torch.float32 if largest_product_sum(quantization, head_dim, keys) < 1 << 24 else torch.float64
+    return torch.float32 if quantization.largest_product_sum(head_dim, keys) < 1 << 24 else torch.float64
 
 
 def _codes(x: torch.Tensor, quantization: AttentionQuantization, index: int) -> torch.Tensor:
@@ -185,3 +217,49 @@ def simulated_attention(query, key, value, quantization: AttentionQuantization, 
     probs = torch.softmax(masked_scores(products * (q_step * k_step * scaling), mask), dim=-1)
     a, a_step = _lsq_codes(probs, quantization, 3)
     return ((a.to(dtype) @ v.to(dtype)).float() * (a_step * v_step)).to(query.dtype)
+
+
+def tokenwise_codes(x: torch.Tensor, bits: int):
+    """(codes, steps [..., 1]) of x quantized per token (its last dimension), symmetric, step
+    max(absmax, eps) / qmax: the codes fp32 integers with a straight-through gradient, NaN → 0."""
+    lo, hi = qrange(bits)
+    x = x.float()
+    steps = absmax_scale(x.detach().abs().amax(dim=-1, keepdim=True), bits)
+    return torch.nan_to_num(round_ste(x / steps).clamp(lo, hi), nan=0.0), steps
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x rounded to the nearest tf32 value (10 fraction bits, ties to even), as fp32, with a
+    straight-through gradient: adding 0xFFF plus the kept lowest bit carries exactly when the
+    dropped 13 bits are past half, or at half with the kept bit odd."""
+    def rounded(x):
+        raw = x.contiguous().view(torch.int32)
+        return ((raw + (0xFFF + ((raw >> 13) & 1))) & ~0x1FFF).view(torch.float32)
+
+    return straight_through(x.float(), rounded)
+
+
+def _log2_attention(query, key, value, bits: int, scaling: float, mask: Optional[torch.Tensor],
+                    product_dtype: torch.dtype, sum_dtype: torch.dtype) -> torch.Tensor:
+    (q, q_steps), (k, k_steps), (v, v_steps) = (tokenwise_codes(t, bits) for t in (query, key, value))
+    products = (q.to(product_dtype) @ k.to(product_dtype).transpose(-2, -1)).float()
+    scores = products * (q_steps * scaling) * k_steps.transpose(-2, -1)
+    levels = log2_quantize(torch.softmax(masked_scores(scores, mask), dim=-1), bits)
+    values = round_to_tf32(v * v_steps)
+    return (levels.to(sum_dtype) @ values.to(sum_dtype)).float().to(query.dtype)
+
+
+@torch.no_grad()
+def reference_log2_attention(query, key, value, bits: int, scaling: float,
+                             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The spec of the `paper` preset's core: [B, H, Sq, D] in the query's dtype; q_c·k_c and Â·v̂
+    in fp64 (both exact products; Â·v̂ summed in fp64) on any device."""
+    return _log2_attention(query, key, value, bits, scaling, mask, torch.float64, torch.float64)
+
+
+def simulated_log2_attention(query, key, value, bits: int, scaling: float,
+                             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference with fp32 GEMMs (q_c·k_c exact in fp32 below 2^24, else fp64; Â·v̂ summed in
+    fp32, as the kernels sum it) and straight-through gradients: the cpu backend's path too."""
+    dtype = product_dtype(TokenwiseLog2Quantization(bits), query.shape[-1], key.shape[-2])
+    return _log2_attention(query, key, value, bits, scaling, mask, dtype, torch.float32)

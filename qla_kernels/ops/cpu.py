@@ -35,7 +35,7 @@ from torch import Tensor
 from ..formats.weights import INTEGER_FORMATS, PANEL_COLUMNS, PANEL_QUAD, QuantizedWeight
 from ..quant.primitives import absmax_scale
 from . import reference
-from .attention import AttentionQuantization, cpu_attention
+from .attention import AttentionQuantization, cpu_attention, simulated_log2_attention
 from .device import cpu_extension
 from .dispatch import register, register_backend
 from .library import (
@@ -43,6 +43,7 @@ from .library import (
     normalize_activation_fake,
     normalize_quantize_activation_fake,
     quantize_activation_fake,
+    log2_attention_fake,
     quantized_attention_fake,
 )
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
@@ -371,6 +372,18 @@ def quantized_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int,
 
 quantized_attention_op.register_fake(quantized_attention_fake)
 refuse_backward(quantized_attention_op)
+
+
+@torch.library.custom_op("qla::log2_attention_cpu", mutates_args=())
+def log2_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int, scaling: float,
+                      mask: Optional[Tensor]) -> Tensor:
+    """The `paper` preset's core as fp32 GEMMs (ops/attention.py simulated_log2_attention)."""
+    with torch.no_grad():
+        return simulated_log2_attention(query, key, value, bits, scaling, mask)
+
+
+log2_attention_op.register_fake(log2_attention_fake)
+refuse_backward(log2_attention_op)
 register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
          body=fused_linear)
@@ -382,5 +395,6 @@ register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantiz
          lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
          supports_normalize(x, norm_kind, down_proj))
 register("quantized_attention", "cpu", torch.ops.qla.quantized_attention_cpu)
+register("log2_attention", "cpu", torch.ops.qla.log2_attention_cpu)
 register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,
          lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .attention import AttentionQuantization, reference_attention
+from .attention import AttentionQuantization, reference_attention, reference_log2_attention
 from .dispatch import register
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
@@ -168,7 +168,21 @@ def quantized_attention_fake(query, key, value, bits, scales, zeros, scaling, ma
 quantized_attention.register_fake(quantized_attention_fake)
 
 
-for _op in (quantize_activation, normalize_activation, normalize_quantize_activation, dwsep_down, quantized_attention):
+@torch.library.custom_op("qla::log2_attention", mutates_args=())
+def log2_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, scaling: float,
+                   mask: Optional[Tensor]) -> Tensor:
+    return reference_log2_attention(query, key, value, bits, scaling, mask)
+
+
+def log2_attention_fake(query, key, value, bits, scaling, mask):
+    return query.new_empty(query.shape)
+
+
+log2_attention.register_fake(log2_attention_fake)
+
+
+for _op in (quantize_activation, normalize_activation, normalize_quantize_activation, dwsep_down, quantized_attention,
+            log2_attention):
     refuse_backward(_op)
 
 # The reference implements every op for every call: the last implementation of every chain.
@@ -176,5 +190,6 @@ for _op in ("quantize_activation_into", "normalize_activation", "normalize_quant
     register(_op, "reference", getattr(torch.ops.qla, _op))
 register("quantize_activation", "reference", torch.ops.qla.quantize_activation, body=reference.quantize_activation)
 register("quantized_attention", "reference", torch.ops.qla.quantized_attention)
+register("log2_attention", "reference", torch.ops.qla.log2_attention)
 register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands),
          body=reference.fused_linear)

@@ -16,7 +16,7 @@ Zero points are in the signed integer domain by default (codes in [-2^(b-1), 2^(
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -148,19 +148,25 @@ def quantize_progressive_int4(weight: torch.Tensor, group_size: int) -> Tuple[to
     return q4.to(torch.int8), group_scale.to(torch.int8), channel_scale
 
 
-class _RoundStraightThrough(torch.autograd.Function):
-    """rint forward, identity backward. Unlike `x + (rint(x) - x).detach()` the forward value is
-    exactly the integer, so a clamp right after it sees codes on the range boundary as inside."""
+class _StraightThrough(torch.autograd.Function):
+    """rounding(x) forward, identity backward. Unlike `x + (rounding(x) - x).detach()` the forward
+    value is exactly the rounded one (a clamp right after rint sees codes on the range boundary as
+    inside) and a NaN that rounds to a number stays that number."""
 
     @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
+    def forward(ctx, x, rounding):
+        return rounding(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """rounding(x) (same shape and dtype) with a straight-through (identity) gradient."""
+    return _StraightThrough.apply(x, rounding)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """rint(x) with a straight-through (identity) gradient."""
-    return _RoundStraightThrough.apply(x)
+    return straight_through(x, torch.round)

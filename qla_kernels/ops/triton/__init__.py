@@ -17,6 +17,7 @@ from ..dispatch import register, register_backend
 from ..operands import fused_linear_custom_op, refuse_backward
 from ..library import (
     dwsep_down_fake,
+    log2_attention_fake,
     quantized_attention_fake,
     fused_linear_fake,
     normalize_activation_fake,
@@ -115,6 +116,12 @@ if _IMPORT_ERROR is None:
 
     quantized_attention = _register("quantized_attention_triton", _quantized_attention, quantized_attention_fake)
 
+    def _log2_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, scaling: float,
+                        mask: Optional[Tensor]) -> Tensor:
+        return launch.quantized_attention(query, key, value, bits, None, None, scaling, mask, tokenwise_log2=True)
+
+    log2_attention = _register("log2_attention_triton", _log2_attention, log2_attention_fake)
+
     def _covered_by(predicate, op: str, argument: str):
         """`predicate` of the call's `argument`, found by name in the reference op's schema."""
         index = [item.name for item in getattr(torch.ops.qla, op).default._schema.arguments].index(argument)
@@ -129,6 +136,7 @@ if _IMPORT_ERROR is None:
     register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
              _covered_by(supports_dwsep_down, "dwsep_down", "down_weight"))
     register("quantized_attention", "triton", torch.ops.qla.quantized_attention_triton)
+    register("log2_attention", "triton", torch.ops.qla.log2_attention_triton)
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
              lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS, body=launch.fused_linear)
 

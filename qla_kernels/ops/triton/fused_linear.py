@@ -50,6 +50,12 @@ def abs_bits(x):
 
 
 @triton.jit
+def absmax_step(absmax, qmax):
+    """The symmetric step max(absmax, eps) / qmax of quant.primitives.absmax_scale (NaN stays NaN)."""
+    return tl.math.div_rn(tl.where((absmax > 1e-8) | (absmax != absmax), absmax, 1e-8), qmax * 1.0)
+
+
+@triton.jit
 def _unpack_int4_tile(packed):
     """uint8 [BN, BK/2] (low nibble = even k) -> int8 [BK, BN] sign-extended."""
     nibbles = packed.to(tl.int8, bitcast=True)
@@ -310,8 +316,7 @@ def requantize_rows_kernel(
     mask_m = offs_m < M
     row_offsets = offs_m.to(tl.int64)
     absmax = tl.load(row_absmax_ptr + offs_m, mask=mask_m, other=0).to(tl.float32, bitcast=True)
-    clamped = tl.where((absmax > 1e-8) | (absmax != absmax), absmax, 1e-8)
-    scale = tl.math.div_rn(clamped, QMAX * 1.0)
+    scale = absmax_step(absmax, QMAX)
     tl.store(scale_ptr + offs_m, scale, mask=mask_m)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)

@@ -276,17 +276,20 @@ def attention_tile(target: Target, head_dim: int) -> Tuple[int, int, int, int]:
     least 32 (int8 dots reduce over ≥ 32), 8 warps (with 4, sm_80 spilled at head_dim 64 and the
     masked sm_90 launch took all 255 registers: ptxas -v). Before Hopper ptxas holds these launches
     to 128 registers, and they spilled with 64 keys per step at head_dim 32 and with 64 queries at
-    head_dim 64: 32 keys per step there, and 32 queries on 4 warps past head_dim 32. Small tiles
-    in the interpreter."""
+    head_dim 64: 32 keys per step there and 32 queries on 4 warps at head_dim 64; at head_dim 128
+    32 queries on 4 or 8 warps and 16 on 4 spilled 4–12 B with a mask, 64 on 8 warps does not.
+    Small tiles in the interpreter."""
     block_d = max(32, triton.next_power_of_2(head_dim))
     if target.interpreter:
         return 16, 32, block_d, 4
     if target.capability[0] >= 9:
         return 64, 64 if block_d <= 128 else 32, block_d, 8
-    return (64, 32, block_d, 8) if block_d <= 32 else (32, 32, block_d, 4)
+    return (32, 32, block_d, 4) if block_d == 64 else (64, 32, block_d, 8)
 
 
-def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask) -> torch.Tensor:
+def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask, tokenwise_log2=False) -> torch.Tensor:
+    """The attention core on static quantizers (`scales`, `zeros`), or with `tokenwise_log2` the
+    `paper` preset's (scales and zeros None)."""
     batch, heads, q_tokens, head_dim = query.shape
     k_tokens = key.shape[2]
     out = torch.empty_like(query)
@@ -300,11 +303,13 @@ def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask) -
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     block_m, block_n, block_d, warps = attention_tile(target_of(query.device), head_dim)
     mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
+    unused = scales if scales is not None else query  # stands in for pointers a launch does not read
     run_kernel(quantized_attention_kernel, (triton.cdiv(q_tokens, block_m), batch * heads), query.device, (
-        query, key, value, out, scales, zeros if zeros is not None else scales, mask if mask is not None else scales,
+        query, key, value, out, unused, zeros if zeros is not None else unused, mask if mask is not None else unused,
         q_tokens, k_tokens, heads, head_dim, float(scaling),
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *mask_strides,
     ), LOW=float(low), HIGH=float(high), HAS_ZEROS=zeros is not None, HAS_MASK=mask is not None,
+        TOKENWISE_LOG2=tokenwise_log2, LOG2_LARGEST=(1 << bits) - 1 if tokenwise_log2 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=1,
         # the reference scales S and then adds the mask: no contraction into one rounding
         enable_fp_fusion=False)

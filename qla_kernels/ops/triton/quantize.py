@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_linear import abs_bits, clamp_codes, round_half_even
+from .fused_linear import abs_bits, absmax_step, clamp_codes, round_half_even
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
@@ -90,9 +90,7 @@ def quantize_activation_kernel(
             x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
             v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
             absmax = tl.maximum(absmax, tl.max(tl.where(mask, abs_bits(v), 0), axis=1))
-        absmax_f = absmax.to(tl.float32, bitcast=True)
-        clamped = tl.where((absmax_f > 1e-8) | (absmax_f != absmax_f), absmax_f, 1e-8)
-        scale = tl.math.div_rn(clamped, QMAX * 1.0)
+        scale = absmax_step(absmax.to(tl.float32, bitcast=True), QMAX)
     if not FLOAT_OUTPUT:
         tl.store(scale_ptr + offs_m, scale, mask=mask_m)
 
