@@ -21,8 +21,8 @@ batch on the meta device under `ops.triton.kernel_launch.planning` for sm_90 (H1
 split-K, stages) and records instead of launching. LLaMA's LM head (vocabulary 128,256) runs as a
 plain QuantLinear at prefill and decode, and op-level calls add what no conversion makes
 (per-row zero points); the quantized attention core (AQ-DETR's static quantizers and the `paper`
-preset's per-token / log2 ones) is planned at DETR-R50's, ViT-B/16's, BERT-base's and a
-LLaMA-style model's attention shapes as the pseudo-model `quantized_attention`. The distinct compile keys are compiled and checked by `ops.triton.aot`.
+preset's per-token / log2 ones) is planned at DETR-R50's, ViT-B/16's, BERT-base's and LLaMA- and
+Gemma-style attention shapes as the pseudo-model `quantized_attention`. The distinct compile keys are compiled and checked by `ops.triton.aot`.
 
 `--write-table` records, after a check that passes, the key of every launch and its class (what
 it computes, without sizes and tiles) in benchmarks/results/aot_launch_table.json. `--ci` plans a
@@ -100,12 +100,13 @@ MODELS = (
 )
 # Op-level calls planned like a model: the quantized attention core at DETR-R50's shapes at
 # 800×1066 (8 heads of 32; the encoder's 25×34 tokens with a padding mask, the decoder's 100
-# queries, cross-attention), ViT-B/16's at batch 64, BERT-base's with a padding mask and a
-# LLaMA-style causal one (heads of 128), for each quantizer kind: AQ-DETR's static ones
+# queries, cross-attention), ViT-B/16's at batch 64, BERT-base's with a padding mask, and
+# LLaMA-style (heads of 128) and Gemma-style (heads of 256) causal ones, for each quantizer kind: AQ-DETR's static ones
 # (bits, symmetric) and the `paper` preset's per-token / log2 ones at 4 and 8 bits.
 ATTENTION_CALLS = "quantized_attention"
 ATTENTION_SHAPES = ((1, 8, 850, 850, 32, True), (1, 8, 100, 100, 32, False), (1, 8, 100, 850, 32, True),
-                    (64, 12, 197, 197, 64, False), (8, 12, 128, 128, 64, True), (1, 32, 512, 512, 128, True))
+                    (64, 12, 197, 197, 64, False), (8, 12, 128, 128, 64, True), (1, 32, 512, 512, 128, True),
+                    (1, 8, 512, 512, 256, True))
 ATTENTION_QUANTIZERS = (("static", 4, False), ("static", 4, True), ("static", 8, True),
                         ("tokenwise_log2", 4, True), ("tokenwise_log2", 8, True))
 CNN_CONFIGS = ("W8A8", "W4A8", "W4A4")  # convolutions are per channel; W4A16 has no integer convolution

@@ -275,16 +275,19 @@ def attention_tile(target: Target, head_dim: int) -> Tuple[int, int, int, int]:
     (wgmma's M on sm_90) against 64 keys per step, the head dimension padded to a power of two of at
     least 32 (int8 dots reduce over ≥ 32), 8 warps (with 4, sm_80 spilled at head_dim 64 and the
     masked sm_90 launch took all 255 registers: ptxas -v). Before Hopper ptxas holds these launches
-    to 128 registers, and they spilled with 64 keys per step at head_dim 32 and with 64 queries at
-    head_dim 64: 32 keys per step there and 32 queries on 4 warps at head_dim 64; at head_dim 128
-    32 queries on 4 or 8 warps and 16 on 4 spilled 4–12 B with a mask, 64 on 8 warps does not.
-    Small tiles in the interpreter."""
+    to 128 registers, and with a mask they spilled (ptxas -v, the AOT check): with 64 keys per step
+    at head_dim 32 and with 64 queries at head_dim 64, hence 32 keys per step, and 32 queries on 4
+    warps at head_dim 64; at head_dim 128 with 32 queries on 4 or 8 warps and 16 on 4, not with 64
+    on 8; at head_dim 256 with 64 on 8 and 32 on 4, not with 32 on 8. Small tiles in the
+    interpreter."""
     block_d = max(32, triton.next_power_of_2(head_dim))
     if target.interpreter:
         return 16, 32, block_d, 4
     if target.capability[0] >= 9:
         return 64, 64 if block_d <= 128 else 32, block_d, 8
-    return (32, 32, block_d, 4) if block_d == 64 else (64, 32, block_d, 8)
+    if block_d == 64:
+        return 32, 32, block_d, 4
+    return 64 if block_d <= 128 else 32, 32, block_d, 8
 
 
 def quantized_attention(query, key, value, bits, scales, zeros, scaling, mask, tokenwise_log2=False) -> torch.Tensor:
