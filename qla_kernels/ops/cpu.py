@@ -39,12 +39,11 @@ from .attention import AttentionQuantization, cpu_attention, simulated_log2_atte
 from .device import cpu_extension
 from .dispatch import register, register_backend
 from .library import (
+    attention_fake,
     fused_linear_fake,
     normalize_activation_fake,
     normalize_quantize_activation_fake,
     quantize_activation_fake,
-    log2_attention_fake,
-    quantized_attention_fake,
 )
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
@@ -370,7 +369,7 @@ def quantized_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int,
     return cpu_attention(query, key, value, AttentionQuantization(bits, scales, zeros), scaling, mask)
 
 
-quantized_attention_op.register_fake(quantized_attention_fake)
+quantized_attention_op.register_fake(attention_fake)
 refuse_backward(quantized_attention_op)
 
 
@@ -382,7 +381,7 @@ def log2_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int, scal
         return simulated_log2_attention(query, key, value, bits, scaling, mask)
 
 
-log2_attention_op.register_fake(log2_attention_fake)
+log2_attention_op.register_fake(attention_fake)
 refuse_backward(log2_attention_op)
 register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,

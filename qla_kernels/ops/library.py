@@ -161,11 +161,12 @@ def quantized_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, sc
     return reference_attention(query, key, value, AttentionQuantization(bits, scales, zeros), scaling, mask)
 
 
-def quantized_attention_fake(query, key, value, bits, scales, zeros, scaling, mask):
+def attention_fake(query, *_):
+    """Both attention cores' output: the query's shape and dtype."""
     return query.new_empty(query.shape)
 
 
-quantized_attention.register_fake(quantized_attention_fake)
+quantized_attention.register_fake(attention_fake)
 
 
 @torch.library.custom_op("qla::log2_attention", mutates_args=())
@@ -174,11 +175,7 @@ def log2_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, scaling
     return reference_log2_attention(query, key, value, bits, scaling, mask)
 
 
-def log2_attention_fake(query, key, value, bits, scaling, mask):
-    return query.new_empty(query.shape)
-
-
-log2_attention.register_fake(log2_attention_fake)
+log2_attention.register_fake(attention_fake)
 
 
 for _op in (quantize_activation, normalize_activation, normalize_quantize_activation, dwsep_down, quantized_attention,

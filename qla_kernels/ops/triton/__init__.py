@@ -16,9 +16,8 @@ from ..device import interpreting
 from ..dispatch import register, register_backend
 from ..operands import fused_linear_custom_op, refuse_backward
 from ..library import (
+    attention_fake,
     dwsep_down_fake,
-    log2_attention_fake,
-    quantized_attention_fake,
     fused_linear_fake,
     normalize_activation_fake,
     normalize_quantize_activation_fake,
@@ -114,13 +113,13 @@ if _IMPORT_ERROR is None:
                              zeros: Optional[Tensor], scaling: float, mask: Optional[Tensor]) -> Tensor:
         return launch.quantized_attention(query, key, value, bits, scales, zeros, scaling, mask)
 
-    quantized_attention = _register("quantized_attention_triton", _quantized_attention, quantized_attention_fake)
+    quantized_attention = _register("quantized_attention_triton", _quantized_attention, attention_fake)
 
     def _log2_attention(query: Tensor, key: Tensor, value: Tensor, bits: int, scaling: float,
                         mask: Optional[Tensor]) -> Tensor:
         return launch.quantized_attention(query, key, value, bits, None, None, scaling, mask, tokenwise_log2=True)
 
-    log2_attention = _register("log2_attention_triton", _log2_attention, log2_attention_fake)
+    log2_attention = _register("log2_attention_triton", _log2_attention, attention_fake)
 
     def _covered_by(predicate, op: str, argument: str):
         """`predicate` of the call's `argument`, found by name in the reference op's schema."""
