@@ -61,6 +61,9 @@ ISA_SOURCES = {
     "isa_avx_vnni.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
     "isa_avx512_vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
 }
+# Built when the compiler knows AMX (GCC 11, Clang 12); without it the module is built with
+# QLA_CPU_NO_AMX and reports the feature as unused.
+AMX_SOURCE = ("isa_amx_int8.cpp", [*ISA_SOURCES["isa_avx512_vnni.cpp"], "-mamx-tile", "-mamx-int8"])
 CPU_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno",
              "-fno-trapping-math"]
 _build_info = {}
@@ -110,14 +113,24 @@ class KernelBuildExt(build_ext):
             write_build_info(cuda_extension=False, archs=[], reason=f"the nvcc build failed: {_first_lines(error)}")
             return False
 
+    def compile_isa_file(self, name, flags):
+        return self.compiler.compile([str((CSRC / "cpu" / name).relative_to(ROOT))], output_dir=self.build_temp,
+                                     include_dirs=[str(CSRC / "cpu")], extra_postargs=CPU_FLAGS + flags)
+
     def build_cpu_extension(self, ext):
         objects = []
         for name, flags in ISA_SOURCES.items():
-            objects += self.compiler.compile([str((CSRC / "cpu" / name).relative_to(ROOT))], output_dir=self.build_temp,
-                                             include_dirs=[str(CSRC / "cpu")], extra_postargs=CPU_FLAGS + flags)
+            objects += self.compile_isa_file(name, flags)
+        amx_reason = None
+        try:
+            objects += self.compile_isa_file(*AMX_SOURCE)
+        except Exception as error:  # noqa: BLE001  (a compiler without AMX builds the other paths)
+            amx_reason = f"the compiler failed on {AMX_SOURCE[0]}: {_first_lines(error)}"
+            print(f"qla_kernels: building _cpu without its AMX path: {amx_reason}", file=sys.stderr)
+            ext.extra_compile_args = [*ext.extra_compile_args, "-DQLA_CPU_NO_AMX"]
         ext.extra_objects = objects
         super().build_extension(ext)
-        write_build_info(cpu_extension=True, cpu_reason=None)
+        write_build_info(cpu_extension=True, cpu_reason=None, cpu_amx_reason=amx_reason)
 
     def build_cuda_extension(self, ext):
         output = Path(self.get_ext_fullpath(ext.name))

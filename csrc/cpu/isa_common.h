@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -310,11 +311,23 @@ void finish_rows_impl(const Problem& p, int64_t m0, int64_t m1, const float* y, 
   delete[] heap;
 }
 
+// A micro-kernel's per-block state (AMX: the tile configuration), held while tile_block_impl runs;
+// nothing for the paths that have none.
+template <class Micro, class = void>
+struct SessionOf {
+  struct type {};
+};
+template <class Micro>
+struct SessionOf<Micro, std::void_t<typename Micro::Session>> {
+  using type = typename Micro::Session;
+};
+
 // Walks rows [m0, m1) × panels [p0, p1) in micro-kernel tiles: panel groups outside, row tiles
 // inside, so that a group's weights stay in cache while the block's rows pass over them.
 template <class Micro>
 void tile_block_impl(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t y_row0,
                      int64_t y_stride) {
+  const typename SessionOf<Micro>::type session;
   alignas(64) int32_t acc[Micro::kMaxRows * kMaxTileColumns];
   for (int64_t g = p0; g < p1; g += Micro::kMaxPanels) {
     const int panels = static_cast<int>(std::min<int64_t>(Micro::kMaxPanels, p1 - g));

@@ -18,7 +18,8 @@ namespace qla_cpu {
 constexpr int kPanelColumns = 16;
 constexpr int kQuad = 4;
 constexpr int kQuadRowBytes = kPanelColumns * kQuad;  // 64
-constexpr int kBlockRows = 48;                        // GEMM rows per task (a multiple of every MR)
+// GEMM rows per task: a multiple of every MR, and of the AMX row tile (16), which walks it as 32 + 16.
+constexpr int kBlockRows = 48;
 
 // ops/reference.py ACTIVATIONS, in order.
 enum Activation : int { kNone = 0, kGelu, kGeluTanh, kRelu, kQuickGelu, kSwiglu, kGeglu, kGegluTanh, kRelu6, kSilu };
@@ -122,5 +123,8 @@ void prepare_rows(const int8_t* a, int64_t a_stride, int64_t a_rows, const int64
 const IsaKernels* avx2_kernels();
 const IsaKernels* avx_vnni_kernels();
 const IsaKernels* avx512_vnni_kernels();
+#ifndef QLA_CPU_NO_AMX
+const IsaKernels* amx_int8_kernels();
+#endif
 
 }  // namespace qla_cpu

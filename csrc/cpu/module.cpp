@@ -4,6 +4,8 @@
 // columns, never by K: every output element is computed by the same instructions in the same order
 // whatever the thread count.
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -55,8 +57,27 @@ bool has_avx512_vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+#ifndef QLA_CPU_NO_AMX
+// AMX needs the CPU's tile instructions and, on Linux, the process's permission for the tile data
+// state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first tile
+// instruction faults. Asked once; a kernel that refuses leaves the path out.
+bool has_amx_int8() {
+  static const bool permitted = [] {
+    unsigned eax, ebx, ecx, edx;
+    const bool tiles = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 24)) && (edx & (1u << 25));
+    if (!has_avx512_vnni() || !tiles) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return permitted;
+}
+#endif
+
 // Fastest first.
 const IsaEntry kIsas[] = {
+#ifndef QLA_CPU_NO_AMX
+    {"amx_int8", has_amx_int8, amx_int8_kernels},
+#endif
     {"avx512_vnni", has_avx512_vnni, avx512_vnni_kernels},
     {"avx_vnni", has_avx_vnni, avx_vnni_kernels},
     {"avx2", has_avx2, avx2_kernels},
@@ -79,11 +100,17 @@ std::vector<std::string> supported_isas() {
   return names;
 }
 
-// CPU features the kernels do not use yet, reported by qk.backends().
+// CPU features the kernels do not use, reported by qk.backends(): AMX-INT8 where this build has no
+// AMX path (a compiler without -mamx-int8) or the kernel refused the tile state.
 std::vector<std::string> unused_features() {
   std::vector<std::string> names;
   unsigned eax, ebx, ecx, edx;
-  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 25))) names.emplace_back("amx_int8");
+  const bool present = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 25));
+#ifndef QLA_CPU_NO_AMX
+  if (present && !has_amx_int8()) names.emplace_back("amx_int8");
+#else
+  if (present) names.emplace_back("amx_int8");
+#endif
   return names;
 }
 
@@ -102,7 +129,9 @@ void run_fused_linear(const IsaKernels& isa, Problem p, const int8_t* a, int64_t
   const int64_t rows = p.rows;
   if (rows == 0) return;
   p.a_row_bytes = (p.quads * kQuad * (wide ? 2 : 1) + 63) / 64 * 64;
-  std::vector<uint8_t> prepared(static_cast<size_t>(rows * p.a_row_bytes + 64));
+  // In whole 16-row tiles, zero past the GEMM's rows: AMX tile loads read whole tiles.
+  const int64_t tile_rows = (rows + 15) / 16 * 16;
+  std::vector<uint8_t> prepared(static_cast<size_t>(tile_rows * p.a_row_bytes + 64));
   std::vector<int32_t> offsets(static_cast<size_t>(rows));
   const int32_t base = wide ? 0 : 128;
   for (int64_t m = 0; m < rows; ++m) offsets[m] = base + (zero_point ? zero_point[zero_per_row ? m : 0] : 0);

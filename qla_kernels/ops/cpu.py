@@ -16,7 +16,7 @@ pre-ops with a down-projection; the DW-separable down path) run on the reference
 
 Weights: the kernels read panels (csrc/cpu/kernels.h), packed once by `with_panels` when a plan is
 frozen (`QuantizedWeight.panels`); a weight without them is packed per call. The instruction-set
-path is the fastest this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2), or QLA_CPU_ISA's; `isa()` names it.
+path is the fastest this CPU has (AMX-INT8, AVX-512 VNNI, AVX-VNNI, AVX2), or QLA_CPU_ISA's; `isa()` names it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..formats.weights import INTEGER_FORMATS, PANEL_COLUMNS, PANEL_QUAD, Quanti
 from ..quant.primitives import absmax_scale
 from . import reference
 from .attention import AttentionQuantization, cpu_attention, simulated_log2_attention
-from .device import cpu_extension
+from .device import built_reason, cpu_extension
 from .dispatch import register, register_backend
 from .library import (
     attention_fake,
@@ -110,7 +110,10 @@ def using_isa(name: str) -> Iterator[None]:
 
 def describe() -> str:
     """The path and the CPU features it leaves unused, for `qk.backends()` and benchmark labels."""
-    return isa() + (f" (present, not used yet: {', '.join(_UNUSED_FEATURES)})" if _UNUSED_FEATURES else "")
+    if not _UNUSED_FEATURES:
+        return isa()
+    why = built_reason("cpu_amx_reason") if "amx_int8" in _UNUSED_FEATURES else None
+    return f"{isa()} (present, not used: {', '.join(_UNUSED_FEATURES)}{'; ' + why if why else ''})"
 
 
 def cpu_name() -> str:

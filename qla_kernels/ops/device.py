@@ -30,15 +30,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _built_reason(key: str) -> Optional[str]:
-    """Why setup.py left a module out (`_build_info.json`), if it said."""
+def built_reason(key: str) -> Optional[str]:
+    """Why setup.py left a module (or a part of one) out (`_build_info.json`), if it said."""
     info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
     return json.loads(info_path.read_text()).get(key) if info_path.exists() else None
 
 
 def _missing(name: str, reason_key: str, error: ImportError) -> str:
     """Why `qla_kernels.<name>` is missing: setup.py's reason, else the import error."""
-    reason = _built_reason(reason_key)
+    reason = built_reason(reason_key)
     return f"qla_kernels.{name} was not built: {reason}" if reason else f"qla_kernels.{name} could not be imported: {error}"
 
 
