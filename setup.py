@@ -125,8 +125,8 @@ class KernelBuildExt(build_ext):
         try:
             objects += self.compile_isa_file(*AMX_SOURCE)
         except Exception as error:  # noqa: BLE001  (a compiler without AMX builds the other paths)
-            amx_reason = f"the compiler failed on {AMX_SOURCE[0]}: {_first_lines(error)}"
-            print(f"qla_kernels: building _cpu without its AMX path: {amx_reason}", file=sys.stderr)
+            amx_reason = f"the C++ compiler failed on csrc/cpu/{AMX_SOURCE[0]} (its error is in the install log)"
+            print(f"qla_kernels: building _cpu without its AMX path: {error}", file=sys.stderr)
             ext.extra_compile_args = [*ext.extra_compile_args, "-DQLA_CPU_NO_AMX"]
         ext.extra_objects = objects
         super().build_extension(ext)

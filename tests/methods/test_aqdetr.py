@@ -232,8 +232,8 @@ def test_teacher_distillation_terms_join_the_loss(conditional_model, images):
 @pytest.fixture(scope="module")
 def variant_metrics():
     """mAP and matching rate on the 500 validation images: the teacher, the untrained W4A4 student
-    (its quantizers at their calibrated initialisation) and each QAT variant, seed 0, at the
-    budget of the several-seed table (benchmarks/aqdetr_variants.py)."""
+    (its quantizers at their calibrated initialisation) and each QAT variant, seed 0, after CI's
+    50 steps (the several-seed tables: benchmarks/aqdetr_variants.py --steps 50)."""
     from qla_kernels.apps.detection import evaluate
 
     images, targets = shapes_detr.split("val", shapes_detr.VAL_IMAGES)
@@ -244,7 +244,7 @@ def variant_metrics():
                                progress=False)
     metrics["untrained"] = evaluate(untrained, images, targets)
     for variant in shapes_detr.variants():
-        student, _ = shapes_detr.quantization_aware(variant, seed=0)
+        student, _ = shapes_detr.quantization_aware(variant, seed=0, steps=shapes_detr.CI_QAT_STEPS)
         metrics[variant] = evaluate(student, images, targets)
     return metrics
 
