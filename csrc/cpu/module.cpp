@@ -42,6 +42,40 @@ void prepare_rows(const int8_t* a, int64_t a_stride, int64_t a_rows, const int64
   }
 }
 
+// The panel layout of kernels.h from an int8 [n, k] row-major matrix: one pass per panel, in
+// parallel over panels (ops/cpu.py `pack_panels` is its specification).
+void pack_panels(const int8_t* w, int64_t n, int64_t k, int8_t* out) {
+  const int64_t quads = (k + kQuad - 1) / kQuad;
+  const int64_t panels = (n + kPanelColumns - 1) / kPanelColumns;
+  const int64_t panel_bytes = (quads + 2) * kQuadRowBytes;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int8_t* dst = out + p * panel_bytes;
+      std::memset(dst, 0, static_cast<size_t>(panel_bytes));
+      int32_t colsum[kPanelColumns] = {};
+      int32_t max_abs = 0;
+      const int columns = static_cast<int>(std::min<int64_t>(kPanelColumns, n - p * kPanelColumns));
+      const int8_t* rows = w + p * kPanelColumns * k;
+      // Quad rows in order (one 64-byte row written at a time from 16 read streams).
+      for (int64_t q = 0; q < quads; ++q) {
+        const int64_t k0 = q * kQuad, width = std::min<int64_t>(kQuad, k - k0);
+        int8_t* quad_row = dst + q * kQuadRowBytes;
+        for (int c = 0; c < columns; ++c) {
+          const int8_t* source = rows + c * k + k0;
+          for (int64_t j = 0; j < width; ++j) {
+            const int32_t v = source[j];
+            quad_row[c * kQuad + j] = source[j];
+            colsum[c] += v;
+            max_abs = std::max(max_abs, v < 0 ? -v : v);
+          }
+        }
+      }
+      std::memcpy(dst + quads * kQuadRowBytes, colsum, sizeof(colsum));
+      std::memcpy(dst + (quads + 1) * kQuadRowBytes, &max_abs, sizeof(max_abs));
+    }
+  });
+}
+
 namespace {
 
 struct IsaEntry {
@@ -183,6 +217,13 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("supported_isas", &supported_isas, "The instruction-set paths this CPU runs, fastest first.");
   m.def("unused_features", &unused_features, "CPU features present that no path uses yet.");
   m.attr("PANEL_COLUMNS") = kPanelColumns;
+  m.def(
+      "pack_panels",
+      [](int64_t weight, int64_t n, int64_t k, int64_t out) {
+        py::gil_scoped_release release;
+        pack_panels(pointer<const int8_t>(weight), n, k, pointer<int8_t>(out));
+      },
+      "Packs a contiguous int8 [n, k] weight into the kernels' panels (ops/cpu.py pack_panels).");
   m.def(
       "fused_linear",
       [](const std::string& isa_name, int64_t a, int64_t a_stride, int64_t a_rows, int64_t gather, int64_t rows,

@@ -249,6 +249,22 @@ def test_quantize_activation_is_exact(path, shape, dtype):
     assert all(torch.equal(e, r) for e, r in zip(expected, actual))
 
 
+@given(n=st.integers(1, 40), k=st.integers(1, 80), kind=st.sampled_from(sorted(WEIGHTS)), seed=st.integers(0, 10_000))
+@examples(30)
+def test_the_extension_packs_panels_as_pack_panels_specifies(n, k, kind, seed):
+    """`_cpu.pack_panels` (what every plan and calibration-form call packs with) against the
+    Python layout, byte for byte, at ragged N and K and weights at both ends of int8."""
+    if kind in INTEGER_FORMATS and kind != "int8":
+        k = 16 * (1 + k // 16)
+    weight = WEIGHTS[kind](n, k)
+    if kind == "int8":
+        generator = torch.Generator().manual_seed(seed)
+        data = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+        data[0, 0] = -128
+        weight = dataclasses.replace(weight, data=data)
+    assert torch.equal(cpu.weight_panels(weight), cpu.pack_panels(weight.integer().to(torch.int8)))
+
+
 @given(m=st.integers(1, 70), n_half=st.integers(1, 40), k=st.integers(1, 200),
        kind=st.sampled_from(sorted(WEIGHTS)), rank=st.sampled_from([0, 5, 40]), fullrank=st.booleans(),
        zero=st.booleans(), activation=st.sampled_from(reference.ACTIVATIONS), use_residual=st.booleans(),
