@@ -452,7 +452,8 @@ def test_w4a16_split_k_matches_reference(m, n_half, steps, group, rank, activati
 
 
 def _check_w4a16_split_k(m, n_half, steps, group, rank, activation, requant, row_maps, seed):
-    n, block_k = 2 * n_half, gemm_candidates(target_of(torch.device(DEVICE)))[0].block_k
+    n = 2 * n_half
+    block_k = gemm_candidates(target_of(torch.device(DEVICE)), columns=n)[0].block_k
     k = max(group, block_k) * steps
     if DEVICE == "cpu":  # the interpreter's one 16×32 tile configuration does split
         tiles = -(-m // 16) * -(-n // 32)

@@ -151,7 +151,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Ten
         key = (m_bucket(gemm_rows), n, k, operands.weight_format, operands.group_size, tuple(sorted(flags.items())),
                dtypes)
         candidates = gemm_candidates(target, w4a16=operands.weight_format == "uint4_asym_groups", fp32_main=main_fp32,
-                                     fp32_epilogue=lowrank_fp32 or fullrank_fp32)
+                                     fp32_epilogue=lowrank_fp32 or fullrank_fp32, columns=n)
         _gemm_tuner.run(key, target, candidates, launch)
     if not operands.requant_bits:
         return out, out.new_empty((0,), dtype=torch.float32)

@@ -10,8 +10,8 @@ dtypes) and caches the winner in memory and on disk (`QLA_TUNING_CACHE`, default
 again. A candidate this GPU cannot run (OutOfResources: shared memory, registers) is skipped on
 every path. Without timing (QLA_AUTOTUNE=0, or a key first met inside CUDA-graph capture, where
 benchmarking is impossible) the first candidate that runs is used; a capture-time choice is not
-cached, so the first call outside capture tunes. Under TRITON_INTERPRET=1 the one interpreter
-configuration runs.
+cached, so the first call outside capture tunes. Under TRITON_INTERPRET=1 one interpreter
+configuration per width runs.
 """
 
 from __future__ import annotations
@@ -96,16 +96,22 @@ SM80_FP32_EPILOGUE_CONFIGS: Tuple[GemmConfig, ...] = tuple(GemmConfig(*c) for c 
     (32, 64, 128, 8, 4, 4),
     (16, 64, 128, 8, 4, 4),
 ))
+# The interpreter runs each program's ops in Python, so its cost is per program and op, hardly per
+# element: layers of model width (>= 256 outputs) run a larger tile (a ViT-tiny block took half
+# the time), narrower ones the small tile whose edges the unit tests' ragged shapes cross.
 INTERPRETER_GEMM_CONFIG = GemmConfig(16, 32, 32, 2, 4, 1)
+INTERPRETER_WIDE_GEMM_CONFIG = GemmConfig(32, 64, 64, 2, 4, 1)
+INTERPRETER_WIDE_COLUMNS = 256
 
 
 def gemm_candidates(target: Target, w4a16: bool = False, fp32_main: bool = False,
-                    fp32_epilogue: bool = False) -> Sequence[GemmConfig]:
+                    fp32_epilogue: bool = False, columns: int = 0) -> Sequence[GemmConfig]:
     """The configurations the GEMM may run with on `target`, the default first. `w4a16`: the
     main loop dequantizes uint4 weights; `fp32_main`: its dots take fp32 operands (W4A16 with
-    fp32 activations); `fp32_epilogue`: a low-rank or full-rank segment does."""
+    fp32 activations); `fp32_epilogue`: a low-rank or full-rank segment does; `columns`: the
+    weight's rows N (the interpreter's tile depends on it)."""
     if target.interpreter:
-        return (INTERPRETER_GEMM_CONFIG,)
+        return (INTERPRETER_WIDE_GEMM_CONFIG if columns >= INTERPRETER_WIDE_COLUMNS else INTERPRETER_GEMM_CONFIG,)
     hopper = target.capability[0] >= 9
     if fp32_main:
         return SM90_FP32_MAIN_CONFIGS if hopper else SM80_FP32_MAIN_CONFIGS
