@@ -343,14 +343,16 @@ def conversions(models: Sequence[str]) -> Iterator[Conversion]:
 
 
 # What `make test` plans (then compiles a sample of): every model, config, scale kind and
-# correction at least once, in about a minute and a half.
+# correction at least once, in about a minute. LLaMA (4096-wide layers, the slowest to plan)
+# only at W8A8: its W4A16 conversion added no constexpr value to the sample's cover (280 values
+# from 2600 launches either way), and Gemma plans W4A16 decoder layers.
 CI_CONVERSIONS = tuple(Conversion(*fields) for fields in (
     ("vit_b16", "W8A8", "dynamic", "qla_qwt128"), ("vit_b16", "W4A4", "static_zero", "qwt_full"),
     ("vit_b16", "W4A8g128", "static", "none"), ("vit_b16", "W4A16g128", "dynamic", "qla_qwt24"),
     ("deit_s", "W4A8", "dynamic", "qwt48"),
     ("swin_t", "W8A8", "static_zero", "qla_qwt128"), ("swin_t", "W4A16g128", "dynamic", "none"),
     ("bert_base", "W8A8", "static_zero", "qla_qwt128"), ("bert_base", "W4A4", "dynamic", "qwt_full"),
-    ("llama8b", "W8A8", "dynamic", "qla_qwt128"), ("llama8b", "W4A16g128", "dynamic", "qla_qwt128"),
+    ("llama8b", "W8A8", "dynamic", "qla_qwt128"),
     ("gpt2", "W4A8", "dynamic", "qla_qwt128"), ("clip_b16", "W8A8", "dynamic", "none"),
     ("gemma2b", "W4A16g128", "dynamic", "none"),
     ("resnet50", "W8A8", "static_zero", "qwt_conv"), ("resnet50", "W4A4", "dynamic", "none"),

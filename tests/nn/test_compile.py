@@ -30,6 +30,15 @@ def test_quant_linear_compiles_without_graph_breaks(config, backend):
         _assert_compiles_like_eager(layer, x)
 
 
+def test_quant_linear_compiles_with_inductor():
+    """The one Inductor compile of the suite (its code generation costs seconds per graph): a
+    quantized layer on the default backend, its custom ops kept as calls, equal to eager."""
+    layer = qk.QuantLinear.from_float(torch.nn.Linear(64, 32), qk.W8A8())
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
 def test_converted_layer_on_the_auto_backend_compiles_with_its_backend_as_a_constant():
     """The auto backend is a constant of the graph (dispatch._auto_backend): Dynamo does not trace
     the availability probes behind it (imports, the build record; torch 2.13's Dynamo fails on

@@ -93,8 +93,10 @@ def test_routed_layers_come_back_from_a_checkpoint_and_compile(tmp_path):
     restored = qk.load_quantized(skeleton, path)
     with torch.no_grad():
         assert torch.equal(restored(x), expected)  # the same modules running the same ops
-        # Inductor generates its own fp code for the unquantized ops: equal up to re-rounding.
-        assert_same_up_to_rerounding(fp_output, expected, torch.compile(restored, fullgraph=True)(x))
+        # The routing mode traces without graph breaks (Inductor's code generation of a quantized
+        # layer: tests/nn/test_compile.py); decompositions may re-round the fp ops.
+        compiled = torch.compile(restored, fullgraph=True, backend="aot_eager")
+        assert_same_up_to_rerounding(fp_output, expected, compiled(x))
 
 
 def test_gptq_and_gplq_route_too():

@@ -102,18 +102,19 @@ def test_row_offsets_are_64_bit_where_products_pass_two_to_the_31(tmp_path):
 
 
 def test_sample_of_the_launch_table_compiles_and_passes(tmp_path):
-    """`python -m qla_kernels.launch_table --ci --sample 120`: the CI subset of model conversions is
+    """`python -m qla_kernels.launch_table --ci --sample 80`: the CI subset of model conversions is
     planned (every key it plans must be in the committed table, else the table is stale), and a
-    sample spread over every kernel, architecture and constexpr value compiles within each
+    sample spread over every kernel, architecture and constexpr value (52 launches cover them all)
+    compiles within each
     architecture's shared memory, without spills, with wgmma on sm_90 and exact epilogues."""
     report = tmp_path / "sample.json"
     env = dict(ENV, QLA_AOT_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "qla_kernels.launch_table", "--ci", "--sample", "120", "--json",
+    result = subprocess.run([sys.executable, "-m", "qla_kernels.launch_table", "--ci", "--sample", "80", "--json",
                              str(report)], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
     data = json.loads(report.read_text())
     rows = data["rows"]
-    assert data["stale"] == 0 and data["checked"] == len(rows) >= 100 and data["planned"] > 1000
+    assert data["stale"] == 0 and data["checked"] == len(rows) == 80 and data["planned"] > 1000
     assert {row["arch"] for row in rows} == {80, 90}
     assert {row["kernel"] for row in rows} == {"fused_linear_kernel", "requantize_rows_kernel",
                                               "quantize_activation_kernel", "dwsep_down_kernel",
