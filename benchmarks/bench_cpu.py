@@ -9,7 +9,8 @@
 - W4A16 (group 128) on the decode kernel at the LLaMA shapes with M <= 16.
 - End to end: all-MiniLM-L6-v2 (real weights, 64 sentences in one padded batch): fp32 eager,
   `torch.ao` dynamic int8, ours W8A8 and W4A8 (converted for runtime: per linear, and with an
-  example, fused blocks) on the `cpu` backend and W8A8 on the reference (the previous CPU path),
+  example, fused blocks) on the `cpu` backend's default path, W8A8 converted on each other path
+  this CPU runs, and W8A8 on the reference (the previous CPU path),
   each with its embedding cosine vs fp32. Not measured: fp32 torch.compile, BERT-base, DeiT-S and
   a LLaMA-shaped decoder end to end.
 Variants are interleaved run by run (so drift hits all alike); min and median of --runs. ONNX
@@ -20,6 +21,7 @@ this was written). Writes JSON and a PNG beside it, labelled with the CPU, its f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -189,24 +191,25 @@ def bench_minilm(runs: int) -> List[dict]:
         mask = batch["attention_mask"].unsqueeze(-1).float()
         return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
-    variants = {"fp32 eager": model,
-                "torch.ao dynamic int8": torch.ao.quantization.quantize_dynamic(copy.deepcopy(model),
-                                                                                {torch.nn.Linear}, dtype=torch.qint8)}
+    # name -> (model, backend, CPU path or None for the default)
+    variants = {"fp32 eager": (model, "auto", None),
+                "torch.ao dynamic int8": (torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), "auto", None)}
     for name, config in (("W8A8", qk.W8A8()), ("W4A8", qk.W4A8())):
         quantized = qk.quantize_(copy.deepcopy(model), config)
         fused = copy.deepcopy(quantized)
         reference_form = copy.deepcopy(quantized) if name == "W8A8" else None
         qk.convert_for_runtime(quantized)
         qk.convert_for_runtime(fused, dict(batch))
-        variants[f"ours {name} cpu {cpu.isa()} (converted)"] = quantized
-        variants[f"ours {name} cpu {cpu.isa()} (converted, fused blocks)"] = fused
+        variants[f"ours {name} cpu {cpu.isa()} (converted)"] = (quantized, "auto", None)
+        variants[f"ours {name} cpu {cpu.isa()} (converted, fused blocks)"] = (fused, "auto", None)
         if reference_form is not None:
-            variants["ours W8A8 reference backend"] = reference_form
+            variants["ours W8A8 reference backend"] = (reference_form, "reference", None)
+            for path in _paths()[1:]:  # the slower paths this CPU also runs, on the same converted model
+                variants[f"ours W8A8 cpu {path} (converted)"] = (quantized, "auto", path)
     fp = pooled(model)
-    calls = {}
-    for name, m in variants.items():
-        backend = "reference" if "reference backend" in name else "auto"
-        calls[name] = (lambda m=m, backend=backend: _under(backend, lambda: pooled(m)))
+    calls = {name: (lambda m=m, backend=backend, path=path: _under(backend, path, lambda: pooled(m)))
+             for name, (m, backend, path) in variants.items()}
     timings = interleaved(calls, runs)
     rows = []
     base = timings["fp32 eager"]["median_ms"]
@@ -220,8 +223,8 @@ def bench_minilm(runs: int) -> List[dict]:
     return rows
 
 
-def _under(backend: str, fn):
-    with qk.use_backend(backend):
+def _under(backend: str, path, fn):
+    with qk.use_backend(backend), (cpu.using_isa(path) if path else contextlib.nullcontext()):
         return fn()
 
 

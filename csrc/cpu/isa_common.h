@@ -39,6 +39,25 @@ inline void store_panel_sums(int32_t* out, __m256i low, __m256i high) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), high);
 }
 
+// A vector register's fp32 lanes as one value (a GCC / Clang vector), 16 in the AVX-512 files and 8
+// in the others, whatever the compiler's unrolling of a short loop would have made of it. (A
+// 16-lane value in AVX2 code passes through memory: 4x slower, measured; 8-lane halves written
+// where AVX-512 code then reads whole 16-lane rows stall store forwarding: 2x slower.)
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
+
 inline float bits_to_float(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
@@ -203,6 +222,15 @@ void normalize_rows_impl(const float* x, int64_t m0, int64_t m1, int64_t k, int 
 // The tile stage on one micro-kernel result acc [rows][width] (int32, row stride acc_stride).
 constexpr int kMaxTileColumns = 64;
 
+// Asks for the next panel group's part of a row read in the epilogue (the residual, X_c·W_cᵀ):
+// tiles read each row a group's width at a time, 32 rows apart, which the hardware prefetchers
+// do not follow (measured: reading a 2048 x 3072 fp32 residual cost more than the AMX GEMM).
+// A prefetch past the end of the matrix does not fault.
+inline void prefetch_next_group(const float* row_part, int64_t width) {
+  for (int64_t c = 0; c < width; c += kPanelColumns)
+    _mm_prefetch(reinterpret_cast<const char*>(row_part + width + c), _MM_HINT_T0);
+}
+
 inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int64_t width, const int32_t* acc,
                         int acc_stride, float* y, int64_t y_row0, int64_t y_stride) {
   alignas(64) int32_t colsum[kMaxTileColumns];
@@ -235,30 +263,40 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
       corrections = after;
     }
     if (p.rank) {
-      // 16 columns at a time with their sums in one register's worth of lanes over the rank (U is
-      // padded to whole panels, so every 16 columns can be read); T·Uᵀ's order is ours, not the
-      // reference's matmul's, so its multiply-adds may fuse.
+      // 16 columns at a time, their sums over the rank in vector values (U is padded to whole
+      // panels, so every 16 columns can be read). As a plain loop over 16 floats GCC unrolled it
+      // into scalar FMAs (measured: T·Uᵀ at rank 8 cost more than the AMX GEMM it rode on). T·Uᵀ's
+      // order is ours, not the reference's matmul's.
       const float* t = p.lowrank_t + dest * p.t_stride;
       const int64_t u_stride = p.panels_count() * kPanelColumns;
+      constexpr int kParts = kPanelColumns / kLanes;
       for (int64_t c0 = 0; c0 < width; c0 += kPanelColumns) {
-        float lowrank[kPanelColumns] = {};
+        Lanes sums[kParts] = {};
         for (int64_t j = 0; j < p.rank; ++j) {
-          const float tj = t[j];
           const float* u = p.lowrank_ut + j * u_stride + n0 + c0;
-          for (int l = 0; l < kPanelColumns; ++l) lowrank[l] = std::fma(tj, u[l], lowrank[l]);
+          for (int h = 0; h < kParts; ++h) sums[h] += t[j] * load_lanes(u + h * kLanes);
         }
         const int64_t count = std::min<int64_t>(kPanelColumns, width - c0);
-        for (int64_t l = 0; l < count; ++l) corrections[c0 + l] += lowrank[l];
+        if (count == kPanelColumns) {
+          for (int h = 0; h < kParts; ++h)
+            store_lanes(corrections + c0 + h * kLanes, load_lanes(corrections + c0 + h * kLanes) + sums[h]);
+        } else {
+          alignas(64) float values[kPanelColumns];
+          std::memcpy(values, sums, sizeof(values));
+          for (int64_t l = 0; l < count; ++l) corrections[c0 + l] += values[l];
+        }
       }
     }
     if (p.addend) {
       const float* add = p.addend + dest * p.addend_stride + n0;
+      prefetch_next_group(add, width);
       for (int64_t c = 0; c < width; ++c) corrections[c] += add[c];
     }
     if (p.bias) {
       for (int64_t c = 0; c < width; ++c) v[c] += p.bias[n0 + c];
     }
     float* target = y ? y + (m - y_row0) * y_stride + n0 : p.out + dest * p.out_stride + n0;
+    if (p.residual && !gated) prefetch_next_group(p.residual + dest * p.residual_stride + n0, width);
     if (!gated) {
       if (p.residual && p.residual_first) {
         const float* res = p.residual + dest * p.residual_stride + n0;
