@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -486,11 +487,243 @@ void w4a16_rows_impl(const float* x, int64_t rows, int64_t k, const uint8_t* wei
   else w4a16_rows_rounded<kFp32>(x, rows, k, weight, scale, zero, group, n0, n1, out, out_stride);
 }
 
+// ---- Self-attention on GEMM rows (IsaKernels::attention_heads) ----
+
+inline Lanes broadcast_lanes(float x) {
+#ifdef __AVX512F__
+  return _mm512_set1_ps(x);
+#else
+  return _mm256_set1_ps(x);
+#endif
+}
+
+// a·b + c with one rounding: attention's sums are ours, not a reference's (its results are
+// compared within a bound, never bit for bit), and a fused multiply-add is both faster and closer.
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) {
+#ifdef __AVX512F__
+  return _mm512_fmadd_ps(a, b, c);
+#else
+  return _mm256_fmadd_ps(a, b, c);
+#endif
+}
+
+// c[r][0, chunks·kLanes) = Σ_j a[r·a_stride + j] · b[j·b_stride + ...] for Rows rows: the small
+// GEMMs of one head (q·kᵀ against kᵀ, P·v against v, both rows of contiguous lanes), two column
+// chunks at a time so that 2·Rows independent sums hide the multiply-add latency.
+template <int Rows>
+void rows_times_lanes(const float* a, int64_t a_stride, int64_t depth, const float* b, int64_t b_stride,
+                      int64_t chunks, float* c, int64_t c_stride) {
+  int64_t chunk = 0;
+  for (; chunk + 2 <= chunks; chunk += 2) {
+    Lanes acc[Rows][2] = {};
+    for (int64_t j = 0; j < depth; ++j) {
+      const Lanes b0 = load_lanes(b + j * b_stride + chunk * kLanes);
+      const Lanes b1 = load_lanes(b + j * b_stride + (chunk + 1) * kLanes);
+      for (int r = 0; r < Rows; ++r) {
+        const Lanes x = broadcast_lanes(a[r * a_stride + j]);
+        acc[r][0] = multiply_add(x, b0, acc[r][0]);
+        acc[r][1] = multiply_add(x, b1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      store_lanes(c + r * c_stride + chunk * kLanes, acc[r][0]);
+      store_lanes(c + r * c_stride + (chunk + 1) * kLanes, acc[r][1]);
+    }
+  }
+  if (chunk < chunks) {
+    Lanes acc[Rows] = {};
+    for (int64_t j = 0; j < depth; ++j) {
+      const Lanes b0 = load_lanes(b + j * b_stride + chunk * kLanes);
+      for (int r = 0; r < Rows; ++r) acc[r] = multiply_add(broadcast_lanes(a[r * a_stride + j]), b0, acc[r]);
+    }
+    for (int r = 0; r < Rows; ++r) store_lanes(c + r * c_stride + chunk * kLanes, acc[r]);
+  }
+}
+
+constexpr int kAttentionRows = 4;  // query rows per block: 8 sums in flight, within AVX2's 16 registers
+
+void rows_times_lanes_any(int rows, const float* a, int64_t a_stride, int64_t depth, const float* b,
+                          int64_t b_stride, int64_t chunks, float* c, int64_t c_stride) {
+  switch (rows) {
+    case 4: rows_times_lanes<4>(a, a_stride, depth, b, b_stride, chunks, c, c_stride); break;
+    case 3: rows_times_lanes<3>(a, a_stride, depth, b, b_stride, chunks, c, c_stride); break;
+    case 2: rows_times_lanes<2>(a, a_stride, depth, b, b_stride, chunks, c, c_stride); break;
+    default: rows_times_lanes<1>(a, a_stride, depth, b, b_stride, chunks, c, c_stride); break;
+  }
+}
+
+// Horizontal max and sum of one vector in registers (through memory, each row's reduction waited
+// on store forwarding: measured, a third of the attention kernel's time).
+inline float lanes_max(Lanes v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps(v);
+#else
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+#endif
+}
+
+inline float lanes_total(Lanes v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps(v);
+#else
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+#endif
+}
+
+typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// exp_approx's clamp and polynomial in vector values, n rounded to nearest by adding 1.5·2^23
+// (exp_approx's floor(x·log2e + 0.5) differs only at ties, where either reduction is exact).
+inline Lanes exp_lanes(Lanes x) {
+  const Lanes lo = broadcast_lanes(-80.0f), hi = broadcast_lanes(80.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const Lanes magic = broadcast_lanes(12582912.0f);
+  const Lanes shifted = x * broadcast_lanes(1.44269504088896341f) + magic;
+  const Lanes n = shifted - magic;
+  const IntLanes exponent = (reinterpret_cast<const IntLanes&>(shifted) - reinterpret_cast<const IntLanes&>(magic) + 127)
+                            << 23;
+  const Lanes r = x - n * broadcast_lanes(0.693359375f) - n * broadcast_lanes(-2.12194440e-4f);
+  Lanes poly = broadcast_lanes(1.9875691500e-4f);
+  poly = multiply_add(poly, r, broadcast_lanes(1.3981999507e-3f));
+  poly = multiply_add(poly, r, broadcast_lanes(8.3334519073e-3f));
+  poly = multiply_add(poly, r, broadcast_lanes(4.1665795894e-2f));
+  poly = multiply_add(poly, r, broadcast_lanes(1.6666665459e-1f));
+  poly = multiply_add(poly, r, broadcast_lanes(5.0000001201e-1f));
+  const Lanes y = multiply_add(poly, r * r, r) + broadcast_lanes(1.0f);
+  return y * reinterpret_cast<const Lanes&>(exponent);
+}
+
+// The additive mask of a row's last, partial lanes (`valid` < kLanes keys): the mask's values (0
+// without one), −inf past the keys; masked loads, so nothing past the row is read.
+inline Lanes partial_mask_lanes(const float* mask, int valid) {
+#ifdef __AVX512F__
+  const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512 minus_infinity = _mm512_set1_ps(-INFINITY);
+  return mask ? _mm512_mask_loadu_ps(minus_infinity, keep, mask)
+              : _mm512_mask_blend_ps(keep, minus_infinity, _mm512_setzero_ps());
+#else
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 values = mask ? _mm256_maskload_ps(mask, keep) : _mm256_setzero_ps();
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), values, _mm256_castsi256_ps(keep));
+#endif
+}
+
+// One row's scores s (whole lanes) → unnormalized probabilities exp(s·scale + mask − max) in place
+// over the `keys` (0 past them, and where the mask is −inf); returns 1 / their sum, or 0 when every
+// key is masked (the row's output is then zeros). NaN propagates. `mask` (or null) is read in place
+// for whole lanes; its last partial lanes are padded with −inf.
+inline float softmax_numerators(float* s, int64_t keys, int64_t chunks, float scale, const float* mask) {
+  const Lanes scale_lanes = broadcast_lanes(scale), minus_infinity = broadcast_lanes(-INFINITY);
+  const int64_t whole = keys / kLanes;
+  Lanes top = minus_infinity;
+  for (int64_t c = 0; c < chunks; ++c) {
+    Lanes v = load_lanes(s + c * kLanes) * scale_lanes;
+    if (c < whole) {
+      if (mask) v += load_lanes(mask + c * kLanes);
+    } else {
+      v += partial_mask_lanes(mask ? mask + c * kLanes : nullptr, static_cast<int>(keys - c * kLanes));
+    }
+    store_lanes(s + c * kLanes, v);
+    top = v > top ? v : top;
+  }
+  const float row_top = lanes_max(top);
+  if (row_top == -INFINITY) {
+    std::fill(s, s + chunks * kLanes, 0.0f);
+    return 0.0f;
+  }
+  const Lanes top_lanes = broadcast_lanes(row_top), zero = {};
+  Lanes total = {};
+  for (int64_t c = 0; c < chunks; ++c) {
+    const Lanes v = load_lanes(s + c * kLanes);
+    const Lanes p = v == minus_infinity ? zero : exp_lanes(v - top_lanes);
+    store_lanes(s + c * kLanes, p);
+    total += p;
+  }
+  return 1.0f / lanes_total(total);
+}
+
+// dst[c][j] = src[j][c] for an 8 × 8 block (rows `*_stride` floats apart), in AVX registers.
+inline void transpose_8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// kᵀ [d, keys_padded] of one head's key rows [tokens, d] (`stride` apart); the padding is not touched.
+void transpose_keys(const float* k, int64_t stride, int64_t tokens, int64_t d, float* key_t, int64_t keys_padded) {
+  const int64_t whole_tokens = tokens / 8 * 8, whole_dims = d / 8 * 8;
+  for (int64_t j = 0; j < whole_tokens; j += 8)
+    for (int64_t c = 0; c < whole_dims; c += 8) transpose_8x8(k + j * stride + c, stride, key_t + c * keys_padded + j, keys_padded);
+  for (int64_t j = 0; j < tokens; ++j)
+    for (int64_t c = j < whole_tokens ? whole_dims : 0; c < d; ++c) key_t[c * keys_padded + j] = k[j * stride + c];
+}
+
+void attention_heads_impl(const AttentionProblem& p, int64_t task0, int64_t task1) {
+  const int64_t tokens = p.tokens, d = p.head_dim;
+  const int64_t key_chunks = (tokens + kLanes - 1) / kLanes, dim_chunks = (d + kLanes - 1) / kLanes;
+  const int64_t keys_padded = key_chunks * kLanes, dim_padded = dim_chunks * kLanes;
+  // P·v reads v in place when each head's values are whole lanes; otherwise from a zero-padded copy
+  // (whole lanes of a row's last head would read past the tensor).
+  const bool copy_values = d % kLanes != 0;
+  // kᵀ [d, keys_padded], zero past the keys; the scores of a block of query rows; its unnormalized
+  // context.
+  std::vector<float> key_t(d * keys_padded, 0.0f), values(copy_values ? tokens * dim_padded : 0, 0.0f);
+  std::vector<float> scores(kAttentionRows * keys_padded), context(kAttentionRows * dim_padded);
+  for (int64_t task = task0; task < task1; ++task) {
+    const int64_t s = task / p.heads, h = task % p.heads;
+    const int64_t first = s * tokens;
+    const float* q = p.q + first * p.q_stride + h * d;
+    const float* v = p.v + first * p.v_stride + h * d;
+    transpose_keys(p.k + first * p.k_stride + h * d, p.k_stride, tokens, d, key_t.data(), keys_padded);
+    int64_t v_stride = p.v_stride;
+    if (copy_values) {
+      for (int64_t j = 0; j < tokens; ++j) std::memcpy(values.data() + j * dim_padded, v + j * p.v_stride, sizeof(float) * d);
+      v = values.data();
+      v_stride = dim_padded;
+    }
+    const float* mask = p.mask ? p.mask + s * p.mask_sequence_stride + h * p.mask_head_stride : nullptr;
+    for (int64_t i0 = 0; i0 < tokens; i0 += kAttentionRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kAttentionRows, tokens - i0));
+      rows_times_lanes_any(rows, q + i0 * p.q_stride, p.q_stride, d, key_t.data(), keys_padded, key_chunks,
+                           scores.data(), keys_padded);
+      float normalizer[kAttentionRows];
+      for (int r = 0; r < rows; ++r)
+        normalizer[r] = softmax_numerators(scores.data() + r * keys_padded, tokens, key_chunks, p.scale,
+                                           mask ? mask + (i0 + r) * p.mask_row_stride : nullptr);
+      rows_times_lanes_any(rows, scores.data(), keys_padded, tokens, v, v_stride, dim_chunks, context.data(),
+                           dim_padded);
+      for (int r = 0; r < rows; ++r) {
+        float* out = p.out + (first + i0 + r) * p.out_stride + h * d;
+        const float* row = context.data() + r * dim_padded;
+        for (int64_t c = 0; c < d; ++c) out[c] = row[c] * normalizer[r];
+      }
+    }
+  }
+}
+
 // A path's table: its micro-kernel and A layout, with everything this file shares.
 template <class Micro>
 IsaKernels kernels_with(const char* name, bool (*wide_rows)(const Problem&)) {
   return IsaKernels{name, wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
-                    w4a16_rows_impl};
+                    w4a16_rows_impl, attention_heads_impl};
 }
 
 // Compile-time row and panel counts for the micro-kernel templates, from run-time ones.

@@ -83,6 +83,24 @@ inline int32_t panel_max_abs(const Problem& p, int64_t panel) {
   return value;
 }
 
+// Self-attention on rows as the q/k/v GEMMs wrote them (ops/cpu.py attention_rows): sequence s's
+// token i, head h reads q + (s·tokens + i)·q_stride + h·head_dim (key and value alike, fp32, each
+// head's values contiguous) and writes its context to out at (s·tokens + i)·out_stride + h·head_dim.
+// `mask` (or null) is additive fp32, row i of (s, h) at mask + s·mask_sequence_stride +
+// h·mask_head_stride + i·mask_row_stride, contiguous over the keys.
+struct AttentionProblem {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0;
+  int64_t tokens = 0, heads = 0, head_dim = 0;
+  float scale = 1.0f;
+  const float* mask = nullptr;
+  int64_t mask_sequence_stride = 0, mask_head_stride = 0, mask_row_stride = 0;
+  float* out = nullptr;
+  int64_t out_stride = 0;
+};
+
 struct IsaKernels {
   const char* name;
   // Whether prepared A rows are int16 (else u8) for this problem.
@@ -114,6 +132,10 @@ struct IsaKernels {
                      const float* scale, const uint8_t* zero, int64_t group, int rounding, int64_t n0, int64_t n1,
                      float* out,
                      int64_t out_stride);
+  // Heads [task0, task1) of the sequences × heads of `p` (task t: sequence t / heads, head t % heads):
+  // softmax(q·kᵀ·scale + mask)·v with fp32 sums; a query row whose every key is masked (−inf)
+  // gets zeros, as torch's scaled_dot_product_attention gives it.
+  void (*attention_heads)(const AttentionProblem& p, int64_t task0, int64_t task1);
 };
 
 // Gathers and converts int8 activation rows [m0, m1) into the prepared layout (shared by every path).

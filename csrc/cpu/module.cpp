@@ -294,6 +294,36 @@ PYBIND11_MODULE(_cpu, m) {
       },
       "W4A16 x·Wᵀ at few rows (ops/cpu.py), the weight read once.");
   m.def(
+      "attention_rows",
+      [](const std::string& isa_name, int64_t q, int64_t q_stride, int64_t k, int64_t k_stride, int64_t v,
+         int64_t v_stride, int64_t sequences, int64_t tokens, int64_t heads, int64_t head_dim, double scale,
+         int64_t mask, int64_t mask_sequence_stride, int64_t mask_head_stride, int64_t mask_row_stride, int64_t out,
+         int64_t out_stride) {
+        const IsaKernels& isa = *kernels_for(isa_name);
+        AttentionProblem p;
+        p.q = pointer<const float>(q);
+        p.k = pointer<const float>(k);
+        p.v = pointer<const float>(v);
+        p.q_stride = q_stride;
+        p.k_stride = k_stride;
+        p.v_stride = v_stride;
+        p.tokens = tokens;
+        p.heads = heads;
+        p.head_dim = head_dim;
+        p.scale = static_cast<float>(scale);
+        p.mask = pointer<const float>(mask);
+        p.mask_sequence_stride = mask_sequence_stride;
+        p.mask_head_stride = mask_head_stride;
+        p.mask_row_stride = mask_row_stride;
+        p.out = pointer<float>(out);
+        p.out_stride = out_stride;
+        py::gil_scoped_release release;
+        // Whole heads per task: each one's kᵀ and v are copied once, and its rows are computed in
+        // one order whatever the thread count.
+        at::parallel_for(0, sequences * heads, 1, [&](int64_t t0, int64_t t1) { isa.attention_heads(p, t0, t1); });
+      },
+      "Self-attention of fp32 q/k/v rows as the GEMMs wrote them (ops/cpu.py attention_rows).");
+  m.def(
       "quantize_rows",
       [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int bits,
          int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero, int64_t q, int64_t scale) {

@@ -8,6 +8,7 @@
 - `quantized_conv2d`: a channels-last convolution as GEMMs over its windows (ops/conv.py).
 - `quantized_attention`: the fully quantized attention core, q·kᵀ and A·v on integer units
   (ops/attention.py).
+- `attention_rows`: floating-point self-attention on q/k/v rows as the GEMMs wrote them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from ..formats.weights import QuantizedWeight
 from . import cpu, cuda, library, reference, simulate  # noqa: F401  (cpu, cuda and library register their implementations)
 from . import triton as triton_backend  # noqa: F401  (registers the Triton implementations)
-from .attention import (AttentionQuantization, TokenwiseLog2Quantization, check_attention, simulated_attention,
+from .attention import (AttentionQuantization, TokenwiseLog2Quantization, check_attention, check_attention_rows,
+                        simulated_attention,
                         simulated_log2_attention)
 from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map, check_tensor
 from .conv import ConvGeometry, ConvPlan, check_conv_input, simulated_conv2d
@@ -284,9 +286,29 @@ def quantized_attention(
     return implementation("quantized_attention", query.device, *args).run(*args)
 
 
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tokens: int,
+    heads: int,
+    scale: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v per sequence and head, on rows as the q/k/v GEMMs write them:
+    query, key and value [sequences · tokens, heads · head_dim] (column slices of one packed
+    output are taken where they are), the context returned as [sequences · tokens, heads ·
+    head_dim] rows in the query's dtype, ready for the output projection. `scale` defaults to
+    1/√head_dim; `mask` is bool (True keeps) or additive float, broadcast to [sequences, heads,
+    tokens, tokens]. A query whose every key is masked gets zeros (as scaled_dot_product_attention)."""
+    check_attention_rows(query, key, value, tokens, heads, scale, mask)
+    args = (query, key, value, tokens, heads, None if scale is None else float(scale), mask)
+    return implementation("attention_rows", query.device, *args).eager(query)(*args)
+
+
 __all__ = [
     "BACKENDS", "BackendInfo", "FusedLinearOperands", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
     "gemm_zero_point", "library", "reference", "simulate", "ConvGeometry", "ConvPlan", "quantized_conv2d",
-    "AttentionQuantization", "TokenwiseLog2Quantization", "quantized_attention",
+    "AttentionQuantization", "TokenwiseLog2Quantization", "quantized_attention", "attention_rows",
 ]

@@ -30,6 +30,11 @@ the sum differs between backends (tf32 tensor cores on a GPU; the reference sums
 steps and zero points when they require grad), equal to it bit for bit on CPU: the integer
 products of codes are exact in fp32 below 2²⁴ (in fp64 where they could reach it), and every
 other operation is the same. Calls whose products could overflow int32 are refused.
+
+`attention_rows` is the floating-point self-attention of the fused chains, on q/k/v as the qkv
+GEMM wrote them: [sequences · tokens, heads · head_dim] rows (slices of one packed output keep
+its row stride), the context returned in the same row layout for the output projection, so no
+head permutation is copied. Its reference is torch's scaled_dot_product_attention on views.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..quant.log2 import log2_quantize
 from ..quant.lsq import lsq_codes
@@ -263,3 +269,50 @@ def simulated_log2_attention(query, key, value, bits: int, scaling: float,
     fp32, as the kernels sum it) and straight-through gradients: the cpu backend's path too."""
     dtype = product_dtype(TokenwiseLog2Quantization(bits), query.shape[-1], key.shape[-2])
     return _log2_attention(query, key, value, bits, scaling, mask, dtype, torch.float32)
+
+
+def check_attention_rows(query, key, value, tokens: int, heads: int, scale: Optional[float],
+                         mask: Optional[torch.Tensor]) -> None:
+    """ValueError for what `attention_rows` cannot take (module docstring)."""
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D [sequences * tokens, heads * head_dim] float16/bfloat16/float32 "
+                             f"tensor, got {getattr(tensor, 'dtype', type(tensor))} "
+                             f"{tuple(getattr(tensor, 'shape', ()))}")
+        if tensor.device != query.device or tensor.dtype != query.dtype or tensor.shape != query.shape:
+            raise ValueError(f"{name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; the query is "
+                             f"{query.dtype} {tuple(query.shape)} on {query.device}")
+    for name, count in (("tokens", tokens), ("heads", heads)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name} must be a positive int, got {count!r}")
+    rows, width = query.shape
+    if rows % tokens or width % heads:
+        raise ValueError(f"rows {tuple(query.shape)} do not split into sequences of {tokens} tokens and {heads} heads")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, *FLOAT_DTYPES):
+            raise ValueError(f"mask must be a bool or float tensor, got {getattr(mask, 'dtype', type(mask))}")
+        if mask.device != query.device:
+            raise ValueError(f"mask is on {mask.device}, the query on {query.device}")
+        full = (rows // tokens, heads, tokens, tokens)
+        if mask.dim() != 4 or any(size not in (1, wanted) for size, wanted in zip(mask.shape, full)):
+            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to [sequences, heads, tokens, tokens] = "
+                             f"{full}")
+
+
+def head_views(rows: torch.Tensor, tokens: int, heads: int) -> torch.Tensor:
+    """[sequences, heads, tokens, head_dim] views of [sequences · tokens, heads · head_dim] rows."""
+    return rows.unflatten(0, (-1, tokens)).unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+def reference_attention_rows(query, key, value, tokens: int, heads: int, scale: Optional[float] = None,
+                             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The spec of `attention_rows`: scaled_dot_product_attention on head views of the rows (True
+    in a bool mask keeps; a float mask adds), the context as rows [sequences · tokens, heads · head_dim]."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
+    context = F.scaled_dot_product_attention(*(head_views(t, tokens, heads) for t in (query, key, value)),
+                                             attn_mask=mask, scale=scale)
+    return context.transpose(1, 2).reshape(query.shape)

@@ -11,6 +11,9 @@ Covers, on CPU tensors:
   from the fp32 normalized values) without a down-projection: the norm's sums in another order
   than torch's (ulps), the quantization of them exact.
 - `fused_linear` for W4A16 at M <= 16 (decode): the weight's nibbles read once for all rows.
+- `attention_rows` in fp32: per head, kᵀ and v copied once into lanes, q read in place, the scores
+  of 4 query rows at a time, softmax and P·v in fp32 (fused multiply-adds: within a bound of the
+  reference, not bit for bit), the context written into the output projection's rows.
 Other calls (W4A16 at more rows, where dequantizing for torch's sgemm is the right algorithm; the
 pre-ops with a down-projection; the DW-separable down path) run on the reference.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import platform
 import threading
@@ -373,6 +377,46 @@ for _op in (quantize_activation_op, normalize_quantize_activation_op, normalize_
 fused_linear_custom_op("qla::fused_linear_cpu", fused_linear, fused_linear_fake)
 
 
+def supports_attention_rows(query: Tensor, key: Tensor, value: Tensor, tokens: int, heads: int, scale, mask) -> bool:
+    return query.device.type == "cpu" and query.dtype == torch.float32
+
+
+def _unit_columns(rows: Tensor) -> Tensor:
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def attention_rows(query: Tensor, key: Tensor, value: Tensor, tokens: int, heads: int, scale: Optional[float],
+                   mask: Optional[Tensor]) -> Tensor:
+    """ops.attention_rows on the kernel (fp32 rows, validated): q, k and v read where they are."""
+    rows, width = query.shape
+    sequences, head_dim = rows // tokens, width // heads
+    query, key, value = (_unit_columns(t) for t in (query, key, value))
+    mask_strides = (0, 0, 0)
+    if mask is not None:  # additive fp32, broadcast by strides (a broadcast key axis made real)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        mask = mask.float().expand(sequences, heads, tokens, tokens)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_strides = mask.stride()[:3]
+    out = torch.empty((rows, width), dtype=torch.float32)
+    _MODULE.attention_rows(isa(), query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0), value.data_ptr(),
+                           value.stride(0), sequences, tokens, heads, head_dim,
+                           1.0 / math.sqrt(head_dim) if scale is None else float(scale), _address(mask),
+                           *mask_strides, out.data_ptr(), width)
+    return out
+
+
+@torch.library.custom_op("qla::attention_rows_cpu", mutates_args=())
+def attention_rows_op(query: Tensor, key: Tensor, value: Tensor, tokens: int, heads: int, scale: Optional[float],
+                      mask: Optional[Tensor]) -> Tensor:
+    return attention_rows(query, key, value, tokens, heads, scale, mask)
+
+
+attention_rows_op.register_fake(attention_fake)
+refuse_backward(attention_rows_op)
+
+
 @torch.library.custom_op("qla::quantized_attention_cpu", mutates_args=())
 def quantized_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int, scales: Tensor,
                            zeros: Optional[Tensor], scaling: float, mask: Optional[Tensor]) -> Tensor:
@@ -404,6 +448,7 @@ register("quantize_activation", "cpu", torch.ops.qla.quantize_activation_cpu,
 register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantize_activation_cpu,
          lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
          supports_normalize(x, norm_kind, down_proj))
+register("attention_rows", "cpu", torch.ops.qla.attention_rows_cpu, supports_attention_rows, body=attention_rows)
 register("quantized_attention", "cpu", torch.ops.qla.quantized_attention_cpu)
 register("log2_attention", "cpu", torch.ops.qla.log2_attention_cpu)
 register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,

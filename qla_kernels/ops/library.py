@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .attention import AttentionQuantization, reference_attention, reference_log2_attention
+from .attention import AttentionQuantization, reference_attention, reference_attention_rows, reference_log2_attention
 from .dispatch import register
 from .operands import FusedLinearOperands, fused_linear_custom_op, refuse_backward
 
@@ -186,6 +186,7 @@ for _op in (quantize_activation, normalize_activation, normalize_quantize_activa
 for _op in ("quantize_activation_into", "normalize_activation", "normalize_quantize_activation", "dwsep_down"):
     register(_op, "reference", getattr(torch.ops.qla, _op))
 register("quantize_activation", "reference", torch.ops.qla.quantize_activation, body=reference.quantize_activation)
+register("attention_rows", "reference", reference_attention_rows)  # SDPA: traceable and differentiable as it is
 register("quantized_attention", "reference", torch.ops.qla.quantized_attention)
 register("log2_attention", "reference", torch.ops.qla.log2_attention)
 register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands),

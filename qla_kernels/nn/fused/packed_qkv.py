@@ -2,7 +2,8 @@
 
     pre1 : x → norm1 → int8 (per token, or the qkv layer's static scale) + T_qwt   quantize_activation
     qkv  : GEMM + bias → [B, N, 3, H, d]                                       fused_linear
-    core : q_norm / k_norm → scaled_dot_product_attention (activation dtype) → attention norm
+    core : q_norm / k_norm → attention on the qkv rows where the GEMM wrote them → attention norm
+                                                                                attention_rows
     aq   : attention output → int8                                              quantize_activation
     proj : GEMM + bias + [T_dw]·U_dwᵀ + residual x                 → x1         fused_linear
     pre2 : x1 → norm2 → int8 + T_lora                                           quantize_activation
@@ -20,9 +21,9 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ...ops import attention_rows
 from ...ops.row_maps import RowMap
 from ...ops.triton import supports_quantize_activation
 from .chain import (
@@ -117,11 +118,10 @@ class FusedPackedQKVBlock(FusedModule):
             tokens = self._qla_window_tokens
             sequences = packed.shape[0] // tokens
             mask = self._batch_window_bias(plans["window_bias"], sequences, x.dtype)
-        query, key, value = packed.reshape(sequences, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        query = getattr(attention, "q_norm", nn.Identity())(query)
-        key = getattr(attention, "k_norm", nn.Identity())(key)
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        context = context.transpose(1, 2).reshape(sequences * tokens, heads * head_dim)
+        query, key, value = packed.split(heads * head_dim, dim=1)
+        query, key = (self._per_head(getattr(attention, name, None), rows, heads)
+                      for name, rows in (("q_norm", query), ("k_norm", key)))
+        context = attention_rows(query, key, value, tokens, heads, mask=mask)
         context = getattr(attention, "norm", nn.Identity())(context).contiguous()
 
         adapter_t = None  # in spatial order: proj's epilogue reads T by destination row
@@ -138,6 +138,13 @@ class FusedPackedQKVBlock(FusedModule):
                                                               qwt_t if qwt_down is not None else None)
         out = mlp(q, scale, zero, fc1, fc2, t.activation, x1, x.dtype, lowrank_t, fullrank_x)
         return out.reshape(x.shape)
+
+    @staticmethod
+    def _per_head(norm: Optional[nn.Module], rows: torch.Tensor, heads: int) -> torch.Tensor:
+        """timm's q_norm / k_norm (over each head's features) on [tokens, heads · head_dim] rows."""
+        if norm is None or isinstance(norm, nn.Identity):
+            return rows
+        return norm(rows.unflatten(1, (heads, -1))).flatten(1)
 
     @staticmethod
     def _batch_window_bias(bias: Optional[torch.Tensor], windows: int, dtype: torch.dtype) -> Optional[torch.Tensor]:

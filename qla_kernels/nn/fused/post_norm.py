@@ -2,7 +2,7 @@
 
     pre1 : x → int8 (one pre-kernel when query/key/value quantize alike)     quantize_activation
     q/k/v: one packed GEMM + bias (or three)                                 fused_linear
-    core : scaled_dot_product_attention with the block's attention mask
+    core : attention on the q/k/v rows where the GEMM wrote them, the block's mask   attention_rows
     proj : GEMM + bias + [T_dw]·U_dwᵀ + residual x               → s1        fused_linear
     norm1: s1 → x1 (the MLP's residual) and int8 x1 (+ T_lora = x1·A)        normalize_quantize_activation
     fc1  : GEMM + bias + GELU → re-quantized                                 fused_linear
@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from ...ops import attention_rows
 from .chain import (
     common_reasons,
     down_projection,
@@ -84,18 +84,14 @@ class FusedPostNormBlock(PackedGroups):
         rows = x.reshape(batch * tokens, width).contiguous()
         attention = part(t.attention)
         names = (t.query, t.key, t.value)
-        heads, head_dim = attention_heads(attention, plans[t.query].out_features)
+        heads, _ = attention_heads(attention, plans[t.query].out_features)
         if t.packed_qkv:
             qkv = plans[t.packed_groups()[0]]
             packed = gemm(*quantize_input(rows, qkv)[:3], qkv, out_dtype=x.dtype)
             outputs = packed.split([plans[name].out_features for name in names], dim=1)
         else:
             outputs = [gemm(*quantize_input(rows, plans[name])[:3], plans[name], out_dtype=x.dtype) for name in names]
-        projected = [out.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for out in outputs]
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(x.dtype)
-        context = F.scaled_dot_product_attention(*projected, attn_mask=mask, scale=getattr(attention, "scaling", None))
-        context = context.transpose(1, 2).reshape(batch * tokens, heads * head_dim).contiguous()
+        context = attention_rows(*outputs, tokens, heads, scale=getattr(attention, "scaling", None), mask=mask)
         proj = plans[t.proj]
         q, scale, zero, _ = quantize_input(context, proj)
         # A lowered DW-separable adapter reads the block input x: its block pre-hook has handed T over.
