@@ -59,6 +59,24 @@ inline Lanes load_lanes(const float* p) {
 
 inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
 
+inline Lanes broadcast_lanes(float x) {
+#ifdef __AVX512F__
+  return _mm512_set1_ps(x);
+#else
+  return _mm256_set1_ps(x);
+#endif
+}
+
+// a·b + c with one rounding, for the sums whose order is ours, not a reference's (attention, T·Uᵀ:
+// compared within a bound, never bit for bit): faster and closer than a multiply and an add.
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) {
+#ifdef __AVX512F__
+  return _mm512_fmadd_ps(a, b, c);
+#else
+  return _mm256_fmadd_ps(a, b, c);
+#endif
+}
+
 inline float bits_to_float(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
@@ -229,6 +247,48 @@ inline void prefetch_next_group(const float* row_part, int64_t width) {
     _mm_prefetch(reinterpret_cast<const char*>(row_part + width + c), _MM_HINT_T0);
 }
 
+// corrections[0, Chunks·16) += T[dest]·Uᵀ for the tile's Chunks panels from n0: each panel's U
+// ([rank][16], contiguous) in vector values of the register width, the panels' sums independent
+// chains over the rank. (As a plain loop GCC unrolled it into scalar FMAs; with U transposed
+// across all N, one sum at a time, rank 64 cost 6x the GEMM under it: measured.)
+template <int Chunks>
+void add_lowrank_panels(const Problem& p, int64_t dest, int64_t n0, int64_t width, float* corrections) {
+  constexpr int kParts = kPanelColumns / kLanes;
+  const float* t = p.lowrank_t + dest * p.t_stride;
+  const float* u = p.lowrank_u_panels + (n0 / kPanelColumns) * p.rank * kPanelColumns;
+  const int64_t panel_floats = p.rank * kPanelColumns;
+  Lanes sums[Chunks][kParts] = {};
+  for (int64_t j = 0; j < p.rank; ++j) {
+    const Lanes tj = broadcast_lanes(t[j]);
+#pragma GCC unroll 4
+    for (int c = 0; c < Chunks; ++c)
+#pragma GCC unroll 2
+      for (int h = 0; h < kParts; ++h)
+        sums[c][h] = multiply_add(tj, load_lanes(u + c * panel_floats + j * kPanelColumns + h * kLanes), sums[c][h]);
+  }
+  for (int c = 0; c < Chunks; ++c) {
+    float* target = corrections + c * kPanelColumns;
+    const int64_t count = std::min<int64_t>(kPanelColumns, width - c * kPanelColumns);
+    if (count == kPanelColumns) {
+      for (int h = 0; h < kParts; ++h) store_lanes(target + h * kLanes, load_lanes(target + h * kLanes) + sums[c][h]);
+    } else {
+      alignas(64) float values[kPanelColumns];  // (a memcpy of sums would put them all in memory)
+      for (int h = 0; h < kParts; ++h) store_lanes(values + h * kLanes, sums[c][h]);
+      for (int64_t l = 0; l < count; ++l) target[l] += values[l];
+    }
+  }
+}
+
+inline void add_lowrank(const Problem& p, int64_t dest, int64_t n0, int64_t width, float* corrections) {
+  static_assert(kMaxTileColumns == 4 * kPanelColumns, "a tile spans at most 4 panels");
+  switch ((width + kPanelColumns - 1) / kPanelColumns) {
+    case 4: add_lowrank_panels<4>(p, dest, n0, width, corrections); break;
+    case 3: add_lowrank_panels<3>(p, dest, n0, width, corrections); break;
+    case 2: add_lowrank_panels<2>(p, dest, n0, width, corrections); break;
+    default: add_lowrank_panels<1>(p, dest, n0, width, corrections); break;
+  }
+}
+
 inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int64_t width, const int32_t* acc,
                         int acc_stride, float* y, int64_t y_row0, int64_t y_stride) {
   alignas(64) int32_t colsum[kMaxTileColumns];
@@ -260,31 +320,7 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
       std::fill(after, after + width, 0.0f);
       corrections = after;
     }
-    if (p.rank) {
-      // 16 columns at a time, their sums over the rank in vector values (U is padded to whole
-      // panels, so every 16 columns can be read). As a plain loop over 16 floats GCC unrolled it
-      // into scalar FMAs (measured: T·Uᵀ at rank 8 cost more than the AMX GEMM it rode on). T·Uᵀ's
-      // order is ours, not the reference's matmul's.
-      const float* t = p.lowrank_t + dest * p.t_stride;
-      const int64_t u_stride = p.panels_count() * kPanelColumns;
-      constexpr int kParts = kPanelColumns / kLanes;
-      for (int64_t c0 = 0; c0 < width; c0 += kPanelColumns) {
-        Lanes sums[kParts] = {};
-        for (int64_t j = 0; j < p.rank; ++j) {
-          const float* u = p.lowrank_ut + j * u_stride + n0 + c0;
-          for (int h = 0; h < kParts; ++h) sums[h] += t[j] * load_lanes(u + h * kLanes);
-        }
-        const int64_t count = std::min<int64_t>(kPanelColumns, width - c0);
-        if (count == kPanelColumns) {
-          for (int h = 0; h < kParts; ++h)
-            store_lanes(corrections + c0 + h * kLanes, load_lanes(corrections + c0 + h * kLanes) + sums[h]);
-        } else {
-          alignas(64) float values[kPanelColumns];
-          std::memcpy(values, sums, sizeof(values));
-          for (int64_t l = 0; l < count; ++l) corrections[c0 + l] += values[l];
-        }
-      }
-    }
+    if (p.rank) add_lowrank(p, dest, n0, width, corrections);
     if (p.addend) {
       const float* add = p.addend + dest * p.addend_stride + n0;
       prefetch_next_group(add, width);
@@ -485,24 +521,6 @@ void w4a16_rows_impl(const float* x, int64_t rows, int64_t k, const uint8_t* wei
 }
 
 // ---- Self-attention on GEMM rows (IsaKernels::attention_heads) ----
-
-inline Lanes broadcast_lanes(float x) {
-#ifdef __AVX512F__
-  return _mm512_set1_ps(x);
-#else
-  return _mm256_set1_ps(x);
-#endif
-}
-
-// a·b + c with one rounding: attention's sums are ours, not a reference's (its results are
-// compared within a bound, never bit for bit), and a fused multiply-add is both faster and closer.
-inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) {
-#ifdef __AVX512F__
-  return _mm512_fmadd_ps(a, b, c);
-#else
-  return _mm256_fmadd_ps(a, b, c);
-#endif
-}
 
 // c[r][0, chunks·kLanes) = Σ_j a[r·a_stride + j] · b[j·b_stride + ...] for Rows rows: the small
 // GEMMs of one head (q·kᵀ against kᵀ, P·v against v, both rows of contiguous lanes), two column

@@ -44,7 +44,7 @@ struct Problem {
   const float* lowrank_t = nullptr;   // [out_rows, rank] fp32, row stride t_stride
   int64_t t_stride = 0;
   int64_t rank = 0;
-  const float* lowrank_ut = nullptr;  // U transposed, [rank, 16 · panels] fp32, zero beyond N
+  const float* lowrank_u_panels = nullptr;  // U by panel, [panels, rank, 16] fp32, zero beyond N
   const float* addend = nullptr;      // X_c·W_cᵀ [out_rows, N] fp32, row stride addend_stride
   int64_t addend_stride = 0;
   const float* bias = nullptr;        // [N] fp32

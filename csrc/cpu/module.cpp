@@ -228,7 +228,7 @@ PYBIND11_MODULE(_cpu, m) {
       "fused_linear",
       [](const std::string& isa_name, int64_t a, int64_t a_stride, int64_t a_rows, int64_t gather, int64_t rows,
          int64_t k, int64_t panels, int64_t columns, int64_t zero_point, bool zero_per_row, int64_t a_scale,
-         int64_t w_scale, int64_t lowrank_t, int64_t t_stride, int64_t rank, int64_t lowrank_ut, int64_t addend,
+         int64_t w_scale, int64_t lowrank_t, int64_t t_stride, int64_t rank, int64_t lowrank_u_panels, int64_t addend,
          int64_t addend_stride, int64_t bias, int activation, int64_t residual, int64_t residual_stride,
          int64_t scatter, int64_t out_rows, int64_t out, int64_t out_stride, int64_t out_q, int64_t out_scale,
          int requant_bits, bool residual_first) {
@@ -244,7 +244,7 @@ PYBIND11_MODULE(_cpu, m) {
         p.lowrank_t = pointer<const float>(lowrank_t);
         p.t_stride = t_stride;
         p.rank = rank;
-        p.lowrank_ut = pointer<const float>(lowrank_ut);
+        p.lowrank_u_panels = pointer<const float>(lowrank_u_panels);
         p.addend = pointer<const float>(addend);
         p.addend_stride = addend_stride;
         p.bias = pointer<const float>(bias);

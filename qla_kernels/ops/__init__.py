@@ -65,7 +65,7 @@ def quantize_activation(
         return q, scale, t_out
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
             down_from_input)
-    return implementation("quantize_activation", x.device, *args).run(*args)
+    return implementation("quantize_activation", x.device, *args).eager(x)(*args)
 
 
 def normalize_activation(
@@ -83,7 +83,7 @@ def normalize_activation(
     if norm_kind == "none":
         raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm there is nothing to do)")
     args = (x, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj)
-    return implementation("normalize_activation", x.device, *args).run(*args)
+    return implementation("normalize_activation", x.device, *args).eager(x)(*args)
 
 
 def normalize_quantize_activation(
@@ -110,7 +110,7 @@ def normalize_quantize_activation(
         raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm use quantize_activation)")
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
             down_from_input)
-    return implementation("normalize_quantize_activation", x.device, *args).run(*args)
+    return implementation("normalize_quantize_activation", x.device, *args).eager(x)(*args)
 
 
 def dwsep_down(
@@ -185,7 +185,7 @@ def fused_linear(
         scatter_rows=None if scatter_rows is None else scatter_rows.indices,
         residual_before_activation=residual_before_activation)
     check_fused_linear(operands)
-    out, out_scale = implementation("fused_linear", a.device, operands).run(operands)
+    out, out_scale = implementation("fused_linear", a.device, operands).eager(a)(operands)
     return (out, out_scale) if requant_bits else out
 
 

@@ -124,6 +124,19 @@ class TokenwiseLog2Quantization:
 QUANTIZATIONS = (AttentionQuantization, TokenwiseLog2Quantization)
 
 
+def check_mask(mask: Optional[torch.Tensor], device: torch.device, full: tuple, axes: str) -> None:
+    """A bool or float mask on `device` that broadcasts to the scores' shape `full` (named `axes`)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, *FLOAT_DTYPES):
+        raise ValueError(f"mask must be a bool or float tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, the query on {device}")
+    if mask.dim() > len(full) or any(size not in (1, wanted) for size, wanted in zip(reversed(mask.shape),
+                                                                                    reversed(full))):
+        raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to {axes} = {full}")
+
+
 def check_attention(query, key, value, quantization: AttentionQuantization, scaling: float, mask) -> None:
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 4:
@@ -147,16 +160,8 @@ def check_attention(query, key, value, quantization: AttentionQuantization, scal
                          "products could overflow the int32 accumulators")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
         raise ValueError(f"scaling must be a positive finite number, got {scaling!r}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, *FLOAT_DTYPES):
-            raise ValueError(f"mask must be a bool or float tensor, got {getattr(mask, 'dtype', type(mask))}")
-        if mask.device != query.device:
-            raise ValueError(f"mask is on {mask.device}, the query on {query.device}")
-        try:
-            torch.broadcast_shapes(mask.shape, (batch, heads, query.shape[2], key.shape[2]))
-        except RuntimeError:
-            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to [batch, heads, query tokens, key "
-                             f"tokens] = {(batch, heads, query.shape[2], key.shape[2])}") from None
+    check_mask(mask, query.device, (batch, heads, query.shape[2], key.shape[2]),
+               "[batch, heads, query tokens, key tokens]")
 
 
 def product_dtype(quantization, head_dim: int, keys: int) -> torch.dtype:
@@ -291,15 +296,7 @@ def check_attention_rows(query, key, value, tokens: int, heads: int, scale: Opti
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, *FLOAT_DTYPES):
-            raise ValueError(f"mask must be a bool or float tensor, got {getattr(mask, 'dtype', type(mask))}")
-        if mask.device != query.device:
-            raise ValueError(f"mask is on {mask.device}, the query on {query.device}")
-        full = (rows // tokens, heads, tokens, tokens)
-        if mask.dim() != 4 or any(size not in (1, wanted) for size, wanted in zip(mask.shape, full)):
-            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to [sequences, heads, tokens, tokens] = "
-                             f"{full}")
+    check_mask(mask, query.device, (rows // tokens, heads, tokens, tokens), "[sequences, heads, tokens, tokens]")
 
 
 def head_views(rows: torch.Tensor, tokens: int, heads: int) -> torch.Tensor:

@@ -2,20 +2,22 @@
 
 Covers, on CPU tensors:
 - `fused_linear` for the integer weight formats (W8A8, W4A8, W4A4; int4 unpacked at packing) with
-  its whole contract: zero point, low-rank T·Uᵀ, full-rank X_c·W_cᵀ (its product from torch's
-  sgemm, added in the epilogue), bias, every activation, residual, per-token re-quantization and
+  its whole contract: zero point, low-rank T·Uᵀ (in the epilogue up to rank 16, else like X_c·W_cᵀ),
+  full-rank X_c·W_cᵀ (its product from torch's sgemm, added in the epilogue), bias, every activation, residual, per-token re-quantization and
   row maps; K up to 65,535 (the exact int32 bound of u8 × s8 sums);
-- `quantize_activation` without a norm or down-projection (dynamic per token, or static with a
-  zero point), bit for bit the reference's;
+- `quantize_activation` without a norm (dynamic per token, or static with a zero point), bit for
+  bit the reference's;
 - `normalize_quantize_activation` / `normalize_activation` (LayerNorm / RMSNorm, then the codes
-  from the fp32 normalized values) without a down-projection: the norm's sums in another order
-  than torch's (ulps), the quantization of them exact.
+  from the fp32 normalized values): the norm's sums in another order than torch's (ulps), the
+  quantization of them exact;
+- in all three the down-projection T = norm(x)·A (LoRA, QwT) as the reference forms it, from the
+  rows the kernel normalized.
 - `fused_linear` for W4A16 at M <= 16 (decode): the weight's nibbles read once for all rows.
 - `attention_rows` in fp32: per head, kᵀ and v copied once into lanes, q read in place, the scores
   of 4 query rows at a time, softmax and P·v in fp32 (fused multiply-adds: within a bound of the
   reference, not bit for bit), the context written into the output projection's rows.
 Other calls (W4A16 at more rows, where dequantizing for torch's sgemm is the right algorithm; the
-pre-ops with a down-projection; the DW-separable down path) run on the reference.
+DW-separable down path) run on the reference.
 
 Weights: the kernels read panels (csrc/cpu/kernels.h), packed once by `with_panels` when a plan is
 frozen (`QuantizedWeight.panels`); a weight without them is packed per call. The instruction-set
@@ -172,6 +174,12 @@ def with_panels(weight: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(weight, panels=weight_panels(weight))
 
 
+# T·Uᵀ runs in the epilogue up to this rank; above it torch's sgemm forms it (reusing U across rows)
+# and the epilogue adds it as it adds X_c·W_cᵀ. Measured on AMX, 2 threads, r = 8 / 16 / 32 / 64:
+# 1152x1536->384 +0.08 / 0.16 / 0.30 / 0.63 ms in the epilogue, +0.08 / 0.09 / 0.14 / 0.22 by sgemm;
+# 2048x768->3072 +1.4 / 2.2 / 4.0 / 11.0 against +2.2 / 2.4 / 2.8 / 6.2.
+EPILOGUE_MAX_RANK = 16
+
 DECODE_MAX_ROWS = 16  # W4A16: the rows one read of the weight serves (decode); more rows run on the reference
 
 
@@ -217,6 +225,14 @@ def _fp32_rows(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return tensor if tensor.shape[-1] <= 1 or tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+def _panels_of_rows(u: Tensor) -> Tensor:
+    """U [N, r] as the kernel reads it: [ceil(N/16), r, 16] fp32, each panel's 16 columns per rank
+    index contiguous, zero beyond N."""
+    columns, rank = u.shape
+    padded = torch.nn.functional.pad(u.float(), (0, 0, 0, -(-columns // PANEL_COLUMNS) * PANEL_COLUMNS - columns))
+    return padded.reshape(-1, PANEL_COLUMNS, rank).transpose(1, 2).contiguous()
+
+
 def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
@@ -246,12 +262,14 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
                                                operands.weight_group_scale, operands.weight_zero, operands.group_size))
     lowrank_t = _fp32_rows(operands.lowrank_t)
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-    padded_columns = -(-columns // PANEL_COLUMNS) * PANEL_COLUMNS  # the kernel reads U in whole panels
-    lowrank_ut = (torch.nn.functional.pad(operands.lowrank_u.float().t(), (0, padded_columns - columns)).contiguous()
-                  if rank else None)
     addend = None
     if operands.fullrank_x is not None:
         addend = operands.fullrank_x.float() @ operands.fullrank_w.float().t()
+    if rank > EPILOGUE_MAX_RANK:  # T·Uᵀ by torch's sgemm, added where the epilogue adds X_c·W_cᵀ
+        product = lowrank_t @ operands.lowrank_u.float().t()
+        addend = product if addend is None else addend + product
+        rank = 0
+    lowrank_u_panels = _panels_of_rows(operands.lowrank_u) if rank else None
     residual = _fp32_rows(operands.residual)
     bias = _fp32_rows(operands.bias)  # held here: the kernel reads it after this line's temporaries are gone
     width = reference.output_features(columns, operands.activation)
@@ -270,7 +288,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     _MODULE.fused_linear(
         isa(), _address(a), a.shape[1], a.shape[0], _address(gather64), rows, a.shape[1], _address(panels), columns,
         _address(zero), zero is not None and zero.numel() > 1, _address(a_scale), _address(operands.weight_scale),
-        _address(lowrank_t if rank else None), lowrank_t.stride(0) if rank else 0, rank, _address(lowrank_ut),
+        _address(lowrank_t if rank else None), lowrank_t.stride(0) if rank else 0, rank, _address(lowrank_u_panels),
         _address(addend), 0 if addend is None else addend.stride(0), _address(bias),
         _ACTIVATION_CODES[operands.activation], _address(residual), 0 if residual is None else residual.stride(0),
         _address(scatter64), out_rows, _address(out), width, _address(out_q), _address(out_scale), bits,
@@ -288,28 +306,38 @@ def _zero_point_arguments(zero_point: Optional[Tensor], bits: int) -> Tuple[int,
     return int(zero_point.item()), True, bits <= 7
 
 
+_NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
+
+
 def supports_quantize_activation(x: Tensor, static_scale, zero_point, norm_kind: str, down_proj) -> bool:
-    return x.device.type == "cpu" and norm_kind == "none" and down_proj is None
+    return x.device.type == "cpu" and (norm_kind == "none" or norm_kind in _NORM_CODES)
+
+
+def _down_projection(x: Tensor, normed: Tensor, down_proj: Optional[Tensor], down_from_input: bool) -> Tensor:
+    """T of the pre-ops: the reference's product (torch's sgemm) of the fp32 rows the kernel read or wrote."""
+    if down_proj is None:
+        return x.new_empty((x.shape[0], 0))
+    return reference.down_projection(x.float() if down_from_input else normed, down_proj, x.dtype)
 
 
 def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                         norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
                         down_proj: Optional[Tensor], down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """ops.quantize_activation without a norm or down-projection, on the CPU kernel."""
+    """ops.quantize_activation on the CPU kernels (T = norm(x)·A or x·A by torch's sgemm)."""
+    if norm_kind != "none":
+        normed, q, scale = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps)
+        return q, scale, _down_projection(x, normed, down_proj, down_from_input)
     rows = x.float().contiguous()
     q = torch.empty(rows.shape, dtype=torch.int8)
     scale = torch.empty(rows.shape[0], dtype=torch.float32)
     static = None if static_scale is None else static_scale.float().contiguous()
     _MODULE.quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
                           _address(static), *_zero_point_arguments(zero_point, bits), q.data_ptr(), scale.data_ptr())
-    return q, scale, x.new_empty((rows.shape[0], 0))
-
-
-_NORM_CODES = {"layernorm": 1, "rmsnorm": 2}
+    return q, scale, _down_projection(x, rows, down_proj, down_from_input)
 
 
 def supports_normalize(x: Tensor, norm_kind: str, down_proj) -> bool:
-    return x.device.type == "cpu" and norm_kind in _NORM_CODES and down_proj is None
+    return x.device.type == "cpu" and norm_kind in _NORM_CODES
 
 
 def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, norm_weight, norm_bias,
@@ -333,16 +361,16 @@ def normalize_quantize_activation(x: Tensor, bits: int, static_scale: Optional[T
                                   norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                                   norm_eps: float, down_proj: Optional[Tensor],
                                   down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """ops.normalize_quantize_activation without a down-projection: the codes from the fp32 norm."""
+    """ops.normalize_quantize_activation: the codes from the fp32 norm, T = norm(x)·A (or x·A) by torch's sgemm."""
     normed, q, scale = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps)
-    return normed.to(x.dtype), q, scale, x.new_empty((x.shape[0], 0))
+    return normed.to(x.dtype), q, scale, _down_projection(x, normed, down_proj, down_from_input)
 
 
 def normalize_activation(x: Tensor, norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                          norm_eps: float, down_proj: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """ops.normalize_activation without a down-projection."""
+    """ops.normalize_activation (T = norm(x)·A by torch's sgemm)."""
     normed, _, _ = _normalize(x, 0, None, None, norm_kind, norm_weight, norm_bias, norm_eps)
-    return normed.to(x.dtype), x.new_empty((x.shape[0], 0))
+    return normed.to(x.dtype), _down_projection(x, normed, down_proj, False)
 
 
 @torch.library.custom_op("qla::normalize_quantize_activation_cpu", mutates_args=())
@@ -447,9 +475,10 @@ register("quantize_activation", "cpu", torch.ops.qla.quantize_activation_cpu,
          body=quantize_activation)
 register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantize_activation_cpu,
          lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
-         supports_normalize(x, norm_kind, down_proj))
+         supports_normalize(x, norm_kind, down_proj), body=normalize_quantize_activation)
 register("attention_rows", "cpu", torch.ops.qla.attention_rows_cpu, supports_attention_rows, body=attention_rows)
 register("quantized_attention", "cpu", torch.ops.qla.quantized_attention_cpu)
 register("log2_attention", "cpu", torch.ops.qla.log2_attention_cpu)
 register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,
-         lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj))
+         lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj),
+         body=normalize_activation)

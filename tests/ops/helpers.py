@@ -43,3 +43,16 @@ def oracle_main_segment(a, a_scale, weight: QuantizedWeight, a_zero_point=None):
     a_values = a_values * a_scale.double().reshape(-1, 1)
     w = weight.integer().double() * weight.scale.double()[:, None]
     return a_values @ w.t()
+
+
+def at_thread_counts(call, counts=(1, 2)):
+    """call()'s result at each of torch's intra-op thread counts, the count restored after."""
+    threads = torch.get_num_threads()
+    results = []
+    for count in counts:
+        torch.set_num_threads(count)
+        try:
+            results.append(call())
+        finally:
+            torch.set_num_threads(threads)
+    return results

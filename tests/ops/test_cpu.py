@@ -18,7 +18,7 @@ from qla_kernels.ops import cpu, reference
 from qla_kernels.ops.row_maps import RowMap
 
 from ..conftest import examples
-from .helpers import INTEGER_FORMATS, random_int8, random_weight
+from .helpers import INTEGER_FORMATS, at_thread_counts, random_int8, random_weight
 
 pytestmark = pytest.mark.skipif(not qk.backends()["cpu"].available, reason=str(qk.backends()["cpu"]))
 PATHS = cpu.supported_isas() if qk.backends()["cpu"].available else []
@@ -212,16 +212,9 @@ def test_results_do_not_depend_on_the_thread_count(path):
     a, a_scale = random_int8(300, 96)
     kwargs = dict(lowrank_t=torch.randn(300, 8), lowrank_u=torch.randn(200, 8), bias=torch.randn(200),
                   activation="gelu", residual=torch.randn(300, 200), out_dtype=torch.float32)
-    threads = torch.get_num_threads()
-    results = []
     with qk.use_backend("cpu"), cpu.using_isa(path):
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            try:
-                results.append((ops.fused_linear(a, a_scale, weight, **kwargs),
-                                ops.fused_linear(a, a_scale, weight, activation="swiglu", requant_bits=8)))
-            finally:
-                torch.set_num_threads(threads)
+        results = at_thread_counts(lambda: (ops.fused_linear(a, a_scale, weight, **kwargs),
+                                            ops.fused_linear(a, a_scale, weight, activation="swiglu", requant_bits=8)))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(x, y) for x, y in zip(results[0][1], results[1][1]))
 
@@ -400,3 +393,32 @@ def test_norm_pre_kernels(path, norm_kind, shape, dtype):
     expected, actual = _both(lambda: ops.normalize_activation(x, norm_kind, **norm), path)
     torch.testing.assert_close(actual[0].float(), expected[0].float(), rtol=tolerance, atol=tolerance)
     assert actual[1].shape == (shape[0], 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("norm_kind", ["none", "layernorm", "rmsnorm"])
+def test_pre_ops_with_a_down_projection(path, norm_kind):
+    """T = norm(x)·A (LoRA) or x·A (QwT's down_from_input) beside the codes, on the kernels: T is
+    the reference's product of the rows the kernel normalized, so it is exact without a norm and
+    within the normalized values' ulps (times Σ|A| of a column) with one."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 96, generator=generator) * 2 + 0.3
+    down = torch.randn(96, 12, generator=generator) * 0.1
+    norm = {} if norm_kind == "none" else dict(norm_kind=norm_kind, norm_weight=torch.rand(96, generator=generator) + 0.5,
+                                               norm_bias=None if norm_kind == "rmsnorm" else torch.randn(96))
+    for from_input in (False, True):
+        args = dict(norm, down_proj=down, down_from_input=from_input)
+        with qk.use_backend("cpu"):
+            assert ops.implementation("quantize_activation", x.device, x, 8, None, None, norm.get("norm_kind", "none"),
+                                      None, None, 1e-5, down).backend == "cpu"
+        expected, actual = _both(lambda: ops.quantize_activation(x, 8, **args), path)
+        if norm_kind == "none" or from_input:
+            assert torch.equal(actual[2], expected[2])
+        else:
+            bound = 8e-6 * float(x.abs().max()) * float(down.abs().sum(0).max())
+            torch.testing.assert_close(actual[2], expected[2], rtol=0, atol=bound)
+        assert int((actual[0].int() - expected[0].int()).abs().max()) <= (0 if norm_kind == "none" else 1)
+        if norm_kind != "none":
+            expected, actual = _both(lambda: ops.normalize_quantize_activation(x, 8, **args), path)
+            torch.testing.assert_close(actual[3], expected[3], rtol=0,
+                                       atol=0 if from_input else 8e-6 * float(x.abs().max()) * float(down.abs().sum(0).max()))

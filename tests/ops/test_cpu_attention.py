@@ -14,6 +14,7 @@ from qla_kernels.ops import cpu
 from qla_kernels.ops.attention import reference_attention_rows
 
 from ..conftest import examples
+from .helpers import at_thread_counts
 
 pytestmark = pytest.mark.skipif(not qk.backends()["cpu"].available, reason=str(qk.backends()["cpu"]))
 PATHS = cpu.supported_isas() if qk.backends()["cpu"].available else []
@@ -59,13 +60,14 @@ def _masks(sequences, heads, tokens, seed):
     padding[0, ..., tokens // 2:] = float("-inf")  # a padded sequence, as BERT's mask
     return {"none": None, "bool per row": keep, "float padding": padding,
             "float per head": torch.randn(sequences, heads, tokens, tokens, generator=generator),
-            "large negative": torch.where(keep, 0.0, torch.finfo(torch.float32).min)}
+            "large negative": torch.where(keep, 0.0, torch.finfo(torch.float32).min),
+            "2-D": torch.randn(tokens, tokens, generator=generator)}
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tokens", [1, 7, 17, 33])
 @pytest.mark.parametrize("head_dim", [8, 20, 32, 64])
-@pytest.mark.parametrize("mask_kind", ["none", "bool per row", "float padding", "float per head", "large negative"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool per row", "float padding", "float per head", "large negative", "2-D"])
 def test_against_the_exact_reference(path, tokens, head_dim, mask_kind):
     """Ragged tokens (lanes of 8 and 16 with a partial tail, one token) and head sizes (whole lanes,
     read in place, or not: copied), every mask form."""
@@ -109,15 +111,8 @@ def test_nan_propagates(path):
 def test_results_do_not_depend_on_the_thread_count(path):
     query, key, value = _rows(5, 13, 3, 20, seed=5)
     mask = _masks(5, 3, 13, seed=5)["bool per row"]
-    threads = torch.get_num_threads()
-    results = []
     with qk.use_backend("cpu"), cpu.using_isa(path):
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            try:
-                results.append(ops.attention_rows(query, key, value, 13, 3, mask=mask))
-            finally:
-                torch.set_num_threads(threads)
+        results = at_thread_counts(lambda: ops.attention_rows(query, key, value, 13, 3, mask=mask))
     assert torch.equal(results[0], results[1])
 
 
@@ -151,7 +146,7 @@ def test_bad_input_is_a_value_error():
         ((query, key, value, 0, 2), {}, "tokens must be a positive int"),
         ((query, key, value, 5, 2), {"scale": float("inf")}, "scale must be None or a finite number"),
         ((query, key, value, 5, 2), {"mask": torch.zeros(2, 2, 5, 4)}, "does not broadcast"),
-        ((query, key, value, 5, 2), {"mask": torch.zeros(5, 5)}, "does not broadcast"),
+        ((query, key, value, 5, 2), {"mask": torch.zeros(1, 2, 1, 2, 5, 5)}, "does not broadcast"),
         ((query, key, value, 5, 2), {"mask": torch.zeros(2, 1, 5, 5, dtype=torch.int32)}, "bool or float"),
     ]
     for args, kwargs, message in cases:
