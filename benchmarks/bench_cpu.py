@@ -10,7 +10,8 @@
 - End to end: all-MiniLM-L6-v2 (real weights, 64 sentences in one padded batch): fp32 eager,
   `torch.ao` dynamic int8, ours W8A8 and W4A8 (converted for runtime: per linear, and with an
   example, fused blocks) on the `cpu` backend's default path, W8A8 converted on each other path
-  this CPU runs, and W8A8 on the reference (the previous CPU path),
+  this CPU runs, W8A8 with QLA adapters (rank 8) and with QLA + QwT (truncated to 0.99 energy)
+  lowered and fused, and W8A8 on the reference (the previous CPU path),
   each with its embedding cosine vs fp32. Not measured: fp32 torch.compile, BERT-base, DeiT-S and
   a LLaMA-shaped decoder end to end.
 Variants are interleaved run by run (so drift hits all alike); min and median of --runs. ONNX
@@ -207,6 +208,9 @@ def bench_minilm(runs: int) -> List[dict]:
             variants["ours W8A8 reference backend"] = (reference_form, "reference", None)
             for path in _paths()[1:]:  # the slower paths this CPU also runs, on the same converted model
                 variants[f"ours W8A8 cpu {path} (converted)"] = (quantized, "auto", path)
+    for label, with_qwt in (("QLA r=8", False), ("QLA r=8 + QwT", True)):
+        variants[f"ours W8A8 + {label} cpu {cpu.isa()} (fused blocks)"] = (_corrected(model, dict(batch), with_qwt),
+                                                                           "auto", None)
     fp = pooled(model)
     calls = {name: (lambda m=m, backend=backend, path=path: _under(backend, path, lambda: pooled(m)))
              for name, (m, backend, path) in variants.items()}
@@ -221,6 +225,27 @@ def bench_minilm(runs: int) -> List[dict]:
         print(f"MiniLM {name}: {timing['median_ms']:.1f} ms ({base / timing['median_ms']:.2f}x fp32), "
               f"cosine {float(cosine.mean()):.5f}", flush=True)
     return rows
+
+
+def _corrected(model_fp, batch: dict, with_qwt: bool):
+    """`model_fp` at W8A8 with QLA adapters at rank 8 (the zero-initialized up projections
+    made small and random: the cost of trained ones) and optionally QwT (fitted on this batch,
+    truncated to 0.99 of its energy), lowered and fused for runtime."""
+    from qla_kernels.methods import qla, qwt
+
+    model = qk.quantize_(copy.deepcopy(model_fp), qk.W8A8())
+    qla.add_adapters(model, rank=8, example=batch)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "qla" in name and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    if with_qwt:
+        qwt.calibrate(model_fp, model, [batch], progress=False)
+        qwt.truncate(model, energy=0.99)
+    qla.fuse(model)
+    qk.convert_for_runtime(model, batch)
+    return model
 
 
 def _under(backend: str, path, fn):
