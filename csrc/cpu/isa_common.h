@@ -83,75 +83,168 @@ inline float bits_to_float(int32_t bits) {
   return value;
 }
 
-// exp(x) for the activations (Cephes' expf polynomial after reduction by ln 2, about 1 ulp),
-// branch-free so that the loops calling it vectorize (its polynomials, and erfc's, in explicit
-// multiply-adds: these are our numerics, not the reference's); NaN stays NaN. Arguments are clamped to
-// [-80, 80]: every caller adds the result to 1 (or scales it to nothing) beyond that, and no result
-// becomes subnormal or overflows to inf, each of which costs a microcode assist (measured: 5x the
-// time of quick_gelu when a third of its inputs overflowed).
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -80.0f), 80.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  const float y = std::fma(p, r * r, r) + 1.0f;
-  return y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+// The activations and softmax's exp, on whole vectors of lanes (explicit intrinsics: GCC vectorized
+// the scalar forms, but their divisions became `vdivps`, which issues once per 8-16 cycles: GELU was
+// then 1.18 ms of MiniLM fc1's 2.2; a reciprocal estimate and one Newton step cost three
+// instructions). Every element of a row goes through these vector forms, its tail in a padded
+// vector (`apply_lanes`), so a value's result does not depend on where a tile or thread split falls.
+typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Lanes int_bits_as_lanes(IntLanes bits) {
+  Lanes v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
 }
 
-// erfc(z) for z >= 0 by Abramowitz & Stegun 7.1.26, t·P(t)·exp(−z²) with t = 1 / (1 + 0.3275911·z)
-// (absolute error below 1.5e-7: the erf of ATen's vectorized GELU, which the reference calls), in
-// erfc's form so that 1 + erf(x) does not cancel in GELU's negative tail. Numerical Recipes' erfcc
-// (1.2e-7 relative, a 10-term polynomial) cost 1.5x as much: GELU was half of an fc1 GEMM's time.
-inline float erfc_nonnegative(float z) {
-  const float t = 1.0f / std::fma(0.3275911f, z, 1.0f);
-  float p = 1.061405429f;
-  p = std::fma(p, t, -1.453152027f);
-  p = std::fma(p, t, 1.421413741f);
-  p = std::fma(p, t, -0.284496736f);
-  p = std::fma(p, t, 0.254829592f);
-  return p * t * exp_approx(-(z * z));
+inline IntLanes lanes_as_int_bits(Lanes v) {
+  IntLanes bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
 }
 
-// 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(−x/√2)
-inline float gelu(float x) {
-  const float c = erfc_nonnegative(std::fabs(x) * 0.707106781186547524f);
-  return 0.5f * x * (x < 0.0f ? c : 2.0f - c);
+inline Lanes floor_lanes(Lanes x) {
+#ifdef __AVX512F__
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  return _mm256_floor_ps(x);
+#endif
 }
+
+// 1 / d to about 2 ulps (NaN for d = ±0 or ±inf, which no caller passes a finite input to).
+inline Lanes reciprocal_lanes(Lanes d) {
+#ifdef __AVX512F__
+  const Lanes r = _mm512_rcp14_ps(d);
+#else
+  const Lanes r = _mm256_rcp_ps(d);
+#endif
+  const Lanes one = broadcast_lanes(1.0f);
+  return multiply_add(r, multiply_add(-d, r, one), r);
+}
+
+inline Lanes max_lanes(Lanes a, Lanes b) {  // b where either is NaN (`vmaxps`)
+#ifdef __AVX512F__
+  return _mm512_max_ps(a, b);
+#else
+  return _mm256_max_ps(a, b);
+#endif
+}
+
+inline Lanes min_lanes(Lanes a, Lanes b) {  // b where either is NaN
+#ifdef __AVX512F__
+  return _mm512_min_ps(a, b);
+#else
+  return _mm256_min_ps(a, b);
+#endif
+}
+
+// exp(x) for x in [-80, 80] or NaN (Cephes' expf polynomial after reduction by ln 2, about 1 ulp).
+// Callers clamp: every one adds the result to 1 (or scales it to nothing) beyond that range, and
+// no result becomes subnormal or overflows to inf, each of which costs a microcode assist
+// (measured: 5x the time of quick_gelu when a third of its inputs overflowed).
+inline Lanes exp_in_range(Lanes x) {
+  const Lanes n = floor_lanes(multiply_add(x, broadcast_lanes(1.44269504088896341f), broadcast_lanes(0.5f)));
+  Lanes r = multiply_add(n, broadcast_lanes(-0.693359375f), x);
+  r = multiply_add(n, broadcast_lanes(2.12194440e-4f), r);
+  Lanes p = broadcast_lanes(1.9875691500e-4f);
+  p = multiply_add(p, r, broadcast_lanes(1.3981999507e-3f));
+  p = multiply_add(p, r, broadcast_lanes(8.3334519073e-3f));
+  p = multiply_add(p, r, broadcast_lanes(4.1665795894e-2f));
+  p = multiply_add(p, r, broadcast_lanes(1.6666665459e-1f));
+  p = multiply_add(p, r, broadcast_lanes(5.0000001201e-1f));
+  const Lanes y = multiply_add(p, r * r, r) + broadcast_lanes(1.0f);
+#ifdef __AVX512F__
+  return _mm512_scalef_ps(y, n);
+#else
+  return y * int_bits_as_lanes((__builtin_convertvector(n, IntLanes) + 127) << 23);
+#endif
+}
+
+// exp(x) clamped to [-80, 80]; NaN stays NaN.
+inline Lanes exp_lanes(Lanes x) {
+  return exp_in_range(min_lanes(broadcast_lanes(80.0f), max_lanes(broadcast_lanes(-80.0f), x)));
+}
+
+// GELU(x) = 0.5·x·(1 + erf(x/√2)) = max(x, 0) − |x|·erfc(|x|/√2)/2, erfc(z) by Abramowitz & Stegun
+// 7.1.26, t·P(t)·exp(−z²) with t = 1 / (1 + 0.3275911·z) (absolute error below 1.5e-7: the erf of
+// ATen's vectorized GELU, which the reference calls; P here halved), in erfc's form so that
+// 1 + erf(x) does not cancel in the negative tail. Numerical Recipes' erfcc (1.2e-7 relative, a
+// 10-term polynomial) cost 1.5x as much.
+inline Lanes gelu_lanes(Lanes x) {
+  const Lanes magnitude = int_bits_as_lanes(lanes_as_int_bits(x) & 0x7fffffff);
+  const Lanes z = magnitude * broadcast_lanes(0.707106781186547524f);
+  const Lanes t = reciprocal_lanes(multiply_add(broadcast_lanes(0.3275911f), z, broadcast_lanes(1.0f)));
+  Lanes p = broadcast_lanes(0.5307027145f);
+  p = multiply_add(p, t, broadcast_lanes(-0.7265760135f));
+  p = multiply_add(p, t, broadcast_lanes(0.7107068705f));
+  p = multiply_add(p, t, broadcast_lanes(-0.142248368f));
+  p = multiply_add(p, t, broadcast_lanes(0.127414796f));
+  const Lanes half_erfc = p * t * exp_in_range(max_lanes(broadcast_lanes(-80.0f), -(z * z)));
+  return multiply_add(-magnitude, half_erfc, max_lanes(broadcast_lanes(0.0f), x));
+}
+
+// x·σ(k·x) = x / (1 + exp(−k·x)): SiLU (k = 1), QuickGELU (k = 1.702).
+inline Lanes sigmoid_gate_lanes(Lanes x, Lanes k) {
+  return x * reciprocal_lanes(broadcast_lanes(1.0f) + exp_lanes(-(k * x)));
+}
+
 // 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³)
-inline float gelu_tanh(float x) {
-  const float u = 0.797884560802865355f * (x + 0.044715f * x * x * x);
-  return x / (1.0f + exp_approx(-2.0f * u));
+inline Lanes gelu_tanh_lanes(Lanes x) {
+  const Lanes u = broadcast_lanes(0.797884560802865355f) * (x + broadcast_lanes(0.044715f) * x * x * x);
+  return x * reciprocal_lanes(broadcast_lanes(1.0f) + exp_lanes(broadcast_lanes(-2.0f) * u));
 }
-inline float silu(float x) { return x / (1.0f + exp_approx(-x)); }
-inline float quick_gelu(float x) { return x / (1.0f + exp_approx(-1.702f * x)); }
+
+// f over n values, whole vectors and then the tail in a padded one.
+template <class F>
+inline void apply_lanes(const float* in, float* out, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_lanes(out + i, f(load_lanes(in + i), i));
+  if (i < n) {
+    alignas(64) float tail[kLanes] = {};
+    std::memcpy(tail, in + i, sizeof(float) * (n - i));
+    store_lanes(tail, f(load_lanes(tail), i));
+    std::memcpy(out + i, tail, sizeof(float) * (n - i));
+  }
+}
 
 // act over n values in place (not gated).
 inline void activate(float* y, int64_t n, int activation) {
+  const Lanes zero = broadcast_lanes(0.0f), six = broadcast_lanes(6.0f);
   switch (activation) {
-    case kGelu: for (int64_t i = 0; i < n; ++i) y[i] = gelu(y[i]); break;
-    case kGeluTanh: for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh(y[i]); break;
-    case kRelu: for (int64_t i = 0; i < n; ++i) y[i] = y[i] > 0.0f ? y[i] : (y[i] != y[i] ? y[i] : 0.0f); break;
-    case kQuickGelu: for (int64_t i = 0; i < n; ++i) y[i] = quick_gelu(y[i]); break;
-    case kRelu6:  // NaN propagates, as torch's clamp does
-      for (int64_t i = 0; i < n; ++i) y[i] = y[i] != y[i] ? y[i] : std::min(std::max(y[i], 0.0f), 6.0f);
+    case kGelu: apply_lanes(y, y, n, [](Lanes x, int64_t) { return gelu_lanes(x); }); break;
+    case kGeluTanh: apply_lanes(y, y, n, [](Lanes x, int64_t) { return gelu_tanh_lanes(x); }); break;
+    case kQuickGelu:
+      apply_lanes(y, y, n, [](Lanes x, int64_t) { return sigmoid_gate_lanes(x, broadcast_lanes(1.702f)); });
       break;
-    case kSilu: for (int64_t i = 0; i < n; ++i) y[i] = silu(y[i]); break;
+    case kSilu: apply_lanes(y, y, n, [](Lanes x, int64_t) { return sigmoid_gate_lanes(x, broadcast_lanes(1.0f)); }); break;
+    // NaN propagates through ReLU and ReLU6, as through torch's (x > 0 and x < 0 are false for NaN).
+    case kRelu: apply_lanes(y, y, n, [&](Lanes x, int64_t) { return x < zero ? zero : x; }); break;
+    case kRelu6:
+      apply_lanes(y, y, n, [&](Lanes x, int64_t) {
+        x = x < zero ? zero : x;
+        return x > six ? six : x;
+      });
+      break;
     default: break;
   }
 }
 
 // act(gate)·up for n outputs.
 inline void activate_gated(const float* gate, const float* up, float* out, int64_t n, int activation) {
-  switch (activation) {
-    case kSwiglu: for (int64_t i = 0; i < n; ++i) out[i] = silu(gate[i]) * up[i]; break;
-    case kGeglu: for (int64_t i = 0; i < n; ++i) out[i] = gelu(gate[i]) * up[i]; break;
-    default: for (int64_t i = 0; i < n; ++i) out[i] = gelu_tanh(gate[i]) * up[i]; break;
-  }
+  apply_lanes(gate, out, n, [&](Lanes x, int64_t i) {
+    Lanes u;
+    if (i + kLanes <= n) {
+      u = load_lanes(up + i);
+    } else {
+      alignas(64) float tail[kLanes] = {};
+      std::memcpy(tail, up + i, sizeof(float) * (n - i));
+      u = load_lanes(tail);
+    }
+    switch (activation) {
+      case kSwiglu: return sigmoid_gate_lanes(x, broadcast_lanes(1.0f)) * u;
+      case kGeglu: return gelu_lanes(x) * u;
+      default: return gelu_tanh_lanes(x) * u;
+    }
+  });
 }
 
 // Codes clamp(rint(v / scale) + z, lo, hi), NaN → 0 (primitives.quantize_with_scale).
@@ -628,8 +721,13 @@ inline float softmax_numerators(float* s, int64_t keys, int64_t chunks, float sc
     return 0.0f;
   }
   Lanes total = {};
-  for (int64_t j = 0; j < chunks * kLanes; ++j) s[j] = s[j] == -INFINITY ? 0.0f : exp_approx(s[j] - row_top);
-  for (int64_t c = 0; c < chunks; ++c) total += load_lanes(s + c * kLanes);
+  const Lanes top_lanes = broadcast_lanes(row_top), zero = broadcast_lanes(0.0f);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const Lanes v = load_lanes(s + c * kLanes);
+    const Lanes e = v == minus_infinity ? zero : exp_lanes(v - top_lanes);
+    store_lanes(s + c * kLanes, e);
+    total += e;
+  }
   return 1.0f / lanes_total(total);
 }
 
@@ -705,11 +803,89 @@ void attention_heads_impl(const AttentionProblem& p, int64_t task0, int64_t task
   }
 }
 
+// ---- QLA's DW-separable down path (IsaKernels::dwsep_rows) ----
+
+// Σ_d x[d]·w[j·dim + d] for Ranks rows j of w: independent sums in whole lanes, then the tail.
+template <int Ranks>
+inline void dot_ranks(const float* x, const float* w, int64_t dim, float* out) {
+  const int64_t whole = dim / kLanes * kLanes;
+  Lanes acc[Ranks] = {};
+  for (int64_t d = 0; d < whole; d += kLanes) {
+    const Lanes v = load_lanes(x + d);
+    for (int j = 0; j < Ranks; ++j) acc[j] = multiply_add(v, load_lanes(w + j * dim + d), acc[j]);
+  }
+  for (int j = 0; j < Ranks; ++j) {
+    float total = lanes_total(acc[j]);
+    for (int64_t d = whole; d < dim; ++d) total = std::fma(x[d], w[j * dim + d], total);
+    out[j] = total;
+  }
+}
+
+void dwsep_rows_impl(const DwsepProblem& p, int64_t row0, int64_t row1) {
+  const int64_t dim = p.dim, whole = dim / kLanes * kLanes;
+  // The taps by position, [9][dim] (zero where a 1-D conv has none), so each is read in lanes.
+  std::vector<float> taps(9 * dim, 0.0f), mixed(dim);
+  for (int64_t d = 0; d < dim; ++d)
+    for (int t = 0; t < p.taps; ++t) taps[(p.taps == 9 ? t : 3 + t) * dim + d] = p.dw_weight[d * p.taps + t];
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t s = row / p.tokens, i = row % p.tokens;
+    const float* h = p.h + row * p.h_stride;
+    if (i < p.prefix) {
+      std::memcpy(mixed.data(), h, sizeof(float) * dim);
+    } else {
+      const int64_t pixel = i - p.prefix, y = pixel / p.width, x = pixel % p.width;
+      if (p.dw_bias) std::memcpy(mixed.data(), p.dw_bias, sizeof(float) * dim);
+      else std::fill(mixed.begin(), mixed.end(), 0.0f);
+      for (int ky = 0; ky < 3; ++ky) {
+        const int64_t yy = y + ky - 1;
+        if (yy < 0 || yy >= p.height) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t xx = x + kx - 1;
+          if (xx < 0 || xx >= p.width) continue;
+          const int64_t near_pixel = yy * p.width + xx;
+          const float* near = p.h + (s * p.tokens + p.prefix + near_pixel) * p.h_stride;
+          const float* tap = taps.data() + (ky * 3 + kx) * dim;
+          float* m = mixed.data();
+          if (p.token_mask) {  // the masked value, then the tap: the reference's two roundings
+            const float keep = p.token_mask[s * p.height * p.width + near_pixel];
+            const Lanes keep_lanes = broadcast_lanes(keep);
+            for (int64_t d = 0; d < whole; d += kLanes)
+              store_lanes(m + d, multiply_add(load_lanes(tap + d), load_lanes(near + d) * keep_lanes, load_lanes(m + d)));
+            for (int64_t d = whole; d < dim; ++d) m[d] = std::fma(tap[d], near[d] * keep, m[d]);
+          } else {
+            for (int64_t d = 0; d < whole; d += kLanes)
+              store_lanes(m + d, multiply_add(load_lanes(tap + d), load_lanes(near + d), load_lanes(m + d)));
+            for (int64_t d = whole; d < dim; ++d) m[d] = std::fma(tap[d], near[d], m[d]);
+          }
+        }
+      }
+    }
+    activate(mixed.data(), dim, kGelu);
+    float* out = p.out + row * p.rank;
+    int64_t j = 0;
+    for (; j + 4 <= p.rank; j += 4) dot_ranks<4>(mixed.data(), p.down_weight + j * dim, dim, out + j);
+    for (; j < p.rank; ++j) dot_ranks<1>(mixed.data(), p.down_weight + j * dim, dim, out + j);
+    if (p.down_bias)
+      for (int64_t r = 0; r < p.rank; ++r) out[r] += p.down_bias[r];
+  }
+}
+
+void project_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, const float* a_t,
+                       int64_t rank, float* t) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * x_stride;
+    float* out = t + m * rank;
+    int64_t j = 0;
+    for (; j + 4 <= rank; j += 4) dot_ranks<4>(row, a_t + j * k, k, out + j);
+    for (; j < rank; ++j) dot_ranks<1>(row, a_t + j * k, k, out + j);
+  }
+}
+
 // A path's table: its micro-kernel and A layout, with everything this file shares.
 template <class Micro>
 IsaKernels kernels_with(const char* name, bool (*wide_rows)(const Problem&)) {
   return IsaKernels{name, wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
-                    w4a16_rows_impl, attention_heads_impl};
+                    w4a16_rows_impl, attention_heads_impl, dwsep_rows_impl, project_rows_impl};
 }
 
 // Compile-time row and panel counts for the micro-kernel templates, from run-time ones.

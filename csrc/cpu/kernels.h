@@ -101,6 +101,27 @@ struct AttentionProblem {
   int64_t out_stride = 0;
 };
 
+// QLA's DW-separable down path (ops/cpu.py dwsep_down): per row of h (sequence s = row / tokens, token i):
+// the first `prefix` tokens of a sequence bypass the conv; the others are pixels of a height × width
+// grid, convolved depthwise with 3 × 3 taps (dw_weight [dim, 9]) or, on a 1 × width grid, with the
+// middle row's 3 (dw_weight [dim, 3]), zero padded, plus dw_bias; then GELU (erf) and
+// T = ·down_weightᵀ [dim → rank] + down_bias, written to out [rows, rank]. h is fp32, rows h_stride
+// apart, each row's dim values contiguous; biases may be null. `token_mask` (or null), fp32
+// [sequences, height·width], multiplies each grid token's values as the conv reads them.
+struct DwsepProblem {
+  const float* h = nullptr;
+  int64_t h_stride = 0;
+  int64_t tokens = 0, prefix = 0, height = 0, width = 0, dim = 0;
+  const float* dw_weight = nullptr;
+  int taps = 9;  // 9 (3 × 3) or 3 (the middle row, a 1-D conv)
+  const float* dw_bias = nullptr;
+  const float* down_weight = nullptr;  // [rank, dim]
+  const float* down_bias = nullptr;
+  const float* token_mask = nullptr;
+  int64_t rank = 0;
+  float* out = nullptr;
+};
+
 struct IsaKernels {
   const char* name;
   // Whether prepared A rows are int16 (else u8) for this problem.
@@ -136,6 +157,12 @@ struct IsaKernels {
   // softmax(q·kᵀ·scale + mask)·v with fp32 sums; a query row whose every key is masked (−inf)
   // gets zeros, as torch's scaled_dot_product_attention gives it.
   void (*attention_heads)(const AttentionProblem& p, int64_t task0, int64_t task1);
+  // Rows [row0, row1) of a DW-separable down path (DwsepProblem).
+  void (*dwsep_rows)(const DwsepProblem& p, int64_t row0, int64_t row1);
+  // t[m, j] = Σ_k x[m, k]·a_t[j, k] for rows [m0, m1) (t [rows, rank]): a pre-op's down-projection
+  // T = x·A (a_t = Aᵀ) on rows it has just normalized or read, while they are in cache.
+  void (*project_rows)(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, const float* a_t,
+                       int64_t rank, float* t);
 };
 
 // Gathers and converts int8 activation rows [m0, m1) into the prepared layout (shared by every path).

@@ -268,7 +268,7 @@ PYBIND11_MODULE(_cpu, m) {
       "normalize_rows",
       [](const std::string& isa_name, int64_t x, int64_t rows, int64_t k, int kind, int64_t weight, int64_t bias,
          double eps, int64_t normed, int bits, int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero,
-         int64_t q, int64_t scale) {
+         int64_t q, int64_t scale, int64_t down_t, int64_t rank, int64_t t, bool down_from_input) {
         const IsaKernels& isa = *kernels_for(isa_name);
         py::gil_scoped_release release;
         at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
@@ -276,9 +276,12 @@ PYBIND11_MODULE(_cpu, m) {
                              pointer<const float>(bias), static_cast<float>(eps), pointer<float>(normed), bits,
                              pointer<const float>(static_scale), zero_point, has_zero, subtract_zero,
                              pointer<int8_t>(q), pointer<float>(scale));
+          if (rank)
+            isa.project_rows(down_from_input ? pointer<const float>(x) : pointer<const float>(normed), k, m0, m1, k,
+                             pointer<const float>(down_t), rank, pointer<float>(t));
         });
       },
-      "LayerNorm / RMSNorm of fp32 rows, optionally quantized per token (ops/cpu.py).");
+      "LayerNorm / RMSNorm of fp32 rows, optionally quantized per token, optionally T = rows·A (ops/cpu.py).");
   m.def(
       "w4a16_rows",
       [](const std::string& isa_name, int64_t x, int64_t rows, int64_t k, int64_t weight, int64_t scale,
@@ -324,15 +327,45 @@ PYBIND11_MODULE(_cpu, m) {
       },
       "Self-attention of fp32 q/k/v rows as the GEMMs wrote them (ops/cpu.py attention_rows).");
   m.def(
+      "dwsep_rows",
+      [](const std::string& isa_name, int64_t h, int64_t h_stride, int64_t rows, int64_t tokens, int64_t prefix,
+         int64_t height, int64_t width, int64_t dim, int64_t dw_weight, int taps, int64_t dw_bias, int64_t down_weight,
+         int64_t down_bias, int64_t token_mask, int64_t rank, int64_t out) {
+        const IsaKernels& isa = *kernels_for(isa_name);
+        DwsepProblem p;
+        p.h = pointer<const float>(h);
+        p.h_stride = h_stride;
+        p.tokens = tokens;
+        p.prefix = prefix;
+        p.height = height;
+        p.width = width;
+        p.dim = dim;
+        p.dw_weight = pointer<const float>(dw_weight);
+        p.taps = taps;
+        p.dw_bias = pointer<const float>(dw_bias);
+        p.down_weight = pointer<const float>(down_weight);
+        p.down_bias = pointer<const float>(down_bias);
+        p.token_mask = pointer<const float>(token_mask);
+        p.rank = rank;
+        p.out = pointer<float>(out);
+        py::gil_scoped_release release;
+        at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { isa.dwsep_rows(p, r0, r1); });
+      },
+      "QLA's DW-separable down path on fp32 rows (ops/cpu.py dwsep_down).");
+  m.def(
       "quantize_rows",
       [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int bits,
-         int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero, int64_t q, int64_t scale) {
+         int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero, int64_t q, int64_t scale,
+         int64_t down_t, int64_t rank, int64_t t) {
         const IsaKernels& isa = *kernels_for(isa_name);
         py::gil_scoped_release release;
         at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
           isa.quantize_rows(pointer<const float>(x), x_stride, m0, m1, k, bits, pointer<const float>(static_scale),
                             zero_point, has_zero, subtract_zero, pointer<int8_t>(q), pointer<float>(scale));
+          if (rank) isa.project_rows(pointer<const float>(x), x_stride, m0, m1, k, pointer<const float>(down_t), rank,
+                                     pointer<float>(t));
         });
       },
-      "Per-token (or static per-tensor) quantization of fp32 rows into int8 codes and fp32 scales.");
+      "Per-token (or static per-tensor) quantization of fp32 rows into int8 codes and fp32 scales, optionally "
+      "T = rows·A.");
 }

@@ -84,16 +84,18 @@ class DWSepAdapter(nn.Module):
             if body.shape[1] != height * width:
                 raise ValueError(f"DWSepAdapter expects {height}x{width} patch tokens after {self.prefix_tokens} "
                                  f"prefix tokens, got {body.shape[1]}")
-            if not (torch.is_grad_enabled() and (h.requires_grad or self.down.weight.requires_grad)):
-                # Inference: the whole path as one kernel (ops.dwsep_down has no autograd formula).
-                t = ops.dwsep_down(h, height, width, self.prefix_tokens, self.depthwise.weight, self.depthwise.bias,
-                                   self.down.weight, self.down.bias)
-                return t.reshape(batch, tokens, -1), None
+            if self._inference(h):
+                return self._down_kernel(h, height, width), None
             spatial = body.transpose(1, 2).reshape(batch, dim, height, width)
             body = self.depthwise(spatial).reshape(batch, dim, tokens - self.prefix_tokens).transpose(1, 2)
         else:
             if token_mask is not None:  # the mask covers the cached tokens too: its last columns are these
-                body = body * token_mask[:, token_mask.shape[1] - body.shape[1]:, None].to(body.dtype)
+                token_mask = token_mask[:, token_mask.shape[1] - body.shape[1]:]
+            if not self.causal and body.shape[1] and self._inference(h):
+                # A sequence is a 1 × L grid, its 3 taps the middle row of 3 × 3.
+                return self._down_kernel(h, 1, body.shape[1], token_mask), None
+            if token_mask is not None:
+                body = body * token_mask[:, :, None].to(body.dtype)
             channels = body.transpose(1, 2)
             if self.causal:
                 if conv_state is None:
@@ -103,6 +105,17 @@ class DWSepAdapter(nn.Module):
             body = self.depthwise(channels).transpose(1, 2)
         mixed = torch.cat([prefix, body], dim=1)
         return self.down(F.gelu(mixed)), next_state
+
+
+    def _inference(self, h: torch.Tensor) -> bool:
+        return not (torch.is_grad_enabled() and (h.requires_grad or self.down.weight.requires_grad))
+
+    def _down_kernel(self, h: torch.Tensor, height: int, width: int,
+                     token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole down path as one op (ops.dwsep_down has no autograd formula: inference only)."""
+        t = ops.dwsep_down(h, height, width, self.prefix_tokens, self.depthwise.weight, self.depthwise.bias,
+                           self.down.weight, self.down.bias, token_mask)
+        return t.reshape(h.shape[0], h.shape[1], -1)
 
 
 class LoweredAdapter(nn.Module):

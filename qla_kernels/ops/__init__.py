@@ -122,16 +122,20 @@ def dwsep_down(
     dw_bias: Optional[torch.Tensor],
     down_weight: torch.Tensor,
     down_bias: Optional[torch.Tensor] = None,
+    token_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """QLA's DW-separable down path T = down(GELU(DW3×3(h))) on vision tokens h [B, P + H·W, D]:
-    the P prefix (class / distillation / register) tokens bypass the conv. dw_weight is [D, 9] or
-    the conv's own [D, 1, 3, 3]; down_weight [r, D] (nn.Linear layout). Returns [B·(P + H·W), r]
-    in h.dtype, the T of the proj GEMM's low-rank segment."""
-    if isinstance(dw_weight, torch.Tensor) and dw_weight.dim() == 4 and dw_weight.shape[1:] == (1, 3, 3):
-        dw_weight = dw_weight.reshape(dw_weight.shape[0], 9)
-    check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
-    args = (h, height, width, prefix_tokens, dw_weight.contiguous(), dw_bias, down_weight, down_bias)
-    return implementation("dwsep_down", h.device, *args).run(*args)
+    """QLA's DW-separable down path T = down(GELU(DW3×3(h))) on tokens h [B, P + H·W, D]: the P
+    prefix (class / distillation / register) tokens bypass the conv. dw_weight is [D, 9] or the
+    conv's own [D, 1, 3, 3]; for a 1-D sequence of W tokens (height 1) also a 1-D conv's [D, 3] or
+    [D, 1, 3]: the sequence is a 1 × W grid. down_weight [r, D] (nn.Linear layout). `token_mask`
+    [B, H·W] (float, int or bool) multiplies the grid tokens' inputs of the conv: 0 for the padding
+    tokens of a batch of sequences. Returns
+    [B·(P + H·W), r] in h.dtype, the T of the proj GEMM's low-rank segment."""
+    if isinstance(dw_weight, torch.Tensor) and dw_weight.dim() in (3, 4) and dw_weight.shape[1] == 1:
+        dw_weight = dw_weight.reshape(dw_weight.shape[0], -1)
+    check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias, token_mask)
+    args = (h, height, width, prefix_tokens, dw_weight.contiguous(), dw_bias, down_weight, down_bias, token_mask)
+    return implementation("dwsep_down", h.device, *args).eager(h)(*args)
 
 
 def fused_linear(

@@ -185,7 +185,7 @@ def check_fused_linear(operands: FusedLinearOperands) -> None:
         check_bits("requant_bits", operands.requant_bits)
 
 
-def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias):
+def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias, token_mask=None):
     if not isinstance(h, torch.Tensor) or h.dim() != 3:
         raise ValueError(f"h must be a 3-D tensor [batch, tokens, dim], got {getattr(h, 'shape', type(h))}")
     check_tensor("h", h, device=h.device, dtypes=FLOAT_DTYPES)
@@ -197,8 +197,15 @@ def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_w
     if tokens != prefix_tokens + height * width:
         raise ValueError(f"h has {tokens} tokens, expected prefix_tokens + height·width = "
                          f"{prefix_tokens} + {height}·{width}")
-    check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 9))
+    if isinstance(dw_weight, torch.Tensor) and dw_weight.dim() == 2 and dw_weight.shape[1] == 3:
+        if height != 1:  # a 1-D conv's taps: the sequence is a 1 × L grid
+            raise ValueError(f"dw_weight of shape [dim, 3] (a 1-D conv's taps) needs height 1, got height {height}")
+        check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 3))
+    else:
+        check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 9))
     check_tensor("dw_bias", dw_bias, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim,))
     check_tensor("down_weight", down_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(None, dim))
     rank = down_weight.shape[0]
     check_tensor("down_bias", down_bias, device=h.device, dtypes=FLOAT_DTYPES, shape=(rank,))
+    check_tensor("token_mask", token_mask, device=h.device, dtypes=(*FLOAT_DTYPES, torch.bool, torch.int64, torch.int32),
+                 shape=(batch, height * width), contiguous=False)

@@ -10,14 +10,17 @@ Covers, on CPU tensors:
 - `normalize_quantize_activation` / `normalize_activation` (LayerNorm / RMSNorm, then the codes
   from the fp32 normalized values): the norm's sums in another order than torch's (ulps), the
   quantization of them exact;
-- in all three the down-projection T = norm(x)·A (LoRA, QwT) as the reference forms it, from the
-  rows the kernel normalized.
+- in all three the down-projection T = norm(x)·A or x·A (LoRA, QwT): up to rank 16 (fp32 A) in
+  the kernel, each chunk of rows projected as it is normalized or read (fused multiply-adds: within
+  a bound of the reference); wider, by torch's sgemm as the reference forms it.
 - `fused_linear` for W4A16 at M <= 16 (decode): the weight's nibbles read once for all rows.
 - `attention_rows` in fp32: per head, kᵀ and v copied once into lanes, q read in place, the scores
   of 4 query rows at a time, softmax and P·v in fp32 (fused multiply-adds: within a bound of the
   reference, not bit for bit), the context written into the output projection's rows.
-Other calls (W4A16 at more rows, where dequantizing for torch's sgemm is the right algorithm; the
-DW-separable down path) run on the reference.
+- `dwsep_down` (QLA's DW-separable down path, 3 × 3 on a grid or 3 taps along a sequence) in fp32:
+  conv, GELU and down-projection per token in registers (fused multiply-adds: within a bound).
+Other calls (W4A16 at more rows, where dequantizing for torch's sgemm is the right algorithm) run
+on the reference.
 
 Weights: the kernels read panels (csrc/cpu/kernels.h), packed once by `with_panels` when a plan is
 frozen (`QuantizedWeight.panels`); a weight without them is packed per call. The instruction-set
@@ -46,6 +49,7 @@ from .device import built_reason, cpu_extension
 from .dispatch import register, register_backend
 from .library import (
     attention_fake,
+    dwsep_down_fake,
     fused_linear_fake,
     normalize_activation_fake,
     normalize_quantize_activation_fake,
@@ -313,27 +317,48 @@ def supports_quantize_activation(x: Tensor, static_scale, zero_point, norm_kind:
     return x.device.type == "cpu" and (norm_kind == "none" or norm_kind in _NORM_CODES)
 
 
-def _down_projection(x: Tensor, normed: Tensor, down_proj: Optional[Tensor], down_from_input: bool) -> Tensor:
-    """T of the pre-ops: the reference's product (torch's sgemm) of the fp32 rows the kernel read or wrote."""
-    if down_proj is None:
-        return x.new_empty((x.shape[0], 0))
-    return reference.down_projection(x.float() if down_from_input else normed, down_proj, x.dtype)
+class _Projection:
+    """A pre-op's T = rows·A: on the kernel, beside the rows it normalized or read, for an fp32 A of
+    rank up to EPILOGUE_MAX_RANK (sums in the kernel's order: within a bound of the reference's);
+    else by torch's sgemm as the reference forms it (a wider A is a GEMM, which sgemm blocks better)."""
+
+    def __init__(self, x: Tensor, down_proj: Optional[Tensor]):
+        self.down_proj = down_proj
+        self.in_kernel = (down_proj is not None and down_proj.dtype == torch.float32
+                          and down_proj.shape[1] <= EPILOGUE_MAX_RANK)
+        self.a_t = down_proj.t().contiguous() if self.in_kernel else None
+        self.t = torch.empty((x.shape[0], down_proj.shape[1]), dtype=torch.float32) if self.in_kernel else None
+
+    def arguments(self) -> Tuple[int, int, int]:
+        """(Aᵀ, rank, T) for the kernel: zeros when T is not formed there."""
+        return (self.a_t.data_ptr(), self.a_t.shape[0], self.t.data_ptr()) if self.in_kernel else (0, 0, 0)
+
+    def result(self, x: Tensor, rows: Tensor, down_from_input: bool) -> Tensor:
+        """T in x.dtype; `rows` the fp32 rows the kernel normalized (or read)."""
+        if self.down_proj is None:
+            return x.new_empty((x.shape[0], 0))
+        if self.in_kernel:
+            return self.t.to(x.dtype)
+        return reference.down_projection(x.float() if down_from_input else rows, self.down_proj, x.dtype)
 
 
 def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                         norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
                         down_proj: Optional[Tensor], down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """ops.quantize_activation on the CPU kernels (T = norm(x)·A or x·A by torch's sgemm)."""
+    """ops.quantize_activation on the CPU kernels (T = norm(x)·A or x·A, `_Projection`)."""
     if norm_kind != "none":
-        normed, q, scale = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps)
-        return q, scale, _down_projection(x, normed, down_proj, down_from_input)
+        normed, q, scale, t = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
+                                         norm_eps, down_proj, down_from_input)
+        return q, scale, t
     rows = x.float().contiguous()
     q = torch.empty(rows.shape, dtype=torch.int8)
     scale = torch.empty(rows.shape[0], dtype=torch.float32)
     static = None if static_scale is None else static_scale.float().contiguous()
+    projection = _Projection(x, down_proj)
     _MODULE.quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
-                          _address(static), *_zero_point_arguments(zero_point, bits), q.data_ptr(), scale.data_ptr())
-    return q, scale, _down_projection(x, rows, down_proj, down_from_input)
+                          _address(static), *_zero_point_arguments(zero_point, bits), q.data_ptr(), scale.data_ptr(),
+                          *projection.arguments())
+    return q, scale, projection.result(x, rows, down_from_input)
 
 
 def supports_normalize(x: Tensor, norm_kind: str, down_proj) -> bool:
@@ -341,8 +366,10 @@ def supports_normalize(x: Tensor, norm_kind: str, down_proj) -> bool:
 
 
 def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, norm_weight, norm_bias,
-               norm_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(norm(x) fp32, q, scale) on the kernel: q and scale empty at bits 0."""
+               norm_eps: float, down_proj: Optional[Tensor] = None,
+               down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(norm(x) fp32, q, scale, T) on the kernel: q and scale empty at bits 0, T (`_Projection`)
+    empty without down_proj."""
     rows = x.float().contiguous()
     weight = None if norm_weight is None else norm_weight.float().contiguous()
     bias = None if norm_bias is None else norm_bias.float().contiguous()
@@ -350,27 +377,30 @@ def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, n
     normed = torch.empty_like(rows)
     q = torch.empty(rows.shape if bits else (0,), dtype=torch.int8)
     scale = torch.empty(rows.shape[0] if bits else 0, dtype=torch.float32)
+    projection = _Projection(x, down_proj)
     _MODULE.normalize_rows(isa(), rows.data_ptr(), rows.shape[0], rows.shape[1], _NORM_CODES[norm_kind],
                            _address(weight), _address(bias), float(norm_eps), normed.data_ptr(), bits,
                            _address(static), *_zero_point_arguments(zero_point, bits),
-                           _address(q if bits else None), _address(scale if bits else None))
-    return normed, q, scale
+                           _address(q if bits else None), _address(scale if bits else None),
+                           *projection.arguments(), down_from_input)
+    return normed, q, scale, projection.result(x, normed, down_from_input)
 
 
 def normalize_quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                                   norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                                   norm_eps: float, down_proj: Optional[Tensor],
                                   down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """ops.normalize_quantize_activation: the codes from the fp32 norm, T = norm(x)·A (or x·A) by torch's sgemm."""
-    normed, q, scale = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps)
-    return normed.to(x.dtype), q, scale, _down_projection(x, normed, down_proj, down_from_input)
+    """ops.normalize_quantize_activation: the codes from the fp32 norm, T = norm(x)·A (or x·A), `_Projection`."""
+    normed, q, scale, t = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                                     down_proj, down_from_input)
+    return normed.to(x.dtype), q, scale, t
 
 
 def normalize_activation(x: Tensor, norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                          norm_eps: float, down_proj: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """ops.normalize_activation (T = norm(x)·A by torch's sgemm)."""
-    normed, _, _ = _normalize(x, 0, None, None, norm_kind, norm_weight, norm_bias, norm_eps)
-    return normed.to(x.dtype), _down_projection(x, normed, down_proj, False)
+    """ops.normalize_activation (T = norm(x)·A, `_Projection`)."""
+    normed, _, _, t = _normalize(x, 0, None, None, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+    return normed.to(x.dtype), t
 
 
 @torch.library.custom_op("qla::normalize_quantize_activation_cpu", mutates_args=())
@@ -466,6 +496,42 @@ def log2_attention_op(query: Tensor, key: Tensor, value: Tensor, bits: int, scal
 
 log2_attention_op.register_fake(attention_fake)
 refuse_backward(log2_attention_op)
+def supports_dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias,
+                        down_weight: Tensor, down_bias, token_mask) -> bool:
+    return h.device.type == "cpu" and h.dtype == torch.float32
+
+
+def _fp32_contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else tensor.float().contiguous()
+
+
+def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias: Optional[Tensor],
+               down_weight: Tensor, down_bias: Optional[Tensor], token_mask: Optional[Tensor]) -> Tensor:
+    """ops.dwsep_down on the kernel (fp32 h, validated): the conv, GELU and down-projection per
+    token in registers, h read where it is (rows of any stride)."""
+    batch, tokens, dim = h.shape
+    rows = h.reshape(batch * tokens, dim)  # a view where h's rows are evenly spaced
+    if dim > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    weights = [_fp32_contiguous(w) for w in (dw_weight, dw_bias, down_weight, down_bias, token_mask)]
+    rank = down_weight.shape[0]
+    out = torch.empty((batch * tokens, rank), dtype=torch.float32)
+    if out.numel():
+        _MODULE.dwsep_rows(isa(), rows.data_ptr(), rows.stride(0), batch * tokens, tokens, prefix_tokens, height,
+                           width, dim, weights[0].data_ptr(), weights[0].shape[1], _address(weights[1]),
+                           weights[2].data_ptr(), _address(weights[3]), _address(weights[4]), rank, out.data_ptr())
+    return out
+
+
+@torch.library.custom_op("qla::dwsep_down_cpu", mutates_args=())
+def dwsep_down_op(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias: Optional[Tensor],
+                  down_weight: Tensor, down_bias: Optional[Tensor], token_mask: Optional[Tensor]) -> Tensor:
+    return dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias, token_mask)
+
+
+dwsep_down_op.register_fake(dwsep_down_fake)
+refuse_backward(dwsep_down_op)
+
 register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
          body=fused_linear)
@@ -478,6 +544,7 @@ register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantiz
          supports_normalize(x, norm_kind, down_proj), body=normalize_quantize_activation)
 register("attention_rows", "cpu", torch.ops.qla.attention_rows_cpu, supports_attention_rows, body=attention_rows)
 register("quantized_attention", "cpu", torch.ops.qla.quantized_attention_cpu)
+register("dwsep_down", "cpu", torch.ops.qla.dwsep_down_cpu, supports_dwsep_down, body=dwsep_down)
 register("log2_attention", "cpu", torch.ops.qla.log2_attention_cpu)
 register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,
          lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj),

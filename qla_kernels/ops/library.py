@@ -144,11 +144,11 @@ normalize_quantize_activation.register_fake(normalize_quantize_activation_fake)
 
 @torch.library.custom_op("qla::dwsep_down", mutates_args=())
 def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias: Optional[Tensor],
-               down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
-    return reference.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
+               down_weight: Tensor, down_bias: Optional[Tensor], token_mask: Optional[Tensor]) -> Tensor:
+    return reference.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias, token_mask)
 
 
-def dwsep_down_fake(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias):
+def dwsep_down_fake(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias, token_mask):
     return h.new_empty((h.shape[0] * h.shape[1], down_weight.shape[0]))
 
 

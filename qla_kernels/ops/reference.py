@@ -69,13 +69,20 @@ def dwsep_down(
     dw_bias: Optional[torch.Tensor],
     down_weight: torch.Tensor,
     down_bias: Optional[torch.Tensor],
+    token_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """QLA's DW-separable down path on vision tokens, in fp32: h [B, P + H·W, D] (P prefix tokens
-    that bypass the conv) → depthwise 3×3 (zero padding, weight [D, 9] row-major taps) + bias on
-    the H×W grid → GELU (erf) → ·down_weightᵀ [D → r] + bias. Returns T [B·(P + H·W), r] in h.dtype."""
+    """QLA's DW-separable down path, in fp32: h [B, P + H·W, D] (P prefix tokens that bypass the
+    conv) → depthwise 3×3 (zero padding, weight [D, 9] row-major taps; [D, 3] on a 1 × W grid: a
+    1-D conv's, the middle row) + bias on the H×W grid → GELU (erf) → ·down_weightᵀ [D → r] + bias.
+    `token_mask` [B, H·W] multiplies the grid tokens' inputs of the conv (0 for padding tokens).
+    Returns T [B·(P + H·W), r] in h.dtype."""
     batch, tokens, dim = h.shape
+    if dw_weight.shape[1] == 3:
+        dw_weight = F.pad(dw_weight, (3, 3))
     x = h.float()
     prefix, body = x[:, :prefix_tokens], x[:, prefix_tokens:]
+    if token_mask is not None:
+        body = body * token_mask.float()[:, :, None]
     grid = body.transpose(1, 2).reshape(batch, dim, height, width)
     bias = None if dw_bias is None else dw_bias.float()
     body = F.conv2d(grid, dw_weight.float().reshape(dim, 1, 3, 3), bias, padding=1, groups=dim)

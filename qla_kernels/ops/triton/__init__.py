@@ -97,8 +97,10 @@ if _IMPORT_ERROR is None:
                                                     norm_bias, norm_eps, down_proj, down_from_input)
 
     def _dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,
-                    dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
-        return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
+                    dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
+                    token_mask: Optional[Tensor]) -> Tensor:
+        return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias,
+                                 token_mask)
 
     fused_linear = fused_linear_custom_op("qla::fused_linear_triton", launch.fused_linear,
                                           _fake_or_planned(fused_linear_fake, launch.fused_linear))
