@@ -340,45 +340,60 @@ inline void prefetch_next_group(const float* row_part, int64_t width) {
     _mm_prefetch(reinterpret_cast<const char*>(row_part + width + c), _MM_HINT_T0);
 }
 
-// corrections[0, Chunks·16) += T[dest]·Uᵀ for the tile's Chunks panels from n0: each panel's U
-// ([rank][16], contiguous) in vector values of the register width, the panels' sums independent
-// chains over the rank. (As a plain loop GCC unrolled it into scalar FMAs; with U transposed
-// across all N, one sum at a time, rank 64 cost 6x the GEMM under it: measured.)
-template <int Chunks>
-void add_lowrank_panels(const Problem& p, int64_t dest, int64_t n0, int64_t width, float* corrections) {
+// The rows of one micro-kernel tile: at most AMX's two 16-row tiles.
+constexpr int kMaxTileRows = 32;
+
+// lowrank[r][0, Chunks·16) = T[dest(m0 + r)]·Uᵀ for Rows tile rows from r0 and the tile's Chunks
+// panels from n0: each panel's U ([rank][16], contiguous) in vector values of the register width,
+// Rows × Chunks independent chains over the rank (one row's 2 chains at AMX's 32-column tiles left
+// T·Uᵀ waiting on multiply-add latency: rank 8 cost a third of MiniLM's proj GEMM). As a plain loop
+// GCC unrolled it into scalar FMAs; with U transposed across all N, one sum at a time, rank 64
+// cost 6x the GEMM under it: measured.
+template <int Chunks, int Rows>
+void lowrank_rows(const Problem& p, int64_t m0, int r0, int64_t n0, float* lowrank) {
   constexpr int kParts = kPanelColumns / kLanes;
-  const float* t = p.lowrank_t + dest * p.t_stride;
   const float* u = p.lowrank_u_panels + (n0 / kPanelColumns) * p.rank * kPanelColumns;
   const int64_t panel_floats = p.rank * kPanelColumns;
-  Lanes sums[Chunks][kParts] = {};
+  const float* t[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    const int64_t dest = p.destination(m0 + r0 + r);
+    t[r] = dest >= 0 ? p.lowrank_t + dest * p.t_stride : nullptr;  // a dropped row's sums are never read
+  }
+  Lanes sums[Rows][Chunks][kParts] = {};
   for (int64_t j = 0; j < p.rank; ++j) {
-    const Lanes tj = broadcast_lanes(t[j]);
+    Lanes tj[Rows];
+    for (int r = 0; r < Rows; ++r) tj[r] = broadcast_lanes(t[r] ? t[r][j] : 0.0f);
 #pragma GCC unroll 4
     for (int c = 0; c < Chunks; ++c)
 #pragma GCC unroll 2
+      for (int h = 0; h < kParts; ++h) {
+        const Lanes uj = load_lanes(u + c * panel_floats + j * kPanelColumns + h * kLanes);
+        for (int r = 0; r < Rows; ++r) sums[r][c][h] = multiply_add(tj[r], uj, sums[r][c][h]);
+      }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c)
       for (int h = 0; h < kParts; ++h)
-        sums[c][h] = multiply_add(tj, load_lanes(u + c * panel_floats + j * kPanelColumns + h * kLanes), sums[c][h]);
-  }
-  for (int c = 0; c < Chunks; ++c) {
-    float* target = corrections + c * kPanelColumns;
-    const int64_t count = std::min<int64_t>(kPanelColumns, width - c * kPanelColumns);
-    if (count == kPanelColumns) {
-      for (int h = 0; h < kParts; ++h) store_lanes(target + h * kLanes, load_lanes(target + h * kLanes) + sums[c][h]);
-    } else {
-      alignas(64) float values[kPanelColumns];  // (a memcpy of sums would put them all in memory)
-      for (int h = 0; h < kParts; ++h) store_lanes(values + h * kLanes, sums[c][h]);
-      for (int64_t l = 0; l < count; ++l) target[l] += values[l];
-    }
-  }
+        store_lanes(lowrank + (r0 + r) * kMaxTileColumns + c * kPanelColumns + h * kLanes, sums[r][c][h]);
 }
 
-inline void add_lowrank(const Problem& p, int64_t dest, int64_t n0, int64_t width, float* corrections) {
+// About 8 chains in flight: within the 16 vector registers of AVX2 and the 32 of AVX-512.
+template <int Chunks>
+void lowrank_tile_of(const Problem& p, int64_t m0, int rows, int64_t n0, float* lowrank) {
+  constexpr int kGroup = std::max(1, 8 / (Chunks * (kPanelColumns / kLanes)));
+  int r = 0;
+  for (; r + kGroup <= rows; r += kGroup) lowrank_rows<Chunks, kGroup>(p, m0, r, n0, lowrank);
+  for (; r < rows; ++r) lowrank_rows<Chunks, 1>(p, m0, r, n0, lowrank);
+}
+
+// T·Uᵀ of a whole tile (rows × width from n0) into lowrank [rows][kMaxTileColumns].
+inline void lowrank_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int64_t width, float* lowrank) {
   static_assert(kMaxTileColumns == 4 * kPanelColumns, "a tile spans at most 4 panels");
   switch ((width + kPanelColumns - 1) / kPanelColumns) {
-    case 4: add_lowrank_panels<4>(p, dest, n0, width, corrections); break;
-    case 3: add_lowrank_panels<3>(p, dest, n0, width, corrections); break;
-    case 2: add_lowrank_panels<2>(p, dest, n0, width, corrections); break;
-    default: add_lowrank_panels<1>(p, dest, n0, width, corrections); break;
+    case 4: lowrank_tile_of<4>(p, m0, rows, n0, lowrank); break;
+    case 3: lowrank_tile_of<3>(p, m0, rows, n0, lowrank); break;
+    case 2: lowrank_tile_of<2>(p, m0, rows, n0, lowrank); break;
+    default: lowrank_tile_of<1>(p, m0, rows, n0, lowrank); break;
   }
 }
 
@@ -390,6 +405,8 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
     std::memcpy(colsum + c, panel_column_sums(p, panel), kQuadRowBytes);
   }
   const bool gated = is_gated(p.activation);
+  alignas(64) float lowrank[kMaxTileRows * kMaxTileColumns];
+  if (p.rank) lowrank_tile(p, m0, rows, n0, width, lowrank);
   alignas(64) float v[kMaxTileColumns];
   for (int r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
@@ -413,7 +430,10 @@ inline void finish_tile(const Problem& p, int64_t m0, int rows, int64_t n0, int6
       std::fill(after, after + width, 0.0f);
       corrections = after;
     }
-    if (p.rank) add_lowrank(p, dest, n0, width, corrections);
+    if (p.rank) {
+      const float* row_lowrank = lowrank + r * kMaxTileColumns;
+      for (int64_t c = 0; c < width; ++c) corrections[c] += row_lowrank[c];
+    }
     if (p.addend) {
       const float* add = p.addend + dest * p.addend_stride + n0;
       prefetch_next_group(add, width);
@@ -493,6 +513,7 @@ template <class Micro>
 void tile_block_impl(const Problem& p, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t y_row0,
                      int64_t y_stride) {
   const typename SessionOf<Micro>::type session;
+  static_assert(Micro::kMaxRows <= kMaxTileRows, "finish_tile holds T·Uᵀ for at most kMaxTileRows rows");
   alignas(64) int32_t acc[Micro::kMaxRows * kMaxTileColumns];
   for (int64_t g = p0; g < p1; g += Micro::kMaxPanels) {
     const int panels = static_cast<int>(std::min<int64_t>(Micro::kMaxPanels, p1 - g));
@@ -548,8 +569,9 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
     auto chunk = [&](int64_t c, int chain) {
       const uint8_t* source = w + (static_cast<uint64_t>(c) >> 1);
       // Decode streams each weight byte once from DRAM: ask for the line 1 KB ahead (the hardware
-      // prefetcher alone left the loop waiting on memory: 4.7 GB/s of weights, measured).
-      _mm_prefetch(reinterpret_cast<const char*>(source) + 1024, _MM_HINT_T0);
+      // prefetcher alone left the loop waiting on memory: 4.7 GB/s of weights, measured), once a
+      // 64-byte line (128 k).
+      if ((c & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(source) + 1024, _MM_HINT_T0);
       int64_t bytes;
       std::memcpy(&bytes, source, sizeof(bytes));
       const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
@@ -583,11 +605,95 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
   }
 }
 
+#ifdef __AVX512F__
 template <int Rounding>
-void w4a16_rows_rounded(const float* x, int64_t rows, int64_t k, const uint8_t* weight, const float* scale,
+inline __m512 round_weight16(__m512 w) {
+  if constexpr (Rounding == kFp16) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (Rounding == kBf16) {
+    const __m512i bits = _mm512_castps_si512(w);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+  } else {
+    return w;
+  }
+}
+
+// w4a16_column in 512-bit registers, for groups of a multiple of 32 k: per 32 k one 16-byte load
+// zero-extended to 16 lanes, each nibble looked up in the group's 16 dequantized values (one
+// `vpermps` reads an index's low 4 bits: the low nibble as it is, the high one after a shift), then
+// the multiply-adds: a third of the instructions per weight of the 256-bit form, which bound decode
+// at a third of the memory bandwidth. The table holds q − z (fp32 activations: the group scale
+// after the sum, as there) or (q − z)·s rounded to the activation dtype, the values the 256-bit
+// form computes per weight. x deinterleaved per 32 k (16 even k, 16 odd).
+template <int Rows, int Rounding>
+void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* scale, const uint8_t* zero,
+                    int64_t group, float* out_column, int64_t out_stride) {
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 total[Rows];
+  for (int r = 0; r < Rows; ++r) total[r] = _mm512_setzero_ps();
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[Rows][4];
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < 4; ++j) part[r][j] = _mm512_setzero_ps();
+    const int64_t end = (g + 1) * group;
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    __m512 table = _mm512_sub_ps(codes, _mm512_set1_ps(static_cast<float>(zero[g])));
+    if constexpr (Rounding != kFp32) table = round_weight16<Rounding>(_mm512_mul_ps(table, s));
+    auto chunk = [&](int64_t c, int chain) {
+      const uint8_t* source = w + (static_cast<uint64_t>(c) >> 1);
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
+      const __m512 even = _mm512_permutexvar_ps(v, table);
+      const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      for (int r = 0; r < Rows; ++r) {
+        part[r][chain] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x + r * k + c), part[r][chain]);
+        part[r][chain + 1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + r * k + c + 16), part[r][chain + 1]);
+      }
+    };
+    int64_t c = g * group;
+    for (; c + 64 <= end; c += 64) {
+      // One prefetch per 64-byte line of weights (128 k), 1 KB ahead, as in w4a16_column.
+      if ((c & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (c >> 1)) + 4096, _MM_HINT_T0);
+      chunk(c, 0);
+      chunk(c + 32, 2);
+    }
+    if (c < end) chunk(c, 0);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[r][0], part[r][1]), _mm512_add_ps(part[r][2], part[r][3]));
+      total[r] = Rounding == kFp32 ? _mm512_fmadd_ps(sum, s, total[r]) : _mm512_add_ps(sum, total[r]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) out_column[r * out_stride] = _mm512_reduce_add_ps(total[r]);
+}
+#endif
+
+// The activations deinterleaved as `lanes` wide columns read them: per 2·lanes k, the lanes even k,
+// then the lanes odd (the low and high nibbles of `lanes` bytes).
+inline std::vector<float> deinterleaved_rows(const float* x, int64_t rows, int64_t k, int lanes) {
+  std::vector<float> out(rows * k);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t c = 0; c < k; c += 2 * lanes)
+      for (int i = 0; i < lanes; ++i) {
+        out[m * k + c + i] = x[m * k + c + 2 * i];
+        out[m * k + c + lanes + i] = x[m * k + c + 2 * i + 1];
+      }
+  return out;
+}
+
+template <int Rounding>
+void w4a16_rows_rounded(const float* x_natural, int64_t rows, int64_t k, const uint8_t* weight, const float* scale,
                         const uint8_t* zero, int64_t group, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   const int64_t groups = k / group;
   constexpr int kRowBlock = 4;  // rows sharing one unpacking of a weight chunk
+#ifdef __AVX512F__
+  const bool wide = group % 32 == 0;
+#else
+  const bool wide = false;
+#endif
+  const std::vector<float> x_rows = deinterleaved_rows(x_natural, rows, k, wide ? 16 : 8);
+  const float* x = x_rows.data();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = weight + n * (k / 2);
     const float* s = scale + n * groups;
@@ -595,6 +701,17 @@ void w4a16_rows_rounded(const float* x, int64_t rows, int64_t k, const uint8_t* 
     for (int64_t m = 0; m < rows; m += kRowBlock) {
       const float* xm = x + m * k;
       float* column = out + m * out_stride + n;
+#ifdef __AVX512F__
+      if (wide) {
+        switch (std::min<int64_t>(kRowBlock, rows - m)) {
+          case 4: w4a16_column16<4, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+          case 3: w4a16_column16<3, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+          case 2: w4a16_column16<2, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+          default: w4a16_column16<1, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+        }
+        continue;
+      }
+#endif
       switch (std::min<int64_t>(kRowBlock, rows - m)) {
         case 4: w4a16_column<4, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
         case 3: w4a16_column<3, Rounding>(xm, k, w, s, z, group, column, out_stride); break;

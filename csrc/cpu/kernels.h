@@ -146,8 +146,8 @@ struct IsaKernels {
                          const float* bias, float eps, float* normed, int bits, const float* static_scale,
                          int zero_point, bool has_zero, bool subtract_zero, int8_t* q, float* scale);
   // W4A16 at few rows, columns [n0, n1) of out [rows, out_stride]: out[m, n] = Σ_g s[n, g]·Σ_{k in g}
-  // x[m, k]·(q[n, k] − z[n, g]), reading each weight byte once for all rows. x comes deinterleaved
-  // per 16 k (the 8 even k, then the 8 odd: the low and high nibbles of 8 bytes). `rounding` 1 / 2:
+  // x[m, k]·(q[n, k] − z[n, g]), reading each weight byte once for all rows (x [rows, k] fp32,
+  // contiguous; each call deinterleaves its copy for the nibble lanes). `rounding` 1 / 2:
   // the activations were fp16 / bf16, and each weight is rounded to that dtype (the reference's W4A16).
   void (*w4a16_rows)(const float* x, int64_t rows, int64_t k, const uint8_t* weight,
                      const float* scale, const uint8_t* zero, int64_t group, int rounding, int64_t n0, int64_t n1,

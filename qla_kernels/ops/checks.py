@@ -200,9 +200,9 @@ def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_w
     if isinstance(dw_weight, torch.Tensor) and dw_weight.dim() == 2 and dw_weight.shape[1] == 3:
         if height != 1:  # a 1-D conv's taps: the sequence is a 1 × L grid
             raise ValueError(f"dw_weight of shape [dim, 3] (a 1-D conv's taps) needs height 1, got height {height}")
-        check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 3))
-    else:
-        check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 9))
+        check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 3), contiguous=False)
+    else:  # (the op makes the taps contiguous)
+        check_tensor("dw_weight", dw_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim, 9), contiguous=False)
     check_tensor("dw_bias", dw_bias, device=h.device, dtypes=FLOAT_DTYPES, shape=(dim,))
     check_tensor("down_weight", down_weight, device=h.device, dtypes=FLOAT_DTYPES, shape=(None, dim))
     rank = down_weight.shape[0]

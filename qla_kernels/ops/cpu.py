@@ -207,11 +207,11 @@ def _w4a16_decode(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     a = operands.a.float()
     rows, depth = a.shape
     group = operands.group_size
-    deinterleaved = a.reshape(rows, depth // 16, 8, 2).transpose(2, 3).contiguous()
+    a = a.contiguous()
     weight, scale, zero = operands.weight.contiguous(), operands.weight_scale.contiguous(), operands.weight_zero
     zero = zero.contiguous()
     y = torch.empty((rows, weight.shape[0]), dtype=torch.float32)
-    _MODULE.w4a16_rows(isa(), deinterleaved.data_ptr(), rows, depth, weight.data_ptr(),
+    _MODULE.w4a16_rows(isa(), a.data_ptr(), rows, depth, weight.data_ptr(),
                        scale.data_ptr(), zero.data_ptr(), group, _WEIGHT_ROUNDING[operands.a.dtype], weight.shape[0],
                        y.data_ptr())
     y = reference.epilogue(y, operands.lowrank_t, operands.lowrank_u, operands.fullrank_x, operands.fullrank_w,

@@ -43,17 +43,25 @@ def test_reference_is_the_adapter_down_path(grid, prefix):
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason=str(qk.backends()["triton"]))
 @examples(20)
 @given(batch=st.integers(1, 3), height=st.integers(1, 6), width=st.integers(1, 6), prefix=st.integers(0, 3),
-       dim=st.integers(1, 80), rank=st.integers(1, 40), biases=st.booleans(),
+       dim=st.integers(1, 80), rank=st.integers(1, 40), biases=st.booleans(), one_dimensional=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 1000))
-def test_triton_matches_reference(batch, height, width, prefix, dim, rank, biases, dtype, seed):
+def test_triton_matches_reference(batch, height, width, prefix, dim, rank, biases, one_dimensional, dtype, seed):
+    """On grids, and on sequences as 1 × W grids with a 1-D conv's 3 taps; a token mask runs on the
+    reference (the kernel reads none yet)."""
+    if one_dimensional:
+        height = 1
     adapter = _adapter(dim, rank, (height, width), prefix, seed)
     h = torch.randn(batch, prefix + height * width, dim, device=DEVICE).to(dtype)
     args = list(_op_args(adapter, h))
+    if one_dimensional:
+        args[4] = args[4].reshape(dim, 9)[:, 3:6]
     if not biases:
         args[5] = args[7] = None
     with qk.use_backend("reference"):
         expected = ops.dwsep_down(*args).float()
     with qk.use_backend("triton"):
+        assert ops.implementation("dwsep_down", h.device, *args, None).backend == "triton"
+        assert ops.implementation("dwsep_down", h.device, *args, torch.ones(batch, height * width)).backend == "reference"
         actual = ops.dwsep_down(*args).float()
     tolerance = 1e-5 if dtype == torch.float32 else 3e-3
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * max(1.0, float(expected.abs().max())))

@@ -99,8 +99,7 @@ if _IMPORT_ERROR is None:
     def _dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,
                     dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
                     token_mask: Optional[Tensor]) -> Tensor:
-        return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias,
-                                 token_mask)
+        return launch.dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias)
 
     fused_linear = fused_linear_custom_op("qla::fused_linear_triton", launch.fused_linear,
                                           _fake_or_planned(fused_linear_fake, launch.fused_linear))
@@ -135,7 +134,7 @@ if _IMPORT_ERROR is None:
                  _covered_by(supports_quantize_activation, _op, "down_proj"),
                  body=_quantize_activation if _op == "quantize_activation" else None)
     register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
-             _covered_by(supports_dwsep_down, "dwsep_down", "down_weight"))
+             lambda *args: supports_dwsep_down(args[6], args[8]))  # down_weight, token_mask
     register("quantized_attention", "triton", torch.ops.qla.quantized_attention_triton)
     register("log2_attention", "triton", torch.ops.qla.log2_attention_triton)
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
@@ -149,5 +148,5 @@ if _IMPORT_ERROR is not None:  # pragma: no cover
     def supports_quantize_activation(down_proj) -> bool:
         return False
 
-    def supports_dwsep_down(down_weight) -> bool:
+    def supports_dwsep_down(down_weight, token_mask) -> bool:
         return False

@@ -15,10 +15,10 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["R"])  # the adapter's rank compiles no new kernel
 def dwsep_down_kernel(
-    h_ptr, dw_ptr, dw_bias_ptr, down_ptr, down_bias_ptr, mask_ptr, t_ptr,
+    h_ptr, dw_ptr, dw_bias_ptr, down_ptr, down_bias_ptr, t_ptr,
     TOKENS, D, R, HEIGHT, WIDTH, PREFIX,
-    stride_hb, stride_ht, stride_down_c, stride_mb, stride_tm,
-    HAS_DW_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr,
+    stride_hb, stride_ht, stride_down_c, stride_tm,
+    HAS_DW_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     image = tl.program_id(1)
@@ -45,10 +45,6 @@ def dwsep_down_kernel(
             near = PREFIX + near_row * WIDTH + near_col
             values = tl.load(h_image + near[:, None] * stride_ht + offs_c[None, :],
                              mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            if HAS_MASK:  # the token's multiplier (0 for padding), fp32 [batch, HEIGHT·WIDTH]
-                keep = tl.load(mask_ptr + image.to(tl.int64) * stride_mb + near_row * WIDTH + near_col, mask=inside,
-                               other=0.0)
-                values = values * keep[:, None]
             taps = tl.load(dw_ptr + offs_c * 9 + tap, mask=mask_c, other=0.0).to(tl.float32)
             conv += values * taps[None, :]
         if HAS_DW_BIAS:

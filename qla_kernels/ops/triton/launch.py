@@ -250,8 +250,8 @@ def dwsep_tile(target: Target, rank: int) -> Tuple[int, int, int, int]:
     return 64, 32 if block_r <= 64 else 16, block_r, 8
 
 
-def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias,
-               token_mask=None) -> torch.Tensor:
+def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias) -> torch.Tensor:
+    """The Triton launch of ops.dwsep_down for calls without a token mask (`supports_dwsep_down`)."""
     batch, tokens, dim = h.shape
     rank = down_weight.shape[0]
     t = torch.empty((batch * tokens, rank), dtype=h.dtype, device=h.device)
@@ -259,22 +259,20 @@ def dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight,
         down = down_weight.t().to(h.dtype).contiguous()  # [D, r]
         if dw_weight.shape[1] == 3:  # a 1-D conv's taps on a 1 × W grid: the middle row of 3 × 3
             dw_weight = torch.nn.functional.pad(dw_weight, (3, 3))
-        if token_mask is not None:
-            token_mask = token_mask.to(torch.float32).contiguous()
         block_t, block_c, block_r, warps = dwsep_tile(target_of(h.device), rank)
         run_kernel(dwsep_down_kernel, (triton.cdiv(tokens, block_t), batch), h.device, (
-            h, dw_weight, dw_bias if dw_bias is not None else h, down, down_bias if down_bias is not None else h,
-            token_mask if token_mask is not None else h, t,
+            h, dw_weight, dw_bias if dw_bias is not None else h, down, down_bias if down_bias is not None else h, t,
             tokens, dim, rank, height, width, prefix_tokens,
-            h.stride(0), h.stride(1), down.stride(0), height * width, t.stride(0),
-        ), HAS_DW_BIAS=dw_bias is not None, HAS_DOWN_BIAS=down_bias is not None, HAS_MASK=token_mask is not None,
-            FP32=h.dtype == torch.float32,
+            h.stride(0), h.stride(1), down.stride(0), t.stride(0),
+        ), HAS_DW_BIAS=dw_bias is not None, HAS_DOWN_BIAS=down_bias is not None, FP32=h.dtype == torch.float32,
             BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, num_stages=1, enable_fp_fusion=True)
     return t
 
 
-def supports_dwsep_down(down_weight: torch.Tensor) -> bool:
-    return down_weight.shape[0] <= MAX_PREOP_RANK
+def supports_dwsep_down(down_weight: torch.Tensor, token_mask: Optional[torch.Tensor]) -> bool:
+    """Up to the pre-kernels' rank, without a token mask (the kernel does not read one yet: a
+    padded batch of sequences runs on the reference)."""
+    return down_weight.shape[0] <= MAX_PREOP_RANK and token_mask is None
 
 
 def attention_tile(target: Target, head_dim: int) -> Tuple[int, int, int, int]:
