@@ -6,7 +6,8 @@
   `F.linear`, `torch.ao` dynamic int8 linear (fbgemm), and ours per instruction-set path this CPU
   runs, W8A8 and W4A8 (int4 weights), weights packed once as a converted model holds them; the
   cost of each epilogue term over the bare GEMM at 2048 × 768 → 3072.
-- W4A16 (group 128) on the decode kernel at the LLaMA shapes with M <= 16.
+- W4A16 (group 128) on the decode kernel at the LLaMA shapes with M <= 16; at M = 1 over weight
+  copies twice the last-level cache, against the copy and read bandwidth of as many bytes.
 - End to end: all-MiniLM-L6-v2 (real weights, 64 sentences in one padded batch): fp32 eager,
   `torch.ao` dynamic int8, ours W8A8 and W4A8 (converted for runtime: per linear, and with an
   example, fused blocks) on the `cpu` backend's default path, W8A8 converted on each other path
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -145,39 +147,65 @@ def bench_gemms(runs: int, quick: bool) -> List[dict]:
     return rows
 
 
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs), or 32 MB where it reports none."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
 def bench_decode_bandwidth(runs: int) -> dict:
-    """W4A16 decode at M = 1 over weight copies rotated so that they do not fit in cache, against
-    this machine's copy bandwidth (torch copy of 256 MB, read + write bytes)."""
-    source, target = torch.empty(64 << 20), torch.empty(64 << 20)
-    target.copy_(source)
-    copies = []
+    """W4A16 decode at M = 1 (under no_grad, as a decoder runs) over weight copies rotated so that
+    they do not fit in cache (twice the last-level cache in all, at least 128 MB), against this
+    machine's copy bandwidth (torch copy, read + write bytes) and read bandwidth (a torch fp32 sum,
+    the one stream decode has), each over twice the last-level cache."""
+    stream_bytes = max(128 << 20, 2 * _last_level_cache_bytes())
+    source, target = torch.ones(stream_bytes // 4), torch.zeros(stream_bytes // 4)  # pages touched: real memory
+    copies, reads = [], []
     for _ in range(runs):
         start = time.perf_counter()
         target.copy_(source)
         copies.append(time.perf_counter() - start)
-    copy_gbs = 2 * source.numel() * 4 / statistics.median(copies) / 1e9
+        start = time.perf_counter()
+        source.sum()
+        reads.append(time.perf_counter() - start)
+    copy_gbs = 2 * stream_bytes / statistics.median(copies) / 1e9
+    read_gbs = stream_bytes / statistics.median(reads) / 1e9
+    del source, target
     rows = []
     for n in (4096, 14336):
         generator = torch.Generator().manual_seed(0)
-        weights = [quantize_weight(torch.randn(n, 4096, generator=generator) * 0.05, qk.W4A16(group_size=128))
-                   for _ in range(max(2, -(-128 << 20) // (n * 4096 // 2)))]  # >= 128 MB of nibbles in all
+        weight = quantize_weight(torch.randn(n, 4096, generator=generator) * 0.05, qk.W4A16(group_size=128))
+        weights = [dataclasses.replace(weight, data=weight.data.clone(), scale=weight.scale.clone(),
+                                       zero=weight.zero.clone())
+                   for _ in range(max(2, -(-stream_bytes // (n * 4096 // 2))))]
         weight_bytes = sum(t.numel() * t.element_size() for t in (weights[0].data, weights[0].scale, weights[0].zero))
         x = torch.randn(1, 4096)
-        for w in weights:
-            qk.ops.fused_linear(x, None, w, out_dtype=torch.float32)
         times = []
-        for _ in range(runs):
-            start = time.perf_counter()
+        with torch.no_grad():
             for w in weights:
                 qk.ops.fused_linear(x, None, w, out_dtype=torch.float32)
-            times.append((time.perf_counter() - start) / len(weights))
+            for _ in range(runs):
+                start = time.perf_counter()
+                for w in weights:
+                    qk.ops.fused_linear(x, None, w, out_dtype=torch.float32)
+                times.append((time.perf_counter() - start) / len(weights))
         seconds = statistics.median(times)
         rows.append({"shape": f"4096->{n} M=1", "copies": len(weights), "ms": seconds * 1e3,
-                     "weight_GBps": weight_bytes / seconds / 1e9, "fraction_of_copy_bandwidth":
-                     weight_bytes / seconds / 1e9 / copy_gbs})
+                     "weight_GBps": weight_bytes / seconds / 1e9,
+                     "fraction_of_copy_bandwidth": weight_bytes / seconds / 1e9 / copy_gbs,
+                     "fraction_of_read_bandwidth": weight_bytes / seconds / 1e9 / read_gbs})
         print(f"W4A16 decode 4096->{n} M=1 over {len(weights)} copies: {seconds * 1e3:.2f} ms, "
-              f"{weight_bytes / seconds / 1e9:.1f} GB/s of weights ({copy_gbs:.1f} GB/s copy)", flush=True)
-    return {"copy_GBps": copy_gbs, "decode": rows}
+              f"{weight_bytes / seconds / 1e9:.1f} GB/s of weights ({copy_gbs:.1f} GB/s copy, {read_gbs:.1f} GB/s read)",
+              flush=True)
+        del weights
+    return {"stream_bytes": stream_bytes, "copy_GBps": copy_gbs, "read_GBps": read_gbs, "decode": rows}
 
 
 def bench_minilm(runs: int) -> List[dict]:
