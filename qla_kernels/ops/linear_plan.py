@@ -107,3 +107,24 @@ class LinearPlan:
         backend = backend or resolve_backend(a.device)
         operands = self._operands(a, a_scale, lowrank_t, fullrank_x, residual, out_dtype)
         return implementation_for("fused_linear", backend, operands).eager(a)(operands)[0]
+
+    def fused(self, a: torch.Tensor, a_scale: Optional[torch.Tensor], a_zero_point: Optional[torch.Tensor], *,
+              out_dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
+              fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+              activation: str = "none", requant_bits: int = 0, gather_rows=None, scatter_rows=None,
+              out_rows: Optional[int] = None, residual_before_activation: bool = False):
+        """ops.fused_linear of this plan (codes `a`, their scale and GEMM zero point; or W4A16
+        activations) with a fused chain's epilogue, without the op's per-call validation: the plan
+        was checked when frozen, and a chain builds a, T, X_c, the residual and the row maps
+        (`RowMap`s, checked where they are built) from its validated input, so every call of it is
+        well-formed (its tests hold each chain to the reference). Y, or (q, scale) with
+        `requant_bits`."""
+        gather = None if gather_rows is None else gather_rows.indices
+        scatter = None if scatter_rows is None else scatter_rows.indices
+        operands = fused_linear_operands(
+            a, a_scale, self.weight, a_zero_point=a_zero_point, lowrank_t=lowrank_t, lowrank_u=self.lowrank_u,
+            fullrank_x=fullrank_x, fullrank_w=self.fullrank_w, bias=self.bias, activation=activation,
+            residual=residual, out_dtype=out_dtype, requant_bits=requant_bits, gather_rows=gather,
+            scatter_rows=scatter, out_rows=out_rows, residual_before_activation=residual_before_activation)
+        out, out_scale = implementation_for("fused_linear", resolve_backend(a.device), operands).eager(a)(operands)
+        return (out, out_scale) if requant_bits else out

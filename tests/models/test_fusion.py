@@ -28,15 +28,15 @@ def _vit(name="vit_tiny_patch16_224", depth=2, **kwargs):
 
 @pytest.fixture
 def chain_calls(monkeypatch):
-    """Activations of the fused_linear calls the fused chain makes."""
+    """Activations of the fused linears the fused chain runs (its plans' `fused` calls)."""
     calls = []
-    original = fused_chain.fused_linear
+    original = LinearPlan.fused
 
-    def counting(*args, **kwargs):
+    def counting(self, *args, **kwargs):
         calls.append(kwargs.get("activation", "none"))
-        return original(*args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(fused_chain, "fused_linear", counting)
+    monkeypatch.setattr(LinearPlan, "fused", counting)
     return calls
 
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ...ops import (
-    fused_linear,
     gemm_zero_point,
     normalize_activation,
     normalize_quantize_activation,
@@ -61,10 +60,9 @@ def gemm(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Te
          out_dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None, fullrank_x: Optional[torch.Tensor] = None,
          **epilogue):
     """The fused linear of `plan` on codes a (scale, GEMM zero point) or W4A16 activations a; T
-    and X_c pair with the plan's U and W_c; `epilogue`: activation, residual, requant_bits, row maps."""
-    return fused_linear(a, scale, plan.weight, a_zero_point=zero, bias=plan.bias, lowrank_t=lowrank_t,
-                        lowrank_u=plan.lowrank_u, fullrank_x=fullrank_x, fullrank_w=plan.fullrank_w,
-                        out_dtype=out_dtype, **epilogue)
+    and X_c pair with the plan's U and W_c; `epilogue`: activation, residual, requant_bits, row maps
+    (`LinearPlan.fused`: not validated again per call)."""
+    return plan.fused(a, scale, zero, lowrank_t=lowrank_t, fullrank_x=fullrank_x, out_dtype=out_dtype, **epilogue)
 
 
 def mlp(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor], fc1: LinearPlan,
@@ -101,15 +99,19 @@ def down_projection(block: nn.Module, layer: QuantLinear, dtype: Optional[torch.
     return weight.t().to(dtype or weight.dtype).contiguous()
 
 
-def hooked_modules(block: nn.Module, names: Tuple[str, ...]) -> List[str]:
-    """The modules among those the chain skips (each named one and its parents inside the block)
-    that have hooks, other than lowered adapters' (the chain computes their T itself)."""
-    hooked = []
-    for name in sorted({prefix for name in names for prefix in _prefixes(name)}):
-        module = block.get_submodule(name)
-        if module._forward_pre_hooks or any(h not in LOWERED_ADAPTER_HOOKS for h in module._forward_hooks.values()):
-            hooked.append(name)
-    return hooked
+def bypassed_modules(block: nn.Module, names: Tuple[str, ...]) -> Tuple[Tuple[str, nn.Module], ...]:
+    """(name, module) of each module the chain skips (each named one and its parents inside the
+    block), in name order: resolved once, when the block is fused."""
+    return tuple((name, block.get_submodule(name)) for name in sorted({p for name in names for p in _prefixes(name)}))
+
+
+def hooked_modules(block: nn.Module, names: Optional[Tuple[str, ...]] = None) -> List[str]:
+    """The modules among those the chain skips (`names` and their parents; by default those the
+    fused block resolved when it was fused) that have hooks, other than lowered adapters' (the
+    chain computes their T itself)."""
+    modules = block._qla_bypassed if names is None else bypassed_modules(block, names)
+    return [name for name, module in modules
+            if module._forward_pre_hooks or any(h not in LOWERED_ADAPTER_HOOKS for h in module._forward_hooks.values())]
 
 
 def _prefixes(name: str) -> Tuple[str, ...]:
@@ -123,7 +125,7 @@ def common_reasons(block: nn.Module, x: torch.Tensor) -> str:
         return "the block is in training mode"
     if resolve_backend(x.device) == "simulate":
         return "the backend is 'simulate'"
-    hooked = hooked_modules(block, block._qla_template.bypassed())
+    hooked = hooked_modules(block)
     if hooked:
         return f"modules the fused chain bypasses carry hooks (observers, corrections not lowered): {hooked}"
     return ""

@@ -22,7 +22,7 @@ from ...ops.row_maps import RowMap
 from ..adapters import DWSepAdapter, LoRAAdapter
 from ..module_kinds import read_norm
 from ..quant_linear import QuantLinear
-from .chain import fused_class
+from .chain import bypassed_modules, fused_class
 from .mlp import FusedMLP
 from .model_attention import FusedModelAttentionBlock
 from .packed_qkv import FusedPackedQKVBlock
@@ -145,6 +145,7 @@ def fuse_block(block: nn.Module, template, windows: Optional[WindowLayout] = Non
 def _swap_class(block: nn.Module, template) -> nn.Module:
     block.__class__ = fused_class(type(block), _FUSED_MIXINS[type(template)])
     block._qla_template = template
+    block._qla_bypassed = bypassed_modules(block, template.bypassed())
     return block
 
 
@@ -154,7 +155,7 @@ def unfuse_block(block: nn.Module) -> nn.Module:
         raise ValueError(f"{type(block).__name__} is not a fused block")
     block.__class__ = original_class(block)
     del block._qla_template
-    for name in ("_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed",
+    for name in ("_qla_bypassed", "_qla_returns_tuple", "_qla_window_grid", "_qla_window_tokens", "_qla_packed",
                  "_qla_packed_quantization", "_qla_warned_stale", "_qla_plans"):
         block.__dict__.pop(name, None)
     for name in ("_qla_window_rows", "_qla_window_mask"):
