@@ -209,3 +209,22 @@ def test_vit_shapes_on_gpu(dtype, dim, prefix, rank):
     with qk.use_backend("triton"):
         actual = ops.dwsep_down(*_op_args(adapter, h)).float()
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sequence_shapes_on_gpu(dtype):
+    """BERT-base's attention adapter: 32 sequences of 128 tokens as 1 × 128 grids with a 1-D
+    conv's taps (the launch the AOT table plans for it); a padding mask runs on the reference."""
+    torch.manual_seed(0)
+    adapter = DWSepAdapter(768, 8, None).to(DEVICE)
+    torch.nn.init.normal_(adapter.depthwise.weight, std=0.3)
+    h = torch.randn(32, 128, 768, device=DEVICE, dtype=dtype)
+    args = (h, 1, 128, 0, adapter.depthwise.weight.to(dtype), adapter.depthwise.bias.to(dtype),
+            adapter.down.weight.to(dtype), adapter.down.bias.to(dtype))
+    with qk.use_backend("reference"):
+        expected = ops.dwsep_down(*args).float()
+    with qk.use_backend("triton"):
+        assert ops.implementation("dwsep_down", h.device, *args, None).backend == "triton"
+        actual = ops.dwsep_down(*args).float()
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
