@@ -971,9 +971,12 @@ void dwsep_rows_impl(const DwsepProblem& p, int64_t row0, int64_t row1) {
     if (i < p.prefix) {
       std::memcpy(mixed.data(), h, sizeof(float) * dim);
     } else {
+      // The neighbours inside the grid, in tap order: their rows, taps and mask factors.
       const int64_t pixel = i - p.prefix, y = pixel / p.width, x = pixel % p.width;
-      if (p.dw_bias) std::memcpy(mixed.data(), p.dw_bias, sizeof(float) * dim);
-      else std::fill(mixed.begin(), mixed.end(), 0.0f);
+      const float* near[9];
+      const float* tap[9];
+      float keep[9];
+      int count = 0;
       for (int ky = 0; ky < 3; ++ky) {
         const int64_t yy = y + ky - 1;
         if (yy < 0 || yy >= p.height) continue;
@@ -981,21 +984,27 @@ void dwsep_rows_impl(const DwsepProblem& p, int64_t row0, int64_t row1) {
           const int64_t xx = x + kx - 1;
           if (xx < 0 || xx >= p.width) continue;
           const int64_t near_pixel = yy * p.width + xx;
-          const float* near = p.h + (s * p.tokens + p.prefix + near_pixel) * p.h_stride;
-          const float* tap = taps.data() + (ky * 3 + kx) * dim;
-          float* m = mixed.data();
-          if (p.token_mask) {  // the masked value, then the tap: the reference's two roundings
-            const float keep = p.token_mask[s * p.height * p.width + near_pixel];
-            const Lanes keep_lanes = broadcast_lanes(keep);
-            for (int64_t d = 0; d < whole; d += kLanes)
-              store_lanes(m + d, multiply_add(load_lanes(tap + d), load_lanes(near + d) * keep_lanes, load_lanes(m + d)));
-            for (int64_t d = whole; d < dim; ++d) m[d] = std::fma(tap[d], near[d] * keep, m[d]);
-          } else {
-            for (int64_t d = 0; d < whole; d += kLanes)
-              store_lanes(m + d, multiply_add(load_lanes(tap + d), load_lanes(near + d), load_lanes(m + d)));
-            for (int64_t d = whole; d < dim; ++d) m[d] = std::fma(tap[d], near[d], m[d]);
-          }
+          near[count] = p.h + (s * p.tokens + p.prefix + near_pixel) * p.h_stride;
+          tap[count] = taps.data() + (ky * 3 + kx) * dim;
+          keep[count] = p.token_mask ? p.token_mask[s * p.height * p.width + near_pixel] : 1.0f;
+          ++count;
         }
+      }
+      // Each chunk's sum in a register over the neighbours (bias first, then the taps in order);
+      // with a mask the masked value, then the tap: the reference's two roundings.
+      float* m = mixed.data();
+      for (int64_t d = 0; d < whole; d += kLanes) {
+        Lanes sum = p.dw_bias ? load_lanes(p.dw_bias + d) : broadcast_lanes(0.0f);
+        for (int n = 0; n < count; ++n) {
+          const Lanes value = p.token_mask ? load_lanes(near[n] + d) * broadcast_lanes(keep[n]) : load_lanes(near[n] + d);
+          sum = multiply_add(load_lanes(tap[n] + d), value, sum);
+        }
+        store_lanes(m + d, sum);
+      }
+      for (int64_t d = whole; d < dim; ++d) {
+        float sum = p.dw_bias ? p.dw_bias[d] : 0.0f;
+        for (int n = 0; n < count; ++n) sum = std::fma(tap[n][d], p.token_mask ? near[n][d] * keep[n] : near[n][d], sum);
+        m[d] = sum;
       }
     }
     activate(mixed.data(), dim, kGelu);
