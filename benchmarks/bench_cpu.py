@@ -13,8 +13,10 @@
   example, fused blocks) on the `cpu` backend's default path, W8A8 converted on each other path
   this CPU runs, W8A8 with QLA adapters (rank 8) and with QLA + QwT (truncated to 0.99 energy)
   lowered and fused, and W8A8 on the reference (the previous CPU path),
-  each with its embedding cosine vs fp32. Not measured: fp32 torch.compile, BERT-base, DeiT-S and
-  a LLaMA-shaped decoder end to end.
+  each with its embedding cosine vs fp32; BERT-base (seq 128, batch 8) and DeiT-S (batch 8) with
+  random weights: fp32 eager, torch.ao dynamic int8, ours W8A8 and W4A8 with fused blocks, each
+  with its output cosine vs fp32. Not measured: fp32 torch.compile and a LLaMA-shaped decoder end
+  to end.
 Variants are interleaved run by run (so drift hits all alike); min and median of --runs. ONNX
 Runtime is not measured (the report says whether it is installed: it was not installable where
 this was written). Writes JSON and a PNG beside it, labelled with the CPU, its flags and the path.
@@ -255,6 +257,53 @@ def bench_minilm(runs: int) -> List[dict]:
     return rows
 
 
+def _random_models() -> Dict[str, tuple]:
+    """BERT-base (seq 128, batch 8) and DeiT-S (batch 8, 224²) with random weights, built from
+    their configs (nothing downloaded): name -> (model, example input as keyword arguments)."""
+    import timm
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig()).eval()  # BERT-base's config: 12 layers of 768, 12 heads, GELU
+    deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    generator = torch.Generator().manual_seed(0)
+    return {"BERT-base seq 128 batch 8 (random weights)":
+                (bert, {"input_ids": torch.randint(1000, 30000, (8, 128), generator=generator),
+                        "attention_mask": torch.ones(8, 128, dtype=torch.long)}),
+            "DeiT-S batch 8 (random weights)": (deit, {"x": torch.randn(8, 3, 224, 224, generator=generator)})}
+
+
+def bench_random_models(runs: int) -> List[dict]:
+    """fp32 eager, torch.ao dynamic int8 and ours W8A8 / W4A8 (converted with fused blocks), each
+    with the cosine of its output to fp32's (last hidden state / logits, flattened per sample)."""
+    rows = []
+    for label, (model, example) in _random_models().items():
+        def output(m):
+            with torch.no_grad():
+                out = m(**example)
+            out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+            return out.reshape(out.shape[0], -1).float()
+
+        variants = {"fp32 eager": model,
+                    "torch.ao dynamic int8": torch.ao.quantization.quantize_dynamic(
+                        copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)}
+        for name, config in (("W8A8", qk.W8A8()), ("W4A8", qk.W4A8())):
+            fused = qk.quantize_(copy.deepcopy(model), config)
+            qk.convert_for_runtime(fused, dict(example))
+            variants[f"ours {name} cpu {cpu.isa()} (converted, fused blocks)"] = fused
+        fp = output(model)
+        calls = {name: (lambda m=m: output(m)) for name, m in variants.items()}
+        timings = interleaved(calls, runs)
+        base = timings["fp32 eager"]["median_ms"]
+        for name, timing in timings.items():
+            cosine = F.cosine_similarity(calls[name](), fp, dim=-1)
+            rows.append({"model": label, "variant": name, **timing, "speedup_vs_fp32": base / timing["median_ms"],
+                         "cos_mean": float(cosine.mean()), "cos_min": float(cosine.min())})
+            print(f"{label} {name}: {timing['median_ms']:.1f} ms ({base / timing['median_ms']:.2f}x fp32), "
+                  f"cosine {float(cosine.mean()):.5f}", flush=True)
+    return rows
+
+
 def _corrected(model_fp, batch: dict, with_qwt: bool):
     """`model_fp` at W8A8 with QLA adapters at rank 8 (the zero-initialized up projections
     made small and random: the cost of trained ones) and optionally QwT (fitted on this batch,
@@ -292,7 +341,7 @@ def write(report: dict, out: Path) -> None:
     except ImportError:
         return
     rows = [r for r in report["end_to_end"]] + [r for r in report["gemm"] if r["shape"].startswith("issue")]
-    labels = [f"{r.get('shape', 'MiniLM')}: {r['variant']}" for r in rows]
+    labels = [f"{r.get('shape') or r['model'].split(' (')[0]}: {r['variant']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1))
     ax.barh(range(len(rows)), [r["speedup_vs_fp32"] for r in rows])
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
@@ -329,7 +378,7 @@ def main(argv=None) -> int:
               "onnxruntime": _onnxruntime_version()}
     report["gemm"] = bench_gemms(args.runs, args.quick)
     report["w4a16_decode_bandwidth"] = None if args.quick else bench_decode_bandwidth(args.runs)
-    report["end_to_end"] = [] if args.quick else bench_minilm(args.runs)
+    report["end_to_end"] = [] if args.quick else bench_minilm(args.runs) + bench_random_models(args.runs)
     name = cpu.cpu_name().replace(" ", "_").replace("(R)", "") + ("_avx2_only" if restricted else "")
     out = args.out or Path("benchmarks/results") / f"cpu_{name}.json"
     write(report, out)
