@@ -215,7 +215,9 @@ inline void activate(float* y, int64_t n, int activation) {
     case kQuickGelu:
       apply_lanes(y, y, n, [](Lanes x, int64_t) { return sigmoid_gate_lanes(x, broadcast_lanes(1.702f)); });
       break;
-    case kSilu: apply_lanes(y, y, n, [](Lanes x, int64_t) { return sigmoid_gate_lanes(x, broadcast_lanes(1.0f)); }); break;
+    case kSilu:
+      apply_lanes(y, y, n, [](Lanes x, int64_t) { return sigmoid_gate_lanes(x, broadcast_lanes(1.0f)); });
+      break;
     // NaN propagates through ReLU and ReLU6, as through torch's (x > 0 and x < 0 are false for NaN).
     case kRelu: apply_lanes(y, y, n, [&](Lanes x, int64_t) { return x < zero ? zero : x; }); break;
     case kRelu6:
@@ -606,20 +608,6 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
 }
 
 #ifdef __AVX512F__
-template <int Rounding>
-inline __m512 round_weight16(__m512 w) {
-  if constexpr (Rounding == kFp16) {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else if constexpr (Rounding == kBf16) {
-    const __m512i bits = _mm512_castps_si512(w);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-    return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
-  } else {
-    return w;
-  }
-}
-
 // w4a16_column in 512-bit registers, for groups of a multiple of 32 k: per 32 k one 16-byte load
 // zero-extended to 16 lanes, each nibble looked up in the group's 16 dequantized values (one
 // `vpermps` reads an index's low 4 bits: the low nibble as it is, the high one after a shift), then
@@ -630,7 +618,8 @@ inline __m512 round_weight16(__m512 w) {
 template <int Rows, int Columns, int Rounding>
 void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* scale, const uint8_t* zero,
                     int64_t group, float* out_column, int64_t out_stride) {
-  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m256 low_codes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 high_codes = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
   const int64_t groups = k / group, row_bytes = k / 2;
   __m512 total[Columns][Rows];
   for (int n = 0; n < Columns; ++n)
@@ -642,8 +631,15 @@ void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* sc
       for (int r = 0; r < Rows; ++r)
         for (int j = 0; j < 4; ++j) part[n][r][j] = _mm512_setzero_ps();
       s[n] = _mm512_set1_ps(scale[n * groups + g]);
-      table[n] = _mm512_sub_ps(codes, _mm512_set1_ps(static_cast<float>(zero[n * groups + g])));
-      if constexpr (Rounding != kFp32) table[n] = round_weight16<Rounding>(_mm512_mul_ps(table[n], s[n]));
+      // The 16 values in two halves, each as the 256-bit form computes a weight.
+      const __m256 z = _mm256_set1_ps(static_cast<float>(zero[n * groups + g]));
+      __m256 low = _mm256_sub_ps(low_codes, z), high = _mm256_sub_ps(high_codes, z);
+      if constexpr (Rounding != kFp32) {
+        const __m256 group_scale = _mm256_set1_ps(scale[n * groups + g]);
+        low = round_weight<Rounding>(_mm256_mul_ps(low, group_scale));
+        high = round_weight<Rounding>(_mm256_mul_ps(high, group_scale));
+      }
+      table[n] = _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
     }
     auto chunk = [&](int64_t c, int chain) {
       for (int n = 0; n < Columns; ++n) {
@@ -996,14 +992,16 @@ void dwsep_rows_impl(const DwsepProblem& p, int64_t row0, int64_t row1) {
       for (int64_t d = 0; d < whole; d += kLanes) {
         Lanes sum = p.dw_bias ? load_lanes(p.dw_bias + d) : broadcast_lanes(0.0f);
         for (int n = 0; n < count; ++n) {
-          const Lanes value = p.token_mask ? load_lanes(near[n] + d) * broadcast_lanes(keep[n]) : load_lanes(near[n] + d);
+          const Lanes value = p.token_mask ? load_lanes(near[n] + d) * broadcast_lanes(keep[n])
+                                           : load_lanes(near[n] + d);
           sum = multiply_add(load_lanes(tap[n] + d), value, sum);
         }
         store_lanes(m + d, sum);
       }
       for (int64_t d = whole; d < dim; ++d) {
         float sum = p.dw_bias ? p.dw_bias[d] : 0.0f;
-        for (int n = 0; n < count; ++n) sum = std::fma(tap[n][d], p.token_mask ? near[n][d] * keep[n] : near[n][d], sum);
+        for (int n = 0; n < count; ++n)
+          sum = std::fma(tap[n][d], p.token_mask ? near[n][d] * keep[n] : near[n][d], sum);
         m[d] = sum;
       }
     }
