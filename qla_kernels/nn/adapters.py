@@ -106,7 +106,6 @@ class DWSepAdapter(nn.Module):
         mixed = torch.cat([prefix, body], dim=1)
         return self.down(F.gelu(mixed)), next_state
 
-
     def _inference(self, h: torch.Tensor) -> bool:
         return not (torch.is_grad_enabled() and (h.requires_grad or self.down.weight.requires_grad))
 

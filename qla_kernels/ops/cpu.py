@@ -221,6 +221,10 @@ def _w4a16_decode(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     return y.to(operands.out_dtype), y.new_empty((0,))
 
 
+def _fp32_contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else tensor.float().contiguous()
+
+
 def _fp32_rows(tensor: Optional[Tensor]) -> Optional[Tensor]:
     """fp32 with unit column stride (rows may keep their stride)."""
     if tensor is None:
@@ -353,7 +357,7 @@ def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], ze
     rows = x.float().contiguous()
     q = torch.empty(rows.shape, dtype=torch.int8)
     scale = torch.empty(rows.shape[0], dtype=torch.float32)
-    static = None if static_scale is None else static_scale.float().contiguous()
+    static = _fp32_contiguous(static_scale)
     projection = _Projection(x, down_proj)
     _MODULE.quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
                           _address(static), *_zero_point_arguments(zero_point, bits), q.data_ptr(), scale.data_ptr(),
@@ -371,9 +375,7 @@ def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, n
     """(norm(x) fp32, q, scale, T) on the kernel: q and scale empty at bits 0, T (`_Projection`)
     empty without down_proj."""
     rows = x.float().contiguous()
-    weight = None if norm_weight is None else norm_weight.float().contiguous()
-    bias = None if norm_bias is None else norm_bias.float().contiguous()
-    static = None if static_scale is None else static_scale.float().contiguous()
+    weight, bias, static = (_fp32_contiguous(t) for t in (norm_weight, norm_bias, static_scale))
     normed = torch.empty_like(rows)
     q = torch.empty(rows.shape if bits else (0,), dtype=torch.int8)
     scale = torch.empty(rows.shape[0] if bits else 0, dtype=torch.float32)
@@ -499,10 +501,6 @@ refuse_backward(log2_attention_op)
 def supports_dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias,
                         down_weight: Tensor, down_bias, token_mask) -> bool:
     return h.device.type == "cpu" and h.dtype == torch.float32
-
-
-def _fp32_contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
-    return None if tensor is None else tensor.float().contiguous()
 
 
 def dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor, dw_bias: Optional[Tensor],
