@@ -217,7 +217,7 @@ setup(
     description="Quantized inference for PyTorch with accuracy-recovery modules fused into int8/int4 GEMMs",
     python_requires=">=3.10",
     packages=find_packages(include=["qla_kernels", "qla_kernels.*"]),
-    package_data={"qla_kernels": ["_build_info.json", "data/*.txt"]},
+    package_data={"qla_kernels": ["_build_info.json", "data/*.txt", "data/corpus/*.txt", "data/corpus/*.md"]},
     install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
         "models": ["timm", "transformers>=5", "accelerate"],

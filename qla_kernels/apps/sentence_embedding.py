@@ -58,6 +58,24 @@ def calibration_sentences() -> List[str]:
     return [line.strip() for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
 
 
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "data" / "corpus"
+CORPUS_SPLITS = ("calibration", "validation", "test")
+
+
+def corpus_path(split: str) -> Path:
+    """The file of one split of the shipped English corpus (data/corpus/README.md): "calibration"
+    (1500 sentences), "validation" (600, for choosing stages and hyperparameters) or "test" (900,
+    for reported figures only)."""
+    if split not in CORPUS_SPLITS:
+        raise ValueError(f"split must be one of {CORPUS_SPLITS}, got {split!r}")
+    return CORPUS_DIR / f"{split}.txt"
+
+
+def corpus(split: str) -> List[str]:
+    """The sentences of one split of the shipped corpus, in file order (see `corpus_path`)."""
+    return [line.strip() for line in corpus_path(split).read_text().splitlines() if line.strip()]
+
+
 def load_minilm(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of all-MiniLM-L6-v2, loaded from site-packages without network access."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
