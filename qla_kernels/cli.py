@@ -1,8 +1,8 @@
 """The `qla` console entry point.
 
     qla demo        quantize the real MiniLM model (W8A8, W4A16) and compare it with fp
-    qla quantize    quantize a timm model or local HF model (PTQ, QwT or GPLQ) into one .safetensors file,
-                    or an HF model into a save_pretrained directory
+    qla quantize    quantize a timm model or local HF model (rotation, PTQ / GPTQ / GPLQ, QwT, QLA) into one
+                    .safetensors file, or an HF model into a save_pretrained directory
     qla eval        compare a quantized file with its fp model on an image folder or text file
     qla bench       end-to-end latency vs fp16 on this device (CPU: tiny models, labelled)
     qla backends    which backends can run here, and why not
@@ -127,7 +127,9 @@ def run_quantize(args, out=None) -> dict:
     config = workflow.make_config(args.config, args.group_size, args.rotate)
     batches = workflow.load_batches(args.calib, loaded, args.calib_batches, args.batch_size)
     quantized, report = workflow.quantize_model(loaded.model, config, args.method, batches,
-                                                static_activations=args.activations == "static")
+                                                static_activations=args.activations == "static",
+                                                qla_options=workflow.QLAOptions(args.qla_rank, args.qla_epochs,
+                                                                                args.qla_lr))
     if args.out.endswith(".safetensors"):
         save_quantized(quantized, args.out)
     elif not hasattr(quantized, "save_pretrained"):
@@ -179,11 +181,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     quantize.add_argument("--rotate", choices=("hadamard",),
                           help="rotate every quantized activation by a randomized Hadamard matrix (weights folded)")
     quantize.add_argument("--method", default="qwt", choices=workflow.METHODS,
-                          help="ptq: round-to-nearest (+ --activations static); qwt: PTQ + QwT; gptq: GPTQ weights "
-                               "(+ --activations static); gptq+qwt: GPTQ + QwT; gplq: activation-first "
-                               "QAT (one epoch over the calibration batches) + clipped weights + QwT")
+                          help="stages, run in this order after --rotate: the weights (ptq: round to nearest; gptq: "
+                               "GPTQ; gplq: activation-first QAT, one epoch over the calibration batches, then "
+                               "clipped weights and QwT), then +qwt (QwT; 'qwt' alone is ptq+qwt), then +qla (QLA "
+                               "adapters trained against the fp model). A fifth of the calibration batches judges "
+                               "every stage: a QwT or QLA stage that makes its error worse is dropped")
     quantize.add_argument("--activations", default="dynamic", choices=("dynamic", "static"),
-                          help="per-token dynamic scales, or static per-tensor scales calibrated by percentile search")
+                          help="per-token dynamic scales, or static per-tensor scales (calibrated by percentile "
+                               "search; with gplq, LSQ+ quantizers trained in its QAT)")
+    quantize.add_argument("--qla-rank", type=int, default=workflow.QLAOptions.rank, help="QLA adapter rank")
+    quantize.add_argument("--qla-epochs", type=int, default=workflow.QLAOptions.epochs,
+                          help="QLA training epochs over the calibration batches")
+    quantize.add_argument("--qla-lr", type=float, default=workflow.QLAOptions.lr, help="QLA AdamW learning rate")
     quantize.add_argument("--calib", required=True, help="image folder or text file for calibration")
     quantize.add_argument("--calib-batches", type=int, default=16)
     quantize.add_argument("--out", required=True,

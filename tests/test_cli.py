@@ -29,11 +29,13 @@ def test_quantize_and_eval_a_text_model(tmp_path, capsys, method):
         assert config["quantization_config"]["quant_method"] == "qla" and (out / "tokenizer.json").exists()
     # One of the four batches is held out of calibration and judges each stage against plain PTQ.
     assert report["calibration_batches"] == 3 and report["held_out_batches"] == 1
-    assert [stage["stage"] for stage in report["stages"]] == (["gptq", "qwt"] if method == "gptq+qwt" else ["gplq"])
+    assert [stage["stage"] for stage in report["stages"]] == ["gptq" if method == "gptq+qwt" else "gplq", "qwt"]
     final = [stage for stage in report["stages"] if not stage.get("dropped")][-1]
     assert report["worse_than_ptq"] == (final["held_out_error"] > report["ptq_held_out_error"])
-    if method == "gplq":
-        assert report["static_scales"] == 6 * 6 + 1 and report["gplq_steps"] == 3  # MiniLM: 6 linears per layer + pooler
+    assert report["stages"][1]["gain"] == pytest.approx(report["stages"][0]["held_out_error"]
+                                                        - report["stages"][1]["held_out_error"])
+    if method == "gplq":  # per-token dynamic activations unless --activations static
+        assert report["gplq_activations"] == "dynamic" and report["gplq_steps"] == 3 and "static_scales" not in report
     assert main(["eval", "--model", model, "--quantized", str(out), "--data", str(CALIBRATION_FILE), "--batches", "2"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["samples"] == 64 and metrics["cosine"] > 0.9
@@ -118,9 +120,56 @@ def test_a_stage_that_makes_the_held_out_error_worse_is_dropped(monkeypatch):
     monkeypatch.setattr(workflow.qwt, "calibrate", harmful_qwt)
     with pytest.warns(UserWarning, match="QwT made the held-out error worse"):
         model, report = workflow.quantize_model(fp, qk.W8A8(), "qwt", batches, progress=False)
-    assert report["stages"][-1] == {"stage": "qwt", "held_out_error": report["stages"][-1]["held_out_error"],
-                                    "dropped": True}
+    last = report["stages"][-1]
+    assert last == {"stage": "qwt", "held_out_error": last["held_out_error"], "gain": last["gain"], "dropped": True}
+    assert last["gain"] < 0
     assert not report["worse_than_ptq"] and report["held_out_batches"] == 1
     reference = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
     with torch.no_grad():  # the model before the stage: plain PTQ here
         assert torch.equal(model(**batches[0])[0], reference(**batches[0])[0])
+
+
+def test_the_pipeline_runs_its_stages_in_order_and_drops_a_harmful_qla_stage(monkeypatch):
+    """gptq+qwt+qla on a tiny BERT: GPTQ, QwT, then QLA adapters on both blocks, each judged on the
+    held-out batch. A QLA stage whose training only adds noise is dropped: the model returned is
+    the one before it, without adapters."""
+    pytest.importorskip("transformers")
+    from qla_kernels.apps import workflow
+
+    fp, batches = tiny_bert(5)
+    model, report = workflow.quantize_model(fp, qk.W4A8(), "gptq+qwt+qla", batches, progress=False,
+                                            qla_options=workflow.QLAOptions(rank=4, epochs=1))
+    assert [stage["stage"] for stage in report["stages"]] == ["gptq", "qwt", "qla"]
+    assert report["qla_blocks"] == 2 and report["qla_steps"] == 4 and report["qla_rank"] == 4
+    if not report["stages"][-1].get("dropped"):
+        assert model._qla_handles
+
+    real_train = workflow.qla.train
+
+    def harmful_train(model_q, teacher, batches, **kwargs):
+        trained = real_train(model_q, teacher, batches, **kwargs)
+        with torch.no_grad():
+            for name, parameter in model_q.named_parameters():
+                if "qla_" in name:
+                    parameter.copy_(torch.randn_like(parameter))
+        return trained
+
+    monkeypatch.setattr(workflow.qla, "train", harmful_train)
+    with pytest.warns(UserWarning, match="QLA made the held-out error worse"):
+        model, report = workflow.quantize_model(fp, qk.W4A8(), "ptq+qla", batches,
+                                                progress=False, qla_options=workflow.QLAOptions(rank=4, epochs=1))
+    assert report["stages"][-1]["dropped"] and not getattr(model, "_qla_handles", None)
+    with torch.no_grad():
+        assert torch.equal(model(**batches[0])[0], qk.quantize_(copy.deepcopy(fp), qk.W4A8())(**batches[0])[0])
+
+
+@pytest.mark.parametrize("options, message", [(dict(rank=0), "rank must be a positive int"),
+                                              (dict(epochs=1.5), "epochs must be a positive int"),
+                                              (dict(lr=0.0), "lr must be a positive number")])
+def test_bad_qla_options(options, message):
+    from qla_kernels.apps import workflow
+
+    with pytest.raises(ValueError, match=message):
+        workflow.QLAOptions(**options)
+    with pytest.raises(ValueError, match="method must be one of"):
+        workflow.parse_method("qla+gptq")

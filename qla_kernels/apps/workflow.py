@@ -17,13 +17,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..methods import gplq, gptq, ptq, qwt
+from ..methods import gplq, gptq, ptq, qla, qwt
 from ..models.batches import model_output, run_model, token_mask
-from ..nn import quantize_
+from ..models.blocks import find_blocks
+from ..nn import QuantLinear, is_linear, quantize_
 from ..quant.config import W4A4, W4A8, W4A16, W8A8, QuantConfig
 
 CONFIG_NAMES = ("w8a8", "w4a8", "w4a16", "w4a4")
-METHODS = ("ptq", "qwt", "gptq", "gptq+qwt", "gplq")
+METHODS = ("ptq", "qwt", "gptq", "gptq+qwt", "gplq", "ptq+qla", "qwt+qla", "gptq+qla", "gptq+qwt+qla", "gplq+qla")
 
 
 @dataclasses.dataclass
@@ -104,20 +105,68 @@ def held_out_error(fp: nn.Module, quantized: nn.Module, batches: List[Any]) -> f
     return metrics["kl"] if "kl" in metrics else 1.0 - metrics["cosine"]
 
 
-def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: List[Any],
-                   static_activations: bool = False, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A quantized copy of `fp`: RTN weights ("ptq", "qwt") or GPTQ weights ("gptq", "gptq+qwt"),
-    optionally calibrated static activation scales, plus QwT compensation ("qwt", "gptq+qwt");
-    or GPLQ ("gplq": learned static activation scales, clipped weights, QwT). Returns the model
-    and what calibration reported.
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """What a method runs, in the pipeline's order: rotation (the config's), then the weights
+    (`weights`: "ptq" round to nearest, "gptq", or "gplq" activation-first QAT + clipped
+    weights), then QwT, then QLA adapters."""
 
-    With two batches or more, the last HELD_OUT_FRACTION of them (at least one) is held out of
-    calibration and judges every stage (`held_out_error`): the report lists each stage's error,
-    a QwT stage that makes it worse is dropped (the model before it is returned, and the report
-    says so), and a result worse than plain round-to-nearest PTQ is flagged
-    (`worse_than_ptq`) with a warning."""
+    weights: str
+    qwt: bool
+    qla: bool
+
+
+def parse_method(method: str) -> Stages:
+    """`method` (one of METHODS) → its Stages. "qwt" is PTQ + QwT; "gplq" includes its QwT."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    parts = method.split("+")
+    weights = parts[0] if parts[0] in ("ptq", "gptq", "gplq") else "ptq"
+    return Stages(weights, "qwt" in parts or weights == "gplq", "qla" in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class QLAOptions:
+    """QLA's stage in `quantize_model`: adapter rank, epochs over the calibration batches, AdamW lr.
+    The defaults were chosen on the shipped corpus' validation split (README, "Accuracy at 4 bits")."""
+
+    rank: int = 8
+    epochs: int = 4
+    lr: float = 3e-3
+
+    def __post_init__(self):
+        for name in ("rank", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"QLA {name} must be a positive int, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
+            raise ValueError(f"QLA lr must be a positive number, got {self.lr!r}")
+
+
+def _add_qla_adapters(model: nn.Module, example: Any, rank: int) -> List[str]:
+    """Transformer blocks get QLA's attention and FFN adapters; blocks of convolutions only (CNNs)
+    the depthwise-separable compensation."""
+    blocks = find_blocks(model)
+    if any(is_linear(m) or isinstance(m, QuantLinear) for _, block in blocks for m in block.modules()):
+        return qla.add_adapters(model, rank=rank, example=example)
+    return qla.add_conv_adapters(model, example, rank=rank)
+
+
+def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: List[Any],
+                   static_activations: bool = False, progress: bool = True,
+                   qla_options: QLAOptions = QLAOptions()) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A quantized copy of `fp` by `method` (`parse_method`: rotation → weights → QwT → QLA;
+    rotation is the config's `rotate`), with static activation scales when `static_activations`
+    (calibrated by percentile search; for "gplq", its learned LSQ+ quantizers, else GPLQ trains
+    the weights against per-token dynamic activations). Returns the model and what calibration
+    reported.
+
+    With two batches or more, the last HELD_OUT_FRACTION of them (at least one) is held out of
+    calibration and judges every stage (`held_out_error`): the report lists each stage's error
+    and its gain over the stage before, a QwT or QLA stage that makes it worse is dropped (the
+    model before it is kept, and the report and a warning say so), and a result worse than plain
+    round-to-nearest PTQ is flagged (`worse_than_ptq`) with a warning."""
+    stages = parse_method(method)
     if not batches:
         raise ValueError("no calibration batches")
     held = max(1, round(HELD_OUT_FRACTION * len(batches))) if len(batches) >= 2 else 0
@@ -129,37 +178,53 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
         if not held_out:
             return None
         error = held_out_error(fp, model, held_out)
-        report["stages"].append({"stage": stage, "held_out_error": error})
+        entry = {"stage": stage, "held_out_error": error}
+        kept = [s for s in report["stages"] if not s.get("dropped")]
+        if kept:
+            entry["gain"] = kept[-1]["held_out_error"] - error
+        report["stages"].append(entry)
         return error
 
-    if method == "gplq":
-        student, stage1 = gplq.activation_qat(fp, config, calibration, progress=progress)
-        model, stage2 = gplq.weight_ptq(student, fp, config, calibration, progress=progress)
-        report.update(static_scales=stage1.quantized_layers, gplq_steps=stage1.steps,
-                      gplq_loss_first=stage1.losses[0], gplq_loss_last=stage1.losses[-1],
-                      qwt_blocks_kept=sum(b.enabled for b in stage2.qwt), qwt_blocks=len(stage2.qwt))
-        error = judged("gplq", model)
+    def optional_stage(name: str, model: nn.Module, error: Optional[float], run) -> Tuple[nn.Module, Optional[float]]:
+        """Runs `run(model)` in place; drops it (returns the model before) when it makes the held-out error worse."""
+        before = copy.deepcopy(model) if held_out else None
+        run(model)
+        after = judged(name, model)
+        if after is not None and after > error:
+            report["stages"][-1]["dropped"] = True
+            warnings.warn(f"{name.upper() if name == 'qla' else 'QwT'} made the held-out error worse "
+                          f"({error:.4g} -> {after:.4g}): dropped")
+            return before, error
+        return model, after
+
+    if stages.weights == "gplq":
+        student, stage1 = gplq.activation_qat(fp, config, calibration, progress=progress,
+                                              activations="static" if static_activations else "dynamic")
+        model, _ = gplq.weight_ptq(student, fp, config, calibration, compensate=False, progress=progress)
+        report.update(gplq_activations="static" if static_activations else "dynamic", gplq_steps=stage1.steps,
+                      gplq_loss_first=stage1.losses[0], gplq_loss_last=stage1.losses[-1])
+        if static_activations:
+            report["static_scales"] = stage1.quantized_layers
+    elif stages.weights == "gptq":
+        model = gptq.quantize(copy.deepcopy(fp), config, calibration, progress=progress)
     else:
-        if method.startswith("gptq"):
-            model = gptq.quantize(copy.deepcopy(fp), config, calibration, progress=progress)
-        else:
-            model = quantize_(copy.deepcopy(fp), config)
-        if static_activations and config.act_bits:
-            report["static_scales"] = len(ptq.calibrate(model, calibration, progress=progress))
-        error = judged("gptq" if method.startswith("gptq") else "ptq", model)
-        if method.endswith("qwt"):
-            before = copy.deepcopy(model) if held_out else None
-            blocks = qwt.calibrate(fp, model, calibration, progress=progress)
-            report["qwt_blocks_kept"] = sum(b.enabled for b in blocks)
-            report["qwt_blocks"] = len(blocks)
-            with_qwt = judged("qwt", model)
-            if with_qwt is not None and with_qwt > error:
-                report["stages"][-1]["dropped"] = True
-                report["qwt_blocks_kept"] = 0
-                warnings.warn(f"QwT made the held-out error worse ({error:.4g} -> {with_qwt:.4g}): dropped")
-                model = before
-            else:
-                error = with_qwt
+        model = quantize_(copy.deepcopy(fp), config)
+    if static_activations and config.act_bits and stages.weights != "gplq":
+        report["static_scales"] = len(ptq.calibrate(model, calibration, progress=progress))
+    error = judged(stages.weights, model)
+    if stages.qwt:
+        blocks: List[Any] = []
+        model, error = optional_stage("qwt", model, error, lambda m: blocks.extend(
+            qwt.calibrate(fp, m, calibration, progress=progress)))
+        dropped = report["stages"][-1].get("dropped", False) if held_out else False
+        report["qwt_blocks"] = len(blocks)
+        report["qwt_blocks_kept"] = 0 if dropped else sum(b.enabled for b in blocks)
+    if stages.qla:
+        def adapt(m: nn.Module) -> None:
+            names = _add_qla_adapters(m, calibration[0], qla_options.rank)
+            trained = qla.train(m, fp, calibration, epochs=qla_options.epochs, lr=qla_options.lr, progress=progress)
+            report.update(qla_blocks=len(names), qla_steps=trained.steps, qla_rank=qla_options.rank)
+        model, error = optional_stage("qla", model, error, adapt)
     if held_out:
         baseline = error if method == "ptq" and not static_activations else held_out_error(
             fp, quantize_(copy.deepcopy(fp), config), held_out)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..models.batches import materialize, model_output, run_model, token_mask
 from ..models.blocks import find_blocks
 from ..nn.compensation import primary_output
-from ..nn.lsq_linear import LSQLinear
+from ..nn.lsq_linear import LSQLinear, TokenQuantLinear
 from ..nn.quant_linear import QuantLinear, linear_weight
 from ..nn.quantize import announce_quantized, select_linears
 from ..nn.weight_reads import route_weight_reads, weight_reads_routed
@@ -42,6 +42,7 @@ from ..quant.observers import METHODS, ActivationObserver, static_scale
 from ..quant.weight import WEIGHT_CLIPS, clip_weight, quantize_weight
 from . import qwt
 
+ACTIVATIONS = ("static", "dynamic")
 
 @dataclasses.dataclass
 class PrincipalSubspace:
@@ -140,6 +141,7 @@ def activation_qat(
     pca_variance: float = 0.6,
     kd_weight: float = 0.0,
     temperature: float = 2.0,
+    activations: str = "static",
     init: str = "percentile",
     symmetric: bool = False,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
@@ -149,18 +151,31 @@ def activation_qat(
 ) -> Tuple[nn.Module, ActivationQATReport]:
     """GPLQ stage 1 → (W32A`config.act_bits` student, report); `model_fp` is left unchanged.
 
-    Every linear selected by `filter_fn(module, fqn)` (default: all, as in `quantize_`) becomes an
-    LSQLinear whose quantizer is initialised by `init` ("minmax" | "percentile" | "mse",
-    quant/observers.py) on the teacher's inputs to that layer, asymmetric unless `symmetric`.
+    `activations="static"` (the thesis' form): every linear selected by `filter_fn(module, fqn)`
+    (default: all, as in `quantize_`) becomes an LSQLinear whose per-tensor quantizer is
+    initialised by `init` ("minmax" | "percentile" | "mse", quant/observers.py) on the teacher's
+    inputs to that layer, asymmetric unless `symmetric`; the exported model runs static scales.
+    `activations="dynamic"`: each becomes a TokenQuantLinear, whose input is quantized per token
+    with dynamic scales (and rotated, with `config.rotate`) exactly as the exported QuantLinear's:
+    there is no quantizer to learn, so only the weights train (`train_weights` must hold). On
+    models with outlier channels, such as BERT, 4-bit static per-tensor scales lose most of the
+    accuracy before any training (the README's GPLQ section has the measurement); per-token scales
+    keep it.
     AdamW: `lr` for the step sizes and zero points, `weight_lr` for every other float parameter
     when `train_weights`. Loss: mean over blocks of the PCA feature-mimicking loss, plus
     `kd_weight`·KL(teacher ‖ student) at `temperature` (×T²/2) when the model outputs logits.
     """
     if config.act_bits is None:
         raise ValueError(f"GPLQ quantizes activations first; {type(config).__name__} has no activation quantization")
-    if config.rotate:
-        raise ValueError("GPLQ's activation QAT does not rotate its activations (rotate='hadamard'): use a config "
-                         "without rotation, or rotation with PTQ / GPTQ / QwT")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    dynamic = activations == "dynamic"
+    if config.rotate and not dynamic:
+        raise ValueError("GPLQ's static activation quantizers do not rotate their input (rotate='hadamard'): use "
+                         "activations='dynamic', or a config without rotation")
+    if dynamic and not train_weights:
+        raise ValueError("activations='dynamic' has no quantizer parameters to learn: it trains the weights, so "
+                         "train_weights must be True")
     if init not in METHODS:
         raise ValueError(f"init must be one of {METHODS}, got {init!r}")
     if not 0 < pca_variance <= 1:
@@ -173,16 +188,20 @@ def activation_qat(
     teacher_was_training = model_fp.training
     model_fp.eval()
     try:
-        observers, moments = _observe_teacher(model_fp, list(targets), batches, max_rows, progress)
+        observers, moments = _observe_teacher(model_fp, [] if dynamic else list(targets), batches, max_rows,
+                                              progress)
         device = next(model_fp.parameters()).device
         subspaces = [moment.subspace(pca_variance, device) for moment in moments]
         student = copy.deepcopy(model_fp)
         for name, module in targets.items():
-            layer = LSQLinear.from_linear(module, config.act_bits, symmetric)
-            scale, zero = static_scale(observers[name], config.act_bits, init, symmetric, linear_weight(module))
-            layer.input_quantizer.initialize(scale, zero)
+            if dynamic:
+                layer = TokenQuantLinear.from_linear(module, config)
+            else:
+                layer = LSQLinear.from_linear(module, config.act_bits, symmetric)
+                scale, zero = static_scale(observers[name], config.act_bits, init, symmetric, linear_weight(module))
+                layer.input_quantizer.initialize(scale, zero)
             student.set_submodule(name, layer)
-        route_weight_reads(student, (LSQLinear,))
+        route_weight_reads(student, (LSQLinear, TokenQuantLinear))
         losses, trainable = _train(student, model_fp, batches, subspaces, epochs, lr, weight_lr if train_weights else None,
                                    kd_weight, temperature, seed, progress)
     finally:
@@ -200,7 +219,7 @@ def _train(student, teacher, batches, subspaces, epochs, lr, weight_lr, kd_weigh
         p.requires_grad_(weight_lr is not None)
     for p in quantizer_params:
         p.requires_grad_(True)
-    groups = [{"params": quantizer_params, "lr": lr}]
+    groups = [{"params": quantizer_params, "lr": lr}] if quantizer_params else []
     if weight_lr is not None:
         groups.append({"params": other_params, "lr": weight_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -265,26 +284,33 @@ def weight_ptq(
 ) -> Tuple[nn.Module, WeightPTQReport]:
     """GPLQ stage 2, in place on the stage-1 `student` → (quantized model, report).
 
-    Each LSQLinear becomes a QuantLinear: weights clipped per channel by `weight_clip`
-    ("none" | "mse" | "percentile", quant/weight.clip_weight) and rounded into `config`'s format;
-    its learned step and integer zero point become the static activation scale and zero point.
-    Then, when `compensate`, QwT against `model_fp` (the original fp model).
+    Each LSQLinear or TokenQuantLinear becomes a QuantLinear: weights (rotated, with
+    `config.rotate`) clipped per channel by `weight_clip` ("none" | "mse" | "percentile",
+    quant/weight.clip_weight) and rounded into `config`'s format; an LSQLinear's learned step
+    and integer zero point become the static activation scale and zero point, a TokenQuantLinear's
+    layer keeps dynamic per-token scales. Then, when `compensate`, QwT against `model_fp` (the
+    original fp model).
     """
     if weight_clip not in WEIGHT_CLIPS:
         raise ValueError(f"weight_clip must be one of {WEIGHT_CLIPS}, got {weight_clip!r}")
-    layers = {name: m for name, m in student.named_modules() if isinstance(m, LSQLinear)}
+    layers = {name: m for name, m in student.named_modules() if isinstance(m, (LSQLinear, TokenQuantLinear))}
     if not layers:
-        raise ValueError("student has no LSQLinear: run activation_qat first")
+        raise ValueError("student has no LSQLinear or TokenQuantLinear: run activation_qat first")
     for name, module in layers.items():
-        if module.input_quantizer.bits != config.act_bits:
-            raise ValueError(f"{name!r} was trained with {module.input_quantizer.bits}-bit activations, "
-                             f"config {config} has {config.act_bits}")
+        if isinstance(module, TokenQuantLinear):
+            trained_bits, trained_rotate = module.config.act_bits, module.config.rotate
+        else:
+            trained_bits, trained_rotate = module.input_quantizer.bits, None
+        if trained_bits != config.act_bits or trained_rotate != config.rotate:
+            raise ValueError(f"{name!r} was trained with {trained_bits}-bit activations, rotate={trained_rotate!r}; "
+                             f"config {config} has {config.act_bits}, rotate={config.rotate!r}")
     for name, module in tqdm(layers.items(), desc="GPLQ weight PTQ", unit="layer", disable=not progress):
         with torch.no_grad():
-            qweight = quantize_weight(clip_weight(module.weight, config, weight_clip), config)
+            qweight = quantize_weight(clip_weight(config.rotated(module.weight), config, weight_clip), config)
         layer = QuantLinear.from_float(module, config, qweight=qweight)
-        quantizer = module.input_quantizer
-        layer.set_static_activation(quantizer.step_size(), quantizer.integer_zero())
+        if isinstance(module, LSQLinear):
+            quantizer = module.input_quantizer
+            layer.set_static_activation(quantizer.step_size(), quantizer.integer_zero())
         student.set_submodule(name, layer)
     route_weight_reads(student, (QuantLinear,))
     announce_quantized(student)

@@ -2,7 +2,10 @@
 
 - `LSQLinear`: an fp linear whose input is LSQ+ fake-quantized, and optionally its weight too
   (symmetric LSQ, one learnable step per output channel);
-- `LSQConv2d`: the same for a convolution (input per tensor, weight per output channel).
+- `LSQConv2d`: the same for a convolution (input per tensor, weight per output channel);
+- `TokenQuantLinear`: an fp linear whose input is fake-quantized as the kernels' default
+  activations are, per token with dynamic absmax scales (optionally after the config's rotation):
+  nothing of the quantizer to learn, the weights learn to live with it (GPLQ's dynamic form).
 
 `full_precision()` runs every one of them, and the attention quantizers of nn/quant_attention.py,
 unquantized inside its `with` block, in this thread: AQ-DETR's layer-by-layer distillation runs
@@ -18,6 +21,8 @@ from typing import Iterator, Optional
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.simulate import fake_quantize_activation
+from ..quant.config import QuantConfig
 from ..quant.lsq import LSQPlusQuantizer, LSQWeightQuantizer, lsq_fake_quantize, lsq_linear
 from .quant_linear import linear_weight
 
@@ -81,6 +86,46 @@ class LSQLinear(nn.Linear):
         # a plain F.linear output, which model code may change in place (Conditional DETR's boxes)
         x_hat = lsq_fake_quantize(x, quantizer.scale, quantizer.zero, quantizer.bits)
         return F.linear(x_hat, self.weight_quantizer(self.weight), bias)
+
+
+class TokenQuantLinear(nn.Linear):
+    """nn.Linear (fp weights, trainable) whose input is fake-quantized per token at
+    `config.act_bits` with a dynamic absmax scale, after `config`'s rotation when it has one: the
+    activations a QuantLinear of `config` computes (ops/simulate.py, straight-through rounding,
+    scales held constant), with the weight in fp. A subclass of nn.Linear, as LSQLinear."""
+
+    takes_bias_override = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig, device=None, dtype=None):
+        if config.act_bits is None:
+            raise ValueError(f"{config} quantizes no activations")
+        config.check_in_features(in_features)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.config = config
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, config: QuantConfig) -> "TokenQuantLinear":
+        """From an nn.Linear or transformers Conv1D (whose [in, out] weight is transposed here)."""
+        weight = linear_weight(module)
+        bias = getattr(module, "bias", None)
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, config, device=weight.device,
+                    dtype=weight.dtype)
+        layer.weight.data.copy_(weight.detach())
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def forward(self, x, bias_override=None):
+        """`bias_override` replaces the bias for this call (nn/weight_reads.py)."""
+        bias = self.bias if bias_override is None else bias_override
+        if not quantizing():
+            return F.linear(x, self.weight, bias)
+        rows = self.config.rotated(x.float()).reshape(-1, x.shape[-1])
+        x_hat = fake_quantize_activation(rows, self.config.act_bits, None, None).reshape(x.shape)
+        return F.linear(x_hat.to(x.dtype), self.config.rotated(self.weight), bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, config={self.config}"
 
 
 class LSQConv2d(nn.Conv2d):

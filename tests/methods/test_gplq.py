@@ -7,7 +7,8 @@ from torch import nn
 import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.methods import gplq, ptq, qwt
-from qla_kernels.nn.lsq_linear import LSQLinear
+from qla_kernels.nn.lsq_linear import LSQLinear, TokenQuantLinear
+from qla_kernels.quant.hadamard import rotation_matrix
 from qla_kernels.quant.lsq import LSQPlusQuantizer
 
 from ..conftest import kl_divergence
@@ -161,3 +162,44 @@ def test_bad_arguments(digits_vit):
     with pytest.raises(ValueError, match="weight_clip"):
         gplq.weight_ptq(student, fp, qk.W4A8(), batches, weight_clip="max", progress=False)
     assert isinstance(LSQPlusQuantizer(4).integer_zero(), torch.Tensor)
+
+
+@pytest.mark.parametrize("config", [qk.W4A4(), qk.W4A4(rotate="hadamard"), qk.W8A8(rotate="hadamard")],
+                         ids=str)
+def test_dynamic_stage1_quantizes_activations_as_the_exported_layer(digits_vit, config):
+    """With activations="dynamic" every student linear is a TokenQuantLinear: fp weights and the
+    exported QuantLinear's own per-token (rotated) activation quantization. So, given the
+    exported layer's dequantized weight, the student computes the exported layer's output up to
+    fp32 summation order; and weight_ptq exports dynamic layers (no static scale) of `config`."""
+    fp, batches = digits_vit.model, digits_vit.calibration_batches(2, 16)
+    student, report = gplq.activation_qat(fp, config, batches, activations="dynamic", progress=False)
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, TokenQuantLinear)}
+    assert len(layers) == report.quantized_layers == 17 and report.trainable_parameters > 0
+    exported, _ = gplq.weight_ptq(copy.deepcopy(student), fp, config, batches, compensate=False, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        quantized = exported.get_submodule(name)
+        assert isinstance(quantized, qk.QuantLinear) and quantized.config == config
+        assert quantized.input_scale is None
+        twin = copy.deepcopy(layer)
+        with torch.no_grad():  # the weight whose rotation is the exported layer's dequantized weight
+            dequantized = quantized.quantized_weight().dequantize()
+            rotation = rotation_matrix(layer.in_features).float()
+            twin.weight.copy_(dequantized @ rotation.t() if config.rotate else dequantized)
+            inputs = torch.randn(5, 7, layer.in_features, generator=generator) * 3
+            with qk.use_backend("simulate"):
+                expected = quantized(inputs)
+            torch.testing.assert_close(twin(inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_gplq_refusals(digits_vit):
+    fp, batches = digits_vit.model, digits_vit.calibration_batches(1, 16)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        gplq.activation_qat(fp, qk.W4A4(), batches, activations="per_token", progress=False)
+    with pytest.raises(ValueError, match="train_weights must be True"):
+        gplq.activation_qat(fp, qk.W4A4(), batches, activations="dynamic", train_weights=False, progress=False)
+    with pytest.raises(ValueError, match="static activation quantizers do not rotate"):
+        gplq.activation_qat(fp, qk.W4A4(rotate="hadamard"), batches, progress=False)
+    student, _ = gplq.activation_qat(fp, qk.W4A4(rotate="hadamard"), batches, activations="dynamic", progress=False)
+    with pytest.raises(ValueError, match="rotate='hadamard'"):
+        gplq.weight_ptq(student, fp, qk.W4A4(), batches, progress=False)
