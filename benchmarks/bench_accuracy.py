@@ -33,7 +33,7 @@ from qla_kernels.methods import gplq, gptq, qla, qwt
 from qla_kernels.ops import cpu as cpu_kernels
 
 BATCH = 32
-QLA_GRID = ((2, 3e-3), (4, 3e-3), (8, 3e-3), (4, 1e-3), (8, 1e-3))
+QLA_GRID = ((2, 3e-3), (4, 3e-3), (4, 1e-2), (8, 1e-3))
 
 
 def batches(tokenizer, sentences: List[str]) -> List[dict]:

@@ -181,8 +181,8 @@ def train(
                     with torch.no_grad():
                         target = model_output(run_model(teacher, batch)).float()
                     output = model_output(run_model(model_q, batch)).float()
-                    loss = _hybrid_loss(output, target, batch, temperature)
                     mask = token_mask(batch)
+                    loss = _hybrid_loss(output, target, batch, temperature, mask)
                     for fq, ft in zip(features_q, features_t):
                         difference = (fq.float() - ft.float()).square()
                         if mask is not None and difference.shape[:2] == mask.shape:
@@ -210,13 +210,17 @@ def _mixed_inputs(batch: Any) -> Optional[torch.Tensor]:
     return weight * x + (1 - weight) * x[partner]
 
 
-def _hybrid_loss(output: torch.Tensor, target: torch.Tensor, batch: Any, temperature: float) -> torch.Tensor:
-    """KD (KL at temperature T, 0.5·T²) + CE with labels; hidden-state outputs use MSE instead of KD."""
+def _hybrid_loss(output: torch.Tensor, target: torch.Tensor, batch: Any, temperature: float,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KD (KL at temperature T, 0.5·T²) + CE with labels; hidden-state outputs use MSE instead of
+    KD, over real tokens only (`mask`, [batch, seq]): padding positions' states are never read."""
     labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
     if output.dim() == 2:  # logits
         kd = F.kl_div(F.log_softmax(output / temperature, -1), F.log_softmax(target / temperature, -1),
                       log_target=True, reduction="batchmean") * 0.5 * temperature ** 2
         return kd + (F.cross_entropy(output, labels) if labels is not None else 0.0)
+    if mask is not None and output.shape[:2] == mask.shape:
+        return F.mse_loss(output[mask], target[mask])
     return F.mse_loss(output, target)
 
 
