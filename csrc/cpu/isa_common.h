@@ -1026,11 +1026,55 @@ void project_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1,
   }
 }
 
+// ---- The Hadamard rotation (IsaKernels::rotate_rows) ----
+
+// In-place unnormalized Walsh-Hadamard transform of n (a power of two) values, Sylvester order.
+void walsh_hadamard(float* v, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2) {
+    for (int64_t i = 0; i < n; i += 2 * h) {
+      float* __restrict lo = v + i;
+      float* __restrict hi = v + i + h;
+      for (int64_t j = 0; j < h; ++j) {
+        const float a = lo[j], b = hi[j];
+        lo[j] = a + b;
+        hi[j] = a - b;
+      }
+    }
+  }
+}
+
+void rotate_rows_impl(const RotateProblem& p, int64_t row0, int64_t row1) {
+  std::vector<float> chunks(static_cast<size_t>(p.k));
+  float* v = chunks.data();
+  for (int64_t r = row0; r < row1; ++r) {
+    const float* x = p.x + r * p.x_stride;
+    float* out = p.out + r * p.k;
+    for (int64_t i = 0; i < p.k; ++i) v[i] = x[i] * p.signs[i];
+    for (int64_t c = 0; c < p.m; ++c) walsh_hadamard(v + c * p.p, p.p);
+    if (p.m == 1) {
+      for (int64_t t = 0; t < p.p; ++t) out[t] = p.p_scale * v[t];
+      continue;
+    }
+    for (int64_t j = 0; j < p.m; ++j) {
+      float* __restrict o = out + j * p.p;
+      const float w0 = p.dense[j];
+      for (int64_t t = 0; t < p.p; ++t) o[t] = w0 * v[t];
+      for (int64_t i = 1; i < p.m; ++i) {
+        const float w = p.dense[i * p.m + j];
+        const float* __restrict chunk = v + i * p.p;
+        for (int64_t t = 0; t < p.p; ++t) o[t] += w * chunk[t];
+      }
+      for (int64_t t = 0; t < p.p; ++t) o[t] *= p.p_scale;
+    }
+  }
+}
+
 // A path's table: its micro-kernel and A layout, with everything this file shares.
 template <class Micro>
 IsaKernels kernels_with(const char* name, bool (*wide_rows)(const Problem&)) {
   return IsaKernels{name, wide_rows, tile_block_impl<Micro>, finish_rows_impl, quantize_rows_impl, normalize_rows_impl,
-                    w4a16_rows_impl, attention_heads_impl, dwsep_rows_impl, project_rows_impl};
+                    w4a16_rows_impl, attention_heads_impl, dwsep_rows_impl, project_rows_impl,
+                    rotate_rows_impl};
 }
 
 // Compile-time row and panel counts for the micro-kernel templates, from run-time ones.

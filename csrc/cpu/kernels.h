@@ -122,6 +122,20 @@ struct DwsepProblem {
   float* out = nullptr;
 };
 
+// The Hadamard rotation y = (x ⊙ signs)·(H_m ⊗ H_P) of fp32 rows (ops/cpu.py hadamard_rotate): each row
+// [k = m·P] is m chunks of P (a power of two); every chunk gets an unnormalized fast Walsh-Hadamard
+// transform (Sylvester order), then out chunk j = p_scale · Σ_i dense[i, j] · chunk i (dense [m, m], already
+// normalized by 1/√m; m = 1 when k is a power of two). x rows x_stride apart, out [rows, k] contiguous.
+struct RotateProblem {
+  const float* x = nullptr;
+  int64_t x_stride = 0;
+  int64_t k = 0, m = 1, p = 0;
+  const float* signs = nullptr;
+  const float* dense = nullptr;
+  float p_scale = 1.0f;
+  float* out = nullptr;
+};
+
 struct IsaKernels {
   const char* name;
   // Whether prepared A rows are int16 (else u8) for this problem.
@@ -163,6 +177,8 @@ struct IsaKernels {
   // T = x·A (a_t = Aᵀ) on rows it has just normalized or read, while they are in cache.
   void (*project_rows)(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, const float* a_t,
                        int64_t rank, float* t);
+  // Rows [row0, row1) of a Hadamard rotation (RotateProblem).
+  void (*rotate_rows)(const RotateProblem& p, int64_t row0, int64_t row1);
 };
 
 // Gathers and converts int8 activation rows [m0, m1) into the prepared layout (shared by every path).

@@ -353,6 +353,25 @@ PYBIND11_MODULE(_cpu, m) {
       },
       "QLA's DW-separable down path on fp32 rows (ops/cpu.py dwsep_down).");
   m.def(
+      "rotate_rows",
+      [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int64_t m, int64_t p_size,
+         int64_t signs, int64_t dense, float p_scale, int64_t out) {
+        const IsaKernels& isa = *kernels_for(isa_name);
+        RotateProblem p;
+        p.x = pointer<const float>(x);
+        p.x_stride = x_stride;
+        p.k = k;
+        p.m = m;
+        p.p = p_size;
+        p.signs = pointer<const float>(signs);
+        p.dense = pointer<const float>(dense);
+        p.p_scale = p_scale;
+        p.out = pointer<float>(out);
+        py::gil_scoped_release release;
+        at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { isa.rotate_rows(p, r0, r1); });
+      },
+      "The Hadamard rotation of fp32 rows (ops/cpu.py hadamard_rotate).");
+  m.def(
       "quantize_rows",
       [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int bits,
          int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero, int64_t q, int64_t scale,

@@ -243,8 +243,9 @@ class QuantLinear(nn.Module):
 
     def activation_input(self, x: torch.Tensor) -> torch.Tensor:
         """What this layer's activation quantizer sees of its input x: x·R with a rotating config
-        (the stored weight is W·R), else x. Calibration observes this (methods.ptq)."""
-        return self.config.rotated(x)
+        (the stored weight is W·R; `ops.hadamard_rotate`, on the selected backend), else x.
+        Calibration observes this (methods.ptq)."""
+        return ops.hadamard_rotate(x) if self.config.rotate else x
 
     def hand_over(self, y: torch.Tensor) -> None:
         """Makes this layer's next call in the current forward scope (nn/forward_context.py) return

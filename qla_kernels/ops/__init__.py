@@ -23,7 +23,9 @@ from . import triton as triton_backend  # noqa: F401  (registers the Triton impl
 from .attention import (AttentionQuantization, TokenwiseLog2Quantization, check_attention, check_attention_rows,
                         simulated_attention,
                         simulated_log2_attention)
-from .checks import check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map, check_tensor
+from ..quant.hadamard import check_rotatable
+from .checks import (FLOAT_DTYPES, check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map,
+                     check_tensor)
 from .conv import ConvGeometry, ConvPlan, check_conv_input, simulated_conv2d
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
 from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
@@ -111,6 +113,21 @@ def normalize_quantize_activation(
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
             down_from_input)
     return implementation("normalize_quantize_activation", x.device, *args).eager(x)(*args)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x·R over the last dimension (quant/hadamard.py: R = D·(H_m ⊗ H_P)/√K) for x [..., K] of a
+    float dtype, computed in fp32 and returned in x's dtype: what a rotating QuantLinear's
+    activation quantizer reads. The reference is `quant.hadamard.rotate` (differentiable); the
+    cpu kernel rotates each row in cache by a fast Walsh-Hadamard transform, equal to it up to
+    fp32 summation order."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a float tensor ({', '.join(map(str, FLOAT_DTYPES))}), got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have a feature dimension to rotate")
+    check_rotatable(x.shape[-1], "x.shape[-1]")
+    return implementation("hadamard_rotate", x.device, x).eager(x)(x)
 
 
 def dwsep_down(
@@ -313,6 +330,7 @@ def attention_rows(
 __all__ = [
     "BACKENDS", "BackendInfo", "FusedLinearOperands", "RowMap", "backends", "requested_backend", "resolve_backend", "use_backend",
     "quantize_activation", "normalize_activation", "normalize_quantize_activation", "dwsep_down", "fused_linear", "quantized_linear",
+    "hadamard_rotate",
     "gemm_zero_point", "library", "reference", "simulate", "ConvGeometry", "ConvPlan", "quantized_conv2d",
     "AttentionQuantization", "TokenwiseLog2Quantization", "quantized_attention", "attention_rows",
 ]

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..formats.weights import INTEGER_FORMATS, PANEL_COLUMNS, PANEL_QUAD, QuantizedWeight, panels_shape
+from ..quant.hadamard import kernel_factors
 from ..quant.primitives import absmax_scale
 from . import reference
 from .attention import AttentionQuantization, cpu_attention, simulated_log2_attention
@@ -530,6 +531,36 @@ def dwsep_down_op(h: Tensor, height: int, width: int, prefix_tokens: int, dw_wei
 dwsep_down_op.register_fake(dwsep_down_fake)
 refuse_backward(dwsep_down_op)
 
+def supports_hadamard_rotate(x: Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def hadamard_rotate(x: Tensor) -> Tensor:
+    """ops.hadamard_rotate on the kernel (x validated): per row in fp32, the signs, a fast
+    Walsh-Hadamard transform of each power-of-two chunk, then the Paley factor across chunks
+    (quant/hadamard.kernel_factors), while the row is in cache."""
+    k = x.shape[-1]
+    signs, dense, chunk = kernel_factors(k)
+    rows = _fp32_rows(x.reshape(-1, k))
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    if out.numel():
+        _MODULE.rotate_rows(isa(), rows.data_ptr(), rows.stride(0), rows.shape[0], k, dense.shape[0], chunk, signs.data_ptr(),
+                            dense.data_ptr(), 1.0 / math.sqrt(chunk), out.data_ptr())
+    return out.reshape(x.shape).to(x.dtype)
+
+
+@torch.library.custom_op("qla::hadamard_rotate_cpu", mutates_args=())
+def hadamard_rotate_op(x: Tensor) -> Tensor:
+    return hadamard_rotate(x)
+
+
+@hadamard_rotate_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+refuse_backward(hadamard_rotate_op)
+
 register_backend("cpu", _status, lambda: f"path {describe()}")
 register("fused_linear", "cpu", lambda operands: torch.ops.qla.fused_linear_cpu(*operands), supports_fused_linear,
          body=fused_linear)
@@ -543,6 +574,7 @@ register("normalize_quantize_activation", "cpu", torch.ops.qla.normalize_quantiz
 register("attention_rows", "cpu", torch.ops.qla.attention_rows_cpu, supports_attention_rows, body=attention_rows)
 register("quantized_attention", "cpu", torch.ops.qla.quantized_attention_cpu)
 register("dwsep_down", "cpu", torch.ops.qla.dwsep_down_cpu, supports_dwsep_down, body=dwsep_down)
+register("hadamard_rotate", "cpu", torch.ops.qla.hadamard_rotate_cpu, supports_hadamard_rotate, body=hadamard_rotate)
 register("log2_attention", "cpu", torch.ops.qla.log2_attention_cpu)
 register("normalize_activation", "cpu", torch.ops.qla.normalize_activation_cpu,
          lambda x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj: supports_normalize(x, norm_kind, down_proj),

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..quant.hadamard import rotate
 from . import reference
 from .attention import AttentionQuantization, reference_attention, reference_attention_rows, reference_log2_attention
 from .dispatch import register
@@ -187,6 +188,7 @@ for _op in ("quantize_activation_into", "normalize_activation", "normalize_quant
     register(_op, "reference", getattr(torch.ops.qla, _op))
 register("quantize_activation", "reference", torch.ops.qla.quantize_activation, body=reference.quantize_activation)
 register("attention_rows", "reference", reference_attention_rows)  # SDPA: traceable and differentiable as it is
+register("hadamard_rotate", "reference", rotate)  # torch products: traceable and differentiable as they are
 register("quantized_attention", "reference", torch.ops.qla.quantized_attention)
 register("log2_attention", "reference", torch.ops.qla.log2_attention)
 register("fused_linear", "reference", lambda operands: torch.ops.qla.fused_linear(*operands),

@@ -115,6 +115,19 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return rows.reshape(x.shape).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def kernel_factors(k: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The rotation for K = k as the kernels apply it: (signs D [k] fp32, the normalized Paley
+    factor H_m/√m [m, m] fp32 ([1, 1] ones when k is a power of two), P = k/m). The
+    power-of-two factors are one Sylvester H_P (H_a ⊗ H_b = H_ab), applied by a fast Walsh-Hadamard
+    transform and scaled by 1/√P once, so R = D·(H_m/√m ⊗ H_P/√P) equals `rotation_matrix`."""
+    signs, factors = _rotation(k)
+    first = factors[0].shape[0]
+    m = 1 if first & (first - 1) == 0 else first
+    dense = factors[0] if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+    return signs.float().contiguous(), dense.float().contiguous(), k // m
+
+
 def rotation_matrix(k: int) -> torch.Tensor:
     """R [K, K] in fp64 (for tests and analysis: `rotate` never builds it)."""
     signs, factors = _rotation(k)
