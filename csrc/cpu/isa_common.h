@@ -1028,9 +1028,40 @@ void project_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1,
 
 // ---- The Hadamard rotation (IsaKernels::rotate_rows) ----
 
+typedef float Float16 __attribute__((vector_size(64)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+// The butterflies of strides 1, 2, 4, 8 on 16 values in registers: lane j becomes v[j ^ h] + ±v[j]
+// (+ for the pair's first lane), the same sums a + b and a - b as the scalar butterflies, bit for bit.
+inline Float16 walsh_hadamard16(Float16 v) {
+  const Int16 swap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  const Int16 swap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const Int16 swap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+  const Int16 swap8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+  const Float16 sign1 = {1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1};
+  const Float16 sign2 = {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1};
+  const Float16 sign4 = {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1};
+  const Float16 sign8 = {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1};
+  v = __builtin_shuffle(v, swap1) + v * sign1;
+  v = __builtin_shuffle(v, swap2) + v * sign2;
+  v = __builtin_shuffle(v, swap4) + v * sign4;
+  return __builtin_shuffle(v, swap8) + v * sign8;
+}
+
 // In-place unnormalized Walsh-Hadamard transform of n (a power of two) values, Sylvester order.
+// From n = 16 the strides below 16 run in registers (walsh_hadamard16), the rest over whole rows.
 void walsh_hadamard(float* v, int64_t n) {
-  for (int64_t h = 1; h < n; h *= 2) {
+  int64_t first = 1;
+  if (n >= 16) {
+    for (int64_t i = 0; i < n; i += 16) {
+      Float16 block;
+      std::memcpy(&block, v + i, sizeof(block));
+      block = walsh_hadamard16(block);
+      std::memcpy(v + i, &block, sizeof(block));
+    }
+    first = 16;
+  }
+  for (int64_t h = first; h < n; h *= 2) {
     for (int64_t i = 0; i < n; i += 2 * h) {
       float* __restrict lo = v + i;
       float* __restrict hi = v + i + h;

@@ -1,0 +1,76 @@
+"""The online Hadamard rotation's cost on the CPU backend, against the layer it feeds.
+
+    python benchmarks/bench_rotation.py [--runs 15]
+
+Per shape (MiniLM's qkv / fc1 / fc2 at 64×21 tokens, LLaMA-style decode 4096→4096 at M = 1 and
+4096→14336 at M = 16): `quant.hadamard.rotate` (the reference's three torch products),
+`ops.hadamard_rotate` on the cpu kernel, and a converted W4A4 QuantLinear without and with
+rotate="hadamard", all timed in turn in one process, median of `--runs`. Writes
+benchmarks/results/rotation_<cpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qla_kernels as qk
+from qla_kernels import ops
+from qla_kernels.ops import cpu as cpu_kernels
+from qla_kernels.quant.hadamard import rotate
+
+SHAPES = ((1344, 384, 1152), (1344, 384, 1536), (1344, 1536, 384), (1, 4096, 4096), (16, 4096, 14336))
+
+
+def median_ms(function, runs: int) -> float:
+    function()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[runs // 2] * 1e3
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    if not qk.backends()["cpu"].available:
+        raise ValueError(f"the cpu backend is not built here: {qk.backends()['cpu'].reason}")
+    rows = []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m, k, n in SHAPES:
+            x = torch.randn(m, k)
+            linear = torch.nn.Linear(k, n)
+            plain, rotating = (qk.QuantLinear.from_float(linear, config) for config in (qk.W4A4(), qk.W4A4(rotate="hadamard")))
+            plain.freeze(), rotating.freeze()
+            row = {"m": m, "k": k, "n": n,
+                   "rotate_torch_ms": median_ms(lambda: rotate(x), args.runs),
+                   "rotate_kernel_ms": median_ms(lambda: ops.hadamard_rotate(x), args.runs),
+                   "layer_ms": median_ms(lambda: plain(x), args.runs),
+                   "rotating_layer_ms": median_ms(lambda: rotating(x), args.runs)}
+            row["kernel_vs_layer"] = row["rotate_kernel_ms"] / row["layer_ms"]
+            rows.append(row)
+            print(f"{m}×{k}→{n}: rotation torch {row['rotate_torch_ms']:.3f} ms, kernel {row['rotate_kernel_ms']:.3f} "
+                  f"ms = {100 * row['kernel_vs_layer']:.1f}% of the W4A4 layer's {row['layer_ms']:.3f} ms "
+                  f"(rotating layer {row['rotating_layer_ms']:.3f} ms)")
+    report = {"cpu": cpu_kernels.cpu_name(), "path": cpu_kernels.describe(), "threads": torch.get_num_threads(),
+              "runs": args.runs, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"rotation_{cpu_kernels.cpu_name().replace(' ', '_')}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
