@@ -1086,6 +1086,26 @@ void rotate_rows_impl(const RotateProblem& p, int64_t row0, int64_t row1) {
       for (int64_t t = 0; t < p.p; ++t) out[t] = p.p_scale * v[t];
       continue;
     }
+    if (p.p % 16 == 0) {  // eight output chunks at a time, 16 values of each in registers
+      for (int64_t j0 = 0; j0 < p.m; j0 += 8) {
+        const int64_t count = std::min<int64_t>(8, p.m - j0);
+        for (int64_t t = 0; t < p.p; t += 16) {
+          Float16 sums[8], value;
+          std::memcpy(&value, v + t, sizeof(value));
+          for (int64_t jj = 0; jj < count; ++jj) sums[jj] = p.dense[j0 + jj] * value;
+          for (int64_t i = 1; i < p.m; ++i) {
+            std::memcpy(&value, v + i * p.p + t, sizeof(value));
+            const float* w = p.dense + i * p.m + j0;
+            for (int64_t jj = 0; jj < count; ++jj) sums[jj] += w[jj] * value;
+          }
+          for (int64_t jj = 0; jj < count; ++jj) {
+            const Float16 scaled = sums[jj] * p.p_scale;
+            std::memcpy(out + (j0 + jj) * p.p + t, &scaled, sizeof(scaled));
+          }
+        }
+      }
+      continue;
+    }
     for (int64_t j = 0; j < p.m; ++j) {
       float* __restrict o = out + j * p.p;
       const float w0 = p.dense[j];
