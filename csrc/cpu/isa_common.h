@@ -1082,10 +1082,6 @@ void rotate_rows_impl(const RotateProblem& p, int64_t row0, int64_t row1) {
     float* out = p.out + r * p.k;
     for (int64_t i = 0; i < p.k; ++i) v[i] = x[i] * p.signs[i];
     for (int64_t c = 0; c < p.m; ++c) walsh_hadamard(v + c * p.p, p.p);
-    if (p.m == 1) {
-      for (int64_t t = 0; t < p.p; ++t) out[t] = p.p_scale * v[t];
-      continue;
-    }
     if (p.p % 16 == 0) {  // eight output chunks at a time, 16 values of each in registers
       for (int64_t j0 = 0; j0 < p.m; j0 += 8) {
         const int64_t count = std::min<int64_t>(8, p.m - j0);

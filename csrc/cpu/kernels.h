@@ -125,7 +125,7 @@ struct DwsepProblem {
 // The Hadamard rotation y = (x ⊙ signs)·(H_m ⊗ H_P) of fp32 rows (ops/cpu.py hadamard_rotate): each row
 // [k = m·P] is m chunks of P (a power of two); every chunk gets an unnormalized fast Walsh-Hadamard
 // transform (Sylvester order), then out chunk j = p_scale · Σ_i dense[i, j] · chunk i (dense [m, m], already
-// normalized by 1/√m; m = 1 when k is a power of two). x rows x_stride apart, out [rows, k] contiguous.
+// normalized by 1/√m; m = 1 and dense = [[1]] when k is a power of two). x rows x_stride apart, out [rows, k] contiguous.
 struct RotateProblem {
   const float* x = nullptr;
   int64_t x_stride = 0;

@@ -105,6 +105,9 @@ def held_out_error(fp: nn.Module, quantized: nn.Module, batches: List[Any]) -> f
     return metrics["kl"] if "kl" in metrics else 1.0 - metrics["cosine"]
 
 
+STAGE_NAMES = {"qwt": "QwT", "qla": "QLA"}  # the optional stages, as warnings name them
+
+
 @dataclasses.dataclass(frozen=True)
 class Stages:
     """What a method runs, in the pipeline's order: rotation (the config's), then the weights
@@ -192,8 +195,7 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
         after = judged(name, model)
         if after is not None and after > error:
             report["stages"][-1]["dropped"] = True
-            warnings.warn(f"{name.upper() if name == 'qla' else 'QwT'} made the held-out error worse "
-                          f"({error:.4g} -> {after:.4g}): dropped")
+            warnings.warn(f"{STAGE_NAMES[name]} made the held-out error worse ({error:.4g} -> {after:.4g}): dropped")
             return before, error
         return model, after
 

@@ -44,6 +44,7 @@ from . import qwt
 
 ACTIVATIONS = ("static", "dynamic")
 
+
 @dataclasses.dataclass
 class PrincipalSubspace:
     """The teacher's principal subspace of one block's output features."""

@@ -531,6 +531,7 @@ def dwsep_down_op(h: Tensor, height: int, width: int, prefix_tokens: int, dw_wei
 dwsep_down_op.register_fake(dwsep_down_fake)
 refuse_backward(dwsep_down_op)
 
+
 def supports_hadamard_rotate(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
