@@ -249,6 +249,98 @@ inline void activate_gated(const float* gate, const float* up, float* out, int64
   });
 }
 
+// ---- The Hadamard rotation (Rotation; IsaKernels::rotate_rows, and before a per-token quantization) ----
+
+typedef float Float16 __attribute__((vector_size(64)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+// The butterflies of strides 1, 2, 4, 8 on 16 values in registers: lane j becomes v[j ^ h] + ±v[j]
+// (+ for the pair's first lane), the same sums a + b and a - b as the scalar butterflies, bit for bit.
+inline Float16 walsh_hadamard16(Float16 v) {
+  const Int16 swap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  const Int16 swap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const Int16 swap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+  const Int16 swap8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+  const Float16 sign1 = {1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1};
+  const Float16 sign2 = {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1};
+  const Float16 sign4 = {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1};
+  const Float16 sign8 = {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1};
+  v = __builtin_shuffle(v, swap1) + v * sign1;
+  v = __builtin_shuffle(v, swap2) + v * sign2;
+  v = __builtin_shuffle(v, swap4) + v * sign4;
+  return __builtin_shuffle(v, swap8) + v * sign8;
+}
+
+// In-place unnormalized Walsh-Hadamard transform of n (a power of two) values, Sylvester order.
+// From n = 16 the strides below 16 run in registers (walsh_hadamard16), the rest over whole rows.
+void walsh_hadamard(float* v, int64_t n) {
+  int64_t first = 1;
+  if (n >= 16) {
+    for (int64_t i = 0; i < n; i += 16) {
+      Float16 block;
+      std::memcpy(&block, v + i, sizeof(block));
+      block = walsh_hadamard16(block);
+      std::memcpy(v + i, &block, sizeof(block));
+    }
+    first = 16;
+  }
+  for (int64_t h = first; h < n; h *= 2) {
+    for (int64_t i = 0; i < n; i += 2 * h) {
+      float* __restrict lo = v + i;
+      float* __restrict hi = v + i + h;
+      for (int64_t j = 0; j < h; ++j) {
+        const float a = lo[j], b = hi[j];
+        lo[j] = a + b;
+        hi[j] = a - b;
+      }
+    }
+  }
+}
+
+// One row: out = x·R (Rotation), through `scratch` [k]; out may be x.
+void rotate_row(const Rotation& p, const float* x, float* out, float* scratch) {
+  float* v = scratch;
+  for (int64_t i = 0; i < p.k; ++i) v[i] = x[i] * p.signs[i];
+  for (int64_t c = 0; c < p.m; ++c) walsh_hadamard(v + c * p.p, p.p);
+  if (p.p % 16 == 0) {  // eight output chunks at a time, 16 values of each in registers
+    for (int64_t j0 = 0; j0 < p.m; j0 += 8) {
+      const int64_t count = std::min<int64_t>(8, p.m - j0);
+      for (int64_t t = 0; t < p.p; t += 16) {
+        Float16 sums[8], value;
+        std::memcpy(&value, v + t, sizeof(value));
+        for (int64_t jj = 0; jj < count; ++jj) sums[jj] = p.dense[j0 + jj] * value;
+        for (int64_t i = 1; i < p.m; ++i) {
+          std::memcpy(&value, v + i * p.p + t, sizeof(value));
+          const float* w = p.dense + i * p.m + j0;
+          for (int64_t jj = 0; jj < count; ++jj) sums[jj] += w[jj] * value;
+        }
+        for (int64_t jj = 0; jj < count; ++jj) {
+          const Float16 scaled = sums[jj] * p.p_scale;
+          std::memcpy(out + (j0 + jj) * p.p + t, &scaled, sizeof(scaled));
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < p.m; ++j) {
+    float* __restrict o = out + j * p.p;
+    const float w0 = p.dense[j];
+    for (int64_t t = 0; t < p.p; ++t) o[t] = w0 * v[t];
+    for (int64_t i = 1; i < p.m; ++i) {
+      const float w = p.dense[i * p.m + j];
+      const float* __restrict chunk = v + i * p.p;
+      for (int64_t t = 0; t < p.p; ++t) o[t] += w * chunk[t];
+    }
+    for (int64_t t = 0; t < p.p; ++t) o[t] *= p.p_scale;
+  }
+}
+
+void rotate_rows_impl(const RotateProblem& p, int64_t row0, int64_t row1) {
+  std::vector<float> scratch(static_cast<size_t>(p.rotation.k));
+  for (int64_t r = row0; r < row1; ++r)
+    rotate_row(p.rotation, p.x + r * p.x_stride, p.out + r * p.rotation.k, scratch.data());
+}
+
 // Codes clamp(rint(v / scale) + z, lo, hi), NaN → 0 (primitives.quantize_with_scale).
 inline void quantize_values(const float* v, int64_t n, float scale, float zero, float lo, float hi, bool subtract,
                             int8_t* q) {
@@ -278,12 +370,26 @@ inline float absmax_scale(float amax, int bits) {
   return (amax != amax ? amax : std::max(amax, 1e-8f)) / qmax;
 }
 
+// A row's buffers for rotating it before quantization: [2k] floats when `rotation` is given.
+struct RotationBuffer {
+  std::vector<float> values;
+  explicit RotationBuffer(const Rotation* rotation, int64_t k)
+      : values(rotation ? static_cast<size_t>(2 * k) : 0) {}
+  // row·R in the buffer, or row itself without a rotation.
+  const float* rotated(const Rotation* rotation, const float* row) {
+    if (!rotation) return row;
+    rotate_row(*rotation, row, values.data(), values.data() + rotation->k);
+    return values.data();
+  }
+};
+
 void quantize_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, int bits,
-                        const float* static_scale, int zero_point, bool has_zero, bool subtract_zero, int8_t* q,
-                        float* scale) {
+                        const float* static_scale, int zero_point, bool has_zero, bool subtract_zero,
+                        const Rotation* rotation, int8_t* q, float* scale) {
   const float lo = static_cast<float>(-(1 << (bits - 1))), hi = static_cast<float>((1 << (bits - 1)) - 1);
+  RotationBuffer buffer(rotation, k);
   for (int64_t m = m0; m < m1; ++m) {
-    const float* row = x + m * x_stride;
+    const float* row = buffer.rotated(rotation, x + m * x_stride);
     const float s = static_scale ? *static_scale : absmax_scale(absmax(row, k), bits);
     scale[m] = s;
     quantize_values(row, k, s, has_zero ? static_cast<float>(zero_point) : 0.0f, lo, hi, subtract_zero, q + m * k);
@@ -314,7 +420,8 @@ inline float lanes_sum(const float* v, int64_t n, float shift) {
 
 void normalize_rows_impl(const float* x, int64_t m0, int64_t m1, int64_t k, int kind, const float* weight,
                          const float* bias, float eps, float* normed, int bits, const float* static_scale,
-                         int zero_point, bool has_zero, bool subtract_zero, int8_t* q, float* scale) {
+                         int zero_point, bool has_zero, bool subtract_zero, const Rotation* rotation, int8_t* q,
+                         float* scale) {
   const float count = static_cast<float>(k);
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * k;
@@ -327,7 +434,9 @@ void normalize_rows_impl(const float* x, int64_t m0, int64_t m1, int64_t k, int 
     if (bias)
       for (int64_t i = 0; i < k; ++i) out[i] += bias[i];
   }
-  if (bits) quantize_rows_impl(normed, k, m0, m1, k, bits, static_scale, zero_point, has_zero, subtract_zero, q, scale);
+  if (bits)
+    quantize_rows_impl(normed, k, m0, m1, k, bits, static_scale, zero_point, has_zero, subtract_zero, rotation, q,
+                       scale);
 }
 
 // The tile stage on one micro-kernel result acc [rows][width] (int32, row stride acc_stride).
@@ -473,6 +582,7 @@ void finish_rows_impl(const Problem& p, int64_t m0, int64_t m1, const float* y, 
   if (p.out_q || gated) {
     buffer = n_out <= 4096 ? local : (heap = new float[n_out]);
   }
+  std::vector<float> rotation_scratch(p.requant_rotation ? static_cast<size_t>(n_out) : 0);
   const float lo = p.requant_bits ? static_cast<float>(-(1 << (p.requant_bits - 1))) : 0.0f;
   const float hi = p.requant_bits ? static_cast<float>((1 << (p.requant_bits - 1)) - 1) : 0.0f;
   for (int64_t m = m0; m < m1; ++m) {
@@ -490,6 +600,7 @@ void finish_rows_impl(const Problem& p, int64_t m0, int64_t m1, const float* y, 
       for (int64_t c = 0; c < n_out; ++c) values[c] += res[c];
     }
     if (p.out_q) {
+      if (p.requant_rotation) rotate_row(*p.requant_rotation, values, values, rotation_scratch.data());
       const float s = absmax_scale(absmax(values, n_out), p.requant_bits);
       p.out_scale[dest] = s;
       quantize_values(values, n_out, s, 0.0f, lo, hi, false, p.out_q + dest * n_out);
@@ -1023,96 +1134,6 @@ void project_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1,
     int64_t j = 0;
     for (; j + 4 <= rank; j += 4) dot_ranks<4>(row, a_t + j * k, k, out + j);
     for (; j < rank; ++j) dot_ranks<1>(row, a_t + j * k, k, out + j);
-  }
-}
-
-// ---- The Hadamard rotation (IsaKernels::rotate_rows) ----
-
-typedef float Float16 __attribute__((vector_size(64)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
-
-// The butterflies of strides 1, 2, 4, 8 on 16 values in registers: lane j becomes v[j ^ h] + ±v[j]
-// (+ for the pair's first lane), the same sums a + b and a - b as the scalar butterflies, bit for bit.
-inline Float16 walsh_hadamard16(Float16 v) {
-  const Int16 swap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  const Int16 swap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-  const Int16 swap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-  const Int16 swap8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-  const Float16 sign1 = {1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1};
-  const Float16 sign2 = {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1};
-  const Float16 sign4 = {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1};
-  const Float16 sign8 = {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1};
-  v = __builtin_shuffle(v, swap1) + v * sign1;
-  v = __builtin_shuffle(v, swap2) + v * sign2;
-  v = __builtin_shuffle(v, swap4) + v * sign4;
-  return __builtin_shuffle(v, swap8) + v * sign8;
-}
-
-// In-place unnormalized Walsh-Hadamard transform of n (a power of two) values, Sylvester order.
-// From n = 16 the strides below 16 run in registers (walsh_hadamard16), the rest over whole rows.
-void walsh_hadamard(float* v, int64_t n) {
-  int64_t first = 1;
-  if (n >= 16) {
-    for (int64_t i = 0; i < n; i += 16) {
-      Float16 block;
-      std::memcpy(&block, v + i, sizeof(block));
-      block = walsh_hadamard16(block);
-      std::memcpy(v + i, &block, sizeof(block));
-    }
-    first = 16;
-  }
-  for (int64_t h = first; h < n; h *= 2) {
-    for (int64_t i = 0; i < n; i += 2 * h) {
-      float* __restrict lo = v + i;
-      float* __restrict hi = v + i + h;
-      for (int64_t j = 0; j < h; ++j) {
-        const float a = lo[j], b = hi[j];
-        lo[j] = a + b;
-        hi[j] = a - b;
-      }
-    }
-  }
-}
-
-void rotate_rows_impl(const RotateProblem& p, int64_t row0, int64_t row1) {
-  std::vector<float> chunks(static_cast<size_t>(p.k));
-  float* v = chunks.data();
-  for (int64_t r = row0; r < row1; ++r) {
-    const float* x = p.x + r * p.x_stride;
-    float* out = p.out + r * p.k;
-    for (int64_t i = 0; i < p.k; ++i) v[i] = x[i] * p.signs[i];
-    for (int64_t c = 0; c < p.m; ++c) walsh_hadamard(v + c * p.p, p.p);
-    if (p.p % 16 == 0) {  // eight output chunks at a time, 16 values of each in registers
-      for (int64_t j0 = 0; j0 < p.m; j0 += 8) {
-        const int64_t count = std::min<int64_t>(8, p.m - j0);
-        for (int64_t t = 0; t < p.p; t += 16) {
-          Float16 sums[8], value;
-          std::memcpy(&value, v + t, sizeof(value));
-          for (int64_t jj = 0; jj < count; ++jj) sums[jj] = p.dense[j0 + jj] * value;
-          for (int64_t i = 1; i < p.m; ++i) {
-            std::memcpy(&value, v + i * p.p + t, sizeof(value));
-            const float* w = p.dense + i * p.m + j0;
-            for (int64_t jj = 0; jj < count; ++jj) sums[jj] += w[jj] * value;
-          }
-          for (int64_t jj = 0; jj < count; ++jj) {
-            const Float16 scaled = sums[jj] * p.p_scale;
-            std::memcpy(out + (j0 + jj) * p.p + t, &scaled, sizeof(scaled));
-          }
-        }
-      }
-      continue;
-    }
-    for (int64_t j = 0; j < p.m; ++j) {
-      float* __restrict o = out + j * p.p;
-      const float w0 = p.dense[j];
-      for (int64_t t = 0; t < p.p; ++t) o[t] = w0 * v[t];
-      for (int64_t i = 1; i < p.m; ++i) {
-        const float w = p.dense[i * p.m + j];
-        const float* __restrict chunk = v + i * p.p;
-        for (int64_t t = 0; t < p.p; ++t) o[t] += w * chunk[t];
-      }
-      for (int64_t t = 0; t < p.p; ++t) o[t] *= p.p_scale;
-    }
   }
 }
 

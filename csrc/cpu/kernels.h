@@ -26,6 +26,17 @@ enum Activation : int { kNone = 0, kGelu, kGeluTanh, kRelu, kQuickGelu, kSwiglu,
 
 inline bool is_gated(int activation) { return activation >= kSwiglu && activation <= kGegluTanh; }
 
+// The Hadamard rotation y = (x ⊙ signs)·(H_m ⊗ H_P) of an fp32 row (quant/hadamard.py kernel_factors):
+// the row [k = m·P] is m chunks of P (a power of two); every chunk gets an unnormalized fast
+// Walsh-Hadamard transform (Sylvester order), then out chunk j = p_scale · Σ_i dense[i, j] · chunk i
+// (dense [m, m], already normalized by 1/√m; m = 1 and dense = [[1]] when k is a power of two).
+struct Rotation {
+  int64_t k = 0, m = 1, p = 0;
+  const float* signs = nullptr;
+  const float* dense = nullptr;
+  float p_scale = 1.0f;
+};
+
 // One fused linear, every pointer already checked by ops/cpu.py. GEMM row m reads prepared A row m
 // and writes output row `destination(m)`; T, X_c·W_cᵀ and the residual are read at that row.
 struct Problem {
@@ -58,6 +69,7 @@ struct Problem {
   int8_t* out_q = nullptr;            // [out_rows, N_out] with out_scale [out_rows] (requant_bits)
   float* out_scale = nullptr;
   int requant_bits = 0;
+  const Rotation* requant_rotation = nullptr;  // rotates each output row before its re-quantization
   // act(y + bias + residual) + T·Uᵀ + X_c·W_cᵀ instead of act(y + T·Uᵀ + X_c·W_cᵀ + bias) + residual
   // (never with a gated activation).
   bool residual_first = false;
@@ -122,17 +134,11 @@ struct DwsepProblem {
   float* out = nullptr;
 };
 
-// The Hadamard rotation y = (x ⊙ signs)·(H_m ⊗ H_P) of fp32 rows (ops/cpu.py hadamard_rotate): each row
-// [k = m·P] is m chunks of P (a power of two); every chunk gets an unnormalized fast Walsh-Hadamard
-// transform (Sylvester order), then out chunk j = p_scale · Σ_i dense[i, j] · chunk i (dense [m, m], already
-// normalized by 1/√m; m = 1 and dense = [[1]] when k is a power of two). x rows x_stride apart, out [rows, k] contiguous.
+// Rows of a rotation (ops/cpu.py hadamard_rotate): x rows x_stride apart, out [rows, k] contiguous.
 struct RotateProblem {
+  Rotation rotation;
   const float* x = nullptr;
   int64_t x_stride = 0;
-  int64_t k = 0, m = 1, p = 0;
-  const float* signs = nullptr;
-  const float* dense = nullptr;
-  float p_scale = 1.0f;
   float* out = nullptr;
 };
 
@@ -148,17 +154,20 @@ struct IsaKernels {
   // For whole rows the tile stage left in y: the gated activation and residual, then the fp32 store
   // or the per-token re-quantization.
   void (*finish_rows)(const Problem&, int64_t m0, int64_t m1, const float* y, int64_t y_row0, int64_t y_stride);
-  // Per-token quantization of fp32 rows: scale = max(absmax, 1e-8) / qmax (or the static scale),
-  // q = clamp(rint(x / scale) + z) with NaN codes 0; with `subtract_zero`, q - z is stored.
+  // Per-token quantization of fp32 rows, rotated first by `rotation` when it is given (in a row
+  // buffer: no rotated copy of x is written): scale = max(absmax, 1e-8) / qmax (or the static
+  // scale), q = clamp(rint(x / scale) + z) with NaN codes 0; with `subtract_zero`, q - z is stored.
   void (*quantize_rows)(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, int bits,
-                        const float* static_scale, int zero_point, bool has_zero, bool subtract_zero, int8_t* q,
-                        float* scale);
+                        const float* static_scale, int zero_point, bool has_zero, bool subtract_zero,
+                        const Rotation* rotation, int8_t* q, float* scale);
   // LayerNorm (kind 1) or RMSNorm (kind 2) of fp32 rows [m0, m1) over k in fp32 (mean, then the
   // mean square of the centered values), times weight, plus bias (either may be null), into
-  // `normed`; with bits > 0 also quantize_rows of the normalized rows into q and scale.
+  // `normed`; with bits > 0 also quantize_rows of the normalized rows (rotated by `rotation` when
+  // given; `normed` stays unrotated) into q and scale.
   void (*normalize_rows)(const float* x, int64_t m0, int64_t m1, int64_t k, int kind, const float* weight,
                          const float* bias, float eps, float* normed, int bits, const float* static_scale,
-                         int zero_point, bool has_zero, bool subtract_zero, int8_t* q, float* scale);
+                         int zero_point, bool has_zero, bool subtract_zero, const Rotation* rotation, int8_t* q,
+                         float* scale);
   // W4A16 at few rows, columns [n0, n1) of out [rows, out_stride]: out[m, n] = Σ_g s[n, g]·Σ_{k in g}
   // x[m, k]·(q[n, k] − z[n, g]), reading each weight byte once for all rows (x [rows, k] fp32,
   // contiguous; each call deinterleaves its copy for the nibble lanes). `rounding` 1 / 2:

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
+#include <tuple>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -153,6 +155,23 @@ T* pointer(int64_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// A rotation as ops/cpu.py passes it: None, or (signs, dense, m, P, 1/√P) for rows of k = m·P.
+using RotationArguments = std::optional<std::tuple<int64_t, int64_t, int64_t, int64_t, double>>;
+
+std::optional<Rotation> rotation_of(const RotationArguments& arguments, int64_t k) {
+  if (!arguments) return std::nullopt;
+  Rotation r;
+  r.k = k;
+  r.signs = pointer<const float>(std::get<0>(*arguments));
+  r.dense = pointer<const float>(std::get<1>(*arguments));
+  r.m = std::get<2>(*arguments);
+  r.p = std::get<3>(*arguments);
+  r.p_scale = static_cast<float>(std::get<4>(*arguments));
+  return r;
+}
+
+const Rotation* address_of(const std::optional<Rotation>& rotation) { return rotation ? &*rotation : nullptr; }
+
 void run_fused_linear(const IsaKernels& isa, Problem p, const int8_t* a, int64_t a_stride, int64_t a_rows,
                       const int64_t* gather, int64_t k, const int32_t* zero_point, bool zero_per_row) {
   const int64_t panels = p.panels_count();
@@ -231,8 +250,10 @@ PYBIND11_MODULE(_cpu, m) {
          int64_t w_scale, int64_t lowrank_t, int64_t t_stride, int64_t rank, int64_t lowrank_u_panels, int64_t addend,
          int64_t addend_stride, int64_t bias, int activation, int64_t residual, int64_t residual_stride,
          int64_t scatter, int64_t out_rows, int64_t out, int64_t out_stride, int64_t out_q, int64_t out_scale,
-         int requant_bits, bool residual_first) {
+         int requant_bits, const RotationArguments& requant_rotation, bool residual_first) {
         const IsaKernels& isa = *kernels_for(isa_name);
+        const std::optional<Rotation> rotation =
+            rotation_of(requant_rotation, is_gated(activation) ? columns / 2 : columns);
         Problem p;
         p.rows = rows;
         p.columns = columns;
@@ -258,6 +279,7 @@ PYBIND11_MODULE(_cpu, m) {
         p.out_q = pointer<int8_t>(out_q);
         p.out_scale = pointer<float>(out_scale);
         p.requant_bits = requant_bits;
+        p.requant_rotation = address_of(rotation);
         p.residual_first = residual_first;
         py::gil_scoped_release release;
         run_fused_linear(isa, p, pointer<const int8_t>(a), a_stride, a_rows, pointer<const int64_t>(gather), k,
@@ -268,20 +290,23 @@ PYBIND11_MODULE(_cpu, m) {
       "normalize_rows",
       [](const std::string& isa_name, int64_t x, int64_t rows, int64_t k, int kind, int64_t weight, int64_t bias,
          double eps, int64_t normed, int bits, int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero,
-         int64_t q, int64_t scale, int64_t down_t, int64_t rank, int64_t t, bool down_from_input) {
+         const RotationArguments& rotation_arguments, int64_t q, int64_t scale, int64_t down_t, int64_t rank, int64_t t,
+         bool down_from_input) {
         const IsaKernels& isa = *kernels_for(isa_name);
+        const std::optional<Rotation> rotation = rotation_of(rotation_arguments, k);
         py::gil_scoped_release release;
         at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
           isa.normalize_rows(pointer<const float>(x), m0, m1, k, kind, pointer<const float>(weight),
                              pointer<const float>(bias), static_cast<float>(eps), pointer<float>(normed), bits,
                              pointer<const float>(static_scale), zero_point, has_zero, subtract_zero,
-                             pointer<int8_t>(q), pointer<float>(scale));
+                             address_of(rotation), pointer<int8_t>(q), pointer<float>(scale));
           if (rank)
             isa.project_rows(down_from_input ? pointer<const float>(x) : pointer<const float>(normed), k, m0, m1, k,
                              pointer<const float>(down_t), rank, pointer<float>(t));
         });
       },
-      "LayerNorm / RMSNorm of fp32 rows, optionally quantized per token, optionally T = rows·A (ops/cpu.py).");
+      "LayerNorm / RMSNorm of fp32 rows, optionally rotated and quantized per token, optionally T = rows·A "
+      "(ops/cpu.py).");
   m.def(
       "w4a16_rows",
       [](const std::string& isa_name, int64_t x, int64_t rows, int64_t k, int64_t weight, int64_t scale,
@@ -354,18 +379,13 @@ PYBIND11_MODULE(_cpu, m) {
       "QLA's DW-separable down path on fp32 rows (ops/cpu.py dwsep_down).");
   m.def(
       "rotate_rows",
-      [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int64_t m, int64_t p_size,
-         int64_t signs, int64_t dense, float p_scale, int64_t out) {
+      [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k,
+         const RotationArguments& rotation, int64_t out) {
         const IsaKernels& isa = *kernels_for(isa_name);
         RotateProblem p;
+        p.rotation = *rotation_of(rotation, k);
         p.x = pointer<const float>(x);
         p.x_stride = x_stride;
-        p.k = k;
-        p.m = m;
-        p.p = p_size;
-        p.signs = pointer<const float>(signs);
-        p.dense = pointer<const float>(dense);
-        p.p_scale = p_scale;
         p.out = pointer<float>(out);
         py::gil_scoped_release release;
         at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { isa.rotate_rows(p, r0, r1); });
@@ -374,17 +394,20 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "quantize_rows",
       [](const std::string& isa_name, int64_t x, int64_t x_stride, int64_t rows, int64_t k, int bits,
-         int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero, int64_t q, int64_t scale,
-         int64_t down_t, int64_t rank, int64_t t) {
+         int64_t static_scale, int zero_point, bool has_zero, bool subtract_zero,
+         const RotationArguments& rotation_arguments, int64_t q, int64_t scale, int64_t down_t, int64_t rank,
+         int64_t t) {
         const IsaKernels& isa = *kernels_for(isa_name);
+        const std::optional<Rotation> rotation = rotation_of(rotation_arguments, k);
         py::gil_scoped_release release;
         at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
           isa.quantize_rows(pointer<const float>(x), x_stride, m0, m1, k, bits, pointer<const float>(static_scale),
-                            zero_point, has_zero, subtract_zero, pointer<int8_t>(q), pointer<float>(scale));
+                            zero_point, has_zero, subtract_zero, address_of(rotation), pointer<int8_t>(q),
+                            pointer<float>(scale));
           if (rank) isa.project_rows(pointer<const float>(x), x_stride, m0, m1, k, pointer<const float>(down_t), rank,
                                      pointer<float>(t));
         });
       },
-      "Per-token (or static per-tensor) quantization of fp32 rows into int8 codes and fp32 scales, optionally "
-      "T = rows·A.");
+      "Per-token (or static per-tensor) quantization of fp32 rows, optionally rotated first, into int8 codes and "
+      "fp32 scales, optionally T = rows·A (of the unrotated rows).");
 }

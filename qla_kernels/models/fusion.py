@@ -26,7 +26,7 @@ from ..nn.fused import (
     fuse_mlp,
     unfuse_block,
 )
-from ..ops.dispatch import use_backend
+from ..ops.dispatch import resolve_backend, use_backend
 from .blocks import find_blocks
 from .facts import BlockFacts, describe_block, example_input, run_hooked, without_kv_cache
 from .templates import mlp_activation, template_for
@@ -98,8 +98,9 @@ def _window_layout(block: nn.Module, template: PackedQKVTemplate, call: BlockCal
 @torch.no_grad()
 def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
     """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
-    if _rotating(block):
-        return "its linears rotate their activations (rotate='hadamard'): the fused chains do not rotate yet"
+    if _rotation_not_fused(block):
+        return ("its linears rotate their activations (rotate='hadamard'): the GPU fused chains do not rotate yet "
+                "(the cpu and reference ones do)")
     try:
         template = template_for(block, facts)
     except ValueError as reason:
@@ -150,7 +151,7 @@ def _fuse_mlp_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockC
     """In a block no block template fits: fuses its fc1 → activation → fc2 MLP module if it has one
     and the block's output on its example call stays the same. Returns the MLP's name, or ""."""
     mlp_name, _, fc2 = facts.mlp_output.rpartition(".")
-    if call is None or not mlp_name or len(facts.mlp_inputs) != 1 or _rotating(block):
+    if call is None or not mlp_name or len(facts.mlp_inputs) != 1 or _rotation_not_fused(block):
         return ""
     fc1_parent, _, fc1 = facts.mlp_inputs[0].rpartition(".")
     if fc1_parent != mlp_name:
@@ -188,8 +189,11 @@ def refuse_task_loras(model: nn.Module) -> None:
                          "first, or convert without an example (convert_for_runtime(model))")
 
 
-def _rotating(block: nn.Module) -> bool:
-    return any(module.config.rotate for module in block.modules() if isinstance(module, QuantLinear))
+def _rotation_not_fused(block: nn.Module) -> bool:
+    """Whether `block` rotates activations on a backend whose fused chains do not: the Triton
+    pre-kernels and epilogues do not rotate (their chains would run those ops on the reference)."""
+    rotating = [module for module in block.modules() if isinstance(module, QuantLinear) and module.config.rotate]
+    return bool(rotating) and resolve_backend(rotating[0].weight.device) not in ("cpu", "reference", "simulate")
 
 
 def _unfuse(block: nn.Module) -> None:

@@ -231,14 +231,13 @@ class QuantLinear(nn.Module):
                          shape=(self.out_features,))
             plan = dataclasses.replace(plan, bias=bias_override)
         lowrank_t, fullrank_x = self.correction_inputs(rows, plan, lora=lora)  # from x itself, not x·R
-        rows = self.activation_input(rows)
         if converted:
-            y = plan.run(rows, lowrank_t, fullrank_x, residual)
+            y = plan.run(rows, lowrank_t, fullrank_x, residual)  # rotated as the plan quantizes them
         else:
-            y = ops.quantized_linear(rows, plan.weight, plan.act_bits, static_scale=plan.input_scale,
-                                     zero_point=plan.input_zero_point, bias=plan.bias, lowrank_t=lowrank_t,
-                                     lowrank_u=plan.lowrank_u, fullrank_x=fullrank_x, fullrank_w=plan.fullrank_w,
-                                     residual=residual)
+            y = ops.quantized_linear(self.activation_input(rows), plan.weight, plan.act_bits,
+                                     static_scale=plan.input_scale, zero_point=plan.input_zero_point, bias=plan.bias,
+                                     lowrank_t=lowrank_t, lowrank_u=plan.lowrank_u, fullrank_x=fullrank_x,
+                                     fullrank_w=plan.fullrank_w, residual=residual)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def activation_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +294,8 @@ class QuantLinear(nn.Module):
             segments["fullrank_w"] = cast(qwt.up).contiguous()
         bias = None if self.bias is None else self.bias.detach()
         weight, bias, segments = output_scaled(self.quantized_weight(), bias, segments, gamma)
-        plan = LinearPlan(weight, self.config.act_bits, self.input_scale, self.input_zero_point, bias, **segments)
+        plan = LinearPlan(weight, self.config.act_bits, self.input_scale, self.input_zero_point, bias, **segments,
+                          rotate=bool(self.config.rotate))
         return plan.frozen() if check else plan
 
     def plan_with(self, lora: nn.Module) -> LinearPlan:

@@ -24,8 +24,8 @@ from .attention import (AttentionQuantization, TokenwiseLog2Quantization, check_
                         simulated_attention,
                         simulated_log2_attention)
 from ..quant.hadamard import check_rotatable
-from .checks import (FLOAT_DTYPES, check_dwsep_down, check_fused_linear, check_quantize_activation, check_row_map,
-                     check_tensor)
+from .checks import (FLOAT_DTYPES, check_dwsep_down, check_fused_linear, check_quantize_activation, check_rotation,
+                     check_row_map, check_tensor)
 from .conv import ConvGeometry, ConvPlan, check_conv_input, simulated_conv2d
 from .dispatch import BACKENDS, BackendInfo, backends, implementation, requested_backend, resolve_backend, use_backend
 from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
@@ -45,6 +45,7 @@ def quantize_activation(
     down_proj: Optional[torch.Tensor] = None,
     t_out: Optional[torch.Tensor] = None,
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantizes activations x [M, K] for the integer GEMM.
 
@@ -54,19 +55,23 @@ def quantize_activation(
     `t_out` [M, r] (rows may be strided, e.g. `shared_t[:, 16:48]`) receives T in place, so several
     corrections can fill one low-rank T buffer; it is returned as t. `down_from_input`: T = x·A
     from the raw input instead of norm(x)·A (QwT's T = x·V_r from the same read of x).
-    Under the `simulate` backend this integer op runs on `reference`.
+    `rotate`: the codes and scale are those of norm(x)·R in fp32 (`hadamard_rotate`: what a
+    rotating layer, whose stored weight is W·R, multiplies), rotated in the pre-kernel's read of
+    x; T is formed from the unrotated values. Under the `simulate` backend this integer op runs
+    on `reference`.
     """
     if not isinstance(down_from_input, bool):
         raise ValueError(f"down_from_input must be a bool, got {down_from_input!r}")
     check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
                               t_out)
+    check_rotation("rotate", rotate, x.shape[1])
     if t_out is not None:
         args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj, t_out,
-                down_from_input)
+                down_from_input, rotate)
         q, scale = implementation("quantize_activation_into", x.device, *args).run(*args)
         return q, scale, t_out
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
-            down_from_input)
+            down_from_input, rotate)
     return implementation("quantize_activation", x.device, *args).eager(x)(*args)
 
 
@@ -100,18 +105,21 @@ def normalize_quantize_activation(
     zero_point: Optional[torch.Tensor] = None,
     down_proj: Optional[torch.Tensor] = None,
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(norm(x) in x.dtype, q, scale, t) from one read of x: `quantize_activation` with the norm,
     also writing the normalized activations (a post-norm block's x1, the MLP's residual; a block's
     attention input when something besides the GEMM reads it). The codes, scale and T come from
-    the fp32 normalized values; `down_from_input` as in quantize_activation."""
+    the fp32 normalized values; `down_from_input` and `rotate` as in quantize_activation (the
+    normalized activations written are unrotated)."""
     if not isinstance(down_from_input, bool):
         raise ValueError(f"down_from_input must be a bool, got {down_from_input!r}")
     check_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj)
+    check_rotation("rotate", rotate, x.shape[1])
     if norm_kind == "none":
         raise ValueError("norm_kind must be 'layernorm' or 'rmsnorm' (without a norm use quantize_activation)")
     args = (x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, float(norm_eps), down_proj,
-            down_from_input)
+            down_from_input, rotate)
     return implementation("normalize_quantize_activation", x.device, *args).eager(x)(*args)
 
 
@@ -174,6 +182,7 @@ def fused_linear(
     scatter_rows: Optional[RowMap] = None,
     out_rows: Optional[int] = None,
     residual_before_activation: bool = False,
+    requant_rotate: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Y = act(dequant(A·Wᵀ) − z·colsum + T·Uᵀ + X_c·W_cᵀ + bias) + residual, or with
     `residual_before_activation` act(dequant(A·Wᵀ) − z·colsum + bias + residual) + T·Uᵀ + X_c·W_cᵀ
@@ -184,7 +193,8 @@ def fused_linear(
     full-rank X_c [M, K_c] / W_c [N, K_c] come in pairs. activation: "none", "gelu" (erf),
     "gelu_tanh", "relu", "relu6", "silu", "quick_gelu" (CLIP's x·σ(1.702x)), or gated act(gate)·up with the gate in the weight's first N/2 rows and up
     in its last N/2 (output N/2 wide): "swiglu" (silu), "geglu" (gelu erf), "geglu_tanh".
-    Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale).
+    Returns Y in `out_dtype`, or with `requant_bits` (2..8) the per-token re-quantized (q, scale);
+    `requant_rotate`: of Y·R in fp32 (the next layer's rotation, `hadamard_rotate`).
 
     Row maps (`RowMap`, checked once where they are built): GEMM row m reads A row
     `gather_rows.indices[m]` (−1: zero padding) and writes output row `scatter_rows.indices[m]`
@@ -204,7 +214,7 @@ def fused_linear(
         out_dtype=out_dtype, requant_bits=requant_bits, out_rows=out_rows,
         gather_rows=None if gather_rows is None else gather_rows.indices,
         scatter_rows=None if scatter_rows is None else scatter_rows.indices,
-        residual_before_activation=residual_before_activation)
+        residual_before_activation=residual_before_activation, requant_rotate=requant_rotate)
     check_fused_linear(operands)
     out, out_scale = implementation("fused_linear", a.device, operands).eager(a)(operands)
     return (out, out_scale) if requant_bits else out

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..formats.weights import INTEGER_FORMATS, check_weight, panels_shape, weight_in_features
+from ..quant.hadamard import check_rotatable
 from ..quant.primitives import qrange
 from .operands import FusedLinearOperands
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, NORM_KINDS, output_features
@@ -183,6 +184,18 @@ def check_fused_linear(operands: FusedLinearOperands) -> None:
     check_choice("out_dtype", operands.out_dtype, FLOAT_DTYPES)
     if operands.requant_bits != 0:
         check_bits("requant_bits", operands.requant_bits)
+    check_rotation("requant_rotate", operands.requant_rotate, output_features(out_features, operands.activation),
+                   "the output's width")
+    if operands.requant_rotate and not operands.requant_bits:
+        raise ValueError("requant_rotate rotates the output before its re-quantization: it needs requant_bits")
+
+
+def check_rotation(name: str, rotate, features: int, what: str = "x.shape[1]") -> None:
+    """`rotate` a bool, and when True, `features` a width the Hadamard rotation covers."""
+    if not isinstance(rotate, bool):
+        raise ValueError(f"{name} must be a bool, got {rotate!r}")
+    if rotate:
+        check_rotatable(features, what)
 
 
 def check_dwsep_down(h, height, width, prefix_tokens, dw_weight, dw_bias, down_weight, down_bias, token_mask=None):

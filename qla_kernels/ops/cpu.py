@@ -218,7 +218,7 @@ def _w4a16_decode(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
     y = reference.epilogue(y, operands.lowrank_t, operands.lowrank_u, operands.fullrank_x, operands.fullrank_w,
                            operands.bias, operands.activation, operands.residual, operands.residual_before_activation)
     if operands.requant_bits:
-        return reference.quantize_output(y, operands.requant_bits)
+        return reference.quantize_output(hadamard_rotate(y) if operands.requant_rotate else y, operands.requant_bits)
     return y.to(operands.out_dtype), y.new_empty((0,))
 
 
@@ -294,6 +294,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
         out_q = out_scale = None
     scatter64 = None if scatter is None else scatter.to(torch.int64)
     gather64 = None if gather is None else gather.to(torch.int64)
+    factors = kernel_factors(width) if operands.requant_rotate else None
     _MODULE.fused_linear(
         isa(), _address(a), a.shape[1], a.shape[0], _address(gather64), rows, a.shape[1], _address(panels), columns,
         _address(zero), zero is not None and zero.numel() > 1, _address(a_scale), _address(operands.weight_scale),
@@ -301,7 +302,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
         _address(addend), 0 if addend is None else addend.stride(0), _address(bias),
         _ACTIVATION_CODES[operands.activation], _address(residual), 0 if residual is None else residual.stride(0),
         _address(scatter64), out_rows, _address(out), width, _address(out_q), _address(out_scale), bits,
-        operands.residual_before_activation)
+        _rotation_arguments(factors), operands.residual_before_activation)
     if bits:
         return out_q, out_scale
     return out.to(operands.out_dtype), out.new_empty((0,))
@@ -349,20 +350,23 @@ class _Projection:
 
 def quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                         norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float,
-                        down_proj: Optional[Tensor], down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """ops.quantize_activation on the CPU kernels (T = norm(x)·A or x·A, `_Projection`)."""
+                        down_proj: Optional[Tensor], down_from_input: bool = False,
+                        rotate: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """ops.quantize_activation on the CPU kernels (T = norm(x)·A or x·A, `_Projection`; with
+    `rotate`, each row rotated in a row buffer before it is quantized)."""
     if norm_kind != "none":
         normed, q, scale, t = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
-                                         norm_eps, down_proj, down_from_input)
+                                         norm_eps, down_proj, down_from_input, rotate)
         return q, scale, t
     rows = x.float().contiguous()
     q = torch.empty(rows.shape, dtype=torch.int8)
     scale = torch.empty(rows.shape[0], dtype=torch.float32)
     static = _fp32_contiguous(static_scale)
     projection = _Projection(x, down_proj)
+    factors = kernel_factors(rows.shape[1]) if rotate else None
     _MODULE.quantize_rows(isa(), rows.data_ptr(), rows.shape[1], rows.shape[0], rows.shape[1], bits,
-                          _address(static), *_zero_point_arguments(zero_point, bits), q.data_ptr(), scale.data_ptr(),
-                          *projection.arguments())
+                          _address(static), *_zero_point_arguments(zero_point, bits), _rotation_arguments(factors),
+                          q.data_ptr(), scale.data_ptr(), *projection.arguments())
     return q, scale, projection.result(x, rows, down_from_input)
 
 
@@ -371,19 +375,20 @@ def supports_normalize(x: Tensor, norm_kind: str, down_proj) -> bool:
 
 
 def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, norm_weight, norm_bias,
-               norm_eps: float, down_proj: Optional[Tensor] = None,
-               down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(norm(x) fp32, q, scale, T) on the kernel: q and scale empty at bits 0, T (`_Projection`)
-    empty without down_proj."""
+               norm_eps: float, down_proj: Optional[Tensor] = None, down_from_input: bool = False,
+               rotate: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(norm(x) fp32, q, scale, T) on the kernel: q and scale empty at bits 0 (with `rotate`, of
+    the rotated norm), T (`_Projection`) empty without down_proj."""
     rows = x.float().contiguous()
     weight, bias, static = (_fp32_contiguous(t) for t in (norm_weight, norm_bias, static_scale))
     normed = torch.empty_like(rows)
     q = torch.empty(rows.shape if bits else (0,), dtype=torch.int8)
     scale = torch.empty(rows.shape[0] if bits else 0, dtype=torch.float32)
     projection = _Projection(x, down_proj)
+    factors = kernel_factors(rows.shape[1]) if rotate else None
     _MODULE.normalize_rows(isa(), rows.data_ptr(), rows.shape[0], rows.shape[1], _NORM_CODES[norm_kind],
                            _address(weight), _address(bias), float(norm_eps), normed.data_ptr(), bits,
-                           _address(static), *_zero_point_arguments(zero_point, bits),
+                           _address(static), *_zero_point_arguments(zero_point, bits), _rotation_arguments(factors),
                            _address(q if bits else None), _address(scale if bits else None),
                            *projection.arguments(), down_from_input)
     return normed, q, scale, projection.result(x, normed, down_from_input)
@@ -391,11 +396,12 @@ def _normalize(x: Tensor, bits: int, static_scale, zero_point, norm_kind: str, n
 
 def normalize_quantize_activation(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                                   norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                                  norm_eps: float, down_proj: Optional[Tensor],
-                                  down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """ops.normalize_quantize_activation: the codes from the fp32 norm, T = norm(x)·A (or x·A), `_Projection`."""
+                                  norm_eps: float, down_proj: Optional[Tensor], down_from_input: bool = False,
+                                  rotate: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ops.normalize_quantize_activation: the codes from the fp32 norm (rotated with `rotate`),
+    T = norm(x)·A (or x·A), `_Projection`."""
     normed, q, scale, t = _normalize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                     down_proj, down_from_input)
+                                     down_proj, down_from_input, rotate)
     return normed.to(x.dtype), q, scale, t
 
 
@@ -410,9 +416,10 @@ def normalize_activation(x: Tensor, norm_kind: str, norm_weight: Optional[Tensor
 def normalize_quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor],
                                      zero_point: Optional[Tensor], norm_kind: str, norm_weight: Optional[Tensor],
                                      norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
-                                     down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                     down_from_input: bool = False,
+                                     rotate: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
-                                         norm_eps, down_proj, down_from_input)
+                                         norm_eps, down_proj, down_from_input, rotate)
 
 
 @torch.library.custom_op("qla::normalize_activation_cpu", mutates_args=())
@@ -424,10 +431,10 @@ def normalize_activation_op(x: Tensor, norm_kind: str, norm_weight: Optional[Ten
 @torch.library.custom_op("qla::quantize_activation_cpu", mutates_args=())
 def quantize_activation_op(x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor],
                            norm_kind: str, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                           norm_eps: float, down_proj: Optional[Tensor],
-                           down_from_input: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                           norm_eps: float, down_proj: Optional[Tensor], down_from_input: bool = False,
+                           rotate: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     return quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                               down_proj, down_from_input)
+                               down_proj, down_from_input, rotate)
 
 
 quantize_activation_op.register_fake(quantize_activation_fake)
@@ -532,6 +539,15 @@ dwsep_down_op.register_fake(dwsep_down_fake)
 refuse_backward(dwsep_down_op)
 
 
+def _rotation_arguments(factors: Optional[Tuple[Tensor, Tensor, int]]) -> Optional[Tuple[int, int, int, int, float]]:
+    """The kernels' rotation (None, or signs, dense, m, P, 1/√P) from `kernel_factors(k)`, which
+    the caller holds while the kernel runs."""
+    if factors is None:
+        return None
+    signs, dense, chunk = factors
+    return signs.data_ptr(), dense.data_ptr(), dense.shape[0], chunk, 1.0 / math.sqrt(chunk)
+
+
 def supports_hadamard_rotate(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
@@ -541,12 +557,12 @@ def hadamard_rotate(x: Tensor) -> Tensor:
     Walsh-Hadamard transform of each power-of-two chunk, then the Paley factor across chunks
     (quant/hadamard.kernel_factors), while the row is in cache."""
     k = x.shape[-1]
-    signs, dense, chunk = kernel_factors(k)
+    factors = kernel_factors(k)
     rows = _fp32_rows(x.reshape(-1, k))
     out = torch.empty(rows.shape, dtype=torch.float32)
     if out.numel():
-        _MODULE.rotate_rows(isa(), rows.data_ptr(), rows.stride(0), rows.shape[0], k, dense.shape[0], chunk, signs.data_ptr(),
-                            dense.data_ptr(), 1.0 / math.sqrt(chunk), out.data_ptr())
+        _MODULE.rotate_rows(isa(), rows.data_ptr(), rows.stride(0), rows.shape[0], k, _rotation_arguments(factors),
+                            out.data_ptr())
     return out.reshape(x.shape).to(x.dtype)
 
 

@@ -188,6 +188,7 @@ def _quantize_activation(x, bits, *_) -> Tuple[Tensor, Tensor, Tensor]:
 
 register_backend("cuda", _status)
 register("quantize_activation", "cuda", _quantize_activation,
-         lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, *_:
-         supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj))
+         lambda x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+         down_from_input=False, rotate=False:
+         not rotate and supports_quantize_activation(x, static_scale, zero_point, norm_kind, down_proj))
 register("fused_linear", "cuda", fused_linear, supports_fused_linear)

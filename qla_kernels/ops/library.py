@@ -30,14 +30,16 @@ def quantize_activation(
     norm_eps: float,
     down_proj: Optional[Tensor],
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return reference.quantize_activation(
-        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, down_from_input
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, down_from_input,
+        rotate
     )
 
 
 def quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
-                             down_from_input=False):
+                             down_from_input=False, rotate=False):
     """Shapes of quantize_activation's outputs (shared by every backend's op)."""
     rows = x.shape[0]
     rank = 0 if down_proj is None else down_proj.shape[1]
@@ -64,17 +66,19 @@ def quantize_activation_into(
     down_proj: Tensor,
     t_out: Tensor,
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """quantize_activation writing T into `t_out` (a column range of a T buffer shared by corrections)."""
     q, scale, t = reference.quantize_activation(
-        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, down_from_input
+        x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, down_from_input,
+        rotate
     )
     t_out.copy_(t)
     return q, scale
 
 
 def quantize_activation_into_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                  down_proj, t_out, down_from_input=False):
+                                  down_proj, t_out, down_from_input=False, rotate=False):
     q, scale, _ = quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
                                            norm_eps, None)
     return q, scale
@@ -129,13 +133,14 @@ def normalize_quantize_activation(
     norm_eps: float,
     down_proj: Optional[Tensor],
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return reference.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
-                                                   norm_bias, norm_eps, down_proj, down_from_input)
+                                                   norm_bias, norm_eps, down_proj, down_from_input, rotate)
 
 
 def normalize_quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                       down_proj, down_from_input=False):
+                                       down_proj, down_from_input=False, rotate=False):
     return (x.new_empty(x.shape), *quantize_activation_fake(x, bits, static_scale, zero_point, norm_kind, norm_weight,
                                                             norm_bias, norm_eps, down_proj))
 

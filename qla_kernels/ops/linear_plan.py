@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..formats.weights import QuantizedWeight
-from .checks import check_fused_linear, check_quantize_activation
+from .checks import check_fused_linear, check_quantize_activation, check_rotation
 from .cpu import with_panels
 from .dispatch import implementation_for, resolve_backend
 from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
@@ -31,7 +31,9 @@ class LinearPlan:
 
     `act_bits` None: W4A16 (the GEMM reads the activations). `lowrank_u` [N, r] pairs with the
     per-call T [M, r] of `run`; `fullrank_w` [N, K_c] with X_c. `dtype` is the dtype U and W_c
-    are stored in (None without them), which T and X_c take."""
+    are stored in (None without them), which T and X_c take. `rotate`: the stored weight is W·R,
+    and the activations are quantized as x·R (rotated in the pre-kernel, or in the epilogue of
+    the GEMM that re-quantizes for this one)."""
 
     weight: QuantizedWeight
     act_bits: Optional[int]
@@ -40,6 +42,7 @@ class LinearPlan:
     bias: Optional[torch.Tensor] = None
     lowrank_u: Optional[torch.Tensor] = None
     fullrank_w: Optional[torch.Tensor] = None
+    rotate: bool = False
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
@@ -67,6 +70,9 @@ class LinearPlan:
         probe = torch.zeros((1, self.in_features), dtype=dtype, device=device)
         bits = self.act_bits or 8
         check_quantize_activation(probe, bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None)
+        check_rotation("rotate", self.rotate, self.in_features, "in_features")
+        if self.rotate and self.act_bits is None:
+            raise ValueError("rotate needs quantized activations (act_bits): W4A16 reads its input as it is")
         if self.lowrank_u is not None and self.fullrank_w is not None and self.lowrank_u.dtype != self.fullrank_w.dtype:
             raise ValueError(f"lowrank_u ({self.lowrank_u.dtype}) and fullrank_w ({self.fullrank_w.dtype}) must share "
                              "a dtype")
@@ -84,7 +90,8 @@ class LinearPlan:
     def run(self, rows: torch.Tensor, lowrank_t: Optional[torch.Tensor] = None,
             fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Y [M, N] in rows.dtype for rows [M, K] (contiguous, on the plan's device: the caller
-        checks its input once); T [M, r] / X_c [M, K_c] in the plan's dtype and the residual
+        checks its input once; unrotated: a rotating plan rotates them as it quantizes them);
+        T [M, r] / X_c [M, K_c] in the plan's dtype and the residual
         [M, N] as the plan's U, W_c and shape say (built by the caller from the same rows). The
         output takes the dtype of rows."""
         backend = resolve_backend(rows.device)
@@ -94,7 +101,8 @@ class LinearPlan:
         if self.act_bits is None:
             a, a_scale = rows, None
         else:
-            args = (rows, self.act_bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None, False)
+            args = (rows, self.act_bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None, False,
+                    self.rotate)
             a, a_scale, _ = implementation_for("quantize_activation", backend, *args).eager(rows)(*args)
         return self.run_quantized(a, a_scale, lowrank_t, fullrank_x, residual, rows.dtype, backend)
 
@@ -112,19 +120,21 @@ class LinearPlan:
               out_dtype: torch.dtype, lowrank_t: Optional[torch.Tensor] = None,
               fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
               activation: str = "none", requant_bits: int = 0, gather_rows=None, scatter_rows=None,
-              out_rows: Optional[int] = None, residual_before_activation: bool = False):
+              out_rows: Optional[int] = None, residual_before_activation: bool = False,
+              requant_rotate: bool = False):
         """ops.fused_linear of this plan (codes `a`, their scale and GEMM zero point; or W4A16
         activations) with a fused chain's epilogue, without the op's per-call validation: the plan
         was checked when frozen, and a chain builds a, T, X_c, the residual and the row maps
         (`RowMap`s, checked where they are built) from its validated input, so every call of it is
         well-formed (its tests hold each chain to the reference). Y, or (q, scale) with
-        `requant_bits`."""
+        `requant_bits` (of Y·R with `requant_rotate`: the next plan rotates)."""
         gather = None if gather_rows is None else gather_rows.indices
         scatter = None if scatter_rows is None else scatter_rows.indices
         operands = fused_linear_operands(
             a, a_scale, self.weight, a_zero_point=a_zero_point, lowrank_t=lowrank_t, lowrank_u=self.lowrank_u,
             fullrank_x=fullrank_x, fullrank_w=self.fullrank_w, bias=self.bias, activation=activation,
             residual=residual, out_dtype=out_dtype, requant_bits=requant_bits, gather_rows=gather,
-            scatter_rows=scatter, out_rows=out_rows, residual_before_activation=residual_before_activation)
+            scatter_rows=scatter, out_rows=out_rows, residual_before_activation=residual_before_activation,
+            requant_rotate=requant_rotate)
         out, out_scale = implementation_for("fused_linear", resolve_backend(a.device), operands).eager(a)(operands)
         return (out, out_scale) if requant_bits else out

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.weights import dequantize_weight, integer_weight
+from ..quant.hadamard import rotate as hadamard_rotate
 from ..quant.primitives import absmax_scale, quantize_with_scale
 from .operands import FusedLinearOperands
 
@@ -104,21 +105,25 @@ def quantize_activation(
     norm_eps: float,
     down_proj: Optional[torch.Tensor],
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activation pre-op: [norm] → int8 per token (dynamic) or per tensor (static) → [T = norm(x)·A],
-    or with `down_from_input` T = x·A from the un-normalized input (QwT's T = x·V_r).
+    """Activation pre-op: [norm] → [x·R] → int8 per token (dynamic) or per tensor (static) →
+    [T = norm(x)·A], or with `down_from_input` T = x·A from the un-normalized input (QwT's T =
+    x·V_r). `rotate`: the codes quantize the fp32 norm(x)·R (quant/hadamard.py; a rotating
+    layer's stored weight is W·R); T is formed from the unrotated values.
 
     Returns (q int8 [M, K], scale fp32 [M], t [M, r] in x.dtype, r = 0 without down_proj).
     With a zero point (static only): at bits <= 7 q holds q − z (exact in int8, the GEMM needs no
     zero term); at 8 bits q holds the raw code and the GEMM subtracts z·colsum(W_q).
     """
     normed = normalize(x, norm_kind, norm_weight, norm_bias, norm_eps)
+    quantized = hadamard_rotate(normed) if rotate else normed
     rows = x.shape[0]
     if static_scale is None:
-        scale = absmax_scale(normed.abs().amax(dim=-1), bits)
+        scale = absmax_scale(quantized.abs().amax(dim=-1), bits)
     else:
         scale = static_scale.float().reshape(()).expand(rows).clone()
-    q = quantize_with_scale(normed, scale, bits, zero_point)
+    q = quantize_with_scale(quantized, scale, bits, zero_point)
     if zero_point is not None and bits <= 7:
         q = (q.to(torch.int16) - zero_point.to(torch.int16)).to(torch.int8)
     if down_proj is None:
@@ -139,12 +144,13 @@ def normalize_quantize_activation(
     norm_eps: float,
     down_proj: Optional[torch.Tensor],
     down_from_input: bool = False,
+    rotate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(norm(x) in x.dtype, *quantize_activation(x with the norm)): the codes, scale and T come
-    from the fp32 normalized values, not from their rounding to x.dtype."""
+    from the fp32 normalized values, not from their rounding to x.dtype; norm(x) is unrotated."""
     normed = normalize(x, norm_kind, norm_weight, norm_bias, norm_eps).to(x.dtype)
     return (normed, *quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias,
-                                         norm_eps, down_proj, down_from_input))
+                                         norm_eps, down_proj, down_from_input, rotate))
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -261,7 +267,8 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Ten
     Row maps (Swin's window order): GEMM row m reads A row gather_rows[m] (−1: zero padding) and
     writes output row scatter_rows[m] (−1: dropped; output rows nothing maps to are zero, and
     re-quantize as zero rows); T, X_c and the residual are indexed by that destination row.
-    Without maps, GEMM row m is A row m and output row m.
+    Without maps, GEMM row m is A row m and output row m. `requant_rotate`: each output row is
+    rotated (y·R, the next layer's rotation) in fp32 before it is re-quantized.
     """
     a, a_scale, a_zero_point = operands.a, operands.a_scale, operands.a_zero_point
     lowrank_t, fullrank_x, residual = operands.lowrank_t, operands.fullrank_x, operands.residual
@@ -281,7 +288,7 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Ten
     if scatter_rows is not None:
         y = scatter_rows_to(y, scatter_rows, out_rows)
     if operands.requant_bits:
-        return quantize_output(y, operands.requant_bits)
+        return quantize_output(hadamard_rotate(y.float()) if operands.requant_rotate else y, operands.requant_bits)
     return y.to(operands.out_dtype), y.new_empty((0,), dtype=torch.float32)
 
 

@@ -45,7 +45,7 @@ def _relative_error(reference, value):
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A8(group_size=32), qk.W4A4(), qk.W4A4(rotate="hadamard")], ids=str)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_fused_model_equals_the_module_by_module_model(name, config, static, chain_calls, monkeypatch):
     """The same integer ops; the norms differ in fp order (the pre-kernel's LayerNorm against
@@ -313,7 +313,7 @@ def test_a_fused_block_keeps_the_class_the_model_defined():
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
-@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4()], ids=str)
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A4(), qk.W4A4(rotate="hadamard")], ids=str)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_post_norm_encoders_fuse_and_equal_the_module_by_module_model(kind, config, static, chain_calls):
     """BERT / RoBERTa: q/k/v as one packed GEMM from one pre-kernel, SDPA with the padding mask,
@@ -430,7 +430,7 @@ def _greedy(model, prompt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "opt", "phi3", "gemma"])
-@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32)], ids=str)
+@pytest.mark.parametrize("config", [qk.W8A8(), qk.W4A16(group_size=32), qk.W8A8(rotate="hadamard")], ids=str)
 def test_decoders_fuse_around_their_attention_and_generate_the_same(kind, config, chain_calls, monkeypatch):
     """GPT-2 / LLaMA / OPT / Phi-3 / Gemma: norms and the MLP (GELU or ReLU, or a gated MLP's gate
     and up) run fused, the model's own attention module runs in between with the KV cache, rotary

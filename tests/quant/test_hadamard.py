@@ -13,7 +13,7 @@ from qla_kernels.methods import gptq, ptq
 from qla_kernels.quant import quantize_weight
 from qla_kernels.quant.gptq import gptq_quantize, hessian, layer_output_error
 from qla_kernels.quant.hadamard import hadamard_factors, rotate, rotation_matrix
-from tests.conftest import examples, tiny_bert
+from tests.conftest import assert_same_up_to_rerounding, examples, tiny_bert
 
 SIZES = [1, 2, 12, 20, 24, 28, 44, 48, 64, 96, 384, 1536]
 
@@ -104,22 +104,29 @@ def test_a_rotating_layer_computes_the_quantized_product_of_the_rotated_operands
     assert torch.equal(calibration, expected) and torch.equal(converted, expected)
 
 
-def test_rotated_models_save_load_calibrate_and_stay_out_of_fused_blocks(tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_rotated_models_save_load_calibrate_and_run_fused_blocks(tmp_path, backend):
+    """A rotated BERT (widths 48 = 12·4 and 96 = 12·8: Paley factors) fuses on the CPU backends:
+    the pre-kernels rotate as they quantize, fc1's epilogue rotates before re-quantizing for fc2."""
     pytest.importorskip("transformers")
+    if not qk.backends()[backend].available:
+        pytest.skip(qk.backends()[backend].reason)
     fp, batches = tiny_bert(3)
     model = gptq.quantize(copy.deepcopy(fp), qk.W4A4(rotate="hadamard"), batches, progress=False)
     ptq.calibrate(model, batches, progress=False)  # static scales observed on x·R, what the quantizer sees
     ids = batches[0]["input_ids"]
-    with torch.no_grad():
+    with torch.no_grad(), qk.use_backend(backend):
         expected = model(input_ids=ids)[0]
-        assert torch.nn.functional.cosine_similarity(expected.flatten(), fp(input_ids=ids)[0].flatten(), 0) > 0.9
+        fp_out = fp(input_ids=ids)[0]
+        assert torch.nn.functional.cosine_similarity(expected.flatten(), fp_out.flatten(), 0) > 0.9
     qk.save_quantized(model, str(tmp_path / "model.safetensors"))
     loaded = qk.load_quantized(copy.deepcopy(fp), str(tmp_path / "model.safetensors"))
     assert loaded.encoder.layer[0].intermediate.dense.config == qk.W4A4(rotate="hadamard")
-    report = qk.convert_for_runtime(loaded, {"input_ids": ids})
-    assert not report.fusion.fused and all("rotate" in why for why in report.fusion.skipped.values())
-    with torch.no_grad():
+    with torch.no_grad(), qk.use_backend(backend):
         assert torch.equal(loaded(input_ids=ids)[0], expected)
+        report = qk.convert_for_runtime(loaded, {"input_ids": ids}, backend=backend)
+        assert report.fusion.fused == ["encoder.layer.0", "encoder.layer.1"] and not report.fusion.skipped
+        assert_same_up_to_rerounding(fp_out, expected, loaded(input_ids=ids)[0])
     with pytest.raises(ValueError, match="GPLQ's static activation quantizers do not rotate"):
         qk.methods.gplq.quantize(fp, qk.W4A4(rotate="hadamard"), batches, progress=False)
 

@@ -31,11 +31,11 @@ def quantize_input(x: torch.Tensor, plan: LinearPlan, norm: Optional[nn.Module] 
                    down_proj: Optional[torch.Tensor] = None, down_from_input: bool = False):
     """(codes, scales, zero point for the GEMM, T) of x for the GEMM of `plan`, with `norm` applied
     first and T = norm(x)·down_proj (x·down_proj with `down_from_input`) from the same read (no
-    columns without `down_proj`)."""
+    columns without `down_proj`); rotated as the plan says."""
     bits = plan.act_bits
     q, scale, t = quantize_activation(x, bits, static_scale=plan.input_scale, zero_point=plan.input_zero_point,
                                       down_proj=down_proj, down_from_input=down_from_input and down_proj is not None,
-                                      **({} if norm is None else norm_arguments(norm)))
+                                      rotate=plan.rotate, **({} if norm is None else norm_arguments(norm)))
     return q, scale, gemm_zero_point(plan.input_zero_point, bits), t
 
 
@@ -46,7 +46,7 @@ def normalize_and_quantize(rows: torch.Tensor, norm: nn.Module, plan: LinearPlan
     bits = plan.act_bits
     normed, q, scale, t = normalize_quantize_activation(
         rows, bits, static_scale=plan.input_scale, zero_point=plan.input_zero_point, down_proj=down_proj,
-        down_from_input=down_from_input and down_proj is not None, **norm_arguments(norm))
+        down_from_input=down_from_input and down_proj is not None, rotate=plan.rotate, **norm_arguments(norm))
     return normed, q, scale, gemm_zero_point(plan.input_zero_point, bits), t
 
 
@@ -70,13 +70,13 @@ def mlp(a: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Ten
         lowrank_t: Optional[torch.Tensor] = None, fullrank_x: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fc1 + bias + activation on its input (int8 codes, or activations for W4A16), then fc2 + bias
     + corrections (+ residual) in `dtype`. With dynamic scales for fc2, fc1's epilogue
-    re-quantizes per token: no fp round trip."""
+    re-quantizes per token (rotating first when fc2 rotates): no fp round trip."""
     if fc2.act_bits is None:  # W4A16: fc2 reads fc1's output as it is
         hidden_q = gemm(a, scale, zero, fc1, activation=activation, out_dtype=dtype)
         hidden_scale = hidden_zero = None
     elif fc2.input_scale is None:
         hidden_q, hidden_scale = gemm(a, scale, zero, fc1, activation=activation, out_dtype=dtype,
-                                      requant_bits=fc2.act_bits)
+                                      requant_bits=fc2.act_bits, requant_rotate=fc2.rotate)
         hidden_zero = None
     else:
         hidden = gemm(a, scale, zero, fc1, activation=activation, out_dtype=dtype)

@@ -41,7 +41,8 @@ class PackedGroups(FusedModule):
         plans = {}
         for names, (weight, bias) in self._qla_packed.items():
             first = self.get_submodule(names[0])
-            plan = LinearPlan(weight, first.config.act_bits, first.input_scale, first.input_zero_point, bias)
+            plan = LinearPlan(weight, first.config.act_bits, first.input_scale, first.input_zero_point, bias,
+                              rotate=bool(first.config.rotate))
             plans[names] = plan.frozen() if check else plan
         return plans
 
@@ -118,10 +119,10 @@ def check_packable(layers: list) -> None:
 
 def same_input_quantization(first: nn.Module, second: nn.Module) -> bool:
     """Two QuantLinears reading the same tensor quantize it identically (dynamic, or equal static
-    scale and zero point at equal bits): then one pre-kernel serves both."""
+    scale and zero point at equal bits, and the same rotation): then one pre-kernel serves both."""
     if getattr(first, "config", None) is None or getattr(second, "config", None) is None:
         return False
-    if first.config.act_bits != second.config.act_bits:
+    if first.config.act_bits != second.config.act_bits or first.config.rotate != second.config.rotate:
         return False
     pairs = ((first.input_scale, second.input_scale), (first.input_zero_point, second.input_zero_point))
     return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)

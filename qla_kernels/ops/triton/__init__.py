@@ -64,7 +64,7 @@ if _IMPORT_ERROR is None:
     def _quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
-        down_from_input: bool = False,
+        down_from_input: bool = False, rotate: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return launch.quantize_activation(
             x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
@@ -74,7 +74,7 @@ if _IMPORT_ERROR is None:
     def _quantize_activation_into(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Tensor, t_out: Tensor,
-        down_from_input: bool = False,
+        down_from_input: bool = False, rotate: bool = False,
     ) -> Tuple[Tensor, Tensor]:
         q, scale, _ = launch.quantize_activation(
             x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out,
@@ -91,7 +91,7 @@ if _IMPORT_ERROR is None:
     def _normalize_quantize_activation(
         x: Tensor, bits: int, static_scale: Optional[Tensor], zero_point: Optional[Tensor], norm_kind: str,
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: float, down_proj: Optional[Tensor],
-        down_from_input: bool = False,
+        down_from_input: bool = False, rotate: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return launch.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
                                                     norm_bias, norm_eps, down_proj, down_from_input)
@@ -122,23 +122,30 @@ if _IMPORT_ERROR is None:
 
     log2_attention = _register("log2_attention_triton", _log2_attention, attention_fake)
 
-    def _covered_by(predicate, op: str, argument: str):
-        """`predicate` of the call's `argument`, found by name in the reference op's schema."""
-        index = [item.name for item in getattr(torch.ops.qla, op).default._schema.arguments].index(argument)
-        return lambda *args: predicate(args[index])
+    def _covered_by(predicate, op: str, *arguments: str):
+        """`predicate` of the call's `arguments` (their defaults where the call stops short), found
+        by name in the reference op's schema."""
+        schema = getattr(torch.ops.qla, op).default._schema.arguments
+        names = [item.name for item in schema]
+        picks = [(names.index(name), schema[names.index(name)].default_value) for name in arguments]
+        return lambda *args: predicate(*(args[index] if index < len(args) else default for index, default in picks))
 
-    # What the kernels cover; the registry runs the rest on the reference.
+    # What the kernels cover; the registry runs the rest on the reference (a rotating pre-op too:
+    # the Triton pre-kernels do not rotate yet).
     for _op in ("quantize_activation", "quantize_activation_into", "normalize_activation",
                 "normalize_quantize_activation"):
-        register(_op, "triton", getattr(torch.ops.qla, f"{_op}_triton"),
-                 _covered_by(supports_quantize_activation, _op, "down_proj"),
+        covered = (_covered_by(supports_quantize_activation, _op, "down_proj") if _op == "normalize_activation" else
+                   _covered_by(lambda down_proj, rotate: not rotate and supports_quantize_activation(down_proj), _op,
+                               "down_proj", "rotate"))
+        register(_op, "triton", getattr(torch.ops.qla, f"{_op}_triton"), covered,
                  body=_quantize_activation if _op == "quantize_activation" else None)
     register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
              lambda *args: supports_dwsep_down(args[6], args[8]))  # down_weight, token_mask
     register("quantized_attention", "triton", torch.ops.qla.quantized_attention_triton)
     register("log2_attention", "triton", torch.ops.qla.log2_attention_triton)
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
-             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS, body=launch.fused_linear)
+             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS and not operands.requant_rotate,
+             body=launch.fused_linear)
 
 register_backend("triton", status)
 

@@ -1,0 +1,162 @@
+"""Rotation inside the quantization points (`rotate` of quantize_activation and
+normalize_quantize_activation, `requant_rotate` of fused_linear): on the cpu kernels the row is
+rotated in a row buffer as it is quantized, and the codes are exactly those of quantizing the
+kernel's own `hadamard_rotate` of it (the same rotation code, then the same quantizer); the
+reference composes its rotation with its quantizer the same way. Between the two, the rotations
+differ in fp32 order (tests/ops/test_hadamard_rotate.py bounds them), so a code moves by at most
+one step where a rotated value sits on a rounding edge."""
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qla_kernels as qk
+from qla_kernels import ops
+from qla_kernels.ops import cpu
+from qla_kernels.quant.hadamard import rotate
+
+from ..conftest import examples
+from .helpers import at_thread_counts, random_int8, random_weight
+
+CPU_PATHS = cpu.supported_isas() if qk.backends()["cpu"].available else []
+# Powers of two, and Paley orders × powers of two (P < 16 runs the scalar Paley stage).
+SIZES = (2, 64, 96, 80, 384, 56, 1536)
+BACKENDS = ["reference"] + (["cpu"] if CPU_PATHS else [])
+
+
+def _inputs(rows: int, k: int, seed: int, outliers: bool) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=generator)
+    if outliers:  # the channels rotation is for
+        x[:, torch.randperm(k, generator=generator)[: max(1, k // 32)]] *= 40
+    return x
+
+
+def _quantize_cases(draw_static: bool, bits: int, zero: bool):
+    if not draw_static:
+        return {}
+    arguments = {"static_scale": torch.tensor([0.05])}
+    if zero:
+        arguments["zero_point"] = torch.tensor([3 if bits > 3 else 1], dtype=torch.int8)
+    return arguments
+
+
+@examples(40)
+@given(k=st.sampled_from(SIZES), rows=st.integers(0, 9), bits=st.sampled_from([8, 4, 3]), static=st.booleans(),
+       zero=st.booleans(), norm=st.sampled_from(["none", "layernorm", "rmsnorm"]), rank=st.sampled_from([0, 4, 20]),
+       from_input=st.booleans(), outliers=st.booleans(), path=st.sampled_from(CPU_PATHS or ["none"]),
+       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 1000))
+def test_codes_are_those_of_the_rotated_rows(k, rows, bits, static, zero, norm, rank, from_input, outliers, path,
+                                             backend, seed):
+    """quantize_activation(x, rotate=True) == quantize_activation(hadamard_rotate(norm(x))) bit for
+    bit on each backend, T from the unrotated rows; normalize_quantize_activation's normalized
+    output is unrotated."""
+    x = _inputs(rows, k, seed, outliers)
+    arguments = _quantize_cases(static, bits, zero)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if norm != "none":
+        arguments.update(norm_kind=norm, norm_weight=torch.rand(k, generator=generator) + 0.5)
+        if norm == "layernorm":
+            arguments["norm_bias"] = torch.randn(k, generator=generator) * 0.1
+    down = torch.randn(k, rank, generator=generator) if rank else None
+    with qk.use_backend(backend), cpu.using_isa(path) if backend == "cpu" else contextlib.nullcontext():
+        q, scale, t = ops.quantize_activation(x, bits, down_proj=down, down_from_input=from_input, rotate=True,
+                                              **arguments)
+        _, _, t_unrotated = ops.quantize_activation(x, bits, down_proj=down, down_from_input=from_input,
+                                                    **arguments)
+        normed = x
+        if norm != "none":
+            normed, q_fused, scale_fused, _ = ops.normalize_quantize_activation(
+                x, bits, arguments["norm_kind"], arguments["norm_weight"], arguments.get("norm_bias"),
+                static_scale=arguments.get("static_scale"), zero_point=arguments.get("zero_point"), rotate=True)
+            assert torch.equal(q_fused, q) and torch.equal(scale_fused, scale)
+            plain = ops.normalize_activation(x, norm, arguments["norm_weight"], arguments.get("norm_bias"))[0]
+            assert torch.equal(normed, plain)
+        quantizer = {key: value for key, value in arguments.items() if not key.startswith("norm")}
+        q_expected, scale_expected, _ = ops.quantize_activation(ops.hadamard_rotate(normed), bits, **quantizer)
+    assert torch.equal(q, q_expected) and torch.equal(scale, scale_expected)
+    assert torch.equal(t, t_unrotated)
+
+
+@pytest.mark.skipif(not CPU_PATHS, reason=str(qk.backends()["cpu"]))
+@examples(25)
+@given(k=st.sampled_from(SIZES), rows=st.integers(1, 9), bits=st.sampled_from([8, 4]), outliers=st.booleans(),
+       path=st.sampled_from(CPU_PATHS or ["none"]), seed=st.integers(0, 1000))
+def test_kernel_codes_within_one_step_of_the_reference(k, rows, bits, outliers, path, seed):
+    """The two rotations differ by fp32 order only: scales within a few ulps, codes within a step,
+    and the dequantized rows as close to the exact x·R as the quantizer allows."""
+    x = _inputs(rows, k, seed, outliers)
+    with qk.use_backend("cpu"), cpu.using_isa(path):
+        q, scale, _ = ops.quantize_activation(x, bits, rotate=True)
+    with qk.use_backend("reference"):
+        q_reference, scale_reference, _ = ops.quantize_activation(x, bits, rotate=True)
+    torch.testing.assert_close(scale, scale_reference, rtol=1e-5, atol=0)
+    assert int((q.int() - q_reference.int()).abs().max()) <= 1
+    exact = x.double() @ qk.quant.hadamard.rotation_matrix(k)
+    error = (q.double() * scale.double()[:, None] - exact).abs()
+    assert bool((error <= scale.double()[:, None] * 0.5 * (1 + 1e-4)).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation, n", [("gelu", 96), ("swiglu", 2 * 384), ("relu", 64)])
+@pytest.mark.parametrize("m", [5, 197])  # split by columns, then by whole rows
+def test_requant_rotate_quantizes_the_rotated_output(backend, activation, n, m):
+    """fused_linear(..., requant_bits, requant_rotate=True) == quantizing the rotated fp32 output
+    of the same GEMM (the epilogue's values, then the rotation, then the quantizer)."""
+    weight = random_weight("int8", n, 64)
+    a, a_scale = random_int8(m, 64)
+    t, u = torch.randn(m, 16), torch.randn(n, 16) * 0.1
+    segments = dict(lowrank_t=t, lowrank_u=u, activation=activation)
+    with qk.use_backend(backend):
+        q, scale = ops.fused_linear(a, a_scale, weight, requant_bits=4, requant_rotate=True, **segments)
+        y = ops.fused_linear(a, a_scale, weight, out_dtype=torch.float32, **segments)
+        q_expected, scale_expected, _ = ops.quantize_activation(ops.hadamard_rotate(y), 4)
+    assert torch.equal(q, q_expected) and torch.equal(scale, scale_expected)
+    if backend == "reference":
+        assert torch.equal(q_expected, ops.quantize_activation(rotate(y), 4)[0])
+
+
+@pytest.mark.skipif(not CPU_PATHS, reason=str(qk.backends()["cpu"]))
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_the_same_bits_at_any_thread_count(path):
+    x = _inputs(64 * 21, 1536, 3, True)
+    weight = random_weight("int8", 384, 64)
+    a, a_scale = random_int8(300, 64)
+    with qk.use_backend("cpu"), cpu.using_isa(path):
+        one, two = at_thread_counts(lambda: ops.quantize_activation(x, 4, rotate=True)[:2])
+        gemm_one, gemm_two = at_thread_counts(
+            lambda: ops.fused_linear(a, a_scale, weight, activation="gelu", requant_bits=4, requant_rotate=True))
+    assert all(torch.equal(p, r) for p, r in zip(one + gemm_one, two + gemm_two))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_rotation_arguments_are_value_errors(backend):
+    x = torch.randn(3, 100)
+    weight = random_weight("int8", 100, 64)
+    a, a_scale = random_int8(3, 64)
+    with qk.use_backend(backend):
+        with pytest.raises(ValueError, match="x.shape\\[1\\]=100 has no Hadamard rotation"):
+            ops.quantize_activation(x, 8, rotate=True)
+        with pytest.raises(ValueError, match="has no Hadamard rotation"):
+            ops.normalize_quantize_activation(x, 8, "rmsnorm", rotate=True)
+        with pytest.raises(ValueError, match="rotate must be a bool"):
+            ops.quantize_activation(torch.randn(3, 64), 8, rotate="hadamard")
+        with pytest.raises(ValueError, match="the output's width=100 has no Hadamard rotation"):
+            ops.fused_linear(a, a_scale, weight, requant_bits=8, requant_rotate=True)
+        with pytest.raises(ValueError, match="requant_rotate .* needs requant_bits"):
+            ops.fused_linear(a, a_scale, random_weight("int8", 64, 64), requant_rotate=True)
+
+
+def test_opcheck():
+    if not CPU_PATHS:
+        pytest.skip(str(qk.backends()["cpu"]))
+    x = torch.randn(5, 384)
+    torch.library.opcheck(torch.ops.qla.quantize_activation_cpu, (x, 4, None, None, "none", None, None, 1e-5, None,
+                                                                  False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.qla.normalize_quantize_activation_cpu,
+                          (x, 4, None, None, "layernorm", None, None, 1e-5, None, False, True),
+                          test_utils=("test_schema", "test_faketensor"))
