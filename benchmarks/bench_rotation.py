@@ -4,8 +4,11 @@
 
 Per shape (MiniLM's qkv / fc1 / fc2 at 64×21 tokens, LLaMA-style decode 4096→4096 at M = 1 and
 4096→14336 at M = 16): `quant.hadamard.rotate` (the reference's three torch products),
-`ops.hadamard_rotate` on the cpu kernel, and a converted W4A4 QuantLinear without and with
-rotate="hadamard", all timed in turn in one process, median of `--runs`. Writes
+`ops.hadamard_rotate` on the cpu kernel as a separate pass, and a converted W4A4 QuantLinear
+without and with rotate="hadamard" (whose pre-kernel rotates each row as it quantizes it): the
+rotation's cost is the difference of the two layers. Then the rotation of fc2's input where the
+fused MLP does it, in fc1's epilogue: fc1 + GELU re-quantized to 4 bits without and with
+`requant_rotate`. All timed in turn in one process, median of `--runs`. Writes
 benchmarks/results/rotation_<cpu>.json.
 """
 
@@ -25,6 +28,7 @@ from qla_kernels.ops import cpu as cpu_kernels
 from qla_kernels.quant.hadamard import rotate
 
 SHAPES = ((1344, 384, 1152), (1344, 384, 1536), (1344, 1536, 384), (1, 4096, 4096), (16, 4096, 14336))
+EPILOGUE_SHAPES = ((1344, 384, 1536), (16, 4096, 14336))  # fc1 → fc2's rotated input: MiniLM, LLaMA-style
 
 
 def median_ms(function, runs: int) -> float:
@@ -58,12 +62,30 @@ def main(argv=None) -> int:
                    "layer_ms": median_ms(lambda: plain(x), args.runs),
                    "rotating_layer_ms": median_ms(lambda: rotating(x), args.runs)}
             row["kernel_vs_layer"] = row["rotate_kernel_ms"] / row["layer_ms"]
+            row["rotation_in_layer"] = row["rotating_layer_ms"] / row["layer_ms"] - 1
             rows.append(row)
-            print(f"{m}×{k}→{n}: rotation torch {row['rotate_torch_ms']:.3f} ms, kernel {row['rotate_kernel_ms']:.3f} "
-                  f"ms = {100 * row['kernel_vs_layer']:.1f}% of the W4A4 layer's {row['layer_ms']:.3f} ms "
-                  f"(rotating layer {row['rotating_layer_ms']:.3f} ms)")
+            print(f"{m}×{k}→{n}: rotation torch {row['rotate_torch_ms']:.3f} ms, kernel alone "
+                  f"{row['rotate_kernel_ms']:.3f} ms; W4A4 layer {row['layer_ms']:.3f} ms, rotating "
+                  f"{row['rotating_layer_ms']:.3f} ms: +{100 * row['rotation_in_layer']:.1f}%")
+        epilogue_rows = []
+        for m, k, n in EPILOGUE_SHAPES:
+            x = torch.randn(m, k)
+            fc1 = qk.QuantLinear.from_float(torch.nn.Linear(k, n), qk.W4A4())
+            fc1.freeze()
+            codes, scale, _ = ops.quantize_activation(x, 4)
+            plan = fc1.runtime_plan
+
+            def requantized(rotate):
+                return lambda: plan.fused(codes, scale, None, out_dtype=torch.float32, activation="gelu",
+                                          requant_bits=4, requant_rotate=rotate)
+            row = {"m": m, "k": k, "n": n, "requant_ms": median_ms(requantized(False), args.runs),
+                   "requant_rotate_ms": median_ms(requantized(True), args.runs)}
+            row["rotation_in_epilogue"] = row["requant_rotate_ms"] / row["requant_ms"] - 1
+            epilogue_rows.append(row)
+            print(f"{m}×{k}→{n} + GELU → 4 bits: {row['requant_ms']:.3f} ms, rotating the output first "
+                  f"{row['requant_rotate_ms']:.3f} ms: +{100 * row['rotation_in_epilogue']:.1f}%")
     report = {"cpu": cpu_kernels.cpu_name(), "path": cpu_kernels.describe(), "threads": torch.get_num_threads(),
-              "runs": args.runs, "rows": rows}
+              "runs": args.runs, "rows": rows, "epilogue_rows": epilogue_rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"rotation_{cpu_kernels.cpu_name().replace(' ', '_')}.json"

@@ -250,88 +250,99 @@ inline void activate_gated(const float* gate, const float* up, float* out, int64
 }
 
 // ---- The Hadamard rotation (Rotation; IsaKernels::rotate_rows, and before a per-token quantization) ----
+//
+// Every step is exact or one rounding of the same value on every path: x·(±1/√K) rounds once; a
+// butterfly rounds a + b and a − b (in registers v[j ^ h] ± v[j], the same sums); the Paley stage
+// sums ±v over the chunks in chunk order from zero, each term exact, by FMA or by the scalar
+// add. So every instruction-set path (and lane width, and thread count) gives the same bits.
 
-typedef float Float16 __attribute__((vector_size(64)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
 
-// The butterflies of strides 1, 2, 4, 8 on 16 values in registers: lane j becomes v[j ^ h] + ±v[j]
-// (+ for the pair's first lane), the same sums a + b and a - b as the scalar butterflies, bit for bit.
-inline Float16 walsh_hadamard16(Float16 v) {
-  const Int16 swap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  const Int16 swap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-  const Int16 swap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-  const Int16 swap8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-  const Float16 sign1 = {1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1};
-  const Float16 sign2 = {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1};
-  const Float16 sign4 = {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1};
-  const Float16 sign8 = {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1};
-  v = __builtin_shuffle(v, swap1) + v * sign1;
-  v = __builtin_shuffle(v, swap2) + v * sign2;
-  v = __builtin_shuffle(v, swap4) + v * sign4;
-  return __builtin_shuffle(v, swap8) + v * sign8;
-}
-
-// In-place unnormalized Walsh-Hadamard transform of n (a power of two) values, Sylvester order.
-// From n = 16 the strides below 16 run in registers (walsh_hadamard16), the rest over whole rows.
-void walsh_hadamard(float* v, int64_t n) {
-  int64_t first = 1;
-  if (n >= 16) {
-    for (int64_t i = 0; i < n; i += 16) {
-      Float16 block;
-      std::memcpy(&block, v + i, sizeof(block));
-      block = walsh_hadamard16(block);
-      std::memcpy(v + i, &block, sizeof(block));
-    }
-    first = 16;
-  }
-  for (int64_t h = first; h < n; h *= 2) {
-    for (int64_t i = 0; i < n; i += 2 * h) {
-      float* __restrict lo = v + i;
-      float* __restrict hi = v + i + h;
-      for (int64_t j = 0; j < h; ++j) {
-        const float a = lo[j], b = hi[j];
-        lo[j] = a + b;
-        hi[j] = a - b;
-      }
-    }
-  }
+// The butterflies of the strides below kLanes on one register of values: lane j becomes
+// v[j ^ h] ± v[j] (+ for the pair's first lane).
+inline Lanes walsh_hadamard_lanes(Lanes v) {
+#ifdef __AVX512F__
+  const IntLanes swap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  const IntLanes swap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const IntLanes swap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+  const IntLanes swap8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+  const Lanes sign1 = {1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1};
+  const Lanes sign2 = {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1};
+  const Lanes sign4 = {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1};
+  const Lanes sign8 = {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1};
+  v = multiply_add(v, sign1, __builtin_shuffle(v, swap1));
+  v = multiply_add(v, sign2, __builtin_shuffle(v, swap2));
+  v = multiply_add(v, sign4, __builtin_shuffle(v, swap4));
+  return multiply_add(v, sign8, __builtin_shuffle(v, swap8));
+#else
+  const IntLanes swap1 = {1, 0, 3, 2, 5, 4, 7, 6};
+  const IntLanes swap2 = {2, 3, 0, 1, 6, 7, 4, 5};
+  const IntLanes swap4 = {4, 5, 6, 7, 0, 1, 2, 3};
+  const Lanes sign1 = {1, -1, 1, -1, 1, -1, 1, -1};
+  const Lanes sign2 = {1, 1, -1, -1, 1, 1, -1, -1};
+  const Lanes sign4 = {1, 1, 1, 1, -1, -1, -1, -1};
+  v = multiply_add(v, sign1, __builtin_shuffle(v, swap1));
+  v = multiply_add(v, sign2, __builtin_shuffle(v, swap2));
+  return multiply_add(v, sign4, __builtin_shuffle(v, swap4));
+#endif
 }
 
 // One row: out = x·R (Rotation), through `scratch` [k]; out may be x.
 void rotate_row(const Rotation& p, const float* x, float* out, float* scratch) {
-  float* v = scratch;
-  for (int64_t i = 0; i < p.k; ++i) v[i] = x[i] * p.signs[i];
-  for (int64_t c = 0; c < p.m; ++c) walsh_hadamard(v + c * p.p, p.p);
-  if (p.p % 16 == 0) {  // eight output chunks at a time, 16 values of each in registers
-    for (int64_t j0 = 0; j0 < p.m; j0 += 8) {
-      const int64_t count = std::min<int64_t>(8, p.m - j0);
-      for (int64_t t = 0; t < p.p; t += 16) {
-        Float16 sums[8], value;
-        std::memcpy(&value, v + t, sizeof(value));
-        for (int64_t jj = 0; jj < count; ++jj) sums[jj] = p.dense[j0 + jj] * value;
-        for (int64_t i = 1; i < p.m; ++i) {
-          std::memcpy(&value, v + i * p.p + t, sizeof(value));
-          const float* w = p.dense + i * p.m + j0;
-          for (int64_t jj = 0; jj < count; ++jj) sums[jj] += w[jj] * value;
+  const int64_t chunk = p.p;
+  float* v = p.m == 1 ? out : scratch;
+  if (chunk % kLanes != 0) {  // short chunks: the same sums one value at a time
+    for (int64_t i = 0; i < p.k; ++i) v[i] = x[i] * p.signs[i];
+    for (int64_t h = 1; h < chunk; h *= 2)
+      for (int64_t i = 0; i < p.k; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], b = v[j + h];
+          v[j] = a + b;
+          v[j + h] = a - b;
         }
-        for (int64_t jj = 0; jj < count; ++jj) {
-          const Float16 scaled = sums[jj] * p.p_scale;
-          std::memcpy(out + (j0 + jj) * p.p + t, &scaled, sizeof(scaled));
-        }
+    if (p.m == 1) return;
+    for (int64_t j = 0; j < p.m; ++j)
+      for (int64_t t = 0; t < chunk; ++t) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < p.m; ++i) sum += p.dense[i * p.m + j] * v[i * chunk + t];
+        out[j * chunk + t] = sum;
       }
-    }
     return;
   }
-  for (int64_t j = 0; j < p.m; ++j) {
-    float* __restrict o = out + j * p.p;
-    const float w0 = p.dense[j];
-    for (int64_t t = 0; t < p.p; ++t) o[t] = w0 * v[t];
-    for (int64_t i = 1; i < p.m; ++i) {
-      const float w = p.dense[i * p.m + j];
-      const float* __restrict chunk = v + i * p.p;
-      for (int64_t t = 0; t < p.p; ++t) o[t] += w * chunk[t];
+  for (int64_t i = 0; i < p.k; i += kLanes)
+    store_lanes(v + i, walsh_hadamard_lanes(load_lanes(x + i) * load_lanes(p.signs + i)));
+  for (int64_t h = kLanes; h < chunk; h *= 2)
+    for (int64_t i = 0; i < p.k; i += 2 * h)
+      for (int64_t j = i; j < i + h; j += kLanes) {
+        const Lanes a = load_lanes(v + j), b = load_lanes(v + j + h);
+        store_lanes(v + j, a + b);
+        store_lanes(v + j + h, a - b);
+      }
+  if (p.m == 1) return;
+  // out chunk j = Σ_i dense[i, j]·chunk i: four output chunks at a time per register of lanes.
+  for (int64_t t = 0; t < chunk; t += kLanes) {
+    const float* column = v + t;
+    int64_t j = 0;
+    for (; j + 4 <= p.m; j += 4) {
+      Lanes s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      const float* w = p.dense + j;
+      for (int64_t i = 0; i < p.m; ++i, w += p.m) {
+        const Lanes value = load_lanes(column + i * chunk);
+        s0 = multiply_add(value, broadcast_lanes(w[0]), s0);
+        s1 = multiply_add(value, broadcast_lanes(w[1]), s1);
+        s2 = multiply_add(value, broadcast_lanes(w[2]), s2);
+        s3 = multiply_add(value, broadcast_lanes(w[3]), s3);
+      }
+      store_lanes(out + j * chunk + t, s0);
+      store_lanes(out + (j + 1) * chunk + t, s1);
+      store_lanes(out + (j + 2) * chunk + t, s2);
+      store_lanes(out + (j + 3) * chunk + t, s3);
     }
-    for (int64_t t = 0; t < p.p; ++t) o[t] *= p.p_scale;
+    for (; j < p.m; ++j) {
+      Lanes sum = {};
+      for (int64_t i = 0; i < p.m; ++i)
+        sum = multiply_add(load_lanes(column + i * chunk), broadcast_lanes(p.dense[i * p.m + j]), sum);
+      store_lanes(out + j * chunk + t, sum);
+    }
   }
 }
 

@@ -28,13 +28,13 @@ inline bool is_gated(int activation) { return activation >= kSwiglu && activatio
 
 // The Hadamard rotation y = (x ⊙ signs)·(H_m ⊗ H_P) of an fp32 row (quant/hadamard.py kernel_factors):
 // the row [k = m·P] is m chunks of P (a power of two); every chunk gets an unnormalized fast
-// Walsh-Hadamard transform (Sylvester order), then out chunk j = p_scale · Σ_i dense[i, j] · chunk i
-// (dense [m, m], already normalized by 1/√m; m = 1 and dense = [[1]] when k is a power of two).
+// Walsh-Hadamard transform (Sylvester order), then out chunk j = Σ_i dense[i, j] · chunk i (dense
+// [m, m] the ±1 Paley matrix; m = 1 and dense = [[1]] when k is a power of two). The signs carry
+// the normalization: ±1/√k.
 struct Rotation {
   int64_t k = 0, m = 1, p = 0;
   const float* signs = nullptr;
   const float* dense = nullptr;
-  float p_scale = 1.0f;
 };
 
 // One fused linear, every pointer already checked by ops/cpu.py. GEMM row m reads prepared A row m

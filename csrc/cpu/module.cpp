@@ -155,8 +155,8 @@ T* pointer(int64_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-// A rotation as ops/cpu.py passes it: None, or (signs, dense, m, P, 1/√P) for rows of k = m·P.
-using RotationArguments = std::optional<std::tuple<int64_t, int64_t, int64_t, int64_t, double>>;
+// A rotation as ops/cpu.py passes it: None, or (signs, dense, m, P) for rows of k = m·P.
+using RotationArguments = std::optional<std::tuple<int64_t, int64_t, int64_t, int64_t>>;
 
 std::optional<Rotation> rotation_of(const RotationArguments& arguments, int64_t k) {
   if (!arguments) return std::nullopt;
@@ -166,7 +166,6 @@ std::optional<Rotation> rotation_of(const RotationArguments& arguments, int64_t 
   r.dense = pointer<const float>(std::get<1>(*arguments));
   r.m = std::get<2>(*arguments);
   r.p = std::get<3>(*arguments);
-  r.p_scale = static_cast<float>(std::get<4>(*arguments));
   return r;
 }
 

@@ -539,13 +539,13 @@ dwsep_down_op.register_fake(dwsep_down_fake)
 refuse_backward(dwsep_down_op)
 
 
-def _rotation_arguments(factors: Optional[Tuple[Tensor, Tensor, int]]) -> Optional[Tuple[int, int, int, int, float]]:
-    """The kernels' rotation (None, or signs, dense, m, P, 1/√P) from `kernel_factors(k)`, which
-    the caller holds while the kernel runs."""
+def _rotation_arguments(factors: Optional[Tuple[Tensor, Tensor, int]]) -> Optional[Tuple[int, int, int, int]]:
+    """The kernels' rotation (None, or signs, dense, m, P) from `kernel_factors(k)`, which the
+    caller holds while the kernel runs."""
     if factors is None:
         return None
     signs, dense, chunk = factors
-    return signs.data_ptr(), dense.data_ptr(), dense.shape[0], chunk, 1.0 / math.sqrt(chunk)
+    return signs.data_ptr(), dense.data_ptr(), dense.shape[0], chunk
 
 
 def supports_hadamard_rotate(x: Tensor) -> bool:

@@ -117,15 +117,16 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def kernel_factors(k: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """The rotation for K = k as the kernels apply it: (signs D [k] fp32, the normalized Paley
-    factor H_m/√m [m, m] fp32 ([1, 1] ones when k is a power of two), P = k/m). The
-    power-of-two factors are one Sylvester H_P (H_a ⊗ H_b = H_ab), applied by a fast Walsh-Hadamard
-    transform and scaled by 1/√P once, so R = D·(H_m/√m ⊗ H_P/√P) equals `rotation_matrix`."""
+    """The rotation for K = k as the kernels apply it: (D/√K [k] fp32, the ±1 Paley factor H_m
+    [m, m] fp32 ([1, 1] ones when k is a power of two), P = k/m). The power-of-two factors are one
+    Sylvester H_P (H_a ⊗ H_b = H_ab), applied by a fast Walsh-Hadamard transform, and the one
+    normalization 1/√K rides on the signs, so R = (D/√K)·(H_m ⊗ H_P) equals `rotation_matrix`
+    and every later step of the kernel adds or subtracts."""
     signs, factors = _rotation(k)
     first = factors[0].shape[0]
     m = 1 if first & (first - 1) == 0 else first
-    dense = factors[0] if m > 1 else torch.ones(1, 1, dtype=torch.float64)
-    return signs.float().contiguous(), dense.float().contiguous(), k // m
+    dense = (factors[0] * math.sqrt(m)).round() if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+    return (signs / math.sqrt(k)).float().contiguous(), dense.float().contiguous(), k // m
 
 
 def rotation_matrix(k: int) -> torch.Tensor:

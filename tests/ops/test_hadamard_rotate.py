@@ -59,6 +59,20 @@ def test_kernel_and_reference_within_the_bound_of_the_fp64_product(k, rows, dtyp
 
 
 @pytest.mark.skipif(not CPU_PATHS, reason=str(qk.backends()["cpu"]))
+@examples(15)
+@given(k=st.sampled_from(SIZES), rows=st.integers(1, 5), seed=st.integers(0, 1000))
+def test_every_instruction_set_path_gives_the_same_bits(k, rows, seed):
+    """By construction (csrc/cpu/isa_common.h): one rounding for x·(±1/√K), then butterflies and
+    ±1 sums in the same order whatever the lane width, so the paths agree bit for bit."""
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 3
+    results = []
+    for path in CPU_PATHS:
+        with qk.use_backend("cpu"), cpu.using_isa(path):
+            results.append(ops.hadamard_rotate(x))
+    assert all(torch.equal(result, results[0]) for result in results[1:])
+
+
+@pytest.mark.skipif(not CPU_PATHS, reason=str(qk.backends()["cpu"]))
 @pytest.mark.parametrize("path", CPU_PATHS)
 def test_kernel_is_the_same_at_any_thread_count_and_for_any_batch(path):
     """Rows are independent: 1 and 2 threads, and a row rotated alone, give the same bits."""
