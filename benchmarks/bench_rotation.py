@@ -8,24 +8,31 @@ Per shape (MiniLM's qkv / fc1 / fc2 at 64×21 tokens, LLaMA-style decode 4096→
 without and with rotate="hadamard" (whose pre-kernel rotates each row as it quantizes it): the
 rotation's cost is the difference of the two layers. Then the rotation of fc2's input where the
 fused MLP does it, in fc1's epilogue: fc1 + GELU re-quantized to 4 bits without and with
-`requant_rotate`. All timed in turn in one process, median of `--runs`. Writes
+`requant_rotate`. Last, the real all-MiniLM-L6-v2 end to end (the 64 demo sentences in one padded
+batch), converted with fused blocks, at W4A4 without and with rotation, the variants timed in
+turn (bench_cpu.interleaved). Each timing is the median of `--runs`. Writes
 benchmarks/results/rotation_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.ops import cpu as cpu_kernels
 from qla_kernels.quant.hadamard import rotate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import interleaved  # noqa: E402
 
 SHAPES = ((1344, 384, 1152), (1344, 384, 1536), (1344, 1536, 384), (1, 4096, 4096), (16, 4096, 14336))
 EPILOGUE_SHAPES = ((1344, 384, 1536), (16, 4096, 14336))  # fc1 → fc2's rotated input: MiniLM, LLaMA-style
@@ -85,13 +92,44 @@ def main(argv=None) -> int:
             print(f"{m}×{k}→{n} + GELU → 4 bits: {row['requant_ms']:.3f} ms, rotating the output first "
                   f"{row['requant_rotate_ms']:.3f} ms: +{100 * row['rotation_in_epilogue']:.1f}%")
     report = {"cpu": cpu_kernels.cpu_name(), "path": cpu_kernels.describe(), "threads": torch.get_num_threads(),
-              "runs": args.runs, "rows": rows, "epilogue_rows": epilogue_rows}
+              "runs": args.runs, "rows": rows, "epilogue_rows": epilogue_rows, "minilm": minilm_end_to_end(args.runs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"rotation_{cpu_kernels.cpu_name().replace(' ', '_')}.json"
+    path = out / f"rotation_{cpu_kernels.cpu_name().replace(' ', '_').replace('(R)', '')}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
+
+
+def minilm_end_to_end(runs: int) -> dict:
+    """The whole model's time with and without rotation (fused blocks, dynamic per-token W4A4)."""
+    from qla_kernels.apps.sentence_embedding import SENTENCES, load_minilm
+
+    model, tokenizer = load_minilm()
+    batch = dict(tokenizer(list(SENTENCES) * 2, padding=True, return_tensors="pt"))
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+
+    def pooled(m):
+        with torch.no_grad():
+            hidden = m(**batch).last_hidden_state
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    variants = {"fp32 eager": model}
+    for name, config in (("W4A4", qk.W4A4()), ("W4A4 rotate=hadamard", qk.W4A4(rotate="hadamard"))):
+        quantized = qk.quantize_(copy.deepcopy(model), config)
+        report = qk.convert_for_runtime(quantized, batch)
+        if report.fusion.skipped:
+            raise RuntimeError(f"{name}: blocks not fused: {report.fusion.skipped}")
+        variants[name] = quantized
+    timings = interleaved({name: (lambda m=m: pooled(m)) for name, m in variants.items()}, runs)
+    fp = pooled(model)
+    result = {"batch": list(batch["input_ids"].shape)}
+    for name, timing in timings.items():
+        result[name] = {**timing, "cos_mean": float((pooled(variants[name]) * fp).sum(-1).mean())}
+        print(f"MiniLM {name}: {timing['median_ms']:.1f} ms, cosine {result[name]['cos_mean']:.4f}")
+    result["rotation_end_to_end"] = (timings["W4A4 rotate=hadamard"]["median_ms"] / timings["W4A4"]["median_ms"] - 1)
+    print(f"rotation end to end: +{100 * result['rotation_end_to_end']:.1f}%")
+    return result
 
 
 if __name__ == "__main__":
