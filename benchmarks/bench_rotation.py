@@ -1,6 +1,6 @@
 """The online Hadamard rotation's cost on the CPU backend, against the layer it feeds.
 
-    python benchmarks/bench_rotation.py [--runs 15]
+    python benchmarks/bench_rotation.py [--runs 101]
 
 Per shape (MiniLM's qkv / fc1 / fc2 at 64×21 tokens, LLaMA-style decode 4096→4096 at M = 1 and
 4096→14336 at M = 16): `quant.hadamard.rotate` (the reference's three torch products),
@@ -9,8 +9,11 @@ without and with rotate="hadamard" (whose pre-kernel rotates each row as it quan
 rotation's cost is the difference of the two layers. Then the rotation of fc2's input where the
 fused MLP does it, in fc1's epilogue: fc1 + GELU re-quantized to 4 bits without and with
 `requant_rotate`. Last, the real all-MiniLM-L6-v2 end to end (the 64 demo sentences in one padded
-batch), converted with fused blocks, at W4A4 without and with rotation, the variants timed in
-turn (bench_cpu.interleaved). Each timing is the median of `--runs`. Writes
+batch), converted with fused blocks, at W4A4 without and with rotation; and a random-weight LLaMA-style decoder (width 1024, MLP 3072 =
+12·256, 4 layers) on 4 × 64 tokens at W4A4: without rotation, rotating every linear's input
+online, and with the rotation folded into the residual stream (methods.rotation: only o_proj's
+and down_proj's inputs rotate online). The variants of each comparison are timed in turn within
+each run (bench_cpu.interleaved); each timing is the median of `--runs`. Writes
 benchmarks/results/rotation_<cpu>.json.
 """
 
@@ -20,7 +23,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,19 +40,14 @@ SHAPES = ((1344, 384, 1152), (1344, 384, 1536), (1344, 1536, 384), (1, 4096, 409
 EPILOGUE_SHAPES = ((1344, 384, 1536), (16, 4096, 14336))  # fc1 → fc2's rotated input: MiniLM, LLaMA-style
 
 
-def median_ms(function, runs: int) -> float:
-    function()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[runs // 2] * 1e3
+def medians(variants, runs: int) -> dict:
+    """Median ms per variant, the variants timed in turn within each run (drift hits all alike)."""
+    return {name: timing["median_ms"] for name, timing in interleaved(variants, runs).items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=101)  # a 1 ms layer on a shared machine varies by ±30%
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     if not qk.backends()["cpu"].available:
@@ -64,10 +61,9 @@ def main(argv=None) -> int:
             plain, rotating = (qk.QuantLinear.from_float(linear, config) for config in (qk.W4A4(), qk.W4A4(rotate="hadamard")))
             plain.freeze(), rotating.freeze()
             row = {"m": m, "k": k, "n": n,
-                   "rotate_torch_ms": median_ms(lambda: rotate(x), args.runs),
-                   "rotate_kernel_ms": median_ms(lambda: ops.hadamard_rotate(x), args.runs),
-                   "layer_ms": median_ms(lambda: plain(x), args.runs),
-                   "rotating_layer_ms": median_ms(lambda: rotating(x), args.runs)}
+                   **medians({"rotate_torch_ms": lambda: rotate(x), "rotate_kernel_ms": lambda: ops.hadamard_rotate(x)},
+                             args.runs),
+                   **medians({"layer_ms": lambda: plain(x), "rotating_layer_ms": lambda: rotating(x)}, args.runs)}
             row["kernel_vs_layer"] = row["rotate_kernel_ms"] / row["layer_ms"]
             row["rotation_in_layer"] = row["rotating_layer_ms"] / row["layer_ms"] - 1
             rows.append(row)
@@ -85,14 +81,15 @@ def main(argv=None) -> int:
             def requantized(rotate):
                 return lambda: plan.fused(codes, scale, None, out_dtype=torch.float32, activation="gelu",
                                           requant_bits=4, requant_rotate=rotate)
-            row = {"m": m, "k": k, "n": n, "requant_ms": median_ms(requantized(False), args.runs),
-                   "requant_rotate_ms": median_ms(requantized(True), args.runs)}
+            row = {"m": m, "k": k, "n": n, **medians({"requant_ms": requantized(False),
+                                                      "requant_rotate_ms": requantized(True)}, args.runs)}
             row["rotation_in_epilogue"] = row["requant_rotate_ms"] / row["requant_ms"] - 1
             epilogue_rows.append(row)
             print(f"{m}×{k}→{n} + GELU → 4 bits: {row['requant_ms']:.3f} ms, rotating the output first "
                   f"{row['requant_rotate_ms']:.3f} ms: +{100 * row['rotation_in_epilogue']:.1f}%")
     report = {"cpu": cpu_kernels.cpu_name(), "path": cpu_kernels.describe(), "threads": torch.get_num_threads(),
-              "runs": args.runs, "rows": rows, "epilogue_rows": epilogue_rows, "minilm": minilm_end_to_end(args.runs)}
+              "runs": args.runs, "rows": rows, "epilogue_rows": epilogue_rows, "minilm": minilm_end_to_end(args.runs),
+              "decoder": decoder_online_and_folded(args.runs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"rotation_{cpu_kernels.cpu_name().replace(' ', '_').replace('(R)', '')}.json"
@@ -129,6 +126,44 @@ def minilm_end_to_end(runs: int) -> dict:
         print(f"MiniLM {name}: {timing['median_ms']:.1f} ms, cosine {result[name]['cos_mean']:.4f}")
     result["rotation_end_to_end"] = (timings["W4A4 rotate=hadamard"]["median_ms"] / timings["W4A4"]["median_ms"] - 1)
     print(f"rotation end to end: +{100 * result['rotation_end_to_end']:.1f}%")
+    return result
+
+
+def decoder_online_and_folded(runs: int) -> dict:
+    """A LLaMA-style decoder's forward with no rotation, every rotation online, and the stream's folded."""
+    import transformers
+
+    from qla_kernels.methods.rotation import fold_rotation
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                                      num_key_value_heads=4, intermediate_size=3072, vocab_size=1000)
+    fp = transformers.AutoModelForCausalLM.from_config(config).eval()
+    batch = {"input_ids": torch.randint(1, 1000, (4, 64))}
+    plain = qk.quantize_(copy.deepcopy(fp), qk.W4A4())
+    online = qk.quantize_(copy.deepcopy(fp), qk.W4A4(rotate="hadamard"))
+    folded = copy.deepcopy(fp)
+    report = fold_rotation(folded, batch)
+    qk.quantize_(folded, qk.W4A4(rotate="hadamard"), filter_fn=lambda module, name: name in report.online)
+    qk.quantize_(folded, qk.W4A4())
+    variants = {"W4A4": plain, "W4A4 every input rotated online": online,
+                "W4A4 stream rotation folded, o_proj / down_proj online": folded}
+    for name, model in variants.items():
+        fusion = qk.convert_for_runtime(model, batch).fusion
+        if fusion.skipped:
+            raise RuntimeError(f"{name}: blocks not fused: {fusion.skipped}")
+
+    def logits(model):
+        with torch.no_grad():
+            return model(**batch, use_cache=False).logits
+
+    timings = interleaved({name: (lambda m=m: logits(m)) for name, m in variants.items()}, runs)
+    reference = logits(fp).flatten()
+    result = {"batch": list(batch["input_ids"].shape), "width": 1024, "layers": 4}
+    for name, timing in timings.items():
+        cosine = float(F.cosine_similarity(logits(variants[name]).flatten(), reference, 0))
+        result[name] = {**timing, "cos_vs_fp32": cosine}
+        print(f"decoder {name}: {timing['median_ms']:.1f} ms (logits cosine {cosine:.4f}, random weights)")
     return result
 
 

@@ -4,6 +4,6 @@ QLA, GPLQ, AQ-DETR, and the `paper` preset for accuracy studies.
 They produce tensors and module state and never call a kernel directly.
 """
 
-from . import aqdetr, folding, gplq, gptq, paper, ptq, qla, qwt
+from . import aqdetr, folding, gplq, gptq, paper, ptq, qla, qwt, rotation
 
-__all__ = ["aqdetr", "folding", "gplq", "gptq", "paper", "ptq", "qla", "qwt"]
+__all__ = ["aqdetr", "folding", "gplq", "gptq", "paper", "ptq", "qla", "qwt", "rotation"]
