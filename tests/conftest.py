@@ -104,6 +104,26 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float
     return float((p.exp() * (p - q)).sum(dim=-1).mean())
 
 
+def decoder_config(kind: str):
+    """A tiny random-weight decoder's transformers config (width 64, 2 layers) by family."""
+    import transformers
+
+    return {
+        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0),
+        "llama": lambda: transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+        "opt": lambda: transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                              vocab_size=100, word_embed_proj_dim=64),
+        "gemma": lambda: transformers.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                                  vocab_size=100),
+        "phi3": lambda: transformers.Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    }[kind]()
+
+
 def tiny_bert(batch_count: int):
     """(a seeded random-weight BERT: 2 layers of width 48, `batch_count` batches of 4 × 12 token ids)."""
     import transformers

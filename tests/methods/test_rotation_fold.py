@@ -11,6 +11,8 @@ import qla_kernels as qk
 from qla_kernels.methods.rotation import fold_rotation
 from qla_kernels.quant.hadamard import rotate
 
+from ..conftest import decoder_config
+
 transformers = pytest.importorskip("transformers")
 
 # Hidden widths 48 = 12·4 and 64: a Paley factor and a power of two.
@@ -22,12 +24,8 @@ CONFIGS = {
                                                    tie_word_embeddings=True),
     "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                               num_key_value_heads=2, intermediate_size=128, vocab_size=100),
-    "gemma": lambda: transformers.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                              vocab_size=100),
-    "phi3": lambda: transformers.Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=128, vocab_size=100,
-                                            pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma": lambda: decoder_config("gemma"),
+    "phi3": lambda: decoder_config("phi3"),
 }
 
 
@@ -103,8 +101,7 @@ def _gemma2():
 
 @pytest.mark.parametrize("make, match", [
     (_gemma2, "norms of the hidden width besides its two pre-norms"),
-    (lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64),
-     "pre-norm with layernorm"),
+    (lambda: decoder_config("gpt2"), "pre-norm with layernorm"),
     (lambda: transformers.LlamaConfig(hidden_size=52, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=2, intermediate_size=96, vocab_size=100),
      "the hidden width=52 has no Hadamard rotation"),

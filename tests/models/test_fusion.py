@@ -16,7 +16,7 @@ from qla_kernels.ops.linear_plan import LinearPlan
 from qla_kernels.nn.fused import chain as fused_chain
 from qla_kernels.nn.fused import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
-from ..conftest import assert_same_up_to_rerounding, randomize_adapters, sqnr_db
+from ..conftest import assert_same_up_to_rerounding, decoder_config, randomize_adapters, sqnr_db
 
 timm = pytest.importorskip("timm")
 
@@ -403,20 +403,7 @@ def test_post_norm_block_falls_back_for_what_the_chain_does_not_run():
 def _decoder(kind):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = {
-        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
-                                                bos_token_id=0, eos_token_id=0),
-        "llama": lambda: transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                  num_key_value_heads=2, intermediate_size=128, vocab_size=100),
-        "opt": lambda: transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                                              vocab_size=100, word_embed_proj_dim=64),
-        "gemma": lambda: transformers.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                  num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                                  vocab_size=100),
-        "phi3": lambda: transformers.Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                num_key_value_heads=2, intermediate_size=128, vocab_size=100,
-                                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    }[kind]()
+    config = decoder_config(kind)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(1, 100, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
