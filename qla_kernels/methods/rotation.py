@@ -36,7 +36,7 @@ from ..models.batches import model_output, run_model
 from ..models.blocks import find_blocks
 from ..models.facts import describe_block, example_input, run_hooked
 from ..nn.module_kinds import is_norm, norm_kind_of, norm_weight, read_norm
-from ..quant.hadamard import check_rotatable, rotation_matrix
+from ..quant.hadamard import check_rotatable, rotate
 
 EQUIVALENCE_TOLERANCE = 1e-3  # relative to the output's max: fp32 re-association passes, a broken fold does not
 
@@ -125,24 +125,25 @@ def fold_rotation(model: nn.Module, example: Optional[Any] = None) -> FoldReport
     saved_embedding = embedding.weight.detach().clone()
     tied = head.weight is embedding.weight
     try:
-        rotation = rotation_matrix(width)  # fp64 [width, width], orthogonal
+        # x·R by `rotate` (its fast products in fp32 on the weights' device, as QuantLinear rotates
+        # its stored weight): W·diag(g)·R = rotate(W·g), Rᵀ·W = rotate(Wᵀ)ᵀ.
         if tied:
             head.weight = nn.Parameter(head.weight.detach().clone())
-        embedding.weight.copy_((embedding.weight.double() @ rotation).to(embedding.weight.dtype))
+        embedding.weight.copy_(rotate(embedding.weight))
         for norm_name, readers, writers in groups:
             norm = model.get_submodule(norm_name)
             if norm_kind_of(norm) != "rmsnorm":
                 raise ValueError(f"{norm_name!r} ({type(norm).__name__}) is not an RMSNorm")
             read_norm(norm)  # x̂·w or x̂·(1 + w)
-            scale = norm_weight(norm).double()
+            scale = norm_weight(norm).float()
             for name in readers:
                 linear = model.get_submodule(name)
-                linear.weight.copy_(((linear.weight.double() * scale) @ rotation).to(linear.weight.dtype))
+                linear.weight.copy_(rotate(linear.weight.float() * scale))
             for name in writers:
                 linear = model.get_submodule(name)
-                linear.weight.copy_((rotation.t() @ linear.weight.double()).to(linear.weight.dtype))
+                linear.weight.copy_(rotate(linear.weight.t()).t())
                 if linear.bias is not None:
-                    linear.bias.copy_((linear.bias.double() @ rotation).to(linear.bias.dtype))
+                    linear.bias.copy_(rotate(linear.bias))
             norm.weight.fill_(1.0 - norm.__dict__.get("_qla_weight_offset", 0.0))
         after = model_output(run_model(model, example)).float()
         error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
