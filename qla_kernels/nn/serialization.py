@@ -111,6 +111,22 @@ def save_quantized(model: nn.Module, path: str) -> None:
     write_checkpoint(path, model.state_dict(), quantized_layout(model))
 
 
+def _check_ties(model: nn.Module, tensors: dict, path: str) -> None:
+    """ValueError when the staged model (the skeleton as the file's layout makes it) still shares
+    one parameter under names the file holds as different tensors (a tied LM head the saved model
+    had untied, as `methods.rotation.fold_rotation` does, and left in floating point): loading
+    would keep one of them for both."""
+    names_by_parameter: dict = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_parameter.setdefault(id(parameter), []).append(name)
+    for names in names_by_parameter.values():
+        saved = [name for name in names if name in tensors]
+        if any(not torch.equal(tensors[saved[0]], tensors[name]) for name in saved[1:]):
+            raise ValueError(f"{path}: the skeleton ties {' and '.join(saved)} (one parameter) but the file holds "
+                             "different tensors for them: build the skeleton untied (e.g. "
+                             "config.tie_word_embeddings=False)")
+
+
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
     """Turns `model` (the fp architecture, any weights) into the saved quantized model, in place.
 
@@ -129,7 +145,9 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
     tensors, metadata = read_checkpoint(path)
     check_layout_version(metadata, path)
     specs = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
-    check_tensors(_staged(model, metadata, path, tensors), specs, path)
+    staged = _staged(model, metadata, path, tensors)
+    _check_ties(staged, tensors, path)
+    check_tensors(staged, specs, path)
     rebuild(model, metadata, path, tensors)
     model.load_state_dict(tensors, strict=True)
     route_weight_reads(model, (QuantLinear,))

@@ -124,3 +124,28 @@ def test_a_quantized_model_or_an_encoder_is_refused():
                                                              vocab_size=100)).eval()
     with pytest.raises(ValueError, match="an input embedding and an LM head"):
         fold_rotation(encoder, {"input_ids": torch.randint(0, 100, (2, 8))})
+
+
+@pytest.mark.parametrize("head_quantized", [False, True], ids=["fp_head", "quantized_head"])
+def test_a_folded_tied_model_loads_back_exactly_or_is_refused(tmp_path, head_quantized):
+    """The fold unties the LM head. Kept in floating point, the file holds two matrices that a
+    tied skeleton would merge into one (a silent wrong model): loading refuses it, and an untied
+    skeleton loads exactly. Quantized, the head has its own codes and any skeleton loads exactly."""
+    model, batch = _decoder(CONFIGS["llama_tied"]())
+    fold_rotation(model, batch)
+    qk.quantize_(model, qk.W8A8(), filter_fn=None if head_quantized else lambda module, name: name != "lm_head")
+    expected = _logits(model, batch)
+    path = str(tmp_path / "folded.safetensors")
+    qk.save_quantized(model, path)
+    tied = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama_tied"]()).eval()
+    if head_quantized:
+        assert torch.equal(_logits(qk.load_quantized(tied, path), batch), expected)
+        return
+    state = copy.deepcopy(tied.state_dict())
+    with pytest.raises(ValueError, match="ties .* build the skeleton untied"):
+        qk.load_quantized(tied, path)
+    assert all(torch.equal(value, tied.state_dict()[key]) for key, value in state.items())
+    untied_config = CONFIGS["llama_tied"]()
+    untied_config.tie_word_embeddings = False
+    loaded = qk.load_quantized(transformers.AutoModelForCausalLM.from_config(untied_config).eval(), path)
+    assert torch.equal(_logits(loaded, batch), expected)
