@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qla_kernels as qk
-from tests.conftest import tiny_bert
+from tests.conftest import decoder_config, tiny_bert
 
 from qla_kernels.cli import main
 
@@ -127,6 +127,33 @@ def test_a_stage_that_makes_the_held_out_error_worse_is_dropped(monkeypatch):
     reference = qk.quantize_(copy.deepcopy(fp), qk.W8A8())
     with torch.no_grad():  # the model before the stage: plain PTQ here
         assert torch.equal(model(**batches[0])[0], reference(**batches[0])[0])
+
+
+def test_the_pipeline_folds_the_rotation_where_the_model_allows_it():
+    """--rotate on an RMSNorm decoder: the stream's rotation folded into the weights, online
+    rotation left on o_proj / down_proj only, GPTQ and QwT on top, the caller's model untouched;
+    on BERT (an encoder without an LM head) every linear rotates online and the report says why."""
+    transformers = pytest.importorskip("transformers")
+    from qla_kernels.apps import workflow
+
+    torch.manual_seed(0)
+    fp = transformers.AutoModelForCausalLM.from_config(decoder_config("llama")).eval()
+    batches = [{"input_ids": torch.randint(1, 100, (2, 12))} for _ in range(4)]
+    state = copy.deepcopy(fp.state_dict())
+    model, report = workflow.quantize_model(fp, qk.W4A4(rotate="hadamard"), "gptq+qwt", batches, progress=False)
+    assert report["rotation"]["form"] == "folded"
+    rotating = sorted(name for name, module in model.named_modules()
+                      if isinstance(module, qk.QuantLinear) and module.config.rotate)
+    assert rotating == sorted(report["rotation"]["online"]) and len(rotating) == 4
+    assert [stage["stage"] for stage in report["stages"]][:1] == ["gptq"]
+    assert all(torch.equal(value, fp.state_dict()[key]) for key, value in state.items())
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(model(**batches[-1]).logits.flatten(),
+                                                       fp(**batches[-1]).logits.flatten(), 0)
+    assert cosine > 0.9
+    bert, bert_batches = tiny_bert(3)
+    _, report = workflow.quantize_model(bert, qk.W4A4(rotate="hadamard"), "ptq", bert_batches, progress=False)
+    assert report["rotation"]["form"] == "online" and "an LM head" in report["rotation"]["not_folded"]
 
 
 def test_the_pipeline_runs_its_stages_in_order_and_drops_a_harmful_qla_stage(monkeypatch):

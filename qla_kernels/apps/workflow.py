@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..methods import gplq, gptq, ptq, qla, qwt
+from ..methods import gplq, gptq, ptq, qla, qwt, rotation
 from ..models.batches import model_output, run_model, token_mask
 from ..models.blocks import find_blocks
 from ..nn import QuantLinear, is_linear, quantize_
@@ -159,7 +159,10 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
                    static_activations: bool = False, progress: bool = True,
                    qla_options: QLAOptions = QLAOptions()) -> Tuple[nn.Module, Dict[str, Any]]:
     """A quantized copy of `fp` by `method` (`parse_method`: rotation → weights → QwT → QLA;
-    rotation is the config's `rotate`), with static activation scales when `static_activations`
+    rotation is the config's `rotate`: folded into the residual stream where the model allows it,
+    `methods.rotation`, with online rotation left on the linears that do not read the stream;
+    online everywhere otherwise and for GPLQ; `report["rotation"]` says which and why), with
+    static activation scales when `static_activations`
     (calibrated by percentile search; for "gplq", its learned LSQ+ quantizers, else GPLQ trains
     the weights against per-token dynamic activations). Returns the model and what calibration
     reported.
@@ -199,6 +202,27 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
             return before, error
         return model, after
 
+    original = fp
+    online_layers: Optional[List[str]] = None  # with a folded rotation: the linears still rotating online
+    if config.rotate and stages.weights != "gplq":
+        folded = copy.deepcopy(fp)
+        try:
+            fold = rotation.fold_rotation(folded, calibration[0])
+        except ValueError as reason:
+            report["rotation"] = {"form": "online", "not_folded": str(reason)}
+        else:  # the teacher from here on is the folded fp model: the same outputs, its stream in the rotated basis
+            fp, online_layers = folded, fold.online
+            report["rotation"] = {"form": "folded", "online": fold.online}
+
+    def weights(quantizer) -> nn.Module:
+        """`quantizer(model, config, filter_fn)` on a copy of fp: with a folded rotation, the config
+        rotates online only on the fold's `online` linears, the others read the rotated stream."""
+        model = copy.deepcopy(fp)
+        if online_layers is None:
+            return quantizer(model, config, None)
+        quantizer(model, config, lambda module, name: name in online_layers)
+        return quantizer(model, dataclasses.replace(config, rotate=None), None)
+
     if stages.weights == "gplq":
         student, stage1 = gplq.activation_qat(fp, config, calibration, progress=progress,
                                               activations="static" if static_activations else "dynamic")
@@ -208,9 +232,9 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
         if static_activations:
             report["static_scales"] = stage1.quantized_layers
     elif stages.weights == "gptq":
-        model = gptq.quantize(copy.deepcopy(fp), config, calibration, progress=progress)
+        model = weights(lambda m, c, only: gptq.quantize(m, c, calibration, filter_fn=only, progress=progress))
     else:
-        model = quantize_(copy.deepcopy(fp), config)
+        model = weights(quantize_)
     if static_activations and config.act_bits and stages.weights != "gplq":
         report["static_scales"] = len(ptq.calibrate(model, calibration, progress=progress))
     error = judged(stages.weights, model)
@@ -228,8 +252,8 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
             report.update(qla_blocks=len(names), qla_steps=trained.steps, qla_rank=qla_options.rank)
         model, error = optional_stage("qla", model, error, adapt)
     if held_out:
-        baseline = error if method == "ptq" and not static_activations else held_out_error(
-            fp, quantize_(copy.deepcopy(fp), config), held_out)
+        baseline = error if method == "ptq" and not static_activations and online_layers is None else held_out_error(
+            fp, quantize_(copy.deepcopy(original), config), held_out)
         report["ptq_held_out_error"] = baseline
         report["worse_than_ptq"] = error > baseline
         if error > baseline:
