@@ -204,7 +204,9 @@ def quantize_model(fp: nn.Module, config: QuantConfig, method: str, batches: Lis
 
     original = fp
     online_layers: Optional[List[str]] = None  # with a folded rotation: the linears still rotating online
-    if config.rotate and stages.weights != "gplq":
+    if config.rotate and stages.weights == "gplq":
+        report["rotation"] = {"form": "online", "not_folded": "GPLQ trains every linear against one config"}
+    elif config.rotate:
         folded = copy.deepcopy(fp)
         try:
             fold = rotation.fold_rotation(folded, calibration[0])
