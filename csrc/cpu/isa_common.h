@@ -381,13 +381,14 @@ inline float absmax_scale(float amax, int bits) {
   return (amax != amax ? amax : std::max(amax, 1e-8f)) / qmax;
 }
 
-// A row's buffers for rotating it before quantization: [2k] floats when `rotation` is given.
+// Rows rotated before their quantization: `rotated(row)` is row·R in a [2k] buffer when a
+// rotation is given, else row itself.
 struct RotationBuffer {
+  const Rotation* rotation;
   std::vector<float> values;
-  explicit RotationBuffer(const Rotation* rotation, int64_t k)
-      : values(rotation ? static_cast<size_t>(2 * k) : 0) {}
-  // row·R in the buffer, or row itself without a rotation.
-  const float* rotated(const Rotation* rotation, const float* row) {
+  RotationBuffer(const Rotation* rotation_, int64_t k)
+      : rotation(rotation_), values(rotation_ ? static_cast<size_t>(2 * k) : 0) {}
+  const float* rotated(const float* row) {
     if (!rotation) return row;
     rotate_row(*rotation, row, values.data(), values.data() + rotation->k);
     return values.data();
@@ -400,7 +401,7 @@ void quantize_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1
   const float lo = static_cast<float>(-(1 << (bits - 1))), hi = static_cast<float>((1 << (bits - 1)) - 1);
   RotationBuffer buffer(rotation, k);
   for (int64_t m = m0; m < m1; ++m) {
-    const float* row = buffer.rotated(rotation, x + m * x_stride);
+    const float* row = buffer.rotated(x + m * x_stride);
     const float s = static_scale ? *static_scale : absmax_scale(absmax(row, k), bits);
     scale[m] = s;
     quantize_values(row, k, s, has_zero ? static_cast<float>(zero_point) : 0.0f, lo, hi, subtract_zero, q + m * k);
@@ -593,7 +594,7 @@ void finish_rows_impl(const Problem& p, int64_t m0, int64_t m1, const float* y, 
   if (p.out_q || gated) {
     buffer = n_out <= 4096 ? local : (heap = new float[n_out]);
   }
-  std::vector<float> rotation_scratch(p.requant_rotation ? static_cast<size_t>(n_out) : 0);
+  RotationBuffer rotation(p.requant_rotation, n_out);
   const float lo = p.requant_bits ? static_cast<float>(-(1 << (p.requant_bits - 1))) : 0.0f;
   const float hi = p.requant_bits ? static_cast<float>((1 << (p.requant_bits - 1)) - 1) : 0.0f;
   for (int64_t m = m0; m < m1; ++m) {
@@ -611,10 +612,10 @@ void finish_rows_impl(const Problem& p, int64_t m0, int64_t m1, const float* y, 
       for (int64_t c = 0; c < n_out; ++c) values[c] += res[c];
     }
     if (p.out_q) {
-      if (p.requant_rotation) rotate_row(*p.requant_rotation, values, values, rotation_scratch.data());
-      const float s = absmax_scale(absmax(values, n_out), p.requant_bits);
+      const float* quantized = rotation.rotated(values);
+      const float s = absmax_scale(absmax(quantized, n_out), p.requant_bits);
       p.out_scale[dest] = s;
-      quantize_values(values, n_out, s, 0.0f, lo, hi, false, p.out_q + dest * n_out);
+      quantize_values(quantized, n_out, s, 0.0f, lo, hi, false, p.out_q + dest * n_out);
     }
   }
   delete[] heap;
