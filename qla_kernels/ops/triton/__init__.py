@@ -45,7 +45,7 @@ def status() -> Optional[str]:
 if _IMPORT_ERROR is None:
     from . import launch
     from .kernel_launch import is_planning
-    from .launch import TRITON_WEIGHT_FORMATS, supports_dwsep_down, supports_quantize_activation
+    from .launch import TRITON_WEIGHT_FORMATS, rotation_of, supports_dwsep_down, supports_quantize_activation
 
     def _fake_or_planned(fake, body):
         """The op's fake; while launches are planned (kernel_launch.planning: meta tensors), the
@@ -68,7 +68,7 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         return launch.quantize_activation(
             x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
-            down_from_input=down_from_input,
+            down_from_input=down_from_input, rotate=rotate,
         )
 
     def _quantize_activation_into(
@@ -78,7 +78,7 @@ if _IMPORT_ERROR is None:
     ) -> Tuple[Tensor, Tensor]:
         q, scale, _ = launch.quantize_activation(
             x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out,
-            down_from_input=down_from_input,
+            down_from_input=down_from_input, rotate=rotate,
         )
         return q, scale
 
@@ -94,7 +94,7 @@ if _IMPORT_ERROR is None:
         down_from_input: bool = False, rotate: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return launch.normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight,
-                                                    norm_bias, norm_eps, down_proj, down_from_input)
+                                                    norm_bias, norm_eps, down_proj, down_from_input, rotate)
 
     def _dwsep_down(h: Tensor, height: int, width: int, prefix_tokens: int, dw_weight: Tensor,
                     dw_bias: Optional[Tensor], down_weight: Tensor, down_bias: Optional[Tensor],
@@ -130,21 +130,27 @@ if _IMPORT_ERROR is None:
         picks = [(names.index(name), schema[names.index(name)].default_value) for name in arguments]
         return lambda *args: predicate(*(args[index] if index < len(args) else default for index, default in picks))
 
-    # What the kernels cover; the registry runs the rest on the reference (a rotating pre-op too:
-    # the Triton pre-kernels do not rotate yet).
+    # What the kernels cover; the registry runs the rest on the reference (a rotation of a width
+    # `rotation_of` refuses: a power of two below 256, or a row too wide for the rotating tile).
+    def _rotation_covered(x, rotate) -> bool:
+        return not rotate or rotation_of(x.shape[-1]) is not None
+
     for _op in ("quantize_activation", "quantize_activation_into", "normalize_activation",
                 "normalize_quantize_activation"):
         covered = (_covered_by(supports_quantize_activation, _op, "down_proj") if _op == "normalize_activation" else
-                   _covered_by(lambda down_proj, rotate: not rotate and supports_quantize_activation(down_proj), _op,
-                               "down_proj", "rotate"))
+                   _covered_by(lambda x, down_proj, rotate: _rotation_covered(x, rotate)
+                               and supports_quantize_activation(down_proj), _op, "x", "down_proj", "rotate"))
         register(_op, "triton", getattr(torch.ops.qla, f"{_op}_triton"), covered,
                  body=_quantize_activation if _op == "quantize_activation" else None)
+    hadamard_rotate = _register("hadamard_rotate_triton", launch.hadamard_rotate, lambda x: torch.empty_like(x))
+    register("hadamard_rotate", "triton", torch.ops.qla.hadamard_rotate_triton,
+             lambda x: rotation_of(x.shape[-1]) is not None, body=launch.hadamard_rotate)
     register("dwsep_down", "triton", torch.ops.qla.dwsep_down_triton,
              lambda *args: supports_dwsep_down(args[6], args[8]))  # down_weight, token_mask
     register("quantized_attention", "triton", torch.ops.qla.quantized_attention_triton)
     register("log2_attention", "triton", torch.ops.qla.log2_attention_triton)
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
-             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS and not operands.requant_rotate,
+             lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS,
              body=launch.fused_linear)
 
 register_backend("triton", status)

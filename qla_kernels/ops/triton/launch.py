@@ -7,20 +7,24 @@ operands and the `Target`, so `planning` (kernel_launch.py) replays it for the a
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 
 from ...formats.weights import weight_in_features
+from ...quant.hadamard import kernel_factors
+from ...quant.hadamard import rotate as hadamard_rotate_reference
 from ...quant.primitives import qrange
 from ..operands import FusedLinearOperands
-from ..reference import ACTIVATIONS, NORM_KINDS, output_features
+from ..reference import ACTIVATIONS, NORM_KINDS, output_features, quantize_output
 from .attention import quantized_attention_kernel
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
 from .kernel_launch import Target, run_kernel, target_of
 from .quantize import quantize_activation_kernel
+from .rotate import rotate_quantize_kernel, rotation_tile
 from .tuning import Autotuner, gemm_candidates, m_bucket
 
 _WEIGHT_FORMAT_CODES = {"int8": 0, "int4": 1, "int4_int8_groups": 2, "uint4_asym_groups": 3}
@@ -62,6 +66,14 @@ def split_k_plan(tiles: int, k: int, block_k: int, sm_count: int) -> Tuple[int, 
 
 
 def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Tensor]:
+    if operands.requant_rotate:
+        # The epilogue's fp32 rows, then the rotating pre-kernel's quantizer; for a width its tile
+        # does not hold (`rotation_of`), the reference's rotation and quantizer of the same rows.
+        y, _ = fused_linear(operands._replace(requant_bits=0, requant_rotate=False, out_dtype=torch.float32))
+        if rotation_of(y.shape[1]) is None:
+            return quantize_output(hadamard_rotate_reference(y), operands.requant_bits)
+        q, scale, _ = rotate_quantize(y, operands.requant_bits, None, None, "none", None, None, 0.0, None)
+        return q, scale
     a, out_rows = operands.a, operands.out_rows
     device = a.device
     target = target_of(device)
@@ -188,12 +200,16 @@ def preop_blocks(target: Target, features: int, rank: int, fp32_down: bool) -> T
 
 def quantize_activation(
     x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out=None,
-    float_output=False, down_from_input=False, normed_out=None,
+    float_output=False, down_from_input=False, normed_out=None, rotate=False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`t_out`, when given, receives T in place (it may be a column slice of a wider buffer).
     `float_output`: return the normalized activations in x.dtype instead of int8 codes (bits unused).
     `down_from_input`: T = x·A from the raw input instead of norm(x)·A. `normed_out` (contiguous
-    [M, K]) receives the normalized activations beside the codes."""
+    [M, K]) receives the normalized activations beside the codes. `rotate`: the codes of
+    norm(x)·R, on the rotating pre-kernel."""
+    if rotate:
+        return rotate_quantize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
+                               down_proj, t_out, down_from_input, normed_out)
     rows, k = x.shape
     rank = 0 if down_proj is None else down_proj.shape[1]
     q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
@@ -222,6 +238,78 @@ def quantize_activation(
     return q, scale, t
 
 
+def rotation_of(k: int):
+    """The rotating pre-kernel's row tile for K = k (`rotation_tile`), or None where it does not run."""
+    return rotation_tile(k, kernel_factors(k)[1].shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation_operands(k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(D/√K [K], the ±1 mixing matrix [C, C]: H_m, or H_m ⊗ H_2 where the tile merges a factor 2)
+    on `device`: constants of the width, made once."""
+    signs, paley, _ = kernel_factors(k)
+    mixing = rotation_of(k)[0]
+    if mixing > paley.shape[0]:
+        paley = torch.kron(paley, torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+    return signs.to(device), paley.contiguous().to(device)
+
+
+# The rotating kernel's warps by its row tile: 256 values a warp, 4 to 8 warps (fewer spilled at
+# [32, 64] and [16, 256]; 16 spilled on sm_80, ptxas -v).
+_ROTATION_TILE_PER_WARP = 256
+
+
+def rotate_quantize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
+                    t_out=None, down_from_input=False, normed_out=None, float_output=False):
+    """quantize_activation's launch for rotate=True (x [M, K] with `rotation_of(K)`): codes of
+    norm(x)·R, T and `normed_out` of the unrotated values; `float_output`: norm(x)·R in x.dtype."""
+    rows, k = x.shape
+    rank = 0 if down_proj is None else down_proj.shape[1]
+    q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
+    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
+    if rows and k:
+        _, c_pad, (f0, f1, f2) = rotation_of(k)
+        signs, mixing = _rotation_operands(k, x.device)
+        qmin, qmax = qrange(bits)
+        _, block_k, block_r, t_warps = preop_blocks(target_of(x.device), k, rank,
+                                                    down_proj is not None and down_proj.dtype == torch.float32)
+        dummy = x
+        arguments = (
+            x, q, scale, static_scale if static_scale is not None else dummy,
+            zero_point if zero_point is not None else dummy,
+            norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+            down_proj if down_proj is not None else dummy, t, normed_out if normed_out is not None else dummy,
+            signs, mixing,
+            rows, k, rank, mixing.shape[0], float(norm_eps),
+            x.stride(0), q.stride(0), down_proj.stride(0) if down_proj is not None else 0, t.stride(0),
+        )
+        flags = dict(QMIN=qmin, QMAX=qmax, NORM=NORM_KINDS.index(norm_kind), HAS_NORM_WEIGHT=norm_weight is not None,
+                     HAS_NORM_BIAS=norm_bias is not None, STATIC=static_scale is not None,
+                     HAS_ZERO=zero_point is not None, CENTER=zero_point is not None and bits <= 7,
+                     T_FP32=down_proj is not None and down_proj.dtype == torch.float32, T_FROM_INPUT=down_from_input,
+                     FLOAT_OUTPUT=float_output, C_PAD=c_pad, F0=f0, F1=f1, F2=f2, BLOCK_K=block_k,
+                     BLOCK_R=block_r, num_stages=1, enable_fp_fusion=False)
+        if down_proj is not None or normed_out is not None:  # T and the normalized rows: 16 rows a program
+            run_kernel(rotate_quantize_kernel, (triton.cdiv(rows, 16),), x.device, arguments,
+                       HAS_T=down_proj is not None, NORMED_OUTPUT=normed_out is not None, ROTATED_ROWS=False,
+                       BLOCK_M=16, num_warps=t_warps, **flags)
+        tile_warps = min(8, max(4, triton.next_power_of_2(c_pad * f0 * f1 * f2 // _ROTATION_TILE_PER_WARP)))
+        run_kernel(rotate_quantize_kernel, (rows,), x.device, arguments, HAS_T=False, NORMED_OUTPUT=False,
+                   ROTATED_ROWS=True, BLOCK_M=1, num_warps=tile_warps, **flags)
+    return q, scale, t
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """ops.hadamard_rotate on the rotating pre-kernel (x validated, `rotation_of` its width)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.shape[-1] > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    rotated, _, _ = rotate_quantize(rows, 8, None, None, "none", None, None, 0.0, None, float_output=True)
+    return rotated.reshape(x.shape)
+
+
 def normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_proj) -> Tuple[torch.Tensor, torch.Tensor]:
     normed, _, t = quantize_activation(x, 8, None, None, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
                                        float_output=True)
@@ -229,10 +317,10 @@ def normalize_activation(x, norm_kind, norm_weight, norm_bias, norm_eps, down_pr
 
 
 def normalize_quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                  down_proj, down_from_input=False):
+                                  down_proj, down_from_input=False, rotate=False):
     normed = torch.empty_like(x, memory_format=torch.contiguous_format)
     q, scale, t = quantize_activation(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps,
-                                      down_proj, down_from_input=down_from_input, normed_out=normed)
+                                      down_proj, down_from_input=down_from_input, normed_out=normed, rotate=rotate)
     return normed, q, scale, t
 
 

@@ -23,7 +23,7 @@ NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 
 
 @triton.jit
-def _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K: tl.constexpr):
+def load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K: tl.constexpr):
     """Rows offs_m, columns k0..k0+BLOCK_K of x in fp32 (0 outside), with the column and tile masks."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -33,17 +33,76 @@ def _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
+def normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
                 HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """x normalized with its rows' statistics (mean, rstd broadcast against x) and the norm's
+    weight and bias at columns offs_k (a row of them broadcast, or x's own shape)."""
     if NORM == 1:
-        x = (x - mean[:, None]) * rstd[:, None]
+        x = (x - mean) * rstd
     elif NORM == 2:
-        x = x * rstd[:, None]
+        x = x * rstd
     if HAS_NORM_WEIGHT:
-        x = x * tl.load(w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        x = x * tl.load(w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     if HAS_NORM_BIAS:
-        x = x + tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        x = x + tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     return x
+
+
+@triton.jit
+def norm_statistics(x_ptr, offs_m, mask_m, stride_xm, K, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """(mean, 1/std) for LayerNorm, (0, 1/rms) for RMSNorm, zeros without a norm: per row of the
+    block, from passes over K in BLOCK_K chunks (LayerNorm: the mean, then the centered squares)."""
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM == 1:
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+            total += tl.sum(x, axis=1)
+        mean = total / K
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+            centered = tl.where(mask, x - mean[:, None], 0.0)
+            squares += tl.sum(centered * centered, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    elif NORM == 2:
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+            squares += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    return mean, rstd
+
+
+@triton.jit
+def t_step(t, x, v, mask, down_ptr, offs_k, mask_k, stride_dk, offs_r, R, T_FP32: tl.constexpr,
+           T_FROM_INPUT: tl.constexpr):
+    """t + (x or its normalized v)·A over one K chunk: one tensor-core dot into the fp32 T tile."""
+    down = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :],
+                   mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+    if T_FROM_INPUT:  # QwT's T = x·V_r: the raw input, read once with the norm's pass
+        rows = tl.where(mask, x, 0.0).to(down.dtype)
+    else:
+        rows = tl.where(mask, v, 0.0).to(down.dtype)
+    if T_FP32:
+        return tl.dot(rows, down, t, input_precision="tf32x3")
+    return tl.dot(rows, down, t)
+
+
+@triton.jit
+def quantized_codes(v, scale, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    CENTER: tl.constexpr):
+    """int8 codes of v at `scale` (broadcast against v): round half to even, + z, clamp, and at
+    <= 7 bits − z again (quantize_activation's contract)."""
+    codes = round_half_even(tl.math.div_rn(v, scale))
+    if HAS_ZERO:
+        codes = codes + zero
+    codes = clamp_codes(codes, QMIN * 1.0, QMAX * 1.0)
+    if CENTER:
+        codes = codes - zero
+    return codes.to(tl.int8)
 
 
 @triton.jit(do_not_specialize=["R"])  # T's rank: a correction's calibrated rank compiles no new kernel
@@ -59,26 +118,7 @@ def quantize_activation_kernel(
     # normed_ptr (NORMED_OUTPUT) is [M, K] with q's row stride. Rows are int64: M·K may pass 2**31.
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = offs_m < M
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM == 1:
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-            total += tl.sum(x, axis=1)
-        mean = total / K
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-            centered = tl.where(mask, x - mean[:, None], 0.0)
-            squares += tl.sum(centered * centered, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
-    elif NORM == 2:
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-            squares += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / K + eps)
+    mean, rstd = norm_statistics(x_ptr, offs_m, mask_m, stride_xm, K, eps, NORM, BLOCK_M, BLOCK_K)
 
     if FLOAT_OUTPUT:
         scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -87,8 +127,9 @@ def quantize_activation_kernel(
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-            v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+            x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+            v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT,
+                           HAS_NORM_BIAS)
             absmax = tl.maximum(absmax, tl.max(tl.where(mask, abs_bits(v), 0), axis=1))
         scale = absmax_step(absmax.to(tl.float32, bitcast=True), QMAX)
     if not FLOAT_OUTPUT:
@@ -100,32 +141,19 @@ def quantize_activation_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x, offs_k, mask_k, mask = _load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-        v = _normalized(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+        x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+        v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT,
+                           HAS_NORM_BIAS)
         if FLOAT_OUTPUT:
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
         else:
-            codes = round_half_even(tl.math.div_rn(v, scale[:, None]))
-            if HAS_ZERO:
-                codes = codes + zero
-            codes = clamp_codes(codes, QMIN * 1.0, QMAX * 1.0)
-            if CENTER:
-                codes = codes - zero
-            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes.to(tl.int8), mask=mask)
+            codes = quantized_codes(v, scale[:, None], zero, QMIN, QMAX, HAS_ZERO, CENTER)
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes, mask=mask)
             if NORMED_OUTPUT:
                 tl.store(normed_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
                          v.to(normed_ptr.dtype.element_ty), mask=mask)
         if HAS_T:
-            down = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :],
-                           mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-            if T_FROM_INPUT:  # QwT's T = x·V_r: the raw input, read once with the norm's pass
-                v = tl.where(mask, x, 0.0).to(down.dtype)
-            else:
-                v = tl.where(mask, v, 0.0).to(down.dtype)
-            if T_FP32:
-                t = tl.dot(v, down, t, input_precision="tf32x3")
-            else:
-                t = tl.dot(v, down, t)
+            t = t_step(t, x, v, mask, down_ptr, offs_k, mask_k, stride_dk, offs_r, R, T_FP32, T_FROM_INPUT)
     if HAS_T:
         tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t.to(t_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & (offs_r[None, :] < R))
