@@ -8,8 +8,9 @@
 Each model is built with random weights at its real widths (two blocks, since blocks are found
 as repeated modules: ViT-B/16, DeiT-S, Swin-T with two blocks per stage, BERT-base, LLaMA-3-8B,
 GPT-2, CLIP ViT-B/16, Gemma-2B) and converted as a user converts it: `quantize_` with W8A8, W4A8
-(per channel and g128), W4A4 or W4A16 (g128); activation scales dynamic, static per tensor, or
-static with a zero point; no corrections, QLA adapters (rank 8) with a QwT compensation of rank
+(per channel and g128), W4A4 or W4A16 (g128), and on ViT-B/16, BERT-base and LLaMA-3-8B W4A8
+and W4A4 with online Hadamard rotation (the rotating pre-kernel); activation scales dynamic,
+static per tensor, or static with a zero point; no corrections, QLA adapters (rank 8) with a QwT compensation of rank
 128 or 24 lowered into the GEMMs, QwT alone at rank 48 or at full rank; then `fuse_blocks`, and a
 cast to fp16, bf16 or fp32 (fp32: tf32x3 dots, fp32 T). The CNNs (ResNet-50 at batch 64, 224²;
 DETR-R50's backbone at 800×1066, two blocks per stage) quantize their convolutions
@@ -51,6 +52,10 @@ from torch import nn
 from .ops.triton.kernel_launch import A100, H100, PlannedLaunch, Target, key_to_json, launch_class, planning
 
 CONFIGS = ("W8A8", "W4A8", "W4A8g128", "W4A4", "W4A16g128")
+# Online Hadamard rotation (the rotating pre-kernel), planned on the models that set `rotated`:
+# dynamic scales without and with QLA + QwT (T from the unrotated rows), static with a zero point.
+ROTATED_CONFIGS = ("W4A8rot", "W4A4rot")
+ROTATED_CONVERSIONS = (("dynamic", "none"), ("dynamic", "qla_qwt24"), ("static_zero", "none"))
 ACTIVATION_SCALES = ("dynamic", "static", "static_zero")
 # (QLA adapters?, QwT rank or "full" or None). Ranks only pick the epilogue's and the pre-kernel's
 # BLOCK_R (ranks are not specialized): 8 + 128 and 128 take the widest, 8 + 24 and 24 the 32-wide,
@@ -68,7 +73,8 @@ def quant_config(name: str):
     import qla_kernels as qk
 
     return {"W8A8": qk.W8A8(), "W4A8": qk.W4A8(), "W4A8g128": qk.W4A8(group_size=128), "W4A4": qk.W4A4(),
-            "W4A16g128": qk.W4A16(group_size=128)}[name]
+            "W4A16g128": qk.W4A16(group_size=128), "W4A8rot": qk.W4A8(rotate="hadamard"),
+            "W4A4rot": qk.W4A4(rotate="hadamard")}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +90,15 @@ class ModelSpec:
     full_grid: bool = True
     vocab: int = 1024  # token ids are drawn below it
     cnn: bool = False  # convolutions (quantize_convs_, CNN_CONFIGS, CNN_CORRECTIONS, convert_for_runtime)
+    rotated: bool = False  # also ROTATED_CONFIGS × ROTATED_CONVERSIONS
 
 
 MODELS = (
-    ModelSpec("vit_b16", (1, 3, 224, 224), ((64, 3, 224, 224),)),
+    ModelSpec("vit_b16", (1, 3, 224, 224), ((64, 3, 224, 224),), rotated=True),
     ModelSpec("deit_s", (1, 3, 224, 224), ((64, 3, 224, 224),)),
     ModelSpec("swin_t", (1, 3, 224, 224), ((64, 3, 224, 224),)),
-    ModelSpec("bert_base", (1, 16), ((32, 128),), text=True),
-    ModelSpec("llama8b", (1, 16), ((1, 1), (16, 1), (1, 2048)), text=True),
+    ModelSpec("bert_base", (1, 16), ((32, 128),), text=True, rotated=True),
+    ModelSpec("llama8b", (1, 16), ((1, 1), (16, 1), (1, 2048)), text=True, rotated=True),
     ModelSpec("gpt2", (1, 16), ((8, 1024), (1, 1)), text=True, full_grid=False),  # tanh GELU, Conv1D
     ModelSpec("clip_b16", (1, 3, 224, 224), ((64, 3, 224, 224),), full_grid=False),  # QuickGELU
     ModelSpec("gemma2b", (1, 16), ((1, 1), (1, 2048)), text=True, full_grid=False),  # GeGLU (tanh), RMSNorm 1 + w
@@ -340,6 +347,10 @@ def conversions(models: Sequence[str]) -> Iterator[Conversion]:
                 for corrections in (CORRECTIONS if full else ("none", "qla_qwt128")):
                     if scales == "dynamic" or corrections not in RANK_VARIANTS:
                         yield Conversion(model, config, scales, corrections)
+        if specs[model].rotated:
+            for config in ROTATED_CONFIGS:
+                for scales, corrections in ROTATED_CONVERSIONS:
+                    yield Conversion(model, config, scales, corrections)
 
 
 # What `make test` plans (then compiles a sample of): every model, config, scale kind and
@@ -352,6 +363,7 @@ CI_CONVERSIONS = tuple(Conversion(*fields) for fields in (
     ("deit_s", "W4A8", "dynamic", "qwt48"),
     ("swin_t", "W8A8", "static_zero", "qla_qwt128"), ("swin_t", "W4A16g128", "dynamic", "none"),
     ("bert_base", "W8A8", "static_zero", "qla_qwt128"), ("bert_base", "W4A4", "dynamic", "qwt_full"),
+    ("bert_base", "W4A4rot", "dynamic", "qla_qwt24"),
     ("llama8b", "W8A8", "dynamic", "qla_qwt128"),
     ("gpt2", "W4A8", "dynamic", "qla_qwt128"), ("clip_b16", "W8A8", "dynamic", "none"),
     ("gemma2b", "W4A16g128", "dynamic", "none"),
@@ -385,9 +397,10 @@ def _kernels() -> Dict[str, object]:
         from .ops.triton.dwsep import dwsep_down_kernel
         from .ops.triton.fused_linear import fused_linear_kernel, requantize_rows_kernel
         from .ops.triton.quantize import quantize_activation_kernel
+        from .ops.triton.rotate import rotate_quantize_kernel
 
         for kernel in (fused_linear_kernel, requantize_rows_kernel, quantize_activation_kernel, dwsep_down_kernel,
-                       quantized_attention_kernel):
+                       quantized_attention_kernel, rotate_quantize_kernel):
             _KERNELS[kernel.fn.__name__] = kernel
     return _KERNELS
 
@@ -550,7 +563,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"after a whole-table check that passes, write {TABLE_FILE.name} (keys, classes, counts)")
     parser.add_argument("--add-to-table", action="store_true",
                         help=f"after a check of --models that passes, add their keys and classes to {TABLE_FILE.name} "
-                             "(the models a change adds, without recompiling the rest)")
+                             "(the models a change adds; keys the table already holds are not compiled again)")
+    parser.add_argument("--configs", help="comma-separated configs: only these conversions of --models (with "
+                                          "--add-to-table, the configs a change adds)")
     parser.add_argument("--compare-log", metavar="FILE", help="report launches of a QLA_LAUNCH_LOG file outside "
                                                               "the committed table (no planning, no compiling)")
     args = parser.parse_args(argv)
@@ -568,7 +583,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.add_to_table and (args.ci or args.sample or args.write_table or models == known):
         raise ValueError("--add-to-table takes --models (a subset) and no --ci, --sample or --write-table")
     started = time.time()
-    chosen = [item for item in (CI_CONVERSIONS if args.ci else conversions(models)) if item.model in models]
+    configs = None if not args.configs else {name.strip() for name in args.configs.split(",") if name.strip()}
+    if configs and args.write_table:
+        raise ValueError("--write-table needs the whole table (no --configs)")
+    chosen = [item for item in (CI_CONVERSIONS if args.ci else conversions(models))
+              if item.model in models and (configs is None or item.config in configs)]
     planned, skipped = plan(chosen, jobs=args.jobs)
     work = for_targets(planned)
     planned_seconds = time.time() - started
@@ -583,6 +602,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for target, launch in stale[:20]:
             print(f"planned but not in {TABLE_FILE.name}: sm_{target.arch} {launch_class(launch)}", file=sys.stderr)
     total = len(work)
+    if args.add_to_table:  # keys the table holds were checked when they were recorded
+        held = {arch: set(values) for arch, values in read_table()["key_hashes"].items()}
+        work = [(target, launch) for target, launch in work
+                if key_hash(target.arch, key_to_json(launch.key)) not in held.get(str(target.arch), set())]
     if args.sample:
         work = spread_sample(work, args.sample)
     print(f"{len(chosen)} conversions, {total} distinct launches (compile keys × architecture) planned in "
@@ -618,12 +641,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }, indent=1) + "\n")
         print(f"wrote {TABLE_FILE}", file=sys.stderr)
     if args.add_to_table and not failed:
-        _add_to_table(models, chosen, skipped, work, total, planned_seconds, compile_seconds, rows)
+        _add_to_table(models, configs, chosen, skipped, work, total, planned_seconds, compile_seconds, rows)
     return 1 if failed or stale else 0
 
 
-def _add_to_table(models, chosen, skipped, work, total, planned_seconds, compile_seconds, rows) -> None:
-    """Merges the checked launches of `models` into the committed table, and records the addition."""
+def _add_to_table(models, configs, chosen, skipped, work, total, planned_seconds, compile_seconds, rows) -> None:
+    """Merges the checked launches of `models` (their `configs`, or all) into the committed table,
+    and records the addition."""
     import triton
 
     table = read_table()
@@ -632,7 +656,7 @@ def _add_to_table(models, chosen, skipped, work, total, planned_seconds, compile
     table["classes"] = sorted(set(table["classes"]) | {launch_class(launch) for _, launch in work})
     table.setdefault("additions", []).append({
         "date": datetime.date.today().isoformat(), "triton": triton.__version__, "models": list(models),
-        "conversions": len(chosen), "refused_conversions": skipped, "launches": total,
+        **({"configs": sorted(configs)} if configs else {}), "conversions": len(chosen), "refused_conversions": skipped, "launches": total,
         "plan_seconds": round(planned_seconds), "compile_seconds": round(compile_seconds),
         "compiled_now": sum(not row["cached"] for row in rows), "per_kernel": _per_kernel(rows)})
     TABLE_FILE.write_text(json.dumps(table, indent=1) + "\n")

@@ -99,8 +99,8 @@ def _window_layout(block: nn.Module, template: PackedQKVTemplate, call: BlockCal
 def _fuse_checked(block: nn.Module, facts: BlockFacts, call: Optional[BlockCall]) -> str:
     """Fuses `block` if it fits and reproduces its own forward on its example call; else says why not."""
     if _rotation_not_fused(block):
-        return ("its linears rotate their activations (rotate='hadamard'): the GPU fused chains do not rotate yet "
-                "(the cpu and reference ones do)")
+        return ("its linears rotate their activations (rotate='hadamard'): the cuda backend's fused chains do not "
+                "rotate (the triton, cpu and reference ones do)")
     try:
         template = template_for(block, facts)
     except ValueError as reason:
@@ -190,10 +190,10 @@ def refuse_task_loras(model: nn.Module) -> None:
 
 
 def _rotation_not_fused(block: nn.Module) -> bool:
-    """Whether `block` rotates activations on a backend whose fused chains do not: the Triton
-    pre-kernels and epilogues do not rotate (their chains would run those ops on the reference)."""
+    """Whether `block` rotates activations on a backend whose fused chains do not: the cuda
+    backend's pre-kernels do not rotate (its chains would run those ops on the reference)."""
     rotating = [module for module in block.modules() if isinstance(module, QuantLinear) and module.config.rotate]
-    return bool(rotating) and resolve_backend(rotating[0].weight.device) not in ("cpu", "reference", "simulate")
+    return bool(rotating) and resolve_backend(rotating[0].weight.device) == "cuda"
 
 
 def _unfuse(block: nn.Module) -> None:

@@ -13,6 +13,7 @@ from qla_kernels.methods import ptq, qla, qwt
 from qla_kernels.models import find_blocks, fuse_blocks
 from qla_kernels.nn import fused as fused_package, module_kinds
 from qla_kernels.ops.linear_plan import LinearPlan
+from qla_kernels.ops.triton.kernel_launch import kernel_name, recording
 from qla_kernels.nn.fused import chain as fused_chain
 from qla_kernels.nn.fused import FusedPackedQKVBlock, FusedPostNormBlock, unfuse_block
 
@@ -92,15 +93,21 @@ def _fused_model_equals_the_module_by_module_model(name, config, static, chain_c
 
 
 @pytest.mark.skipif(not qk.backends()["triton"].available, reason="needs the Triton backend")
-def test_fused_block_on_triton_equals_reference():
-    model = qk.quantize_(_vit(), qk.W4A8())
+@pytest.mark.parametrize("config", [qk.W4A8(), qk.W4A8(rotate="hadamard")], ids=str)
+def test_fused_block_on_triton_equals_reference(config):
+    """With rotate, every quantization point of the chain (qkv's and fc1's pre-kernels, proj's
+    input, fc2's input re-quantized after fc1) rotates on the rotating pre-kernel: 192 = 12·16
+    and 768 = 12·64 wide."""
+    model = qk.quantize_(_vit(), config)
     x = torch.randn(2, 3, 32, 32)
-    fuse_blocks(model, x)
+    assert fuse_blocks(model, x, backend="triton").fused == ["blocks.0", "blocks.1"]
     block, tokens = model.blocks[0], torch.randn(2, 17, 192)
     with torch.no_grad():
         reference = block(tokens)
-        with qk.use_backend("triton"):
+        with qk.use_backend("triton"), recording() as launches:
             triton = block(tokens)
+    rotating = [launch for launch in launches if kernel_name(launch.kernel) == "rotate_quantize_kernel"]
+    assert len(rotating) == (4 if config.rotate else 0)
     assert _relative_error(reference, triton) < 1e-4
 
 

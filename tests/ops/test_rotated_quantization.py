@@ -168,7 +168,7 @@ def test_triton_rotates_each_width_it_holds_and_leaves_the_rest_to_the_reference
     the reference), the reference's own products elsewhere (bit for bit)."""
     from qla_kernels.ops.triton.launch import rotation_of
 
-    for k in (128, 192, 256, 768, 1536, 2048, 4096, 8192, 5120):
+    for k in (128, 192, 256, 768, 1536, 2048, 4096, 5120, 14336):
         x = _inputs(3, k, k, True)
         with _on("triton") as launches:
             rotated = ops.hadamard_rotate(x)
@@ -178,7 +178,7 @@ def test_triton_rotates_each_width_it_holds_and_leaves_the_rest_to_the_reference
         else:
             assert len(_rotating_launches(launches)) == 1, k
             torch.testing.assert_close(rotated, expected, rtol=0, atol=1e-5 * float(x.abs().max()))
-    assert rotation_of(128) is None and rotation_of(5120) is None and rotation_of(8192) is not None
+    assert rotation_of(128) is None and rotation_of(14336) is None and rotation_of(16384) is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -87,6 +87,27 @@ def test_pre_kernel_fits_shared_memory_at_a_rank_128_fp32_t(tmp_path):
         assert row["shared_bytes"] <= 166912
 
 
+def test_rotating_pre_kernel_compiles_at_real_widths(tmp_path):
+    """The rotating pre-kernel at ViT/BERT/MiniLM/LLaMA widths (tiles [16, 64], [32, 64] with
+    H_12 ⊗ H_2, [16, 256], [1, 4096]), its codes launch and its T + normalized-rows launch, and
+    fc1's requant_rotate: within shared memory, no spills (8 warps at most: 16 spilled on sm_80),
+    no contraction."""
+    rows = _compile(_WEIGHT + """
+    for k in (768, 1536, 3072, 4096):
+        x = torch.empty(12608, k, device=META, dtype=torch.float16)
+        ops.quantize_activation(x, 4, rotate=True)
+        ops.normalize_quantize_activation(x, 8, "layernorm", torch.empty(k, device=META), torch.empty(k, device=META),
+                                          static_scale=torch.empty(1, device=META),
+                                          zero_point=torch.empty(1, device=META, dtype=torch.int8),
+                                          down_proj=torch.empty(k, 24, device=META, dtype=torch.float16), rotate=True)
+    q, scale = torch.empty(12608, 768, device=META, dtype=torch.int8), torch.empty(12608, device=META)
+    ops.fused_linear(q, scale, weight("int4", 3072, 768), activation="gelu", requant_bits=4, requant_rotate=True)
+    """, tmp_path)
+    assert sum(row["kernel"] == "rotate_quantize_kernel" for row in rows) >= 2 * 4 * 3
+    for row in rows:
+        assert row["fma"] == 0 and not row["problems"], (row["kernel"], row["meta"], row["problems"])
+
+
 def test_row_offsets_are_64_bit_where_products_pass_two_to_the_31(tmp_path):
     """An LM head's output at prefill (M = 16,745 rows of 128,256) has more than 2**31 elements:
     row × stride must not be a 32-bit multiply (mul.lo.s32) in any kernel."""
@@ -96,6 +117,7 @@ def test_row_offsets_are_64_bit_where_products_pass_two_to_the_31(tmp_path):
     ops.fused_linear(q, scale, head, out_dtype=torch.float16)
     ops.fused_linear(q, scale, head, requant_bits=8)
     ops.quantize_activation(torch.empty(16745, 4096, device=META, dtype=torch.float16), 8)
+    ops.quantize_activation(torch.empty(16745, 4096, device=META, dtype=torch.float16), 8, rotate=True)
     """, tmp_path)
     for row in rows:
         assert row["narrow_row_products"] == 0 and row["wide_row_products"] > 0, (row["kernel"], row["meta"])
@@ -118,7 +140,7 @@ def test_sample_of_the_launch_table_compiles_and_passes(tmp_path):
     assert {row["arch"] for row in rows} == {80, 90}
     assert {row["kernel"] for row in rows} == {"fused_linear_kernel", "requantize_rows_kernel",
                                               "quantize_activation_kernel", "dwsep_down_kernel",
-                                              "quantized_attention_kernel"}
+                                              "quantized_attention_kernel", "rotate_quantize_kernel"}
     metas = [row["meta"] for row in rows if row["kernel"] == "fused_linear_kernel"]
     for flag in ("MAIN_FP32", "LOWRANK_FP32", "FULLRANK_FP32", "GATHER", "SCATTER", "ZERO_PER_ROW", "REQUANT"):
         assert any(meta[flag] for meta in metas), flag

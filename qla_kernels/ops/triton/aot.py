@@ -44,6 +44,7 @@ ROW_STRIDES = {
     "fused_linear_kernel": ("stride_am", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
     "requantize_rows_kernel": ("stride_ym", "stride_qm"),
     "quantize_activation_kernel": ("stride_xm", "stride_qm", "stride_tm"),
+    "rotate_quantize_kernel": ("stride_xm", "stride_qm", "stride_tm"),
     "dwsep_down_kernel": ("stride_hb",),
     "quantized_attention_kernel": ("stride_qb", "stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_mq",
                                    "stride_mk"),

@@ -254,9 +254,9 @@ def _rotation_operands(k: int, device: torch.device) -> Tuple[torch.Tensor, torc
     return signs.to(device), paley.contiguous().to(device)
 
 
-# The rotating kernel's warps by its row tile: 256 values a warp, 4 to 8 warps (fewer spilled at
-# [32, 64] and [16, 256]; 16 spilled on sm_80, ptxas -v).
-_ROTATION_TILE_PER_WARP = 256
+# The rotating kernel's warps by its row tile: 512 values a warp, 4 to 8 warps (16 spilled on
+# sm_80, whose ptxas then kept 64 registers a thread; ptxas -v).
+_ROTATION_TILE_PER_WARP = 512
 
 
 def rotate_quantize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,

@@ -8,8 +8,9 @@ H_P = H_F0 ⊗ H_F1 ⊗ H_F2 for any split of P into powers of two (entries (−
 generated here). A row is held whole as a [C_PAD, P'] tile: C mixing rows (the Paley index, padded
 to a power of two with zero rows) of P' columns. It is rotated by tensor-core dots with ±1
 matrices: each Sylvester factor on its index (a permute puts it last), then the mixing matrix's
-transpose on the left. The ±1 products are exact, so the fp32 sums (tf32x3 on GPUs) are the only
-rounding, as in the reference's tensordots and the cpu kernel's transform. The absmax and the
+transpose on the left. The ±1 products are exact, so the fp32 sums are the only rounding, as in
+the reference's tensordots and the cpu kernel's transform (on GPUs each product is two tf32 dots,
+of the top 11 significant bits and of the rest: `_signed_dot`). The absmax and the
 codes come from the same registers: x is read once for them.
 
 A launch does one of two things for its BLOCK_M rows. With ROTATED_ROWS, the codes (or the
@@ -33,14 +34,14 @@ from .quantize import load_chunk, norm_statistics, normalized, quantized_codes, 
 
 # A dot's dimensions are at least 16 (the tensor cores' K); its ±1 Sylvester factor is generated
 # in registers, so at most 64 wide (a 128-wide one alone took 128 registers a thread at 4 warps
-# and spilled: ptxas -v). A row tile holds at most 4096 values with a mixing matrix and 8192
-# without: [32, 256] (K = 5120) and [32, 512] (K = 14336) spilled at 8 warps on sm_80 and sm_90
-# (16 warps spilled more), [1, 8192] did not.
+# and spilled: ptxas -v). A row tile holds at most 8192 values with a mixing matrix ([32, 512],
+# K = 14336, spilled on sm_80 at 8 and 16 warps) and 16384 without ([1, 32768] needed more shared
+# memory than sm_90 has); the mixing matrix is at most 64 × 64.
 _SMALLEST_DOT = 16
 _FACTOR_BITS = (4, 6)
-_MAX_TILE = 4096
-_MAX_TILE_UNMIXED = 8192
-_MAX_MIXING = 32  # a 64-row mixing matrix ([64, 64] tiles: K = 2560, 3584) spilled
+_MAX_TILE = 8192
+_MAX_TILE_UNMIXED = 16384
+_MAX_MIXING = 64
 
 
 def _split_bits(bits: int, parts: int) -> Tuple[int, ...]:
@@ -84,14 +85,27 @@ def _sylvester(N: tl.constexpr):
 
 
 @triton.jit
+def _signed_dot(y, h, H_LEFT: tl.constexpr):
+    """y·h (h·y with H_LEFT) for fp32 y and a ±1 (or 0) matrix h, to fp32 accuracy in two tf32
+    dots: y's top 11 significant bits (exact in tf32) and the rest, each times h exactly (tf32x3's
+    three dots would split h too, whose low part is zero)."""
+    high = (y.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    if H_LEFT:
+        product = tl.dot(h, y - high, tl.dot(h, high, input_precision="tf32"), input_precision="tf32")
+    else:
+        product = tl.dot(y - high, h, tl.dot(high, h, input_precision="tf32"), input_precision="tf32")
+    return product
+
+
+@triton.jit
 def _sylvester_stage(y, ROWS: tl.constexpr, OUTER: tl.constexpr, F: tl.constexpr, INNER: tl.constexpr):
     """y [ROWS, OUTER·F·INNER] times H_F on its middle index (a permute puts it last for the dot)."""
     if F > 1:
         if INNER == 1:
-            y = tl.dot(tl.reshape(y, (ROWS * OUTER, F)), _sylvester(F), input_precision="tf32x3")
+            y = _signed_dot(tl.reshape(y, (ROWS * OUTER, F)), _sylvester(F), False)
         else:
             y = tl.reshape(tl.permute(tl.reshape(y, (ROWS * OUTER, F, INNER)), (0, 2, 1)), (ROWS * OUTER * INNER, F))
-            y = tl.dot(y, _sylvester(F), input_precision="tf32x3")
+            y = _signed_dot(y, _sylvester(F), False)
             y = tl.permute(tl.reshape(y, (ROWS * OUTER, INNER, F)), (0, 2, 1))
         y = tl.reshape(y, (ROWS, OUTER * F * INNER))
     return y
@@ -104,7 +118,7 @@ def _rotated_tile(v, mixing_t, C_PAD: tl.constexpr, F0: tl.constexpr, F1: tl.con
     y = _sylvester_stage(y, C_PAD, F0, F1, F2)
     y = _sylvester_stage(y, C_PAD, 1, F0, F1 * F2)
     if C_PAD > 1:
-        y = tl.dot(mixing_t, y, input_precision="tf32x3")
+        y = _signed_dot(y, mixing_t, True)
     return y
 
 
