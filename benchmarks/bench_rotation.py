@@ -1,6 +1,13 @@
 """The online Hadamard rotation's cost on the CPU backend, against the layer it feeds.
 
     python benchmarks/bench_rotation.py [--runs 101]
+    python benchmarks/bench_rotation.py --device cuda [--runs 21]
+
+With --device cuda: the Triton pre-kernel at fp16 on real call shapes (MiniLM and BERT-base
+batches, ViT-B/16 at batch 64, LLaMA-3-8B decode and prefill; LayerNorm → 4 bits, and bare
+re-quantization of an fp32 GEMM output), without and with rotation (the rotating pre-kernel),
+each timing the median over `--runs` CUDA-event samples of 20 calls, variants in turn; and the
+W4A4 QuantLinear without and with rotate at those shapes. Writes rotation_gpu_<device>.json.
 
 Per shape (MiniLM's qkv / fc1 / fc2 at 64×21 tokens, LLaMA-style decode 4096→4096 at M = 1 and
 4096→14336 at M = 16): `quant.hadamard.rotate` (the reference's three torch products),
@@ -49,7 +56,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=101)  # a 1 ms layer on a shared machine varies by ±30%
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return gpu_costs(args.runs, Path(args.out))
     if not qk.backends()["cpu"].available:
         raise ValueError(f"the cpu backend is not built here: {qk.backends()['cpu'].reason}")
     rows = []
@@ -165,6 +175,77 @@ def decoder_online_and_folded(runs: int) -> dict:
         result[name] = {**timing, "cos_vs_fp32": cosine}
         print(f"decoder {name}: {timing['median_ms']:.1f} ms (logits cosine {cosine:.4f}, random weights)")
     return result
+
+
+
+# (rows, K, N): MiniLM qkv and fc2 at 64×21 tokens, BERT-base fc1 and fc2 at 8×128, ViT-B/16 fc1 and
+# fc2 at batch 64, LLaMA-3-8B q/k/v at decode (1, 16) and prefill (2048)
+GPU_SHAPES = ((1344, 384, 1152), (1344, 1536, 384), (1024, 768, 3072), (1024, 3072, 768), (12608, 768, 3072),
+              (12608, 3072, 768), (1, 4096, 4096), (16, 4096, 4096), (2048, 4096, 4096))
+
+
+def _cuda_medians(variants, runs: int, calls: int = 20) -> dict:
+    """Median ms per call of each variant: CUDA-event samples of `calls` calls, variants in turn."""
+    for fn in variants.values():
+        fn()
+    samples = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, fn in variants.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            samples[name].append(start.elapsed_time(end) / calls)
+    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+
+
+def gpu_costs(runs: int, out: Path) -> int:
+    """The rotating Triton pre-kernel against the plain one, and a rotating W4A4 layer against the
+    plain one, at GPU_SHAPES in fp16."""
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA device")
+    from qla_kernels.ops.triton.launch import rotation_of
+
+    rows = []
+    torch.manual_seed(0)
+    with torch.no_grad(), qk.use_backend("triton"):
+        for m, k, n in GPU_SHAPES:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            y = x.float()
+            weight, bias = torch.ones(k, device="cuda"), torch.zeros(k, device="cuda")
+            linear = torch.nn.Linear(k, n)
+            plain, rotating = (qk.QuantLinear.from_float(linear, config).to("cuda").half()
+                               for config in (qk.W4A4(), qk.W4A4(rotate="hadamard")))
+            plain.freeze(), rotating.freeze()
+
+            def pre_kernel(rotate):
+                return lambda: ops.quantize_activation(x, 4, norm_kind="layernorm", norm_weight=weight,
+                                                       norm_bias=bias, rotate=rotate)
+
+            def requantize(rotate):
+                return lambda: ops.quantize_activation(y, 4, rotate=rotate)
+            row = {"m": m, "k": k, "n": n, "kernel_rotates": rotation_of(k) is not None,
+                   **_cuda_medians({"layernorm_quantize_ms": pre_kernel(False),
+                                    "layernorm_rotate_quantize_ms": pre_kernel(True)}, runs),
+                   **_cuda_medians({"requantize_ms": requantize(False), "rotate_requantize_ms": requantize(True)},
+                                   runs),
+                   **_cuda_medians({"layer_ms": lambda: plain(x), "rotating_layer_ms": lambda: rotating(x)}, runs)}
+            row["rotation_in_pre_kernel"] = row["layernorm_rotate_quantize_ms"] / row["layernorm_quantize_ms"] - 1
+            row["rotation_in_requantize"] = row["rotate_requantize_ms"] / row["requantize_ms"] - 1
+            row["rotation_in_layer"] = row["rotating_layer_ms"] / row["layer_ms"] - 1
+            rows.append(row)
+            print(f"{m}×{k}→{n}: LayerNorm → 4 bits {row['layernorm_quantize_ms'] * 1e3:.1f} µs, rotating "
+                  f"{row['layernorm_rotate_quantize_ms'] * 1e3:.1f} µs (+{100 * row['rotation_in_pre_kernel']:.0f}%); "
+                  f"re-quantize +{100 * row['rotation_in_requantize']:.0f}%; W4A4 layer {row['layer_ms'] * 1e3:.1f} "
+                  f"µs, rotating +{100 * row['rotation_in_layer']:.0f}%")
+    name = torch.cuda.get_device_name()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"rotation_gpu_{name.replace(' ', '_')}.json"
+    path.write_text(json.dumps({"device": name, "runs": runs, "dtype": "float16", "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

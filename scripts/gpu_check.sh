@@ -7,7 +7,8 @@
 #
 # quick: install + _C for this GPU's architecture only, then, most informative first, each step
 #        under its own timeout so that a hang costs only that step:
-#          1. kernels: every op test on the GPU (real shapes, the bit-exact ones), autotuning on
+#          1. kernels: every op test on the GPU (real shapes, the bit-exact ones), autotuning on;
+#             rotation: bench_rotation --device cuda (the rotating pre-kernel's cost, target <= 3%)
 #          2. gemm: bench_gemm --quick (ViT-B/16 b64 qkv/fc1/fc2, LLaMA-8B decode M = 1, 16) vs
 #             cuBLAS fp16/bf16 and torch._int_mm
 #          3. e2e: ViT-B/16 b64 W8A8 with and without QLA + QwT vs fp16 eager and torch.compile;
@@ -71,7 +72,9 @@ if [[ $what == quick ]]; then
     : > "$logs/launches.jsonl"
     step kernels 200 "$python" -m pytest -q -x --durations=15 -p no:cacheprovider \
         tests/ops/test_triton.py tests/ops/test_cuda.py tests/ops/test_dwsep.py tests/ops/test_kernel_launch.py \
-        tests/ops/test_conv.py tests/ops/test_attention.py tests/ops/test_log2_attention.py
+        tests/ops/test_conv.py tests/ops/test_attention.py tests/ops/test_log2_attention.py \
+        tests/ops/test_rotated_quantization.py
+    step rotation 90 "$python" benchmarks/bench_rotation.py --device cuda --runs 11 --out "$logs"
     step gemm 90 "$python" benchmarks/bench_gemm.py --quick --out "$logs"
     step e2e 150 env QLA_LAUNCH_LOG="$logs/launches.jsonl" "$python" benchmarks/bench_e2e.py --models vit_b16 \
         --batches 64 --variants fp16_eager,fp16_compile,w8a8,w8a8_qla_qwt --decode-batches 1 --llama-layers 2 \

@@ -105,7 +105,8 @@ def main(argv: List[str]) -> int:
                 step["launches"] = {"logged": int(match.group(1)), "outside_table": int(match.group(2))}
     gemm = newest(logs, "gemm_*.json")
     e2e = newest(logs, "e2e_*.json")
-    results["gemm"], results["e2e"] = gemm, e2e
+    rotation = newest(logs, "rotation_gpu_*.json")
+    results["gemm"], results["e2e"], results["rotation"] = gemm, e2e, rotation
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
 
     lines = [f"# gpu_check quick: {results['device']}", "",
@@ -127,6 +128,12 @@ def main(argv: List[str]) -> int:
         lines += ["", f"## GEMM ({gemm.get('device', '')})", *gemm_table(gemm)]
     if e2e:
         lines += ["", f"## End to end ({e2e.get('device', '')})", *e2e_lines(e2e)]
+    if rotation:
+        lines += ["", f"## Rotation ({rotation.get('device', '')}, fp16; target <= 3% of the pre-kernel)",
+                  "| rows × K → N | in the pre-kernel | in re-quantization | in the W4A4 layer |", "|---|---|---|---|"]
+        lines += [f"| {row['m']} × {row['k']} → {row['n']} | {100 * row['rotation_in_pre_kernel']:+.0f}% | "
+                  f"{100 * row['rotation_in_requantize']:+.0f}% | {100 * row['rotation_in_layer']:+.0f}% |"
+                  for row in rotation["rows"]]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return 0 if steps and all(step["status"] == "ok" for step in steps) else 1
 

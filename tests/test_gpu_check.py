@@ -23,7 +23,7 @@ def test_quick_check_runs_every_step_and_writes_three_files(tmp_path):
     assert sorted(path.name for path in out.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
     results = json.loads((out / "results.json").read_text())
     steps = {step["name"]: step for step in results["steps"]}
-    assert list(steps) == ["backends", "kernels", "gemm", "e2e", "launches"]
+    assert list(steps) == ["backends", "kernels", "rotation", "gemm", "e2e", "launches"]
     assert steps["backends"]["status"] == "ok"
     assert steps["gemm"]["status"] in ("failed", "timeout")  # bench_gemm needs CUDA
     assert all(step["limit"] == 8 and step["seconds"] <= step["limit"] + 12 for step in steps.values())

@@ -30,6 +30,12 @@ TRITON = qk.backends()["triton"].available
 # stage; on Triton 192, 320, 384, 1536 and 3072 run the rotating pre-kernel, the rest the reference).
 SIZES = (2, 64, 96, 80, 384, 56, 1536, 192, 320, 3072)
 BACKENDS = ["reference"] + (["cpu"] if CPU_PATHS else []) + (["triton"] if TRITON else [])
+# The Triton kernels run compiled on a GPU, in the interpreter on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def _rotating_launches(launches):
@@ -79,6 +85,9 @@ def test_codes_are_those_of_the_rotated_rows(k, rows, bits, static, zero, norm, 
         if norm == "layernorm":
             arguments["norm_bias"] = torch.randn(k, generator=generator) * 0.1
     down = torch.randn(k, rank, generator=generator) if rank else None
+    device = _device(backend)
+    x, down = x.to(device), None if down is None else down.to(device)
+    arguments = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in arguments.items()}
     with _on(backend, path) as launches:
         q, scale, t = ops.quantize_activation(x, bits, down_proj=down, down_from_input=from_input, rotate=True,
                                               **arguments)
@@ -138,13 +147,13 @@ def test_triton_codes_within_one_step_of_the_reference(k, rows, bits, static, ze
     """The rotating pre-kernel's rotation (tensor-core dots of ±1 factors) differs from the
     reference's tensordots in fp32 order only: scales within a few ulps, codes within a step, T and
     the normalized rows as the unrotated pre-kernel forms them."""
-    x = _inputs(rows, k, seed, outliers)
-    arguments = _quantize_cases(static, bits, zero)
+    x = _inputs(rows, k, seed, outliers).to(TRITON_DEVICE)
+    arguments = {key: value.to(TRITON_DEVICE) for key, value in _quantize_cases(static, bits, zero).items()}
     generator = torch.Generator().manual_seed(seed + 1)
     norm_arguments = {}
     if norm != "none":
-        norm_arguments = dict(norm_kind=norm, norm_weight=torch.rand(k, generator=generator) + 0.5)
-    down = torch.randn(k, rank, generator=generator) if rank else None
+        norm_arguments = dict(norm_kind=norm, norm_weight=(torch.rand(k, generator=generator) + 0.5).to(TRITON_DEVICE))
+    down = torch.randn(k, rank, generator=generator).to(TRITON_DEVICE) if rank else None
     results = {}
     for backend in ("triton", "reference"):
         with _on(backend) as launches:
@@ -169,7 +178,7 @@ def test_triton_rotates_each_width_it_holds_and_leaves_the_rest_to_the_reference
     from qla_kernels.ops.triton.launch import rotation_of
 
     for k in (128, 192, 256, 768, 1536, 2048, 4096, 5120, 14336):
-        x = _inputs(3, k, k, True)
+        x = _inputs(3, k, k, True).to(TRITON_DEVICE)
         with _on("triton") as launches:
             rotated = ops.hadamard_rotate(x)
         expected = rotate(x)
@@ -187,9 +196,10 @@ def test_triton_rotates_each_width_it_holds_and_leaves_the_rest_to_the_reference
 def test_requant_rotate_quantizes_the_rotated_output(backend, activation, n, m):
     """fused_linear(..., requant_bits, requant_rotate=True) == quantizing the rotated fp32 output
     of the same GEMM (the epilogue's values, then the rotation, then the quantizer)."""
-    weight = random_weight("int8", n, 64)
-    a, a_scale = random_int8(m, 64)
-    t, u = torch.randn(m, 16), torch.randn(n, 16) * 0.1
+    device = _device(backend)
+    weight = random_weight("int8", n, 64).to(device)
+    a, a_scale = (tensor.to(device) for tensor in random_int8(m, 64))
+    t, u = torch.randn(m, 16, device=device), torch.randn(n, 16, device=device) * 0.1
     segments = dict(lowrank_t=t, lowrank_u=u, activation=activation)
     with qk.use_backend(backend):
         q, scale = ops.fused_linear(a, a_scale, weight, requant_bits=4, requant_rotate=True, **segments)
@@ -215,20 +225,21 @@ def test_the_same_bits_at_any_thread_count(path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_rotation_arguments_are_value_errors(backend):
-    x = torch.randn(3, 100)
-    weight = random_weight("int8", 100, 64)
-    a, a_scale = random_int8(3, 64)
+    device = _device(backend)
+    x = torch.randn(3, 100, device=device)
+    weight = random_weight("int8", 100, 64).to(device)
+    a, a_scale = (tensor.to(device) for tensor in random_int8(3, 64))
     with qk.use_backend(backend):
         with pytest.raises(ValueError, match="x.shape\\[1\\]=100 has no Hadamard rotation"):
             ops.quantize_activation(x, 8, rotate=True)
         with pytest.raises(ValueError, match="has no Hadamard rotation"):
             ops.normalize_quantize_activation(x, 8, "rmsnorm", rotate=True)
         with pytest.raises(ValueError, match="rotate must be a bool"):
-            ops.quantize_activation(torch.randn(3, 64), 8, rotate="hadamard")
+            ops.quantize_activation(torch.randn(3, 64, device=device), 8, rotate="hadamard")
         with pytest.raises(ValueError, match="the output's width=100 has no Hadamard rotation"):
             ops.fused_linear(a, a_scale, weight, requant_bits=8, requant_rotate=True)
         with pytest.raises(ValueError, match="requant_rotate .* needs requant_bits"):
-            ops.fused_linear(a, a_scale, random_weight("int8", 64, 64), requant_rotate=True)
+            ops.fused_linear(a, a_scale, random_weight("int8", 64, 64).to(device), requant_rotate=True)
 
 
 def test_opcheck():

@@ -104,8 +104,9 @@ def test_rotating_pre_kernel_compiles_at_real_widths(tmp_path):
     ops.fused_linear(q, scale, weight("int4", 3072, 768), activation="gelu", requant_bits=4, requant_rotate=True)
     """, tmp_path)
     assert sum(row["kernel"] == "rotate_quantize_kernel" for row in rows) >= 2 * 4 * 3
-    for row in rows:
-        assert row["fma"] == 0 and not row["problems"], (row["kernel"], row["meta"], row["problems"])
+    for row in rows:  # (fc1's GELU epilogue holds erf's fused polynomial: `failures` allows it there)
+        assert not row["problems"], (row["kernel"], row["meta"], row["problems"])
+        assert row["fma"] == 0 or row["kernel"] == "fused_linear_kernel", (row["kernel"], row["meta"])
 
 
 def test_row_offsets_are_64_bit_where_products_pass_two_to_the_31(tmp_path):

@@ -255,8 +255,11 @@ def _rotation_operands(k: int, device: torch.device) -> Tuple[torch.Tensor, torc
 
 
 # The rotating kernel's warps by its row tile: 512 values a warp, 4 to 8 warps (16 spilled on
-# sm_80, whose ptxas then kept 64 registers a thread; ptxas -v).
+# sm_80, whose ptxas then kept 64 registers a thread; ptxas -v), and 8 with a 64-wide factor,
+# whose generated ±1 matrix takes 32 registers a thread at 4 warps ([16, 64] with a static scale
+# and zero point spilled 4 B there on sm_90).
 _ROTATION_TILE_PER_WARP = 512
+_WIDE_FACTOR = 64
 
 
 def rotate_quantize(x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj,
@@ -295,6 +298,8 @@ def rotate_quantize(x, bits, static_scale, zero_point, norm_kind, norm_weight, n
                        HAS_T=down_proj is not None, NORMED_OUTPUT=normed_out is not None, ROTATED_ROWS=False,
                        BLOCK_M=16, num_warps=t_warps, **flags)
         tile_warps = min(8, max(4, triton.next_power_of_2(c_pad * f0 * f1 * f2 // _ROTATION_TILE_PER_WARP)))
+        if max(f0, f1, f2) >= _WIDE_FACTOR:
+            tile_warps = 8
         run_kernel(rotate_quantize_kernel, (rows,), x.device, arguments, HAS_T=False, NORMED_OUTPUT=False,
                    ROTATED_ROWS=True, BLOCK_M=1, num_warps=tile_warps, **flags)
     return q, scale, t
