@@ -62,12 +62,16 @@ _METADATA_READS = {"size", "dim", "shape", "dtype", "device", "ndim", "numel", "
 
 class _ValueReads(TorchFunctionMode):
     """Counts, per tensor, the torch functions that read its values outside every leaf module's
-    own call (the code between modules: `out += identity`, torch.cat, F.relu)."""
+    own call (the code between modules: `out += identity`, torch.cat, F.relu). Every tensor
+    counted is kept alive while the mode is: a temporary freed between modules would leave its id
+    to a later module output, whose count would then be the temporary's (the fold of that
+    convolution skipped, depending on where CPython reallocates)."""
 
     def __init__(self):
         super().__init__()
         self.depth = 0  # > 0 while a leaf module runs
         self.reads: Dict[int, int] = {}
+        self.read_tensors: List[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,6 +79,8 @@ class _ValueReads(TorchFunctionMode):
         if self.depth == 0 and name not in _METADATA_READS:
             for value in pytree.tree_leaves((args, kwargs)):
                 if isinstance(value, torch.Tensor):
+                    if id(value) not in self.reads:
+                        self.read_tensors.append(value)
                     self.reads[id(value)] = self.reads.get(id(value), 0) + 1
         return func(*args, **kwargs)
 

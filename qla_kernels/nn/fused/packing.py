@@ -47,8 +47,10 @@ class PackedGroups(FusedModule):
         return plans
 
     def _input_quantization(self) -> tuple:
-        """Which tensors (and their in-place versions) quantize the packed layers' input."""
-        return tuple((id(tensor), tensor._version) if tensor is not None else None
+        """Which tensors (and their in-place versions) quantize the packed layers' input. The
+        tensors themselves, compared by identity (`_same_tensors`): an id alone could come back
+        for a replacement once the old tensor is freed."""
+        return tuple((tensor, tensor._version) if tensor is not None else None
                      for names in self._qla_template.packed_groups() for name in names
                      for tensor in (self.get_submodule(name).input_scale, self.get_submodule(name).input_zero_point))
 
@@ -57,7 +59,7 @@ class PackedGroups(FusedModule):
         if self.converted or torch.compiler.is_compiling():
             return ""
         state = self._input_quantization()
-        if state == self._qla_packed_quantization:
+        if _same_tensors(state, self._qla_packed_quantization):
             return ""
         groups = [[self.get_submodule(name) for name in names] for names in self._qla_template.packed_groups()]
         if all(same_input_quantization(group[0], other) for group in groups for other in group[1:]):
@@ -68,6 +70,13 @@ class PackedGroups(FusedModule):
             warnings.warn(f"{type(self).__name__}: the input quantization of its packed layers changed after "
                           "fuse_blocks; it runs module by module until fuse_blocks is called again", stacklevel=4)
         return "the input quantization of its packed layers changed after fuse_blocks"
+
+
+def _same_tensors(state: tuple, recorded: tuple) -> bool:
+    """Whether two `_input_quantization` states hold the same tensors at the same versions."""
+    return len(state) == len(recorded) and all(
+        (now is None and then is None) or (now is not None and then is not None and now[0] is then[0]
+                                           and now[1] == then[1]) for now, then in zip(state, recorded))
 
 
 def _pack_layers(layers: list) -> Tuple:
