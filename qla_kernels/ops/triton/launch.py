@@ -198,6 +198,15 @@ def preop_blocks(target: Target, features: int, rank: int, fp32_down: bool) -> T
     return 16, block_k, block_r, 8 if block_r >= _PREOP_WIDE_T else 4
 
 
+def _preop_outputs(x, rank: int, float_output: bool, t_out) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q: codes, or rows in x.dtype with `float_output`; scale [M]; T [M, rank], or `t_out`)."""
+    rows, k = x.shape
+    q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
+    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
+    return q, scale, t
+
+
 def quantize_activation(
     x, bits, static_scale, zero_point, norm_kind, norm_weight, norm_bias, norm_eps, down_proj, t_out=None,
     float_output=False, down_from_input=False, normed_out=None, rotate=False,
@@ -212,9 +221,7 @@ def quantize_activation(
                                down_proj, t_out, down_from_input, normed_out)
     rows, k = x.shape
     rank = 0 if down_proj is None else down_proj.shape[1]
-    q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
-    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
+    q, scale, t = _preop_outputs(x, rank, float_output, t_out)
     if rows and k:
         qmin, qmax = qrange(bits)
         block_m, block_k, block_r, warps = preop_blocks(target_of(x.device), k, rank,
@@ -268,9 +275,7 @@ def rotate_quantize(x, bits, static_scale, zero_point, norm_kind, norm_weight, n
     norm(x)·R, T and `normed_out` of the unrotated values; `float_output`: norm(x)·R in x.dtype."""
     rows, k = x.shape
     rank = 0 if down_proj is None else down_proj.shape[1]
-    q = torch.empty((rows, k), dtype=x.dtype if float_output else torch.int8, device=x.device)
-    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    t = torch.empty((rows, rank), dtype=x.dtype, device=x.device) if t_out is None else t_out
+    q, scale, t = _preop_outputs(x, rank, float_output, t_out)
     if rows and k:
         _, c_pad, (f0, f1, f2) = rotation_of(k)
         signs, mixing = _rotation_operands(k, x.device)

@@ -105,6 +105,26 @@ def quantized_codes(v, scale, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_
     return codes.to(tl.int8)
 
 
+@triton.jit
+def normed_and_t_step(t, x, v, mask, offs_m, offs_k, mask_k, normed_ptr, stride_qm, down_ptr, stride_dk, offs_r, R,
+                      NORMED_OUTPUT: tl.constexpr, HAS_T: tl.constexpr, T_FP32: tl.constexpr,
+                      T_FROM_INPUT: tl.constexpr):
+    """One K chunk's normalized rows v stored (NORMED_OUTPUT: [M, K] with q's row stride) and its
+    step of T; returns T."""
+    if NORMED_OUTPUT:
+        tl.store(normed_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(normed_ptr.dtype.element_ty),
+                 mask=mask)
+    if HAS_T:
+        t = t_step(t, x, v, mask, down_ptr, offs_k, mask_k, stride_dk, offs_r, R, T_FP32, T_FROM_INPUT)
+    return t
+
+
+@triton.jit
+def store_t(t_ptr, t, offs_m, mask_m, stride_tm, offs_r, R):
+    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t.to(t_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+
 @triton.jit(do_not_specialize=["R"])  # T's rank: a correction's calibrated rank compiles no new kernel
 def quantize_activation_kernel(
     x_ptr, q_ptr, scale_ptr, static_scale_ptr, zero_ptr, norm_w_ptr, norm_b_ptr, down_ptr, t_ptr, normed_ptr,
@@ -149,11 +169,7 @@ def quantize_activation_kernel(
         else:
             codes = quantized_codes(v, scale[:, None], zero, QMIN, QMAX, HAS_ZERO, CENTER)
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], codes, mask=mask)
-            if NORMED_OUTPUT:
-                tl.store(normed_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                         v.to(normed_ptr.dtype.element_ty), mask=mask)
-        if HAS_T:
-            t = t_step(t, x, v, mask, down_ptr, offs_k, mask_k, stride_dk, offs_r, R, T_FP32, T_FROM_INPUT)
+        t = normed_and_t_step(t, x, v, mask, offs_m, offs_k, mask_k, normed_ptr, stride_qm, down_ptr, stride_dk,
+                              offs_r, R, NORMED_OUTPUT and not FLOAT_OUTPUT, HAS_T, T_FP32, T_FROM_INPUT)
     if HAS_T:
-        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t.to(t_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & (offs_r[None, :] < R))
+        store_t(t_ptr, t, offs_m, mask_m, stride_tm, offs_r, R)

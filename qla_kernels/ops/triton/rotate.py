@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .fused_linear import abs_bits, absmax_step
-from .quantize import load_chunk, norm_statistics, normalized, quantized_codes, t_step
+from .quantize import load_chunk, norm_statistics, normalized, normed_and_t_step, quantized_codes, store_t
 
 # A dot's dimensions are at least 16 (the tensor cores' K); its ±1 Sylvester factor is generated
 # in registers, so at most 64 wide (a 128-wide one alone took 128 registers a thread at 4 warps
@@ -150,14 +150,10 @@ def rotate_quantize_kernel(
             x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
             v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM,
                            HAS_NORM_WEIGHT, HAS_NORM_BIAS)
-            if NORMED_OUTPUT:
-                tl.store(normed_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                         v.to(normed_ptr.dtype.element_ty), mask=mask)
-            if HAS_T:
-                t = t_step(t, x, v, mask, down_ptr, offs_k, mask_k, stride_dk, offs_r, R, T_FP32, T_FROM_INPUT)
+            t = normed_and_t_step(t, x, v, mask, offs_m, offs_k, mask_k, normed_ptr, stride_qm, down_ptr, stride_dk,
+                                  offs_r, R, NORMED_OUTPUT, HAS_T, T_FP32, T_FROM_INPUT)
         if HAS_T:
-            tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t.to(t_ptr.dtype.element_ty),
-                     mask=mask_m[:, None] & (offs_r[None, :] < R))
+            store_t(t_ptr, t, offs_m, mask_m, stride_tm, offs_r, R)
 
     if ROTATED_ROWS:  # one row: the tile, column k = i·P' + p at [i, p], i < MIXING
         tl.static_assert(BLOCK_M == 1)
