@@ -171,6 +171,24 @@ def test_triton_codes_within_one_step_of_the_reference(k, rows, bits, static, ze
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_row_quantizes_to_zero_codes(backend):
+    """A NaN spreads over its rotated row (scale NaN); one infinity makes every rotated value
+    infinite (scale inf; on Triton NaN, the ∞ − ∞ of `_signed_dot`'s split, which the GEMM's
+    0 · scale turns into the same NaN row); both rows' codes are 0, the finite row unaffected."""
+    x = _inputs(3, 384, 0, False)
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    with _on("reference"):
+        q_reference, scale_reference, _ = ops.quantize_activation(x, 4, rotate=True)
+    with _on(backend, CPU_PATHS[0] if backend == "cpu" else "none"):
+        q, scale, _ = ops.quantize_activation(x.to(_device(backend)), 4, rotate=True)
+    q, scale = q.cpu(), scale.cpu()
+    assert not q_reference[1:].any() and not q[1:].any()
+    assert int((q[0].int() - q_reference[0].int()).abs().max()) <= (1 if backend == "triton" else 0)
+    assert bool(scale[1].isnan()) and bool(scale_reference[1].isnan()) and float(scale_reference[2]) == float("inf")
+    assert bool(scale[2].isnan()) if backend == "triton" else float(scale[2]) == float("inf")
+
+
 @pytest.mark.skipif(not TRITON, reason=str(qk.backends()["triton"]))
 def test_triton_rotates_each_width_it_holds_and_leaves_the_rest_to_the_reference():
     """hadamard_rotate on Triton: the kernel where `rotation_of` gives a tile (within fp32 order of
