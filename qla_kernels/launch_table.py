@@ -10,8 +10,8 @@ as repeated modules: ViT-B/16, DeiT-S, Swin-T with two blocks per stage, BERT-ba
 GPT-2, CLIP ViT-B/16, Gemma-2B) and converted as a user converts it: `quantize_` with W8A8, W4A8
 (per channel and g128), W4A4 or W4A16 (g128), and on ViT-B/16, BERT-base and LLaMA-3-8B W4A8
 and W4A4 with online Hadamard rotation (the rotating pre-kernel); activation scales dynamic,
-static per tensor, or static with a zero point; no corrections, QLA adapters (rank 8) with a QwT compensation of rank
-128 or 24 lowered into the GEMMs, QwT alone at rank 48 or at full rank; then `fuse_blocks`, and a
+static per tensor, or static with a zero point; no corrections, QLA adapters (rank 8) with a
+QwT compensation of rank 128 or 24 lowered into the GEMMs, QwT alone at rank 48 or at full rank; then `fuse_blocks`, and a
 cast to fp16, bf16 or fp32 (fp32: tf32x3 dots, fp32 T). The CNNs (ResNet-50 at batch 64, 224²;
 DETR-R50's backbone at 800×1066, two blocks per stage) quantize their convolutions
 (`quantize_convs_`; ResNet-50's classifier with `quantize_`) with W8A8, W4A8 or W4A4 at each scale kind, without corrections or with QwT's
@@ -656,7 +656,8 @@ def _add_to_table(models, configs, chosen, skipped, work, total, planned_seconds
     table["classes"] = sorted(set(table["classes"]) | {launch_class(launch) for _, launch in work})
     table.setdefault("additions", []).append({
         "date": datetime.date.today().isoformat(), "triton": triton.__version__, "models": list(models),
-        **({"configs": sorted(configs)} if configs else {}), "conversions": len(chosen), "refused_conversions": skipped, "launches": total,
+        **({"configs": sorted(configs)} if configs else {}), "conversions": len(chosen),
+        "refused_conversions": skipped, "launches": total,
         "plan_seconds": round(planned_seconds), "compile_seconds": round(compile_seconds),
         "compiled_now": sum(not row["cached"] for row in rows), "per_kernel": _per_kernel(rows)})
     TABLE_FILE.write_text(json.dumps(table, indent=1) + "\n")

@@ -130,7 +130,8 @@ def main(argv: List[str]) -> int:
         lines += ["", f"## End to end ({e2e.get('device', '')})", *e2e_lines(e2e)]
     if rotation:
         lines += ["", f"## Rotation ({rotation.get('device', '')}, fp16; target <= 3% of the pre-kernel)",
-                  "| rows × K → N | in the pre-kernel | in re-quantization | in the W4A4 layer |", "|---|---|---|---|"]
+                  "| rows × K → N | in the pre-kernel | in re-quantization | in the W4A4 layer |",
+                  "|---|---|---|---|"]
         lines += [f"| {row['m']} × {row['k']} → {row['n']} | {100 * row['rotation_in_pre_kernel']:+.0f}% | "
                   f"{100 * row['rotation_in_requantize']:+.0f}% | {100 * row['rotation_in_layer']:+.0f}% |"
                   for row in rotation["rows"]]

@@ -87,7 +87,8 @@ def test_codes_are_those_of_the_rotated_rows(k, rows, bits, static, zero, norm, 
     down = torch.randn(k, rank, generator=generator) if rank else None
     device = _device(backend)
     x, down = x.to(device), None if down is None else down.to(device)
-    arguments = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in arguments.items()}
+    arguments = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                 for key, value in arguments.items()}
     with _on(backend, path) as launches:
         q, scale, t = ops.quantize_activation(x, bits, down_proj=down, down_from_input=from_input, rotate=True,
                                               **arguments)

@@ -34,7 +34,7 @@ def load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def normalized(x, mean, rstd, w_ptr, b_ptr, offs_k, mask_k, NORM: tl.constexpr,
-                HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+               HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
     """x normalized with its rows' statistics (mean, rstd broadcast against x) and the norm's
     weight and bias at columns offs_k (a row of them broadcast, or x's own shape)."""
     if NORM == 1:
@@ -74,6 +74,18 @@ def norm_statistics(x_ptr, offs_m, mask_m, stride_xm, K, eps, NORM: tl.constexpr
             squares += tl.sum(x * x, axis=1)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
     return mean, rstd
+
+
+@triton.jit
+def load_normalized_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, mean, rstd, norm_w_ptr, norm_b_ptr,
+                          NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """`load_chunk`'s (x, offs_k, mask_k, mask) and v, the chunk normalized with the rows'
+    `norm_statistics`."""
+    x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
+    v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT,
+                   HAS_NORM_BIAS)
+    return x, v, offs_k, mask_k, mask
 
 
 @triton.jit
@@ -147,9 +159,9 @@ def quantize_activation_kernel(
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-            v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT,
-                           HAS_NORM_BIAS)
+            x, v, offs_k, mask_k, mask = load_normalized_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, mean, rstd,
+                                                              norm_w_ptr, norm_b_ptr, NORM, HAS_NORM_WEIGHT,
+                                                              HAS_NORM_BIAS, BLOCK_K)
             absmax = tl.maximum(absmax, tl.max(tl.where(mask, abs_bits(v), 0), axis=1))
         scale = absmax_step(absmax.to(tl.float32, bitcast=True), QMAX)
     if not FLOAT_OUTPUT:
@@ -161,9 +173,9 @@ def quantize_activation_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-        v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM, HAS_NORM_WEIGHT,
-                           HAS_NORM_BIAS)
+        x, v, offs_k, mask_k, mask = load_normalized_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, mean, rstd,
+                                                          norm_w_ptr, norm_b_ptr, NORM, HAS_NORM_WEIGHT,
+                                                          HAS_NORM_BIAS, BLOCK_K)
         if FLOAT_OUTPUT:
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
         else:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .fused_linear import abs_bits, absmax_step
-from .quantize import load_chunk, norm_statistics, normalized, normed_and_t_step, quantized_codes, store_t
+from .quantize import load_normalized_chunk, norm_statistics, normalized, normed_and_t_step, quantized_codes, store_t
 
 # A dot's dimensions are at least 16 (the tensor cores' K); its ±1 Sylvester factor is generated
 # in registers, so at most 64 wide (a 128-wide one alone took 128 registers a thread at 4 warps
@@ -61,11 +61,11 @@ def rotation_tile(k: int, paley_order: int) -> Optional[Tuple[int, int, Tuple[in
     if paley_order > 1 and bits == 7:
         mixing, bits = 2 * paley_order, 6
     # The fewest factors of at most 32 (64 only where no such split exists: 64, 128 = 2·64, 2048)
-    splits = [(n, widest) for widest in (high - 1, high) for n in (1, 2, 3)
-              if low * n <= bits <= widest * n and (mixing > 1 or n > 1)]
-    if not splits:
+    parts = next((n for widest in (high - 1, high) for n in (1, 2, 3)
+                  if low * n <= bits <= widest * n and (mixing > 1 or n > 1)), None)
+    if parts is None:
         return None
-    factors = tuple(1 << part for part in _split_bits(bits, splits[0][0]))
+    factors = tuple(1 << part for part in _split_bits(bits, parts))
     c_pad = triton.next_power_of_2(mixing) if mixing > 1 else 1
     rows_per_dot = c_pad * (1 << bits) // max(factors)
     too_large = c_pad > _MAX_MIXING or c_pad * (1 << bits) > (_MAX_TILE if c_pad > 1 else _MAX_TILE_UNMIXED)
@@ -147,9 +147,9 @@ def rotate_quantize_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x, offs_k, mask_k, mask = load_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, BLOCK_K)
-            v = normalized(x, mean[:, None], rstd[:, None], norm_w_ptr, norm_b_ptr, offs_k, mask_k, NORM,
-                           HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+            x, v, offs_k, mask_k, mask = load_normalized_chunk(x_ptr, offs_m, mask_m, stride_xm, k0, K, mean, rstd,
+                                                              norm_w_ptr, norm_b_ptr, NORM, HAS_NORM_WEIGHT,
+                                                              HAS_NORM_BIAS, BLOCK_K)
             t = normed_and_t_step(t, x, v, mask, offs_m, offs_k, mask_k, normed_ptr, stride_qm, down_ptr, stride_dk,
                                   offs_r, R, NORMED_OUTPUT, HAS_T, T_FP32, T_FROM_INPUT)
         if HAS_T:
