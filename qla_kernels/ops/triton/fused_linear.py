@@ -105,6 +105,130 @@ def add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc
     return y
 
 
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles share each weight
+    column-tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+
+
+@triton.jit
+def integer_weight_tile(w_ptr, w_row_offsets, offs_n, mask_n, k0, offs_k, mask_k, K, w_group_ptr, stride_gn, GROUP_K,
+                        WEIGHT_FORMAT: tl.constexpr, GROUP_SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 [BLOCK_K, BLOCK_N] weights of columns k0 + offs_k (int8, or int4 unpacked in registers
+    and, for QServe groups, multiplied back to int8 by the integer group scale)."""
+    if WEIGHT_FORMAT == 0:
+        w = tl.load(w_ptr + w_row_offsets[None, :] + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0)
+    else:
+        offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + w_row_offsets[:, None] + offs_kp[None, :],
+                         mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
+        w = _unpack_int4_tile(packed)
+        if WEIGHT_FORMAT == 2:
+            # |q4 · g| <= 7 · 17 = 119: the product is an exact int8.
+            if GROUP_SCALE_PER_TILE:
+                g = tl.load(w_group_ptr + offs_n * stride_gn + k0 // GROUP_K, mask=mask_n, other=0)
+                w = (w.to(tl.int16) * g.to(tl.int16)[None, :]).to(tl.int8)
+            else:
+                g = tl.load(w_group_ptr + offs_n[None, :] * stride_gn + offs_k[:, None] // GROUP_K,
+                            mask=mask_n[None, :] & mask_k[:, None], other=0)
+                w = (w.to(tl.int16) * g.to(tl.int16)).to(tl.int8)
+    return w
+
+
+@triton.jit
+def dequantized(acc, a_rows, a_valid, offs_n, mask_n, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_colsum_ptr,
+                A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO_PER_ROW: tl.constexpr):
+    """(acc − z·colsum(W)) · s_x · s_w in fp32, the rows' scales (and zero points) read at a_rows."""
+    if HAS_ZERO:
+        colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
+        if ZERO_PER_ROW:
+            zero = tl.load(a_zero_ptr + a_rows, mask=a_valid, other=0).to(tl.int32)
+            acc = acc - zero[:, None] * colsum[None, :]
+        else:
+            acc = acc - tl.load(a_zero_ptr).to(tl.int32) * colsum[None, :]
+    if A_SCALE_PER_ROW:
+        s_x = tl.load(a_scale_ptr + a_rows, mask=a_valid, other=0.0)
+    else:
+        s_x = tl.where(a_valid, tl.load(a_scale_ptr), 0.0)
+    s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * s_x[:, None] * s_w[None, :]
+    return y
+
+
+@triton.jit
+def finish_tile(y, rows, row_valid, pid_n, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr,
+                row_absmax_ptr, N, R, KC, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
+                HAS_LOWRANK: tl.constexpr, HAS_FULLRANK: tl.constexpr, LOWRANK_FP32: tl.constexpr,
+                FULLRANK_FP32: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, REQUANT: tl.constexpr, RESIDUAL_FIRST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The epilogue after dequantization, on the fp32 tile y of output rows `rows` (int64): the
+    correction segments, bias, activation, residual and the store (or REQUANT's fp32 store and
+    per-row absmax)."""
+    if not RESIDUAL_FIRST:
+        y = add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm,
+                            stride_un, stride_xm, stride_wcn, HAS_LOWRANK, HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32,
+                            BLOCK_R)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    if RESIDUAL_FIRST:  # act(y + bias + residual) + corrections; never with a gated activation (host-checked)
+        y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_n[None, :],
+                        mask=row_valid[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    if ACTIVATION == 1:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    elif ACTIVATION == 3:
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == 4:  # x·σ(1.702x) as x / (1 + 2^(−1.702·log2(e)·x)): tl.sigmoid spills on sm_80
+        y = y / (1.0 + tl.exp2(-2.4554669595930156 * y))
+    elif ACTIVATION == 8:  # relu6, NaN propagated as torch's clamp does
+        y = tl.where(y != y, y, tl.minimum(tl.maximum(y, 0.0), 6.0))
+    elif ACTIVATION == 9:  # silu as x / (1 + 2^(−log2(e)·x)), as quick_gelu
+        y = y / (1.0 + tl.exp2(-1.4426950408889634 * y))
+    if RESIDUAL_FIRST:  # after the activation, into the same accumulator (no second tile of registers)
+        y = add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm,
+                            stride_un, stride_xm, stride_wcn, HAS_LOWRANK, HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32,
+                            BLOCK_R)
+
+    if ACTIVATION >= 5 and ACTIVATION <= 7:
+        gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+        if ACTIVATION == 5:
+            gate = gate * tl.sigmoid(gate)
+        elif ACTIVATION == 6:
+            gate = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        else:
+            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            gate = 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+        y = gate * up
+        offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        n_out = N // 2
+    else:
+        offs_out = offs_n
+        n_out = N
+    mask_out = row_valid[:, None] & (offs_out[None, :] < n_out)
+    if HAS_RESIDUAL and not RESIDUAL_FIRST:
+        y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_out[None, :], mask=mask_out,
+                        other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_out[None, :]
+    if REQUANT:
+        tl.store(out_ptrs, y, mask=mask_out)
+        tile_absmax = tl.max(tl.where(mask_out, abs_bits(y), 0), axis=1)
+        tl.atomic_max(row_absmax_ptr + rows, tile_absmax, mask=row_valid)
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
 # The split count and the ranks of the low-rank / full-rank segments are runtime sizes, never
 # specialized: a new split count or a correction's calibrated rank must not compile new kernels.
 @triton.jit(do_not_specialize=["SPLITS", "R", "KC"])
@@ -125,15 +249,7 @@ def fused_linear_kernel(
     # Row indices and offsets are int64 wherever a product can pass 2**31: an LM head's output at
     # prefill (M·N), a large weight (N·K), the split-K partial sums (SPLITS·M·N). Row maps index
     # rows of `a` (A_ROWS of them) and of the output (OUT_ROWS); entries outside are padding.
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if ACTIVATION >= 5 and ACTIVATION <= 7:
@@ -206,39 +322,13 @@ def fused_linear_kernel(
             mask_k = offs_k < K
             a = tl.load(a_ptr + a_row_offsets[:, None] + offs_k[None, :],
                         mask=a_valid[:, None] & mask_k[None, :], other=0)
-            if WEIGHT_FORMAT == 0:
-                w = tl.load(w_ptr + w_row_offsets[None, :] + offs_k[:, None],
-                            mask=mask_n[None, :] & mask_k[:, None], other=0)
-            else:
-                offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_ptr + w_row_offsets[:, None] + offs_kp[None, :],
-                                 mask=mask_n[:, None] & (offs_kp[None, :] < K // 2), other=0)
-                w = _unpack_int4_tile(packed)
-                if WEIGHT_FORMAT == 2:
-                    # |q4 · g| <= 7 · 17 = 119: the product is an exact int8.
-                    if GROUP_SCALE_PER_TILE:
-                        g = tl.load(w_group_ptr + offs_n * stride_gn + k0 // GROUP_K, mask=mask_n, other=0)
-                        w = (w.to(tl.int16) * g.to(tl.int16)[None, :]).to(tl.int8)
-                    else:
-                        g = tl.load(w_group_ptr + offs_n[None, :] * stride_gn + offs_k[:, None] // GROUP_K,
-                                    mask=mask_n[None, :] & mask_k[:, None], other=0)
-                        w = (w.to(tl.int16) * g.to(tl.int16)).to(tl.int8)
+            w = integer_weight_tile(w_ptr, w_row_offsets, offs_n, mask_n, k0, offs_k, mask_k, K, w_group_ptr, stride_gn,
+                                    GROUP_K, WEIGHT_FORMAT, GROUP_SCALE_PER_TILE, BLOCK_K)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
 
         # ------------------------------------------------------------ dequant epilogue
-        if HAS_ZERO:
-            colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
-            if ZERO_PER_ROW:
-                zero = tl.load(a_zero_ptr + a_rows, mask=a_valid, other=0).to(tl.int32)
-                acc = acc - zero[:, None] * colsum[None, :]
-            else:
-                acc = acc - tl.load(a_zero_ptr).to(tl.int32) * colsum[None, :]
-        if A_SCALE_PER_ROW:
-            s_x = tl.load(a_scale_ptr + a_rows, mask=a_valid, other=0.0)
-        else:
-            s_x = tl.where(a_valid, tl.load(a_scale_ptr), 0.0)
-        s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-        y = acc.to(tl.float32) * s_x[:, None] * s_w[None, :]
+        y = dequantized(acc, a_rows, a_valid, offs_n, mask_n, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_colsum_ptr,
+                        A_SCALE_PER_ROW, HAS_ZERO, ZERO_PER_ROW)
 
     if SCATTER:
         rows = tl.load(scatter_ptr + offs_m, mask=mask_m, other=-1)
@@ -248,61 +338,10 @@ def fused_linear_kernel(
         row_valid = mask_m
     rows = tl.where(row_valid, rows, 0).to(tl.int64)
 
-    if not RESIDUAL_FIRST:
-        y = add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm,
-                            stride_un, stride_xm, stride_wcn, HAS_LOWRANK, HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32,
-                            BLOCK_R)
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
-    if RESIDUAL_FIRST:  # act(y + bias + residual) + corrections; never with a gated activation (host-checked)
-        y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_n[None, :],
-                        mask=row_valid[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    if ACTIVATION == 1:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACTIVATION == 2:
-        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    elif ACTIVATION == 3:
-        y = tl.maximum(y, 0.0)
-    elif ACTIVATION == 4:  # x·σ(1.702x) as x / (1 + 2^(−1.702·log2(e)·x)): tl.sigmoid spills on sm_80
-        y = y / (1.0 + tl.exp2(-2.4554669595930156 * y))
-    elif ACTIVATION == 8:  # relu6, NaN propagated as torch's clamp does
-        y = tl.where(y != y, y, tl.minimum(tl.maximum(y, 0.0), 6.0))
-    elif ACTIVATION == 9:  # silu as x / (1 + 2^(−log2(e)·x)), as quick_gelu
-        y = y / (1.0 + tl.exp2(-1.4426950408889634 * y))
-    if RESIDUAL_FIRST:  # after the activation, into the same accumulator (no second tile of registers)
-        y = add_corrections(y, rows, row_valid, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, R, KC, stride_tm,
-                            stride_un, stride_xm, stride_wcn, HAS_LOWRANK, HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32,
-                            BLOCK_R)
-
-    if ACTIVATION >= 5 and ACTIVATION <= 7:
-        gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
-        if ACTIVATION == 5:
-            gate = gate * tl.sigmoid(gate)
-        elif ACTIVATION == 6:
-            gate = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-        else:
-            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            gate = 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-        y = gate * up
-        offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        n_out = N // 2
-    else:
-        offs_out = offs_n
-        n_out = N
-    mask_out = row_valid[:, None] & (offs_out[None, :] < n_out)
-    if HAS_RESIDUAL and not RESIDUAL_FIRST:
-        y = y + tl.load(residual_ptr + rows[:, None] * stride_rm + offs_out[None, :], mask=mask_out,
-                        other=0.0).to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_out[None, :]
-    if REQUANT:
-        tl.store(out_ptrs, y, mask=mask_out)
-        tile_absmax = tl.max(tl.where(mask_out, abs_bits(y), 0), axis=1)
-        tl.atomic_max(row_absmax_ptr + rows, tile_absmax, mask=row_valid)
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_out)
-
+    finish_tile(y, rows, row_valid, pid_n, offs_n, mask_n, t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr,
+                row_absmax_ptr, N, R, KC, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om, HAS_LOWRANK,
+                HAS_FULLRANK, LOWRANK_FP32, FULLRANK_FP32, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, REQUANT, RESIDUAL_FIRST,
+                BLOCK_M, BLOCK_N, BLOCK_R)
 
 @triton.jit
 def requantize_rows_kernel(
