@@ -37,7 +37,7 @@ from ..quant.primitives import absmax_scale, qrange
 from . import reference, simulate
 from .checks import FLOAT_DTYPES, check_bits, check_choice, check_fused_linear, check_quantize_activation, check_tensor
 from .cpu import with_panels
-from .dispatch import implementation_for, resolve_backend
+from .dispatch import implementation_for, register, resolve_backend
 from .operands import fused_linear_operands, gemm_zero_point
 
 
@@ -115,6 +115,17 @@ def gather_windows(x: torch.Tensor, geometry: ConvGeometry, pad_value=0) -> torc
     windows = padded.as_strided((batch, out_h, out_w, kh, kw, channels),
                                 (n_stride, h_stride * sh, w_stride * sw, h_stride * dh, w_stride * dw, c_stride))
     return windows.reshape(batch * out_h * out_w, kh * kw, channels)
+
+
+def window_scales(x: torch.Tensor, geometry: ConvGeometry, bits: int) -> torch.Tensor:
+    """Dynamic scales of x [N, H, W, C] (any float dtype): one per output pixel [N·Ho·Wo] fp32,
+    the absmax of its whole window, without gathering the windows: each pixel's absmax, then
+    their maximum over the window (max is exact, so these equal the gathered rows' scales; NaN
+    propagates through both). Zero padding leaves every window's max as it is (|x| >= 0)."""
+    absmax = x.float().abs().amax(dim=3).unsqueeze(1)  # [N, 1, H, W]
+    (ph, pw) = geometry.padding
+    window_max = F.max_pool2d(F.pad(absmax, (pw, pw, ph, ph)), geometry.kernel, geometry.stride, 0, geometry.dilation)
+    return absmax_scale(window_max.reshape(-1), bits)
 
 
 def conv_weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -257,23 +268,61 @@ class ConvPlan:
         step = self.out_channels // groups
         return tuple(_group_rows(self.weight, g * step, (g + 1) * step) for g in range(groups))
 
+    def padding_code(self) -> int:
+        """The code gathered windows hold outside the image: the frozen plan's, else read now."""
+        return self.pad_code if self.pad_code is not None else self._pad_code()
+
+    def gemm_weights(self) -> Tuple[QuantizedWeight, ...]:
+        """Each group's weight rows: the frozen plan's, else split now."""
+        return self.group_weights or self._group_parts()
+
     # -- the per-call part ------------------------------------------------------------------
 
-    def quantize_input(self, x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(codes int8 [M, taps, C], scale fp32 [M] or [1]) of x [N, H, W, C] (contiguous)."""
-        bits, geometry = self.act_bits, self.geometry
-        batch, height, width, channels = x.shape
-        if self.input_scale is None:  # one scale per window
-            windows = gather_windows(x, geometry).reshape(-1, geometry.taps * channels)
-            args = (windows, bits, None, None, "none", None, None, 1.0, None, False)
-            codes, scale, _ = implementation_for("quantize_activation", backend, *args).eager(x)(*args)
-            return codes.reshape(-1, geometry.taps, channels), scale
-        pixels = x.reshape(-1, channels)
-        args = (pixels, bits, self.input_scale, self.input_zero_point, "none", None, None, 1.0, None, False)
+    def pixel_codes(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """Static scales: the int8 codes [N, H, W, C] of every pixel of x (contiguous), quantized
+        once on `backend`'s quantizer."""
+        args = (x.reshape(-1, x.shape[3]), self.act_bits, self.input_scale, self.input_zero_point, "none", None, None,
+                1.0, None, False)
         codes, _, _ = implementation_for("quantize_activation", backend, *args).eager(x)(*args)
-        pad_code = self.pad_code if self.pad_code is not None else self._pad_code()
-        codes = gather_windows(codes.reshape(batch, height, width, channels), geometry, pad_code)
-        return codes, self.input_scale
+        return codes.reshape(x.shape)
+
+    def quantize_input(self, x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [M, taps, C], scale fp32 [M] or [1]) of x [N, H, W, C] (contiguous): the
+        windows gathered in memory."""
+        geometry = self.geometry
+        if self.input_scale is None:  # one scale per window
+            windows = gather_windows(x, geometry).reshape(-1, geometry.taps * x.shape[3])
+            args = (windows, self.act_bits, None, None, "none", None, None, 1.0, None, False)
+            codes, scale, _ = implementation_for("quantize_activation", backend, *args).eager(x)(*args)
+            return codes.reshape(-1, geometry.taps, x.shape[3]), scale
+        return gather_windows(self.pixel_codes(x, backend), geometry, self.padding_code()), self.input_scale
+
+    def group_operands(self, group: int, a: torch.Tensor, scale: torch.Tensor, weight: QuantizedWeight,
+                       lowrank_t: Optional[torch.Tensor], fullrank_x: Optional[torch.Tensor],
+                       residual_rows: Optional[torch.Tensor], out_dtype: torch.dtype, requant_bits: int):
+        """Group `group`'s fused-linear operands: its activations `a` (in the layout its kernel
+        reads) and weight rows, and its output channels' slice of every per-channel operand.
+        Several groups' outputs are fp32, concatenated by `joined_groups`."""
+        groups = self.geometry.groups
+        if groups == 1:
+            sliced = lambda tensor, columns=False: tensor  # noqa: E731
+        else:
+            lo, hi = group * self.out_channels // groups, (group + 1) * self.out_channels // groups
+            sliced = lambda tensor, columns=False: (_columns_of if columns else _rows_of)(tensor, lo, hi)  # noqa: E731
+        return fused_linear_operands(
+            a, scale, weight, a_zero_point=gemm_zero_point(self.input_zero_point, self.act_bits), lowrank_t=lowrank_t,
+            lowrank_u=sliced(self.lowrank_u), fullrank_x=fullrank_x, fullrank_w=sliced(self.fullrank_w),
+            bias=sliced(self.bias), activation=self.activation, residual=sliced(residual_rows, True),
+            out_dtype=torch.float32 if groups > 1 else out_dtype, requant_bits=requant_bits if groups == 1 else 0,
+            residual_before_activation=self.residual_before_activation and residual_rows is not None)
+
+    def joined_groups(self, parts, shape: Tuple[int, int, int], out_dtype: torch.dtype, requant_bits: int):
+        """The groups' fp32 outputs [M, O/g] as the convolution's output of `shape` (N, Ho, Wo)."""
+        y = torch.cat(parts, dim=1)
+        if requant_bits:
+            q, q_scale = reference.quantize_output(y, requant_bits)
+            return q.reshape(*shape, -1), q_scale
+        return y.to(out_dtype).reshape(*shape, self.out_channels)
 
     def run(self, x: torch.Tensor, lowrank_t: Optional[torch.Tensor] = None,
             fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
@@ -281,53 +330,16 @@ class ConvPlan:
         """The convolution of x [N, H, W, C] (contiguous, checked by the caller): [N, Ho, Wo, O] in
         `out_dtype` (default x.dtype), or with `requant_bits` the per-pixel re-quantized (q
         [N, Ho, Wo, O] int8, scale [N·Ho·Wo]). T [M, r] / X_c [M, K_c] in the plan's dtype and the
-        residual [N, Ho, Wo, O], M = N·Ho·Wo."""
+        residual [N, Ho, Wo, O], M = N·Ho·Wo. It runs on the selected backend's `conv_gemm`: a
+        kernel that gathers the windows in its K loop where the backend has one for this plan,
+        else `gathered_conv_gemm` (windows gathered in memory, then the backend's fused linear)."""
         backend = resolve_backend(x.device)
         if backend == "simulate":
             raise ValueError("ConvPlan.run is the integer path; under 'simulate' use ops.quantized_conv2d")
-        batch, height, width, _ = x.shape
-        out_h, out_w = self.geometry.output_size(height, width)
-        codes, scale = self.quantize_input(x, backend)
-        rows = codes.shape[0]
-        out_dtype = out_dtype or x.dtype
-        residual_rows = None if residual is None else residual.reshape(rows, self.out_channels)
-        weights = self.group_weights or self._group_parts()
-        zero = gemm_zero_point(self.input_zero_point, self.act_bits)
-        if self.depthwise:
-            y = self._depthwise(codes, scale, zero, weights[0], lowrank_t, fullrank_x, residual_rows)
-        else:
-            groups = self.geometry.groups
-            step_in, step_out = codes.shape[2] // groups, self.out_channels // groups
-            parts = []
-            for g, weight in enumerate(weights):
-                a = codes.reshape(rows, -1) if groups == 1 else codes[:, :, g * step_in:(g + 1) * step_in].reshape(rows, -1)
-                depth = max(weight.in_features, _gemm_depth(a.shape[1], backend))
-                if depth != a.shape[1]:
-                    a = F.pad(a, (0, depth - a.shape[1]))
-                if depth != weight.in_features:  # an unfrozen or CPU-frozen weight on a GPU backend
-                    weight = _padded_weight(weight, depth)
-                lo, hi = g * step_out, (g + 1) * step_out
-                operands = fused_linear_operands(
-                    a, scale, weight, a_zero_point=zero, lowrank_t=lowrank_t,
-                    lowrank_u=_rows_of(self.lowrank_u, lo, hi) if groups > 1 else self.lowrank_u,
-                    fullrank_x=fullrank_x,
-                    fullrank_w=_rows_of(self.fullrank_w, lo, hi) if groups > 1 else self.fullrank_w,
-                    bias=_rows_of(self.bias, lo, hi) if groups > 1 else self.bias, activation=self.activation,
-                    residual=_columns_of(residual_rows, lo, hi) if groups > 1 else residual_rows,
-                    out_dtype=torch.float32 if groups > 1 else out_dtype, requant_bits=requant_bits if groups == 1 else 0,
-                    residual_before_activation=self.residual_before_activation and residual is not None)
-                out, out_scale = implementation_for("fused_linear", backend, operands).eager(x)(operands)
-                if groups == 1:
-                    shape = (batch, out_h, out_w, self.out_channels)
-                    return (out.reshape(shape), out_scale) if requant_bits else out.reshape(shape)
-                parts.append(out)
-            y = torch.cat(parts, dim=1)
-        if requant_bits:
-            q, q_scale = reference.quantize_output(y, requant_bits)
-            return q.reshape(batch, out_h, out_w, -1), q_scale
-        return y.to(out_dtype).reshape(batch, out_h, out_w, self.out_channels)
+        return implementation_for("conv_gemm", backend, x, self).run(
+            x, self, lowrank_t, fullrank_x, residual, out_dtype or x.dtype, requant_bits)
 
-    def _depthwise(self, codes, scale, zero, weight: QuantizedWeight, lowrank_t, fullrank_x, residual):
+    def depthwise_sum(self, codes, scale, zero, weight: QuantizedWeight, lowrank_t, fullrank_x, residual):
         """One input channel per group: acc[m, o] = Σ_tap codes[m, tap, o // multiplier]·W[o, tap]
         in int32 (exact), then the reference's dequantization and epilogue in fp32."""
         integer = weight.integer()  # [O, taps]
@@ -339,6 +351,46 @@ class ConvPlan:
         y = acc.float() * scale.float().reshape(-1, 1) * weight.scale[None, :]
         return reference.epilogue(y, lowrank_t, self.lowrank_u, fullrank_x, self.fullrank_w, self.bias,
                                   self.activation, residual, self.residual_before_activation)
+
+
+def gathered_conv_gemm(x: torch.Tensor, plan: ConvPlan, lowrank_t: Optional[torch.Tensor],
+                       fullrank_x: Optional[torch.Tensor], residual: Optional[torch.Tensor], out_dtype: torch.dtype,
+                       requant_bits: int):
+    """`ConvPlan.run` with the windows gathered in memory (`quantize_input`), then the selected
+    backend's fused linear per group (or the depthwise tap sum): every backend's `conv_gemm`
+    for the plans its kernels do not gather themselves."""
+    backend = resolve_backend(x.device)
+    batch, height, width, _ = x.shape
+    out_h, out_w = plan.geometry.output_size(height, width)
+    codes, scale = plan.quantize_input(x, backend)
+    rows = codes.shape[0]
+    residual_rows = None if residual is None else residual.reshape(rows, plan.out_channels)
+    weights = plan.gemm_weights()
+    if plan.depthwise:
+        zero = gemm_zero_point(plan.input_zero_point, plan.act_bits)
+        y = plan.depthwise_sum(codes, scale, zero, weights[0], lowrank_t, fullrank_x, residual_rows)
+        return plan.joined_groups([y], (batch, out_h, out_w), out_dtype, requant_bits)
+    groups = plan.geometry.groups
+    step_in = codes.shape[2] // groups
+    parts = []
+    for g, weight in enumerate(weights):
+        a = codes.reshape(rows, -1) if groups == 1 else codes[:, :, g * step_in:(g + 1) * step_in].reshape(rows, -1)
+        depth = max(weight.in_features, _gemm_depth(a.shape[1], backend))
+        if depth != a.shape[1]:
+            a = F.pad(a, (0, depth - a.shape[1]))
+        if depth != weight.in_features:  # an unfrozen or CPU-frozen weight on a GPU backend
+            weight = _padded_weight(weight, depth)
+        operands = plan.group_operands(g, a, scale, weight, lowrank_t, fullrank_x, residual_rows, out_dtype,
+                                       requant_bits)
+        out, out_scale = implementation_for("fused_linear", backend, operands).eager(x)(operands)
+        if groups == 1:
+            shape = (batch, out_h, out_w, plan.out_channels)
+            return (out.reshape(shape), out_scale) if requant_bits else out.reshape(shape)
+        parts.append(out)
+    return plan.joined_groups(parts, (batch, out_h, out_w), out_dtype, requant_bits)
+
+
+register("conv_gemm", "reference", gathered_conv_gemm)
 
 
 def check_conv_input(name: str, x, plan: ConvPlan) -> None:
@@ -369,10 +421,7 @@ def simulated_conv2d(x: torch.Tensor, plan: ConvPlan, lowrank_t=None, fullrank_x
         fake = simulate.fake_quantize(nchw, plan.input_scale.float().reshape(()), bits, plan.input_zero_point)
         y = F.conv2d(fake, weight, None, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
     else:
-        absmax = nchw.detach().abs().amax(dim=1, keepdim=True)
-        (ph, pw) = geometry.padding  # |x| >= 0: zero padding leaves every window's max as it is
-        window_max = F.max_pool2d(F.pad(absmax, (pw, pw, ph, ph)), geometry.kernel, geometry.stride, 0, geometry.dilation)
-        scale = absmax_scale(window_max.reshape(batch, 1, out_h * out_w), bits)  # [N, 1, L]
+        scale = window_scales(x.detach(), geometry, bits).reshape(batch, 1, out_h * out_w)  # [N, 1, L]
         windows = F.unfold(nchw, geometry.kernel, geometry.dilation, geometry.padding, geometry.stride)  # [N, C·taps, L]
         lo, hi = qrange(bits)
         fake = simulate.round_ste(windows / scale).clamp(lo, hi) * scale

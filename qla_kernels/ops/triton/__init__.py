@@ -152,6 +152,8 @@ if _IMPORT_ERROR is None:
     register("fused_linear", "triton", lambda operands: torch.ops.qla.fused_linear_triton(*operands),
              lambda operands: operands.weight_format in TRITON_WEIGHT_FORMATS,
              body=launch.fused_linear)
+    # A convolution takes its plan (not a custom op's tensors): its GEMMs are the kernel's launches.
+    register("conv_gemm", "triton", launch.conv_gemm, launch.supports_conv_gemm)
 
 register_backend("triton", status)
 

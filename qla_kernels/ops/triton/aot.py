@@ -42,6 +42,7 @@ SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 # The row strides of each kernel: a product row × stride must be formed in 64 bits.
 ROW_STRIDES = {
     "fused_linear_kernel": ("stride_am", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
+    "implicit_conv_kernel": ("stride_xp", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
     "requantize_rows_kernel": ("stride_ym", "stride_qm"),
     "quantize_activation_kernel": ("stride_xm", "stride_qm", "stride_tm"),
     "rotate_quantize_kernel": ("stride_xm", "stride_qm", "stride_tm"),
@@ -136,6 +137,8 @@ def failures(launch: PlannedLaunch, arch: int, result: Dict[str, object]) -> Lis
     name, meta = kernel_name(launch.kernel), launch.meta
     if arch == 90 and name == "fused_linear_kernel" and meta.get("SPLIT_PHASE", 0) != 2 and not result["wgmma"]:
         problems.append("the sm_90 GEMM main loop does not use wgmma")
+    if arch == 90 and name == "implicit_conv_kernel" and not result["wgmma"]:
+        problems.append("the sm_90 convolution's main loop does not use wgmma")
     if arch == 90 and name == "quantized_attention_kernel" and not result["wgmma"]:
         problems.append("the sm_90 attention products do not use wgmma")
     erf = name == "fused_linear_kernel" and meta.get("ACTIVATION") in _ERF_ACTIVATIONS

@@ -17,9 +17,11 @@ from ...formats.weights import weight_in_features
 from ...quant.hadamard import kernel_factors
 from ...quant.hadamard import rotate as hadamard_rotate_reference
 from ...quant.primitives import qrange
+from ..conv import window_scales
 from ..operands import FusedLinearOperands
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features, quantize_output
 from .attention import quantized_attention_kernel
+from .conv_gemm import implicit_conv_kernel
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
 from .kernel_launch import Target, run_kernel, target_of
@@ -165,17 +167,134 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[torch.Tensor, torch.Ten
         candidates = gemm_candidates(target, w4a16=operands.weight_format == "uint4_asym_groups", fp32_main=main_fp32,
                                      fp32_epilogue=lowrank_fp32 or fullrank_fp32, columns=n)
         _gemm_tuner.run(key, target, candidates, launch)
-    if not operands.requant_bits:
+    return _finished(out, row_absmax, operands.requant_bits)
+
+
+def _finished(out: torch.Tensor, row_absmax: torch.Tensor, requant_bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A GEMM's (output, empty scale), or with `requant_bits` its fp32 rows re-quantized per row
+    from the row absmax its epilogue left."""
+    if not requant_bits:
         return out, out.new_empty((0,), dtype=torch.float32)
-    q = torch.empty((out_rows, n_out), dtype=torch.int8, device=device)
-    scale = torch.empty((out_rows,), dtype=torch.float32, device=device)
+    out_rows, n_out = out.shape
+    q = torch.empty((out_rows, n_out), dtype=torch.int8, device=out.device)
+    scale = torch.empty((out_rows,), dtype=torch.float32, device=out.device)
     if out_rows and n_out:
         block_m, block_n = 16, min(256, triton.next_power_of_2(n_out))
-        run_kernel(requantize_rows_kernel, (triton.cdiv(out_rows, block_m),), device,
+        run_kernel(requantize_rows_kernel, (triton.cdiv(out_rows, block_m),), out.device,
                    (out, row_absmax, q, scale, out_rows, n_out, out.stride(0), q.stride(0)),
-                   QMAX=qrange(operands.requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                   QMAX=qrange(requant_bits)[1], BLOCK_M=block_m, BLOCK_N=block_n,
                    num_warps=4, num_stages=1, enable_fp_fusion=False)
     return q, scale
+
+
+# The implicit-GEMM convolution's K steps stay inside one tap: BLOCK_K divides the group's
+# channels, and int8 dots need K >= 32 per step.
+_IMPLICIT_CONV_MIN_STEP = 32
+_IMPLICIT_CONV_FORMATS = ("int8", "int4")
+# Quantizing in the K loop holds the fp32 activation tile and its division's temporaries beside
+# the accumulator: at BLOCK_K 128 sm_90 spilled (128×64, 4 warps), at 64 sm_80 did (ptxas -v).
+# Indexed by "is sm_90 or newer" (the interpreter takes the first).
+_IN_LOOP_QUANTIZED_BLOCK_K = (32, 64)
+
+
+def supports_conv_gemm(x: torch.Tensor, plan) -> bool:
+    """Whether `implicit_conv_kernel` runs this convolution: a GEMM (not depthwise) with integer
+    per-channel weights and a multiple of 32 channels per group. Others (a 3-channel stem,
+    narrow groups) gather their windows in memory for the fused linear."""
+    channels = plan.in_channels // plan.geometry.groups
+    return (not plan.depthwise and plan.weight.format in _IMPLICIT_CONV_FORMATS
+            and channels % _IMPLICIT_CONV_MIN_STEP == 0)
+
+
+def conv_gemm(x: torch.Tensor, plan, lowrank_t: Optional[torch.Tensor], fullrank_x: Optional[torch.Tensor],
+              residual: Optional[torch.Tensor], out_dtype: torch.dtype, requant_bits: int):
+    """`ConvPlan.run` on the implicit-GEMM kernel (plans `supports_conv_gemm` accepts): dynamic
+    scales from the window maxima (`conv.window_scales`), the activations read in place; static
+    scales from the pixels' codes, quantized once."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = plan.geometry.output_size(height, width)
+    rows = batch * out_h * out_w
+    if plan.input_scale is None:
+        source, scale = x, window_scales(x, plan.geometry, plan.act_bits)
+    else:
+        source, scale = plan.pixel_codes(x, "triton"), plan.input_scale
+    residual_rows = None if residual is None else residual.reshape(rows, plan.out_channels)
+    groups = plan.geometry.groups
+    step = channels // groups
+    parts = []
+    for g, weight in enumerate(plan.gemm_weights()):
+        a = source if groups == 1 else source[..., g * step:(g + 1) * step]
+        operands = plan.group_operands(g, a, scale, weight, lowrank_t, fullrank_x, residual_rows, out_dtype,
+                                       requant_bits)
+        out, out_scale = implicit_conv(operands, plan.geometry, plan.act_bits, plan.padding_code())
+        if groups == 1:
+            shape = (batch, out_h, out_w, plan.out_channels)
+            return (out.reshape(shape), out_scale) if requant_bits else out.reshape(shape)
+        parts.append(out)
+    return plan.joined_groups(parts, (batch, out_h, out_w), out_dtype, requant_bits)
+
+
+def implicit_conv(operands: FusedLinearOperands, geometry, act_bits: int, pad_code: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One group's convolution GEMM: `operands.a` is the input [N, H, W, C_g] (a channel slice of
+    channels-last memory: int8 codes for static scales, else the fp activations, quantized in the
+    K loop at `a_scale`'s per-pixel scales); the other operands as the fused linear's, M = N·Ho·Wo."""
+    x = operands.a
+    device = x.device
+    target = target_of(device)
+    batch, height, width, channels = x.shape
+    out_h, out_w = geometry.output_size(height, width)
+    rows, n = batch * out_h * out_w, operands.weight.shape[0]
+    out = torch.empty((rows, n), dtype=torch.float32 if operands.requant_bits else operands.out_dtype, device=device)
+    row_absmax = torch.zeros((rows,), dtype=torch.int32, device=device) if operands.requant_bits else out
+    if rows and n:
+        lowrank_rank = 0 if operands.lowrank_t is None else operands.lowrank_t.shape[1]
+        fullrank_k = 0 if operands.fullrank_x is None else operands.fullrank_x.shape[1]
+        lowrank_fp32 = operands.lowrank_t is not None and operands.lowrank_t.dtype == torch.float32
+        fullrank_fp32 = operands.fullrank_x is not None and operands.fullrank_x.dtype == torch.float32
+        present = lambda tensor: x if tensor is None else tensor  # noqa: E731  (a pointer the kernel ignores)
+        row_stride = lambda tensor: 0 if tensor is None else tensor.stride(0)  # noqa: E731
+        (kernel_h, kernel_w), (stride_h, stride_w) = geometry.kernel, geometry.stride
+        (pad_h, pad_w), (dilation_h, dilation_w) = geometry.padding, geometry.dilation
+        quantize_in_loop = x.dtype != torch.int8
+        flags = dict(
+            KERNEL_H=kernel_h, KERNEL_W=kernel_w, STRIDE_H=stride_h, STRIDE_W=stride_w, PAD_H=pad_h, PAD_W=pad_w,
+            DILATION_H=dilation_h, DILATION_W=dilation_w,
+            WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[operands.weight_format],
+            QUANTIZE_IN_LOOP=quantize_in_loop, QMAX=qrange(act_bits)[1],
+            A_SCALE_PER_ROW=operands.a_scale.numel() == rows and quantize_in_loop,
+            HAS_ZERO=operands.a_zero_point is not None,
+            HAS_LOWRANK=operands.lowrank_t is not None, HAS_FULLRANK=operands.fullrank_x is not None,
+            LOWRANK_FP32=lowrank_fp32, FULLRANK_FP32=fullrank_fp32, HAS_BIAS=operands.bias is not None,
+            ACTIVATION=ACTIVATIONS.index(operands.activation), HAS_RESIDUAL=operands.residual is not None,
+            REQUANT=bool(operands.requant_bits), RESIDUAL_FIRST=operands.residual_before_activation,
+            BLOCK_R=_block_r(max(lowrank_rank, fullrank_k), lowrank_fp32 or fullrank_fp32),
+        )
+
+        def launch(config):
+            options = config.launch_options()
+            widest = _IN_LOOP_QUANTIZED_BLOCK_K[target.capability[0] >= 9] if quantize_in_loop else config.block_k
+            options["BLOCK_K"] = min(config.block_k, widest, _largest_power_of_two_dividing(channels))
+            if operands.requant_bits:
+                row_absmax.zero_()
+            tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(n, config.block_n)
+            run_kernel(implicit_conv_kernel, (tiles,), device, (
+                x, operands.a_scale, present(operands.a_zero_point), operands.weight, operands.weight_scale,
+                present(operands.weight_colsum), present(operands.lowrank_t), present(operands.lowrank_u),
+                present(operands.fullrank_x), present(operands.fullrank_w), present(operands.bias),
+                present(operands.residual), out, row_absmax,
+                rows, n, lowrank_rank, fullrank_k, channels, height, width, out_h, out_w, pad_code,
+                x.stride(2), operands.weight.stride(0), row_stride(operands.lowrank_t), row_stride(operands.lowrank_u),
+                row_stride(operands.fullrank_x), row_stride(operands.fullrank_w), row_stride(operands.residual),
+                out.stride(0),
+            ), enable_fp_fusion=False, **flags, **options)
+
+        dtypes = tuple(_dtype_name(t) for t in (x, operands.lowrank_t, operands.fullrank_x, operands.bias,
+                                                 operands.residual)) + (str(operands.out_dtype),)
+        key = ("conv", m_bucket(rows), n, channels, tuple(sorted(flags.items())), dtypes)
+        candidates = gemm_candidates(target, fp32_epilogue=lowrank_fp32 or fullrank_fp32, columns=n)
+        _gemm_tuner.run(key, target, candidates, launch)
+    return _finished(out, row_absmax, operands.requant_bits)
 
 
 # The pre-kernel's T dot holds a [BLOCK_K, BLOCK_R] tile of A (and the [BLOCK_M, BLOCK_K]
