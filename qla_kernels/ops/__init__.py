@@ -269,7 +269,8 @@ def quantized_conv2d(
 ) -> torch.Tensor:
     """A quantized convolution on channels-last x [N, H, W, C] → [N, Ho, Wo, O] in x.dtype
     (ops/conv.py: the windows quantized per output pixel, or per tensor with `static_scale` /
-    `zero_point`; the GEMM of each group on the selected backend's fused linear). `weight` is an
+    `zero_point`; each group's GEMM on the selected backend's `conv_gemm`: Triton's implicit GEMM,
+    or the gathered windows on its fused linear). `weight` is an
     integer-format [O, kh·kw·C/g] weight (`conv_weight_matrix` order; `colsum` set with a zero
     point); the epilogue adds bias, applies `activation` and adds `residual` [N, Ho, Wo, O].
     Differentiable under `simulate`."""

@@ -20,6 +20,13 @@ reads its C/g channels of every tap and writes its O/g output channels. Depthwis
 convolutions (one input channel per group) are a direct int32 tap sum instead of O/g-wide GEMMs:
 memory-bound, so int8 buys their storage and the fused epilogue, not arithmetic.
 
+Where the windows come from (`conv_gemm`, a registry op that takes the plan): the Triton backend
+gathers them inside its GEMM's K loop (`ops/triton/conv_gemm.py`: static codes, or the fp
+activations quantized in the loop at the window scales `window_scales` computes without
+gathering) for plans whose channels per group are a multiple of 32; every other plan and backend
+gathers them in memory (`gathered_conv_gemm`, `gather_windows`) for the fused linear. Both give
+the same codes and integer sums.
+
 Under the `simulate` backend the same windows are fake-quantized in floating point
 (differentiable); `ConvPlan.run` is the integer path on the selected backend's kernels.
 """

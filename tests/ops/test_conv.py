@@ -8,6 +8,8 @@ arbitrary scales and an epilogue the fp32 parts may be contracted differently (F
 comparisons allow a few ulps of the output's magnitude.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,13 +20,24 @@ import qla_kernels as qk
 from qla_kernels import ops
 from qla_kernels.formats.int4 import pack_int4
 from qla_kernels.formats.weights import QuantizedWeight
-from qla_kernels.ops.conv import ConvGeometry, conv_weight_matrix, conv_weight_tensor, gather_windows
+from qla_kernels.ops.conv import ConvGeometry, ConvPlan, conv_weight_matrix, conv_weight_tensor, gather_windows
+from qla_kernels.ops.triton.kernel_launch import kernel_name, recording
 from qla_kernels.quant.primitives import absmax_scale, quantize_with_scale
 
 from ..conftest import examples
 
 BACKENDS = [name for name in ("cpu", "triton") if qk.backends()[name].available]
 S_X, S_W = 2.0 ** -4, 2.0 ** -6
+# The Triton backend runs CPU tensors only in the interpreter; on a GPU machine its kernels run compiled.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _conv(backend, *args, **kwargs):
+    """ops.quantized_conv2d on `backend`, its tensors on that backend's device; the result on the CPU."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    move = lambda value: value.to(device) if isinstance(value, (torch.Tensor, QuantizedWeight)) else value  # noqa: E731
+    with qk.use_backend(backend):
+        return ops.quantized_conv2d(*map(move, args), **{key: move(value) for key, value in kwargs.items()}).cpu()
 
 
 def _weight(out_channels, in_features, bits, generator, packed=False, zero_point=None):
@@ -76,8 +89,7 @@ def test_static_convolution_is_the_int64_convolution_of_its_codes(geometry_kind,
     codes = quantize_with_scale(x, scale, bits, zero_point)
     expected = _int_conv(codes.double() - (zero or 0), weight_codes, geometry) * (S_X * S_W)
     for backend in ["reference", *BACKENDS]:
-        with qk.use_backend(backend):
-            y = ops.quantized_conv2d(x, weight, geometry, bits, static_scale=scale, zero_point=zero_point)
+        y = _conv(backend, x, weight, geometry, bits, static_scale=scale, zero_point=zero_point)
         assert y.dtype == torch.float32 and y.shape == (batch, out_h, out_w, out_channels)
         assert torch.equal(y.double(), expected), backend
 
@@ -105,8 +117,7 @@ def test_dynamic_scales_are_per_output_window(geometry_kind, size, channels, pac
                      @ weight_codes[g * step_out:(g + 1) * step_out].double().t() for g in range(groups)], dim=1)
     expected = acc.float() * scale[:, None] * weight.scale[None]
     for backend in ["reference", *BACKENDS]:
-        with qk.use_backend(backend):
-            y = ops.quantized_conv2d(x, weight, geometry, 8)
+        y = _conv(backend, x, weight, geometry, 8)
         assert torch.equal(y.reshape(-1, out_channels), expected), backend
 
 
@@ -129,8 +140,7 @@ def test_epilogue_on_every_backend(activation, groups):
     tolerance = 1e-5 * float(expected.abs().max())
     assert float((simulated - expected).abs().max()) <= tolerance
     for backend in BACKENDS:
-        with qk.use_backend(backend):
-            y = ops.quantized_conv2d(x, weight, geometry, 8, bias=bias, activation=activation, residual=residual)
+        y = _conv(backend, x, weight, geometry, 8, bias=bias, activation=activation, residual=residual)
         assert float((y - expected).abs().max()) <= tolerance, backend
 
 
@@ -178,3 +188,106 @@ def test_bad_arguments_are_value_errors(call, message):
     weight = QuantizedWeight(torch.ones(8, 36, dtype=torch.int8), "int8", torch.ones(8))
     with pytest.raises(ValueError, match=message):
         call(x, weight)
+
+
+# ---------------------------------------------------------------- the implicit-GEMM kernel
+
+TRITON = "triton" in BACKENDS
+
+
+def _conv_launches(launches):
+    return [kernel_name(launch.kernel) for launch in launches]
+
+
+implicit_geometries = st.builds(
+    lambda kh, kw, s, p, d: ConvGeometry((kh, kw), (s, s + (kh == 1)), (p, min(p + 1, 2)), (d, 1)),
+    st.sampled_from([1, 3, 5]), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(0, 2),
+    st.sampled_from([1, 2]))
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton backend is not available here")
+@examples(20)
+@given(implicit_geometries, st.sampled_from([1, 2]), st.sampled_from([32, 64]), st.integers(3, 9), st.integers(3, 8),
+       st.sampled_from(["dynamic", "static", "static_zero"]), st.sampled_from([4, 8]), st.booleans(),
+       st.integers(0, 2 ** 16))
+def test_implicit_gemm_convolution_is_the_reference_bit_for_bit(geometry, groups, group_channels, height, width,
+                                                                scales, bits, packed, seed):
+    """The Triton convolution gathers its windows in the K loop (`implicit_conv_kernel`, one
+    launch per group, no windows in memory): for every geometry, groups, int8 / int4 weights and
+    every scale kind it equals the reference bit for bit (dequantization only: the same fp32
+    products in the same order, FP contraction off)."""
+    geometry = ConvGeometry(geometry.kernel, geometry.stride, geometry.padding, geometry.dilation, groups)
+    out_h, out_w = geometry.output_size(height, width)
+    if out_h < 1 or out_w < 1:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    channels, out_channels = groups * group_channels, 16 * groups
+    zero = 5 if scales == "static_zero" else None
+    _, weight = _weight(out_channels, geometry.taps * group_channels, 4 if packed else 8, generator, packed=packed,
+                        zero_point=zero)
+    weight = QuantizedWeight(weight.data, weight.format, torch.rand(out_channels, generator=generator) * 0.01 + 1e-3,
+                             colsum=weight.colsum)
+    x = torch.randn(2, height, width, channels, generator=generator)
+    static = {} if scales == "dynamic" else dict(
+        static_scale=torch.tensor([0.04]), zero_point=None if zero is None else torch.tensor([zero], dtype=torch.int8))
+    expected = _conv("reference", x, weight, geometry, bits, **static)
+    with recording() as launches:
+        y = _conv("triton", x, weight, geometry, bits, **static)
+    assert _conv_launches(launches).count("implicit_conv_kernel") == groups
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton backend is not available here")
+@pytest.mark.parametrize("scales", ["dynamic", "static"])
+def test_implicit_gemm_convolution_epilogue(scales):
+    """A residual block's last convolution on the implicit kernel: bias, ReLU after the residual,
+    QLA's low-rank T·Uᵀ and QwT's full-rank segment after it, and per-pixel re-quantization, within
+    a few fp32 ulps of the reference (contraction may differ); the codes within one step."""
+    generator = torch.Generator().manual_seed(3)
+    geometry = ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1), 1)
+    x = torch.randn(2, 9, 8, 32, generator=generator)
+    _, weight = _weight(24, 9 * 32, 8, generator)
+    weight = QuantizedWeight(weight.data, "int8", torch.rand(24, generator=generator) * 0.01 + 1e-3)
+    rows = 2 * 5 * 4
+    plan = ConvPlan(weight, geometry, 8, torch.tensor([0.05]) if scales == "static" else None, None,
+                    bias=torch.randn(24, generator=generator), lowrank_u=torch.randn(24, 4, generator=generator),
+                    fullrank_w=torch.randn(24, 6, generator=generator) * 0.1, activation="relu",
+                    residual_before_activation=True).frozen()
+    lowrank_t, fullrank_x = torch.randn(rows, 4, generator=generator), torch.randn(rows, 6, generator=generator)
+    residual = torch.randn(2, 5, 4, 24, generator=generator)
+    results = {}
+    for backend in ("reference", "triton"):
+        device = TRITON_DEVICE if backend == "triton" else "cpu"
+        on_device = plan if device == "cpu" else dataclasses.replace(
+            plan, weight=plan.weight.to(device), group_weights=tuple(w.to(device) for w in plan.group_weights),
+            **{name: getattr(plan, name).to(device) for name in ("input_scale", "bias", "lowrank_u", "fullrank_w")
+               if getattr(plan, name) is not None})
+        inputs = [tensor.to(device) for tensor in (x, lowrank_t, fullrank_x, residual)]
+        with qk.use_backend(backend), recording() as launches:
+            y = on_device.run(*inputs)
+            q, q_scale = on_device.run(*inputs, requant_bits=8)
+        results[backend] = y.cpu(), q.cpu(), q_scale.cpu()
+        assert ("implicit_conv_kernel" in _conv_launches(launches)) == (backend == "triton")
+    (y_ref, q_ref, s_ref), (y, q, s) = results["reference"], results["triton"]
+    assert float((y - y_ref).abs().max()) <= 1e-5 * float(y_ref.abs().max())
+    assert torch.allclose(s, s_ref, rtol=1e-5, atol=0)
+    assert int((q.int() - q_ref.int()).abs().max()) <= 1
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton backend is not available here")
+def test_implicit_gemm_convolution_routing_and_non_finite_windows():
+    """Narrow channel groups (a 3-channel stem, 16 channels) gather their windows for the fused
+    linear instead; a NaN pixel makes every window holding it NaN on both paths (its scale is NaN,
+    its codes 0) and leaves the other windows exact."""
+    generator = torch.Generator().manual_seed(4)
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1), 1)
+    for channels, implicit in ((3, False), (16, False), (32, True)):
+        _, weight = _weight(8, 9 * channels, 8, generator)
+        x = torch.randn(1, 6, 5, channels, generator=generator)
+        x[0, 2, 3, 0] = float("nan")
+        expected = _conv("reference", x, weight, geometry, 8)
+        with recording() as launches:
+            y = _conv("triton", x, weight, geometry, 8)
+        assert ("implicit_conv_kernel" in _conv_launches(launches)) == implicit, channels
+        torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+        assert int(y.isnan().any(dim=3).sum()) == 9  # the 3×3 windows around (2, 3)

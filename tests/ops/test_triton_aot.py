@@ -148,3 +148,43 @@ def test_sample_of_the_launch_table_compiles_and_passes(tmp_path):
     assert {meta["SPLIT_PHASE"] for meta in metas} == {0, 1, 2}
     assert {meta["BLOCK_R"] for meta in metas} >= {16, 32}
     assert any("bf16" in str(row["args"]) for row in rows)
+
+
+def test_implicit_convolution_compiles_clean_at_resnet_shapes(tmp_path):
+    """The implicit-GEMM convolution at ResNet-50 batch-64 shapes (3×3 at stride 1 and 2, a 1×1
+    downsample at stride 2; int8 and int4 weights; dynamic scales quantized in the K loop, static
+    codes with a zero point; ReLU after the residual, QwT's full-rank segment): every tile
+    candidate compiles without spills, wgmma on sm_90, no contraction, 64-bit row offsets.
+    Quantizing in the loop at BLOCK_K 128 spilled on sm_90 and at 64 on sm_80 before its cap."""
+    rows = _compile("""
+    from qla_kernels.formats.weights import QuantizedWeight
+    from qla_kernels.ops.conv import ConvGeometry
+    def weight(fmt, o, k):
+        data = torch.empty(o, k if fmt == "int8" else k // 2, dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                           device=META)
+        return QuantizedWeight(data, fmt, torch.empty(o, device=META),
+                               colsum=torch.empty(o, dtype=torch.int32, device=META))
+    static = dict(static_scale=torch.empty(1, device=META), zero_point=torch.empty(1, dtype=torch.int8, device=META))
+    for fmt in ("int8", "int4"):
+        x = torch.empty(64, 56, 56, 64, device=META, dtype=torch.float16)
+        for scales in ({}, static):
+            ops.quantized_conv2d(x, weight(fmt, 64, 576), ConvGeometry((3, 3), padding=(1, 1)), 8,
+                                 bias=torch.empty(64, device=META), activation="relu", **scales)
+        x = torch.empty(64, 28, 28, 128, device=META, dtype=torch.float16)
+        ops.quantized_conv2d(x, weight(fmt, 128, 1152), ConvGeometry((3, 3), (2, 2), (1, 1)), 4,
+                             bias=torch.empty(128, device=META), activation="relu")
+        x = torch.empty(64, 28, 28, 256, device=META, dtype=torch.float16)
+        ops.quantized_conv2d(x, weight(fmt, 512, 256), ConvGeometry((1, 1), (2, 2)), 8, **static)
+    from qla_kernels.ops.conv import ConvPlan
+    plan = ConvPlan(weight("int8", 256, 2304), ConvGeometry((3, 3), padding=(1, 1)), 8,
+                    bias=torch.empty(256, device=META), fullrank_w=torch.empty(256, 256, device=META, dtype=torch.float16),
+                    activation="relu", residual_before_activation=True).frozen()
+    x = torch.empty(64, 14, 14, 256, device=META, dtype=torch.float16)
+    plan.run(x, fullrank_x=torch.empty(64 * 14 * 14, 256, device=META, dtype=torch.float16), residual=x)
+    """, tmp_path)
+    implicit = [row for row in rows if row["kernel"] == "implicit_conv_kernel"]
+    assert {row["meta"]["QUANTIZE_IN_LOOP"] for row in implicit} == {True, False}
+    assert {row["arch"] for row in implicit} == {80, 90} and len(implicit) >= 50
+    for row in implicit:
+        assert not row["problems"], (row["arch"], row["meta"], row["problems"])
+        assert row["narrow_row_products"] == 0 and row["wide_row_products"] > 0, (row["arch"], row["meta"])

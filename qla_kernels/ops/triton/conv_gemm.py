@@ -28,7 +28,9 @@ from .fused_linear import (clamp_codes, dequantized, finish_tile, grouped_tile, 
                            round_half_even)
 
 
-@triton.jit(do_not_specialize=["R", "KC", "PAD_CODE"])
+# Sizes that only bound masks and index arithmetic are not specialized: every layer's grid and
+# batch would otherwise compile its own kernels. C (alignment of the gathered rows) and the strides are.
+@triton.jit(do_not_specialize=["M", "R", "KC", "HEIGHT", "WIDTH", "OUT_H", "OUT_W", "PAD_CODE"])
 def implicit_conv_kernel(
     x_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_colsum_ptr,
     t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,

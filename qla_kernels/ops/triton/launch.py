@@ -261,7 +261,7 @@ def implicit_conv(operands: FusedLinearOperands, geometry, act_bits: int, pad_co
             KERNEL_H=kernel_h, KERNEL_W=kernel_w, STRIDE_H=stride_h, STRIDE_W=stride_w, PAD_H=pad_h, PAD_W=pad_w,
             DILATION_H=dilation_h, DILATION_W=dilation_w,
             WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[operands.weight_format],
-            QUANTIZE_IN_LOOP=quantize_in_loop, QMAX=qrange(act_bits)[1],
+            QUANTIZE_IN_LOOP=quantize_in_loop, QMAX=qrange(act_bits)[1] if quantize_in_loop else 0,  # unread for codes
             A_SCALE_PER_ROW=operands.a_scale.numel() == rows and quantize_in_loop,
             HAS_ZERO=operands.a_zero_point is not None,
             HAS_LOWRANK=operands.lowrank_t is not None, HAS_FULLRANK=operands.fullrank_x is not None,
