@@ -394,14 +394,15 @@ _KERNELS = {}  # kernel name -> jit function: what planned launches carry betwee
 def _kernels() -> Dict[str, object]:
     if not _KERNELS:
         from .ops.triton.attention import quantized_attention_kernel
-        from .ops.triton.conv_gemm import implicit_conv_kernel
+        from .ops.triton.conv_gemm import depthwise_conv_kernel, implicit_conv_kernel
         from .ops.triton.dwsep import dwsep_down_kernel
         from .ops.triton.fused_linear import fused_linear_kernel, requantize_rows_kernel
         from .ops.triton.quantize import quantize_activation_kernel
         from .ops.triton.rotate import rotate_quantize_kernel
 
         for kernel in (fused_linear_kernel, requantize_rows_kernel, quantize_activation_kernel, dwsep_down_kernel,
-                       quantized_attention_kernel, rotate_quantize_kernel, implicit_conv_kernel):
+                       quantized_attention_kernel, rotate_quantize_kernel, implicit_conv_kernel,
+                       depthwise_conv_kernel):
             _KERNELS[kernel.fn.__name__] = kernel
     return _KERNELS
 

@@ -23,7 +23,8 @@ memory-bound, so int8 buys their storage and the fused epilogue, not arithmetic.
 Where the windows come from (`conv_gemm`, a registry op that takes the plan): the Triton backend
 gathers them inside its GEMM's K loop (`ops/triton/conv_gemm.py`: static codes, or the fp
 activations quantized in the loop at the window scales `window_scales` computes without
-gathering) for plans whose channels per group are a multiple of 32; every other plan and backend
+gathering) for plans whose channels per group are a multiple of 32, and runs depthwise plans
+(int8 weights) on a direct kernel that reads the windows the same way; every other plan and backend
 gathers them in memory (`gathered_conv_gemm`, `gather_windows`) for the fused linear. Both give
 the same codes and integer sums.
 
@@ -310,7 +311,7 @@ class ConvPlan:
         """Group `group`'s fused-linear operands: its activations `a` (in the layout its kernel
         reads) and weight rows, and its output channels' slice of every per-channel operand.
         Several groups' outputs are fp32, concatenated by `joined_groups`."""
-        groups = self.geometry.groups
+        groups = 1 if self.depthwise else self.geometry.groups  # a depthwise kernel takes every channel at once
         if groups == 1:
             sliced = lambda tensor, columns=False: tensor  # noqa: E731
         else:

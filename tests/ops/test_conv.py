@@ -291,3 +291,31 @@ def test_implicit_gemm_convolution_routing_and_non_finite_windows():
         assert ("implicit_conv_kernel" in _conv_launches(launches)) == implicit, channels
         torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
         assert int(y.isnan().any(dim=3).sum()) == 9  # the 3×3 windows around (2, 3)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton backend is not available here")
+@examples(12)
+@given(implicit_geometries, st.sampled_from([1, 2]), st.integers(2, 40), st.integers(3, 9),
+       st.sampled_from(["dynamic", "static", "static_zero"]), st.sampled_from([4, 8]), st.integers(0, 2 ** 16))
+def test_depthwise_kernel_is_the_reference_bit_for_bit(geometry, multiplier, channels, size, scales, bits, seed):
+    """Depthwise convolutions (int8 weights) run `depthwise_conv_kernel`, a direct tap sum over
+    [pixels, channels] tiles, equal to the reference bit for bit for every geometry, channel
+    multiplier and scale kind, with bias and ReLU in the epilogue."""
+    geometry = ConvGeometry(geometry.kernel, geometry.stride, geometry.padding, geometry.dilation, channels)
+    if min(geometry.output_size(size, size + 2)) < 1:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    out_channels = multiplier * channels
+    zero = -3 if scales == "static_zero" else None
+    _, weight = _weight(out_channels, geometry.taps, 8, generator, zero_point=zero)
+    weight = QuantizedWeight(weight.data, "int8", torch.rand(out_channels, generator=generator) * 0.01 + 1e-3,
+                             colsum=weight.colsum)
+    x = torch.randn(2, size, size + 2, channels, generator=generator)
+    static = {} if scales == "dynamic" else dict(
+        static_scale=torch.tensor([0.04]), zero_point=None if zero is None else torch.tensor([zero], dtype=torch.int8))
+    epilogue = dict(bias=torch.randn(out_channels, generator=generator), activation="relu")
+    expected = _conv("reference", x, weight, geometry, bits, **static, **epilogue)
+    with recording() as launches:
+        y = _conv("triton", x, weight, geometry, bits, **static, **epilogue)
+    assert "depthwise_conv_kernel" in _conv_launches(launches)
+    assert torch.equal(y, expected)

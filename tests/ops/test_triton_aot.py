@@ -188,3 +188,29 @@ def test_implicit_convolution_compiles_clean_at_resnet_shapes(tmp_path):
     for row in implicit:
         assert not row["problems"], (row["arch"], row["meta"], row["problems"])
         assert row["narrow_row_products"] == 0 and row["wide_row_products"] > 0, (row["arch"], row["meta"])
+
+
+def test_depthwise_convolution_compiles_clean(tmp_path):
+    """The depthwise kernel at MobileNetV2 (3×3, stride 1 and 2) and ConvNeXt (7×7) batch-64
+    shapes, dynamic and static with a zero point, ReLU6 and a residual: no spills, no
+    contraction, 64-bit row offsets, on sm_90 and sm_80."""
+    rows = _compile("""
+    from qla_kernels.formats.weights import QuantizedWeight
+    from qla_kernels.ops.conv import ConvGeometry
+    def weight(o, taps):
+        return QuantizedWeight(torch.empty(o, taps, dtype=torch.int8, device=META), "int8", torch.empty(o, device=META),
+                               colsum=torch.empty(o, dtype=torch.int32, device=META))
+    static = dict(static_scale=torch.empty(1, device=META), zero_point=torch.empty(1, dtype=torch.int8, device=META))
+    for scales in ({}, static):
+        x = torch.empty(64, 112, 112, 96, device=META, dtype=torch.float16)
+        ops.quantized_conv2d(x, weight(96, 9), ConvGeometry((3, 3), (2, 2), (1, 1), groups=96), 8,
+                             bias=torch.empty(96, device=META), activation="relu6", **scales)
+        x = torch.empty(64, 56, 56, 96, device=META, dtype=torch.float16)
+        ops.quantized_conv2d(x, weight(96, 49), ConvGeometry((7, 7), padding=(3, 3), groups=96), 4,
+                             bias=torch.empty(96, device=META), residual=x, **scales)
+    """, tmp_path)
+    depthwise = [row for row in rows if row["kernel"] == "depthwise_conv_kernel"]
+    assert {row["arch"] for row in depthwise} == {80, 90} and len(depthwise) == 8
+    for row in depthwise:
+        assert not row["problems"], (row["arch"], row["meta"], row["problems"])
+        assert row["narrow_row_products"] == 0 and row["wide_row_products"] > 0, (row["arch"], row["meta"])

@@ -43,6 +43,7 @@ SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 ROW_STRIDES = {
     "fused_linear_kernel": ("stride_am", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
     "implicit_conv_kernel": ("stride_xp", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
+    "depthwise_conv_kernel": ("stride_xp", "stride_wn", "stride_tm", "stride_xm", "stride_rm", "stride_om"),
     "requantize_rows_kernel": ("stride_ym", "stride_qm"),
     "quantize_activation_kernel": ("stride_xm", "stride_qm", "stride_tm"),
     "rotate_quantize_kernel": ("stride_xm", "stride_qm", "stride_tm"),

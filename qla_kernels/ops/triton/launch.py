@@ -21,13 +21,13 @@ from ..conv import window_scales
 from ..operands import FusedLinearOperands
 from ..reference import ACTIVATIONS, NORM_KINDS, output_features, quantize_output
 from .attention import quantized_attention_kernel
-from .conv_gemm import implicit_conv_kernel
+from .conv_gemm import depthwise_conv_kernel, implicit_conv_kernel
 from .dwsep import dwsep_down_kernel
 from .fused_linear import fused_linear_kernel, requantize_rows_kernel
 from .kernel_launch import Target, run_kernel, target_of
 from .quantize import quantize_activation_kernel
 from .rotate import rotate_quantize_kernel, rotation_tile
-from .tuning import Autotuner, gemm_candidates, m_bucket
+from .tuning import Autotuner, conv_candidates, gemm_candidates, m_bucket
 
 _WEIGHT_FORMAT_CODES = {"int8": 0, "int4": 1, "int4_int8_groups": 2, "uint4_asym_groups": 3}
 _GROUPED_FORMATS = ("int4_int8_groups", "uint4_asym_groups")
@@ -198,19 +198,21 @@ _IN_LOOP_QUANTIZED_BLOCK_K = (32, 64)
 
 
 def supports_conv_gemm(x: torch.Tensor, plan) -> bool:
-    """Whether `implicit_conv_kernel` runs this convolution: a GEMM (not depthwise) with integer
-    per-channel weights and a multiple of 32 channels per group. Others (a 3-channel stem,
-    narrow groups) gather their windows in memory for the fused linear."""
+    """Whether the Triton convolution kernels run this plan: a depthwise convolution with int8
+    weights (`depthwise_conv_kernel`), or a GEMM with integer per-channel weights and a multiple of
+    32 channels per group (`implicit_conv_kernel`). Others (a 3-channel stem, narrow groups)
+    gather their windows in memory for the fused linear."""
+    if plan.depthwise:
+        return plan.weight.format == "int8"
     channels = plan.in_channels // plan.geometry.groups
-    return (not plan.depthwise and plan.weight.format in _IMPLICIT_CONV_FORMATS
-            and channels % _IMPLICIT_CONV_MIN_STEP == 0)
+    return plan.weight.format in _IMPLICIT_CONV_FORMATS and channels % _IMPLICIT_CONV_MIN_STEP == 0
 
 
 def conv_gemm(x: torch.Tensor, plan, lowrank_t: Optional[torch.Tensor], fullrank_x: Optional[torch.Tensor],
               residual: Optional[torch.Tensor], out_dtype: torch.dtype, requant_bits: int):
-    """`ConvPlan.run` on the implicit-GEMM kernel (plans `supports_conv_gemm` accepts): dynamic
-    scales from the window maxima (`conv.window_scales`), the activations read in place; static
-    scales from the pixels' codes, quantized once."""
+    """`ConvPlan.run` on the Triton convolution kernels (plans `supports_conv_gemm` accepts):
+    dynamic scales from the window maxima (`conv.window_scales`), the activations read in place;
+    static scales from the pixels' codes, quantized once. One launch per group."""
     batch, height, width, channels = x.shape
     out_h, out_w = plan.geometry.output_size(height, width)
     rows = batch * out_h * out_w
@@ -219,14 +221,15 @@ def conv_gemm(x: torch.Tensor, plan, lowrank_t: Optional[torch.Tensor], fullrank
     else:
         source, scale = plan.pixel_codes(x, "triton"), plan.input_scale
     residual_rows = None if residual is None else residual.reshape(rows, plan.out_channels)
-    groups = plan.geometry.groups
+    groups = 1 if plan.depthwise else plan.geometry.groups
     step = channels // groups
     parts = []
     for g, weight in enumerate(plan.gemm_weights()):
         a = source if groups == 1 else source[..., g * step:(g + 1) * step]
         operands = plan.group_operands(g, a, scale, weight, lowrank_t, fullrank_x, residual_rows, out_dtype,
                                        requant_bits)
-        out, out_scale = implicit_conv(operands, plan.geometry, plan.act_bits, plan.padding_code())
+        multiplier = plan.out_channels // channels if plan.depthwise else 0
+        out, out_scale = conv_kernels(operands, plan.geometry, plan.act_bits, plan.padding_code(), multiplier)
         if groups == 1:
             shape = (batch, out_h, out_w, plan.out_channels)
             return (out.reshape(shape), out_scale) if requant_bits else out.reshape(shape)
@@ -234,11 +237,16 @@ def conv_gemm(x: torch.Tensor, plan, lowrank_t: Optional[torch.Tensor], fullrank
     return plan.joined_groups(parts, (batch, out_h, out_w), out_dtype, requant_bits)
 
 
-def implicit_conv(operands: FusedLinearOperands, geometry, act_bits: int, pad_code: int
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One group's convolution GEMM: `operands.a` is the input [N, H, W, C_g] (a channel slice of
+# The depthwise kernel's tile: pixels × channels, each value one int32 multiply-add per tap.
+_DEPTHWISE_TILE = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def conv_kernels(operands: FusedLinearOperands, geometry, act_bits: int, pad_code: int, multiplier: int = 0
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One group's convolution: `operands.a` is the input [N, H, W, C_g] (a channel slice of
     channels-last memory: int8 codes for static scales, else the fp activations, quantized in the
-    K loop at `a_scale`'s per-pixel scales); the other operands as the fused linear's, M = N·Ho·Wo."""
+    K loop at `a_scale`'s per-pixel scales); the other operands as the fused linear's, M = N·Ho·Wo.
+    `multiplier` > 0: a depthwise convolution with that many output channels per input channel."""
     x = operands.a
     device = x.device
     target = target_of(device)
@@ -247,53 +255,60 @@ def implicit_conv(operands: FusedLinearOperands, geometry, act_bits: int, pad_co
     rows, n = batch * out_h * out_w, operands.weight.shape[0]
     out = torch.empty((rows, n), dtype=torch.float32 if operands.requant_bits else operands.out_dtype, device=device)
     row_absmax = torch.zeros((rows,), dtype=torch.int32, device=device) if operands.requant_bits else out
-    if rows and n:
-        lowrank_rank = 0 if operands.lowrank_t is None else operands.lowrank_t.shape[1]
-        fullrank_k = 0 if operands.fullrank_x is None else operands.fullrank_x.shape[1]
-        lowrank_fp32 = operands.lowrank_t is not None and operands.lowrank_t.dtype == torch.float32
-        fullrank_fp32 = operands.fullrank_x is not None and operands.fullrank_x.dtype == torch.float32
-        present = lambda tensor: x if tensor is None else tensor  # noqa: E731  (a pointer the kernel ignores)
-        row_stride = lambda tensor: 0 if tensor is None else tensor.stride(0)  # noqa: E731
-        (kernel_h, kernel_w), (stride_h, stride_w) = geometry.kernel, geometry.stride
-        (pad_h, pad_w), (dilation_h, dilation_w) = geometry.padding, geometry.dilation
-        quantize_in_loop = x.dtype != torch.int8
-        flags = dict(
-            KERNEL_H=kernel_h, KERNEL_W=kernel_w, STRIDE_H=stride_h, STRIDE_W=stride_w, PAD_H=pad_h, PAD_W=pad_w,
-            DILATION_H=dilation_h, DILATION_W=dilation_w,
-            WEIGHT_FORMAT=_WEIGHT_FORMAT_CODES[operands.weight_format],
-            QUANTIZE_IN_LOOP=quantize_in_loop, QMAX=qrange(act_bits)[1] if quantize_in_loop else 0,  # unread for codes
-            A_SCALE_PER_ROW=operands.a_scale.numel() == rows and quantize_in_loop,
-            HAS_ZERO=operands.a_zero_point is not None,
-            HAS_LOWRANK=operands.lowrank_t is not None, HAS_FULLRANK=operands.fullrank_x is not None,
-            LOWRANK_FP32=lowrank_fp32, FULLRANK_FP32=fullrank_fp32, HAS_BIAS=operands.bias is not None,
-            ACTIVATION=ACTIVATIONS.index(operands.activation), HAS_RESIDUAL=operands.residual is not None,
-            REQUANT=bool(operands.requant_bits), RESIDUAL_FIRST=operands.residual_before_activation,
-            BLOCK_R=_block_r(max(lowrank_rank, fullrank_k), lowrank_fp32 or fullrank_fp32),
-        )
+    if not (rows and n):
+        return _finished(out, row_absmax, operands.requant_bits)
+    lowrank_rank = 0 if operands.lowrank_t is None else operands.lowrank_t.shape[1]
+    fullrank_k = 0 if operands.fullrank_x is None else operands.fullrank_x.shape[1]
+    lowrank_fp32 = operands.lowrank_t is not None and operands.lowrank_t.dtype == torch.float32
+    fullrank_fp32 = operands.fullrank_x is not None and operands.fullrank_x.dtype == torch.float32
+    present = lambda tensor: x if tensor is None else tensor  # noqa: E731  (a pointer the kernel ignores)
+    row_stride = lambda tensor: 0 if tensor is None else tensor.stride(0)  # noqa: E731
+    (kernel_h, kernel_w), (stride_h, stride_w) = geometry.kernel, geometry.stride
+    (pad_h, pad_w), (dilation_h, dilation_w) = geometry.padding, geometry.dilation
+    quantize_in_loop = x.dtype != torch.int8
+    flags = dict(
+        KERNEL_H=kernel_h, KERNEL_W=kernel_w, STRIDE_H=stride_h, STRIDE_W=stride_w, PAD_H=pad_h, PAD_W=pad_w,
+        DILATION_H=dilation_h, DILATION_W=dilation_w,
+        QUANTIZE_IN_LOOP=quantize_in_loop, QMAX=qrange(act_bits)[1] if quantize_in_loop else 0,  # unread for codes
+        A_SCALE_PER_ROW=operands.a_scale.numel() == rows and quantize_in_loop,
+        HAS_ZERO=operands.a_zero_point is not None,
+        HAS_LOWRANK=operands.lowrank_t is not None, HAS_FULLRANK=operands.fullrank_x is not None,
+        LOWRANK_FP32=lowrank_fp32, FULLRANK_FP32=fullrank_fp32, HAS_BIAS=operands.bias is not None,
+        ACTIVATION=ACTIVATIONS.index(operands.activation), HAS_RESIDUAL=operands.residual is not None,
+        REQUANT=bool(operands.requant_bits), RESIDUAL_FIRST=operands.residual_before_activation,
+        BLOCK_R=_block_r(max(lowrank_rank, fullrank_k), lowrank_fp32 or fullrank_fp32),
+    )
+    arguments = (
+        x, operands.a_scale, present(operands.a_zero_point), operands.weight, operands.weight_scale,
+        present(operands.weight_colsum), present(operands.lowrank_t), present(operands.lowrank_u),
+        present(operands.fullrank_x), present(operands.fullrank_w), present(operands.bias),
+        present(operands.residual), out, row_absmax,
+        rows, n, lowrank_rank, fullrank_k, channels, height, width, out_h, out_w, pad_code,
+        x.stride(2), operands.weight.stride(0), row_stride(operands.lowrank_t), row_stride(operands.lowrank_u),
+        row_stride(operands.fullrank_x), row_stride(operands.fullrank_w), row_stride(operands.residual),
+        out.stride(0),
+    )
+    if multiplier:
+        grid = (triton.cdiv(rows, _DEPTHWISE_TILE["BLOCK_M"]), triton.cdiv(n, _DEPTHWISE_TILE["BLOCK_N"]))
+        run_kernel(depthwise_conv_kernel, grid, device, arguments, MULTIPLIER=multiplier, enable_fp_fusion=False,
+                   **flags, **_DEPTHWISE_TILE)
+        return _finished(out, row_absmax, operands.requant_bits)
+    flags["WEIGHT_FORMAT"] = _WEIGHT_FORMAT_CODES[operands.weight_format]
 
-        def launch(config):
-            options = config.launch_options()
-            widest = _IN_LOOP_QUANTIZED_BLOCK_K[target.capability[0] >= 9] if quantize_in_loop else config.block_k
-            options["BLOCK_K"] = min(config.block_k, widest, _largest_power_of_two_dividing(channels))
-            if operands.requant_bits:
-                row_absmax.zero_()
-            tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(n, config.block_n)
-            run_kernel(implicit_conv_kernel, (tiles,), device, (
-                x, operands.a_scale, present(operands.a_zero_point), operands.weight, operands.weight_scale,
-                present(operands.weight_colsum), present(operands.lowrank_t), present(operands.lowrank_u),
-                present(operands.fullrank_x), present(operands.fullrank_w), present(operands.bias),
-                present(operands.residual), out, row_absmax,
-                rows, n, lowrank_rank, fullrank_k, channels, height, width, out_h, out_w, pad_code,
-                x.stride(2), operands.weight.stride(0), row_stride(operands.lowrank_t), row_stride(operands.lowrank_u),
-                row_stride(operands.fullrank_x), row_stride(operands.fullrank_w), row_stride(operands.residual),
-                out.stride(0),
-            ), enable_fp_fusion=False, **flags, **options)
+    def launch(config):
+        options = config.launch_options()
+        widest = _IN_LOOP_QUANTIZED_BLOCK_K[target.capability[0] >= 9] if quantize_in_loop else config.block_k
+        options["BLOCK_K"] = min(config.block_k, widest, _largest_power_of_two_dividing(channels))
+        if operands.requant_bits:
+            row_absmax.zero_()
+        tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(n, config.block_n)
+        run_kernel(implicit_conv_kernel, (tiles,), device, arguments, enable_fp_fusion=False, **flags, **options)
 
-        dtypes = tuple(_dtype_name(t) for t in (x, operands.lowrank_t, operands.fullrank_x, operands.bias,
-                                                 operands.residual)) + (str(operands.out_dtype),)
-        key = ("conv", m_bucket(rows), n, channels, tuple(sorted(flags.items())), dtypes)
-        candidates = gemm_candidates(target, fp32_epilogue=lowrank_fp32 or fullrank_fp32, columns=n)
-        _gemm_tuner.run(key, target, candidates, launch)
+    dtypes = tuple(_dtype_name(t) for t in (x, operands.lowrank_t, operands.fullrank_x, operands.bias,
+                                             operands.residual)) + (str(operands.out_dtype),)
+    key = ("conv", m_bucket(rows), n, channels, tuple(sorted(flags.items())), dtypes)
+    candidates = conv_candidates(target, fp32_epilogue=lowrank_fp32 or fullrank_fp32, columns=n)
+    _gemm_tuner.run(key, target, candidates, launch)
     return _finished(out, row_absmax, operands.requant_bits)
 
 

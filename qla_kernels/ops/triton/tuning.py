@@ -122,6 +122,14 @@ def gemm_candidates(target: Target, w4a16: bool = False, fp32_main: bool = False
     return SM80_W4A16_CONFIGS if w4a16 else SM80_GEMM_CONFIGS
 
 
+def conv_candidates(target: Target, fp32_epilogue: bool = False, columns: int = 0) -> Sequence[GemmConfig]:
+    """The implicit-GEMM convolution's configurations: the GEMM's without its 128×64 and 64×128
+    tiles at 4 warps, which spilled with the window addressing (4–108 B on sm_90 and sm_80 at
+    ResNet-50 and DETR launches, ptxas -v)."""
+    return tuple(config for config in gemm_candidates(target, fp32_epilogue=fp32_epilogue, columns=columns)
+                 if target.interpreter or not (config.num_warps == 4 and config.block_m * config.block_n == 8192))
+
+
 def m_bucket(m: int) -> int:
     return 1 << max(4, (max(m, 1) - 1).bit_length())
 
