@@ -120,9 +120,6 @@ CNN_CONFIGS = ("W8A8", "W4A8", "W4A4")  # convolutions are per channel; W4A16 ha
 # None, or QwT's group-wise compensations (calibrated on one random batch) lowered into the fused
 # residual blocks' last convolutions.
 CNN_CORRECTIONS = ("none", "qwt_conv")
-# QwT lowered into fp32 CNNs is left out: its fp32 full-rank segment after a residual-first
-# epilogue (tf32x3 dots) spills on sm_90's 128×128 tiles and by 4 B on sm_80's 32×64 (owed).
-CNN_QWT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def build(name: str) -> nn.Module:
@@ -447,7 +444,7 @@ def _plan_group(group: Tuple[str, str, Tuple[Conversion, ...]]) -> Tuple[List[tu
                 continue
             on_meta = copy.deepcopy(converted).to("meta")
             del converted
-            for dtype in (CNN_QWT_DTYPES if spec.cnn and item.corrections == "qwt_conv" else DTYPES):
+            for dtype in DTYPES:
                 cast = copy.deepcopy(on_meta).to(dtype)
                 for target in TARGETS:
                     add(target, model_launches(spec, cast, target, dtype))

@@ -73,12 +73,9 @@ def test_what_a_model_launches_is_in_the_launch_table(name, config, scales, corr
     spec = SPECS[name]
     model_fp = _small(name).eval()
     model = launch_table.convert(spec, launch_table.quantize(spec, model_fp, config, scales), corrections, model_fp)
-    # The table plans CNNs with QwT in fp16 and bf16 only (launch_table.CNN_QWT_DTYPES)
-    dtype = torch.float16 if spec.cnn and corrections == "qwt_conv" else torch.float32
-    model = model.to(dtype)
     with recording() as launches, qk.use_backend("triton"), torch.no_grad():
         for shape in spec.call_shapes:
             inputs = launch_table.model_inputs(spec, shape, "cpu")
-            model(inputs if spec.text else inputs.to(dtype))
+            model(inputs)
     missing = sorted({launch_class(launch) for launch in launches} - classes)
     assert launches and not missing, "\n".join(missing[:5])

@@ -141,7 +141,9 @@ def test_sample_of_the_launch_table_compiles_and_passes(tmp_path):
     assert {row["arch"] for row in rows} == {80, 90}
     assert {row["kernel"] for row in rows} == {"fused_linear_kernel", "requantize_rows_kernel",
                                               "quantize_activation_kernel", "dwsep_down_kernel",
-                                              "quantized_attention_kernel", "rotate_quantize_kernel"}
+                                              "quantized_attention_kernel", "rotate_quantize_kernel",
+                                              "implicit_conv_kernel"}
+    assert {row["meta"]["QUANTIZE_IN_LOOP"] for row in rows if row["kernel"] == "implicit_conv_kernel"} == {True, False}
     metas = [row["meta"] for row in rows if row["kernel"] == "fused_linear_kernel"]
     for flag in ("MAIN_FP32", "LOWRANK_FP32", "FULLRANK_FP32", "GATHER", "SCATTER", "ZERO_PER_ROW", "REQUANT"):
         assert any(meta[flag] for meta in metas), flag

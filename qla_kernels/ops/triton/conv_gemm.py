@@ -55,8 +55,7 @@ def row_scales(a_scale_ptr, rows, mask_m, QUANTIZE_IN_LOOP: tl.constexpr):
 
 @triton.jit
 def window_codes(x_ptr, tap, offs_c, mask_m, mask_c, out_y, out_x, image_pixels, row_scale, HEIGHT, WIDTH, PAD_CODE,
-                 stride_xp, KERNEL_W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-                 PAD_H: tl.constexpr, PAD_W: tl.constexpr, DILATION_H: tl.constexpr, DILATION_W: tl.constexpr,
+                 stride_xp, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DILATION_H, DILATION_W,
                  QUANTIZE_IN_LOOP: tl.constexpr, QMAX: tl.constexpr):
     """int8 [BLOCK_M, len(offs_c)] codes of channels offs_c at window tap `tap` of each row: the
     loaded codes (the padding code outside the image), or the fp values quantized at the row's
@@ -75,16 +74,21 @@ def window_codes(x_ptr, tap, offs_c, mask_m, mask_c, out_y, out_x, image_pixels,
     return codes
 
 
-# Sizes that only bound masks and index arithmetic are not specialized: every layer's grid and
-# batch would otherwise compile its own kernels. C (alignment of the gathered rows) and the strides are.
-@triton.jit(do_not_specialize=["M", "R", "KC", "HEIGHT", "WIDTH", "OUT_H", "OUT_W", "PAD_CODE"])
+# The geometry and the sizes that only bound masks and index arithmetic are runtime values, never
+# specialized: otherwise every layer's window, grid and batch would compile kernels of its own
+# (and the ahead-of-time table would hold one model's geometries, not any model's). C (the
+# alignment of the gathered rows) and the strides are specialized.
+_RUNTIME_SIZES = ["M", "R", "KC", "HEIGHT", "WIDTH", "OUT_H", "OUT_W", "PAD_CODE", "KERNEL_H", "KERNEL_W", "STRIDE_H",
+                  "STRIDE_W", "PAD_H", "PAD_W", "DILATION_H", "DILATION_W"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def implicit_conv_kernel(
     x_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_colsum_ptr,
     t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,
     M, N, R, KC, CHANNELS, HEIGHT, WIDTH, OUT_H, OUT_W, PAD_CODE,
+    KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DILATION_H, DILATION_W,
     stride_xp, stride_wn, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
-    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DILATION_H: tl.constexpr, DILATION_W: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, QUANTIZE_IN_LOOP: tl.constexpr, QMAX: tl.constexpr,
     A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
     HAS_FULLRANK: tl.constexpr, LOWRANK_FP32: tl.constexpr, FULLRANK_FP32: tl.constexpr,
@@ -121,14 +125,13 @@ def implicit_conv_kernel(
                 REQUANT, RESIDUAL_FIRST, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-@triton.jit(do_not_specialize=["M", "R", "KC", "HEIGHT", "WIDTH", "OUT_H", "OUT_W", "PAD_CODE"])
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def depthwise_conv_kernel(
     x_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_colsum_ptr,
     t_ptr, u_ptr, xc_ptr, wc_ptr, bias_ptr, residual_ptr, out_ptr, row_absmax_ptr,
     M, N, R, KC, CHANNELS, HEIGHT, WIDTH, OUT_H, OUT_W, PAD_CODE,
+    KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DILATION_H, DILATION_W,
     stride_xp, stride_wn, stride_tm, stride_un, stride_xm, stride_wcn, stride_rm, stride_om,
-    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DILATION_H: tl.constexpr, DILATION_W: tl.constexpr,
     MULTIPLIER: tl.constexpr, QUANTIZE_IN_LOOP: tl.constexpr, QMAX: tl.constexpr,
     A_SCALE_PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
     HAS_FULLRANK: tl.constexpr, LOWRANK_FP32: tl.constexpr, FULLRANK_FP32: tl.constexpr,

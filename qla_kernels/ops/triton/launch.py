@@ -267,8 +267,6 @@ def conv_kernels(operands: FusedLinearOperands, geometry, act_bits: int, pad_cod
     (pad_h, pad_w), (dilation_h, dilation_w) = geometry.padding, geometry.dilation
     quantize_in_loop = x.dtype != torch.int8
     flags = dict(
-        KERNEL_H=kernel_h, KERNEL_W=kernel_w, STRIDE_H=stride_h, STRIDE_W=stride_w, PAD_H=pad_h, PAD_W=pad_w,
-        DILATION_H=dilation_h, DILATION_W=dilation_w,
         QUANTIZE_IN_LOOP=quantize_in_loop, QMAX=qrange(act_bits)[1] if quantize_in_loop else 0,  # unread for codes
         A_SCALE_PER_ROW=operands.a_scale.numel() == rows and quantize_in_loop,
         HAS_ZERO=operands.a_zero_point is not None,
@@ -284,6 +282,7 @@ def conv_kernels(operands: FusedLinearOperands, geometry, act_bits: int, pad_cod
         present(operands.fullrank_x), present(operands.fullrank_w), present(operands.bias),
         present(operands.residual), out, row_absmax,
         rows, n, lowrank_rank, fullrank_k, channels, height, width, out_h, out_w, pad_code,
+        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
         x.stride(2), operands.weight.stride(0), row_stride(operands.lowrank_t), row_stride(operands.lowrank_u),
         row_stride(operands.fullrank_x), row_stride(operands.fullrank_w), row_stride(operands.residual),
         out.stride(0),
@@ -306,8 +305,8 @@ def conv_kernels(operands: FusedLinearOperands, geometry, act_bits: int, pad_cod
 
     dtypes = tuple(_dtype_name(t) for t in (x, operands.lowrank_t, operands.fullrank_x, operands.bias,
                                              operands.residual)) + (str(operands.out_dtype),)
-    key = ("conv", m_bucket(rows), n, channels, tuple(sorted(flags.items())), dtypes)
-    candidates = conv_candidates(target, fp32_epilogue=lowrank_fp32 or fullrank_fp32, columns=n)
+    key = ("conv", m_bucket(rows), n, channels, geometry.kernel, geometry.stride, tuple(sorted(flags.items())), dtypes)
+    candidates = conv_candidates(target, lowrank_fp32 or fullrank_fp32, n, quantize_in_loop)
     _gemm_tuner.run(key, target, candidates, launch)
     return _finished(out, row_absmax, operands.requant_bits)
 

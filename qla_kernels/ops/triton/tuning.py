@@ -122,12 +122,21 @@ def gemm_candidates(target: Target, w4a16: bool = False, fp32_main: bool = False
     return SM80_W4A16_CONFIGS if w4a16 else SM80_GEMM_CONFIGS
 
 
-def conv_candidates(target: Target, fp32_epilogue: bool = False, columns: int = 0) -> Sequence[GemmConfig]:
-    """The implicit-GEMM convolution's configurations: the GEMM's without its 128×64 and 64×128
-    tiles at 4 warps, which spilled with the window addressing (4–108 B on sm_90 and sm_80 at
-    ResNet-50 and DETR launches, ptxas -v)."""
-    return tuple(config for config in gemm_candidates(target, fp32_epilogue=fp32_epilogue, columns=columns)
-                 if target.interpreter or not (config.num_warps == 4 and config.block_m * config.block_n == 8192))
+def conv_candidates(target: Target, fp32_epilogue: bool = False, columns: int = 0,
+                    quantize_in_loop: bool = False) -> Sequence[GemmConfig]:
+    """The implicit-GEMM convolution's configurations: the GEMM's without the tiles that spilled
+    with the window addressing (ptxas -v, ResNet-50 and DETR launches): 128×64 and 64×128 at 4
+    warps (4–108 B, sm_90 and sm_80); with an fp32 full-rank segment 128×128 on sm_90 (120–276 B)
+    and, quantizing in the loop, 32×64 on sm_80 (8 B)."""
+    def spills(config: GemmConfig) -> bool:
+        tile = config.block_m * config.block_n
+        if config.num_warps == 4 and tile == 8192:
+            return True
+        if fp32_epilogue and target.capability[0] >= 9:
+            return tile == 16384
+        return fp32_epilogue and quantize_in_loop and tile == 2048
+    candidates = gemm_candidates(target, fp32_epilogue=fp32_epilogue, columns=columns)
+    return candidates if target.interpreter else tuple(config for config in candidates if not spills(config))
 
 
 def m_bucket(m: int) -> int:
