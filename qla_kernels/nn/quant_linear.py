@@ -12,6 +12,7 @@ from .. import ops
 from . import forward_context
 from ..formats.weights import QuantizedWeight
 from ..ops.checks import FLOAT_DTYPES, check_tensor
+from ..ops.cpu import lowrank_panels
 from ..ops.linear_plan import LinearPlan
 from ..quant.config import QuantConfig
 from ..quant.primitives import qrange
@@ -304,7 +305,8 @@ class QuantLinear(nn.Module):
         base = self.runtime_plan
         up = lora.up if base.dtype is None else lora.up.to(base.dtype)
         lowrank_u = up if base.lowrank_u is None else torch.cat([base.lowrank_u, up], dim=1)
-        plan = dataclasses.replace(base, lowrank_u=lowrank_u.contiguous())
+        lowrank_u = lowrank_u.contiguous()
+        plan = dataclasses.replace(base, lowrank_u=lowrank_u, lowrank_u_panels=lowrank_panels(lowrank_u))
         plan.check()
         return plan
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..formats.weights import INTEGER_FORMATS, check_weight, panels_shape, weight_in_features
+from ..formats.weights import INTEGER_FORMATS, PANEL_COLUMNS, check_weight, panels_shape, weight_in_features
 from ..quant.hadamard import check_rotatable
 from ..quant.primitives import qrange
 from .operands import FusedLinearOperands
@@ -166,6 +166,11 @@ def check_fused_linear(operands: FusedLinearOperands) -> None:
 
     for rows_name, columns_name in (("lowrank_t", "lowrank_u"), ("fullrank_x", "fullrank_w")):
         _check_segment(operands, rows_name, columns_name, rows, out_features)
+    if operands.lowrank_u_panels is not None:
+        if operands.lowrank_u is None:
+            raise ValueError("lowrank_u_panels needs lowrank_u (they are its panels)")
+        check_tensor("lowrank_u_panels", operands.lowrank_u_panels, device=device, dtypes=(torch.float32,),
+                     shape=(-(-out_features // PANEL_COLUMNS), operands.lowrank_u.shape[1], PANEL_COLUMNS))
     check_tensor("bias", operands.bias, device=device, dtypes=FLOAT_DTYPES, shape=(out_features,))
     check_choice("activation", operands.activation, ACTIVATIONS)
     if operands.activation in GATED_ACTIVATIONS and out_features % 2:

@@ -242,6 +242,15 @@ def _panels_of_rows(u: Tensor) -> Tensor:
     return padded.reshape(-1, PANEL_COLUMNS, rank).transpose(1, 2).contiguous()
 
 
+def lowrank_panels(u: Optional[Tensor]) -> Optional[Tensor]:
+    """U [N, r] in the panels the epilogue reads (`_panels_of_rows`) when the `cpu` backend runs
+    its T·Uᵀ (a CPU U of rank <= EPILOGUE_MAX_RANK, the backend available), else None: what a
+    frozen plan holds, so that no call packs it again."""
+    if u is None or u.device.type != "cpu" or u.shape[1] > EPILOGUE_MAX_RANK or _status() is not None:
+        return None
+    return _panels_of_rows(u)
+
+
 def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
@@ -278,7 +287,10 @@ def fused_linear(operands: FusedLinearOperands) -> Tuple[Tensor, Tensor]:
         product = lowrank_t @ operands.lowrank_u.float().t()
         addend = product if addend is None else addend + product
         rank = 0
-    lowrank_u_panels = _panels_of_rows(operands.lowrank_u) if rank else None
+    lowrank_u_panels = None
+    if rank:
+        lowrank_u_panels = (operands.lowrank_u_panels if operands.lowrank_u_panels is not None
+                            else _panels_of_rows(operands.lowrank_u))
     residual = _fp32_rows(operands.residual)
     bias = _fp32_rows(operands.bias)  # held here: the kernel reads it after this line's temporaries are gone
     width = reference.output_features(columns, operands.activation)

@@ -20,7 +20,7 @@ import torch
 
 from ..formats.weights import QuantizedWeight
 from .checks import check_fused_linear, check_quantize_activation, check_rotation
-from .cpu import with_panels
+from .cpu import lowrank_panels, with_panels
 from .dispatch import implementation_for, resolve_backend
 from .operands import FusedLinearOperands, fused_linear_operands, gemm_zero_point
 
@@ -43,6 +43,9 @@ class LinearPlan:
     lowrank_u: Optional[torch.Tensor] = None
     fullrank_w: Optional[torch.Tensor] = None
     rotate: bool = False
+    # U in the CPU epilogue's panels, packed by `frozen` (None: the kernel packs U per call). A plan
+    # replaced with another U packs its own (`QuantLinear.plan_with`).
+    lowrank_u_panels: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
@@ -58,10 +61,12 @@ class LinearPlan:
         return self.weight.data.shape[0]
 
     def frozen(self) -> "LinearPlan":
-        """This plan validated (`check`), with its weight in the layout its device's kernels read
-        (the CPU panels, ops/cpu.py `with_panels`): what a converted model holds, built once."""
+        """This plan validated (`check`), with its weight and U in the layouts its device's kernels
+        read (the CPU panels, ops/cpu.py `with_panels`, `lowrank_panels`): what a converted model
+        holds, built once."""
         self.check()
-        return dataclasses.replace(self, weight=with_panels(self.weight))
+        return dataclasses.replace(self, weight=with_panels(self.weight),
+                                   lowrank_u_panels=lowrank_panels(self.lowrank_u))
 
     def check(self) -> None:
         """ValueError naming the first operand that does not fit (run once, when built)."""
@@ -85,7 +90,8 @@ class LinearPlan:
         return fused_linear_operands(a, a_scale, self.weight,
                                      a_zero_point=gemm_zero_point(self.input_zero_point, self.act_bits or 8), lowrank_t=lowrank_t,
                                      lowrank_u=self.lowrank_u, fullrank_x=fullrank_x, fullrank_w=self.fullrank_w,
-                                     bias=self.bias, residual=residual, out_dtype=out_dtype)
+                                     bias=self.bias, residual=residual, out_dtype=out_dtype,
+                                     lowrank_u_panels=self.lowrank_u_panels)
 
     def run(self, rows: torch.Tensor, lowrank_t: Optional[torch.Tensor] = None,
             fullrank_x: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -135,6 +141,6 @@ class LinearPlan:
             fullrank_x=fullrank_x, fullrank_w=self.fullrank_w, bias=self.bias, activation=activation,
             residual=residual, out_dtype=out_dtype, requant_bits=requant_bits, gather_rows=gather,
             scatter_rows=scatter, out_rows=out_rows, residual_before_activation=residual_before_activation,
-            requant_rotate=requant_rotate)
+            requant_rotate=requant_rotate, lowrank_u_panels=self.lowrank_u_panels)
         out, out_scale = implementation_for("fused_linear", resolve_backend(a.device), operands).eager(a)(operands)
         return (out, out_scale) if requant_bits else out

@@ -45,6 +45,7 @@ class FusedLinearOperands(NamedTuple):
     weight_panels: Optional[Tensor] = None  # the CPU kernels' packed weight (QuantizedWeight.panels)
     residual_before_activation: bool = False  # act(y + residual) instead of act(y) + residual
     requant_rotate: bool = False  # rotate each output row (y·R) before re-quantizing it
+    lowrank_u_panels: Optional[Tensor] = None  # the CPU kernels' U by panel (LinearPlan.lowrank_u_panels)
 
 
 def gemm_zero_point(zero_point: Optional[torch.Tensor], bits: int) -> Optional[torch.Tensor]:
@@ -60,8 +61,8 @@ def fused_linear_operands(a: Tensor, a_scale: Optional[Tensor], weight: Quantize
                           residual: Optional[Tensor] = None, out_dtype: torch.dtype = torch.float16,
                           requant_bits: int = 0, gather_rows: Optional[Tensor] = None,
                           scatter_rows: Optional[Tensor] = None, out_rows: Optional[int] = None,
-                          residual_before_activation: bool = False, requant_rotate: bool = False
-                          ) -> FusedLinearOperands:
+                          residual_before_activation: bool = False, requant_rotate: bool = False,
+                          lowrank_u_panels: Optional[Tensor] = None) -> FusedLinearOperands:
     """The schema filled from a QuantizedWeight and keyword segments (row maps as index tensors;
     `out_rows` defaults to the GEMM's rows): the one place a caller's arguments become operands."""
     if out_rows is None:
@@ -70,7 +71,7 @@ def fused_linear_operands(a: Tensor, a_scale: Optional[Tensor], weight: Quantize
         a, a_scale, a_zero_point, weight.data, weight.format, weight.scale, weight.group_scale, weight.zero,
         weight.k_group, weight.colsum, lowrank_t, lowrank_u, fullrank_x, fullrank_w, bias, activation, residual,
         out_dtype, requant_bits, gather_rows, scatter_rows, out_rows, weight.panels, residual_before_activation,
-        requant_rotate)
+        requant_rotate, lowrank_u_panels)
 
 
 def _signature() -> inspect.Signature:

@@ -301,6 +301,33 @@ def test_fused_linear_property(m, n_half, k, kind, rank, fullrank, zero, activat
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("rank", [1, 8, 17])
+def test_frozen_plan_packs_u_once_and_runs_as_the_unpacked_call(rank):
+    """A frozen plan holds U in the epilogue's panels (up to the epilogue's rank; above it sgemm
+    forms T·Uᵀ and there is nothing to pack): its calls equal the op's, which packs per call, bit
+    for bit; a plan given another U packs its own."""
+    from qla_kernels.ops.linear_plan import LinearPlan
+    generator = torch.Generator().manual_seed(rank)
+    weight = random_weight("int8", 40, 64)
+    a, a_scale = random_int8(9, 64)
+    u, t = torch.randn(40, rank, generator=generator), torch.randn(9, rank, generator=generator)
+    plan = LinearPlan(weight, 8, lowrank_u=u).frozen()
+    if rank > cpu.EPILOGUE_MAX_RANK:
+        assert plan.lowrank_u_panels is None
+    else:
+        assert torch.equal(plan.lowrank_u_panels, cpu.lowrank_panels(u))
+    with qk.use_backend("cpu"), torch.no_grad():
+        expected = ops.fused_linear(a, a_scale, plan.weight, lowrank_t=t, lowrank_u=u, out_dtype=torch.float32)
+        assert torch.equal(plan.fused(a, a_scale, None, lowrank_t=t, out_dtype=torch.float32), expected)
+        other = dataclasses.replace(plan, lowrank_u=-u, lowrank_u_panels=cpu.lowrank_panels(-u))
+        assert torch.equal(other.fused(a, a_scale, None, lowrank_t=t, out_dtype=torch.float32),
+                           ops.fused_linear(a, a_scale, plan.weight, lowrank_t=t, lowrank_u=-u, out_dtype=torch.float32))
+        stale = dataclasses.replace(plan, lowrank_u=u[:, :1].contiguous(), lowrank_u_panels=cpu.lowrank_panels(u))
+        if rank > 1 and rank <= cpu.EPILOGUE_MAX_RANK:
+            with pytest.raises(ValueError, match="lowrank_u_panels must have shape"):
+                stale.check()
+
+
 def test_bad_input_is_a_value_error():
     weight = random_weight("int8", 16, 32)
     a, a_scale = random_int8(4, 32)
