@@ -676,22 +676,25 @@ inline __m256 round_weight(__m256 w) {
 // group's zero point subtracted (q − z exact). For fp32 activations the group scale is one
 // multiply-add per group and row; for fp16 / bf16 ones each weight is (q − z)·s rounded to that
 // dtype first, the reference's numbers. Even and odd k, and two chunks of 16, accumulate apart:
-// four independent chains per row, so that one row (decode) is not bound by the latency of its adds.
+// four independent chains per row, so that one row (decode) is not bound by the latency of its adds;
+// with more rows two per row (four each took more than AVX2's 16 registers: 17% slower at M >= 4).
 template <int Rows, int Rounding>
 void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scale, const uint8_t* zero, int64_t group,
                   float* out_column, int64_t out_stride) {
+  constexpr int kChains = Rows > 1 ? 2 : 4;
   const __m256i low_mask = _mm256_set1_epi32(0xF);
   __m256 total[Rows];
   for (int r = 0; r < Rows; ++r) total[r] = _mm256_setzero_ps();
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 part[Rows][4];
+    __m256 part[Rows][kChains];
     for (int r = 0; r < Rows; ++r)
-      for (int j = 0; j < 4; ++j) part[r][j] = _mm256_setzero_ps();
+      for (int j = 0; j < kChains; ++j) part[r][j] = _mm256_setzero_ps();
     const int64_t end = (g + 1) * group;
     const __m256 z = _mm256_set1_ps(static_cast<float>(zero[g]));
     const __m256 s = _mm256_set1_ps(scale[g]);
-    auto chunk = [&](int64_t c, int chain) {
+    auto chunk = [&](int64_t c, int pair) {
+      const int chain = kChains == 4 ? pair : 0;
       const uint8_t* source = w + (static_cast<uint64_t>(c) >> 1);
       // Decode streams each weight byte once from DRAM: ask for the line 1 KB ahead (the hardware
       // prefetcher alone left the loop waiting on memory: 4.7 GB/s of weights, measured), once a
@@ -718,7 +721,9 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
     }
     if (c < end) chunk(c, 0);
     for (int r = 0; r < Rows; ++r) {
-      const __m256 sum = _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_add_ps(part[r][2], part[r][3]));
+      const __m256 sum = kChains == 4 ? _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]),
+                                                      _mm256_add_ps(part[r][2], part[r][kChains - 1]))
+                                      : _mm256_add_ps(part[r][0], part[r][1]);
       total[r] = Rounding == kFp32 ? _mm256_fmadd_ps(sum, s, total[r]) : _mm256_add_ps(sum, total[r]);
     }
   }
@@ -737,10 +742,16 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
 // the multiply-adds: a third of the instructions per weight of the 256-bit form, which bound decode
 // at a third of the memory bandwidth. The table holds q − z (fp32 activations: the group scale
 // after the sum, as there) or (q − z)·s rounded to the activation dtype, the values the 256-bit
-// form computes per weight. x deinterleaved per 32 k (16 even k, 16 odd).
+// form computes per weight. x deinterleaved per 32 k (16 even k, 16 odd). Columns > 1 share each
+// load of x: at M = 16 one column at a time streamed the 16 rows of x from L2 once per weight
+// column and per row block, bound by L2 (4.8 ms for 4096 -> 4096, where its instructions take 2).
+// Four chains per (column, row) sum hide the multiply-add latency of decode's one or two rows;
+// more rows take two each, which keeps 4 rows × 2 columns in the 32 registers. The chains depend
+// on Rows only: a column sums alike alone or paired, whichever thread's range it ends.
 template <int Rows, int Columns, int Rounding>
 void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* scale, const uint8_t* zero,
                     int64_t group, float* out_column, int64_t out_stride) {
+  constexpr int kChains = Rows > 2 ? 2 : 4;
   const __m256 low_codes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 high_codes = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
   const int64_t groups = k / group, row_bytes = k / 2;
@@ -748,11 +759,11 @@ void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* sc
   for (int n = 0; n < Columns; ++n)
     for (int r = 0; r < Rows; ++r) total[n][r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[Columns][Rows][4];
+    __m512 part[Columns][Rows][kChains];
     __m512 table[Columns], s[Columns];
     for (int n = 0; n < Columns; ++n) {
       for (int r = 0; r < Rows; ++r)
-        for (int j = 0; j < 4; ++j) part[n][r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < kChains; ++j) part[n][r][j] = _mm512_setzero_ps();
       s[n] = _mm512_set1_ps(scale[n * groups + g]);
       // The 16 values in two halves, each as the 256-bit form computes a weight.
       const __m256 z = _mm256_set1_ps(static_cast<float>(zero[n * groups + g]));
@@ -764,7 +775,8 @@ void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* sc
       }
       table[n] = _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
     }
-    auto chunk = [&](int64_t c, int chain) {
+    auto chunk = [&](int64_t c, int pair) {
+      const int chain = kChains == 4 ? pair : 0;
       for (int n = 0; n < Columns; ++n) {
         const uint8_t* source = w + n * row_bytes + (c >> 1);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
@@ -789,8 +801,9 @@ void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* sc
     if (c < end) chunk(c, 0);
     for (int n = 0; n < Columns; ++n)
       for (int r = 0; r < Rows; ++r) {
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[n][r][0], part[n][r][1]),
-                                         _mm512_add_ps(part[n][r][2], part[n][r][3]));
+        const __m512 sum = kChains == 4 ? _mm512_add_ps(_mm512_add_ps(part[n][r][0], part[n][r][1]),
+                                                        _mm512_add_ps(part[n][r][2], part[n][r][kChains - 1]))
+                                        : _mm512_add_ps(part[n][r][0], part[n][r][1]);
         total[n][r] = Rounding == kFp32 ? _mm512_fmadd_ps(sum, s[n], total[n][r]) : _mm512_add_ps(sum, total[n][r]);
       }
   }
@@ -829,11 +842,20 @@ void w4a16_rows_rounded(const float* x_natural, int64_t rows, int64_t k, const u
     const float* s = scale + n * groups;
     const uint8_t* z = zero + n * groups;
 #ifdef __AVX512F__
-    // Decode (one or two rows): two weight rows at a time, two streams and twice the sums in flight
-    // (4096 -> 14336 at M = 1 from DRAM: 14.2 -> 16.2 GB/s; four rows at a time fell to 12.5).
-    if (wide && rows <= 2 && n + 1 < n1) {
-      if (rows == 2) w4a16_column16<2, 2, Rounding>(x, k, w, s, z, group, out + n, out_stride);
-      else w4a16_column16<1, 2, Rounding>(x, k, w, s, z, group, out + n, out_stride);
+    // Two weight rows at a time: in decode two streams and twice the sums in flight (4096 -> 14336
+    // at M = 1 from DRAM: 14.2 -> 16.2 GB/s; four weight rows at a time fell to 12.5), at more rows
+    // each load of x serving both.
+    if (wide && n + 1 < n1) {
+      for (int64_t m = 0; m < rows; m += kRowBlock) {
+        const float* xm = x + m * k;
+        float* column = out + m * out_stride + n;
+        switch (std::min<int64_t>(kRowBlock, rows - m)) {
+          case 4: w4a16_column16<4, 2, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+          case 3: w4a16_column16<3, 2, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+          case 2: w4a16_column16<2, 2, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+          default: w4a16_column16<1, 2, Rounding>(xm, k, w, s, z, group, column, out_stride); break;
+        }
+      }
       ++n;
       continue;
     }
@@ -1062,90 +1084,137 @@ void attention_heads_impl(const AttentionProblem& p, int64_t task0, int64_t task
 
 // ---- QLA's DW-separable down path (IsaKernels::dwsep_rows) ----
 
-// Σ_d x[d]·w[j·dim + d] for Ranks rows j of w: independent sums in whole lanes, then the tail.
-template <int Ranks>
-inline void dot_ranks(const float* x, const float* w, int64_t dim, float* out) {
+// Σ_d x_i[d]·w[j·dim + d] for Rows rows x_i and Ranks rows j of w: Rows × Ranks independent sums
+// in whole lanes, then each sum's tail. Each sum sees the same operations in the same order whatever
+// Rows is (the same bits); the rows share each load of w (one row at a time, two loads per
+// multiply-add, left the down-projections bound by their loads).
+template <int Rows, int Ranks>
+inline void dot_ranks(const float* const* x, const float* w, int64_t dim, float* const* out) {
   const int64_t whole = dim / kLanes * kLanes;
-  Lanes acc[Ranks] = {};
+  Lanes acc[Rows][Ranks] = {};
   for (int64_t d = 0; d < whole; d += kLanes) {
-    const Lanes v = load_lanes(x + d);
-    for (int j = 0; j < Ranks; ++j) acc[j] = multiply_add(v, load_lanes(w + j * dim + d), acc[j]);
+    Lanes wj[Ranks];
+    for (int j = 0; j < Ranks; ++j) wj[j] = load_lanes(w + j * dim + d);
+    for (int i = 0; i < Rows; ++i) {
+      const Lanes v = load_lanes(x[i] + d);
+      for (int j = 0; j < Ranks; ++j) acc[i][j] = multiply_add(v, wj[j], acc[i][j]);
+    }
   }
-  for (int j = 0; j < Ranks; ++j) {
-    float total = lanes_total(acc[j]);
-    for (int64_t d = whole; d < dim; ++d) total = std::fma(x[d], w[j * dim + d], total);
-    out[j] = total;
+  for (int i = 0; i < Rows; ++i)
+    for (int j = 0; j < Ranks; ++j) {
+      float total = lanes_total(acc[i][j]);
+      for (int64_t d = whole; d < dim; ++d) total = std::fma(x[i][d], w[j * dim + d], total);
+      out[i][j] = total;
+    }
+}
+
+// Rows (at most kProjectRows) of rank values out_i = x_i·wᵀ for w [rank][dim], 4 ranks at a time:
+// Rows × 4 sums within the vector registers (16 of AVX2, 32 of AVX-512).
+constexpr int kProjectRows = kLanes == 16 ? 4 : 2;
+
+template <int Rows>
+inline void project_ranks(const float* const* x, const float* w, int64_t dim, int64_t rank, float* const* out) {
+  float* at[Rows];
+  int64_t j = 0;
+  for (; j + 4 <= rank; j += 4) {
+    for (int i = 0; i < Rows; ++i) at[i] = out[i] + j;
+    dot_ranks<Rows, 4>(x, w + j * dim, dim, at);
   }
+  for (; j < rank; ++j) {
+    for (int i = 0; i < Rows; ++i) at[i] = out[i] + j;
+    dot_ranks<Rows, 1>(x, w + j * dim, dim, at);
+  }
+}
+
+// `rows` (1 to kProjectRows) rows at a time.
+inline void project_group(const float* const* x, int rows, const float* w, int64_t dim, int64_t rank,
+                          float* const* out) {
+  if constexpr (kProjectRows == 4) {
+    if (rows == 4) return project_ranks<4>(x, w, dim, rank, out);
+    if (rows == 3) return project_ranks<3>(x, w, dim, rank, out);
+  }
+  if (rows == 2) return project_ranks<2>(x, w, dim, rank, out);
+  project_ranks<1>(x, w, dim, rank, out);
 }
 
 void dwsep_rows_impl(const DwsepProblem& p, int64_t row0, int64_t row1) {
   const int64_t dim = p.dim, whole = dim / kLanes * kLanes;
   // The taps by position, [9][dim] (zero where a 1-D conv has none), so each is read in lanes.
-  std::vector<float> taps(9 * dim, 0.0f), mixed(dim);
+  std::vector<float> taps(9 * dim, 0.0f), mixed(kProjectRows * dim);
   for (int64_t d = 0; d < dim; ++d)
     for (int t = 0; t < p.taps; ++t) taps[(p.taps == 9 ? t : 3 + t) * dim + d] = p.dw_weight[d * p.taps + t];
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t s = row / p.tokens, i = row % p.tokens;
-    const float* h = p.h + row * p.h_stride;
-    if (i < p.prefix) {
-      std::memcpy(mixed.data(), h, sizeof(float) * dim);
-    } else {
-      // The neighbours inside the grid, in tap order: their rows, taps and mask factors.
-      const int64_t pixel = i - p.prefix, y = pixel / p.width, x = pixel % p.width;
-      const float* near[9];
-      const float* tap[9];
-      float keep[9];
-      int count = 0;
-      for (int ky = 0; ky < 3; ++ky) {
-        const int64_t yy = y + ky - 1;
-        if (yy < 0 || yy >= p.height) continue;
-        for (int kx = 0; kx < 3; ++kx) {
-          const int64_t xx = x + kx - 1;
-          if (xx < 0 || xx >= p.width) continue;
-          const int64_t near_pixel = yy * p.width + xx;
-          near[count] = p.h + (s * p.tokens + p.prefix + near_pixel) * p.h_stride;
-          tap[count] = taps.data() + (ky * 3 + kx) * dim;
-          keep[count] = p.token_mask ? p.token_mask[s * p.height * p.width + near_pixel] : 1.0f;
-          ++count;
+  // kProjectRows rows at a time: each one's conv and GELU, then their down-projections together.
+  for (int64_t group0 = row0; group0 < row1; group0 += kProjectRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kProjectRows, row1 - group0));
+    const float* mixed_rows[kProjectRows];
+    float* out_rows[kProjectRows];
+    for (int g = 0; g < rows; ++g) {
+      const int64_t row = group0 + g;
+      float* m = mixed.data() + g * dim;
+      mixed_rows[g] = m;
+      out_rows[g] = p.out + row * p.rank;
+      const int64_t s = row / p.tokens, i = row % p.tokens;
+      const float* h = p.h + row * p.h_stride;
+      if (i < p.prefix) {
+        std::memcpy(m, h, sizeof(float) * dim);
+      } else {
+        // The neighbours inside the grid, in tap order: their rows, taps and mask factors.
+        const int64_t pixel = i - p.prefix, y = pixel / p.width, x = pixel % p.width;
+        const float* near[9];
+        const float* tap[9];
+        float keep[9];
+        int count = 0;
+        for (int ky = 0; ky < 3; ++ky) {
+          const int64_t yy = y + ky - 1;
+          if (yy < 0 || yy >= p.height) continue;
+          for (int kx = 0; kx < 3; ++kx) {
+            const int64_t xx = x + kx - 1;
+            if (xx < 0 || xx >= p.width) continue;
+            const int64_t near_pixel = yy * p.width + xx;
+            near[count] = p.h + (s * p.tokens + p.prefix + near_pixel) * p.h_stride;
+            tap[count] = taps.data() + (ky * 3 + kx) * dim;
+            keep[count] = p.token_mask ? p.token_mask[s * p.height * p.width + near_pixel] : 1.0f;
+            ++count;
+          }
+        }
+        // Each chunk's sum in a register over the neighbours (bias first, then the taps in order);
+        // with a mask the masked value, then the tap: the reference's two roundings.
+        for (int64_t d = 0; d < whole; d += kLanes) {
+          Lanes sum = p.dw_bias ? load_lanes(p.dw_bias + d) : broadcast_lanes(0.0f);
+          for (int n = 0; n < count; ++n) {
+            const Lanes value = p.token_mask ? load_lanes(near[n] + d) * broadcast_lanes(keep[n])
+                                             : load_lanes(near[n] + d);
+            sum = multiply_add(load_lanes(tap[n] + d), value, sum);
+          }
+          store_lanes(m + d, sum);
+        }
+        for (int64_t d = whole; d < dim; ++d) {
+          float sum = p.dw_bias ? p.dw_bias[d] : 0.0f;
+          for (int n = 0; n < count; ++n)
+            sum = std::fma(tap[n][d], p.token_mask ? near[n][d] * keep[n] : near[n][d], sum);
+          m[d] = sum;
         }
       }
-      // Each chunk's sum in a register over the neighbours (bias first, then the taps in order);
-      // with a mask the masked value, then the tap: the reference's two roundings.
-      float* m = mixed.data();
-      for (int64_t d = 0; d < whole; d += kLanes) {
-        Lanes sum = p.dw_bias ? load_lanes(p.dw_bias + d) : broadcast_lanes(0.0f);
-        for (int n = 0; n < count; ++n) {
-          const Lanes value = p.token_mask ? load_lanes(near[n] + d) * broadcast_lanes(keep[n])
-                                           : load_lanes(near[n] + d);
-          sum = multiply_add(load_lanes(tap[n] + d), value, sum);
-        }
-        store_lanes(m + d, sum);
-      }
-      for (int64_t d = whole; d < dim; ++d) {
-        float sum = p.dw_bias ? p.dw_bias[d] : 0.0f;
-        for (int n = 0; n < count; ++n)
-          sum = std::fma(tap[n][d], p.token_mask ? near[n][d] * keep[n] : near[n][d], sum);
-        m[d] = sum;
-      }
+      activate(m, dim, kGelu);
     }
-    activate(mixed.data(), dim, kGelu);
-    float* out = p.out + row * p.rank;
-    int64_t j = 0;
-    for (; j + 4 <= p.rank; j += 4) dot_ranks<4>(mixed.data(), p.down_weight + j * dim, dim, out + j);
-    for (; j < p.rank; ++j) dot_ranks<1>(mixed.data(), p.down_weight + j * dim, dim, out + j);
+    project_group(mixed_rows, rows, p.down_weight, dim, p.rank, out_rows);
     if (p.down_bias)
-      for (int64_t r = 0; r < p.rank; ++r) out[r] += p.down_bias[r];
+      for (int g = 0; g < rows; ++g)
+        for (int64_t r = 0; r < p.rank; ++r) out_rows[g][r] += p.down_bias[r];
   }
 }
 
 void project_rows_impl(const float* x, int64_t x_stride, int64_t m0, int64_t m1, int64_t k, const float* a_t,
                        int64_t rank, float* t) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* row = x + m * x_stride;
-    float* out = t + m * rank;
-    int64_t j = 0;
-    for (; j + 4 <= rank; j += 4) dot_ranks<4>(row, a_t + j * k, k, out + j);
-    for (; j < rank; ++j) dot_ranks<1>(row, a_t + j * k, k, out + j);
+  for (int64_t group0 = m0; group0 < m1; group0 += kProjectRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kProjectRows, m1 - group0));
+    const float* x_rows[kProjectRows];
+    float* t_rows[kProjectRows];
+    for (int g = 0; g < rows; ++g) {
+      x_rows[g] = x + (group0 + g) * x_stride;
+      t_rows[g] = t + (group0 + g) * rank;
+    }
+    project_group(x_rows, rows, a_t, k, rank, t_rows);
   }
 }
 

@@ -217,9 +217,10 @@ def test_results_do_not_depend_on_the_thread_count(path):
                                             ops.fused_linear(a, a_scale, weight, activation="swiglu", requant_bits=8)))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(x, y) for x, y in zip(results[0][1], results[1][1]))
-    # W4A16 decode: columns split between threads (pairs of weight rows at M <= 2 on AVX-512).
+    # W4A16 decode: columns split between threads (on AVX-512 pairs of weight rows, and an odd
+    # range's last column alone), row blocks of 4 and a remainder.
     w4a16 = random_weight("uint4_asym_groups", 37, 256, group=64)
-    for rows in (1, 2, 3):
+    for rows in (1, 2, 3, 5, 16):
         x = torch.randn(rows, 256)
         with qk.use_backend("cpu"), cpu.using_isa(path):
             one, two = at_thread_counts(lambda: ops.fused_linear(x, None, w4a16, out_dtype=torch.float32))
