@@ -480,12 +480,14 @@ void lowrank_rows(const Problem& p, int64_t m0, int r0, int64_t n0, float* lowra
   const float* t[Rows];
   for (int r = 0; r < Rows; ++r) {
     const int64_t dest = p.destination(m0 + r0 + r);
-    t[r] = dest >= 0 ? p.lowrank_t + dest * p.t_stride : nullptr;  // a dropped row's sums are never read
+    // A dropped row reads T's first row: its sums are never read, and every row's broadcast stays
+    // a load (a select before it made it a shuffle, on the ports the multiply-adds use).
+    t[r] = p.lowrank_t + (dest >= 0 ? dest : 0) * p.t_stride;
   }
   Lanes sums[Rows][Chunks][kParts] = {};
   for (int64_t j = 0; j < p.rank; ++j) {
     Lanes tj[Rows];
-    for (int r = 0; r < Rows; ++r) tj[r] = broadcast_lanes(t[r] ? t[r][j] : 0.0f);
+    for (int r = 0; r < Rows; ++r) tj[r] = broadcast_lanes(t[r][j]);
 #pragma GCC unroll 4
     for (int c = 0; c < Chunks; ++c)
 #pragma GCC unroll 2
@@ -500,10 +502,11 @@ void lowrank_rows(const Problem& p, int64_t m0, int r0, int64_t n0, float* lowra
         store_lanes(lowrank + (r0 + r) * kMaxTileColumns + c * kPanelColumns + h * kLanes, sums[r][c][h]);
 }
 
-// About 8 chains in flight: within the 16 vector registers of AVX2 and the 32 of AVX-512.
+// About 8 chains in flight with AVX2's 16 vector registers, 16 with AVX-512's 32.
 template <int Chunks>
 void lowrank_tile_of(const Problem& p, int64_t m0, int rows, int64_t n0, float* lowrank) {
-  constexpr int kGroup = std::max(1, 8 / (Chunks * (kPanelColumns / kLanes)));
+  constexpr int kChains = kLanes == 16 ? 16 : 8;
+  constexpr int kGroup = std::max(1, kChains / (Chunks * (kPanelColumns / kLanes)));
   int r = 0;
   for (; r + kGroup <= rows; r += kGroup) lowrank_rows<Chunks, kGroup>(p, m0, r, n0, lowrank);
   for (; r < rows; ++r) lowrank_rows<Chunks, 1>(p, m0, r, n0, lowrank);

@@ -196,6 +196,11 @@ def test_row_maps(path):
         for e, x in zip(expected if isinstance(expected, tuple) else (expected,),
                         actual if isinstance(actual, tuple) else (actual,)):
             assert torch.equal(x, e)
+    # T·Uᵀ is read at the destination rows: a dropped row's (computed, never stored) reads nothing past T.
+    t, u = torch.randn(10, 4), torch.randn(32, 4)
+    expected, actual = _both(lambda: ops.fused_linear(a, a_scale, weight, scatter_rows=dropping, out_rows=10,
+                                                      lowrank_t=t, lowrank_u=u, out_dtype=torch.float32), path)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # Padding rows under a per-tensor scale and zero point are the value zero: the bias alone.
     weight = random_weight("int8", 32, 64)
     weight = dataclasses.replace(weight, colsum=weight.integer().sum(dim=1, dtype=torch.int32))
