@@ -724,9 +724,8 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
     }
     if (c < end) chunk(c, 0);
     for (int r = 0; r < Rows; ++r) {
-      const __m256 sum = kChains == 4 ? _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]),
-                                                      _mm256_add_ps(part[r][2], part[r][kChains - 1]))
-                                      : _mm256_add_ps(part[r][0], part[r][1]);
+      __m256 sum = _mm256_add_ps(part[r][0], part[r][1]);
+      if constexpr (kChains == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(part[r][2], part[r][3]));
       total[r] = Rounding == kFp32 ? _mm256_fmadd_ps(sum, s, total[r]) : _mm256_add_ps(sum, total[r]);
     }
   }
@@ -747,7 +746,7 @@ void w4a16_column(const float* x, int64_t k, const uint8_t* w, const float* scal
 // after the sum, as there) or (q − z)·s rounded to the activation dtype, the values the 256-bit
 // form computes per weight. x deinterleaved per 32 k (16 even k, 16 odd). Columns > 1 share each
 // load of x: at M = 16 one column at a time streamed the 16 rows of x from L2 once per weight
-// column and per row block, bound by L2 (4.8 ms for 4096 -> 4096, where its instructions take 2).
+// column and per row block, bound by L2 (4.8 ms for 4096 -> 4096 at M = 16, 2 threads).
 // Four chains per (column, row) sum hide the multiply-add latency of decode's one or two rows;
 // more rows take two each, which keeps 4 rows × 2 columns in the 32 registers. The chains depend
 // on Rows only: a column sums alike alone or paired, whichever thread's range it ends.
@@ -804,9 +803,8 @@ void w4a16_column16(const float* x, int64_t k, const uint8_t* w, const float* sc
     if (c < end) chunk(c, 0);
     for (int n = 0; n < Columns; ++n)
       for (int r = 0; r < Rows; ++r) {
-        const __m512 sum = kChains == 4 ? _mm512_add_ps(_mm512_add_ps(part[n][r][0], part[n][r][1]),
-                                                        _mm512_add_ps(part[n][r][2], part[n][r][kChains - 1]))
-                                        : _mm512_add_ps(part[n][r][0], part[n][r][1]);
+        __m512 sum = _mm512_add_ps(part[n][r][0], part[n][r][1]);
+        if constexpr (kChains == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(part[n][r][2], part[n][r][3]));
         total[n][r] = Rounding == kFp32 ? _mm512_fmadd_ps(sum, s[n], total[n][r]) : _mm512_add_ps(sum, total[n][r]);
       }
   }
