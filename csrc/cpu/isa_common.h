@@ -164,21 +164,31 @@ inline Lanes exp_lanes(Lanes x) {
   return exp_in_range(min_lanes(broadcast_lanes(80.0f), max_lanes(broadcast_lanes(-80.0f), x)));
 }
 
-// GELU(x) = 0.5·x·(1 + erf(x/√2)) = max(x, 0) − |x|·erfc(|x|/√2)/2, erfc(z) by Abramowitz & Stegun
-// 7.1.26, t·P(t)·exp(−z²) with t = 1 / (1 + 0.3275911·z) (absolute error below 1.5e-7: the erf of
-// ATen's vectorized GELU, which the reference calls; P here halved), in erfc's form so that
-// 1 + erf(x) does not cancel in the negative tail. Numerical Recipes' erfcc (1.2e-7 relative, a
-// 10-term polynomial) cost 1.5x as much.
+// GELU(x) = 0.5·x·(1 + erf(x/√2)) = max(x, 0) − |x|·erfc(|x|/√2)/2 (erfc's form, so that 1 + erf(x)
+// does not cancel in the negative tail), erfc(z) = 1 / (1 + a1·z + … + a6·z⁶)¹⁶ by Abramowitz &
+// Stegun 7.1.28 (absolute error below 3e-7): a polynomial, four squarings and a reciprocal estimate
+// with a Newton step, 18 vector operations where 7.1.26 (ATen's vectorized erf: t·P(t)·exp(−z²))
+// took 31. GELU's absolute error: 7.1e-7 at most against erf in double, 3.3e-7 with 7.1.26
+// (measured over [-12, 12] in 2^20 steps); GELU 33% faster (AVX-512) and 38% (AVX2), which is 40%
+// of fc1's epilogue and most of QLA's DW-separable path. z is clamped to 9 (erfc(9) ≈ 4e-37), so
+// the power stays finite and normal: no infinity into the Newton step, no subnormal assists;
+// below x ≈ −12.7 GELU is then a normal number of size |x|·1e-28 instead of zero. NaN stays NaN
+// (the min keeps it), ±inf give non-finite results as torch's do.
 inline Lanes gelu_lanes(Lanes x) {
   const Lanes magnitude = int_bits_as_lanes(lanes_as_int_bits(x) & 0x7fffffff);
-  const Lanes z = magnitude * broadcast_lanes(0.707106781186547524f);
-  const Lanes t = reciprocal_lanes(multiply_add(broadcast_lanes(0.3275911f), z, broadcast_lanes(1.0f)));
-  Lanes p = broadcast_lanes(0.5307027145f);
-  p = multiply_add(p, t, broadcast_lanes(-0.7265760135f));
-  p = multiply_add(p, t, broadcast_lanes(0.7107068705f));
-  p = multiply_add(p, t, broadcast_lanes(-0.142248368f));
-  p = multiply_add(p, t, broadcast_lanes(0.127414796f));
-  const Lanes half_erfc = p * t * exp_in_range(max_lanes(broadcast_lanes(-80.0f), -(z * z)));
+  const Lanes z = min_lanes(broadcast_lanes(9.0f), magnitude * broadcast_lanes(0.707106781186547524f));
+  Lanes p = broadcast_lanes(0.0000430638f);
+  p = multiply_add(p, z, broadcast_lanes(0.0002765672f));
+  p = multiply_add(p, z, broadcast_lanes(0.0001520143f));
+  p = multiply_add(p, z, broadcast_lanes(0.0092705272f));
+  p = multiply_add(p, z, broadcast_lanes(0.0422820123f));
+  p = multiply_add(p, z, broadcast_lanes(0.0705230784f));
+  p = multiply_add(p, z, broadcast_lanes(1.0f));
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  const Lanes half_erfc = reciprocal_lanes(p + p);
   return multiply_add(-magnitude, half_erfc, max_lanes(broadcast_lanes(0.0f), x));
 }
 
