@@ -403,6 +403,28 @@ def test_w4a16_decode(path, m, group, dtype):
     assert int((actual[0].int() - expected[0].int()).abs().max()) <= 1
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("group", [16, 128])
+def test_w4a16_fp32_error_bound_with_offset_activations(path, m, group):
+    """fp32 W4A16 sums q·x and takes z·Σx per group (the 256-bit form) or sums (q − z)·x (the
+    lookup form): either way each group's sums are within n·eps·Σ(q + z)·|x| of exact, n the terms
+    of the longest chain (< K): the bound here, 2·K·eps·Σ_g s_g·Σ_k (q + z)·|x|, against fp64.
+    Activations far from zero (a common offset of 30, as after a shift) make Σq·x and z·Σx cancel."""
+    n, k = 24, 512
+    weight = random_weight("uint4_asym_groups", n, k, group=group, seed=1)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)) + 30
+    with qk.use_backend("cpu"), cpu.using_isa(path):
+        actual = ops.fused_linear(x, None, weight, out_dtype=torch.float32)
+    exact = x.double() @ weight.dequantize().double().t()
+    codes = qk.formats.int4.unpack_int4(weight.data, signed=False).double()
+    zero = weight.zero.double().repeat_interleave(group, dim=1)
+    scale = weight.scale.double().repeat_interleave(group, dim=1)
+    magnitude = x.double().abs() @ ((codes + zero) * scale).t()
+    bound = 2 * k * torch.finfo(torch.float32).eps * magnitude
+    assert bool(((actual.double() - exact).abs() <= bound).all())
+
+
 def test_w4a16_beyond_decode_runs_on_the_reference():
     weight = random_weight("uint4_asym_groups", 32, 64, group=16)
     operands = ops.fused_linear_operands(torch.randn(17, 64), None, weight)
