@@ -255,6 +255,29 @@ def test_quantize_activation_is_exact(path, shape, dtype):
     assert all(torch.equal(e, r) for e, r in zip(expected, actual))
 
 
+@given(exponent=st.integers(-60, 60), mantissa=st.floats(1.0, 2.0, exclude_max=True), bits=st.sampled_from([8, 4]),
+       zero=st.integers(-8, 7), seed=st.integers(0, 10_000))
+@examples(40)
+def test_quantize_activation_is_exact_at_half_integer_quotients(exponent, mantissa, bits, zero, seed):
+    """The kernels round v·(1/s) and divide only near k + 1/2 (csrc/cpu quantize_values): values a
+    few ulps either side of (k + 1/2)·s, and exactly on it, at scales from 2^-60 to 2^60, give the
+    reference's codes (rint(v / s): round half to even of the fp32 quotient), static and dynamic."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([mantissa * 2.0 ** exponent], dtype=torch.float32)
+    halves = torch.randint(-140, 140, (4, 64), generator=generator).float() + 0.5
+    x = halves * scale
+    for ulps in (1, 2, 3):  # nudged ulps at a time, up and down, in place of some of them
+        x[:, ulps::8] = torch.nextafter(x[:, ulps::8], torch.full_like(x[:, ulps::8], float("inf")))
+        x[:, 4 + ulps::8] = torch.nextafter(x[:, 4 + ulps::8], torch.full_like(x[:, 4 + ulps::8], -float("inf")))
+    x[3] = torch.randn(64, generator=generator) * scale * 60
+    for path in PATHS:
+        for kwargs in (dict(static_scale=scale), dict(static_scale=scale, zero_point=torch.tensor([zero], dtype=torch.int8)),
+                       {}):
+            expected, actual = _both(lambda: ops.quantize_activation(x, bits, **kwargs), path)
+            for e, r in zip(expected, actual):
+                assert torch.equal(r, e)
+
+
 @given(n=st.integers(1, 40), k=st.integers(1, 80), kind=st.sampled_from(sorted(WEIGHTS)), seed=st.integers(0, 10_000))
 @examples(30)
 def test_the_extension_packs_panels_as_pack_panels_specifies(n, k, kind, seed):
