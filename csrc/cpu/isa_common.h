@@ -754,18 +754,20 @@ inline __m256 round_weight(__m256 w) {
 }
 
 // W4A16 (see IsaKernels::w4a16_rows), 256-bit code every path runs: per 16 k, one 8-byte load
-// zero-extended to 8 lanes gives the low nibbles (even k) and high nibbles (odd k) as floats. For
-// fp32 activations the lanes sum q·x, and per group and row Σ(q − z)·x = Σq·x − z·Σx takes the
-// zero point from the lanes' sums of x (`lane_sums`, 8 per group and row), then the group scale:
-// two vector operations per group instead of two per 16 weights (9 → 7 per 16 weights, the
-// loop's bound); for fp16 / bf16 ones each weight is (q − z)·s rounded to that dtype first, the
-// reference's numbers. Even and odd k, and two chunks of 16, accumulate apart:
+// zero-extended to 8 lanes gives the low nibbles (even k) and high nibbles (odd k) as floats, less
+// the group's zero point (q − z exact); for fp32 activations the group scale is one multiply-add
+// per group and row, for fp16 / bf16 ones each weight is (q − z)·s rounded to that dtype first, the
+// reference's numbers. Decode (one row of fp32 activations) sums q·x instead and takes z·Σx per
+// group from the lanes' sums of x (`lane_sums`, 8 per group and row): 7 vector operations per 16
+// weights instead of 9, the loop's bound (12.5 against 11.8 GB/s of weights from DRAM, AVX2); with
+// more rows the subtraction is shared by the rows, and the fold measured 2-3% slower. Even and odd k, and two chunks of 16, accumulate apart:
 // four independent chains per row, so that one row (decode) is not bound by the latency of its adds;
 // with more rows two per row (four each took more than AVX2's 16 registers: 17% slower at M >= 4).
 template <int Rows, int Rounding>
 void w4a16_column(const float* x, const float* lane_sums, int64_t k, const uint8_t* w, const float* scale,
                   const uint8_t* zero, int64_t group, float* out_column, int64_t out_stride) {
   constexpr int kChains = Rows > 1 ? 2 : 4;
+  constexpr bool kFoldZero = Rounding == kFp32 && Rows == 1;
   const __m256i low_mask = _mm256_set1_epi32(0xF);
   __m256 total[Rows];
   for (int r = 0; r < Rows; ++r) total[r] = _mm256_setzero_ps();
@@ -789,9 +791,13 @@ void w4a16_column(const float* x, const float* lane_sums, int64_t k, const uint8
       const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
       __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(v, low_mask));
       __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+      if constexpr (!kFoldZero) {
+        even = _mm256_sub_ps(even, z);
+        odd = _mm256_sub_ps(odd, z);
+      }
       if constexpr (Rounding != kFp32) {
-        even = round_weight<Rounding>(_mm256_mul_ps(_mm256_sub_ps(even, z), s));
-        odd = round_weight<Rounding>(_mm256_mul_ps(_mm256_sub_ps(odd, z), s));
+        even = round_weight<Rounding>(_mm256_mul_ps(even, s));
+        odd = round_weight<Rounding>(_mm256_mul_ps(odd, s));
       }
       for (int r = 0; r < Rows; ++r) {
         part[r][chain] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + r * k + c), part[r][chain]);
@@ -807,12 +813,8 @@ void w4a16_column(const float* x, const float* lane_sums, int64_t k, const uint8
     for (int r = 0; r < Rows; ++r) {
       __m256 sum = _mm256_add_ps(part[r][0], part[r][1]);
       if constexpr (kChains == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(part[r][2], part[r][3]));
-      if constexpr (Rounding == kFp32) {
-        const __m256 x_sum = _mm256_loadu_ps(lane_sums + (r * groups + g) * 8);
-        total[r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z, x_sum, sum), s, total[r]);
-      } else {
-        total[r] = _mm256_add_ps(sum, total[r]);
-      }
+      if constexpr (kFoldZero) sum = _mm256_fnmadd_ps(z, _mm256_loadu_ps(lane_sums + (r * groups + g) * 8), sum);
+      total[r] = Rounding == kFp32 ? _mm256_fmadd_ps(sum, s, total[r]) : _mm256_add_ps(sum, total[r]);
     }
   }
   for (int r = 0; r < Rows; ++r) {
@@ -940,7 +942,9 @@ void w4a16_rows_rounded(const float* x_natural, int64_t rows, int64_t k, const u
 #endif
   const std::vector<float> x_rows = deinterleaved_rows(x_natural, rows, k, wide ? 16 : 8);
   const float* x = x_rows.data();
-  const std::vector<float> sums = Rounding == kFp32 && !wide ? lane_sums(x, rows, k, group) : std::vector<float>();
+  const bool single_row_block = rows % kRowBlock == 1;  // w4a16_column<1> folds the zero point into Σx
+  const std::vector<float> sums =
+      Rounding == kFp32 && !wide && single_row_block ? lane_sums(x, rows, k, group) : std::vector<float>();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = weight + n * (k / 2);
     const float* s = scale + n * groups;
