@@ -830,9 +830,11 @@ void w4a16_column(const float* x, const float* lane_sums, int64_t k, const uint8
 // zero-extended to 16 lanes, each nibble looked up in the group's 16 dequantized values (one
 // `vpermps` reads an index's low 4 bits: the low nibble as it is, the high one after a shift), then
 // the multiply-adds: a third of the instructions per weight of the 256-bit form, which bound decode
-// at a third of the memory bandwidth. The table holds q − z (fp32 activations: the group scale
-// after the sum, as there) or (q − z)·s rounded to the activation dtype, the values the 256-bit
-// form computes per weight. x deinterleaved per 32 k (16 even k, 16 odd). Columns > 1 share each
+// at a third of the memory bandwidth. The table holds the dequantized weights (q − z)·s (for fp16
+// / bf16 activations rounded to that dtype, the values the 256-bit form computes per weight; for
+// fp32 ones the reference's fp32 weights), so the chains run over all of K: no sums per group
+// (their zeroing, adds and scale: 3-6% of the time at groups of 128, M = 1 and 16, old and new
+// interleaved). x deinterleaved per 32 k (16 even k, 16 odd). Columns > 1 share each
 // load of x: at M = 16 one column at a time streamed the 16 rows of x from L2 once per weight
 // column and per row block, bound by L2 (4.8 ms for 4096 -> 4096 at M = 16, 2 threads).
 // Four chains per (column, row) sum hide the multiply-add latency of decode's one or two rows;
@@ -847,24 +849,18 @@ __attribute__((noinline)) void w4a16_column16(const float* x, int64_t k, const u
   const __m256 low_codes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 high_codes = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
   const int64_t groups = k / group, row_bytes = k / 2;
-  __m512 total[Columns][Rows];
+  __m512 part[Columns][Rows][kChains];
   for (int n = 0; n < Columns; ++n)
-    for (int r = 0; r < Rows; ++r) total[n][r] = _mm512_setzero_ps();
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < kChains; ++j) part[n][r][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[Columns][Rows][kChains];
-    __m512 table[Columns], s[Columns];
+    __m512 table[Columns];
     for (int n = 0; n < Columns; ++n) {
-      for (int r = 0; r < Rows; ++r)
-        for (int j = 0; j < kChains; ++j) part[n][r][j] = _mm512_setzero_ps();
-      s[n] = _mm512_set1_ps(scale[n * groups + g]);
-      // The 16 values in two halves, each as the 256-bit form computes a weight.
+      // The 16 values (q − z)·s in two halves (rounded as the 256-bit form rounds a weight).
       const __m256 z = _mm256_set1_ps(static_cast<float>(zero[n * groups + g]));
-      __m256 low = _mm256_sub_ps(low_codes, z), high = _mm256_sub_ps(high_codes, z);
-      if constexpr (Rounding != kFp32) {
-        const __m256 group_scale = _mm256_set1_ps(scale[n * groups + g]);
-        low = round_weight<Rounding>(_mm256_mul_ps(low, group_scale));
-        high = round_weight<Rounding>(_mm256_mul_ps(high, group_scale));
-      }
+      const __m256 group_scale = _mm256_set1_ps(scale[n * groups + g]);
+      const __m256 low = round_weight<Rounding>(_mm256_mul_ps(_mm256_sub_ps(low_codes, z), group_scale));
+      const __m256 high = round_weight<Rounding>(_mm256_mul_ps(_mm256_sub_ps(high_codes, z), group_scale));
       table[n] = _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
     }
     auto chunk = [&](int64_t c, int pair) {
@@ -891,15 +887,13 @@ __attribute__((noinline)) void w4a16_column16(const float* x, int64_t k, const u
       chunk(c + 32, 2);
     }
     if (c < end) chunk(c, 0);
-    for (int n = 0; n < Columns; ++n)
-      for (int r = 0; r < Rows; ++r) {
-        __m512 sum = _mm512_add_ps(part[n][r][0], part[n][r][1]);
-        if constexpr (kChains == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(part[n][r][2], part[n][r][3]));
-        total[n][r] = Rounding == kFp32 ? _mm512_fmadd_ps(sum, s[n], total[n][r]) : _mm512_add_ps(sum, total[n][r]);
-      }
   }
   for (int n = 0; n < Columns; ++n)
-    for (int r = 0; r < Rows; ++r) out_column[r * out_stride + n] = _mm512_reduce_add_ps(total[n][r]);
+    for (int r = 0; r < Rows; ++r) {
+      __m512 sum = _mm512_add_ps(part[n][r][0], part[n][r][1]);
+      if constexpr (kChains == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(part[n][r][2], part[n][r][3]));
+      out_column[r * out_stride + n] = _mm512_reduce_add_ps(sum);
+    }
 }
 #endif
 
