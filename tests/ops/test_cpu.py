@@ -448,6 +448,26 @@ def test_w4a16_fp32_error_bound_with_offset_activations(path, m, group):
     assert bool(((actual.double() - exact).abs() <= bound).all())
 
 
+@given(m=st.integers(1, 16), n=st.integers(1, 40), group=st.sampled_from([16, 32, 64, 128]), groups=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 10_000))
+@examples(30)
+def test_w4a16_decode_matches_the_reference_within_its_rounding(m, n, group, groups, dtype, seed):
+    """The decode kernels on every path against the reference: both multiply the same weights
+    ((q − z)·s, rounded to the activation dtype for fp16 / bf16) by the same x, in fp32 sums of
+    another order, so each is within K·eps·Σ|x|·|w| of the exact sum (2·K·eps·Σ|x|·|w| apart)."""
+    k = group * groups
+    weight = random_weight("uint4_asym_groups", n, k, group=group, seed=seed)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
+    with qk.use_backend("reference"):
+        expected = ops.fused_linear(x, None, weight, out_dtype=torch.float32)
+    magnitude = x.double().abs() @ weight.dequantize().to(dtype).double().abs().t()
+    bound = 2 * k * torch.finfo(torch.float32).eps * magnitude
+    for path in PATHS:
+        with qk.use_backend("cpu"), cpu.using_isa(path):
+            actual = ops.fused_linear(x, None, weight, out_dtype=torch.float32)
+        assert bool(((actual.double() - expected.double()).abs() <= bound).all()), path
+
+
 def test_w4a16_beyond_decode_runs_on_the_reference():
     weight = random_weight("uint4_asym_groups", 32, 64, group=16)
     operands = ops.fused_linear_operands(torch.randn(17, 64), None, weight)
