@@ -760,9 +760,10 @@ inline __m256 round_weight(__m256 w) {
 // reference's numbers. Decode (one row of fp32 activations) sums q·x instead and takes z·Σx per
 // group from the lanes' sums of x (`lane_sums`, 8 per group and row): 7 vector operations per 16
 // weights instead of 9, the loop's bound (12.5 against 11.8 GB/s of weights from DRAM, AVX2); with
-// more rows the subtraction is shared by the rows, and the fold measured 2-3% slower. Even and odd k, and two chunks of 16, accumulate apart:
-// four independent chains per row, so that one row (decode) is not bound by the latency of its adds;
-// with more rows two per row (four each took more than AVX2's 16 registers: 17% slower at M >= 4).
+// more rows the subtraction is shared by the rows, and the fold measured 2-3% slower. Even and odd
+// k, and two chunks of 16, accumulate apart: four independent chains per row, so that one row
+// (decode) is not bound by the latency of its adds; with more rows two per row (four each took
+// more than AVX2's 16 registers: 17% slower at M >= 4).
 template <int Rows, int Rounding>
 void w4a16_column(const float* x, const float* lane_sums, int64_t k, const uint8_t* w, const float* scale,
                   const uint8_t* zero, int64_t group, float* out_column, int64_t out_stride) {
