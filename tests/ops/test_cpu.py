@@ -430,9 +430,9 @@ def test_w4a16_decode(path, m, group, dtype):
 @pytest.mark.parametrize("m", [1, 3, 5])  # 5: four rows, then one that folds z into Σx
 @pytest.mark.parametrize("group", [16, 128])
 def test_w4a16_fp32_error_bound_with_offset_activations(path, m, group):
-    """fp32 W4A16 sums q·x and takes z·Σx per group (the 256-bit form's single rows) or sums
-    (q − z)·x (its row blocks, and the lookup form): either way each group's sums are within n·eps·Σ(q + z)·|x| of exact, n the terms
-    of the longest chain (< K): the bound here, 2·K·eps·Σ_g s_g·Σ_k (q + z)·|x|, against fp64.
+    """fp32 W4A16 sums q·x and takes z·Σx per group (the 256-bit form's single rows), sums (q − z)·x
+    (its row blocks) or (q − z)·s·x (the lookup form): each within n·eps·Σ(q + z)·s·|x| of exact, n
+    the terms of the longest chain (< K): the bound here, 2·K·eps·Σ_k (q + z)·s·|x|, against fp64.
     Activations far from zero (a common offset of 30, as after a shift) make Σq·x and z·Σx cancel."""
     n, k = 24, 512
     weight = random_weight("uint4_asym_groups", n, k, group=group, seed=1)
