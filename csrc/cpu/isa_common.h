@@ -110,6 +110,17 @@ inline Lanes floor_lanes(Lanes x) {
 #endif
 }
 
+// rint in the current rounding mode (std::nearbyint's).
+inline Lanes nearbyint_lanes(Lanes x) {
+#ifdef __AVX512F__
+  return _mm512_roundscale_ps(x, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+#else
+  return _mm256_round_ps(x, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+#endif
+}
+
+inline Lanes abs_lanes(Lanes x) { return int_bits_as_lanes(lanes_as_int_bits(x) & 0x7fffffff); }
+
 // 1 / d to about 2 ulps (NaN for d = ±0 or ±inf, which no caller passes a finite input to).
 inline Lanes reciprocal_lanes(Lanes d) {
 #ifdef __AVX512F__
@@ -175,7 +186,7 @@ inline Lanes exp_lanes(Lanes x) {
 // below x ≈ −12.7 GELU is then a normal number of size |x|·1e-28 instead of zero. NaN stays NaN
 // (the min keeps it), ±inf give non-finite results as torch's do.
 inline Lanes gelu_lanes(Lanes x) {
-  const Lanes magnitude = int_bits_as_lanes(lanes_as_int_bits(x) & 0x7fffffff);
+  const Lanes magnitude = abs_lanes(x);
   const Lanes z = min_lanes(broadcast_lanes(9.0f), magnitude * broadcast_lanes(0.707106781186547524f));
   Lanes p = broadcast_lanes(0.0000430638f);
   p = multiply_add(p, z, broadcast_lanes(0.0002765672f));
@@ -361,17 +372,6 @@ void rotate_rows_impl(const RotateProblem& p, int64_t row0, int64_t row1) {
   for (int64_t r = row0; r < row1; ++r)
     rotate_row(p.rotation, p.x + r * p.x_stride, p.out + r * p.rotation.k, scratch.data());
 }
-
-// rint in the current rounding mode (std::nearbyint's).
-inline Lanes nearbyint_lanes(Lanes x) {
-#ifdef __AVX512F__
-  return _mm512_roundscale_ps(x, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
-#else
-  return _mm256_round_ps(x, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
-#endif
-}
-
-inline Lanes abs_lanes(Lanes x) { return int_bits_as_lanes(lanes_as_int_bits(x) & 0x7fffffff); }
 
 // Whether any lane of `distance` is at least its `threshold`, or of t NaN.
 inline bool any_at_least_or_nan(Lanes distance, Lanes threshold, Lanes t) {
